@@ -1,0 +1,83 @@
+"""The registration client: how the control plane (or a script) talks to a relay's internal port.
+
+This is the relay's public client API; `vncgate_operator` uses it and nothing else of the relay's
+internals besides `relay.model` and `relay.spec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from relay.model import Route, route_from_json
+
+
+class RelayError(Exception):
+    """A relay replica could not be reached or did not accept a request."""
+
+    def __init__(self, url: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"relay {url}: {message}")
+        self.url = url
+        self.status = status
+
+
+@dataclass(slots=True)
+class TableSnapshot:
+    """What `GET /api/v1/targets` returns: the routes, their live session counts, the revision."""
+
+    revision: str
+    routes: dict[str, Route] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+    synced: bool = False
+
+
+class RelayClient:
+    """Talks to one relay replica's internal API. The caller owns the aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str,
+                 timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            async with self._session.request(method, url, json=body, headers=self._headers,
+                                             timeout=self._timeout) as resp:
+                if resp.status >= 400:
+                    text = (await resp.text())[:500]
+                    raise RelayError(self.base_url, f"{method} {path} -> {resp.status}: {text}",
+                                     resp.status)
+                if resp.content_type == "application/json":
+                    return await resp.json()
+                return None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RelayError(self.base_url, f"{method} {path} failed: {exc!r}") from exc
+
+    async def put_route(self, route: Route) -> None:
+        body = route.to_json()
+        await self._request("PUT", f"/api/v1/targets/{route.namespace}/{route.name}", body)
+
+    async def delete_route(self, namespace: str, name: str) -> None:
+        """Remove one route; removing a route the replica does not have is not an error."""
+        await self._request("DELETE", f"/api/v1/targets/{namespace}/{name}")
+
+    async def replace_table(self, routes: Iterable[Route]) -> str:
+        """Replace the replica's whole table; returns the revision it now holds."""
+        body = {"targets": [r.to_json() for r in routes]}
+        reply = await self._request("PUT", "/api/v1/targets", body)
+        return str(reply["revision"])
+
+    async def get_table(self) -> TableSnapshot:
+        reply = await self._request("GET", "/api/v1/targets")
+        snapshot = TableSnapshot(revision=str(reply["revision"]), synced=bool(reply.get("synced")))
+        for item in reply["targets"]:
+            route = route_from_json(item)
+            snapshot.routes[route.key] = route
+            snapshot.sessions[route.key] = int(item.get("activeSessions", 0))
+        return snapshot

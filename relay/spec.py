@@ -1,0 +1,152 @@
+"""The `VncTarget` resource as both the relay (standalone manifests) and the operator read it.
+
+One parser for the spec, so a manifest means the same thing with and without a cluster. It checks
+what the CRD schema also checks (the relay reads files that no API server has validated) and
+raises `SpecError` naming the field and what to write instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+API_GROUP = "vncgate.io"
+API_VERSION = "v1alpha1"
+KIND = "VncTarget"
+PLURAL = "vnctargets"
+
+# RFC 1123 label (namespaces, Service names) and subdomain (object names, DNS hosts).
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+LABEL_RE = re.compile(rf"^{_LABEL}$")
+SUBDOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# DNS host names may carry upper case; IANA service names (port names) are 1-15 chars.
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*\.?$")
+PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+MAX_DISPLAY_NAME = 256
+_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly"}
+
+
+class SpecError(ValueError):
+    """A VncTarget field holds something that cannot work; `field` is its dotted path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRef:
+    """`endpoint.service`: a Service in the target's own namespace, port by number or name."""
+
+    name: str
+    port: int | str
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """`endpoint.address`: a host (DNS name or IP literal) and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class VncTargetSpec:
+    endpoint: ServiceRef | Address
+    display_name: str = ""
+    view_only: bool = False
+
+
+def check_namespace(value: object, field: str = "metadata.namespace") -> str:
+    if not isinstance(value, str) or len(value) > 63 or not LABEL_RE.match(value):
+        raise SpecError(field, f"{value!r} is not a namespace name (lower-case letters, digits "
+                               "and '-', at most 63 characters)")
+    return value
+
+
+def check_name(value: object, field: str = "metadata.name") -> str:
+    if not isinstance(value, str) or len(value) > 253 or not SUBDOMAIN_RE.match(value):
+        raise SpecError(field, f"{value!r} is not an object name (lower-case letters, digits, "
+                               "'-' and '.', at most 253 characters)")
+    return value
+
+
+def check_host(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(field, "give a DNS name or an IP address, e.g. 10.20.0.15 or bmc1.lab.example")
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if len(host) > 253 or not HOSTNAME_RE.match(host):
+        raise SpecError(field, f"{value!r} is neither an IP address nor a DNS name")
+    return host.rstrip(".").lower()
+
+
+def check_port(value: object, field: str) -> int:
+    # bool is an int in Python; `port: true` is a mistake, not port 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SpecError(field, f"{value!r} is not a TCP port number (1-65535)")
+    return value
+
+
+def _mapping(value: object, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(field, f"must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _no_unknown(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise SpecError(f"{field}.{unknown[0]}",
+                        f"unknown field; {field} takes {', '.join(sorted(allowed))}")
+
+
+def parse_endpoint(value: object, field: str = "spec.endpoint") -> ServiceRef | Address:
+    endpoint = _mapping(value, field)
+    _no_unknown(endpoint, {"service", "address"}, field)
+    kinds = [k for k in ("service", "address") if endpoint.get(k) is not None]
+    if len(kinds) != 1:
+        raise SpecError(field, "set exactly one of service (a Service in this namespace) "
+                               "or address (host and port of a VNC server)")
+    sub = _mapping(endpoint[kinds[0]], f"{field}.{kinds[0]}")
+    if kinds[0] == "address":
+        _no_unknown(sub, {"host", "port"}, f"{field}.address")
+        return Address(host=check_host(sub.get("host"), f"{field}.address.host"),
+                       port=check_port(sub.get("port"), f"{field}.address.port"))
+    _no_unknown(sub, {"name", "port"}, f"{field}.service")
+    name = sub.get("name")
+    if not isinstance(name, str) or len(name) > 63 or not LABEL_RE.match(name):
+        raise SpecError(f"{field}.service.name", f"{name!r} is not a Service name")
+    port = sub.get("port")
+    if isinstance(port, str):
+        if len(port) > 15 or not PORT_NAME_RE.match(port):
+            raise SpecError(f"{field}.service.port", f"{port!r} is not a port name; give the "
+                                                     "Service port's name or number")
+        return ServiceRef(name=name, port=port)
+    return ServiceRef(name=name, port=check_port(port, f"{field}.service.port"))
+
+
+def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
+    """Parse a VncTarget `spec`; unknown fields are errors, as with kubectl's strict validation."""
+    spec = _mapping(value, field)
+    _no_unknown(spec, _SPEC_FIELDS, field)
+    display_name = spec.get("displayName", "")
+    if not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME:
+        raise SpecError(f"{field}.displayName",
+                        f"must be a string of at most {MAX_DISPLAY_NAME} characters")
+    view_only = spec.get("viewOnly", False)
+    if not isinstance(view_only, bool):
+        raise SpecError(f"{field}.viewOnly", f"must be true or false, not {view_only!r}")
+    return VncTargetSpec(endpoint=parse_endpoint(spec.get("endpoint"), f"{field}.endpoint"),
+                         display_name=display_name, view_only=view_only)

@@ -1,0 +1,107 @@
+"""A real VNC server for tests and the demo: TigerVNC's Xvnc on a free display, loopback only.
+
+`XvncServer` picks a display whose X lock and VNC port are both free, starts Xvnc without a
+password bound to 127.0.0.1, waits until it answers with its RFB greeting, and paints the root
+window a known colour so that a viewer can check what it sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+XVNC = shutil.which("Xvnc") or "/usr/bin/Xvnc"
+XSETROOT = shutil.which("xsetroot") or "/usr/bin/xsetroot"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_display(start: int = 20, stop: int = 400) -> int:
+    for display in range(start + os.getpid() % 50, stop):
+        if Path(f"/tmp/.X{display}-lock").exists() or Path(f"/tmp/.X11-unix/X{display}").exists():
+            continue
+        if _port_free(5900 + display):
+            return display
+    raise RuntimeError("no free X display between :20 and :400")
+
+
+class XvncServer:
+    """Start with `with XvncServer() as vnc:`; `vnc.port` is the RFB port on 127.0.0.1."""
+
+    def __init__(self, geometry: str = "800x600", colour: str = "#ff0000",
+                 log_path: Path | None = None) -> None:
+        self.geometry = geometry
+        self.colour = colour
+        self.log_path = log_path
+        self.display = 0
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: object = None
+
+    def start(self, timeout: float = 15.0) -> XvncServer:
+        if not Path(XVNC).exists():
+            raise RuntimeError(f"{XVNC} not found: run scripts/setup (installs tigervnc-standalone-server)")
+        for _attempt in range(5):
+            self.display = _free_display()
+            self.port = 5900 + self.display
+            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            self._proc = subprocess.Popen(
+                [XVNC, f":{self.display}", "-rfbport", str(self.port), "-SecurityTypes", "None",
+                 "-geometry", self.geometry, "-localhost", "-AlwaysShared", "-nolisten", "tcp"],
+                stdout=log, stderr=log, start_new_session=True)
+            if self._wait_ready(timeout):
+                self.paint(self.colour)
+                return self
+            self.stop()  # lost a race for the display; try another one
+        raise RuntimeError("Xvnc did not start; see its log")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.settimeout(2)
+                    if conn.recv(12).startswith(b"RFB "):
+                        return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def paint(self, colour: str) -> None:
+        """Fill the root window with one colour (xsetroot), so a viewer has something to check."""
+        env = {**os.environ, "DISPLAY": f":{self.display}"}
+        subprocess.run([XSETROOT, "-solid", colour], env=env, check=True, timeout=10)
+        self.colour = colour
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(timeout=5)
+            self._proc = None
+
+    def __enter__(self) -> XvncServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
