@@ -23,7 +23,8 @@ _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 LABEL_RE = re.compile(rf"^{_LABEL}$")
 SUBDOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 # DNS host names may carry upper case; IANA service names (port names) are 1-15 chars.
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*\.?$")
+_HOST_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
@@ -81,7 +82,8 @@ def check_name(value: object, field: str = "metadata.name") -> str:
 
 def check_host(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
-        raise SpecError(field, "give a DNS name or an IP address, e.g. 10.20.0.15 or bmc1.lab.example")
+        raise SpecError(field, "give a DNS name or an IP address, "
+                               "e.g. 10.20.0.15 or bmc1.lab.example")
     host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     try:
         return str(ipaddress.ip_address(host))

@@ -1,0 +1,138 @@
+"""The internal port: the registration API (bearer token) and Prometheus metrics.
+
+Never behind the Ingress; in a cluster a NetworkPolicy lets only the operator (and the metrics
+scraper) reach it. Every error is a JSON body `{"error": "..."}` that says what to fix.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.model import route_from_json, table_from_json
+from relay.spec import SpecError, check_name, check_namespace
+from relay.state import STATE, RelayState
+
+log = logging.getLogger("vncgate.api")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        token = request.app[STATE].settings.api_token
+        if token is None:
+            return _error(401, "the registration API is disabled: start the relay with "
+                               "--api-token-file")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error in the relay; see its log")
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"the body is not valid JSON: {exc}"}),
+            content_type="application/json") from None
+
+
+def _path_key(request: web.Request) -> tuple[str, str]:
+    try:
+        return (check_namespace(request.match_info["namespace"], "namespace"),
+                check_name(request.match_info["name"], "name"))
+    except SpecError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
+                                 content_type="application/json") from None
+
+
+async def put_target(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    namespace, name = _path_key(request)
+    body = await _json_body(request)
+    if isinstance(body, dict):
+        for field, expected in (("namespace", namespace), ("name", name)):
+            if field in body and body[field] != expected:
+                return _error(400, f"{field}: the body says {body[field]!r}, the path "
+                                   f"{expected!r}; they must agree")
+    try:
+        route = route_from_json(body, namespace, name)
+    except SpecError as exc:
+        return _error(400, str(exc))
+    changed = state.registry.put(route)
+    if changed:
+        log.info("route registered", extra={"fields": {"target": route.key,
+                                                       "endpoint": route.address}})
+    return web.json_response({"target": route.key, "changed": changed,
+                              "revision": state.registry.revision})
+
+
+async def delete_target(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    namespace, name = _path_key(request)
+    deleted = state.registry.delete(namespace, name)
+    if deleted:
+        log.info("route removed", extra={"fields": {"target": f"{namespace}/{name}"}})
+    return web.json_response({"target": f"{namespace}/{name}", "deleted": deleted,
+                              "revision": state.registry.revision})
+
+
+async def replace_targets(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        routes = table_from_json(await _json_body(request))
+    except SpecError as exc:
+        return _error(400, str(exc))
+    added, changed, removed = state.registry.replace(routes)
+    if added or changed or removed:
+        log.info("route table replaced", extra={"fields": {
+            "routes": len(routes), "added": added, "changed": changed, "removed": removed}})
+    return web.json_response({"revision": state.registry.revision, "routes": len(routes),
+                              "added": added, "changed": changed, "removed": removed})
+
+
+async def list_targets(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    targets = []
+    for route in state.registry:
+        item = route.to_json()
+        item["activeSessions"] = state.sessions.count_for(route.key)
+        targets.append(item)
+    return web.json_response({"revision": state.registry.revision,
+                              "synced": state.registry.synced, "targets": targets})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.metrics.routes.set(len(state.registry))
+    return web.Response(body=generate_latest(state.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_internal_app(state: RelayState) -> web.Application:
+    app = web.Application(middlewares=[require_token],
+                          client_max_size=64 * 1024 * 1024)  # a full table of 100,000 routes
+    app[STATE] = state
+    app.router.add_put("/api/v1/targets/{namespace}/{name}", put_target)
+    app.router.add_delete("/api/v1/targets/{namespace}/{name}", delete_target)
+    app.router.add_put("/api/v1/targets", replace_targets)
+    app.router.add_get("/api/v1/targets", list_targets)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,75 @@
+"""Run a relay: both ports, one shared state. Used by the CLI and, in-process, by the tests."""
+
+from __future__ import annotations
+
+import socket
+from types import TracebackType
+
+from aiohttp import web
+
+from relay.internal import make_internal_app
+from relay.model import Route
+from relay.public import make_public_app
+from relay.registry import Registry
+from relay.settings import HostPort, RelaySettings
+from relay.state import RelayState
+
+
+def _url(site: web.TCPSite) -> str:
+    server = site._server  # aiohttp exposes the bound port (for port 0) only here
+    assert server is not None
+    sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
+    host, port = sockets[0].getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class RelayServer:
+    """`async with RelayServer(settings, routes) as relay:` binds both ports (port 0: any free).
+
+    `routes` fill the table at start (standalone mode) and mark it synced.
+    """
+
+    def __init__(self, settings: RelaySettings, routes: list[Route] | None = None) -> None:
+        registry = Registry(routes or ())
+        registry.synced = routes is not None
+        self.state = RelayState(settings=settings, registry=registry)
+        self._runners: list[web.AppRunner] = []
+        self.public_url = ""
+        self.internal_url = ""
+
+    @property
+    def registry(self) -> Registry:
+        return self.state.registry
+
+    async def _serve(self, app: web.Application, where: HostPort) -> str:
+        runner = web.AppRunner(app, access_log=None,
+                               shutdown_timeout=self.state.settings.shutdown_grace)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
+        await site.start()
+        return _url(site)
+
+    async def start(self) -> None:
+        try:
+            self.public_url = await self._serve(make_public_app(self.state),
+                                                self.state.settings.listen)
+            self.internal_url = await self._serve(make_internal_app(self.state),
+                                                  self.state.settings.internal_listen)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Close every session with 1001, then both ports."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()

@@ -1,0 +1,154 @@
+"""The relay's settings: one typed object, read once from flags and `VNCGATE_*` variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.model import Route
+from relay.spec import SpecError, check_host, check_name, check_namespace, check_port
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    internal_listen: HostPort = HostPort("127.0.0.1", 8081)
+    # The bearer token of the registration API. None: the API refuses every request (401).
+    api_token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    targets_paths: tuple[Path, ...] = ()
+    targets: tuple[Route, ...] = ()
+    log_format: str = "text"
+    log_level: str = "INFO"
+    connect_timeout: float = 5.0
+    # Bytes of one WebSocket message from a browser; noVNC's messages are small.
+    max_message_size: int = 4 * 1024 * 1024
+    max_sessions: int = 10_000
+    max_sessions_per_target: int = 100
+    # Chunk size of reads from the VNC server: bounds memory per direction of each session.
+    read_chunk: int = 64 * 1024
+    # In a cluster, /readyz waits for the operator's first full table.
+    wait_for_sync: bool = False
+    shutdown_grace: float = 5.0
+
+
+def parse_host_port(value: str, what: str = "--listen") -> HostPort:
+    """`HOST:PORT`, `[v6]:PORT` or `:PORT` (all interfaces)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{what}: {value!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{what}: port {number} is out of range (0-65535)")
+    return HostPort(host or "0.0.0.0", number)  # noqa: S104 - ":PORT" means every interface
+
+
+def parse_target_flag(value: str) -> Route:
+    """`--target NAMESPACE/NAME=HOST:PORT` (or `NAME=HOST:PORT` in namespace `default`)."""
+    key, sep, address = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(
+            f"--target {value!r}: write NAMESPACE/NAME=HOST:PORT, e.g. lab/desk-1=127.0.0.1:5901")
+    namespace, slash, name = key.rpartition("/")
+    host, colon, port = address.rpartition(":")
+    try:
+        if not colon or not port.isdigit():
+            raise SpecError("port", f"{address!r} is not HOST:PORT")
+        return Route(namespace=check_namespace(namespace if slash else "default", "namespace"),
+                     name=check_name(name, "name"),
+                     host=check_host(host, "host"), port=check_port(int(port), "port"))
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(f"--target {value!r}: {exc}") from None
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(f"VNCGATE_{name}")
+
+
+def _env_list(name: str) -> list[str]:
+    raw = _env(name)
+    return [item.strip() for item in raw.split(",") if item.strip()] if raw else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vncgate-relay",
+        description="Serve noVNC and bridge WebSocket to VNC servers: the vncgate relay. "
+                    "Every flag is also an environment variable VNCGATE_<FLAG> "
+                    "(repeatable flags: comma-separated).")
+    parser.add_argument("--listen", type=parse_host_port,
+                        default=parse_host_port(_env("LISTEN") or "127.0.0.1:8080"),
+                        help="public address: viewer, list, WebSocket (default 127.0.0.1:8080)")
+    parser.add_argument("--internal-listen", type=lambda v: parse_host_port(v, "--internal-listen"),
+                        default=parse_host_port(_env("INTERNAL_LISTEN") or "127.0.0.1:8081",
+                                                "--internal-listen"),
+                        help="internal address: API, /metrics (default 127.0.0.1:8081)")
+    parser.add_argument("--api-token-file", type=Path,
+                        default=Path(p) if (p := _env("API_TOKEN_FILE")) else None,
+                        help="file holding the bearer token of the registration API")
+    parser.add_argument("--allowed-origin", action="append", default=None,
+                        help="an extra Origin allowed to open WebSockets (repeatable); "
+                             "the page's own origin is always allowed")
+    parser.add_argument("--targets", action="append", type=Path, default=None,
+                        help="a VncTarget manifest file or a folder of them (repeatable)")
+    parser.add_argument("--target", action="append", type=parse_target_flag, default=None,
+                        help="NAMESPACE/NAME=HOST:PORT, one target (repeatable)")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        default=_env("LOG_FORMAT") or "text")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        default=(_env("LOG_LEVEL") or "INFO").upper())
+    parser.add_argument("--connect-timeout", type=float,
+                        default=float(_env("CONNECT_TIMEOUT") or 5.0),
+                        help="seconds to connect to a VNC server and read its greeting (default 5)")
+    parser.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS") or 10_000),
+                        help="sessions this process serves at once (default 10000)")
+    parser.add_argument("--max-sessions-per-target", type=int,
+                        default=int(_env("MAX_SESSIONS_PER_TARGET") or 100),
+                        help="sessions one target may have at once (default 100)")
+    parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
+                        default=(_env("WAIT_FOR_SYNC") or "").lower() in ("1", "true", "yes"),
+                        help="ready only after the operator's first full table (in a cluster)")
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    token: str | None = None
+    if args.api_token_file is not None:
+        try:
+            token = args.api_token_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--api-token-file {args.api_token_file}: {exc.strerror}")
+        if len(token) < 16:
+            parser.error(f"--api-token-file {args.api_token_file}: the token must have at least "
+                         "16 characters (generate one with: openssl rand -hex 32)")
+    targets = args.target if args.target is not None else [
+        parse_target_flag(v) for v in _env_list("TARGET")]
+    paths = args.targets if args.targets is not None else [Path(p) for p in _env_list("TARGETS")]
+    origins = (args.allowed_origin if args.allowed_origin is not None
+               else _env_list("ALLOWED_ORIGIN"))
+    for name in ("max_sessions", "max_sessions_per_target"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.connect_timeout <= 0:
+        parser.error("--connect-timeout must be a positive number of seconds")
+    return RelaySettings(
+        listen=args.listen, internal_listen=args.internal_listen, api_token=token,
+        allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
+        targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,
+        connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
+        max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync)

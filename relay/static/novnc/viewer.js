@@ -1,0 +1,122 @@
+// The vncgate viewer: noVNC's RFB on this target's WebSocket path, with the relay's close
+// reasons shown in words, reconnects with back-off, clipboard, Ctrl-Alt-Del and full screen.
+import RFB from './core/rfb.js';
+
+const config = JSON.parse(document.body.dataset.config);
+const params = new URLSearchParams(location.search);
+const viewOnly = config.viewOnly || params.get('view_only') === '1';
+
+const $ = (id) => document.getElementById(id);
+const statusEl = $('status');
+const screen = $('screen');
+
+// Close codes after which reconnecting cannot help: show the reason and wait for the user.
+const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4409]);
+const MAX_ATTEMPTS = 8;
+
+let rfb = null;
+let attempt = 0;
+let retryTimer = null;
+let lastClose = null;
+
+function setState(state, text) {
+  document.body.dataset.state = state;
+  statusEl.textContent = text;  // textContent: server-provided strings are never parsed as HTML
+}
+
+// The WebSocket path relative to this page, so any Ingress prefix in front is kept.
+function socketUrl() {
+  const url = new URL('websockify', location.href);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  url.search = '';
+  url.hash = '';
+  if (params.get('takeover') === '1') url.searchParams.set('takeover', '1');
+  return url.href;
+}
+
+function describeClose(event) {
+  if (!event) return 'the connection failed';
+  if (event.reason) return event.reason;
+  switch (event.code) {
+    case 1000: return 'the session ended';
+    case 1001: return 'the relay is restarting';
+    case 1006: return 'the connection to the relay was lost';
+    default: return `connection closed (code ${event.code})`;
+  }
+}
+
+function connect() {
+  clearTimeout(retryTimer);
+  $('reconnect').hidden = true;
+  setState('connecting', attempt ? `Reconnecting (attempt ${attempt + 1})…` : 'Connecting…');
+  // Our own WebSocket, handed to noVNC, so the page sees the relay's close code and reason.
+  const ws = new WebSocket(socketUrl(), ['binary']);
+  lastClose = null;
+  ws.addEventListener('close', (event) => { lastClose = event; });
+  rfb = new RFB(screen, ws, { shared: true });
+  rfb.viewOnly = viewOnly;
+  rfb.scaleViewport = true;
+  rfb.resizeSession = false;
+  rfb.background = '#000';
+  rfb.addEventListener('connect', () => {
+    attempt = 0;
+    setState('connected', viewOnly ? 'Connected (view only)' : 'Connected');
+    rfb.focus();
+  });
+  rfb.addEventListener('disconnect', onDisconnect);
+  rfb.addEventListener('desktopname', (e) => { $('desktop-name').textContent = e.detail.name; });
+  rfb.addEventListener('clipboard', (e) => { $('clipboard-text').value = e.detail.text; });
+  rfb.addEventListener('credentialsrequired', (e) => {
+    $('username-row').hidden = !(e.detail.types || []).includes('username');
+    $('credentials').hidden = false;
+    $('password').focus();
+  });
+  rfb.addEventListener('securityfailure', (e) => {
+    setState('failed', `Authentication failed: ${e.detail.reason || 'the VNC server refused'}`);
+  });
+  window.vncgate = { rfb, socket: ws };
+}
+
+function onDisconnect(event) {
+  // The socket's close event may land just after noVNC's disconnect event.
+  setTimeout(() => {
+    const reason = describeClose(lastClose);
+    const code = lastClose ? lastClose.code : 1006;
+    window.vncgate.lastClose = { code, reason };
+    rfb = null;
+    if (FINAL_CODES.has(code) || attempt >= MAX_ATTEMPTS) {
+      setState('failed', `Disconnected: ${reason}`);
+      $('reconnect').hidden = false;
+      return;
+    }
+    const delay = Math.min(30, 2 ** attempt);
+    attempt += 1;
+    setState('disconnected', `Disconnected: ${reason}. Reconnecting in ${delay}s…`);
+    $('reconnect').hidden = false;
+    retryTimer = setTimeout(connect, delay * 1000);
+  }, event.detail.clean ? 0 : 50);
+}
+
+$('reconnect').addEventListener('click', () => { attempt = 0; connect(); });
+$('cad').addEventListener('click', () => { if (rfb) rfb.sendCtrlAltDel(); });
+$('cad').hidden = viewOnly;
+$('fullscreen').addEventListener('click', () => {
+  if (document.fullscreenElement) document.exitFullscreen();
+  else document.documentElement.requestFullscreen();
+});
+$('clipboard-toggle').addEventListener('click', () => {
+  const panel = $('clipboard');
+  panel.hidden = !panel.hidden;
+  $('clipboard-toggle').setAttribute('aria-expanded', String(!panel.hidden));
+});
+$('clipboard-send').addEventListener('click', () => {
+  if (rfb && !viewOnly) rfb.clipboardPasteFrom($('clipboard-text').value);
+});
+$('credentials').addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (rfb) rfb.sendCredentials({ username: $('username').value, password: $('password').value });
+  $('password').value = '';
+  $('credentials').hidden = true;
+});
+
+connect();
