@@ -53,6 +53,7 @@ class Session:
     code: int | None = None
     reason: str = ""
     _pumps: tuple[asyncio.Task[None], ...] = ()
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     def stop(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, route removed); the first reason wins."""
@@ -79,6 +80,7 @@ class Session:
         finally:
             if writer is not None:
                 writer.transport.abort()  # nothing useful is left to flush to the server
+            self.upstream = None
             await self._close_ws()
             self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
             self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
@@ -127,6 +129,7 @@ class Session:
                 closecodes.BAD_UPSTREAM,
                 f"the server of {route.key} is not a VNC server (no RFB greeting)")
         self.server_version = version
+        self.upstream = (reader, writer)
         return reader, writer, greeting
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,103 @@
+"""The public pages: list, viewer, redirects, static assets, escaping and security headers."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from relay.model import Route
+from relay.server import RelayServer
+from tests.conftest import RelayFactory
+
+EVIL = '<img src=x onerror="alert(1)">{{config}}'
+
+
+@pytest.fixture
+async def relay(make_relay: RelayFactory) -> AsyncIterator[RelayServer]:
+    routes = [Route("lab", "desk-1", "10.0.0.5", 5900, display_name=EVIL),
+              Route("ops", "bmc", "10.0.0.6", 5900, view_only=True)]
+    async with make_relay(routes=routes) as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_list_links_every_target_relatively_and_escapes_names(
+        relay: RelayServer, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{relay.public_url}/") as resp:
+        page = await resp.text()
+    assert resp.status == 200
+    assert 'href="t/lab/desk-1/"' in page and 'href="t/ops/bmc/"' in page
+    assert "<img" not in page and html.escape(EVIL) in page
+    assert "view only" in page
+
+
+async def test_viewer_page_carries_an_escaped_config(relay: RelayServer,
+                                                     http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{relay.public_url}/t/lab/desk-1/") as resp:
+        page = await resp.text()
+    assert resp.status == 200
+    assert "<img" not in page
+    match = re.search(r'data-config="([^"]*)"', page)
+    assert match is not None
+    config = json.loads(html.unescape(match.group(1)))
+    assert config == {"namespace": "lab", "name": "desk-1", "displayName": EVIL,
+                      "viewOnly": False}
+    # Assets are relative, so an Ingress prefix in front keeps working.
+    assert 'src="../../../static/novnc/viewer.js"' in page
+
+
+async def test_viewer_without_trailing_slash_redirects_relatively(
+        relay: RelayServer, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{relay.public_url}/t/lab/desk-1", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "desk-1/"
+
+
+@pytest.mark.parametrize("path", ["//evil.example/", "//evil.example/t/lab/desk-1",
+                                  "/t/lab//evil.example", "/%2F%2Fevil.example/",
+                                  "/t/..%2F..%2Fetc/passwd/", "/static/../relay/public.py"])
+async def test_no_path_redirects_off_site_or_escapes(relay: RelayServer,
+                                                     http: aiohttp.ClientSession,
+                                                     path: str) -> None:
+    async with http.get(f"{relay.public_url}{path}", allow_redirects=False) as resp:
+        location = resp.headers.get("Location", "")
+        body = await resp.text()
+    assert "evil.example" not in location and not location.startswith("//")
+    assert resp.status in (302, 400, 403, 404), resp.status
+    assert "def make_public_app" not in body
+
+
+async def test_static_assets_and_the_novnc_core_are_served(relay: RelayServer,
+                                                           http: aiohttp.ClientSession) -> None:
+    for asset in ("static/novnc/viewer.js", "static/novnc/viewer.css",
+                  "static/novnc/core/rfb.js"):
+        async with http.get(f"{relay.public_url}/{asset}") as resp:
+            assert resp.status == 200, f"{asset}: {resp.status} (run scripts/setup for noVNC)"
+    async with http.get(f"{relay.public_url}/static/novnc/core/rfb.js") as resp:
+        assert "javascript" in resp.headers["Content-Type"]
+
+
+async def test_security_headers_on_pages(relay: RelayServer,
+                                         http: aiohttp.ClientSession) -> None:
+    for path in ("/", "/t/lab/desk-1/", "/no/such/page"):
+        async with http.get(f"{relay.public_url}{path}") as resp:
+            csp = resp.headers.get("Content-Security-Policy", "")
+            assert "frame-ancestors 'self'" in csp and "script-src 'self'" in csp, path
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            assert resp.headers["Referrer-Policy"] == "no-referrer"
+
+
+async def test_invalid_names_are_404(relay: RelayServer, http: aiohttp.ClientSession) -> None:
+    for path in ("/t/LAB/desk/", "/t/lab/desk_1/", "/t/lab/-x/websockify"):
+        async with http.get(f"{relay.public_url}{path}") as resp:
+            assert resp.status == 404, path
