@@ -7,6 +7,7 @@ both processes. Binds to loopback only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -66,10 +67,8 @@ def main() -> int:
                   f"\n  List  http://127.0.0.1:{port}/"
                   f"\n  Stop with Ctrl-C.\n", flush=True)
             signal.signal(signal.SIGTERM, _interrupt)
-            try:
+            with contextlib.suppress(KeyboardInterrupt, subprocess.TimeoutExpired):
                 relay.wait(timeout=args.exit_after or None)
-            except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                pass
         finally:
             if relay.poll() is None:
                 relay.send_signal(signal.SIGINT)

@@ -17,7 +17,6 @@ from tests.support.servers import (
     GREETING,
     TcpServer,
     echo_rfb,
-    flood,
     greet_and_close,
     not_vnc,
     silent,

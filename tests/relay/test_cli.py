@@ -36,8 +36,8 @@ spec:
 """
 
 
-def test_manifests_load_addresses_and_skip_service_targets(tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_manifests_load_addresses_and_skip_service_targets(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "targets.yaml").write_text(GOOD)
     (tmp_path / "notes.txt").write_text("not a manifest")
     routes = load_routes([tmp_path], [Route("lab", "cli", "127.0.0.1", 5902)])

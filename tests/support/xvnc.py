@@ -53,7 +53,8 @@ class XvncServer:
 
     def start(self, timeout: float = 15.0) -> XvncServer:
         if not Path(XVNC).exists():
-            raise RuntimeError(f"{XVNC} not found: run scripts/setup (installs tigervnc-standalone-server)")
+            raise RuntimeError(f"{XVNC} not found: run scripts/setup "
+                               "(it installs tigervnc-standalone-server)")
         for _attempt in range(5):
             self.display = _free_display()
             self.port = 5900 + self.display

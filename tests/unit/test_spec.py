@@ -1,0 +1,58 @@
+"""The VncTarget spec parser both planes share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.spec import Address, ServiceRef, SpecError, VncTargetSpec, check_host, parse_spec
+
+
+def test_address_spec() -> None:
+    spec = parse_spec({"endpoint": {"address": {"host": "BMC1.Lab.example.", "port": 5901}},
+                       "displayName": "BMC", "viewOnly": True})
+    assert spec == VncTargetSpec(Address("bmc1.lab.example", 5901), "BMC", True)
+
+
+def test_service_spec_with_port_name_and_number() -> None:
+    assert parse_spec({"endpoint": {"service": {"name": "desk", "port": "vnc"}}}).endpoint == \
+        ServiceRef("desk", "vnc")
+    assert parse_spec({"endpoint": {"service": {"name": "desk", "port": 5900}}}).endpoint == \
+        ServiceRef("desk", 5900)
+
+
+@pytest.mark.parametrize(("spec", "field", "words"), [
+    ({}, "spec.endpoint", "must be a mapping"),
+    ({"endpoint": {}}, "spec.endpoint", "exactly one"),
+    ({"endpoint": {"service": {"name": "a", "port": 1}, "address": {"host": "h", "port": 1}}},
+     "spec.endpoint", "exactly one"),
+    ({"endpoint": {"address": {"host": "h", "port": 0}}}, "spec.endpoint.address.port", "1-65535"),
+    ({"endpoint": {"address": {"host": "h", "port": True}}}, "spec.endpoint.address.port", ""),
+    ({"endpoint": {"address": {"host": "h_x", "port": 1}}}, "spec.endpoint.address.host",
+     "neither"),
+    ({"endpoint": {"address": {"host": "h", "port": 1, "tls": True}}},
+     "spec.endpoint.address.tls", "unknown field"),
+    ({"endpoint": {"service": {"name": "Desk", "port": 1}}}, "spec.endpoint.service.name", ""),
+    ({"endpoint": {"service": {"name": "d", "port": "VNC!"}}}, "spec.endpoint.service.port",
+     "port name"),
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "displayName": 5}, "spec.displayName",
+     "string"),
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "viewOnly": "true"}, "spec.viewOnly",
+     "true or false"),
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "sessions": {}}, "spec.sessions",
+     "unknown field"),
+])
+def test_bad_specs_name_the_field(spec: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)
+    assert raised.value.field == field
+    assert words in raised.value.message
+
+
+@pytest.mark.parametrize(("given", "normal"), [
+    ("10.20.0.15", "10.20.0.15"), ("[::1]", "::1"), ("FE80::1", "fe80::1"),
+    ("desk-1.lab.svc.cluster.local", "desk-1.lab.svc.cluster.local"),
+])
+def test_hosts_are_normalised(given: str, normal: str) -> None:
+    assert check_host(given, "host") == normal
