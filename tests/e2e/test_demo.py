@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
 import sys
-import time
 
 from playwright.async_api import Browser
 
@@ -18,19 +16,18 @@ DEMO_BLUE = (0x15, 0x65, 0xC0)
 
 
 async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> None:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/demo.py"), "--port", "0",
-                             "--exit-after", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "scripts/demo.py"), "--port", "0", "--exit-after", "60",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         assert proc.stdout is not None
-        url, deadline = None, time.monotonic() + 30
-        while url is None and time.monotonic() < deadline:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            if not line and proc.poll() is not None:
-                break
-            found = re.search(r"Open\s+(http://127\.0\.0\.1:\d+/t/default/demo-desktop/)", line)
-            url = found.group(1) if found else None
-        assert url, f"the demo printed no URL; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        url = None
+        async with asyncio.timeout(30):
+            while url is None and (line := await proc.stdout.readline()):
+                found = re.search(rb"Open\s+(http://127\.0\.0\.1:\d+/t/default/demo-desktop/)",
+                                  line)
+                url = found.group(1).decode() if found else None
+        assert url, "the demo printed no URL to open"
         page = await browser.new_page()
         try:
             await page.goto(url)
@@ -39,10 +36,12 @@ async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> Non
         finally:
             await page.close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            async with asyncio.timeout(15):
+                await proc.wait()
+        except TimeoutError:
             proc.kill()
-            proc.wait()
+            await proc.wait()
     assert proc.returncode == 0
