@@ -46,6 +46,8 @@ class Session:
     client: str
     settings: RelaySettings
     metrics: RelayMetrics
+    user: str = ""
+    view_only: bool = False
     started: float = field(default_factory=time.monotonic)
     to_server: int = 0
     to_client: int = 0

@@ -15,11 +15,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay import links
 from relay.model import route_from_json, table_from_json
 from relay.spec import SpecError, check_name, check_namespace
 from relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.api")
+audit = logging.getLogger("vncgate.audit")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -119,6 +121,36 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
                               "synced": state.registry.synced, "targets": targets})
 
 
+async def mint_link(request: web.Request) -> web.StreamResponse:
+    """`POST /api/v1/links` `{"namespace", "name", "ttl": "10m", "viewOnly", "once"}`."""
+    state = request.app[STATE]
+    keys = state.settings.auth.link_keys
+    if not keys:
+        return _error(409, "share links are off: start the relay with --link-key-file")
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    try:
+        namespace = check_namespace(body.get("namespace"), "namespace")
+        name = check_name(body.get("name"), "name")
+        ttl = links.parse_duration(str(body.get("ttl", "1h")), "ttl")
+        view_only, once = body.get("viewOnly", False), body.get("once", False)
+        if not isinstance(view_only, bool) or not isinstance(once, bool):
+            raise SpecError("viewOnly/once", "must be true or false")
+        token, grant = links.mint(keys[0], f"{namespace}/{name}", ttl, view_only, once)
+    except (SpecError, ValueError) as exc:
+        return _error(400, str(exc))
+    audit.info("link mint", extra={"fields": {
+        "event": "link mint", "via": "api", "target": grant.target, "link": grant.link_id,
+        "expires": grant.expires, "view_only": view_only, "once": once,
+        "key": links.key_id(keys[0])}})
+    path = f"/t/{namespace}/{name}/#link={token}"
+    base = state.settings.auth.public_url
+    return web.json_response({"target": grant.target, "expires": grant.expires,
+                              "path": path, "url": f"{base}{path}" if base else None,
+                              "token": token})
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.metrics.routes.set(len(state.registry))
@@ -134,5 +166,6 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_delete("/api/v1/targets/{namespace}/{name}", delete_target)
     app.router.add_put("/api/v1/targets", replace_targets)
     app.router.add_get("/api/v1/targets", list_targets)
+    app.router.add_post("/api/v1/links", mint_link)
     app.router.add_get("/metrics", metrics)
     return app

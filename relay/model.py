@@ -16,11 +16,13 @@ from typing import Any
 
 from relay.spec import (
     MAX_DISPLAY_NAME,
+    Access,
     SpecError,
     check_host,
     check_name,
     check_namespace,
     check_port,
+    parse_access,
 )
 
 EMPTY_REVISION = "0" * 64
@@ -34,6 +36,9 @@ class Route:
     port: int
     display_name: str = ""
     view_only: bool = False
+    # Who may open it when the relay authorizes from manifests (standalone); None: anyone
+    # authenticated. In a cluster RBAC decides and the operator sends no access lists.
+    access: Access | None = None
 
     @property
     def key(self) -> str:
@@ -45,13 +50,17 @@ class Route:
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: the body of `PUT /api/v1/targets/{ns}/{name}` plus the key."""
-        return {
+        body: dict[str, Any] = {
             "namespace": self.namespace,
             "name": self.name,
             "endpoint": {"host": self.host, "port": self.port},
             "displayName": self.display_name,
             "viewOnly": self.view_only,
         }
+        if self.access is not None:
+            body["access"] = {"users": list(self.access.users),
+                              "groups": list(self.access.groups)}
+        return body
 
     def digest(self) -> bytes:
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -84,6 +93,7 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         port=check_port(endpoint.get("port"), "endpoint.port"),
         display_name=display_name,
         view_only=view_only,
+        access=parse_access(body.get("access"), "access"),
     )
 
 

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
 import re
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from relay import closecodes
+from relay.access import (
+    audit_event,
+    client_address,
+    exchange_link,
+    identify,
+    link_identity,
+    login,
+    login_form,
+    logout,
+    origin_allowed,
+)
+from relay.auth import Identity
 from relay.bridge import Session
+from relay.model import Route
 from relay.spec import SpecError, check_name, check_namespace
 from relay.state import STATE, RelayState
 
@@ -34,6 +47,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
+LIST_CONCURRENCY = 20
 # noVNC sends small messages; a WebSocket ping every 30 s finds browsers that vanished.
 HEARTBEAT = 30.0
 
@@ -68,53 +82,35 @@ def _target_key(request: web.Request) -> tuple[str, str]:
         raise web.HTTPNotFound(text=f"no such target: {exc}") from None
 
 
-def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
-    """A browser's WebSocket must come from this page's own origin or an allowed one.
-
-    Requests without Origin come from non-browser clients, which could send any Origin they
-    like; the check exists against cross-site WebSocket hijacking, which needs a browser.
-    """
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    origin = origin.rstrip("/")
-    if origin in allowed:
-        return True
-    parts = urlsplit(origin)
-    host = request.host
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return False
-    default_port = {"http": ":80", "https": ":443"}[parts.scheme]
-    netloc = parts.netloc.lower().removesuffix(default_port)
-    return netloc == host.lower().removesuffix(":80").removesuffix(":443")
-
-
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
+    client = client_address(request, state)
     if not origin_allowed(request, state.settings.allowed_origins):
-        log.warning("refused a WebSocket from a foreign origin",
-                    extra={"fields": {"target": f"{namespace}/{name}",
-                                      "origin": request.headers.get("Origin", ""),
-                                      "client": request.remote or ""}})
+        audit_event("denied", request, state, target=target, result="foreign origin",
+                    origin=request.headers.get("Origin", ""))
         raise web.HTTPForbidden(text="Origin not allowed: open the viewer from this relay's own "
                                      "address, or add the origin with --allowed-origin\n")
     ws = web.WebSocketResponse(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
+    identity = link_identity(request, target) or identify(request)
     route = state.registry.get(namespace, name)
-    client = request.remote or ""
-    refusal = _refusal(state, f"{namespace}/{name}", route is None)
-    if refusal is not None or route is None:
+    refusal = await _refusal(state, target, identity, route)
+    if refusal is not None or route is None or identity is None:
         code, reason = refusal or (closecodes.UNKNOWN_TARGET, "")
+        if code in (closecodes.UNAUTHENTICATED, closecodes.FORBIDDEN):
+            audit_event("denied", request, state, target=target, code=code, reason=reason,
+                        user=identity.label if identity else "")
         started = time.monotonic()
         await ws.close(code=code, message=closecodes.clip_reason(reason).encode())
-        known = route is not None
-        _log_end(state, f"{namespace}/{name}", client, code, reason, started,
-                 labels=(namespace, name) if known else ("", ""))
+        _log_end(state, target, client, identity.label if identity else "", code, reason,
+                 started, labels=(namespace, name) if route is not None else ("", ""))
         return ws
     session = Session(route=route, ws=ws, client=client, settings=state.settings,
-                      metrics=state.metrics)
+                      metrics=state.metrics, user=identity.label,
+                      view_only=route.view_only or identity.view_only)
     state.sessions.add(session)
     active = state.metrics.sessions_active.labels(namespace, name)
     active.inc()
@@ -123,21 +119,28 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         state.sessions.remove(session)
         active.dec()
-        _log_end(state, route.key, client, session.code or closecodes.INTERNAL_ERROR,
+        _log_end(state, route.key, client, session.user, session.code or closecodes.INTERNAL_ERROR,
                  session.reason, session.started, labels=(namespace, name),
                  to_server=session.to_server, to_client=session.to_client,
                  server_version=session.server_version)
     return ws
 
 
-def _refusal(state: RelayState, key: str, unknown: bool) -> tuple[int, str] | None:
+async def _refusal(state: RelayState, key: str, identity: Identity | None,
+                   route: Route | None) -> tuple[int, str] | None:
+    """Why this session may not start, in the order that leaks least: who, what, whether."""
     settings = state.settings
     if state.shutting_down:
         return closecodes.GOING_AWAY, "the relay is shutting down; reconnect in a moment"
-    if unknown:
+    if identity is None:
+        return closecodes.UNAUTHENTICATED, "sign in first"
+    if route is None:
         namespace = key.partition("/")[0]
         return (closecodes.UNKNOWN_TARGET,
                 f"no console {key} here; list them with: kubectl get vnc -n {namespace}")
+    decision = await state.authorizer.decide(identity, route)
+    if not decision.allowed:
+        return closecodes.FORBIDDEN, decision.reason
     if state.sessions.count >= settings.max_sessions:
         return (closecodes.OVER_CAPACITY,
                 f"the relay is at its limit of {settings.max_sessions} sessions; try again later")
@@ -147,25 +150,37 @@ def _refusal(state: RelayState, key: str, unknown: bool) -> tuple[int, str] | No
     return None
 
 
-def _log_end(state: RelayState, target: str, client: str, code: int, reason: str,
+def _log_end(state: RelayState, target: str, client: str, user: str, code: int, reason: str,
              started: float, labels: tuple[str, str], to_server: int = 0, to_client: int = 0,
              server_version: str = "") -> None:
     state.metrics.sessions_total.labels(*labels, str(code)).inc()
     log.info("session end", extra={"fields": {
-        "target": target, "client": client, "code": code, "reason": reason,
+        "target": target, "client": client, "user": user, "code": code, "reason": reason,
         "bytes_to_server": to_server, "bytes_to_client": to_client,
         "duration_s": round(time.monotonic() - started, 3), "server_version": server_version}})
 
 
 async def viewer(request: web.Request) -> web.StreamResponse:
+    """The viewer page, for anyone: it holds no secret, and the WebSocket checks access.
+
+    It must load without a sign-in so that a share link (in the URL fragment, which only the
+    page can read) can be exchanged; the display name is shown only to those who may open it.
+    """
     state = request.app[STATE]
     namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
     route = state.registry.get(namespace, name)
+    identity = link_identity(request, target) or identify(request)
+    visible = route is not None and identity is not None and (
+        await state.authorizer.decide(identity, route)).allowed
     config = {"namespace": namespace, "name": name,
-              "displayName": route.display_name if route else "",
-              "viewOnly": route.view_only if route else False}
-    title = (route.display_name if route and route.display_name else f"{namespace}/{name}")
-    # The config goes into an HTML attribute, escaped; the page reads it with JSON.parse.
+              "displayName": route.display_name if route and visible else "",
+              "viewOnly": bool(route and route.view_only),
+              "auth": state.settings.auth.mode,
+              "user": identity.label if identity and identity.user else "",
+              "login": f"../../../login?next=t/{namespace}/{name}/"
+                       if state.settings.auth.mode == "token" else ""}
+    title = route.display_name if route and visible and route.display_name else target
     page = render("viewer.html", title=html.escape(title),
                   config=html.escape(json.dumps(config), quote=True))
     return web.Response(text=page, content_type="text/html",
@@ -179,9 +194,17 @@ async def viewer_redirect(request: web.Request) -> web.StreamResponse:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    """The targets this viewer may open; nobody signed in: the way to sign in."""
     state = request.app[STATE]
+    identity = identify(request)
+    if identity is None:
+        if state.settings.auth.mode == "token":
+            raise web.HTTPFound(location="login")
+        raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
+    routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
+    allowed = await _allowed_routes(state, identity, routes)
     rows = []
-    for route in sorted(state.registry, key=lambda r: (r.namespace, r.name)):
+    for route in allowed:
         sessions = state.sessions.count_for(route.key)
         label = html.escape(route.display_name or route.name)
         rows.append(
@@ -189,9 +212,24 @@ async def index(request: web.Request) -> web.StreamResponse:
             f"{label}</a></td><td>{html.escape(route.namespace)}</td>"
             f"<td>{html.escape(route.name)}</td><td>{'view only' if route.view_only else ''}</td>"
             f"<td>{sessions}</td></tr>")
-    body = "\n".join(rows) or '<tr><td colspan="5">No consoles are registered yet.</td></tr>'
-    page = render("list.html", rows=body)
+    body = "\n".join(rows) or '<tr><td colspan="5">No consoles for you here yet.</td></tr>'
+    who = (f'Signed in as {html.escape(identity.user)}.' if identity.user else "")
+    if identity.method == "cookie":
+        who += (' <form method="post" action="logout" class="inline">'
+                '<button type="submit">Sign out</button></form>')
+    page = render("list.html", rows=body, who=who)
     return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]
+                          ) -> list[Route]:
+    # Authorization may ask the Kubernetes API per target: a few at a time, answers cached.
+    allowed: list[Route] = []
+    for start in range(0, len(routes), LIST_CONCURRENCY):
+        batch = routes[start:start + LIST_CONCURRENCY]
+        decisions = await asyncio.gather(*(state.authorizer.decide(identity, r) for r in batch))
+        allowed.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
+    return allowed
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -206,6 +244,10 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "waiting for the operator's first full table"},
                                  status=503)
     return web.json_response({"status": "ready", "routes": len(state.registry)})
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    await app[STATE].authorizer.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -225,5 +267,10 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_get("/t/{namespace}/{name}/", viewer)
     app.router.add_get("/t/{namespace}/{name}/websockify", websocket)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
     return app

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
+from relay.links import load_keys, parse_duration
 from relay.model import Route
 from relay.spec import SpecError, check_host, check_name, check_namespace, check_port
 
@@ -19,6 +21,23 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mode: str = "none"
+    trusted_proxies: tuple[Network, ...] = ()
+    user_header: str = "X-Forwarded-User"
+    groups_header: str = "X-Forwarded-Groups"
+    users: dict[str, User] = field(default_factory=dict)
+    # Signs login cookies; None: a random key per process (logins end at restart).
+    session_secret: bytes | None = None
+    session_ttl: int = 8 * 3600
+    link_keys: tuple[bytes, ...] = ()
+    public_url: str = ""
+    # "kubernetes": SubjectAccessReviews; "manifest": spec.access lists of the targets.
+    authorization: str = "manifest"
+    kubeconfig: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,8 @@ class RelaySettings:
     # In a cluster, /readyz waits for the operator's first full table.
     wait_for_sync: bool = False
     shutdown_grace: float = 5.0
+    # Who the viewer is (relay.auth) and what they may open (relay.authz).
+    auth: AuthSettings = field(default_factory=lambda: AuthSettings())
 
 
 def parse_host_port(value: str, what: str = "--listen") -> HostPort:
@@ -121,7 +142,91 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
                         default=(_env("WAIT_FOR_SYNC") or "").lower() in ("1", "true", "yes"),
                         help="ready only after the operator's first full table (in a cluster)")
+    auth = parser.add_argument_group("authentication and authorization")
+    auth.add_argument("--auth", choices=AUTH_MODES, default=_env("AUTH"),
+                      help="none: no sign-in (default only on a loopback --listen); proxy: trust "
+                           "identity headers from --trusted-proxy; token: --users-file")
+    auth.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
+                      help="addresses of the auth proxy whose identity headers are believed")
+    auth.add_argument("--user-header", default=_env("USER_HEADER") or "X-Forwarded-User")
+    auth.add_argument("--groups-header", default=_env("GROUPS_HEADER") or "X-Forwarded-Groups",
+                      help="comma-separated groups (default X-Forwarded-Groups)")
+    auth.add_argument("--users-file", type=Path,
+                      default=Path(p) if (p := _env("USERS_FILE")) else None,
+                      help="token mode: YAML `user: secret` or `user: {secret, groups}`; secrets "
+                           "hashed with `vncgate-relay hash-password`")
+    auth.add_argument("--session-secret-file", type=Path,
+                      default=Path(p) if (p := _env("SESSION_SECRET_FILE")) else None,
+                      help="key that signs login cookies (same on every replica)")
+    auth.add_argument("--session-ttl", default=_env("SESSION_TTL") or "8h",
+                      help="how long a login lasts (default 8h)")
+    auth.add_argument("--link-key-file", action="append", type=Path, default=None,
+                      help="key for share links (repeatable, newest first: rotation)")
+    auth.add_argument("--public-url", default=_env("PUBLIC_URL") or "",
+                      help="the relay's address as browsers see it, e.g. https://vnc.example.com")
+    auth.add_argument("--authorization", choices=("auto", "kubernetes", "manifest"),
+                      default=_env("AUTHORIZATION") or "auto",
+                      help="kubernetes: SubjectAccessReview on connect vnctargets; manifest: "
+                           "spec.access of the targets; auto: kubernetes in a cluster or with "
+                           "--kubeconfig")
+    auth.add_argument("--kubeconfig", type=Path,
+                      default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
+                      help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
     return parser
+
+
+def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum: int) -> bytes:
+    try:
+        value = path.read_bytes().strip()
+    except OSError as exc:
+        parser.error(f"{flag} {path}: {exc.strerror}")
+    if len(value) < minimum:
+        parser.error(f"{flag} {path}: needs at least {minimum} characters "
+                     "(generate one with: openssl rand -hex 32)")
+    return value
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and Path(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+
+
+def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   listen: HostPort) -> AuthSettings:
+    loopback = listen.host in ("127.0.0.1", "::1", "localhost")
+    mode = args.auth
+    if mode is None:
+        if not loopback:
+            parser.error(f"--listen {listen} reaches beyond this machine: choose --auth proxy "
+                         "or --auth token, or --auth none to let anyone who reaches the port "
+                         "open every console")
+        mode = "none"
+    proxies_raw = args.trusted_proxy if args.trusted_proxy is not None else \
+        _env_list("TRUSTED_PROXY")
+    try:
+        proxies = parse_networks(proxies_raw, "--trusted-proxy")
+        users = load_users(args.users_file) if args.users_file is not None else {}
+        ttl = parse_duration(args.session_ttl, "--session-ttl")
+        key_paths = args.link_key_file if args.link_key_file is not None else [
+            Path(p) for p in _env_list("LINK_KEY_FILE")]
+        link_keys = load_keys(key_paths)
+    except (AuthConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if mode == "proxy" and not proxies:
+        parser.error("--auth proxy needs --trusted-proxy CIDR: the address of the auth proxy "
+                     "whose headers are believed")
+    if mode == "token" and not users:
+        parser.error("--auth token needs --users-file")
+    secret = (_read_secret(parser, "--session-secret-file", args.session_secret_file, 32)
+              if args.session_secret_file is not None else None)
+    authorization = args.authorization
+    if authorization == "auto":
+        authorization = "kubernetes" if (args.kubeconfig or _in_cluster()) else "manifest"
+    return AuthSettings(
+        mode=mode, trusted_proxies=proxies, user_header=args.user_header,
+        groups_header=args.groups_header, users=users, session_secret=secret, session_ttl=ttl,
+        link_keys=link_keys, public_url=args.public_url.rstrip("/"),
+        authorization=authorization, kubeconfig=args.kubeconfig)
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
@@ -147,6 +252,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
     if args.connect_timeout <= 0:
         parser.error("--connect-timeout must be a positive number of seconds")
     return RelaySettings(
+        auth=_auth_settings(parser, args, args.listen),
         listen=args.listen, internal_listen=args.internal_listen, api_token=token,
         allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,

@@ -28,7 +28,8 @@ HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
-_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly"}
+_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access"}
+MAX_ACCESS_ENTRIES = 256
 
 
 class SpecError(ValueError):
@@ -60,10 +61,25 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class Access:
+    """`spec.access`: who may open the target when the relay authorizes from its manifests.
+
+    In a cluster, Kubernetes RBAC decides instead (the `connect` verb on `vnctargets`).
+    """
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    def admits(self, user: str, groups: tuple[str, ...]) -> bool:
+        return user in self.users or any(group in self.groups for group in groups)
+
+
+@dataclass(frozen=True, slots=True)
 class VncTargetSpec:
     endpoint: ServiceRef | Address
     display_name: str = ""
     view_only: bool = False
+    access: Access | None = None
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -139,6 +155,22 @@ def parse_endpoint(value: object, field: str = "spec.endpoint") -> ServiceRef | 
     return ServiceRef(name=name, port=check_port(port, f"{field}.service.port"))
 
 
+def parse_access(value: object, field: str = "spec.access") -> Access | None:
+    if value is None:
+        return None
+    access = _mapping(value, field)
+    _no_unknown(access, {"users", "groups"}, field)
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("users", "groups"):
+        items = access.get(key, [])
+        if (not isinstance(items, list) or len(items) > MAX_ACCESS_ENTRIES
+                or not all(isinstance(i, str) and 0 < len(i) <= 256 for i in items)):
+            raise SpecError(f"{field}.{key}", f"must be a list of at most {MAX_ACCESS_ENTRIES} "
+                                              "non-empty names")
+        lists[key] = tuple(items)
+    return Access(users=lists["users"], groups=lists["groups"])
+
+
 def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
     """Parse a VncTarget `spec`; unknown fields are errors, as with kubectl's strict validation."""
     spec = _mapping(value, field)
@@ -151,4 +183,5 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
     if not isinstance(view_only, bool):
         raise SpecError(f"{field}.viewOnly", f"must be true or false, not {view_only!r}")
     return VncTargetSpec(endpoint=parse_endpoint(spec.get("endpoint"), f"{field}.endpoint"),
-                         display_name=display_name, view_only=view_only)
+                         display_name=display_name, view_only=view_only,
+                         access=parse_access(spec.get("access"), f"{field}.access"))

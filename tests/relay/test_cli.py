@@ -113,6 +113,7 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("VNCGATE_API_TOKEN_FILE", str(token))
     monkeypatch.setenv("VNCGATE_ALLOWED_ORIGIN", "https://vnc.example.com/")
     monkeypatch.setenv("VNCGATE_WAIT_FOR_SYNC", "true")
+    monkeypatch.setenv("VNCGATE_AUTH", "none")  # 0.0.0.0 needs a choice of authentication
     settings = settings_from_args([])
     assert settings.listen == HostPort("0.0.0.0", 9000)
     assert settings.targets == (Route("lab", "a", "127.0.0.1", 5901),

@@ -4,7 +4,8 @@ import RFB from './core/rfb.js';
 
 const config = JSON.parse(document.body.dataset.config);
 const params = new URLSearchParams(location.search);
-const viewOnly = config.viewOnly || params.get('view_only') === '1';
+let linkViewOnly = false;
+const isViewOnly = () => config.viewOnly || linkViewOnly || params.get('view_only') === '1';
 
 const $ = (id) => document.getElementById(id);
 const statusEl = $('status');
@@ -12,6 +13,7 @@ const screen = $('screen');
 
 // Close codes after which reconnecting cannot help: show the reason and wait for the user.
 const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4409]);
+const UNAUTHENTICATED = 4401;
 const MAX_ATTEMPTS = 8;
 
 let rfb = null;
@@ -54,13 +56,14 @@ function connect() {
   lastClose = null;
   ws.addEventListener('close', (event) => { lastClose = event; });
   rfb = new RFB(screen, ws, { shared: true });
-  rfb.viewOnly = viewOnly;
+  rfb.viewOnly = isViewOnly();
+  $('cad').hidden = isViewOnly();
   rfb.scaleViewport = true;
   rfb.resizeSession = false;
   rfb.background = '#000';
   rfb.addEventListener('connect', () => {
     attempt = 0;
-    setState('connected', viewOnly ? 'Connected (view only)' : 'Connected');
+    setState('connected', isViewOnly() ? 'Connected (view only)' : 'Connected');
     rfb.focus();
   });
   rfb.addEventListener('disconnect', onDisconnect);
@@ -84,6 +87,12 @@ function onDisconnect(event) {
     const code = lastClose ? lastClose.code : 1006;
     window.vncgate.lastClose = { code, reason };
     rfb = null;
+    if (code === UNAUTHENTICATED && config.login) {
+      // Token mode: the login page brings the viewer back here after signing in.
+      setState('failed', `Disconnected: ${reason}. Opening the sign-in page…`);
+      location.assign(config.login);
+      return;
+    }
     if (FINAL_CODES.has(code) || attempt >= MAX_ATTEMPTS) {
       setState('failed', `Disconnected: ${reason}`);
       $('reconnect').hidden = false;
@@ -99,7 +108,6 @@ function onDisconnect(event) {
 
 $('reconnect').addEventListener('click', () => { attempt = 0; connect(); });
 $('cad').addEventListener('click', () => { if (rfb) rfb.sendCtrlAltDel(); });
-$('cad').hidden = viewOnly;
 $('fullscreen').addEventListener('click', () => {
   if (document.fullscreenElement) document.exitFullscreen();
   else document.documentElement.requestFullscreen();
@@ -110,7 +118,7 @@ $('clipboard-toggle').addEventListener('click', () => {
   $('clipboard-toggle').setAttribute('aria-expanded', String(!panel.hidden));
 });
 $('clipboard-send').addEventListener('click', () => {
-  if (rfb && !viewOnly) rfb.clipboardPasteFrom($('clipboard-text').value);
+  if (rfb && !isViewOnly()) rfb.clipboardPasteFrom($('clipboard-text').value);
 });
 $('credentials').addEventListener('submit', (e) => {
   e.preventDefault();
@@ -119,4 +127,33 @@ $('credentials').addEventListener('submit', (e) => {
   $('credentials').hidden = true;
 });
 
-connect();
+// A share link carries its token in the URL fragment, which never reaches a server log.
+// Exchange it for a cookie scoped to this viewer, drop it from the address bar, then connect.
+async function start() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get('link');
+  if (token) {
+    history.replaceState(null, '', location.pathname + location.search);
+    setState('connecting', 'Checking the share link…');
+    let reply;
+    try {
+      const response = await fetch('link', {
+        method: 'POST', credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ token }),
+      });
+      reply = await response.json();
+      if (!response.ok) {
+        setState('failed', `This link cannot be used: ${reply.error}`);
+        return;
+      }
+    } catch (err) {
+      setState('failed', `This link cannot be used: ${err}`);
+      return;
+    }
+    if (reply.viewOnly) linkViewOnly = true;
+  }
+  connect();
+}
+
+start();

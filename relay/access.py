@@ -1,0 +1,261 @@
+"""Access control on the public port: who is asking, may they open this, and the pages for it.
+
+`identify` resolves the request's identity for the configured `--auth` mode; `link_identity`
+admits a share-link holder to one target. The login, logout and link-exchange handlers live
+here too. Every sign-in, refusal and link use goes to the `vncgate.audit` log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import re
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from relay import links
+from relay.auth import (
+    ANONYMOUS,
+    SESSION_COOKIE,
+    Identity,
+    address_in,
+    session_cookie,
+    user_from_cookie,
+    verify_secret,
+)
+from relay.state import STATE, RelayState
+
+audit = logging.getLogger("vncgate.audit")
+
+# A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
+_SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
+BEARER_CACHE_TTL = 60.0
+
+
+def client_address(request: web.Request, state: RelayState) -> str:
+    """The viewer's address: X-Forwarded-For's last untrusted hop when a trusted proxy sent it."""
+    remote = request.remote or ""
+    proxies = state.settings.auth.trusted_proxies
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and address_in(remote, proxies):
+        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+            if not address_in(hop, proxies):
+                return hop
+    return remote
+
+
+def audit_event(event: str, request: web.Request, state: RelayState, **fields: Any) -> None:
+    audit.info(event, extra={"fields": {"event": event,
+                                        "client": client_address(request, state), **fields}})
+
+
+def _secure(request: web.Request, state: RelayState) -> bool:
+    proto = request.headers.get("X-Forwarded-Proto", "")
+    behind_tls_proxy = proto == "https" and address_in(request.remote,
+                                                       state.settings.auth.trusted_proxies)
+    return request.secure or behind_tls_proxy or state.settings.auth.public_url.startswith(
+        "https://")
+
+
+def identify(request: web.Request) -> Identity | None:
+    """The signed-in identity, ANONYMOUS with `--auth none`, or None when nobody is signed in."""
+    state = request.app[STATE]
+    auth = state.settings.auth
+    if auth.mode == "none":
+        return ANONYMOUS
+    if auth.mode == "proxy":
+        # Headers count only from the proxy; from anyone else they are ignored.
+        if not address_in(request.remote, auth.trusted_proxies):
+            return None
+        user = request.headers.get(auth.user_header, "").strip()
+        if not user:
+            return None
+        groups = tuple(g.strip() for g in request.headers.get(auth.groups_header, "").split(",")
+                       if g.strip())
+        return Identity(user=user, groups=groups, method="proxy")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return _bearer_identity(state, token.strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        name = user_from_cookie(state.session_key, cookie)
+        known = state.settings.auth.users.get(name) if name else None
+        if known is not None:  # a user removed from the file is signed out
+            return Identity(user=known.name, groups=known.groups, method="cookie")
+    return None
+
+
+def _bearer_identity(state: RelayState, token: str) -> Identity | None:
+    # Verifying against scrypt hashes is slow on purpose; remember good tokens for a minute.
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    cached = state.bearer_cache.get(digest)
+    now = time.monotonic()
+    users = state.settings.auth.users
+    if cached is not None and cached[1] > now and cached[0] in users:
+        user = users[cached[0]]
+        return Identity(user=user.name, groups=user.groups, method="token")
+    for user in users.values():
+        if verify_secret(token, user.secret):
+            if len(state.bearer_cache) > 10_000:
+                state.bearer_cache.clear()
+            state.bearer_cache[digest] = (user.name, now + BEARER_CACHE_TTL)
+            return Identity(user=user.name, groups=user.groups, method="token")
+    return None
+
+
+def link_identity(request: web.Request, target: str) -> Identity | None:
+    """A share-link holder for `target`, from the cookie the link exchange set."""
+    state = request.app[STATE]
+    token = request.cookies.get(links.link_cookie(target))
+    if not token or not state.settings.auth.link_keys:
+        return None
+    try:
+        grant = links.verify(state.settings.auth.link_keys, token, target)
+    except links.LinkError:
+        return None
+    return Identity(user=f"link:{grant.link_id}", method="link", link_target=target,
+                    view_only=grant.view_only)
+
+
+def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
+    """A browser's request must come from this page's own origin or an allowed one.
+
+    Requests without Origin come from non-browser clients, which could send any Origin they
+    like; the check exists against cross-site requests (WebSocket hijacking, login CSRF), which
+    need a browser, and browsers always send Origin on those.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    default_port = {"http": ":80", "https": ":443"}[parts.scheme]
+    netloc = parts.netloc.lower().removesuffix(default_port)
+    return netloc == request.host.lower().removesuffix(":80").removesuffix(":443")
+
+
+def same_origin(request: web.Request) -> bool:
+    """State-changing posts must come from our own pages, with an Origin header."""
+    return "Origin" in request.headers and origin_allowed(
+        request, request.app[STATE].settings.allowed_origins)
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sign in · vncgate</title><link rel="stylesheet" href="static/novnc/viewer.css"></head>
+<body class="list"><h1>Sign in</h1>
+<p id="message" role="alert">{message}</p>
+<form method="post" action="login" class="login">
+<input type="hidden" name="next" value="{next}">
+<p><label>User <input name="user" autocomplete="username" required autofocus></label></p>
+<p><label>Password or token <input name="password" type="password"
+ autocomplete="current-password" required></label></p>
+<p><button type="submit">Sign in</button></p>
+</form></body></html>
+"""
+
+
+def login_page(message: str = "", next_path: str = "", status: int = 200,
+               headers: dict[str, str] | None = None) -> web.Response:
+    body = LOGIN_PAGE.format(message=html.escape(message), next=html.escape(next_path))
+    return web.Response(text=body, content_type="text/html", status=status, headers=headers)
+
+
+def safe_next(value: str) -> str:
+    return value if value and len(value) < 512 and _SAFE_NEXT.match(value) else "./"
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.settings.auth.mode != "token":
+        raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
+    return login_page(next_path=safe_next(request.query.get("next", "")))
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.settings.auth.mode != "token":
+        raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
+    client = client_address(request, state)
+    if not same_origin(request):
+        audit_event("login", request, state, result="refused: foreign origin")
+        raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
+    form = await request.post()
+    next_path = safe_next(str(form.get("next", "")))
+    wait = state.login_failures.retry_after(client)
+    if wait > 0:
+        audit_event("login", request, state, result="rate limited")
+        return login_page(f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
+                          next_path, status=429, headers={"Retry-After": str(int(wait) + 1)})
+    name, secret = str(form.get("user", "")), str(form.get("password", ""))
+    user = state.settings.auth.users.get(name)
+    if user is None or not verify_secret(secret, user.secret):
+        state.login_failures.failed(client)
+        audit_event("login", request, state, user=name[:64], result="failed")
+        return login_page("Wrong user or password.", next_path, status=401)
+    state.login_failures.succeeded(client)
+    audit_event("login", request, state, user=user.name, result="ok")
+    response = web.HTTPSeeOther(location=next_path)
+    # Path=/ covers every prefix an Ingress may put in front of the relay.
+    response.set_cookie(SESSION_COOKIE, session_cookie(state.session_key, user.name,
+                                                       state.settings.auth.session_ttl),
+                        max_age=state.settings.auth.session_ttl, httponly=True, samesite="Lax",
+                        secure=_secure(request, state))
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if not same_origin(request):
+        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
+    identity = identify(request)
+    audit_event("logout", request, state, user=identity.label if identity else "")
+    response = web.HTTPSeeOther(location="./")
+    response.del_cookie(SESSION_COOKIE)
+    raise response
+
+
+async def exchange_link(request: web.Request) -> web.StreamResponse:
+    """`POST /t/{ns}/{name}/link` with `{"token": ...}`: check a share link, set its cookie."""
+    state = request.app[STATE]
+    namespace, name = request.match_info["namespace"], request.match_info["name"]
+    target = f"{namespace}/{name}"
+    client = client_address(request, state)
+    if not same_origin(request):
+        raise web.HTTPForbidden(text="open the link in the relay's own viewer\n")
+    wait = state.login_failures.retry_after(client)
+    if wait > 0:
+        return web.json_response({"error": f"too many bad links; try again in {int(wait) + 1} s"},
+                                 status=429, headers={"Retry-After": str(int(wait) + 1)})
+    try:
+        body = await request.json()
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            raise links.LinkError("this link is not valid; ask for a new link")
+        grant = links.verify(state.settings.auth.link_keys, token, target)
+        if grant.once and not state.used_links.claim(grant):
+            raise links.LinkError("this link was for one use only and has been used; "
+                                  "ask for a new link")
+    except (links.LinkError, json.JSONDecodeError) as exc:
+        state.login_failures.failed(client)
+        reason = str(exc) if isinstance(exc, links.LinkError) else "this link is not valid"
+        audit_event("link use", request, state, target=target, result=f"refused: {reason}")
+        return web.json_response({"error": reason}, status=403)
+    audit_event("link use", request, state, target=target, link=grant.link_id, result="ok",
+                view_only=grant.view_only)
+    response = web.json_response({"target": target, "viewOnly": grant.view_only,
+                                  "expires": grant.expires})
+    response.set_cookie(links.link_cookie(target), token,
+                        max_age=max(1, grant.expires - int(time.time())), httponly=True,
+                        samesite="Strict", secure=_secure(request, state))
+    return response

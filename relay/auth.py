@@ -1,0 +1,243 @@
+"""Who the viewer is: authentication modes, users file, password hashes, session cookies.
+
+Modes (`--auth`):
+- `none`: nobody signs in; everyone who reaches the port may open every console.
+- `proxy`: an auth proxy in front (oauth2-proxy style) names the user in headers; only requests
+  from `--trusted-proxy` addresses are believed, headers from anyone else are ignored.
+- `token`: users and their secrets from `--users-file`; a login page sets a signed session
+  cookie; scripts send `Authorization: Bearer <token>`.
+
+Share links (`relay.links`) admit a viewer to one target in every mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+AUTH_MODES = ("none", "proxy", "token")
+SESSION_COOKIE = "vncgate_session"
+
+# scrypt: 2^15 x 8 x 1 takes about 50-100 ms and 32 MiB, so a guessed password costs a lot.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AuthConfigError(ValueError):
+    """A users file or an auth setting that cannot work; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking. `method` says how we know: proxy, token, cookie, link or none."""
+
+    user: str
+    groups: tuple[str, ...] = ()
+    method: str = "none"
+    # Set for share-link viewers: the only target they may open, and whether only to watch.
+    link_target: str | None = None
+    view_only: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.user or "anonymous"
+
+
+ANONYMOUS = Identity(user="", method="none")
+
+
+# --- secrets and hashes ---------------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_secret(secret: str, salt: bytes | None = None) -> str:
+    """`scrypt$N$r$p$salt$hash`: what `vncgate-relay hash-password` prints for a users file."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            maxmem=SCRYPT_MAXMEM, dklen=32)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_secret(given: str, stored: str) -> bool:
+    """Check a secret against a users-file entry: an scrypt or sha256 hash, or plain text."""
+    if stored.startswith("scrypt$"):
+        try:
+            _, n, r, p, salt, digest = stored.split("$")
+            computed = hashlib.scrypt(given.encode(), salt=_unb64(salt), n=int(n), r=int(r),
+                                      p=int(p), maxmem=SCRYPT_MAXMEM, dklen=len(_unb64(digest)))
+        except ValueError:
+            return False
+        return hmac.compare_digest(computed, _unb64(digest))
+    if stored.startswith("sha256$"):
+        # For long random API tokens a fast hash is enough; passwords should use scrypt.
+        computed_hex = hashlib.sha256(given.encode()).hexdigest()
+        return hmac.compare_digest(computed_hex, stored.removeprefix("sha256$"))
+    return hmac.compare_digest(given.encode(), stored.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    secret: str  # a hash (scrypt$..., sha256$...) or the plain secret
+    groups: tuple[str, ...] = ()
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """A users file: YAML, either `name: secret` lines or `name: {secret: ..., groups: [...]}`."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AuthConfigError(f"--users-file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise AuthConfigError(f"--users-file {path}: not valid YAML: {exc}") from None
+    if isinstance(data, Mapping) and isinstance(data.get("users"), Mapping):
+        data = data["users"]
+    if not isinstance(data, Mapping) or not data:
+        raise AuthConfigError(f"--users-file {path}: expected `user: secret` lines or "
+                              "`user: {secret: ..., groups: [...]}` entries")
+    users: dict[str, User] = {}
+    for name, entry in data.items():
+        where = f"--users-file {path}: user {name!r}"
+        if not isinstance(name, str) or not name or ":" in name:
+            raise AuthConfigError(f"{where}: a user name is a non-empty string without ':'")
+        groups: list[str] = []
+        if isinstance(entry, Mapping):
+            secret = entry.get("secret", entry.get("password", entry.get("token")))
+            groups = entry.get("groups", [])
+            if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+                raise AuthConfigError(f"{where}: groups must be a list of names")
+        else:
+            secret = entry
+        if not isinstance(secret, str) or not secret:
+            raise AuthConfigError(f"{where}: give a secret (a hash from `vncgate-relay "
+                                  "hash-password`, or a token)")
+        if not secret.startswith(("scrypt$", "sha256$")) and len(secret) < 12:
+            raise AuthConfigError(f"{where}: a plain secret must have at least 12 characters; "
+                                  "better, store its hash (vncgate-relay hash-password)")
+        users[name] = User(name=name, secret=secret, groups=tuple(groups))
+    return users
+
+
+# --- signed values (session cookies) --------------------------------------------------------
+
+def sign(key: bytes, payload: Mapping[str, object]) -> str:
+    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+    mac = hmac.new(key, body.encode(), hashlib.sha256).digest()
+    return f"{body}.{_b64(mac)}"
+
+
+def unsign(keys: tuple[bytes, ...], value: str) -> dict[str, object] | None:
+    """The payload if any key signed it, else None. Expiry is the caller's business."""
+    body, dot, mac = value.partition(".")
+    if not dot:
+        return None
+    try:
+        given = _unb64(mac)
+        for key in keys:
+            if hmac.compare_digest(hmac.new(key, body.encode(), hashlib.sha256).digest(), given):
+                payload = json.loads(_unb64(body))
+                return payload if isinstance(payload, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None) -> str:
+    issued = int(now if now is not None else time.time())
+    return sign(key, {"u": user, "iat": issued, "exp": issued + int(ttl)})
+
+
+def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:
+    payload = unsign((key,), value)
+    if payload is None:
+        return None
+    expires, user = payload.get("exp"), payload.get("u")
+    if not isinstance(expires, int) or not isinstance(user, str):
+        return None
+    if expires <= (now if now is not None else time.time()):
+        return None
+    return user
+
+
+# --- trusted proxies and client addresses ---------------------------------------------------
+
+def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise AuthConfigError(f"{flag} {value!r} is not a CIDR like 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def address_in(address: str | None, networks: tuple[Network, ...]) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+# --- failed-login rate limit ----------------------------------------------------------------
+
+class FailureLimiter:
+    """At most `limit` failures per client in `window` seconds; bounded in memory."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        failures = self._failures.get(client)
+        if failures is None:
+            return deque()
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+        return failures
+
+    def retry_after(self, client: str, now: float | None = None) -> float:
+        """Seconds until this client may try again; 0 if it may try now."""
+        now = now if now is not None else time.monotonic()
+        failures = self._recent(client, now)
+        if len(failures) < self.limit:
+            return 0.0
+        return max(0.0, failures[0] + self.window - now)
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = now if now is not None else time.monotonic()
+        failures = self._failures.setdefault(client, deque())
+        self._failures.move_to_end(client)
+        failures.append(now)
+        while len(failures) > self.limit:
+            failures.popleft()
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
