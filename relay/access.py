@@ -8,11 +8,14 @@ here too. Every sign-in, refusal and link use goes to the `vncgate.audit` log.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import html
 import json
 import logging
 import re
+import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +38,7 @@ audit = logging.getLogger("vncgate.audit")
 # A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
 BEARER_CACHE_TTL = 60.0
+CSRF_COOKIE = "vncgate_csrf"
 
 
 def client_address(request: web.Request, state: RelayState) -> str:
@@ -143,10 +147,37 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     return netloc == request.host.lower().removesuffix(":80").removesuffix(":443")
 
 
-def same_origin(request: web.Request) -> bool:
-    """State-changing posts must come from our own pages, with an Origin header."""
-    return "Origin" in request.headers and origin_allowed(
-        request, request.app[STATE].settings.allowed_origins)
+def _origin_not_foreign(request: web.Request) -> bool:
+    # With `Referrer-Policy: no-referrer` browsers send `Origin: null` on their own posts, so
+    # "null" proves nothing either way; a real foreign origin is refused.
+    if request.headers.get("Origin") == "null":
+        return True
+    return origin_allowed(request, request.app[STATE].settings.allowed_origins)
+
+
+def csrf_token(request: web.Request) -> str:
+    """The double-submit token of this browser: its cookie's value, or a new one."""
+    return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+
+
+def set_csrf_cookie(response: web.StreamResponse, token: str) -> None:
+    response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict")
+
+
+def form_from_our_page(request: web.Request, form: Mapping[str, object]) -> bool:
+    """A form post came from one of our pages: its hidden token matches the browser's cookie.
+
+    A foreign site can make a browser post a form but can neither read nor set our cookie.
+    """
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    given = str(form.get("csrf", ""))
+    return bool(cookie) and hmac.compare_digest(cookie, given) and _origin_not_foreign(request)
+
+
+def script_from_our_page(request: web.Request) -> bool:
+    """A fetch() from our viewer: a custom header, which a foreign page cannot send without a
+    CORS preflight that this relay never answers."""
+    return request.headers.get("X-Requested-With") == "vncgate" and _origin_not_foreign(request)
 
 
 LOGIN_PAGE = """<!doctype html>
@@ -156,7 +187,7 @@ LOGIN_PAGE = """<!doctype html>
 <body class="list"><h1>Sign in</h1>
 <p id="message" role="alert">{message}</p>
 <form method="post" action="login" class="login">
-<input type="hidden" name="next" value="{next}">
+<input type="hidden" name="next" value="{next}"><input type="hidden" name="csrf" value="{csrf}">
 <p><label>User <input name="user" autocomplete="username" required autofocus></label></p>
 <p><label>Password or token <input name="password" type="password"
  autocomplete="current-password" required></label></p>
@@ -165,10 +196,14 @@ LOGIN_PAGE = """<!doctype html>
 """
 
 
-def login_page(message: str = "", next_path: str = "", status: int = 200,
+def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
                headers: dict[str, str] | None = None) -> web.Response:
-    body = LOGIN_PAGE.format(message=html.escape(message), next=html.escape(next_path))
-    return web.Response(text=body, content_type="text/html", status=status, headers=headers)
+    csrf = csrf_token(request)
+    body = LOGIN_PAGE.format(message=html.escape(message), next=html.escape(next_path),
+                             csrf=html.escape(csrf))
+    response = web.Response(text=body, content_type="text/html", status=status, headers=headers)
+    set_csrf_cookie(response, csrf)
+    return response
 
 
 def safe_next(value: str) -> str:
@@ -179,7 +214,7 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.settings.auth.mode != "token":
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
-    return login_page(next_path=safe_next(request.query.get("next", "")))
+    return login_page(request, next_path=safe_next(request.query.get("next", "")))
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -187,22 +222,22 @@ async def login(request: web.Request) -> web.StreamResponse:
     if state.settings.auth.mode != "token":
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     client = client_address(request, state)
-    if not same_origin(request):
-        audit_event("login", request, state, result="refused: foreign origin")
-        raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
     form = await request.post()
+    if not form_from_our_page(request, form):
+        audit_event("login", request, state, result="refused: not from our login page")
+        raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
     next_path = safe_next(str(form.get("next", "")))
     wait = state.login_failures.retry_after(client)
     if wait > 0:
         audit_event("login", request, state, result="rate limited")
-        return login_page(f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
+        return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
                           next_path, status=429, headers={"Retry-After": str(int(wait) + 1)})
     name, secret = str(form.get("user", "")), str(form.get("password", ""))
     user = state.settings.auth.users.get(name)
     if user is None or not verify_secret(secret, user.secret):
         state.login_failures.failed(client)
         audit_event("login", request, state, user=name[:64], result="failed")
-        return login_page("Wrong user or password.", next_path, status=401)
+        return login_page(request, "Wrong user or password.", next_path, status=401)
     state.login_failures.succeeded(client)
     audit_event("login", request, state, user=user.name, result="ok")
     response = web.HTTPSeeOther(location=next_path)
@@ -216,7 +251,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    if not same_origin(request):
+    if not form_from_our_page(request, await request.post()):
         raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
     identity = identify(request)
     audit_event("logout", request, state, user=identity.label if identity else "")
@@ -231,7 +266,7 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
     namespace, name = request.match_info["namespace"], request.match_info["name"]
     target = f"{namespace}/{name}"
     client = client_address(request, state)
-    if not same_origin(request):
+    if not script_from_our_page(request):
         raise web.HTTPForbidden(text="open the link in the relay's own viewer\n")
     wait = state.login_failures.retry_after(client)
     if wait > 0:

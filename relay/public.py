@@ -17,6 +17,7 @@ from relay import closecodes
 from relay.access import (
     audit_event,
     client_address,
+    csrf_token,
     exchange_link,
     identify,
     link_identity,
@@ -24,6 +25,7 @@ from relay.access import (
     login_form,
     logout,
     origin_allowed,
+    set_csrf_cookie,
 )
 from relay.auth import Identity
 from relay.bridge import Session
@@ -214,11 +216,16 @@ async def index(request: web.Request) -> web.StreamResponse:
             f"<td>{sessions}</td></tr>")
     body = "\n".join(rows) or '<tr><td colspan="5">No consoles for you here yet.</td></tr>'
     who = (f'Signed in as {html.escape(identity.user)}.' if identity.user else "")
+    csrf = csrf_token(request)
     if identity.method == "cookie":
         who += (' <form method="post" action="logout" class="inline">'
+                f'<input type="hidden" name="csrf" value="{html.escape(csrf)}">'
                 '<button type="submit">Sign out</button></form>')
     page = render("list.html", rows=body, who=who)
-    return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+    response = web.Response(text=page, content_type="text/html",
+                            headers={"Cache-Control": "no-store"})
+    set_csrf_cookie(response, csrf)
+    return response
 
 
 async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]

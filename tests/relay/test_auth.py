@@ -75,11 +75,22 @@ def jar_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
+async def csrf_from(http: aiohttp.ClientSession, url: str) -> str:
+    """Load one of our pages like a browser: it sets the CSRF cookie and carries the token."""
+    async with http.get(url) as page:
+        match = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert match is not None, f"no CSRF token on {url}"
+    return match.group(1)
+
+
 async def sign_in(http: aiohttp.ClientSession, relay: RelayServer, user: str, password: str,
-                  next_path: str = "") -> aiohttp.ClientResponse:
+                  next_path: str = "", origin: str = "null") -> aiohttp.ClientResponse:
+    # Browsers send `Origin: null` on form posts from a page with Referrer-Policy: no-referrer.
+    csrf = await csrf_from(http, f"{relay.public_url}/login")
     return await http.post(f"{relay.public_url}/login", allow_redirects=False,
-                           data={"user": user, "password": password, "next": next_path},
-                           headers={"Origin": relay.public_url})
+                           data={"user": user, "password": password, "next": next_path,
+                                 "csrf": csrf},
+                           headers={"Origin": origin})
 
 
 async def open_console(http: aiohttp.ClientSession, relay: RelayServer, name: str,
@@ -128,18 +139,22 @@ async def test_login_sets_a_signed_httponly_cookie_and_the_list_shows_only_allow
     assert ALICE_PASSWORD not in caplog.text
 
 
-async def test_wrong_password_and_foreign_origin_are_refused(token_relay: RelayServer) -> None:
+async def test_wrong_password_and_cross_site_posts_are_refused(token_relay: RelayServer
+                                                               ) -> None:
     async with jar_session() as http:
         resp = await sign_in(http, token_relay, "alice", "wrong password!")
         assert resp.status == 401 and "Wrong user or password" in await resp.text()
         assert SESSION_COOKIE not in resp.cookies
+        resp = await sign_in(http, token_relay, "alice", ALICE_PASSWORD,
+                             origin="https://evil.example")
+        assert resp.status == 403
+        # A foreign page cannot know the CSRF token: a post without it is refused.
         async with http.post(f"{token_relay.public_url}/login", allow_redirects=False,
-                             data={"user": "alice", "password": ALICE_PASSWORD},
-                             headers={"Origin": "https://evil.example"}) as resp:
+                             data={"user": "alice", "password": ALICE_PASSWORD,
+                                   "csrf": "guessed"}) as resp:
             assert resp.status == 403
-        async with http.post(f"{token_relay.public_url}/login", allow_redirects=False,
-                             data={"user": "alice", "password": ALICE_PASSWORD}) as resp:
-            assert resp.status == 403  # no Origin at all: not from our login page
+        assert SESSION_COOKIE not in http.cookie_jar.filter_cookies(
+            URL(token_relay.public_url))
 
 
 @pytest.mark.parametrize("next_path", ["//evil.example/", "https://evil.example/",
@@ -198,7 +213,8 @@ async def test_failed_logins_are_rate_limited_per_client(token_relay: RelayServe
         assert "Too many failed sign-ins" in await resp.text()
     # Another client address (127.0.0.2 is loopback too) is not held back.
     connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-    async with aiohttp.ClientSession(connector=connector) as other:
+    async with aiohttp.ClientSession(connector=connector,
+                                     cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
         resp = await sign_in(other, token_relay, "alice", ALICE_PASSWORD)
         assert resp.status == 303
 
@@ -206,8 +222,12 @@ async def test_failed_logins_are_rate_limited_per_client(token_relay: RelayServe
 async def test_logout_clears_the_cookie(token_relay: RelayServer) -> None:
     async with jar_session() as http:
         await sign_in(http, token_relay, "alice", ALICE_PASSWORD)
+        csrf = await csrf_from(http, f"{token_relay.public_url}/")
         async with http.post(f"{token_relay.public_url}/logout", allow_redirects=False,
-                             headers={"Origin": token_relay.public_url}) as resp:
+                             data={"csrf": "wrong"}) as resp:
+            assert resp.status == 403
+        async with http.post(f"{token_relay.public_url}/logout", allow_redirects=False,
+                             data={"csrf": csrf}) as resp:
             assert resp.status == 303
         code, _ = await open_console(http, token_relay, "open")
         assert code == closecodes.UNAUTHENTICATED
@@ -218,7 +238,7 @@ async def test_logout_clears_the_cookie(token_relay: RelayServer) -> None:
 async def exchange(http: aiohttp.ClientSession, relay: RelayServer, name: str,
                    token: str) -> tuple[int, dict[str, Any]]:
     async with http.post(f"{relay.public_url}/t/lab/{name}/link", json={"token": token},
-                         headers={"Origin": relay.public_url}) as resp:
+                         headers={"Origin": "null", "X-Requested-With": "vncgate"}) as resp:
         return resp.status, await resp.json()
 
 
@@ -262,6 +282,10 @@ async def test_bad_links_are_refused_with_a_reason(token_relay: RelayServer) -> 
                 assert status == 403 and words in reply["error"], (token, reply)
         status, reply = await exchange(http, token_relay, "admins", good)
         assert status == 403 and "opens lab/open, not lab/admins" in reply["error"]
+        # Only our viewer's fetch (with its custom header) may exchange a link.
+        async with http.post(f"{token_relay.public_url}/t/lab/open/link",
+                             json={"token": good}) as resp:
+            assert resp.status == 403
 
 
 async def test_single_use_link_works_once(token_relay: RelayServer) -> None:

@@ -139,7 +139,7 @@ async function start() {
     try {
       const response = await fetch('link', {
         method: 'POST', credentials: 'same-origin',
-        headers: { 'Content-Type': 'application/json' },
+        headers: { 'Content-Type': 'application/json', 'X-Requested-With': 'vncgate' },
         body: JSON.stringify({ token }),
       });
       reply = await response.json();
