@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# One image for both components of vncgate:
+#   the relay (default command):  vncgate-relay --targets /targets.yaml
+#   the operator:                 vncgate-operator ...
+# The Helm chart (charts/vncgate) runs it with a read-only root filesystem as user 10001.
+#
+#   docker build -t vncgate .
+#   docker run --rm -p 8080:8080 -v "$PWD/examples:/targets:ro" vncgate vncgate-relay --targets /targets
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# 1. The noVNC client, exactly as pinned in package-lock.json (production dependencies only:
+#    the helm layer in devDependencies is for the chart tests).
+FROM ${NODE_IMAGE} AS novnc
+WORKDIR /src
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+
+# 2. The wheel, with the noVNC core placed where scripts/setup places it (relay/static/novnc/).
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+RUN pip install --no-cache-dir --disable-pip-version-check "build>=1.2"
+COPY pyproject.toml README.md ./
+COPY relay/ relay/
+COPY operator/ operator/
+COPY --from=novnc /src/node_modules/@novnc/novnc/core/ relay/static/novnc/core/
+COPY --from=novnc /src/node_modules/@novnc/novnc/vendor/ relay/static/novnc/vendor/
+COPY --from=novnc /src/node_modules/@novnc/novnc/package.json relay/static/novnc/core/.novnc-package.json
+RUN python -m build --wheel --outdir /dist
+
+# 3. The runtime: the wheel and its dependencies, nothing else (no compiler, no node).
+FROM ${PYTHON_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    VNCGATE_LISTEN=0.0.0.0:8080
+RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
+    pip install --no-cache-dir --disable-pip-version-check /dist/vncgate-*.whl
+COPY --from=novnc /src/node_modules/@novnc/novnc/LICENSE.txt /usr/share/licenses/novnc/LICENSE.txt
+RUN groupadd --gid 10001 vncgate \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin vncgate
+USER 10001:10001
+# 8080: list, viewer, WebSocket, /healthz, /readyz. 8081 (internal; registration API, /metrics)
+# listens on 127.0.0.1 unless --internal-listen says otherwise, as in the chart.
+EXPOSE 8080
+CMD ["vncgate-relay"]

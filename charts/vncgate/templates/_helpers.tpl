@@ -1,0 +1,180 @@
+{{/* Names, labels and values computed once for every template. */}}
+
+{{- define "vncgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-vncgate", or the release name alone when it already contains the chart name.
+Truncated to 52 so that "-operator" and "-relay-headless" suffixes stay within 63. */}}
+{{- define "vncgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "vncgate.relay.fullname" -}}
+{{- printf "%s-relay" (include "vncgate.fullname" .) }}
+{{- end }}
+
+{{/* The headless Service the operator discovers relay pods through (EndpointSlices). */}}
+{{- define "vncgate.relay.headlessName" -}}
+{{- printf "%s-relay-headless" (include "vncgate.fullname" .) }}
+{{- end }}
+
+{{- define "vncgate.operator.fullname" -}}
+{{- printf "%s-operator" (include "vncgate.fullname" .) }}
+{{- end }}
+
+{{- define "vncgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vncgate.labels" -}}
+helm.sh/chart: {{ include "vncgate.chart" . }}
+app.kubernetes.io/name: {{ include "vncgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vncgate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "vncgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vncgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "vncgate.relay.selectorLabels" -}}
+{{ include "vncgate.selectorLabels" . }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{- define "vncgate.operator.selectorLabels" -}}
+{{ include "vncgate.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "vncgate.relay.labels" -}}
+{{ include "vncgate.labels" . }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{- define "vncgate.operator.labels" -}}
+{{ include "vncgate.labels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "vncgate.relay.serviceAccountName" -}}
+{{- if .Values.relay.serviceAccount.create }}
+{{- default (include "vncgate.relay.fullname" .) .Values.relay.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.relay.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vncgate.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "vncgate.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vncgate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the chart renders an Ingress: ingress.enabled, or unset with a host. */}}
+{{- define "vncgate.ingress.enabled" -}}
+{{- $enabled := .Values.ingress.enabled }}
+{{- if or (eq (toString $enabled) "true") (and (kindIs "invalid" $enabled) .Values.ingress.host) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The base URL users open (no trailing slash). */}}
+{{- define "vncgate.publicUrl" -}}
+{{- if .Values.publicUrl }}
+{{- .Values.publicUrl | trimSuffix "/" }}
+{{- else if and (include "vncgate.ingress.enabled" .) .Values.ingress.host }}
+{{- printf "https://%s" .Values.ingress.host }}
+{{- else }}
+{{- print "http://127.0.0.1:8080" }}
+{{- end }}
+{{- end }}
+
+{{/* Origins, besides the page's own, that may open WebSockets: the public URL and extras. */}}
+{{- define "vncgate.relay.allowedOrigins" -}}
+{{- $origins := list }}
+{{- if or .Values.publicUrl (and (include "vncgate.ingress.enabled" .) .Values.ingress.host) }}
+{{- $origins = append $origins (include "vncgate.publicUrl" .) }}
+{{- end }}
+{{- range .Values.relay.allowedOrigins }}
+{{- $origins = append $origins (trimSuffix "/" .) }}
+{{- end }}
+{{- $origins | uniq | toJson }}
+{{- end }}
+
+{{- define "vncgate.tokenSecretName" -}}
+{{- default (printf "%s-registration-token" (include "vncgate.fullname" .)) .Values.registrationToken.existingSecret }}
+{{- end }}
+
+{{/* The generated registration token, base64-encoded: the one in the cluster if the Secret
+exists (lookup; empty under `helm template`), else 48 new random characters. Computed once per
+render and kept on the root context, so that the Secret and the pods' checksum agree. */}}
+{{- define "vncgate.generatedToken" -}}
+{{- if not (hasKey $ "vncgateGeneratedToken") }}
+{{- $token := "" }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "vncgate.tokenSecretName" .) }}
+{{- if and $secret $secret.data }}
+{{- $token = index $secret.data .Values.registrationToken.secretKey | default "" }}
+{{- end }}
+{{- if not $token }}
+{{- $token = randAlphaNum 48 | b64enc }}
+{{- end }}
+{{- $_ := set $ "vncgateGeneratedToken" $token }}
+{{- end }}
+{{- get $ "vncgateGeneratedToken" }}
+{{- end }}
+
+{{/* Pod annotation that restarts the pods when a generated token changes: both components read
+the token once at start. Not rendered for an existing Secret, whose content the chart can't see. */}}
+{{- define "vncgate.tokenChecksum" -}}
+{{- if not .Values.registrationToken.existingSecret }}
+checksum/registration-token: {{ include "vncgate.generatedToken" . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* The registration token as a volume, its key always mounted as the file "token". */}}
+{{- define "vncgate.tokenVolume" -}}
+- name: registration-token
+  secret:
+    secretName: {{ include "vncgate.tokenSecretName" . }}
+    defaultMode: 288  # 0440: owner and group (fsGroup 10001) read
+    items:
+      - key: {{ .Values.registrationToken.secretKey }}
+        path: token
+{{- end }}
+
+{{- define "vncgate.tokenPath" -}}
+/etc/vncgate/registration-token/token
+{{- end }}
+
+{{- define "vncgate.tokenVolumeMount" -}}
+- name: registration-token
+  mountPath: /etc/vncgate/registration-token
+  readOnly: true
+{{- end }}

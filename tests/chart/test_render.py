@@ -1,0 +1,330 @@
+"""The chart renders, lints and validates against the Kubernetes schemas with every CI values file,
+and what it renders follows the chart's security and network rules."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tests.chart.conftest import CHART, CI_VALUES, Rendered, ci_id, helm, render
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
+KUBERNETES_VERSIONS = ("1.29", "1.35")
+# Custom resources kubernetes-validate has no schema for; checked by the policy tests instead.
+UNKNOWN_TO_KUBERNETES_VALIDATE = {"ServiceMonitor"}
+
+RELAY = "vncgate-relay"
+HEADLESS = "vncgate-relay-headless"
+OPERATOR = "vncgate-operator"
+TOKEN_SECRET = "vncgate-registration-token"
+OPERATOR_LABELS = {"app.kubernetes.io/name": "vncgate", "app.kubernetes.io/instance": "vncgate",
+                   "app.kubernetes.io/component": "operator"}
+
+ci_values = pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
+
+
+def test_there_are_ci_values_files() -> None:
+    assert {ci_id(p) for p in CI_VALUES} >= {
+        "default", "ingress-tls", "ha-hpa", "existing-secret", "restricted-namespaces"}
+
+
+@ci_values
+def test_lint_strict(values: Path) -> None:
+    result = helm("lint", "--strict", CHART, "--values", values)
+    assert "0 chart(s) failed" in result.stdout
+
+
+@ci_values
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_match_kubernetes_schemas(values: Path, version: str) -> None:
+    rendered = render([values])
+    checked = set()
+    for manifest in rendered.manifests:
+        if manifest["kind"] in UNKNOWN_TO_KUBERNETES_VALIDATE:
+            continue
+        where = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(map(str, exc.path))
+            pytest.fail(f"{where} is invalid for Kubernetes {version} at {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}; if it is a custom resource, "
+                        "add it to UNKNOWN_TO_KUBERNETES_VALIDATE")
+        checked.add(manifest["kind"])
+    assert {"Deployment", "Service", "NetworkPolicy"} <= checked
+
+
+def test_every_component_is_rendered_by_default() -> None:
+    rendered = render()
+    rendered.one("Deployment", RELAY)
+    rendered.one("Deployment", OPERATOR)
+    rendered.one("Service", RELAY)
+    rendered.one("Service", HEADLESS)
+    rendered.one("Secret", TOKEN_SECRET)
+    rendered.one("ClusterRole", OPERATOR)
+    rendered.one("ClusterRoleBinding", OPERATOR)
+    assert not rendered.of_kind("Ingress"), "no host, no Ingress"
+    assert not rendered.of_kind("PodDisruptionBudget"), "one relay: a PDB would block drains"
+    assert not rendered.of_kind("HorizontalPodAutoscaler")
+    assert not rendered.of_kind("ServiceMonitor")
+
+
+# --- pods: non-root, read-only, no capabilities, bounded -----------------------------------------
+
+@ci_values
+def test_every_container_is_locked_down(values: Path) -> None:
+    rendered = render([values])
+    assert len(rendered.containers()) == 2
+    for deployment, container in rendered.containers():
+        where = f"{deployment}/{container['name']}"
+        context = container.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, where
+        assert context.get("runAsUser") == 10001, where
+        assert context.get("readOnlyRootFilesystem") is True, where
+        assert context.get("allowPrivilegeEscalation") is False, where
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: {kind}"
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: a writable /tmp on a read-only root"
+    for deployment in rendered.of_kind("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert not pod.get("hostNetwork") and not pod.get("hostPID")
+
+
+def test_relay_runs_as_the_chart_says() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com"])
+    pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (relay,) = pod["containers"]
+    assert relay["command"] == ["vncgate-relay"]
+    args = relay["args"]
+    for expected in ("--listen=0.0.0.0:8080", "--internal-listen=0.0.0.0:8081",
+                     "--api-token-file=/etc/vncgate/registration-token/token",
+                     "--log-format=json", "--wait-for-sync",
+                     "--allowed-origin=https://vnc.example.com"):
+        assert expected in args
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
+    assert ports == {"http": 8080, "internal": 8081}
+
+
+def test_operator_is_one_pod_that_finds_the_relays() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com", "operator.watchNamespaces={lab}",
+                            "operator.addressPolicy.allowCidrs={10.20.0.0/16}"])
+    deployment = rendered.one("Deployment", OPERATOR)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (operator,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert operator["command"] == ["vncgate-operator"]
+    args = operator["args"]
+    for expected in (f"--relay-service=vncgate-system/{HEADLESS}",
+                     "--api-token-file=/etc/vncgate/registration-token/token",
+                     "--public-url=https://vnc.example.com", "--namespace=lab",
+                     "--allow-cidr=10.20.0.0/16", "--liveness=http://0.0.0.0:8082/healthz",
+                     "--standalone", "--log-format=json"):
+        assert expected in args
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {"liveness": 8082}
+
+
+# --- RBAC: least privilege ------------------------------------------------------------------------
+
+def rules_of(rendered: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{role['kind']}/{role['metadata'].get('namespace', '')}/{role['metadata']['name']}",
+             rule)
+            for role in rendered.of_kind("ClusterRole") + rendered.of_kind("Role")
+            for rule in role.get("rules", [])]
+
+
+@ci_values
+def test_no_rbac_wildcards(values: Path) -> None:
+    for where, rule in rules_of(render([values])):
+        for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert "*" not in rule.get(field, []), f"{where}: wildcard in {field}: {rule}"
+
+
+def granted_rules(rendered: Rendered) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for _, rule in rules_of(rendered):
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_operator_rbac_all_namespaces() -> None:
+    rendered = render()
+    assert not rendered.of_kind("Role")
+    assert granted_rules(rendered) == {
+        ("vncgate.io", "vnctargets"): {"get", "list", "watch", "patch"},
+        ("vncgate.io", "vnctargets/status"): {"get", "patch", "update"},
+        ("", "services"): {"get", "list", "watch"},
+        ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
+        ("", "events"): {"create", "patch"},
+        ("events.k8s.io", "events"): {"create", "patch"},
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    }
+    binding = rendered.one("ClusterRoleBinding", OPERATOR)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": OPERATOR, "namespace": "vncgate-system"}]
+
+
+def test_operator_rbac_restricted_namespaces_is_not_cluster_wide() -> None:
+    rendered = render([CHART / "ci" / "restricted-namespaces-values.yaml"])
+    assert not rendered.of_kind("ClusterRole")
+    assert not rendered.of_kind("ClusterRoleBinding")
+    # kopf watches everything it serves in each listed namespace and in the relay's own.
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")}
+    assert set(roles) == {"lab", "desktops", "vncgate-system"}
+    all_namespaces = granted_rules(render())
+    all_namespaces.pop(("apiextensions.k8s.io", "customresourcedefinitions"))
+    for role in roles.values():
+        assert role["metadata"]["name"] == OPERATOR
+        assert granted_rules(Rendered((role,))) == all_namespaces
+    bindings = {(b["metadata"]["namespace"], b["roleRef"]["kind"], b["roleRef"]["name"])
+                for b in rendered.of_kind("RoleBinding")}
+    assert bindings == {(namespace, "Role", OPERATOR) for namespace in roles}
+
+
+def test_relay_has_no_rbac() -> None:
+    for values in CI_VALUES:
+        rendered = render([values])
+        bound = [s["name"] for b in rendered.of_kind("RoleBinding")
+                 + rendered.of_kind("ClusterRoleBinding") for s in b["subjects"]]
+        assert RELAY not in bound
+    account = render().one("ServiceAccount", RELAY)
+    assert account["automountServiceAccountToken"] is False
+
+
+# --- network: the internal port stays internal ----------------------------------------------------
+
+@ci_values
+def test_internal_port_is_never_an_ingress_backend(values: Path) -> None:
+    rendered = render([values])
+    public = rendered.one("Service", RELAY)
+    assert [p["port"] for p in public["spec"]["ports"]] == [8080]
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    for ingress in rendered.of_kind("Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                service = path["backend"]["service"]
+                assert service["name"] == RELAY
+                assert service["port"] in ({"name": "http"}, {"number": 8080})
+
+
+@ci_values
+def test_network_policy_admits_internal_port_only_from_operator_and_metrics(values: Path) -> None:
+    rendered = render([values])
+    metrics_from = {
+        "ha-hpa": [{"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+    }.get(ci_id(values), [])
+    policy = rendered.one("NetworkPolicy", RELAY)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    internal_rules = [rule for rule in policy["spec"]["ingress"]
+                      if any(p["port"] in (8081, "internal") for p in rule["ports"])]
+    assert len(internal_rules) == 1, "one rule for the internal port"
+    (rule,) = internal_rules
+    assert [p["port"] for p in rule["ports"]] == [8081], "the internal rule opens nothing else"
+    assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}}, *metrics_from]
+    # Every other rule names the public port only: nothing else reaches 8081.
+    for other in policy["spec"]["ingress"]:
+        assert "ports" in other, "a rule without ports would open every port"
+        if other is not rule:
+            assert [p["port"] for p in other["ports"]] == [8080]
+    operator_policy = rendered.one("NetworkPolicy", OPERATOR)
+    assert operator_policy["spec"]["ingress"] == []
+
+
+@ci_values
+def test_headless_service_lists_starting_relays(values: Path) -> None:
+    headless = render([values]).one("Service", HEADLESS)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
+    assert ports == {"http": 8080, "internal": 8081}
+
+
+def test_ha_values_add_hpa_pdb_and_service_monitor() -> None:
+    rendered = render([CHART / "ci" / "ha-hpa-values.yaml"])
+    assert "replicas" not in rendered.one("Deployment", RELAY)["spec"], "the HPA owns replicas"
+    hpa = rendered.one("HorizontalPodAutoscaler", RELAY)
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert rendered.one("PodDisruptionBudget", RELAY)["spec"]["maxUnavailable"] == 1
+    monitor = rendered.one("ServiceMonitor", RELAY)
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "internal", "path": "/metrics", "scheme": "http", "interval": "30s",
+         "scrapeTimeout": "10s"}]
+    # It selects the headless Service only: the public Service has no internal port.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    labels_of = {svc["metadata"]["name"]: svc["metadata"]["labels"]
+                 for svc in rendered.of_kind("Service")}
+    selected = [name for name, labels in labels_of.items()
+                if selector.items() <= labels.items()]
+    assert selected == [HEADLESS]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_pdb_with_more_than_one_relay() -> None:
+    rendered = render(sets=["relay.replicas=2"])
+    assert rendered.one("PodDisruptionBudget", RELAY)["spec"]["minAvailable"] == 1
+
+
+# --- the registration token -----------------------------------------------------------------------
+
+def test_generated_token_secret_is_kept_and_mounted() -> None:
+    rendered = render()
+    secret = rendered.one("Secret", TOKEN_SECRET)
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    token = secret["data"]["token"]
+    assert len(base64.b64decode(token)) == 48
+    checksums = set()
+    for deployment in rendered.of_kind("Deployment"):
+        pod = deployment["spec"]["template"]
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "registration-token")
+        assert volume["secret"]["secretName"] == TOKEN_SECRET
+        assert volume["secret"]["items"] == [{"key": "token", "path": "token"}]
+        checksums.add(pod["metadata"]["annotations"]["checksum/registration-token"])
+    assert len(checksums) == 1, "relay and operator restart together when the token changes"
+
+
+def test_existing_secret_is_used_and_none_is_generated() -> None:
+    rendered = render([CHART / "ci" / "existing-secret-values.yaml"])
+    assert not rendered.of_kind("Secret")
+    for deployment in rendered.of_kind("Deployment"):
+        pod = deployment["spec"]["template"]
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "registration-token")
+        assert volume["secret"]["secretName"] == "vncgate-registration"
+        assert volume["secret"]["items"] == [{"key": "api-token", "path": "token"}]
+        assert "checksum/registration-token" not in pod["metadata"].get("annotations", {})
+        (container,) = pod["spec"]["containers"]
+        assert container["image"].endswith("@sha256:" + "0" * 64)
+
+
+# --- the CRD --------------------------------------------------------------------------------------
+
+def test_crd_copy_is_byte_identical() -> None:
+    canonical = CHART.parents[1] / "crds" / "vnctargets.vncgate.io.yaml"
+    copy = CHART / "crds" / "vnctargets.vncgate.io.yaml"
+    assert canonical.exists(), f"the canonical CRD {canonical} is missing"
+    assert copy.read_bytes() == canonical.read_bytes(), (
+        f"{copy.relative_to(CHART.parents[1])} differs from crds/: "
+        f"cp {canonical.relative_to(CHART.parents[1])} {copy.relative_to(CHART.parents[1])}")
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["vnctargets.vncgate.io.yaml"]
+
+
+def test_chart_installs_the_crd() -> None:
+    crd = render().one("CustomResourceDefinition", "vnctargets.vncgate.io")
+    assert crd["spec"]["group"] == "vncgate.io"
+    assert crd["spec"]["names"]["kind"] == "VncTarget"
