@@ -1,0 +1,169 @@
+"""VncTarget status: phase and conditions from what the operator observed, patched only on change.
+
+Conditions have the Kubernetes shape (type, status, reason, message, lastTransitionTime,
+observedGeneration). `lastTransitionTime` moves only when a condition's status flips, so a status
+that did not change produces no patch: writes grow with changes, never with time.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vncgate_operator.probe import ProbeResult
+from vncgate_operator.resolve import TargetInvalid
+
+PENDING, READY, UNREACHABLE, INVALID = "Pending", "Ready", "Unreachable", "Invalid"
+REGISTERED, REACHABLE, READY_CONDITION = "Registered", "Reachable", "Ready"
+CONDITION_TYPES = (REGISTERED, REACHABLE, READY_CONDITION)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Where a route stands on the relays, as the operator last saw it."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one reconciliation saw. None means "not looked at this time": keep what status says."""
+
+    endpoint: str
+    invalid: TargetInvalid | None = None
+    registration: Registration | None = None
+    probe: ProbeResult | None = None
+    sessions: int | None = None
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(type_: str, ok: bool | None, reason: str, message: str,
+               previous: Mapping[str, Any] | None, generation: int | None,
+               now: str) -> dict[str, Any]:
+    status = "Unknown" if ok is None else "True" if ok else "False"
+    changed = previous is None or previous.get("status") != status
+    condition: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now if changed or not previous
+        else previous.get("lastTransitionTime", now),
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def _previous(status: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    found: dict[str, Mapping[str, Any]] = {}
+    for item in status.get("conditions") or ():
+        if isinstance(item, Mapping) and isinstance(item.get("type"), str):
+            found[item["type"]] = item
+    return found
+
+
+def _kept(previous: Mapping[str, Any] | None) -> tuple[bool | None, str, str]:
+    """A condition that was not observed this time: what status already said, or Unknown."""
+    if previous is None:
+        return None, "NotChecked", "not checked yet"
+    value = {"True": True, "False": False}.get(str(previous.get("status")))
+    return value, str(previous.get("reason") or "NotChecked"), str(previous.get("message") or "")
+
+
+def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
+                 generation: int | None, url: str | None, now: str) -> dict[str, Any]:
+    """The whole desired status. Fields the observation did not cover keep their current value."""
+    current = current or {}
+    previous = _previous(current)
+    status: dict[str, Any] = {"endpoint": obs.endpoint, "url": url}
+    if generation is not None:
+        status["observedGeneration"] = generation
+
+    registered: tuple[bool | None, str, str]
+    if obs.invalid is not None:
+        reason, message = obs.invalid.reason, obs.invalid.message
+        registered = (False, reason, f"not registered: {message}")
+        reachable: tuple[bool | None, str, str] = (None, "NotChecked",
+                                                   "not probed while the spec is invalid")
+        status["serverVersion"] = None
+    else:
+        registered = ((obs.registration.ok, obs.registration.reason, obs.registration.message)
+                      if obs.registration is not None else _kept(previous.get(REGISTERED)))
+        if obs.probe is not None:
+            reachable = (obs.probe.ok, obs.probe.reason, obs.probe.message)
+            status["serverVersion"] = obs.probe.server_version
+        else:
+            reachable = _kept(previous.get(REACHABLE))
+            status["serverVersion"] = current.get("serverVersion")
+    status["activeSessions"] = (obs.sessions if obs.sessions is not None
+                                else current.get("activeSessions", 0))
+
+    if obs.invalid is not None:
+        phase, ready = INVALID, (False, obs.invalid.reason, obs.invalid.message)
+    elif reachable[0] is False:
+        phase, ready = UNREACHABLE, (False, reachable[1], reachable[2])
+    elif registered[0] is not True:
+        not_registered = registered[1] if registered[0] is False else "NotRegistered"
+        phase, ready = PENDING, (False, not_registered, registered[2])
+    elif reachable[0] is None:
+        phase, ready = PENDING, (False, "NotProbed", "waiting for the first probe")
+    else:
+        phase, ready = READY, (True, "Ready", "registered with the relays and the VNC server "
+                                              "answers")
+    status["phase"] = phase
+    status["conditions"] = [
+        _condition(REGISTERED, *registered, previous.get(REGISTERED), generation, now),
+        _condition(REACHABLE, *reachable, previous.get(REACHABLE), generation, now),
+        _condition(READY_CONDITION, *ready, previous.get(READY_CONDITION), generation, now),
+    ]
+    return status
+
+
+def status_changes(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch from `current` to `desired`: changed fields only, None removes a field.
+
+    Conditions are patched as a whole list, since a merge patch replaces lists; build_status
+    keeps each `lastTransitionTime` until that condition's status flips, so equal is equal.
+    """
+    current = current or {}
+    changes: dict[str, Any] = {}
+    for key, value in desired.items():
+        old = current.get(key)
+        if key == "conditions":
+            if _plain(old) != _plain(value):
+                changes[key] = value
+        elif value is None:
+            if old is not None:
+                changes[key] = None
+        elif _plain(old) != value:
+            changes[key] = value
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-like copy (kopf hands out read-only mapping views, which never equal dicts)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
+
+
+def phase_of(status: Mapping[str, Any] | None) -> str | None:
+    value = (status or {}).get("phase")
+    return value if isinstance(value, str) else None
+
+
+def ready_message(status: Mapping[str, Any]) -> str:
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == READY_CONDITION:
+            return str(condition.get("message") or "")
+    return ""

@@ -1,0 +1,133 @@
+"""The operator and the relay fleet: several replicas, a replica that restarts empty, discovery
+through EndpointSlices, and an operator restart that must not redo its work."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlsplit
+
+from relay.server import RelayServer
+from tests.operator.conftest import (
+    SLICES,
+    TARGETS,
+    Cluster,
+    conditions,
+    eventually,
+    operator_settings,
+    rfb_greeting,
+    running_operator,
+    start_relay,
+    vnc_target,
+)
+from tests.support.xvnc import XvncServer
+
+
+def address_target(name: str, xvnc: XvncServer, **spec: Any) -> dict[str, Any]:
+    return vnc_target("lab", name, {"address": {"host": "127.0.0.1", "port": xvnc.port}}, **spec)
+
+
+async def test_every_replica_serves_the_route(k8s: Any, xvnc: XvncServer) -> None:
+    cluster = Cluster(k8s)
+    async with start_relay() as one, start_relay() as two:
+        config = operator_settings(relay_urls=(one.internal_url, two.internal_url))
+        async with running_operator(k8s, config):
+            await cluster.create(TARGETS, address_target("desk-1", xvnc))
+            for relay in (one, two):
+                await eventually(lambda r=relay: r.registry.get("lab", "desk-1"),
+                                 f"route on {relay.internal_url}")
+                greeting, code = await rfb_greeting(relay, "lab", "desk-1")
+                assert greeting.startswith(b"RFB "), (relay.internal_url, greeting, code)
+            status = await eventually(
+                lambda: (s := cluster.status("lab", "desk-1")).get("phase") == "Ready" and s,
+                "phase Ready")
+            assert "2 relay replicas" in conditions(status)["Registered"]["message"]
+
+
+async def test_restarted_empty_relay_gets_every_route_back(k8s: Any, xvnc: XvncServer) -> None:
+    cluster = Cluster(k8s)
+    relay = start_relay()
+    await relay.start()
+    port = urlsplit(relay.internal_url).port or 0
+    try:
+        async with running_operator(k8s, operator_settings(relay_urls=(relay.internal_url,))):
+            for name in ("desk-1", "desk-2", "desk-3"):
+                await cluster.create(TARGETS, address_target(name, xvnc))
+            await eventually(lambda: len(relay.registry) == 3, "three routes")
+
+            await relay.stop()  # the replica restarts on the same address, with nothing
+            relay = start_relay(internal_port=port)
+            await relay.start()
+            assert len(relay.registry) == 0
+            await eventually(lambda: len(relay.registry) == 3, "routes back after a resync",
+                             timeout=5)
+            assert relay.registry.synced
+            greeting, _ = await rfb_greeting(relay, "lab", "desk-2")
+            assert greeting.startswith(b"RFB ")
+    finally:
+        await relay.stop()
+
+
+async def test_replicas_found_through_the_endpointslice(
+        k8s: Any, xvnc: XvncServer) -> None:
+    cluster = Cluster(k8s)
+    async with start_relay() as one, start_relay() as two:
+        ports = {r: urlsplit(r.internal_url).port for r in (one, two)}
+        # The headless Service's slice names a port "internal"; both relays listen on 127.0.0.1
+        # but on different ports, so each gets its own slice here.
+        def endpoint_slice(name: str, port: int | None, service: str = "vncgate-relay",
+                           terminating: bool = False) -> dict[str, Any]:
+            return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"namespace": "vncgate", "name": name,
+                                 "labels": {"kubernetes.io/service-name": service}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080}, {"name": "internal", "port": port}],
+                    "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {
+                        "ready": False, "serving": False, "terminating": terminating}}]}
+
+        await cluster.create(SLICES, endpoint_slice("relay-a", ports[one]))
+        # Another Service's slice in the same namespace is not a relay.
+        await cluster.create(SLICES, endpoint_slice("other", ports[two], service="other"))
+        config = operator_settings(relay_service=("vncgate", "vncgate-relay"))
+        async with running_operator(k8s, config):
+            await cluster.create(TARGETS, address_target("desk-1", xvnc))
+            await eventually(lambda: one.registry.get("lab", "desk-1"), "route on replica one")
+            assert two.registry.get("lab", "desk-1") is None
+
+            # A new replica appears (not ready yet): it is filled at once, not at a resync.
+            await cluster.create(SLICES, endpoint_slice("relay-b", ports[two]))
+            await eventually(lambda: two.registry.get("lab", "desk-1"), "route on replica two",
+                             timeout=3)
+
+
+async def test_operator_restart_resumes_without_redoing_work(
+        k8s: Any, relay: RelayServer, xvnc: XvncServer, monkeypatch: Any) -> None:
+    cluster = Cluster(k8s)
+    config = operator_settings(relay_urls=(relay.internal_url,), probe_interval=60.0)
+    async with running_operator(k8s, config):
+        for name in ("desk-1", "desk-2"):
+            await cluster.create(TARGETS, address_target(name, xvnc))
+        for name in ("desk-1", "desk-2"):
+            await eventually(lambda n=name: cluster.status("lab", n).get("phase") == "Ready",
+                             f"{name} Ready")
+        await asyncio.sleep(1.5)  # let the last resync and patches land
+    before = {n: cluster.versions(TARGETS, "lab", n) for n in ("desk-1", "desk-2")}
+    revision = relay.registry.revision
+
+    writes: list[str] = []
+    for method in ("put", "delete", "replace"):
+        original = getattr(relay.registry, method)
+        def counting(*args: Any, _original: Any = original, _name: str = method) -> Any:
+            writes.append(_name)
+            return _original(*args)
+        monkeypatch.setattr(relay.registry, method, counting)
+
+    async with running_operator(k8s, config):
+        await asyncio.sleep(3)  # resume handlers, then resyncs at a 1 s interval
+        # A change after the restart is still handled: the operator is live, not idle.
+        await cluster.create(TARGETS, address_target("desk-3", xvnc))
+        await eventually(lambda: relay.registry.get("lab", "desk-3"), "new target registered")
+    after = {n: cluster.versions(TARGETS, "lab", n) for n in ("desk-1", "desk-2")}
+    assert after == before, "resume must not rewrite unchanged status"
+    assert writes == ["put"], f"resume must not re-send routes the relay holds: {writes}"
+    assert relay.registry.revision != revision  # desk-3 only

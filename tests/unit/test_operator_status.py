@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from typing import Any
+
+from vncgate_operator.probe import ProbeResult
+from vncgate_operator.resolve import TargetInvalid
+from vncgate_operator.status import Observation, Registration, build_status, status_changes
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+OK_REG = Registration(True, "Registered", "route served by 2 relay replicas")
+OK_PROBE = ProbeResult(True, "RFBGreeting", "answered RFB 003.008", "RFB 003.008")
+DOWN = ProbeResult(False, "ConnectionRefused", "10.0.0.5:5900 refused the connection")
+URL = "https://vnc.example.com/t/lab/desk-1/"
+
+
+def build(current: dict[str, Any] | None, obs: Observation, now: str = T0,
+          generation: int | None = 3) -> dict[str, Any]:
+    return build_status(current, obs, generation=generation, url=URL, now=now)
+
+
+def by_type(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_ready() -> None:
+    status = build(None, Observation("10.0.0.5:5900", registration=OK_REG, probe=OK_PROBE,
+                                     sessions=2))
+    assert status["phase"] == "Ready"
+    assert status["url"] == URL and status["endpoint"] == "10.0.0.5:5900"
+    assert status["serverVersion"] == "RFB 003.008"
+    assert status["activeSessions"] == 2 and status["observedGeneration"] == 3
+    conditions = by_type(status)
+    assert [c["status"] for c in conditions.values()] == ["True", "True", "True"]
+    assert conditions["Ready"]["observedGeneration"] == 3
+    assert all(c["lastTransitionTime"] == T0 for c in conditions.values())
+
+
+def test_unreachable_wins_over_pending_and_drops_the_version() -> None:
+    ready = build(None, Observation("e", registration=OK_REG, probe=OK_PROBE))
+    status = build(ready, Observation("e", registration=OK_REG, probe=DOWN), now=T1)
+    assert status["phase"] == "Unreachable"
+    assert status["serverVersion"] is None
+    ready_condition = by_type(status)["Ready"]
+    assert (ready_condition["reason"], ready_condition["lastTransitionTime"]) == (
+        "ConnectionRefused", T1)
+    assert by_type(status)["Registered"]["lastTransitionTime"] == T0  # did not flip
+    assert status_changes(ready, status)["serverVersion"] is None  # removed by the patch
+
+
+def test_invalid() -> None:
+    invalid = TargetInvalid("ServiceNotFound", "Service lab/desk does not exist; create it")
+    status = build(None, Observation("service/desk:vnc", invalid=invalid))
+    assert status["phase"] == "Invalid"
+    conditions = by_type(status)
+    assert conditions["Ready"]["reason"] == "ServiceNotFound"
+    assert conditions["Ready"]["message"] == invalid.message
+    assert conditions["Registered"]["status"] == "False"
+    assert conditions["Reachable"]["status"] == "Unknown"
+
+
+def test_pending_until_registered_and_probed() -> None:
+    status = build(None, Observation("e"))
+    assert status["phase"] == "Pending"
+    assert by_type(status)["Ready"]["reason"] == "NotRegistered"
+    status = build(None, Observation("e", registration=OK_REG))
+    assert (status["phase"], by_type(status)["Ready"]["reason"]) == ("Pending", "NotProbed")
+    failing = Registration(False, "RelayUnavailable", "1 of 2 relay replicas did not answer")
+    status = build(None, Observation("e", registration=failing, probe=OK_PROBE))
+    assert (status["phase"], by_type(status)["Ready"]["reason"]) == ("Pending", "RelayUnavailable")
+
+
+def test_unobserved_parts_keep_their_values() -> None:
+    ready = build(None, Observation("e", registration=OK_REG, probe=OK_PROBE, sessions=4))
+    resumed = build(ready, Observation("e"), now=T1)  # what a resume sees: only the route
+    assert resumed["phase"] == "Ready"
+    assert resumed["serverVersion"] == "RFB 003.008" and resumed["activeSessions"] == 4
+    assert status_changes(ready, resumed) == {}
+
+
+def test_only_changes_are_patched() -> None:
+    first = build(None, Observation("e", registration=OK_REG, probe=OK_PROBE, sessions=0))
+    same = build(first, Observation("e", registration=OK_REG, probe=OK_PROBE, sessions=0), now=T1)
+    assert status_changes(first, same) == {}
+    more = build(first, Observation("e", registration=OK_REG, probe=OK_PROBE, sessions=1), now=T1)
+    assert status_changes(first, more) == {"activeSessions": 1}
+    newer = build_status(first, Observation("e", registration=OK_REG, probe=OK_PROBE,
+                                            sessions=0), generation=4, url=URL, now=T1)
+    changes = status_changes(first, newer)
+    assert set(changes) == {"observedGeneration", "conditions"}
+    assert all(c["lastTransitionTime"] == T0 for c in changes["conditions"])
+
+
+def test_url_removed_when_no_public_url() -> None:
+    first = build(None, Observation("e"))
+    without = build_status(first, Observation("e"), generation=3, url=None, now=T1)
+    assert status_changes(first, without) == {"url": None}
+    assert status_changes({}, without).get("url", "absent") == "absent"
