@@ -20,7 +20,7 @@ from relay.auth import hash_secret
 from relay.manifests import ManifestError, load_routes
 from relay.server import RelayServer
 from relay.settings import RelaySettings, settings_from_args
-from relay.spec import SpecError, check_name, check_namespace
+from relay.spec import SpecError, check_name, check_namespace, parse_duration
 
 log = logging.getLogger("vncgate.relay")
 
@@ -66,7 +66,7 @@ def link_main(argv: Sequence[str]) -> int:
             raise ValueError(f"{args.target!r}: write NAMESPACE/NAME")
         check_namespace(namespace, "namespace")
         check_name(name, "name")
-        ttl = links.parse_duration(args.ttl)
+        ttl = parse_duration(args.ttl, "--ttl")
         paths = args.link_key_file or [Path(p) for p in os.environ.get(
             "VNCGATE_LINK_KEY_FILE", "").split(",") if p.strip()]
         if not paths:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import links
 from relay.model import route_from_json, table_from_json
-from relay.spec import SpecError, check_name, check_namespace
+from relay.spec import SpecError, check_name, check_namespace, parse_duration
 from relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.api")
@@ -133,7 +133,7 @@ async def mint_link(request: web.Request) -> web.StreamResponse:
     try:
         namespace = check_namespace(body.get("namespace"), "namespace")
         name = check_name(body.get("name"), "name")
-        ttl = links.parse_duration(str(body.get("ttl", "1h")), "ttl")
+        ttl = parse_duration(str(body.get("ttl", "1h")), "ttl")
         view_only, once = body.get("viewOnly", False), body.get("once", False)
         if not isinstance(view_only, bool) or not isinstance(once, bool):
             raise SpecError("viewOnly/once", "must be true or false")

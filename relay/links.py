@@ -12,7 +12,6 @@ accepted with any, so a key can rotate without breaking links already handed out
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -21,20 +20,10 @@ from pathlib import Path
 from relay.auth import sign, unsign
 
 MAX_TTL = 7 * 24 * 3600
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class LinkError(ValueError):
     """A link that cannot be used; the message says why in words for the person holding it."""
-
-
-def parse_duration(value: str, flag: str = "--ttl") -> int:
-    """Kubernetes-style durations: `90s`, `30m`, `8h`, `7d`."""
-    match = _DURATION.match(value.strip())
-    if not match:
-        raise ValueError(f"{flag} {value!r}: write a duration like 90s, 10m, 8h or 1d")
-    return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 def load_keys(paths: tuple[Path, ...] | list[Path]) -> tuple[bytes, ...]:

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.spec import (
+    DEFAULT_SESSIONS,
     MAX_DISPLAY_NAME,
     Access,
+    SessionPolicy,
     SpecError,
     check_host,
     check_name,
     check_namespace,
     check_port,
     parse_access,
+    parse_sessions,
 )
 
 EMPTY_REVISION = "0" * 64
@@ -39,6 +42,7 @@ class Route:
     # Who may open it when the relay authorizes from manifests (standalone); None: anyone
     # authenticated. In a cluster RBAC decides and the operator sends no access lists.
     access: Access | None = None
+    sessions: SessionPolicy = DEFAULT_SESSIONS
 
     @property
     def key(self) -> str:
@@ -60,6 +64,8 @@ class Route:
         if self.access is not None:
             body["access"] = {"users": list(self.access.users),
                               "groups": list(self.access.groups)}
+        if self.sessions != DEFAULT_SESSIONS:
+            body["sessions"] = self.sessions.to_json()
         return body
 
     def digest(self) -> bytes:
@@ -94,6 +100,7 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         display_name=display_name,
         view_only=view_only,
         access=parse_access(body.get("access"), "access"),
+        sessions=parse_sessions(body.get("sessions"), "sessions"),
     )
 
 

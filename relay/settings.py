@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
-from relay.links import load_keys, parse_duration
+from relay.links import load_keys
 from relay.model import Route
-from relay.spec import SpecError, check_host, check_name, check_namespace, check_port
+from relay.spec import (
+    SpecError,
+    check_host,
+    check_name,
+    check_namespace,
+    check_port,
+    parse_duration,
+)
 
 
 @dataclass(frozen=True, slots=True)

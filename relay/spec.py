@@ -28,7 +28,10 @@ HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
-_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access"}
+_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions"}
+_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_SESSION_SECONDS = 30 * 86400
 MAX_ACCESS_ENTRIES = 256
 
 
@@ -75,11 +78,49 @@ class Access:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """`spec.sessions`: how viewers share a console.
+
+    shared: several viewers at once (at most `max_viewers`); with `interactive: first` only the
+    first viewer may type, later ones join view-only. exclusive: one viewer; another is refused
+    (4409) unless `takeover` lets them take the console: `allow` anyone who may open it,
+    `owner-only` the same user (their own session elsewhere), `deny` nobody. `idle_timeout`
+    frees a console after that long without input (4408), `max_duration` ends any session.
+    """
+
+    mode: str = "shared"
+    max_viewers: int | None = None
+    interactive: str = "all"
+    takeover: str = "deny"
+    idle_timeout: int | None = None
+    max_duration: int | None = None
+
+    @property
+    def exclusive(self) -> bool:
+        return self.mode == "exclusive"
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"mode": self.mode, "interactive": self.interactive,
+                                   "takeover": self.takeover}
+        if self.max_viewers is not None:
+            body["maxViewers"] = self.max_viewers
+        if self.idle_timeout is not None:
+            body["idleTimeout"] = f"{self.idle_timeout}s"
+        if self.max_duration is not None:
+            body["maxDuration"] = f"{self.max_duration}s"
+        return body
+
+
+DEFAULT_SESSIONS = SessionPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class VncTargetSpec:
     endpoint: ServiceRef | Address
     display_name: str = ""
     view_only: bool = False
     access: Access | None = None
+    sessions: SessionPolicy = DEFAULT_SESSIONS
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -171,6 +212,46 @@ def parse_access(value: object, field: str = "spec.access") -> Access | None:
     return Access(users=lists["users"], groups=lists["groups"])
 
 
+def parse_duration(value: object, field: str) -> int:
+    """Kubernetes-style durations: `90s`, `30m`, `8h`, `1d`."""
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise SpecError(field, f"{value!r} is not a duration; write e.g. 90s, 15m, 8h or 1d")
+    seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_SESSION_SECONDS:
+        raise SpecError(field, f"must be between 1s and {MAX_SESSION_SECONDS // 86400}d")
+    return seconds
+
+
+def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(field, f"{value!r}; write one of {', '.join(choices)}")
+    return str(value)
+
+
+def parse_sessions(value: object, field: str = "spec.sessions") -> SessionPolicy:
+    if value is None:
+        return DEFAULT_SESSIONS
+    policy = _mapping(value, field)
+    _no_unknown(policy, {"mode", "maxViewers", "interactive", "takeover", "idleTimeout",
+                         "maxDuration"}, field)
+    max_viewers = policy.get("maxViewers")
+    if max_viewers is not None and (isinstance(max_viewers, bool) or not isinstance(
+            max_viewers, int) or not 1 <= max_viewers <= 1000):
+        raise SpecError(f"{field}.maxViewers", f"{max_viewers!r} is not a number from 1 to 1000")
+    idle, longest = policy.get("idleTimeout"), policy.get("maxDuration")
+    return SessionPolicy(
+        mode=_choice(policy.get("mode", "shared"), f"{field}.mode", ("shared", "exclusive")),
+        max_viewers=max_viewers,
+        interactive=_choice(policy.get("interactive", "all"), f"{field}.interactive",
+                            ("all", "first")),
+        takeover=_choice(policy.get("takeover", "deny"), f"{field}.takeover",
+                         ("deny", "allow", "owner-only")),
+        idle_timeout=None if idle is None else parse_duration(idle, f"{field}.idleTimeout"),
+        max_duration=None if longest is None else parse_duration(longest,
+                                                                 f"{field}.maxDuration"))
+
+
 def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
     """Parse a VncTarget `spec`; unknown fields are errors, as with kubectl's strict validation."""
     spec = _mapping(value, field)
@@ -184,4 +265,5 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
         raise SpecError(f"{field}.viewOnly", f"must be true or false, not {view_only!r}")
     return VncTargetSpec(endpoint=parse_endpoint(spec.get("endpoint"), f"{field}.endpoint"),
                          display_name=display_name, view_only=view_only,
-                         access=parse_access(spec.get("access"), f"{field}.access"))
+                         access=parse_access(spec.get("access"), f"{field}.access"),
+                         sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions"))
