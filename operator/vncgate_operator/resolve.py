@@ -139,8 +139,10 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
         host, port = endpoint.host, endpoint.port
     else:
         host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain)
+    # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
-                 display_name=spec.display_name, view_only=spec.view_only)
+                 display_name=spec.display_name, view_only=spec.view_only,
+                 sessions=spec.sessions)
 
 
 def first(values: Iterable[Any] | None) -> Any:

@@ -50,7 +50,7 @@ def test_names() -> None:
     assert CRD["spec"]["scope"] == "Namespaced"
     assert VERSION["name"] == API_VERSION and VERSION["subresources"] == {"status": {}}
     assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == [
-        "Endpoint", "Phase", "Sessions", "URL", "Age"]
+        "Endpoint", "Phase", "Sessions", "Viewers", "URL", "Age"]
 
 
 def test_every_field_is_described() -> None:
