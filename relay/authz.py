@@ -12,16 +12,13 @@
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
-
-import aiohttp
+from typing import Protocol
 
 from relay.auth import Identity
+from relay.kube import KubeClient
 from relay.model import Route
 from relay.spec import API_GROUP, PLURAL
 
@@ -79,61 +76,17 @@ class ManifestAuthorizer:
         return Decision(False, f"{identity.label} is not in the access list of {route.key}")
 
 
-@dataclass(frozen=True)
-class KubeConnection:
-    server: str
-    ssl_context: ssl.SSLContext | bool
-    configuration: Any  # kubernetes.client.Configuration: holds the token and its refresh hook
-
-    def headers(self) -> dict[str, str]:
-        # Runs the refresh hook first: in a pod it re-reads the projected ServiceAccount token.
-        token = self.configuration.get_api_key_with_prefix("BearerToken")
-        if not token:
-            return {}
-        # kubeconfig tokens come as "Bearer <token>" already; in-cluster ones may not.
-        return {"Authorization": token if token.lower().startswith("bearer ")
-                else f"Bearer {token}"}
-
-
-def kube_connection(kubeconfig: Path | None) -> KubeConnection:
-    """Credentials from a kubeconfig file, or the pod's own ServiceAccount in a cluster."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
-    context: ssl.SSLContext | bool = False
-    if configuration.host.startswith("https"):
-        if configuration.verify_ssl:
-            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        else:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if configuration.cert_file:
-            context.load_cert_chain(configuration.cert_file, configuration.key_file)
-    return KubeConnection(server=configuration.host.rstrip("/"), ssl_context=context,
-                          configuration=configuration)
-
-
 class KubernetesAuthorizer:
     """SubjectAccessReview per (user, groups, target), cached: allowed 30 s, denied 10 s."""
 
-    def __init__(self, connection: KubeConnection, max_cached: int = 10_000) -> None:
-        self.connection = connection
+    def __init__(self, client: KubeClient, max_cached: int = 10_000) -> None:
+        self.client = client
         self.max_cached = max_cached
         self._cache: OrderedDict[tuple[str, tuple[str, ...], str], tuple[Decision, float]] = \
             OrderedDict()
-        self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
         linked = _link_decision(identity, route)
@@ -165,16 +118,8 @@ class KubernetesAuthorizer:
                                        "namespace": route.namespace, "name": route.name},
             },
         }
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
-            async with self._session.post(f"{self.connection.server}{SAR_PATH}", json=body,
-                                          headers=self.connection.headers(),
-                                          ssl=self.connection.ssl_context) as resp:
-                if resp.status >= 400:
-                    text = (await resp.text())[:300]
-                    raise RuntimeError(f"HTTP {resp.status}: {text}")
-                reply = await resp.json()
+            reply = await self.client.request("POST", SAR_PATH, body)
             status = reply.get("status") or {}
         except Exception as exc:  # any failure of the API denies; never allow on error
             log.warning("SubjectAccessReview failed; denying", extra={"fields": {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from relay import closecodes
 from relay.metrics import RelayMetrics
 from relay.model import Route
 from relay.rfb import GREETING_LENGTH, parse_greeting
+from relay.rfbfilter import ClientFilter, FilterError
 from relay.settings import RelaySettings
 
 log = logging.getLogger("vncgate.session")
@@ -48,7 +50,12 @@ class Session:
     metrics: RelayMetrics
     user: str = ""
     view_only: bool = False
+    # The route's idle timeout applies to sessions that may type (watchers hold nothing).
+    idle_timeout: int | None = None
+    max_duration: int | None = None
+    session_id: str = field(default_factory=lambda: secrets.token_hex(8))
     started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)
     to_server: int = 0
     to_client: int = 0
     server_version: str = ""
@@ -56,6 +63,9 @@ class Session:
     reason: str = ""
     _pumps: tuple[asyncio.Task[None], ...] = ()
     upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
+    filter: ClientFilter | None = None
+    _timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def stop(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, route removed); the first reason wins."""
@@ -66,6 +76,15 @@ class Session:
 
     async def run(self) -> None:
         writer: asyncio.StreamWriter | None = None
+        if self.view_only or self.idle_timeout:
+            self.filter = ClientFilter(view_only=self.view_only)
+        loop = asyncio.get_running_loop()
+        if self.max_duration:
+            self._timers.append(loop.call_later(
+                self.max_duration, self.stop, closecodes.IDLE_TIMEOUT,
+                f"the session reached its longest allowed time ({_duration(self.max_duration)})"))
+        if self.idle_timeout:
+            self._timers.append(loop.call_later(self.idle_timeout, self._check_idle))
         try:
             reader, writer, greeting = await self._connect()
             if self.code is None:  # not stopped while connecting
@@ -80,12 +99,27 @@ class Session:
             log.exception("session %s failed", self.route.key)
             self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
         finally:
+            for timer in self._timers:
+                timer.cancel()
             if writer is not None:
                 writer.transport.abort()  # nothing useful is left to flush to the server
             self.upstream = None
             await self._close_ws()
             self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
             self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
+
+    def _check_idle(self) -> None:
+        """Runs at most once per idle timeout: O(1) per session, no per-message timer work."""
+        if self.idle_timeout is None or self.filter is None:
+            return
+        idle_for = time.monotonic() - self.filter.last_input
+        if idle_for >= self.idle_timeout:
+            self.stop(closecodes.IDLE_TIMEOUT,
+                      f"no keyboard or mouse input for {_duration(self.idle_timeout)}; "
+                      "the console was freed")
+        else:
+            self._timers.append(asyncio.get_running_loop().call_later(
+                self.idle_timeout - idle_for, self._check_idle))
 
     def _finish(self, code: int, reason: str) -> None:
         if self.code is None:
@@ -161,6 +195,8 @@ class Session:
             if not data:
                 self._finish(closecodes.NORMAL, "the VNC server closed the connection")
                 return
+            if self.filter is not None and self.filter.needs_server_bytes:
+                self.filter.server_data(data)
             try:
                 await send(data)  # waits while the browser's transport is over its high water
             except ConnectionError:
@@ -173,14 +209,21 @@ class Session:
         while True:
             msg = await receive()
             if msg.type is WSMsgType.BINARY:
+                data = msg.data
+                if self.filter is not None:
+                    try:
+                        data = self.filter.feed(data)
+                    except FilterError as exc:
+                        self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+                        return
                 try:
-                    write(msg.data)
+                    write(data)
                     await drain()  # waits while the VNC server's transport is over its high water
                 except OSError as exc:
                     self._finish(closecodes.BAD_UPSTREAM,
                                  f"connection to the VNC server lost: {exc}")
                     return
-                self.to_server += len(msg.data)
+                self.to_server += len(data)
             elif msg.type is WSMsgType.TEXT:
                 self._finish(closecodes.UNSUPPORTED_DATA,
                              "this relay speaks the binary subprotocol only; update the client")
@@ -208,6 +251,13 @@ class Session:
             pass  # aiohttp closed the transport when the timeout cancelled it
 
 
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 class Sessions:
     """Every open session of this relay, by target, for limits, shutdown and the table's counts."""
 
@@ -233,6 +283,12 @@ class Sessions:
 
     def for_target(self, key: str) -> list[Session]:
         return list(self._by_target.get(key, ()))
+
+    def find(self, key: str, session_id: str) -> Session | None:
+        for session in self._by_target.get(key, ()):
+            if session.session_id == session_id:
+                return session
+        return None
 
     def __iter__(self) -> Iterator[Session]:
         for group in list(self._by_target.values()):

@@ -29,6 +29,7 @@ from relay.access import (
 )
 from relay.auth import Identity
 from relay.bridge import Session
+from relay.consoles import Holder
 from relay.model import Route
 from relay.spec import SpecError, check_name, check_namespace
 from relay.state import STATE, RelayState
@@ -110,9 +111,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         _log_end(state, target, client, identity.label if identity else "", code, reason,
                  started, labels=(namespace, name) if route is not None else ("", ""))
         return ws
+    policy = route.sessions
+    view_only = route.view_only or identity.view_only or (
+        policy.interactive == "first" and state.sessions.count_for(target) > 0)
     session = Session(route=route, ws=ws, client=client, settings=state.settings,
-                      metrics=state.metrics, user=identity.label,
-                      view_only=route.view_only or identity.view_only)
+                      metrics=state.metrics, user=identity.label, view_only=view_only,
+                      idle_timeout=None if view_only else policy.idle_timeout,
+                      max_duration=policy.max_duration)
+    claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
+                      since=session.started_at, replica=state.settings.identity)
+    if policy.exclusive:
+        conflict = await _claim_console(state, route, claimant, request)
+        if conflict is not None:
+            await ws.close(code=closecodes.CONFLICT,
+                           message=closecodes.clip_reason(conflict).encode())
+            _log_end(state, target, client, identity.label, closecodes.CONFLICT, conflict,
+                     session.started, labels=(namespace, name))
+            return ws
     state.sessions.add(session)
     active = state.metrics.sessions_active.labels(namespace, name)
     active.inc()
@@ -121,11 +136,50 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         state.sessions.remove(session)
         active.dec()
+        if policy.exclusive:
+            await _release_console(state, route, claimant)
         _log_end(state, route.key, client, session.user, session.code or closecodes.INTERNAL_ERROR,
                  session.reason, session.started, labels=(namespace, name),
                  to_server=session.to_server, to_client=session.to_client,
                  server_version=session.server_version)
     return ws
+
+
+async def _claim_console(state: RelayState, route: Route, claimant: Holder,
+                         request: web.Request) -> str | None:
+    """Make the claimant the holder of an exclusive console; else why not, in words."""
+    policy = route.sessions
+    wants_takeover = request.query.get("takeover") == "1"
+
+    def may_take(holder: Holder) -> bool:
+        if not wants_takeover:
+            return False
+        if policy.takeover == "allow":
+            return True
+        return policy.takeover == "owner-only" and bool(claimant.user) and \
+            holder.user == claimant.user
+
+    try:
+        holder = await state.consoles.acquire(route, claimant, may_take)
+    except Exception:  # the API is down: refuse rather than allow two holders
+        log.exception("could not claim %s", route.key)
+        return "could not check who holds this console; try again in a moment"
+    if holder is None:
+        if wants_takeover:
+            audit_event("takeover", request, state, target=route.key, user=claimant.user)
+        return None
+    offer = {"allow": "; you may take it over",
+             "owner-only": "; you may take it over" if claimant.user and
+             holder.user == claimant.user else "",
+             "deny": ""}[policy.takeover]
+    return f"in use by {holder.describe()}{offer}"
+
+
+async def _release_console(state: RelayState, route: Route, claimant: Holder) -> None:
+    try:
+        await state.consoles.release(route, claimant)
+    except Exception:  # the Lease expires with this replica's liveness if this failed
+        log.exception("could not release %s", route.key)
 
 
 async def _refusal(state: RelayState, key: str, identity: Identity | None,
@@ -146,6 +200,10 @@ async def _refusal(state: RelayState, key: str, identity: Identity | None,
     if state.sessions.count >= settings.max_sessions:
         return (closecodes.OVER_CAPACITY,
                 f"the relay is at its limit of {settings.max_sessions} sessions; try again later")
+    viewers = route.sessions.max_viewers
+    if viewers is not None and not route.sessions.exclusive and \
+            state.sessions.count_for(key) >= viewers:
+        return closecodes.CONFLICT, f"{key} already has {viewers} viewers, its most"
     if state.sessions.count_for(key) >= settings.max_sessions_per_target:
         return (closecodes.OVER_CAPACITY,
                 f"{key} has its limit of {settings.max_sessions_per_target} viewers; try later")
@@ -175,9 +233,13 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     identity = link_identity(request, target) or identify(request)
     visible = route is not None and identity is not None and (
         await state.authorizer.decide(identity, route)).allowed
+    policy = route.sessions if route else None
     config = {"namespace": namespace, "name": name,
               "displayName": route.display_name if route and visible else "",
               "viewOnly": bool(route and route.view_only),
+              "exclusive": bool(policy and policy.exclusive),
+              "takeover": policy.takeover if policy else "deny",
+              "idleTimeout": policy.idle_timeout if policy else None,
               "auth": state.settings.auth.mode,
               "user": identity.label if identity and identity.user else "",
               "login": f"../../../login?next=t/{namespace}/{name}/"

@@ -52,6 +52,7 @@ class RelayServer:
 
     async def start(self) -> None:
         try:
+            await self.state.consoles.start(self.state.console_taken)
             self.public_url = await self._serve(make_public_app(self.state),
                                                 self.state.settings.listen)
             self.internal_url = await self._serve(make_internal_app(self.state),
@@ -65,6 +66,7 @@ class RelayServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        await self.state.consoles.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

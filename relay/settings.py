@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, p
 from relay.links import load_keys
 from relay.model import Route
 from relay.spec import (
+    SUBDOMAIN_RE,
     SpecError,
     check_host,
     check_name,
@@ -44,7 +46,6 @@ class AuthSettings:
     public_url: str = ""
     # "kubernetes": SubjectAccessReviews; "manifest": spec.access lists of the targets.
     authorization: str = "manifest"
-    kubeconfig: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class RelaySettings:
     shutdown_grace: float = 5.0
     # Who the viewer is (relay.auth) and what they may open (relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
+    # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
+    kubeconfig: Path | None = None
+    # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
+    lease_namespace: str | None = None
+    identity: str = field(default_factory=socket.gethostname)
 
 
 def parse_host_port(value: str, what: str = "--listen") -> HostPort:
@@ -179,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--kubeconfig", type=Path,
                       default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
                       help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
+    sessions = parser.add_argument_group("sessions across replicas")
+    sessions.add_argument("--lease-namespace", default=_env("LEASE_NAMESPACE"),
+                          help="hold exclusive consoles as Leases in this namespace (in a "
+                               "cluster: the relay's own); without it, within this process")
+    sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
+                              "POD_NAME") or socket.gethostname(),
+                          help="this replica's name in Leases (default: the pod or host name)")
     return parser
 
 
@@ -191,6 +204,12 @@ def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum
         parser.error(f"{flag} {path}: needs at least {minimum} characters "
                      "(generate one with: openssl rand -hex 32)")
     return value
+
+
+def _check_identity(parser: argparse.ArgumentParser, identity: str) -> str:
+    if not identity or len(identity) > 200 or not SUBDOMAIN_RE.match(identity):
+        parser.error(f"--identity {identity!r}: lower-case letters, digits, '-' and '.'")
+    return identity
 
 
 def _in_cluster() -> bool:
@@ -233,7 +252,7 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         mode=mode, trusted_proxies=proxies, user_header=args.user_header,
         groups_header=args.groups_header, users=users, session_secret=secret, session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
-        authorization=authorization, kubeconfig=args.kubeconfig)
+        authorization=authorization)
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
@@ -260,6 +279,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         parser.error("--connect-timeout must be a positive number of seconds")
     return RelaySettings(
         auth=_auth_settings(parser, args, args.listen),
+        kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
+        identity=_check_identity(parser, args.identity),
         listen=args.listen, internal_listen=args.internal_listen, api_token=token,
         allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,

@@ -15,9 +15,10 @@ from relay.authz import (
     KubernetesAuthorizer,
     ManifestAuthorizer,
     OpenAuthorizer,
-    kube_connection,
 )
 from relay.bridge import Sessions
+from relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from relay.kube import KubeClient, kube_connection
 from relay.links import UsedLinks
 from relay.metrics import RelayMetrics
 from relay.model import Route
@@ -29,8 +30,15 @@ def make_authorizer(settings: RelaySettings) -> Authorizer:
     if settings.auth.mode == "none":
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
-        return KubernetesAuthorizer(kube_connection(settings.auth.kubeconfig))
+        return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)))
     return ManifestAuthorizer()
+
+
+def make_consoles(settings: RelaySettings) -> Consoles:
+    if settings.lease_namespace:
+        return KubeConsoles(KubeClient(kube_connection(settings.kubeconfig)),
+                            settings.lease_namespace, settings.identity)
+    return LocalConsoles()
 
 
 @dataclass
@@ -44,6 +52,7 @@ class RelayState:
     session_key: bytes = field(init=False)
     login_failures: FailureLimiter = field(default_factory=FailureLimiter)
     used_links: UsedLinks = field(default_factory=UsedLinks)
+    consoles: Consoles = field(init=False)
     # sha256(bearer token) -> (user, valid until): scrypt is too slow to run per request.
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
 
@@ -53,6 +62,14 @@ class RelayState:
         # Without --session-secret-file a fresh key per process: logins end at a restart and
         # do not carry across replicas (the CLI warns).
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
+        self.consoles = make_consoles(self.settings)
+
+    def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
+        """Another viewer took over an exclusive console: end this replica's session on it."""
+        session = self.sessions.find(target, session_id)
+        if session is not None:
+            session.stop(closecodes.CONFLICT,
+                         f"taken over by {taker.user or taker.client or 'another viewer'}")
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""
@@ -61,7 +78,8 @@ class RelayState:
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")
             with contextlib.suppress(KeyError):  # a route nobody opened has no series
                 self.metrics.sessions_active.remove(old.namespace, old.name)
-        elif (old.host, old.port, old.view_only) != (new.host, new.port, new.view_only):
+        elif (old.host, old.port, old.view_only, old.sessions) != (
+                new.host, new.port, new.view_only, new.sessions):
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.SERVICE_RESTART,
                              f"{old.key} changed its endpoint or access; reconnect")

@@ -397,9 +397,10 @@ async def test_subject_access_review_decides_and_is_cached(
         tmp_path: Path) -> None:
     reviews = kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << rbac_policy
     auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
-                        authorization="kubernetes",
-                        kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url)))
-    async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
+                        authorization="kubernetes")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
+    async with make_relay(routes=targets(backend.port), auth=auth,
+                          kubeconfig=kubeconfig) as relay, \
             aiohttp.ClientSession() as http:
         def as_user(user: str, groups: str = "") -> dict[str, str]:
             return {"X-Forwarded-User": user, "X-Forwarded-Groups": groups}
@@ -425,9 +426,10 @@ async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: Tc
                                            kmock: kmock.RawHandler, tmp_path: Path) -> None:
     kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << 503
     auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
-                        authorization="kubernetes",
-                        kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url)))
-    async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
+                        authorization="kubernetes")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
+    async with make_relay(routes=targets(backend.port), auth=auth,
+                          kubeconfig=kubeconfig) as relay, \
             aiohttp.ClientSession() as http:
         code, reason = await open_console(http, relay, "open",
                                           headers={"X-Forwarded-User": "alice"})
@@ -438,9 +440,10 @@ async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: Tc
 async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServer,
                                       tmp_path: Path) -> None:
     auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
-                        authorization="kubernetes",
-                        kubeconfig=write_kubeconfig(tmp_path / "k", "http://127.0.0.1:9"))
-    async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
+                        authorization="kubernetes")
+    kubeconfig = write_kubeconfig(tmp_path / "k", "http://127.0.0.1:9")
+    async with make_relay(routes=targets(backend.port), auth=auth,
+                          kubeconfig=kubeconfig) as relay, \
             aiohttp.ClientSession() as http:
         code, _ = await open_console(http, relay, "open", headers={"X-Forwarded-User": "alice"})
     assert code == closecodes.FORBIDDEN

@@ -51,7 +51,8 @@ async def test_viewer_page_carries_an_escaped_config(relay: RelayServer,
     assert match is not None
     config = json.loads(html.unescape(match.group(1)))
     assert config == {"namespace": "lab", "name": "desk-1", "displayName": EVIL,
-                      "viewOnly": False, "auth": "none", "user": "", "login": ""}
+                      "viewOnly": False, "exclusive": False, "takeover": "deny",
+                      "idleTimeout": None, "auth": "none", "user": "", "login": ""}
     # Assets are relative, so an Ingress prefix in front keeps working.
     assert 'src="../../../static/novnc/viewer.js"' in page
 

@@ -12,14 +12,19 @@ const statusEl = $('status');
 const screen = $('screen');
 
 // Close codes after which reconnecting cannot help: show the reason and wait for the user.
-const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4409]);
+const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4408, 4409]);
 const UNAUTHENTICATED = 4401;
+const CONFLICT = 4409;
+const IDLE_WARNING = 60;  // seconds before the relay's idle timeout
 const MAX_ATTEMPTS = 8;
 
 let rfb = null;
 let attempt = 0;
 let retryTimer = null;
 let lastClose = null;
+let takeover = params.get('takeover') === '1';
+let lastInput = Date.now();
+let idleTimer = null;
 
 function setState(state, text) {
   document.body.dataset.state = state;
@@ -32,7 +37,7 @@ function socketUrl() {
   url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
   url.search = '';
   url.hash = '';
-  if (params.get('takeover') === '1') url.searchParams.set('takeover', '1');
+  if (takeover) url.searchParams.set('takeover', '1');
   return url.href;
 }
 
@@ -63,8 +68,12 @@ function connect() {
   rfb.background = '#000';
   rfb.addEventListener('connect', () => {
     attempt = 0;
+    takeover = false;  // taking over is a deliberate click, never an automatic retry
+    $('takeover').hidden = true;
     setState('connected', isViewOnly() ? 'Connected (view only)' : 'Connected');
     rfb.focus();
+    lastInput = Date.now();
+    watchIdle();
   });
   rfb.addEventListener('disconnect', onDisconnect);
   rfb.addEventListener('desktopname', (e) => { $('desktop-name').textContent = e.detail.name; });
@@ -93,6 +102,11 @@ function onDisconnect(event) {
       location.assign(config.login);
       return;
     }
+    if (code === CONFLICT && reason.endsWith('you may take it over')) {
+      setState('failed', `This console is ${reason}.`);
+      $('takeover').hidden = false;
+      return;
+    }
     if (FINAL_CODES.has(code) || attempt >= MAX_ATTEMPTS) {
       setState('failed', `Disconnected: ${reason}`);
       $('reconnect').hidden = false;
@@ -107,6 +121,28 @@ function onDisconnect(event) {
 }
 
 $('reconnect').addEventListener('click', () => { attempt = 0; connect(); });
+$('takeover').addEventListener('click', () => { attempt = 0; takeover = true; connect(); });
+
+// The relay frees a console after the target's idle timeout without input; warn a minute
+// before, from the same input the relay counts (keys, pointer, clipboard).
+function watchIdle() {
+  clearInterval(idleTimer);
+  const limit = config.idleTimeout;
+  if (!limit || isViewOnly()) return;
+  idleTimer = setInterval(() => {
+    if (!rfb) { clearInterval(idleTimer); return; }
+    const left = Math.round(limit - (Date.now() - lastInput) / 1000);
+    if (left <= IDLE_WARNING && left > 0) {
+      setState('connected', `No input for a while: this console will be freed in ${left} s. ` +
+               'Move the mouse or press a key to keep it.');
+    } else if (document.body.dataset.state === 'connected' && left > IDLE_WARNING) {
+      setState('connected', 'Connected');
+    }
+  }, 1000);
+}
+for (const kind of ['keydown', 'pointermove', 'pointerdown', 'wheel']) {
+  screen.addEventListener(kind, () => { lastInput = Date.now(); }, { capture: true });
+}
 $('cad').addEventListener('click', () => { if (rfb) rfb.sendCtrlAltDel(); });
 $('fullscreen').addEventListener('click', () => {
   if (document.fullscreenElement) document.exitFullscreen();

@@ -1,0 +1,110 @@
+"""A small async client for the few Kubernetes API calls the relay makes.
+
+SubjectAccessReviews (relay.authz) and Leases (relay.consoles). Credentials come from a
+kubeconfig or the pod's ServiceAccount, loaded by the official `kubernetes` package; requests go
+through aiohttp, so the relay never blocks its event loop on the API.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KubeConnection:
+    server: str
+    ssl_context: ssl.SSLContext | bool
+    configuration: Any  # kubernetes.client.Configuration: holds the token and its refresh hook
+
+    def headers(self) -> dict[str, str]:
+        # Runs the refresh hook first: in a pod it re-reads the projected ServiceAccount token.
+        token = self.configuration.get_api_key_with_prefix("BearerToken")
+        if not token:
+            return {}
+        # kubeconfig tokens come as "Bearer <token>" already; in-cluster ones may not.
+        return {"Authorization": token if token.lower().startswith("bearer ")
+                else f"Bearer {token}"}
+
+
+def kube_connection(kubeconfig: Path | None) -> KubeConnection:
+    """Credentials from a kubeconfig file, or the pod's own ServiceAccount in a cluster."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), client_configuration=configuration)
+    else:
+        config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    context: ssl.SSLContext | bool = False
+    if configuration.host.startswith("https"):
+        if configuration.verify_ssl:
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return KubeConnection(server=configuration.host.rstrip("/"), ssl_context=context,
+                          configuration=configuration)
+
+
+class KubeClient:
+    """JSON requests to the API server; the caller closes it."""
+
+    def __init__(self, connection: KubeConnection, timeout: float = 5.0) -> None:
+        self.connection = connection
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        """The decoded reply; KubeError for any status >= 400 (404 included)."""
+        async with self._http().request(
+                method, f"{self.connection.server}{path}", json=body,
+                headers=self.connection.headers(), ssl=self.connection.ssl_context,
+                timeout=self._timeout) as resp:
+            if resp.status >= 400:
+                raise KubeError(resp.status, (await resp.text())[:300])
+            return await resp.json(content_type=None)
+
+    async def watch(self, path: str, timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Events of a watch (`?watch=true`), until the server ends it."""
+        separator = "&" if "?" in path else "?"
+        url = (f"{self.connection.server}{path}{separator}watch=true"
+               f"&timeoutSeconds={timeout_seconds}")
+        async with self._http().get(
+                url, headers=self.connection.headers(), ssl=self.connection.ssl_context,
+                timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30,
+                                              sock_read=timeout_seconds + 30)) as resp:
+            if resp.status >= 400:
+                raise KubeError(resp.status, (await resp.text())[:300])
+            async for line in resp.content:
+                if line.strip():
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        yield event
