@@ -179,17 +179,13 @@ class KubeConsoles:
                 "spec": {"holderIdentity": self.identity, "renewTime": now,
                          "leaseDurationSeconds": self.lease_seconds}}
         try:
-            current = await self.client.request("GET", f"{self._path}/{self.replica_lease}")
+            await self.client.request("PATCH", f"{self._path}/{self.replica_lease}",
+                                      {"spec": body["spec"]})
         except KubeError as exc:
             if exc.status != 404:
                 raise
             body["spec"]["acquireTime"] = now
             await self.client.request("POST", self._path, body)
-            return
-        body["metadata"]["resourceVersion"] = (current.get("metadata") or {}).get(
-            "resourceVersion")
-        body["spec"]["acquireTime"] = (current.get("spec") or {}).get("acquireTime", now)
-        await self.client.request("PUT", f"{self._path}/{self.replica_lease}", body)
 
     async def _renew_loop(self) -> None:
         while True:
@@ -268,7 +264,7 @@ class KubeConsoles:
         # The resourceVersion makes a concurrent writer's update fail with 409 in a real cluster.
         body["metadata"]["resourceVersion"] = (lease.get("metadata") or {}).get("resourceVersion")
         try:
-            await self.client.request("PUT", path, body)
+            await self.client.request("PATCH", path, body)
         except KubeError as exc:
             if exc.status != 409:
                 raise

@@ -83,11 +83,20 @@ class KubeClient:
             self._session = None
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
-        """The decoded reply; KubeError for any status >= 400 (404 included)."""
+        """The decoded reply; KubeError for any status >= 400 (404 included).
+
+        PATCH is a JSON merge patch; a `metadata.resourceVersion` in it makes the API server
+        refuse (409) when the object changed since it was read.
+        """
+        headers = self.connection.headers()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = ("application/merge-patch+json" if method == "PATCH"
+                                       else "application/json")
+            data = json.dumps(body)
         async with self._http().request(
-                method, f"{self.connection.server}{path}", json=body,
-                headers=self.connection.headers(), ssl=self.connection.ssl_context,
-                timeout=self._timeout) as resp:
+                method, f"{self.connection.server}{path}", data=data, headers=headers,
+                ssl=self.connection.ssl_context, timeout=self._timeout) as resp:
             if resp.status >= 400:
                 raise KubeError(resp.status, (await resp.text())[:300])
             return await resp.json(content_type=None)

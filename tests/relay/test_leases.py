@@ -1,0 +1,128 @@
+"""Exclusive consoles across two relay replicas, held as Leases in kmock's Kubernetes emulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+
+from relay import closecodes
+from relay.consoles import KubeConsoles, lease_name
+from relay.model import Route
+from relay.server import RelayServer
+from relay.spec import SessionPolicy
+from tests.conftest import RelayFactory
+from tests.relay.test_auth import write_kubeconfig
+from tests.relay.test_sessions import PROXY, closed_with, connect
+from tests.support.servers import GREETING, TcpServer, sink
+
+NAMESPACE = "vncgate"
+LEASES = "coordination.k8s.io/v1/leases"
+
+
+@pytest.fixture
+def cluster(kmock: kmock.KubernetesEmulator, tmp_path: Path) -> Path:
+    every = {"get", "list", "watch", "create", "update", "patch", "delete"}
+    kmock.resources[LEASES] = {"kind": "Lease", "namespaced": True, "verbs": every}
+    return write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[TcpServer]:
+    async with TcpServer(sink(seconds=30)) as server:
+        yield server
+
+
+def lease(kmock: kmock.KubernetesEmulator, name: str) -> dict[str, Any] | None:
+    try:
+        obj = kmock.objects[LEASES, NAMESPACE, name]
+    except KeyError:
+        return None
+    return None if obj.deleted else dict(obj.last.raw)  # type: ignore[attr-defined]
+
+
+async def replicas(stack: AsyncExitStack, make_relay: RelayFactory, route: Route,
+                   kubeconfig: Path) -> list[RelayServer]:
+    servers = []
+    for identity in ("relay-a", "relay-b"):
+        servers.append(await stack.enter_async_context(make_relay(
+            routes=[route], auth=PROXY, kubeconfig=kubeconfig, lease_namespace=NAMESPACE,
+            identity=identity)))
+    return servers
+
+
+async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
+        make_relay: RelayFactory, backend: TcpServer, cluster: Path,
+        kmock: kmock.KubernetesEmulator) -> None:
+    route = Route("lab", "desk", "127.0.0.1", backend.port,
+                  sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+        a, b = await replicas(stack, make_relay, route, cluster)
+        first = await connect(http, a, "alice")
+        assert await first.receive_bytes(timeout=5) == GREETING
+        held = lease(kmock, "vnc-lab-desk")
+        assert held is not None
+        assert held["spec"]["holderIdentity"] == "relay-a"
+        assert held["metadata"]["annotations"]["vncgate.io/user"] == "alice"
+        # Replica B sees A's hold.
+        code, reason = await closed_with(await connect(http, b, "bob"))
+        assert code == closecodes.CONFLICT
+        assert reason.startswith("in use by alice since") and "take it over" in reason
+        # A takeover on B closes A's session, which learns of it from the Lease.
+        taker = await connect(http, b, "bob", takeover=True)
+        assert await taker.receive_bytes(timeout=5) == GREETING
+        code, reason = await closed_with(first, timeout=10)
+        assert (code, reason) == (closecodes.CONFLICT, "taken over by bob")
+        held = lease(kmock, "vnc-lab-desk")
+        assert held is not None and held["spec"]["holderIdentity"] == "relay-b"
+        assert held["spec"]["leaseTransitions"] == 1
+        # Session end releases the Lease: A may hold the console again.
+        await taker.close()
+        async with asyncio.timeout(5):
+            while lease(kmock, "vnc-lab-desk") is not None:
+                await asyncio.sleep(0.05)
+        again = await connect(http, a, "alice")
+        assert await again.receive_bytes(timeout=5) == GREETING
+        await again.close()
+
+
+async def test_a_vanished_replicas_hold_expires(
+        make_relay: RelayFactory, backend: TcpServer, cluster: Path,
+        kmock: kmock.KubernetesEmulator) -> None:
+    route = Route("lab", "desk", "127.0.0.1", backend.port,
+                  sessions=SessionPolicy(mode="exclusive"))
+    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+        a, b = await replicas(stack, make_relay, route, cluster)
+        first = await connect(http, a, "alice")
+        assert await first.receive_bytes(timeout=5) == GREETING
+        # Replica A dies without cleaning up: its renewals stop, its Leases stay behind.
+        consoles = a.state.consoles
+        assert isinstance(consoles, KubeConsoles)
+        for task in consoles._tasks:  # noqa: SLF001 - simulating a crash
+            task.cancel()
+        consoles._mine.clear()  # noqa: SLF001
+        replica = kmock.objects[LEASES, NAMESPACE, "vncgate-relay-relay-a"]
+        expired = {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 30}
+        replica.patch({"spec": expired})  # what 30 s without renewal looks like
+        assert lease(kmock, "vnc-lab-desk") is not None  # still there, but free now
+        b_consoles = b.state.consoles
+        assert isinstance(b_consoles, KubeConsoles)
+        b_consoles._alive_cache.clear()  # noqa: SLF001
+        second = await connect(http, b, "bob")
+        assert await second.receive_bytes(timeout=5) == GREETING
+        held = lease(kmock, "vnc-lab-desk")
+        assert held is not None and held["spec"]["holderIdentity"] == "relay-b"
+        await second.close()
+        await first.close()
+
+
+def test_lease_names_stay_within_the_limit() -> None:
+    assert lease_name(Route("lab", "desk", "h", 1)) == "vnc-lab-desk"
+    long = lease_name(Route("n" * 63, "x" * 253, "h", 1))
+    assert len(long) == 253 and long.startswith("vnc-nnn")
