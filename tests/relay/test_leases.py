@@ -104,16 +104,16 @@ async def test_a_vanished_replicas_hold_expires(
         # Replica A dies without cleaning up: its renewals stop, its Leases stay behind.
         consoles = a.state.consoles
         assert isinstance(consoles, KubeConsoles)
-        for task in consoles._tasks:  # noqa: SLF001 - simulating a crash
+        for task in consoles._tasks:  # simulating a crash
             task.cancel()
-        consoles._mine.clear()  # noqa: SLF001
+        consoles._mine.clear()
         replica = kmock.objects[LEASES, NAMESPACE, "vncgate-relay-relay-a"]
         expired = {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 30}
         replica.patch({"spec": expired})  # what 30 s without renewal looks like
         assert lease(kmock, "vnc-lab-desk") is not None  # still there, but free now
         b_consoles = b.state.consoles
         assert isinstance(b_consoles, KubeConsoles)
-        b_consoles._alive_cache.clear()  # noqa: SLF001
+        b_consoles._alive_cache.clear()
         second = await connect(http, b, "bob")
         assert await second.receive_bytes(timeout=5) == GREETING
         held = lease(kmock, "vnc-lab-desk")
