@@ -31,6 +31,8 @@ class TableSnapshot:
     revision: str
     routes: dict[str, Route] = field(default_factory=dict)
     sessions: dict[str, int] = field(default_factory=dict)
+    # Who is viewing each target on this replica (user names, or "anonymous").
+    viewers: dict[str, list[str]] = field(default_factory=dict)
     synced: bool = False
 
 
@@ -80,4 +82,5 @@ class RelayClient:
             route = route_from_json(item)
             snapshot.routes[route.key] = route
             snapshot.sessions[route.key] = int(item.get("activeSessions", 0))
+            snapshot.viewers[route.key] = [str(v) for v in item.get("viewers", [])]
         return snapshot

@@ -116,6 +116,7 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
     for route in state.registry:
         item = route.to_json()
         item["activeSessions"] = state.sessions.count_for(route.key)
+        item["viewers"] = sorted({s.user for s in state.sessions.for_target(route.key)})
         targets.append(item)
     return web.json_response({"revision": state.registry.revision,
                               "synced": state.registry.synced, "targets": targets})

@@ -332,7 +332,8 @@ def build_registry(config: OperatorSettings, *,
         probe = await runtime.probe(route)
         write_status(runtime, body, patch, Observation(
             endpoint, registration=runtime.fleet.registration(route), probe=probe,
-            sessions=runtime.fleet.sessions(route.key)))
+            sessions=runtime.fleet.sessions(route.key),
+            viewers=runtime.fleet.viewers(route.key)))
         if sent.all_failed:
             raise kopf.TemporaryError(
                 f"no relay replica accepted {route.key}: {next(iter(sent.failed.values()))}",
@@ -365,7 +366,7 @@ def build_registry(config: OperatorSettings, *,
         probe = await runtime.probe(route)
         write_status(runtime, body, patch, Observation(
             endpoint, registration=runtime.fleet.registration(route), probe=probe,
-            sessions=runtime.fleet.sessions(key)))
+            sessions=runtime.fleet.sessions(key), viewers=runtime.fleet.viewers(key)))
 
     @kopf.on.delete(*target_resource, registry=registry, optional=True)
     async def forget(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:

@@ -46,6 +46,7 @@ class RelayFleet:
         # Routes that every replica is known to hold (by a PUT or a matching table revision).
         self.confirmed: dict[str, Route] = {}
         self._sessions: dict[str, dict[str, int]] = {}
+        self._viewers: dict[str, dict[str, list[str]]] = {}
         self._kick = asyncio.Event()
         # Set once kopf's indexes hold every VncTarget and Service: before that, the desired
         # table may be partial, and a full PUT of it would remove live routes from the relays.
@@ -67,6 +68,7 @@ class RelayFleet:
             self._clients.pop(gone, None)
             self.failures.pop(gone, None)
             self._sessions.pop(gone, None)
+            self._viewers.pop(gone, None)
         self.urls = new_urls
         if added:
             # A new replica may be empty: what the others hold is no longer held by all.
@@ -80,6 +82,12 @@ class RelayFleet:
 
     def sessions(self, key: str) -> int:
         return sum(table.get(key, 0) for table in self._sessions.values())
+
+    def viewers(self, key: str) -> str:
+        """Who is viewing, over every replica: "alice, bob", at most 256 characters."""
+        names = sorted({name for table in self._viewers.values() for name in table.get(key, [])})
+        text = ", ".join(names)
+        return text if len(text) <= 256 else text[:250] + ", ..."
 
     async def _fan_out(self, what: str, call: Callable[[RelayClient], Awaitable[object]]) -> FanOut:
         urls = sorted(self.urls)
@@ -141,6 +149,7 @@ class RelayFleet:
         try:
             snapshot = await client.get_table()
             self._sessions[url] = snapshot.sessions
+            self._viewers[url] = snapshot.viewers
             if only_if_unsynced and snapshot.synced:
                 return False
             if snapshot.revision != revision or not snapshot.synced:

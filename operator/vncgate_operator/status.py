@@ -38,6 +38,7 @@ class Observation:
     registration: Registration | None = None
     probe: ProbeResult | None = None
     sessions: int | None = None
+    viewers: str | None = None
 
 
 def now_rfc3339() -> str:
@@ -105,6 +106,8 @@ def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
             status["serverVersion"] = current.get("serverVersion")
     status["activeSessions"] = (obs.sessions if obs.sessions is not None
                                 else current.get("activeSessions", 0))
+    status["viewers"] = (obs.viewers if obs.viewers is not None
+                         else current.get("viewers", ""))
 
     if obs.invalid is not None:
         phase, ready = INVALID, (False, obs.invalid.reason, obs.invalid.message)

@@ -95,3 +95,11 @@ def test_url_removed_when_no_public_url() -> None:
     without = build_status(first, Observation("e"), generation=3, url=None, now=T1)
     assert status_changes(first, without) == {"url": None}
     assert status_changes({}, without).get("url", "absent") == "absent"
+
+
+def test_viewers_are_shown_and_kept_when_not_looked_at() -> None:
+    status = build(None, Observation("10.0.0.5:5900", registration=OK_REG, probe=OK_PROBE,
+                                     sessions=2, viewers="alice, bob"))
+    assert status["viewers"] == "alice, bob"
+    kept = build(status, Observation("10.0.0.5:5900"))
+    assert kept["viewers"] == "alice, bob"
