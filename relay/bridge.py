@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from aiohttp import WebSocketError, WSMsgType, web
 
 from relay import closecodes
+from relay.auth import address_in
 from relay.metrics import RelayMetrics
 from relay.model import Route
 from relay.rfb import GREETING_LENGTH, parse_greeting
@@ -125,12 +126,31 @@ class Session:
         if self.code is None:
             self.code, self.reason = code, reason
 
+    async def _allowed_address(self) -> str:
+        """Resolve the route's host and refuse if any address is in a denied range.
+
+        The operator judges a DNS name as written; what it resolves to is known only here, at
+        dial time (a name can be rebound to a metadata or loopback address). The relay then
+        dials the address it checked, not the name again.
+        """
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.route.host, self.route.port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]) for info in infos]
+        for address in addresses:
+            if address_in(address, self.settings.deny_networks):
+                raise SessionRefused(
+                    closecodes.FORBIDDEN,
+                    f"{self.route.key} resolves to {address}, which this relay may not reach")
+        return addresses[0]
+
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         route, started = self.route, time.monotonic()
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
+                host = await self._allowed_address() if self.settings.deny_networks \
+                    else route.host
                 reader, writer = await asyncio.open_connection(
-                    route.host, route.port, limit=self.settings.read_chunk)
+                    host, route.port, limit=self.settings.read_chunk)
                 try:
                     greeting = await reader.readexactly(GREETING_LENGTH)
                 except BaseException:

@@ -68,6 +68,8 @@ class RelaySettings:
     read_chunk: int = 64 * 1024
     # In a cluster, /readyz waits for the operator's first full table.
     wait_for_sync: bool = False
+    # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).
+    deny_networks: tuple[Network, ...] = ()
     shutdown_grace: float = 5.0
     # Who the viewer is (relay.auth) and what they may open (relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions-per-target", type=int,
                         default=int(_env("MAX_SESSIONS_PER_TARGET") or 100),
                         help="sessions one target may have at once (default 100)")
+    parser.add_argument("--deny-cidr", action="append", default=None, metavar="CIDR",
+                        help="never dial addresses in this range, checked after DNS resolution "
+                             "(repeatable; the chart denies loopback, link-local and metadata)")
     parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
                         default=(_env("WAIT_FOR_SYNC") or "").lower() in ("1", "true", "yes"),
                         help="ready only after the operator's first full table (in a cluster)")
@@ -204,6 +209,15 @@ def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum
         parser.error(f"{flag} {path}: needs at least {minimum} characters "
                      "(generate one with: openssl rand -hex 32)")
     return value
+
+
+def _deny_networks(parser: argparse.ArgumentParser, args: argparse.Namespace
+                   ) -> tuple[Network, ...]:
+    values = args.deny_cidr if args.deny_cidr is not None else _env_list("DENY_CIDR")
+    try:
+        return parse_networks(values, "--deny-cidr")
+    except AuthConfigError as exc:
+        parser.error(str(exc))
 
 
 def _check_identity(parser: argparse.ArgumentParser, identity: str) -> str:
@@ -284,5 +298,6 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         listen=args.listen, internal_listen=args.internal_listen, api_token=token,
         allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,
+        deny_networks=_deny_networks(parser, args),
         connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
         max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync)

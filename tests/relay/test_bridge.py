@@ -289,3 +289,18 @@ async def test_one_log_line_per_session_with_bytes_and_code(
     assert fields["code"] == closecodes.NORMAL
     assert fields["server_version"] == "RFB 003.008"
     assert json.dumps(fields)  # serialisable for --log-format json
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_denied_ranges_are_checked_after_dns_resolution(
+        make_relay: RelayFactory, http: aiohttp.ClientSession, host: str) -> None:
+    from relay.auth import parse_networks
+
+    async with TcpServer(echo_rfb) as server, make_relay(
+            routes=[Route("lab", "desk", host, server.port)],
+            deny_networks=parse_networks(["127.0.0.0/8", "::1/128"], "t")) as relay, \
+            http.ws_connect(ws_url(relay.public_url)) as ws:
+        code, reason = await receive_close(ws)
+    assert code == closecodes.FORBIDDEN
+    assert "which this relay may not reach" in reason
+    assert server.connections == 0
