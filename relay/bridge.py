@@ -12,8 +12,9 @@ import asyncio
 import logging
 import secrets
 import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import WebSocketError, WSMsgType, web
@@ -31,6 +32,17 @@ log = logging.getLogger("vncgate.session")
 # How long a closing handshake may take before the relay drops the connection: a browser that
 # stopped reading must not hold a session (and its memory) open.
 CLOSE_TIMEOUT = 2.0
+
+_HEADER_SHORT, _HEADER_16, _HEADER_64 = (struct.Struct(f).pack for f in ("!BB", "!BBH", "!BBQ"))
+
+
+def binary_frame_header(length: int) -> bytes:
+    """The header of a final, unmasked, binary WebSocket frame (RFC 6455 section 5.2)."""
+    if length < 126:
+        return _HEADER_SHORT(0x82, length)
+    if length < 65536:
+        return _HEADER_16(0x82, 126, length)
+    return _HEADER_64(0x82, 127, length)
 
 
 class SessionRefused(Exception):
@@ -66,6 +78,8 @@ class Session:
     upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
     filter: ClientFilter | None = None
+    # The WebSocket's HTTP request: server -> browser frames go to its transport directly.
+    request: web.BaseRequest | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def stop(self, code: int, reason: str) -> None:
@@ -204,8 +218,10 @@ class Session:
                 raise exc
 
     async def _server_to_client(self, reader: asyncio.StreamReader) -> None:
-        read, send = reader.read, self.ws.send_bytes
-        chunk = self.settings.read_chunk
+        read, chunk = reader.read, self.settings.read_chunk
+        send: Callable[[bytes], Awaitable[None]] = self.ws.send_bytes
+        if self.request is not None:
+            send = self._frame_sender(self.request)
         while True:
             try:
                 data = await read(chunk)
@@ -223,6 +239,24 @@ class Session:
                 self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
                 return
             self.to_client += len(data)
+
+    def _frame_sender(self, request: web.BaseRequest) -> Callable[[bytes], Awaitable[None]]:
+        """`send_bytes` in one write: header and payload together, then the viewer's drain.
+
+        aiohttp writes a payload over 16 KiB apart from its header: two sends per message, the
+        costliest line of the server -> browser loop (docs/PERFORMANCE.md has the profile).
+        A frame is written whole and synchronously, so aiohttp's own pings and close frame
+        never land inside one; after the close frame nothing more is sent.
+        """
+        transport, drain, ws = request.transport, request.writer.drain, self.ws
+
+        async def send(data: bytes) -> None:
+            if transport is None or transport.is_closing() or ws.closed:
+                raise ConnectionResetError("Cannot write to closing transport")
+            transport.write(binary_frame_header(len(data)) + data)
+            await drain()  # waits while the browser's transport is over its high water
+
+        return send
 
     async def _client_to_server(self, writer: asyncio.StreamWriter) -> None:
         receive, write, drain = self.ws.receive, writer.write, writer.drain

@@ -24,6 +24,7 @@ from relay.spec import (
     check_name,
     check_namespace,
     check_port,
+    host_port,
     parse_access,
     parse_sessions,
 )
@@ -50,7 +51,7 @@ class Route:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: the body of `PUT /api/v1/targets/{ns}/{name}` plus the key."""

@@ -117,7 +117,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     session = Session(route=route, ws=ws, client=client, settings=state.settings,
                       metrics=state.metrics, user=identity.label, view_only=view_only,
                       idle_timeout=None if view_only else policy.idle_timeout,
-                      max_duration=policy.max_duration)
+                      max_duration=policy.max_duration, request=request)
     claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
                       since=session.started_at, replica=state.settings.identity)
     if policy.exclusive:

@@ -19,6 +19,7 @@ from relay.spec import (
     check_name,
     check_namespace,
     check_port,
+    host_port,
     parse_duration,
 )
 
@@ -29,7 +30,7 @@ class HostPort:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ class ServiceRef:
     port: int | str
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """`endpoint.address`: a host (DNS name or IP literal) and a TCP port."""
@@ -60,7 +65,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
