@@ -3,6 +3,7 @@ by the component's own argument parser, as the container would run it."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from relay.settings import HostPort, settings_from_args
 from tests.chart.conftest import CI_VALUES, ci_id, render
 
 TOKEN_PATH = "/etc/vncgate/registration-token/token"
+USERS_PATH = "/etc/vncgate/users/users.yaml"
+KEYS_DIR = "/etc/vncgate/keys"
 T = TypeVar("T")
 
 
@@ -25,9 +28,13 @@ def command_of(values: list[Path], deployment: str, sets: tuple[str, ...] = ()) 
     return [*container["command"], *container["args"]]
 
 
-def parse(parser: Callable[[list[str]], T], args: list[str], token_file: Path) -> T:
-    """Run a component's parser on the rendered args, the token path pointing at a real file."""
-    args = [arg.replace(TOKEN_PATH, str(token_file)) for arg in args]
+def parse(parser: Callable[[list[str]], T], args: list[str], token_file: Path,
+          files: dict[str, Path] | None = None) -> T:
+    """Run a component's parser on the rendered args, the token path (and any other path in
+    `files`, from the path in the pod to a real file) pointing at a real file."""
+    replacements = {TOKEN_PATH: token_file, **(files or {})}
+    for pod_path, real in replacements.items():
+        args = [arg.replace(pod_path, str(real)) for arg in args]
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -43,15 +50,43 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
+def relay_files(values: list[Path], tmp_path: Path) -> dict[str, Path]:
+    """The users file and keys the relay pod would mount: from the Secrets the chart generates,
+    or stand-ins for the Secrets of your own that the values name."""
+    rendered = render(values)
+    secrets = {s["metadata"]["name"]: s["data"] for s in rendered.of_kind("Secret")}
+    contents = {
+        USERS_PATH: "alice:\n  secret: a-long-enough-secret\n  groups: [lab-team]\n",
+        f"{KEYS_DIR}/session-secret": "s" * 48,
+        f"{KEYS_DIR}/link-key": "k" * 48,
+    }
+    if "vncgate-users" in secrets:
+        contents[USERS_PATH] = base64.b64decode(secrets["vncgate-users"]["users.yaml"]).decode()
+    if "vncgate-keys" in secrets:
+        for key in ("session-secret", "link-key"):
+            contents[f"{KEYS_DIR}/{key}"] = base64.b64decode(secrets["vncgate-keys"][key]).decode()
+    files = {}
+    for pod_path, content in contents.items():
+        real = tmp_path / pod_path.strip("/").replace("/", "_")
+        real.write_text(content)
+        files[pod_path] = real
+    return files
+
+
 @pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
-def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path,
+def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LISTEN", "INTERNAL_LISTEN", "ALLOWED_ORIGIN", "WAIT_FOR_SYNC", "AUTH",
-                 "TRUSTED_PROXY", "PUBLIC_URL", "AUTHORIZATION"):
+                 "TRUSTED_PROXY", "PUBLIC_URL", "AUTHORIZATION", "USERS_FILE",
+                 "SESSION_SECRET_FILE", "LINK_KEY_FILE", "LEASE_NAMESPACE", "IDENTITY",
+                 "USER_HEADER", "GROUPS_HEADER", "KUBECONFIG_FILE"):
         monkeypatch.delenv(f"VNCGATE_{name}", raising=False)
+    # The pod's name, from the downward API: the relay's identity in Leases.
+    monkeypatch.setenv("POD_NAME", "vncgate-relay-7d9c8b6f5-x2k4q")
     command = command_of([values], "vncgate-relay")
     assert command[0] == "vncgate-relay"
-    settings = parse(settings_from_args, command[1:], token_file)
+    files = relay_files([values], tmp_path)
+    settings = parse(settings_from_args, command[1:], token_file, files)
     assert settings.listen == HostPort("0.0.0.0", 8080)
     assert settings.internal_listen == HostPort("0.0.0.0", 8081)
     assert settings.api_token == token_file.read_text().strip()
@@ -63,13 +98,47 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path,
         "ha-hpa": ("https://vnc.example.com",),
         "existing-secret": ("https://consoles.example.org",),
         "restricted-namespaces": ("https://vnc.lab.example.com",),
+        "auth-proxy": ("https://vnc.example.com",),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
     auth = settings.auth
-    assert auth.mode == ("proxy" if ci_id(values) == "ingress-tls" else "none")
     assert auth.public_url == (expected_origins[ci_id(values)] or ("",))[0]
-    # No ServiceAccount token in the pod: targets' own access rules, no SubjectAccessReviews.
-    assert auth.authorization == "manifest"
+    # Login cookies and share links are signed with the mounted keys, the same on every pod.
+    assert auth.session_secret == files[f"{KEYS_DIR}/session-secret"].read_bytes()
+    assert auth.link_keys == (files[f"{KEYS_DIR}/link-key"].read_bytes(),)
+    if ci_id(values) == "auth-proxy":
+        assert auth.mode == "proxy"
+        assert [str(n) for n in auth.trusted_proxies] == ["10.42.0.0/16", "fd00:42::/64"]
+        assert (auth.user_header, auth.groups_header) == (
+            "X-Auth-Request-User", "X-Auth-Request-Groups")
+        assert auth.users == {}
+        assert auth.authorization == "manifest"
+        assert settings.lease_namespace is None
+        return
+    assert auth.mode == "token"
+    if ci_id(values) == "existing-secret":
+        assert set(auth.users) == {"alice"}
+    else:
+        # The generated users file is one the relay loads: the initial user, a plain secret.
+        (user,) = auth.users.values()
+        assert user.name == "admin"
+        assert len(user.secret) == 32 and user.groups == ()
+    assert auth.authorization == "kubernetes"
+    assert settings.lease_namespace == "vncgate-system"
+    assert settings.identity == "vncgate-relay-7d9c8b6f5-x2k4q"
+
+
+def test_relay_without_sign_in_or_leases(token_file: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """auth none, only when asked for: no users file; still the same keys (share links)."""
+    for name in ("AUTH", "USERS_FILE", "LEASE_NAMESPACE", "AUTHORIZATION"):
+        monkeypatch.delenv(f"VNCGATE_{name}", raising=False)
+    sets = ("relay.auth.mode=none", "relay.leases.enabled=false")
+    command = command_of([], "vncgate-relay", sets)
+    assert not any(arg.startswith("--users-file") for arg in command)
+    settings = parse(settings_from_args, command[1:], token_file, relay_files([], tmp_path))
+    assert settings.auth.mode == "none"
+    assert settings.lease_namespace is None
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
@@ -82,7 +151,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
     assert settings.liveness_endpoint == "http://0.0.0.0:8082/healthz"
     assert settings.standalone is True
     assert settings.log_format == "json"
-    expected: dict[str, dict[str, Any]] = {
+    by_values: dict[str, dict[str, Any]] = {
         "default": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "ingress-tls": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "ha-hpa": {"public_url": "https://vnc.example.com", "namespaces": ()},
@@ -90,7 +159,9 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
         "restricted-namespaces": {"public_url": "https://vnc.lab.example.com",
                                   "namespaces": ("lab", "desktops"),
                                   "resync_interval": 300.0, "probe_interval": 45.0},
-    }[ci_id(values)]
+        "auth-proxy": {"public_url": "https://vnc.example.com", "namespaces": ()},
+    }
+    expected = by_values[ci_id(values)]
     for field, value in expected.items():
         assert getattr(settings, field) == value, field
     if ci_id(values) == "ingress-tls":

@@ -4,11 +4,13 @@ and what it renders follows the chart's security and network rules."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.chart.conftest import CHART, CI_VALUES, Rendered, ci_id, helm, render
 
@@ -21,6 +23,9 @@ RELAY = "vncgate-relay"
 HEADLESS = "vncgate-relay-headless"
 OPERATOR = "vncgate-operator"
 TOKEN_SECRET = "vncgate-registration-token"
+USERS_SECRET = "vncgate-users"
+KEYS_SECRET = "vncgate-keys"
+VIEWER = "vncgate-viewer"
 OPERATOR_LABELS = {"app.kubernetes.io/name": "vncgate", "app.kubernetes.io/instance": "vncgate",
                    "app.kubernetes.io/component": "operator"}
 
@@ -29,7 +34,8 @@ ci_values = pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
 
 def test_there_are_ci_values_files() -> None:
     assert {ci_id(p) for p in CI_VALUES} >= {
-        "default", "ingress-tls", "ha-hpa", "existing-secret", "restricted-namespaces"}
+        "default", "ingress-tls", "ha-hpa", "existing-secret", "restricted-namespaces",
+        "auth-proxy"}
 
 
 @ci_values
@@ -66,8 +72,14 @@ def test_every_component_is_rendered_by_default() -> None:
     rendered.one("Service", RELAY)
     rendered.one("Service", HEADLESS)
     rendered.one("Secret", TOKEN_SECRET)
+    rendered.one("Secret", USERS_SECRET)
+    rendered.one("Secret", KEYS_SECRET)
     rendered.one("ClusterRole", OPERATOR)
     rendered.one("ClusterRoleBinding", OPERATOR)
+    rendered.one("ClusterRole", RELAY)
+    rendered.one("Role", RELAY)
+    rendered.one("ClusterRole", VIEWER)
+    rendered.one("ClusterRoleBinding", "vncgate-initial-user")
     assert not rendered.of_kind("Ingress"), "no host, no Ingress"
     assert not rendered.of_kind("PodDisruptionBudget"), "one relay: a PDB would block drains"
     assert not rendered.of_kind("HorizontalPodAutoscaler")
@@ -94,8 +106,8 @@ def test_every_container_is_locked_down(values: Path) -> None:
             assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: {kind}"
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         assert "/tmp" in mounts, f"{where}: a writable /tmp on a read-only root"
-    for deployment in rendered.of_kind("Deployment"):
-        pod = deployment["spec"]["template"]["spec"]
+    for manifest in rendered.of_kind("Deployment"):
+        pod = manifest["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
@@ -103,15 +115,25 @@ def test_every_container_is_locked_down(values: Path) -> None:
 def test_relay_runs_as_the_chart_says() -> None:
     rendered = render(sets=["ingress.host=vnc.example.com"])
     pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is False
+    # SubjectAccessReviews and Leases: the relay calls the API with its ServiceAccount.
+    assert pod["automountServiceAccountToken"] is True
     (relay,) = pod["containers"]
     assert relay["command"] == ["vncgate-relay"]
     args = relay["args"]
     for expected in ("--listen=0.0.0.0:8080", "--internal-listen=0.0.0.0:8081",
                      "--api-token-file=/etc/vncgate/registration-token/token",
                      "--log-format=json", "--wait-for-sync",
-                     "--allowed-origin=https://vnc.example.com"):
+                     "--allowed-origin=https://vnc.example.com", "--auth=token",
+                     "--users-file=/etc/vncgate/users/users.yaml",
+                     "--session-secret-file=/etc/vncgate/keys/session-secret",
+                     "--link-key-file=/etc/vncgate/keys/link-key",
+                     "--authorization=kubernetes", "--lease-namespace=vncgate-system"):
         assert expected in args
+    env = {e["name"]: e for e in relay["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # `kubectl exec ... vncgate-relay link` finds the key and the URL without flags.
+    assert env["VNCGATE_LINK_KEY_FILE"]["value"] == "/etc/vncgate/keys/link-key"
+    assert env["VNCGATE_PUBLIC_URL"]["value"] == "https://vnc.example.com"
     assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
@@ -153,9 +175,12 @@ def test_no_rbac_wildcards(values: Path) -> None:
             assert "*" not in rule.get(field, []), f"{where}: wildcard in {field}: {rule}"
 
 
-def granted_rules(rendered: Rendered) -> dict[tuple[str, str], set[str]]:
+def granted_rules(rendered: Rendered, name: str | None = None) -> dict[tuple[str, str], set[str]]:
+    """(group, resource) -> verbs, of every role, or of the roles named `name`."""
     granted: dict[tuple[str, str], set[str]] = {}
-    for _, rule in rules_of(rendered):
+    for where, rule in rules_of(rendered):
+        if name is not None and where.rsplit("/", 1)[1] != name:
+            continue
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
@@ -164,8 +189,8 @@ def granted_rules(rendered: Rendered) -> dict[tuple[str, str], set[str]]:
 
 def test_operator_rbac_all_namespaces() -> None:
     rendered = render()
-    assert not rendered.of_kind("Role")
-    assert granted_rules(rendered) == {
+    assert not [r for r in rendered.of_kind("Role") if r["metadata"]["name"] == OPERATOR]
+    assert granted_rules(rendered, OPERATOR) == {
         ("vncgate.io", "vnctargets"): {"get", "list", "watch", "patch"},
         ("vncgate.io", "vnctargets/status"): {"get", "patch", "update"},
         ("", "services"): {"get", "list", "watch"},
@@ -181,29 +206,128 @@ def test_operator_rbac_all_namespaces() -> None:
 
 def test_operator_rbac_restricted_namespaces_is_not_cluster_wide() -> None:
     rendered = render([CHART / "ci" / "restricted-namespaces-values.yaml"])
-    assert not rendered.of_kind("ClusterRole")
-    assert not rendered.of_kind("ClusterRoleBinding")
+    operator_bound = [b for b in rendered.of_kind("ClusterRoleBinding")
+                      if any(s["name"] == OPERATOR for s in b["subjects"])]
+    assert not operator_bound
+    assert not [r for r in rendered.of_kind("ClusterRole") if r["metadata"]["name"] == OPERATOR]
     # kopf watches everything it serves in each listed namespace and in the relay's own.
-    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")}
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")
+             if r["metadata"]["name"] == OPERATOR}
     assert set(roles) == {"lab", "desktops", "vncgate-system"}
-    all_namespaces = granted_rules(render())
+    all_namespaces = granted_rules(render(), OPERATOR)
     all_namespaces.pop(("apiextensions.k8s.io", "customresourcedefinitions"))
     for role in roles.values():
         assert role["metadata"]["name"] == OPERATOR
         assert granted_rules(Rendered((role,))) == all_namespaces
     bindings = {(b["metadata"]["namespace"], b["roleRef"]["kind"], b["roleRef"]["name"])
-                for b in rendered.of_kind("RoleBinding")}
+                for b in rendered.of_kind("RoleBinding") if b["metadata"]["name"] == OPERATOR}
     assert bindings == {(namespace, "Role", OPERATOR) for namespace in roles}
 
 
-def test_relay_has_no_rbac() -> None:
-    for values in CI_VALUES:
-        rendered = render([values])
-        bound = [s["name"] for b in rendered.of_kind("RoleBinding")
-                 + rendered.of_kind("ClusterRoleBinding") for s in b["subjects"]]
-        assert RELAY not in bound
-    account = render().one("ServiceAccount", RELAY)
-    assert account["automountServiceAccountToken"] is False
+def bound_to(rendered: Rendered, account: str) -> list[dict[str, Any]]:
+    """The bindings with the ServiceAccount `account` of the release namespace as a subject."""
+    return [b for b in rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding")
+            if {"kind": "ServiceAccount", "name": account, "namespace": "vncgate-system"}
+            in b["subjects"]]
+
+
+def test_relay_rbac_is_exactly_reviews_and_leases() -> None:
+    rendered = render()
+    # Cluster-wide: asking the API server about a user, nothing else.
+    assert rendered.one("ClusterRole", RELAY)["rules"] == [
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]}]
+    # Leases in its own namespace only.
+    role = rendered.one("Role", RELAY)
+    assert role["metadata"]["namespace"] == "vncgate-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
+    bindings = {(b["kind"], b["metadata"].get("namespace"), b["roleRef"]["kind"],
+                 b["roleRef"]["name"]) for b in bound_to(rendered, RELAY)}
+    assert bindings == {("ClusterRoleBinding", None, "ClusterRole", RELAY),
+                        ("RoleBinding", "vncgate-system", "Role", RELAY)}
+    # The account itself mounts nothing; the relay pod asks for the token.
+    assert rendered.one("ServiceAccount", RELAY)["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize(("sets", "reviews", "leases"), [
+    ((), True, True),
+    (("relay.authorization=manifest",), False, True),
+    (("relay.leases.enabled=false",), True, False),
+    (("relay.auth.mode=none",), False, True),  # nobody to ask about: every console is open
+    (("relay.authorization=manifest", "relay.leases.enabled=false"), False, False),
+])
+def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews: bool,
+                                                   leases: bool) -> None:
+    rendered = render(sets=sets)
+    kinds = {b["roleRef"]["kind"] for b in bound_to(rendered, RELAY)}
+    assert ("ClusterRole" in kinds) is reviews
+    assert ("Role" in kinds) is leases
+    assert bool([r for r in rendered.of_kind("ClusterRole") if r["metadata"]["name"] == RELAY]) \
+        is reviews
+    assert bool(rendered.of_kind("Role")) is leases
+    pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is (reviews or leases)
+    args = pod["containers"][0]["args"]
+    assert ("--lease-namespace=vncgate-system" in args) is leases
+
+
+def test_relay_without_kubernetes_api_has_no_rbac() -> None:
+    rendered = render([CHART / "ci" / "auth-proxy-values.yaml"])
+    assert not bound_to(rendered, RELAY)
+    pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_rbac_create_false_renders_no_rbac() -> None:
+    rendered = render(sets=["rbac.create=false"])
+    for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
+        assert not rendered.of_kind(kind), kind
+
+
+def test_viewer_cluster_role_is_what_teams_bind() -> None:
+    rendered = render()
+    viewer = rendered.one("ClusterRole", VIEWER)
+    assert viewer["rules"] == [{"apiGroups": ["vncgate.io"], "resources": ["vnctargets"],
+                                "verbs": ["get", "list", "connect"]}]
+    # Nobody is bound to it by a RoleBinding of the chart: teams bind it in their namespace.
+    assert not [b for b in rendered.of_kind("RoleBinding") if b["roleRef"]["name"] == VIEWER]
+    # Only the generated initial user, cluster-wide.
+    (binding,) = [b for b in rendered.of_kind("ClusterRoleBinding")
+                  if b["roleRef"]["name"] == VIEWER]
+    assert binding["metadata"]["name"] == "vncgate-initial-user"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": VIEWER}
+    assert binding["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "admin"}]
+
+
+@pytest.mark.parametrize("sets", [
+    ("relay.auth.token.initialUserClusterWide=false",),
+    ("relay.authorization=manifest",),
+    ("relay.auth.token.existingSecret=my-users",),
+    ("relay.auth.mode=proxy", "relay.auth.trustedProxies={10.0.0.0/8}"),
+])
+def test_initial_user_binding_only_for_a_generated_user_checked_by_rbac(
+        sets: tuple[str, ...]) -> None:
+    rendered = render(sets=sets)
+    assert not [b for b in rendered.of_kind("ClusterRoleBinding")
+                if b["roleRef"]["name"] == VIEWER]
+    rendered.one("ClusterRole", VIEWER)
+
+
+def test_viewer_cluster_role_name_and_a_second_release() -> None:
+    renamed = render(sets=["rbac.viewerClusterRole.name=consoles-viewer",
+                           "relay.auth.token.initialUser=root"])
+    renamed.one("ClusterRole", "consoles-viewer")
+    (binding,) = [b for b in renamed.of_kind("ClusterRoleBinding")
+                  if b["roleRef"]["name"] == "consoles-viewer"]
+    assert binding["subjects"][0]["name"] == "root"
+    # A second release binds the first one's ClusterRole instead of making its own.
+    second = render(sets=["rbac.viewerClusterRole.create=false"])
+    assert not [r for r in second.of_kind("ClusterRole") if r["metadata"]["name"] == VIEWER]
+    assert [b for b in second.of_kind("ClusterRoleBinding") if b["roleRef"]["name"] == VIEWER]
 
 
 # --- network: the internal port stays internal ----------------------------------------------------
@@ -231,7 +355,9 @@ def test_network_policy_admits_internal_port_only_from_operator_and_metrics(valu
                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
     }.get(ci_id(values), [])
     policy = rendered.one("NetworkPolicy", RELAY)
+    # Ingress only: egress stays open (VNC servers, and the API for reviews and Leases).
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "egress" not in policy["spec"]
     internal_rules = [rule for rule in policy["spec"]["ingress"]
                       if any(p["port"] in (8081, "internal") for p in rule["ports"])]
     assert len(internal_rules) == 1, "one rule for the internal port"
@@ -310,6 +436,88 @@ def test_existing_secret_is_used_and_none_is_generated() -> None:
         assert "checksum/registration-token" not in pod["metadata"].get("annotations", {})
         (container,) = pod["spec"]["containers"]
         assert container["image"].endswith("@sha256:" + "0" * 64)
+    pod = rendered.one("Deployment", RELAY)["spec"]["template"]
+    volumes = {v["name"]: v["secret"] for v in pod["spec"]["volumes"] if "secret" in v}
+    assert volumes["users"]["secretName"] == "vncgate-users"
+    assert volumes["users"]["items"] == [{"key": "users.yaml", "path": "users.yaml"}]
+    assert volumes["keys"]["secretName"] == "vncgate-keys"
+    assert {"checksum/users", "checksum/keys"}.isdisjoint(pod["metadata"].get("annotations", {}))
+    assert not [b for b in rendered.of_kind("ClusterRoleBinding")
+                if b["roleRef"]["name"] == VIEWER], "no generated user to bind"
+
+
+# --- sign-in: the users file and the keys ---------------------------------------------------------
+
+def test_generated_users_and_keys_are_kept_and_mounted_read_only() -> None:
+    rendered = render()
+    users = rendered.one("Secret", USERS_SECRET)
+    keys = rendered.one("Secret", KEYS_SECRET)
+    for secret in (users, keys):
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert secret["metadata"]["namespace"] == "vncgate-system"
+    # The relay's users-file format: the initial user and a random 32-character secret.
+    users_file = yaml.safe_load(base64.b64decode(users["data"]["users.yaml"]))
+    assert set(users_file) == {"admin"}
+    assert users_file["admin"]["groups"] == []
+    secret = users_file["admin"]["secret"]
+    assert isinstance(secret, str) and len(secret) == 32 and secret.isalnum()
+    assert set(keys["data"]) == {"session-secret", "link-key"}
+    decoded = {k: base64.b64decode(v).decode() for k, v in keys["data"].items()}
+    assert all(len(v) == 48 and v.isalnum() for v in decoded.values())
+    assert decoded["session-secret"] != decoded["link-key"]
+    template = rendered.one("Deployment", RELAY)["spec"]["template"]
+    volumes = {v["name"]: v["secret"] for v in template["spec"]["volumes"] if "secret" in v}
+    assert volumes["users"] == {"secretName": USERS_SECRET, "defaultMode": 0o440,
+                                "items": [{"key": "users.yaml", "path": "users.yaml"}]}
+    assert volumes["keys"]["secretName"] == KEYS_SECRET
+    assert volumes["keys"]["items"] == [{"key": "session-secret", "path": "session-secret"},
+                                        {"key": "link-key", "path": "link-key"}]
+    (relay,) = template["spec"]["containers"]
+    mounts = {m["name"]: m for m in relay["volumeMounts"]}
+    assert mounts["users"] == {"name": "users", "mountPath": "/etc/vncgate/users",
+                               "readOnly": True}
+    assert mounts["keys"] == {"name": "keys", "mountPath": "/etc/vncgate/keys", "readOnly": True}
+    # The pods restart when a generated file changes: the relay reads them once at start.
+    annotations = template["metadata"]["annotations"]
+    assert annotations["checksum/users"] == hashlib.sha256(
+        users["data"]["users.yaml"].encode()).hexdigest()
+    assert set(annotations) >= {"checksum/keys", "checksum/registration-token"}
+
+
+def test_no_users_file_outside_token_mode() -> None:
+    rendered = render([CHART / "ci" / "auth-proxy-values.yaml"])
+    assert not [s for s in rendered.of_kind("Secret") if s["metadata"]["name"] == USERS_SECRET]
+    rendered.one("Secret", KEYS_SECRET)  # share links work in every mode
+    pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert "users" not in {v["name"] for v in pod["volumes"]}
+    assert not any(a.startswith("--users-file") for a in pod["containers"][0]["args"])
+
+
+def test_rotation_adds_an_older_link_key_after_the_chart_s() -> None:
+    rendered = render(sets=["relay.extraArgs={--link-key-file=/etc/vncgate/old-key/link-key}"])
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    keys = [a for a in args if a.startswith("--link-key-file=")]
+    assert keys == ["--link-key-file=/etc/vncgate/keys/link-key",
+                    "--link-key-file=/etc/vncgate/old-key/link-key"], "newest first"
+
+
+# --- the Ingress: one relay pod per console, when asked -------------------------------------------
+
+HASH_BY = "nginx.ingress.kubernetes.io/upstream-hash-by"
+
+
+def test_ingress_hash_by_target() -> None:
+    ingress = render([CHART / "ci" / "ha-hpa-values.yaml"]).one("Ingress", "vncgate")
+    # The path without the query: the viewer's WebSocket, with or without ?takeover=1, and
+    # every other viewer of the same console hash alike.
+    assert ingress["metadata"]["annotations"][HASH_BY] == "$uri"
+    assert "nginx.ingress.kubernetes.io/proxy-read-timeout" in ingress["metadata"]["annotations"]
+    plain = render(sets=["ingress.host=vnc.example.com"]).one("Ingress", "vncgate")
+    assert HASH_BY not in plain["metadata"]["annotations"]
+    own = render(sets=["ingress.host=vnc.example.com", "ingress.hashByTarget=true",
+                       "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/upstream-hash-by=$host"]
+                 ).one("Ingress", "vncgate")
+    assert own["metadata"]["annotations"][HASH_BY] == "$host", "your own annotation wins"
 
 
 # --- the CRD --------------------------------------------------------------------------------------

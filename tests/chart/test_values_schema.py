@@ -54,6 +54,31 @@ def test_proxy_auth_without_trusted_proxies() -> None:
     assert "at '/relay/auth/trustedProxies': minItems: got 0, want 1" in message
 
 
+def test_auth_mode_typo() -> None:
+    message = template_error("relay.auth.mode=tokn")
+    assert SCHEMA_ERROR in message
+    assert "at '/relay/auth/mode': value must be one of 'none', 'proxy', 'token'" in message
+
+
+def test_token_mode_without_any_user_says_what_to_set() -> None:
+    message = template_error(set_strings=("relay.auth.token.initialUser=",))
+    assert "relay.auth.mode=token needs users" in message
+    assert "set relay.auth.token.initialUser" in message
+    assert "relay.auth.token.existingSecret" in message
+
+
+def test_token_mode_with_users_of_your_own_and_no_initial_user_renders() -> None:
+    result = helm("template", "vncgate", CHART, "--set-string", "relay.auth.token.initialUser=",
+                  "--set", "relay.auth.token.existingSecret=my-users")
+    assert "secretName: my-users" in result.stdout
+    assert "name: vncgate-users" not in result.stdout
+
+
+def test_no_initial_user_is_needed_outside_token_mode() -> None:
+    helm("template", "vncgate", CHART, "--set-string", "relay.auth.token.initialUser=",
+         "--set", "relay.auth.mode=none")
+
+
 def test_ingress_enabled_with_host_renders() -> None:
     result = helm("template", "vncgate", CHART,
                   *value_args(sets=["ingress.enabled=true", "ingress.host=vnc.example.com"]))
@@ -79,6 +104,15 @@ def test_a_duration_as_a_number() -> None:
     ("operator.watchNamespaces={Lab_1}", "/operator/watchNamespaces/0"),
     ("publicUrl=vnc.example.com", "/publicUrl"),
     ("relay.extraArgs={-v}", "/relay/extraArgs/0"),
+    ("relay.authorization=rbac", "/relay/authorization"),
+    ("relay.authorization=auto", "/relay/authorization"),
+    ("relay.auth.token.initialUser=ad:min", "/relay/auth/token/initialUser"),
+    ("relay.auth.proxy.userHeader=X User", "/relay/auth/proxy/userHeader"),
+    ("relay.auth.token.initialUserClusterwide=true", "/relay/auth/token"),
+    ("relay.auth.keys.secretName=mine", "/relay/auth/keys"),
+    ("relay.leases=true", "/relay/leases"),
+    ("rbac.viewerClusterRole.name=Viewer", "/rbac/viewerClusterRole/name"),
+    ("ingress.hashByTarget=yes", "/ingress/hashByTarget"),
 ])
 def test_values_that_would_not_work(setting: str, where: str) -> None:
     assert f"at '{where}'" in template_error(setting)

@@ -178,3 +178,97 @@ checksum/registration-token: {{ include "vncgate.generatedToken" . | sha256sum }
   mountPath: /etc/vncgate/registration-token
   readOnly: true
 {{- end }}
+
+{{/* --- the relay's sign-in: users file, session secret, share-link keys ------------------- */}}
+
+{{/* The Secret with users.yaml: the user's own, or the generated "<fullname>-users". */}}
+{{- define "vncgate.usersSecretName" -}}
+{{- default (printf "%s-users" (include "vncgate.fullname" .)) .Values.relay.auth.token.existingSecret }}
+{{- end }}
+
+{{/* "true" when the chart generates the users Secret (token mode, no existing Secret). Fails
+with what to set when token mode has no users at all. */}}
+{{- define "vncgate.usersGenerated" -}}
+{{- $token := .Values.relay.auth.token }}
+{{- if and (eq .Values.relay.auth.mode "token") (not $token.existingSecret) }}
+{{- if not $token.initialUser }}
+{{- fail "relay.auth.mode=token needs users: set relay.auth.token.initialUser (e.g. admin) to generate one, or relay.auth.token.existingSecret to the name of a Secret with the key users.yaml" }}
+{{- end -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The generated users.yaml, base64-encoded: the one in the cluster when the Secret exists
+(lookup; users added to it stay), else the initial user with 32 random characters. Computed
+once per render, like the registration token. */}}
+{{- define "vncgate.generatedUsers" -}}
+{{- if not (hasKey $ "vncgateGeneratedUsers") }}
+{{- $users := "" }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "vncgate.usersSecretName" .) }}
+{{- if and $secret $secret.data }}
+{{- $users = index $secret.data "users.yaml" | default "" }}
+{{- end }}
+{{- if not $users }}
+{{- $entry := dict "secret" (randAlphaNum 32) "groups" (list) }}
+{{- $users = dict .Values.relay.auth.token.initialUser $entry | toYaml | b64enc }}
+{{- end }}
+{{- $_ := set $ "vncgateGeneratedUsers" $users }}
+{{- end }}
+{{- get $ "vncgateGeneratedUsers" }}
+{{- end }}
+
+{{- define "vncgate.keysSecretName" -}}
+{{- default (printf "%s-keys" (include "vncgate.fullname" .)) .Values.relay.auth.keys.existingSecret }}
+{{- end }}
+
+{{/* The generated keys as a dict of base64 values ("session-secret", "link-key"), as JSON:
+each kept from the cluster when present, else 48 new random characters. */}}
+{{- define "vncgate.generatedKeys" -}}
+{{- if not (hasKey $ "vncgateGeneratedKeys") }}
+{{- $keys := dict }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "vncgate.keysSecretName" .) }}
+{{- range $name := list "session-secret" "link-key" }}
+{{- $value := "" }}
+{{- if and $secret $secret.data }}
+{{- $value = index $secret.data $name | default "" }}
+{{- end }}
+{{- $_ := set $keys $name (default (randAlphaNum 48 | b64enc) $value) }}
+{{- end }}
+{{- $_ := set $ "vncgateGeneratedKeys" ($keys | toJson) }}
+{{- end }}
+{{- get $ "vncgateGeneratedKeys" }}
+{{- end }}
+
+{{/* Pod annotations that restart the relay pods when a generated users file or key changes:
+the relay reads them once at start. */}}
+{{- define "vncgate.relay.checksums" -}}
+{{- if include "vncgate.usersGenerated" . }}
+checksum/users: {{ include "vncgate.generatedUsers" . | sha256sum }}
+{{- end }}
+{{- if not .Values.relay.auth.keys.existingSecret }}
+checksum/keys: {{ include "vncgate.generatedKeys" . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the relay asks the API server (SubjectAccessReviews) who may open what. With
+--auth none every console is open to everyone and there is nothing to ask. */}}
+{{- define "vncgate.relay.usesSubjectAccessReviews" -}}
+{{- if and (eq .Values.relay.authorization "kubernetes") (ne .Values.relay.auth.mode "none") -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews or Leases. */}}
+{{- define "vncgate.relay.usesKubernetesApi" -}}
+{{- if or (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.leases.enabled -}}
+true
+{{- end }}
+{{- end }}
+
+{{- define "vncgate.usersDir" -}}
+/etc/vncgate/users
+{{- end }}
+
+{{- define "vncgate.keysDir" -}}
+/etc/vncgate/keys
+{{- end }}
