@@ -1,9 +1,12 @@
 """The WebSocket-to-VNC bridge: one `Session` per viewer connection.
 
-A session dials the route's VNC server on demand, insists on the RFB greeting, then runs two
-pumps: server -> browser and browser -> server. Each pump awaits its peer's drain, so a slow side
-slows the other and memory per session stays bounded by the chunk size and the transports' high
-water marks. The first pump to finish ends the session; `run`'s `finally` closes both sides.
+A session dials the route's VNC server on demand and insists on the RFB greeting. Then bytes
+flow both ways with back-pressure: server -> browser, each chunk the kernel delivers is written
+to the browser as one frame, and reading from the server pauses while the browser's transport
+is over its high-water mark; browser -> server, one pump writes each message and awaits the
+server's drain (aiohttp's WebSocket queue pauses reading from the browser meanwhile). Memory per
+session stays bounded by one read and the transports' high-water marks. Whichever side ends
+first ends the session; `run`'s `finally` closes both.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import WebSocketError, WSMsgType, web
@@ -54,13 +57,120 @@ class SessionRefused(Exception):
         self.reason = reason
 
 
+class Upstream(asyncio.Protocol):
+    """The VNC server's side of a session, as a bare protocol: no stream buffer, no task.
+
+    Until the 12-byte greeting is complete it collects bytes for `greeted`; after that every
+    chunk the kernel hands over goes straight to the session, which writes it to the browser as
+    one frame. Writes to the server wait in `drain` while the transport is over its high water.
+    """
+
+    __slots__ = ("_drain_waiter", "_greeting", "_held", "_session", "_write_paused",
+                 "closed", "greeted", "transport")
+
+    def __init__(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        self._session = session
+        self._greeting = bytearray()
+        self._held: list[bytes] | None = []  # bytes after the greeting, before relaying
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.greeted: asyncio.Future[bytes] = loop.create_future()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.greeted.done():
+            missing = GREETING_LENGTH - len(self._greeting)
+            self._greeting += data[:missing]
+            data = data[missing:]
+            if len(self._greeting) == GREETING_LENGTH:
+                self.greeted.set_result(bytes(self._greeting))
+            if not data:
+                return
+        if self._held is not None:
+            # The server spoke before the greeting reached the browser: hold it (at most one
+            # read) and stop reading until the session starts relaying.
+            self._held.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
+        self._session.server_data(data)
+
+    def start_relaying(self) -> None:
+        held, self._held = self._held or [], None
+        for data in held:
+            self._session.server_data(data)
+        if held and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._lost(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.greeted.done():
+            self.greeted.set_exception(exc or asyncio.IncompleteReadError(
+                bytes(self._greeting), GREETING_LENGTH))
+        self._wake_writer()
+        if self.greeted.done() and not self.greeted.cancelled():
+            self._session.server_closed(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the VNC server's connection is closed")
+        if self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+            if self.closed:
+                raise ConnectionResetError("the VNC server's connection is closed")
+
+    def buffered(self) -> int:
+        """Bytes this side holds in the relay: held after the greeting, and unsent to the server."""
+        held = sum(len(d) for d in self._held) if self._held else 0
+        return held + (self.transport.get_write_buffer_size() if self.transport else 0)
+
+
 @dataclass(eq=False, slots=True)
 class Session:
+    """One viewer's connection to one VNC server.
+
+    One task per session, aiohttp's request handler, which pumps browser -> server. Server ->
+    browser needs none: `Upstream` hands each chunk to `server_data`, which writes it to the
+    browser's transport at once, and pauses reading from the server while the browser's
+    transport is over its high-water mark. To end a session from elsewhere (the server hung up,
+    a shutdown, a takeover), `_end` closes the WebSocket, which wakes the handler's receive.
+    """
+
     route: Route
     ws: web.WebSocketResponse
     client: str
     settings: RelaySettings
     metrics: RelayMetrics
+    # The WebSocket's HTTP request: server -> browser frames go to its transport directly.
+    request: web.BaseRequest
     user: str = ""
     view_only: bool = False
     # The route's idle timeout applies to sessions that may type (watchers hold nothing).
@@ -74,26 +184,31 @@ class Session:
     server_version: str = ""
     code: int | None = None
     reason: str = ""
-    _pumps: tuple[asyncio.Task[None], ...] = ()
-    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    upstream: Upstream | None = None
     # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
     filter: ClientFilter | None = None
-    # The WebSocket's HTTP request: server -> browser frames go to its transport directly.
-    request: web.BaseRequest | None = None
+    _relaying: bool = False
+    _closer: asyncio.Task[None] | None = None
+    _browser_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def stop(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, route removed); the first reason wins."""
-        if self.code is None:
-            self.code, self.reason = code, reason
-        for pump in self._pumps:
-            pump.cancel()
+        self._finish(code, reason)
+        self._end()
+
+    def _end(self) -> None:
+        """Wake the handler: drop the server side, close the WebSocket (its receive returns)."""
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.abort()  # also wakes a write waiting for the server's drain
+        if self._relaying and self._closer is None:
+            self._closer = asyncio.create_task(self._close_ws())
 
     async def run(self) -> None:
-        writer: asyncio.StreamWriter | None = None
+        loop = asyncio.get_running_loop()
         if self.view_only or self.idle_timeout:
             self.filter = ClientFilter(view_only=self.view_only)
-        loop = asyncio.get_running_loop()
         if self.max_duration:
             self._timers.append(loop.call_later(
                 self.max_duration, self.stop, closecodes.IDLE_TIMEOUT,
@@ -101,14 +216,19 @@ class Session:
         if self.idle_timeout:
             self._timers.append(loop.call_later(self.idle_timeout, self._check_idle))
         try:
-            reader, writer, greeting = await self._connect()
+            greeting = await self._connect()
             if self.code is None:  # not stopped while connecting
-                await self.ws.send_bytes(greeting)
+                self._write_frame(greeting)
                 self.to_client += len(greeting)
-                await self._pump(reader, writer)
+                upstream = self.upstream
+                assert upstream is not None
+                self._relaying = True
+                upstream.start_relaying()
+                if self.code is None:
+                    await self._client_to_server(upstream)
         except SessionRefused as refused:
             self._finish(refused.code, refused.reason)
-        except ConnectionError:  # sending the greeting: connect errors are SessionRefused
+        except ConnectionError:  # writing to the browser: connect errors are SessionRefused
             self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
         except Exception:
             log.exception("session %s failed", self.route.key)
@@ -116,10 +236,15 @@ class Session:
         finally:
             for timer in self._timers:
                 timer.cancel()
-            if writer is not None:
-                writer.transport.abort()  # nothing useful is left to flush to the server
+            if self._browser_drain is not None:
+                self._browser_drain.cancel()
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.abort()  # nothing useful is left for the server
             self.upstream = None
-            await self._close_ws()
+            if self._closer is not None:
+                await self._closer
+            else:
+                await self._close_ws()
             self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
             self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
 
@@ -140,6 +265,61 @@ class Session:
         if self.code is None:
             self.code, self.reason = code, reason
 
+    # --- server -> browser ------------------------------------------------------------------
+
+    def _write_frame(self, data: bytes) -> None:
+        """One binary frame to the browser, header and payload in one write.
+
+        aiohttp's send_bytes writes a payload over 16 KiB apart from its header: two sends per
+        message (docs/PERFORMANCE.md has the profile). A frame is written whole and
+        synchronously, so aiohttp's own pings and close frame never land inside one.
+        """
+        transport = self.request.transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            raise ConnectionResetError("the viewer's connection is closed")
+        transport.write(binary_frame_header(len(data)) + data)
+
+    def server_data(self, data: bytes) -> None:
+        """A chunk from the VNC server (called by Upstream)."""
+        if self.filter is not None and self.filter.needs_server_bytes:
+            self.filter.server_data(data)
+        try:
+            self._write_frame(data)
+        except ConnectionError:
+            self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
+            self._end()
+            return
+        self.to_client += len(data)
+        protocol = self.request.protocol
+        if protocol is not None and protocol.writing_paused and self._browser_drain is None:
+            # The browser is not keeping up: stop reading the server until it has drained.
+            upstream = self.upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.pause_reading()
+                self._browser_drain = asyncio.create_task(self._wait_for_browser(upstream))
+
+    async def _wait_for_browser(self, upstream: Upstream) -> None:
+        try:
+            await self.request.writer.drain()
+        except ConnectionError:
+            self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
+            self._end()
+            return
+        finally:
+            self._browser_drain = None
+        if upstream.transport is not None and not upstream.closed:
+            upstream.transport.resume_reading()
+
+    def server_closed(self, exc: Exception | None) -> None:
+        """The VNC server ended the connection (called by Upstream)."""
+        if exc is None:
+            self._finish(closecodes.NORMAL, "the VNC server closed the connection")
+        else:
+            self._finish(closecodes.BAD_UPSTREAM, f"connection to the VNC server lost: {exc}")
+        self._end()
+
+    # --- connecting -------------------------------------------------------------------------
+
     async def _allowed_address(self) -> str:
         """Resolve the route's host and refuse if any address is in a denied range.
 
@@ -157,19 +337,17 @@ class Session:
                     f"{self.route.key} resolves to {address}, which this relay may not reach")
         return addresses[0]
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    async def _connect(self) -> bytes:
         route, started = self.route, time.monotonic()
+        loop = asyncio.get_running_loop()
+        upstream = Upstream(self)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 host = await self._allowed_address() if self.settings.deny_networks \
                     else route.host
-                reader, writer = await asyncio.open_connection(
-                    host, route.port, limit=self.settings.read_chunk)
-                try:
-                    greeting = await reader.readexactly(GREETING_LENGTH)
-                except BaseException:
-                    writer.transport.abort()
-                    raise
+                await loop.create_connection(lambda: upstream, host, route.port)
+                self.upstream = upstream
+                greeting = await upstream.greeted
         except TimeoutError:
             raise SessionRefused(
                 closecodes.UPSTREAM_TIMEOUT,
@@ -194,72 +372,17 @@ class Session:
         self.metrics.connect_seconds.observe(time.monotonic() - started)
         version = parse_greeting(greeting)
         if version is None:
-            writer.transport.abort()
             raise SessionRefused(
                 closecodes.BAD_UPSTREAM,
                 f"the server of {route.key} is not a VNC server (no RFB greeting)")
         self.server_version = version
-        self.upstream = (reader, writer)
-        return reader, writer, greeting
+        return greeting
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        to_client = asyncio.create_task(self._server_to_client(reader))
-        to_server = asyncio.create_task(self._client_to_server(writer))
-        self._pumps = (to_client, to_server)
-        try:
-            await asyncio.wait(self._pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in self._pumps:
-                pump.cancel()
-            await asyncio.wait(self._pumps)
-            self._pumps = ()
-        for pump in (to_client, to_server):
-            if not pump.cancelled() and (exc := pump.exception()) is not None:
-                raise exc
+    # --- browser -> server ------------------------------------------------------------------
 
-    async def _server_to_client(self, reader: asyncio.StreamReader) -> None:
-        read, chunk = reader.read, self.settings.read_chunk
-        send: Callable[[bytes], Awaitable[None]] = self.ws.send_bytes
-        if self.request is not None:
-            send = self._frame_sender(self.request)
-        while True:
-            try:
-                data = await read(chunk)
-            except OSError as exc:
-                self._finish(closecodes.BAD_UPSTREAM, f"connection to the VNC server lost: {exc}")
-                return
-            if not data:
-                self._finish(closecodes.NORMAL, "the VNC server closed the connection")
-                return
-            if self.filter is not None and self.filter.needs_server_bytes:
-                self.filter.server_data(data)
-            try:
-                await send(data)  # waits while the browser's transport is over its high water
-            except ConnectionError:
-                self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
-                return
-            self.to_client += len(data)
-
-    def _frame_sender(self, request: web.BaseRequest) -> Callable[[bytes], Awaitable[None]]:
-        """`send_bytes` in one write: header and payload together, then the viewer's drain.
-
-        aiohttp writes a payload over 16 KiB apart from its header: two sends per message, the
-        costliest line of the server -> browser loop (docs/PERFORMANCE.md has the profile).
-        A frame is written whole and synchronously, so aiohttp's own pings and close frame
-        never land inside one; after the close frame nothing more is sent.
-        """
-        transport, drain, ws = request.transport, request.writer.drain, self.ws
-
-        async def send(data: bytes) -> None:
-            if transport is None or transport.is_closing() or ws.closed:
-                raise ConnectionResetError("Cannot write to closing transport")
-            transport.write(binary_frame_header(len(data)) + data)
-            await drain()  # waits while the browser's transport is over its high water
-
-        return send
-
-    async def _client_to_server(self, writer: asyncio.StreamWriter) -> None:
-        receive, write, drain = self.ws.receive, writer.write, writer.drain
+    async def _client_to_server(self, upstream: Upstream) -> None:
+        assert upstream.transport is not None
+        receive, write, drain = self.ws.receive, upstream.transport.write, upstream.drain
         while True:
             msg = await receive()
             if msg.type is WSMsgType.BINARY:

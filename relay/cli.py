@@ -13,10 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubernetes.config.config_exception import ConfigException
-
 from relay import links, logs
 from relay.auth import hash_secret
+from relay.kube import KubeConfigError
 from relay.manifests import ManifestError, load_routes
 from relay.server import RelayServer
 from relay.settings import RelaySettings, settings_from_args
@@ -122,9 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"vncgate-relay: cannot listen: {exc}", file=sys.stderr)
         return 1
-    except ConfigException as exc:
-        print(f"vncgate-relay: cannot reach the Kubernetes API for authorization: {exc}; give "
-              "--kubeconfig, or --authorization manifest", file=sys.stderr)
+    except KubeConfigError as exc:
+        print(f"vncgate-relay: no credentials for the Kubernetes API ({exc}): give "
+              "--kubeconfig, or --authorization manifest and no --lease-namespace",
+              file=sys.stderr)
         return 2
     return 0
 

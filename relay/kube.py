@@ -17,6 +17,10 @@ from typing import Any
 import aiohttp
 
 
+class KubeConfigError(Exception):
+    """No usable credentials for the Kubernetes API (no kubeconfig, not in a pod)."""
+
+
 class KubeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -41,15 +45,20 @@ class KubeConnection:
 
 def kube_connection(kubeconfig: Path | None) -> KubeConnection:
     """Credentials from a kubeconfig file, or the pod's own ServiceAccount in a cluster."""
+    # Imported here: the kubernetes package costs ~20 MiB, which a standalone relay never needs.
     from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
 
     configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
+    try:
+        if kubeconfig is not None:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration)
+    except (ConfigException, OSError) as exc:
+        raise KubeConfigError(str(exc)) from None
     context: ssl.SSLContext | bool = False
     if configuration.host.startswith("https"):
         if configuration.verify_ssl:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from relay import closecodes
 from relay.access import (
@@ -55,17 +54,10 @@ LIST_CONCURRENCY = 20
 HEARTBEAT = 30.0
 
 
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        response = exc
-        response.headers.update(SECURITY_HEADERS)
-        raise
-    if not response.prepared:
-        response.headers.update(SECURITY_HEADERS)
-    return response
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, errors included. A signal rather than a middleware: a middleware's
+    frame would stay alive for the whole of every WebSocket session."""
+    response.headers.update(SECURITY_HEADERS)
 
 
 def render(template: str, **values: str) -> str:
@@ -327,7 +319,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def make_public_app(state: RelayState) -> web.Application:
-    app = web.Application(middlewares=[security_headers])
+    app = web.Application()
+    app.on_response_prepare.append(security_headers)
     app[STATE] = state
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)

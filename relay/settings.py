@@ -65,8 +65,6 @@ class RelaySettings:
     max_message_size: int = 4 * 1024 * 1024
     max_sessions: int = 10_000
     max_sessions_per_target: int = 100
-    # Chunk size of reads from the VNC server: bounds memory per direction of each session.
-    read_chunk: int = 64 * 1024
     # In a cluster, /readyz waits for the operator's first full table.
     wait_for_sync: bool = False
     # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).

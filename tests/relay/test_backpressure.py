@@ -29,11 +29,9 @@ def only_session(relay: RelayServer) -> Session:
 
 def relay_buffered(session: Session) -> int:
     """Bytes this session holds inside the relay process right now."""
-    public = session.ws._req.transport  # type: ignore[union-attr]
-    assert session.upstream is not None
-    reader, writer = session.upstream
-    return (public.get_write_buffer_size() + len(reader._buffer)  # type: ignore[attr-defined]
-            + writer.transport.get_write_buffer_size())
+    public = session.request.transport
+    assert public is not None and session.upstream is not None
+    return public.get_write_buffer_size() + session.upstream.buffered()
 
 
 async def sample_until_stable(value: object, rounds: int = 20, interval: float = 0.25) -> int:
