@@ -102,7 +102,7 @@ class ClientFilter:
         """RFB 3.3 only: the security type comes from the server, so peek at its stream."""
         return self._minor == 3 and self._server_type is None
 
-    def server_data(self, data: bytes) -> None:
+    def server_data(self, data: bytes | memoryview) -> None:
         """Server-to-viewer bytes after the 12-byte greeting, while `needs_server_bytes`."""
         self._server_bytes += data[: 4 - len(self._server_bytes)]
         if len(self._server_bytes) == 4:
