@@ -242,10 +242,14 @@ def build_registry(config: OperatorSettings, *,
         return {"replicas": len(runtime.fleet.urls), "failing": len(runtime.fleet.failures)}
 
     # -- indexes -----------------------------------------------------------------------------
+    # Every handler below is `async def` though none awaits: kopf runs a sync handler in its thread
+    # pool, which costs two thread hops per watch event (the indexes see every event of every
+    # object), and would call `Runtime.wake`/`views_ready` (asyncio.Event.set) off the loop's
+    # thread, where asyncio's primitives are not safe to touch.
 
     @kopf.index(*target_resource, registry=registry, id="vnctargets")
-    def index_target(*, namespace: str | None, name: str, body: kopf.Body,
-                     **_: Any) -> dict[tuple[str, str], IndexedTarget] | None:
+    async def index_target(*, namespace: str | None, name: str, body: kopf.Body,
+                           **_: Any) -> dict[tuple[str, str], IndexedTarget] | None:
         namespace = namespace or ""  # namespaced resources always have one
         if body.get("metadata", {}).get("deletionTimestamp"):
             return None  # leaving: not in the desired table any more
@@ -256,8 +260,8 @@ def build_registry(config: OperatorSettings, *,
         return {(namespace, name): IndexedTarget(spec)}
 
     @kopf.index(*target_resource, registry=registry, id="targets_by_service")
-    def index_target_service(*, namespace: str | None, name: str, body: kopf.Body,
-                             **_: Any) -> dict[tuple[str, str], str] | None:
+    async def index_target_service(*, namespace: str | None, name: str, body: kopf.Body,
+                                   **_: Any) -> dict[tuple[str, str], str] | None:
         namespace = namespace or ""  # namespaced resources always have one
         try:
             spec = parse_target_spec(body.get("spec"))
@@ -268,14 +272,14 @@ def build_registry(config: OperatorSettings, *,
         return None
 
     @kopf.index("v1", "services", registry=registry, id="services")
-    def index_service(*, namespace: str | None, name: str, body: kopf.Body,
-                      **_: Any) -> dict[tuple[str, str], ServiceInfo]:
+    async def index_service(*, namespace: str | None, name: str, body: kopf.Body,
+                            **_: Any) -> dict[tuple[str, str], ServiceInfo]:
         namespace = namespace or ""  # namespaced resources always have one
         return {(namespace, name): service_info(body)}
 
     @kopf.on.event("v1", "services", registry=registry)
-    def service_changed(*, type: str, namespace: str | None, name: str, memo: Any,
-                        **kwargs: Any) -> None:
+    async def service_changed(*, type: str, namespace: str | None, name: str, memo: Any,
+                              **kwargs: Any) -> None:
         namespace = namespace or ""  # namespaced resources always have one
         runtime = _runtime(memo)
         runtime.views_ready()
@@ -293,12 +297,12 @@ def build_registry(config: OperatorSettings, *,
 
         @kopf.index("discovery.k8s.io", "v1", "endpointslices", registry=registry,
                     id="relay_slices", **slice_filters)
-        def index_relay_slice(*, body: kopf.Body, **_: Any) -> dict[str, tuple[str, ...]]:
+        async def index_relay_slice(*, body: kopf.Body, **_: Any) -> dict[str, tuple[str, ...]]:
             return {"relays": relay_urls_from_slice(body, config.relay_port)}
 
         @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry,
                        **slice_filters)
-        def relay_slice_changed(*, memo: Any, **_: Any) -> None:
+        async def relay_slice_changed(*, memo: Any, **_: Any) -> None:
             runtime = _runtime(memo)
             before = runtime.fleet.urls
             runtime.views_ready()  # refreshes the replica set; a new replica kicks a resync
