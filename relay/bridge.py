@@ -480,6 +480,10 @@ class Sessions:
     def for_target(self, key: str) -> list[Session]:
         return list(self._by_target.get(key, ()))
 
+    def by_target(self) -> dict[str, list[Session]]:
+        """The open sessions, by target; targets without sessions are absent."""
+        return {key: list(group) for key, group in self._by_target.items()}
+
     def find(self, key: str, session_id: str) -> Session | None:
         for session in self._by_target.get(key, ()):
             if session.session_id == session_id:

@@ -34,6 +34,7 @@ class TableSnapshot:
     # Who is viewing each target on this replica (user names, or "anonymous").
     viewers: dict[str, list[str]] = field(default_factory=dict)
     synced: bool = False
+    route_count: int = 0
 
 
 class RelayClient:
@@ -83,4 +84,14 @@ class RelayClient:
             snapshot.routes[route.key] = route
             snapshot.sessions[route.key] = int(item.get("activeSessions", 0))
             snapshot.viewers[route.key] = [str(v) for v in item.get("viewers", [])]
+        snapshot.route_count = len(snapshot.routes)
         return snapshot
+
+    async def get_summary(self) -> TableSnapshot:
+        """Revision, route count and sessions only (no routes): what a resync needs to compare."""
+        reply = await self._request("GET", "/api/v1/targets?view=summary")
+        return TableSnapshot(
+            revision=str(reply["revision"]), synced=bool(reply.get("synced")),
+            route_count=int(reply.get("routes", 0)),
+            sessions={str(k): int(v) for k, v in reply.get("sessions", {}).items()},
+            viewers={str(k): [str(u) for u in v] for k, v in reply.get("viewers", {}).items()})

@@ -111,7 +111,19 @@ async def replace_targets(request: web.Request) -> web.StreamResponse:
 
 
 async def list_targets(request: web.Request) -> web.StreamResponse:
+    """The table; `?view=summary`: only its revision and who views what.
+
+    The operator's periodic resync reads the summary, O(open sessions) instead of O(routes):
+    at 100,000 routes the full table is ~18 MB per replica per pass.
+    """
     state = request.app[STATE]
+    if request.query.get("view") == "summary":
+        viewing = state.sessions.by_target()
+        return web.json_response({
+            "revision": state.registry.revision, "synced": state.registry.synced,
+            "routes": len(state.registry),
+            "sessions": {key: len(group) for key, group in viewing.items()},
+            "viewers": {key: sorted({s.user for s in group}) for key, group in viewing.items()}})
     targets = []
     for route in state.registry:
         item = route.to_json()

@@ -147,14 +147,14 @@ class RelayFleet:
         """Make one replica hold exactly `desired`; sends the table only when revisions differ."""
         client = self._client(url)
         try:
-            snapshot = await client.get_table()
+            snapshot = await client.get_summary()
             self._sessions[url] = snapshot.sessions
             self._viewers[url] = snapshot.viewers
             if only_if_unsynced and snapshot.synced:
                 return False
             if snapshot.revision != revision or not snapshot.synced:
                 logger.info("relay %s holds %d routes (revision %s…), want %d (%s…): replacing "
-                            "its table", url, len(snapshot.routes), snapshot.revision[:12],
+                            "its table", url, snapshot.route_count, snapshot.revision[:12],
                             len(desired), revision[:12])
                 got = await client.replace_table(desired)
                 if got != revision:

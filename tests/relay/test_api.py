@@ -174,3 +174,22 @@ async def test_readyz_waits_for_the_first_full_table(make_relay: RelayFactory,
         await RelayClient(http, relay.internal_url, API_TOKEN).replace_table([])
         async with http.get(f"{relay.public_url}/readyz") as resp:
             assert resp.status == 200
+
+
+async def test_summary_view_carries_revision_and_sessions_only(
+        make_relay: RelayFactory, http: aiohttp.ClientSession) -> None:
+    from tests.support.servers import TcpServer, echo_rfb
+
+    async with TcpServer(echo_rfb) as server, make_relay() as relay:
+        routes = [Route("lab", "desk", "127.0.0.1", server.port),
+                  Route("lab", "idle", "127.0.0.1", server.port)]
+        client = RelayClient(http, relay.internal_url, API_TOKEN)
+        await client.replace_table(routes)
+        async with http.ws_connect(f"{relay.public_url}/t/lab/desk/websockify") as ws:
+            await ws.receive_bytes(timeout=5)
+            summary = await client.get_summary()
+        assert summary.revision == table_revision(routes)
+        assert summary.synced and summary.route_count == 2
+        assert summary.routes == {}
+        assert summary.sessions == {"lab/desk": 1}
+        assert summary.viewers == {"lab/desk": ["anonymous"]}
