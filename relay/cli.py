@@ -19,7 +19,7 @@ from relay.kube import KubeConfigError
 from relay.manifests import ManifestError, load_routes
 from relay.server import RelayServer
 from relay.settings import RelaySettings, settings_from_args
-from relay.spec import SpecError, check_name, check_namespace, parse_duration
+from relay.spec import SpecError, check_key, parse_duration
 
 log = logging.getLogger("vncgate.relay")
 
@@ -63,8 +63,7 @@ def link_main(argv: Sequence[str]) -> int:
     try:
         if not slash:
             raise ValueError(f"{args.target!r}: write NAMESPACE/NAME")
-        check_namespace(namespace, "namespace")
-        check_name(name, "name")
+        check_key(namespace, name)
         ttl = parse_duration(args.ttl, "--ttl")
         paths = args.link_key_file or [Path(p) for p in os.environ.get(
             "VNCGATE_LINK_KEY_FILE", "").split(",") if p.strip()]

@@ -16,8 +16,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import links
+from relay.bridge import Session
 from relay.model import route_from_json, table_from_json
-from relay.spec import SpecError, check_name, check_namespace, parse_duration
+from relay.spec import SpecError, check_key, parse_duration
 from relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.api")
@@ -58,8 +59,7 @@ async def _json_body(request: web.Request) -> Any:
 
 def _path_key(request: web.Request) -> tuple[str, str]:
     try:
-        return (check_namespace(request.match_info["namespace"], "namespace"),
-                check_name(request.match_info["name"], "name"))
+        return check_key(request.match_info["namespace"], request.match_info["name"])
     except SpecError as exc:
         raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
                                  content_type="application/json") from None
@@ -117,21 +117,26 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
     at 100,000 routes the full table is ~18 MB per replica per pass.
     """
     state = request.app[STATE]
+    viewing = state.sessions.by_target()
     if request.query.get("view") == "summary":
-        viewing = state.sessions.by_target()
         return web.json_response({
             "revision": state.registry.revision, "synced": state.registry.synced,
             "routes": len(state.registry),
             "sessions": {key: len(group) for key, group in viewing.items()},
-            "viewers": {key: sorted({s.user for s in group}) for key, group in viewing.items()}})
+            "viewers": {key: _viewers(group) for key, group in viewing.items()}})
     targets = []
     for route in state.registry:
         item = route.to_json()
-        item["activeSessions"] = state.sessions.count_for(route.key)
-        item["viewers"] = sorted({s.user for s in state.sessions.for_target(route.key)})
+        group = viewing.get(route.key, [])
+        item["activeSessions"] = len(group)
+        item["viewers"] = _viewers(group)
         targets.append(item)
     return web.json_response({"revision": state.registry.revision,
                               "synced": state.registry.synced, "targets": targets})
+
+
+def _viewers(sessions: list[Session]) -> list[str]:
+    return sorted({session.user for session in sessions})
 
 
 async def mint_link(request: web.Request) -> web.StreamResponse:
@@ -144,8 +149,7 @@ async def mint_link(request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
     try:
-        namespace = check_namespace(body.get("namespace"), "namespace")
-        name = check_name(body.get("name"), "name")
+        namespace, name = check_key(body.get("namespace"), body.get("name"))
         ttl = parse_duration(str(body.get("ttl", "1h")), "ttl")
         view_only, once = body.get("viewOnly", False), body.get("once", False)
         if not isinstance(view_only, bool) or not isinstance(once, bool):

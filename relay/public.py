@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import logging
@@ -30,7 +31,7 @@ from relay.auth import Identity
 from relay.bridge import Session
 from relay.consoles import Holder
 from relay.model import Route
-from relay.spec import SpecError, check_name, check_namespace
+from relay.spec import SpecError, check_key
 from relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.session")
@@ -65,14 +66,18 @@ def render(template: str, **values: str) -> str:
 
     The values are HTML already: every caller escapes what it puts in.
     """
-    text = (TEMPLATES / template).read_text(encoding="utf-8")
-    return _SLOT.sub(lambda m: values[m.group(1)], text)
+    return _SLOT.sub(lambda m: values[m.group(1)], _template(template))
+
+
+@functools.cache
+def _template(name: str) -> str:
+    """Read once per process, not on every page view."""
+    return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
 def _target_key(request: web.Request) -> tuple[str, str]:
     try:
-        return (check_namespace(request.match_info["namespace"], "namespace"),
-                check_name(request.match_info["name"], "name"))
+        return check_key(request.match_info["namespace"], request.match_info["name"])
     except SpecError as exc:
         raise web.HTTPNotFound(text=f"no such target: {exc}") from None
 

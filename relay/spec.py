@@ -142,6 +142,11 @@ def check_name(value: object, field: str = "metadata.name") -> str:
     return value
 
 
+def check_key(namespace: object, name: object) -> tuple[str, str]:
+    """A target's key as a path, a flag or a request names it: (namespace, name)."""
+    return check_namespace(namespace, "namespace"), check_name(name, "name")
+
+
 def check_host(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(field, "give a DNS name or an IP address, "
