@@ -80,11 +80,17 @@ class RelayFleet:
         """Run the full resync now instead of at the end of the interval."""
         self._kick.set()
 
-    def sessions(self, key: str) -> int:
+    def sessions(self, key: str) -> int | None:
+        """Open sessions over every replica; None until a replica's table was read."""
+        if not self._sessions:
+            return None
         return sum(table.get(key, 0) for table in self._sessions.values())
 
-    def viewers(self, key: str) -> str:
-        """Who is viewing, over every replica: "alice, bob", at most 256 characters."""
+    def viewers(self, key: str) -> str | None:
+        """Who is viewing, over every replica: "alice, bob", at most 256 characters; None until
+        a replica's table was read."""
+        if not self._viewers:
+            return None
         names = sorted({name for table in self._viewers.values() for name in table.get(key, [])})
         text = ", ".join(names)
         return text if len(text) <= 256 else text[:250] + ", ..."
@@ -124,8 +130,10 @@ class RelayFleet:
             self.kick()
         return result
 
-    def registration(self, route: Route) -> Registration:
-        """The Registered condition of a route, from what the fleet last saw."""
+    def registration(self, route: Route) -> Registration | None:
+        """The Registered condition of a route, from what the fleet last saw; None while it
+        cannot know (after a restart, before the first full resync): keep what status says,
+        rather than flap a Ready target to Pending and back."""
         if not self.urls:
             return Registration(False, "NoRelayReplicas",
                                 "no relay replica is known: check that the relay pods run "
@@ -137,6 +145,8 @@ class RelayFleet:
                                 f"answer ({self.failures[failing[0]]}); the operator retries at "
                                 "every resync")
         if self.confirmed.get(route.key) != route:
+            if not self.synced_once.is_set():
+                return None
             return Registration(False, "NotRegistered", "waiting for the next resync")
         return Registration(True, "Registered",
                             f"route {route.address} served by {len(self.urls)} relay "
