@@ -202,6 +202,15 @@ def build_registry(config: OperatorSettings, *,
     registry = kopf.OperatorRegistry()
     target_resource = (API_GROUP, API_VERSION, PLURAL)
 
+    # A bare OperatorRegistry has none of the login handlers that kopf's default registry adds,
+    # and without one the operator cannot authenticate at all. This is kopf's own login: the
+    # pod's ServiceAccount (token and CA files, KUBERNETES_SERVICE_HOST), else the kubeconfig
+    # ($KUBECONFIG or ~/.kube/config). Errors are ignored as kopf ignores them for its own
+    # fallbacks, so that another login handler (the emulator tests add one) can still succeed.
+    @kopf.on.login(registry=registry, errors=kopf.ErrorsMode.IGNORED)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
         # kopf's progress and diff-base go to annotations so that status stays ours and
