@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,28 +44,89 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         pytest.skip(str(exc))
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane")).start()
     try:
-        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/vnctargets.vncgate.io")
-        # The OpenAPI document (kubectl explain, client-side field validation) follows a few
-        # seconds after Established.
-        wait_until(lambda: plane.kubectl("explain", "vnctargets", check=False).returncode == 0,
-                   "the VncTarget schema in the API server's OpenAPI document")
         yield plane
     finally:
         plane.close()
 
 
 @pytest.fixture
-def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+def crd(control_plane: ControlPlane) -> ControlPlane:
+    """The VncTarget CRD installed and served (the uninstall test deletes it; this puts it back)."""
+    plane = control_plane
+    if plane.kubectl("get", "crd", "vnctargets.vncgate.io", check=False).returncode != 0:
+        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/vnctargets.vncgate.io")
+    # The OpenAPI document (kubectl explain, client-side field validation) follows a few
+    # seconds after Established.
+    wait_until(lambda: plane.kubectl("explain", "vnctargets", check=False).returncode == 0,
+               "the VncTarget schema in the API server's OpenAPI document")
+    return plane
+
+
+@pytest.fixture
+def namespace(crd: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
     name = f"t{next(_namespaces)}-{request.node.name.lower()[:40]}".replace("_", "-").rstrip("-")
     name = "".join(c for c in name if c.isalnum() or c == "-")[:63].rstrip("-")
-    control_plane.kubectl("create", "namespace", name)
+    crd.kubectl("create", "namespace", name)
     yield name
-    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    crd.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+HELM = ROOT / ".tools" / "helm" / "helm"
+CHART = ROOT / "charts" / "vncgate"
+
+
+def helm(plane: ControlPlane, home: Path, *args: str) -> str:
+    result = subprocess.run(
+        [str(HELM), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "KUBECONFIG": str(plane.admin_kubeconfig), "HOME": str(home)})
+    if result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+@dataclass(frozen=True)
+class Release:
+    """The chart installed for real (release `vncgate`): its RBAC, ServiceAccounts, Secrets."""
+
+    plane: ControlPlane
+    namespace: str
+    home: Path
+
+    @property
+    def operator_account(self) -> str:
+        return "vncgate-operator"
+
+    @property
+    def relay_account(self) -> str:
+        return "vncgate-relay"
+
+
+@pytest.fixture(scope="module")
+def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Release]:
+    """`helm install` of the chart into a namespace of this test module; uninstalled after."""
+    if not HELM.exists():
+        pytest.fail(f"helm is not at {HELM}: run scripts/setup")
+    plane = control_plane
+    if plane.kubectl("get", "crd", "vnctargets.vncgate.io", check=False).returncode != 0:
+        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/vnctargets.vncgate.io")
+    namespace = "vncgate-" + request.module.__name__.rsplit(".", 1)[-1].removeprefix(
+        "test_").replace("_", "-")
+    home = tmp_path_factory.mktemp("helm-home")
+    helm(plane, home, "install", "vncgate", str(CHART), "--namespace", namespace,
+         "--create-namespace", "--set", "ingress.host=vnc.example.com")
+    try:
+        yield Release(plane, namespace, home)
+    finally:
+        helm(plane, home, "uninstall", "vncgate", "--namespace", namespace)
+        plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

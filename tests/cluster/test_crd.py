@@ -15,19 +15,19 @@ def target(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
-def test_crd_is_established_with_printer_columns(control_plane: ControlPlane) -> None:
-    crd = control_plane.get("crd", "vnctargets.vncgate.io")
-    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+def test_crd_is_established_with_printer_columns(crd: ControlPlane) -> None:
+    stored = crd.get("crd", "vnctargets.vncgate.io")
+    conditions = {c["type"]: c["status"] for c in stored["status"]["conditions"]}
     assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
-    resources = control_plane.kubectl("api-resources", "--api-group=vncgate.io").stdout
+    resources = crd.kubectl("api-resources", "--api-group=vncgate.io").stdout
     assert "vnctargets" in resources and "vnc" in resources.split()
 
 
-def test_explain_documents_the_fields(control_plane: ControlPlane) -> None:
-    spec = control_plane.kubectl("explain", "vnctargets.spec").stdout
+def test_explain_documents_the_fields(crd: ControlPlane) -> None:
+    spec = crd.kubectl("explain", "vnctargets.spec").stdout
     for field in ("endpoint", "displayName", "viewOnly", "access", "sessions"):
         assert field in spec
-    endpoint = control_plane.kubectl("explain", "vnctargets.spec.endpoint").stdout
+    endpoint = crd.kubectl("explain", "vnctargets.spec.endpoint").stdout
     assert "Set exactly one of service" in endpoint
 
 

@@ -42,7 +42,13 @@ class XvncServer:
     """Start with `with XvncServer() as vnc:`; `vnc.port` is the RFB port on 127.0.0.1."""
 
     def __init__(self, geometry: str = "800x600", colour: str = "#ff0000",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, interface: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        # `interface` and `port` stand a server in for a Service's cluster IP and port (e.g.
+        # 127.0.0.2:5900): only loopback addresses, never another network.
+        assert interface.startswith("127."), "tests only listen on loopback"
+        self.interface = interface
+        self.fixed_port = port
         self.geometry = geometry
         self.colour = colour
         self.log_path = log_path
@@ -57,11 +63,13 @@ class XvncServer:
                                "(it installs tigervnc-standalone-server)")
         for _attempt in range(5):
             self.display = _free_display()
-            self.port = 5900 + self.display
+            self.port = self.fixed_port or 5900 + self.display
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            where = (["-localhost"] if self.interface == "127.0.0.1"
+                     else ["-interface", self.interface])
             self._proc = subprocess.Popen(
                 [XVNC, f":{self.display}", "-rfbport", str(self.port), "-SecurityTypes", "None",
-                 "-geometry", self.geometry, "-localhost", "-AlwaysShared", "-nolisten", "tcp"],
+                 "-geometry", self.geometry, *where, "-AlwaysShared", "-nolisten", "tcp"],
                 stdout=log, stderr=log, start_new_session=True)
             if self._wait_ready(timeout):
                 self.paint(self.colour)
@@ -75,7 +83,7 @@ class XvncServer:
             if self._proc is None or self._proc.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                with socket.create_connection((self.interface, self.port), timeout=1) as conn:
                     conn.settimeout(2)
                     if conn.recv(12).startswith(b"RFB "):
                         return True

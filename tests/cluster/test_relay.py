@@ -1,0 +1,209 @@
+"""`vncgate-relay` with the chart's relay ServiceAccount, against a real API server:
+SubjectAccessReviews decide who may open a console, exclusive consoles are Leases shared by two
+relay processes, and the API server's resourceVersion check is what makes a takeover race safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from relay.consoles import Holder, KubeConsoles
+from relay.kube import KubeClient, KubeError, kube_connection
+from relay.model import Route
+from relay.spec import SessionPolicy
+from tests.cluster.conftest import Release
+from tests.support.cluster import free_port, wait_until
+from tests.support.processes import ConsoleScript
+from tests.support.xvnc import XvncServer
+
+USERS = {
+    "alice": {"secret": "alice-secret-0123456789", "groups": ["lab-team"]},
+    "bob": {"secret": "bob-secret-0123456789", "groups": []},
+    "carol": {"secret": "carol-secret-0123456789", "groups": ["lab-team"]},
+}
+
+
+def relay_process(release: Release, workdir: Path, *args: str) -> tuple[ConsoleScript, int]:
+    """A relay on loopback, authenticated to the API server as the chart's relay account."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    kubeconfig = release.plane.service_account_kubeconfig(
+        workdir / "kubeconfig", release.namespace, release.relay_account)
+    public = free_port()
+    script = ConsoleScript("vncgate-relay", [
+        f"--listen=127.0.0.1:{public}", f"--internal-listen=127.0.0.1:{free_port()}",
+        f"--kubeconfig={kubeconfig}", "--log-format=json", *args], workdir)
+    return script, public
+
+
+async def open_console(port: int, target: str, token: str | None = None
+                       ) -> tuple[bytes | None, int | None, str]:
+    """The first RFB bytes, or the close code and reason the relay ended with."""
+    headers = {"Origin": f"http://127.0.0.1:{port}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"http://127.0.0.1:{port}/t/{target}/websockify", protocols=("binary",),
+            headers=headers) as ws:
+        message = await ws.receive(timeout=20)
+        if message.type == aiohttp.WSMsgType.BINARY:
+            return bytes(message.data), None, ""
+        return None, ws.close_code, str(message.extra or "")
+
+
+@pytest.fixture
+def sar_relay(release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path
+              ) -> Iterator[tuple[ConsoleScript, int]]:
+    users = tmp_path / "users.yaml"
+    users.write_text(yaml.safe_dump(USERS))
+    release.plane.kubectl("create", "rolebinding", "lab-team-viewers", "-n", namespace,
+                          "--clusterrole=vncgate-viewer", "--group=lab-team")
+    script, port = relay_process(
+        release, tmp_path / "relay", "--auth=token", f"--users-file={users}",
+        "--authorization=kubernetes", f"--target={namespace}/desk=127.0.0.1:{xvnc.port}",
+        f"--target={namespace}/other=127.0.0.1:{xvnc.port}")
+    with script:
+        script.wait_for_log("relay listening")
+        yield script, port
+
+
+def test_subject_access_reviews_decide(release: Release, namespace: str,
+                                       sar_relay: tuple[ConsoleScript, int]) -> None:
+    script, port = sar_relay
+    data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
+                                                  USERS["alice"]["secret"]))
+    assert data is not None and data.startswith(b"RFB 003.00"), (code, reason, script.log())
+
+    data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
+                                                  USERS["bob"]["secret"]))
+    assert data is None and code == 4403, (code, reason)
+    assert "vncgate-viewer" in reason and namespace in reason
+
+
+def test_an_api_server_that_is_down_denies(release: Release, namespace: str,
+                                           sar_relay: tuple[ConsoleScript, int]) -> None:
+    script, port = sar_relay
+    plane = release.plane
+    plane.stop_apiserver()
+    try:
+        # carol is allowed by RBAC, but nothing about her is cached: the relay cannot ask.
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/other",
+                                                      USERS["carol"]["secret"]))
+        assert data is None and code == 4403, (code, reason)
+        assert "could not check your access" in reason
+    finally:
+        plane.start_apiserver()
+    data, code, reason = asyncio.run(open_console(port, f"{namespace}/other",
+                                                  USERS["carol"]["secret"]))
+    assert data is not None, (code, reason, script.log()[-2000:])
+
+
+def exclusive_manifest(path: Path, namespace: str, port: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {"name": "console", "namespace": namespace},
+        "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": port}},
+                 "sessions": {"mode": "exclusive", "takeover": "deny"}}}))
+    return path
+
+
+def test_exclusive_consoles_across_two_relay_processes(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    manifest = exclusive_manifest(tmp_path / "console.yaml", namespace, xvnc.port)
+    common = ("--auth=none", "--authorization=manifest", f"--targets={manifest}",
+              f"--lease-namespace={release.namespace}")
+    relay_a, port_a = relay_process(release, tmp_path / "a", *common, "--identity=relay-a")
+    relay_b, port_b = relay_process(release, tmp_path / "b", *common, "--identity=relay-b")
+    plane = release.plane
+    with relay_a, relay_b:
+        relay_a.wait_for_log("relay listening")
+        relay_b.wait_for_log("relay listening")
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as session, session.ws_connect(
+                    f"http://127.0.0.1:{port_a}/t/{namespace}/console/websockify",
+                    protocols=("binary",), headers={"Origin": f"http://127.0.0.1:{port_a}"}
+                    ) as holder:
+                first = await holder.receive(timeout=20)
+                assert first.type == aiohttp.WSMsgType.BINARY, (first, relay_a.log()[-2000:])
+                lease = plane.get("lease", f"vnc-{namespace}-console", "-n", release.namespace)
+                assert lease["spec"]["holderIdentity"] == "relay-a"
+                data, code, reason = await open_console(port_b, f"{namespace}/console")
+                assert data is None and code == 4409, (code, reason)
+                assert "in use" in reason.lower() or "holds" in reason.lower(), reason
+            # The holder left: its Lease is released and the other replica's viewer gets in.
+            deadline = time.monotonic() + 30
+            while True:
+                data, code, reason = await open_console(port_b, f"{namespace}/console")
+                if data is not None or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert data is not None, (code, reason)
+
+        asyncio.run(scenario())
+        replicas = plane.kubectl("get", "leases", "-n", release.namespace, "-o", "name").stdout
+        assert "vncgate-relay-relay-a" in replicas and "vncgate-relay-relay-b" in replicas
+
+
+def _route(namespace: str) -> Route:
+    return Route(namespace=namespace, name="race", host="127.0.0.1", port=5900,
+                 sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+
+
+def test_a_stale_resource_version_is_refused_and_races_have_one_winner(
+        release: Release, namespace: str, tmp_path: Path) -> None:
+    kubeconfig = release.plane.service_account_kubeconfig(
+        tmp_path / "kubeconfig", release.namespace, release.relay_account)
+
+    async def scenario() -> list[int]:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{release.namespace}/leases"
+        client = KubeClient(kube_connection(kubeconfig))
+        try:
+            created = await client.request("POST", path, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "stale-check"}, "spec": {"holderIdentity": "one"}})
+            stale = created["metadata"]["resourceVersion"]
+            await client.request("PATCH", f"{path}/stale-check",
+                                 {"spec": {"holderIdentity": "two"}})
+            with pytest.raises(KubeError) as refused:
+                await client.request("PATCH", f"{path}/stale-check", {
+                    "metadata": {"resourceVersion": stale}, "spec": {"holderIdentity": "three"}})
+            assert refused.value.status == 409
+        finally:
+            await client.close()
+
+        # Two replicas claim the same console at the same moment, again and again.
+        one = KubeConsoles(KubeClient(kube_connection(kubeconfig)), release.namespace, "one")
+        two = KubeConsoles(KubeClient(kube_connection(kubeconfig)), release.namespace, "two")
+        await one.start(lambda *_: None)
+        await two.start(lambda *_: None)
+        winners: list[int] = []
+        try:
+            route = _route(namespace)
+            for round_ in range(10):
+                claims = [Holder(replica=r.identity, session_id=f"{r.identity}-{round_}",
+                                 user="u", client="c", since=time.time()) for r in (one, two)]
+                results: list[Any] = await asyncio.gather(
+                    one.acquire(route, claims[0], lambda holder: False),
+                    two.acquire(route, claims[1], lambda holder: False))
+                assert sum(result is None for result in results) == 1, results
+                winner = results.index(None)
+                winners.append(winner)
+                await (one, two)[winner].release(route, claims[winner])
+        finally:
+            await one.close()
+            await two.close()
+        return winners
+
+    winners = asyncio.run(scenario())
+    assert len(winners) == 10
+    wait_until(lambda: "vnc-" not in release.plane.kubectl(
+        "get", "leases", "-n", release.namespace, "-o", "name").stdout,
+        "every console Lease released", timeout=10)
