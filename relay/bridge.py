@@ -232,6 +232,8 @@ class Session:
             self._timers.append(loop.call_later(self.idle_timeout, self._check_idle))
         try:
             greeting = await self._connect()
+            if self.filter is not None:  # it follows the version the server greets with
+                self.filter.server_greeting(greeting)
             if self.code is None:  # not stopped while connecting
                 transport = self.request.transport
                 if transport is not None:
