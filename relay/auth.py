@@ -289,13 +289,23 @@ class Revoked:
 
 # --- trusted proxies and client addresses ---------------------------------------------------
 
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:
-    networks = []
+    """CIDRs; one written in the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 range,
+    as addresses are folded before they are checked (`address_in`)."""
+    networks: list[Network] = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise AuthConfigError(f"{flag} {value!r} is not a CIDR like 10.0.0.0/8") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 
