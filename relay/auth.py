@@ -289,7 +289,7 @@ class Revoked:
 
 # --- trusted proxies and client addresses ---------------------------------------------------
 
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:
