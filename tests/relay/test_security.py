@@ -358,7 +358,7 @@ async def test_sign_out_revokes_the_cookie_and_ends_its_sessions(relay: RelaySer
 # --- 8. one derivation per sign-in, whatever the name ------------------------------------------
 
 async def test_every_failed_sign_in_costs_one_derivation(
-        relay: RelayServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real_scrypt = hashlib.scrypt
 
@@ -367,11 +367,11 @@ async def test_every_failed_sign_in_costs_one_derivation(
         return real_scrypt(*args, **kwargs)
 
     monkeypatch.setattr(hashlib, "scrypt", counting_scrypt)
-    relay.state.settings.auth.users["carol"] = User(
-        "carol", "sha256$" + hashlib.sha256(b"carol-token-0123456789").hexdigest())
+    carol = User("carol", "sha256$" + hashlib.sha256(b"carol-token-0123456789").hexdigest())
+    auth = AuthSettings(mode="token", users={**USERS, "carol": carol}, session_secret=b"s" * 32)
     dummy_hash()  # made once per process; not part of any one sign-in
     costs = {}
-    async with jar_session() as http:
+    async with make_relay(auth=auth) as relay, jar_session() as http:
         for name in ("alice", "nobody", "carol"):  # scrypt entry, unknown, sha256 entry
             before = len(calls)
             assert (await sign_in(http, relay, name, "wrong password!")).status == 401
