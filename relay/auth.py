@@ -12,7 +12,9 @@ Share links (`relay.links`) admit a viewer to one target in every mode.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -20,9 +22,11 @@ import json
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -50,6 +54,11 @@ class Identity:
     # Set for share-link viewers: the only target they may open, and whether only to watch.
     link_target: str | None = None
     view_only: bool = False
+    # When the credential stops being valid (a cookie's or link's expiry, epoch seconds):
+    # sessions opened with it end then. None: it does not expire (bearer, proxy, none).
+    expires: float | None = None
+    # The signed-in cookie's id, so that signing out can revoke it (and end its sessions).
+    credential_id: str = ""
 
     @property
     def label(self) -> str:
@@ -92,6 +101,13 @@ def verify_secret(given: str, stored: str) -> bool:
         computed_hex = hashlib.sha256(given.encode()).hexdigest()
         return hmac.compare_digest(computed_hex, stored.removeprefix("sha256$"))
     return hmac.compare_digest(given.encode(), stored.encode())
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """An scrypt hash of nothing anyone knows: checked against for names that are not users,
+    so that an unknown name costs the same derivation as a wrong password."""
+    return hash_secret(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,66 @@ def load_users(path: Path) -> dict[str, User]:
     return users
 
 
+def check_login(users: Mapping[str, User], name: str, secret: str) -> User | None:
+    """The user if `secret` is theirs. Exactly one scrypt derivation whatever the outcome
+    (unknown user, sha256 or plain entry, wrong or right secret): timing does not tell which
+    names exist. Slow: run it in `KeyDerivations`, never on the event loop."""
+    user = users.get(name)
+    stored = user.secret if user is not None else ""
+    if stored.startswith("scrypt$"):
+        return user if verify_secret(secret, stored) else None
+    verify_secret(secret, dummy_hash())
+    return user if user is not None and verify_secret(secret, stored) else None
+
+
+def find_bearer(users: Mapping[str, User], token: str) -> User | None:
+    """The user whose secret `token` is (a bearer names no user: each entry is tried). Slow:
+    one scrypt derivation per scrypt entry; run it in `KeyDerivations`."""
+    found = None
+    for user in users.values():
+        if verify_secret(token, user.secret) and found is None:
+            found = user
+    return found
+
+
+class DerivationsBusy(Exception):
+    """Too many sign-ins are being checked at once; the caller should try again shortly."""
+
+
+_T = TypeVar("_T")
+
+
+class KeyDerivations:
+    """scrypt off the event loop: a few threads, and a bound on the work waiting for them.
+
+    A derivation takes 50-100 ms of CPU and 32 MiB; on the event loop, a handful of bad
+    guesses stalled every console of the relay. Here at most `workers` run at once, at most
+    `max_pending` wait, and past that a request is refused (503) rather than queued.
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 32) -> None:
+        self.workers = workers
+        self.max_pending = max_pending
+        self.pending = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, func: Callable[..., _T], *args: object) -> _T:
+        if self.pending >= self.max_pending:
+            raise DerivationsBusy("too many sign-ins are being checked; try again in a second")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vncgate-kdf")
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+        finally:
+            self.pending -= 1
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
 # --- signed values (session cookies) --------------------------------------------------------
 
 def sign(key: bytes, payload: Mapping[str, object]) -> str:
@@ -163,41 +239,115 @@ def unsign(keys: tuple[bytes, ...], value: str) -> dict[str, object] | None:
 
 def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None) -> str:
     issued = int(now if now is not None else time.time())
-    return sign(key, {"u": user, "iat": issued, "exp": issued + int(ttl)})
+    return sign(key, {"typ": "session", "u": user, "iat": issued, "exp": issued + int(ttl),
+                      "sid": secrets.token_hex(8)})
 
 
-def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    user: str
+    expires: int
+    sid: str
+
+
+def read_session_cookie(key: bytes, value: str, now: float | None = None) -> SessionClaim | None:
+    """A sign-in cookie's claim if this key signed it, it is one, and it has not expired."""
     payload = unsign((key,), value)
-    if payload is None:
+    if payload is None or payload.get("typ") != "session":
         return None
-    expires, user = payload.get("exp"), payload.get("u")
-    if not isinstance(expires, int) or not isinstance(user, str):
+    expires, user, sid = payload.get("exp"), payload.get("u"), payload.get("sid")
+    if not isinstance(expires, int) or not isinstance(user, str) or not isinstance(sid, str):
         return None
     if expires <= (now if now is not None else time.time()):
         return None
-    return user
+    return SessionClaim(user=user, expires=expires, sid=sid)
+
+
+def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:
+    claim = read_session_cookie(key, value, now)
+    return claim.user if claim is not None else None
+
+
+class Revoked:
+    """Credentials ended before their expiry (signed-out cookies), remembered until then."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, float] = {}
+
+    def revoke(self, credential_id: str, expires: float, now: float | None = None) -> None:
+        moment = now if now is not None else time.time()
+        if len(self._until) >= self.max_entries:
+            self._until = {k: exp for k, exp in self._until.items() if exp > moment}
+            while len(self._until) >= self.max_entries:  # still full: forget the oldest
+                del self._until[next(iter(self._until))]
+        self._until[credential_id] = expires
+
+    def __contains__(self, credential_id: str) -> bool:
+        return credential_id in self._until
 
 
 # --- trusted proxies and client addresses ---------------------------------------------------
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:
-    networks = []
+    """CIDRs; one written in the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 range,
+    as addresses are folded before they are checked (`address_in`)."""
+    networks: list[Network] = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise AuthConfigError(f"{flag} {value!r} is not a CIDR like 10.0.0.0/8") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Never dialled, whatever --deny-cidr says: "this host" (0.0.0.0 and :: reach the loopback
+# on Linux). IPv4-mapped and -compatible IPv6 forms are folded to IPv4 before any check.
+UNSPECIFIED_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("0.0.0.0/8"),
+                                             ipaddress.ip_network("::/128"))
+
+
+def canonical_ip(address: str) -> IPAddress | None:
+    """The one spelling of an address that range checks use, or None if it is not one.
+
+    `::ffff:127.0.0.1` (IPv4-mapped) and `::127.0.0.1` (IPv4-compatible, deprecated but still
+    routed by some stacks) are 127.0.0.1; a zone (`fe80::1%eth0`) is dropped; `::` and `::1`
+    stay IPv6.
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        packed = ip.packed
+        if packed[:12] == bytes(12) and int.from_bytes(packed[12:], "big") > 1:
+            return ipaddress.IPv4Address(packed[12:])
+    return ip
+
+
 def address_in(address: str | None, networks: tuple[Network, ...]) -> bool:
+    """Whether an address lies in any of the networks, in every spelling of the address."""
     if not address:
         return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = canonical_ip(address)
+    if ip is None:
         return False
-    return any(ip in network for network in networks)
+    if any(ip.version == n.version and ip in n for n in networks):
+        return True
+    raw = ipaddress.ip_address(address.strip().strip("[]").partition("%")[0])
+    return raw != ip and any(raw.version == n.version and raw in n for n in networks)
 
 
 # --- failed-login rate limit ----------------------------------------------------------------
@@ -239,5 +389,3 @@ class FailureLimiter:
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)

@@ -24,7 +24,7 @@ from typing import cast
 from aiohttp import WebSocketError, WSMsgType, web
 
 from relay import closecodes
-from relay.auth import address_in
+from relay.auth import UNSPECIFIED_NETWORKS, address_in
 from relay.metrics import RelayMetrics
 from relay.model import Route
 from relay.rfb import GREETING_LENGTH, parse_greeting
@@ -192,6 +192,12 @@ class Session:
     idle_timeout: int | None = None
     max_duration: int | None = None
     session_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The credential it was opened with: its expiry (epoch seconds; the session ends then, with
+    # `expiry_code` and `expiry_reason`) and its id (signing out ends the session).
+    expires_at: float | None = None
+    expiry_code: int = closecodes.UNAUTHENTICATED
+    expiry_reason: str = ""
+    credential_id: str = ""
     started: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.time)
     to_server: int = 0
@@ -230,8 +236,14 @@ class Session:
                 f"the session reached its longest allowed time ({_duration(self.max_duration)})"))
         if self.idle_timeout:
             self._timers.append(loop.call_later(self.idle_timeout, self._check_idle))
+        if self.expires_at is not None:
+            self._timers.append(loop.call_later(
+                max(0.0, self.expires_at - time.time()), self.stop, self.expiry_code,
+                self.expiry_reason or "your sign-in expired; sign in again"))
         try:
             greeting = await self._connect()
+            if self.filter is not None:  # it follows the version the server greets with
+                self.filter.server_greeting(greeting)
             if self.code is None:  # not stopped while connecting
                 transport = self.request.transport
                 if transport is not None:
@@ -350,8 +362,11 @@ class Session:
         infos = await asyncio.get_running_loop().getaddrinfo(
             self.route.host, self.route.port, type=socket.SOCK_STREAM)
         addresses = [str(info[4][0]) for info in infos]
+        # Every spelling of an address counts (address_in folds IPv4-mapped and -compatible
+        # IPv6 forms); "this host" (0.0.0.0/8, ::) is never dialled, denied ranges or not.
+        denied = self.settings.deny_networks + UNSPECIFIED_NETWORKS
         for address in addresses:
-            if address_in(address, self.settings.deny_networks):
+            if address_in(address, denied):
                 raise SessionRefused(
                     closecodes.FORBIDDEN,
                     f"{self.route.key} resolves to {address}, which this relay may not reach")
@@ -363,8 +378,7 @@ class Session:
         upstream = Upstream(self)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                host = await self._allowed_address() if self.settings.deny_networks \
-                    else route.host
+                host = await self._allowed_address()
                 await loop.create_connection(lambda: upstream, host, route.port)
                 self.upstream = upstream
                 greeting = await upstream.greeted

@@ -18,7 +18,7 @@ from relay.auth import hash_secret
 from relay.kube import KubeConfigError
 from relay.manifests import ManifestError, load_routes
 from relay.server import RelayServer
-from relay.settings import RelaySettings, settings_from_args
+from relay.settings import RelaySettings, host_names, settings_from_args
 from relay.spec import SpecError, check_key, parse_duration
 
 log = logging.getLogger("vncgate.relay")
@@ -107,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SUBCOMMANDS[args[0]](args[1:])
     settings = settings_from_args(args)
     logs.configure(settings.log_format, settings.log_level)
+    if host_names(settings) is None:
+        log.warning("--listen %s without --public-url or --allowed-host: the public port "
+                    "answers to any host name, so a page on a name rebound to this address "
+                    "(DNS rebinding) can reach it; name the relay's host names",
+                    settings.listen)
     if settings.auth.mode == "token" and settings.auth.session_secret is None:
         log.warning("no --session-secret-file: sign-ins end when this process restarts and do "
                     "not carry across replicas")

@@ -6,6 +6,7 @@ scraper) reach it. Every error is a JSON body `{"error": "..."}` that says what 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -49,11 +50,19 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _json_body(request: web.Request) -> Any:
+    """The body as JSON; bad JSON, bad UTF-8 or nesting too deep for the parser -> 400."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        async with asyncio.timeout(request.app[STATE].settings.http_read_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=json.dumps({"error": "the body came too slowly"}),
+                                     content_type="application/json") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"the body is not valid JSON: {exc}"}),
+            text=json.dumps({"error": f"the body is not valid JSON: {reason}"}),
             content_type="application/json") from None
 
 

@@ -80,6 +80,33 @@ def verify(keys: tuple[bytes, ...], token: str, target: str,
                      once=bool(payload.get("once")), link_id=str(payload.get("id", "")))
 
 
+def exchanged(session_key: bytes, grant: LinkGrant) -> str:
+    """The cookie a link exchange sets: a credential of its own, signed with the session key
+    (never with a link key) and marked as an exchanged link, with an id of this exchange.
+
+    Setting the token itself as the cookie let a `--once` link open sessions without ever being
+    exchanged: whoever held the token could present it as the cookie, as often as they liked.
+    """
+    return sign(session_key, {"typ": "link-session", "t": grant.target, "exp": grant.expires,
+                              "vo": grant.view_only, "id": grant.link_id,
+                              "x": secrets.token_hex(8)})
+
+
+def verify_exchanged(session_key: bytes, value: str, target: str,
+                     now: float | None = None) -> LinkGrant:
+    """The grant an exchange cookie carries for `target`, or LinkError."""
+    payload = unsign((session_key,), value)
+    if payload is None or payload.get("typ") != "link-session":
+        raise LinkError("this link's cookie is not valid; open the link again")
+    expires, link_target = payload.get("exp"), payload.get("t")
+    if not isinstance(expires, int) or link_target != target:
+        raise LinkError(f"this link's cookie is not for {target}")
+    if expires <= (now if now is not None else time.time()):
+        raise LinkError("this link has expired; ask for a new link")
+    return LinkGrant(target=target, expires=expires, view_only=bool(payload.get("vo")),
+                     once=True, link_id=str(payload.get("id", "")))
+
+
 class UsedLinks:
     """Single-use links already exchanged on this replica, remembered until they expire."""
 

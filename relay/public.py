@@ -10,12 +10,14 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from relay import closecodes
 from relay.access import (
     audit_event,
+    check_host,
     client_address,
     csrf_token,
     exchange_link,
@@ -87,6 +89,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     namespace, name = _target_key(request)
     target = f"{namespace}/{name}"
     client = client_address(request, state)
+    check_host(request)
     if not origin_allowed(request, state.settings.allowed_origins):
         audit_event("denied", request, state, target=target, result="foreign origin",
                     origin=request.headers.get("Origin", ""))
@@ -95,9 +98,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
-    identity = link_identity(request, target) or identify(request)
+    refusal: tuple[int, str] | None = None
+    try:
+        identity = link_identity(request, target) or await identify(request)
+    except web.HTTPException as exc:  # too many failed tokens (429), busy (503), bad headers
+        identity = None
+        refusal = (int(f"4{exc.status}"), exc.text.strip() if exc.text else exc.reason)
     route = state.registry.get(namespace, name)
-    refusal = await _refusal(state, target, identity, route)
+    refusal = refusal or await _refusal(state, target, identity, route)
     if refusal is not None or route is None or identity is None:
         code, reason = refusal or (closecodes.UNKNOWN_TARGET, "")
         if code in (closecodes.UNAUTHENTICATED, closecodes.FORBIDDEN):
@@ -114,7 +122,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     session = Session(route=route, ws=ws, client=client, settings=state.settings,
                       metrics=state.metrics, user=identity.label, view_only=view_only,
                       idle_timeout=None if view_only else policy.idle_timeout,
-                      max_duration=policy.max_duration, request=request)
+                      max_duration=policy.max_duration, request=request,
+                      expires_at=identity.expires, credential_id=identity.credential_id,
+                      **_expiry(identity))
     claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
                       since=session.started_at, replica=state.settings.identity)
     if policy.exclusive:
@@ -140,6 +150,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                  to_server=session.to_server, to_client=session.to_client,
                  server_version=session.server_version)
     return ws
+
+
+def _expiry(identity: Identity) -> dict[str, Any]:
+    """How a session ends when its credential expires: the viewer shows the reason."""
+    if identity.method == "link":
+        return {"expiry_code": closecodes.FORBIDDEN,
+                "expiry_reason": "the share link expired; ask for a new link"}
+    return {"expiry_code": closecodes.UNAUTHENTICATED,
+            "expiry_reason": "your sign-in expired; sign in again"}
 
 
 async def _claim_console(state: RelayState, route: Route, claimant: Holder,
@@ -227,7 +246,8 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     namespace, name = _target_key(request)
     target = f"{namespace}/{name}"
     route = state.registry.get(namespace, name)
-    identity = link_identity(request, target) or identify(request)
+    check_host(request)
+    identity = link_identity(request, target) or await identify(request)
     visible = route is not None and identity is not None and (
         await state.authorizer.decide(identity, route)).allowed
     policy = route.sessions if route else None
@@ -249,6 +269,7 @@ async def viewer(request: web.Request) -> web.StreamResponse:
 
 
 async def viewer_redirect(request: web.Request) -> web.StreamResponse:
+    check_host(request)
     _target_key(request)
     # Relative, so it stays on this host and under whatever prefix the Ingress adds.
     raise web.HTTPFound(location=f"{request.match_info['name']}/")
@@ -257,7 +278,8 @@ async def viewer_redirect(request: web.Request) -> web.StreamResponse:
 async def index(request: web.Request) -> web.StreamResponse:
     """The targets this viewer may open; nobody signed in: the way to sign in."""
     state = request.app[STATE]
-    identity = identify(request)
+    check_host(request)
+    identity = await identify(request)
     if identity is None:
         if state.settings.auth.mode == "token":
             raise web.HTTPFound(location="login")
@@ -313,6 +335,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def _on_cleanup(app: web.Application) -> None:
+    app[STATE].derivations.close()
     await app[STATE].authorizer.close()
 
 

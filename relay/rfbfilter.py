@@ -9,6 +9,13 @@ a message header of at most 9 bytes; message bodies pass through or are skipped 
 The handshake is followed for the security types whose client side is known: None (1) and VNC
 authentication (2). Any other type (TLS, VeNCrypt, RA2...) would hide the messages, so a
 filtered session refuses it rather than pretend (`FilterError`).
+
+The filter must read the stream exactly as the server does, or input can ride inside what it
+takes for another message. So it accepts only the three ProtocolVersion forms of RFC 6143
+(`RFB 003.003\n`, `RFB 003.007\n`, `RFB 003.008\n`), byte for byte, and follows the version
+the two sides settle on: the lower of the server's greeting and the viewer's answer (a server
+that greets 3.3 picks the security type itself, whatever the viewer claims). Anything else,
+including Apple's 3.889 and servers greeting another version, ends a filtered session.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ INPUT_TYPES = frozenset({KEY_EVENT, POINTER_EVENT, CLIENT_CUT_TEXT, XVP, SET_DES
 
 SECURITY_NONE = 1
 SECURITY_VNC = 2
+# The only ProtocolVersion messages a filtered session accepts, and the minor version of each.
+VERSIONS = {b"RFB 003.003\n": 3, b"RFB 003.007\n": 7, b"RFB 003.008\n": 8}
 _HANDSHAKE_LENGTHS = {"version": 12, "choice": 1, "vnc-auth": 16, "client-init": 1}
 
 
@@ -96,6 +105,13 @@ class ClientFilter:
         self._forward = True
         self._server_type: int | None = None  # RFB 3.3: the server picks the security type
         self._server_bytes = bytearray()
+        self._server_minor: int | None = None  # from the server's greeting (`server_greeting`)
+        self._server_greeting = ""
+
+    def server_greeting(self, greeting: bytes) -> None:
+        """The server's 12-byte ProtocolVersion, before any of the viewer's bytes are fed."""
+        self._server_minor = VERSIONS.get(greeting)
+        self._server_greeting = greeting.decode("ascii", "replace").strip()
 
     @property
     def needs_server_bytes(self) -> bool:
@@ -155,14 +171,17 @@ class ClientFilter:
         part, self._header = bytes(self._header), bytearray()
         out += part
         if self._state == "version":
-            if not part.startswith(b"RFB 003."):
-                raise FilterError("the viewer did not start with an RFB version")
-            self._minor = int(part[8:11]) if part[8:11].isdigit() else 8
-            if self._minor < 7:
-                self._minor = 3
-                self._state = "await-server"
-            else:
-                self._state = "choice"
+            minor = VERSIONS.get(part)
+            if minor is None:
+                raise FilterError(
+                    f"the viewer sent RFB version {part!r}; this relay accepts exactly "
+                    "'RFB 003.003', 'RFB 003.007' or 'RFB 003.008' on this console")
+            if self._server_minor is None:
+                raise FilterError(
+                    f"the VNC server greets with {self._server_greeting or 'no version'!r}; "
+                    "view-only and idle timeouts need RFB 3.3, 3.7 or 3.8")
+            self._minor = min(minor, self._server_minor)
+            self._state = "await-server" if self._minor == 3 else "choice"
         elif self._state == "choice":
             self._after_security(part[0])
         elif self._state == "vnc-auth":

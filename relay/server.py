@@ -42,8 +42,12 @@ class RelayServer:
         return self.state.registry
 
     async def _serve(self, app: web.Application, where: HostPort) -> str:
+        # keepalive_timeout also closes a connection whose request headers are still
+        # incomplete after that long (aiohttp's default is an hour); bodies are read under
+        # the same timeout by the handlers that read them.
         runner = web.AppRunner(app, access_log=None,
-                               shutdown_timeout=self.state.settings.shutdown_grace)
+                               shutdown_timeout=self.state.settings.shutdown_grace,
+                               keepalive_timeout=self.state.settings.http_read_timeout)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, where.host, where.port, reuse_address=True)

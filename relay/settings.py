@@ -8,6 +8,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
 from relay.links import load_keys
@@ -39,6 +40,12 @@ class AuthSettings:
     trusted_proxies: tuple[Network, ...] = ()
     user_header: str = "X-Forwarded-User"
     groups_header: str = "X-Forwarded-Groups"
+    # Put before names and groups from the proxy's headers (like the API server's
+    # --oidc-username-prefix / --oidc-groups-prefix), so a header cannot name a cluster user.
+    proxy_user_prefix: str = ""
+    proxy_groups_prefix: str = ""
+    # `system:` groups from a header are dropped unless this is set.
+    proxy_system_groups: bool = False
     users: dict[str, User] = field(default_factory=dict)
     # Signs login cookies; None: a random key per process (logins end at restart).
     session_secret: bytes | None = None
@@ -70,6 +77,12 @@ class RelaySettings:
     # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).
     deny_networks: tuple[Network, ...] = ()
     shutdown_grace: float = 5.0
+    # Host names the public port answers to, beside localhost, IP addresses, --public-url's
+    # and --listen's (see host_names); against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
+    # Seconds a client may take to send a request's headers or body, and to stay idle between
+    # requests on a kept-alive connection.
+    http_read_timeout: float = 15.0
     # Who the viewer is (relay.auth) and what they may open (relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
@@ -77,6 +90,25 @@ class RelaySettings:
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", compared
+
+
+def host_names(settings: RelaySettings) -> frozenset[str] | None:
+    """The Host names the public port accepts (IP addresses are always accepted: a rebound
+    name is never an IP address); None: any, when the relay listens on every interface and
+    no name is configured (it cannot know its names; the CLI warns)."""
+    names = {name.lower().rstrip(".") for name in settings.allowed_hosts}
+    public = urlsplit(settings.auth.public_url).hostname if settings.auth.public_url else None
+    if public:
+        names.add(public.lower().rstrip("."))
+    if not names and settings.listen.host in WILDCARD_HOSTS:
+        return None
+    if settings.listen.host not in WILDCARD_HOSTS:
+        names.add(settings.listen.host.lower().rstrip("."))
+    names.add("localhost")
+    return frozenset(names)
 
 
 def parse_host_port(value: str, what: str = "--listen") -> HostPort:
@@ -156,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deny-cidr", action="append", default=None, metavar="CIDR",
                         help="never dial addresses in this range, checked after DNS resolution "
                              "(repeatable; the chart denies loopback, link-local and metadata)")
+    parser.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                        help="a host name browsers use to reach the public port (repeatable); "
+                             "other names are refused (DNS rebinding). localhost, IP addresses "
+                             "and the names of --public-url and --listen are always accepted")
+    parser.add_argument("--http-read-timeout", type=float,
+                        default=float(_env("HTTP_READ_TIMEOUT") or 15.0),
+                        help="seconds a client may take to send a request, or stay idle on a "
+                             "kept-alive connection (default 15)")
     parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
                         default=(_env("WAIT_FOR_SYNC") or "").lower() in ("1", "true", "yes"),
                         help="ready only after the operator's first full table (in a cluster)")
@@ -168,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--user-header", default=_env("USER_HEADER") or "X-Forwarded-User")
     auth.add_argument("--groups-header", default=_env("GROUPS_HEADER") or "X-Forwarded-Groups",
                       help="comma-separated groups (default X-Forwarded-Groups)")
+    auth.add_argument("--proxy-user-prefix", default=_env("PROXY_USER_PREFIX") or "",
+                      help="proxy mode: put before every user name from the header, e.g. "
+                           "'proxy:' (as the API server's --oidc-username-prefix)")
+    auth.add_argument("--proxy-groups-prefix", default=_env("PROXY_GROUPS_PREFIX") or "",
+                      help="proxy mode: put before every group from the header")
+    auth.add_argument("--proxy-system-groups", action=argparse.BooleanOptionalAction,
+                      default=(_env("PROXY_SYSTEM_GROUPS") or "").lower() in ("1", "true", "yes"),
+                      help="proxy mode: keep system: groups from the header (default: dropped)")
     auth.add_argument("--users-file", type=Path,
                       default=Path(p) if (p := _env("USERS_FILE")) else None,
                       help="token mode: YAML `user: secret` or `user: {secret, groups}`; secrets "
@@ -263,7 +311,10 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         authorization = "kubernetes" if (args.kubeconfig or _in_cluster()) else "manifest"
     return AuthSettings(
         mode=mode, trusted_proxies=proxies, user_header=args.user_header,
-        groups_header=args.groups_header, users=users, session_secret=secret, session_ttl=ttl,
+        groups_header=args.groups_header, proxy_user_prefix=args.proxy_user_prefix,
+        proxy_groups_prefix=args.proxy_groups_prefix,
+        proxy_system_groups=args.proxy_system_groups, users=users, session_secret=secret,
+        session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
         authorization=authorization)
 
@@ -290,6 +341,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.connect_timeout <= 0:
         parser.error("--connect-timeout must be a positive number of seconds")
+    if args.http_read_timeout <= 0:
+        parser.error("--http-read-timeout must be a positive number of seconds")
+    hosts = args.allowed_host if args.allowed_host is not None else _env_list("ALLOWED_HOST")
+    for host in hosts:
+        if not SUBDOMAIN_RE.match(host.lower().rstrip(".")):
+            parser.error(f"--allowed-host {host!r}: a DNS name like vnc.example.com, without "
+                         "scheme or port")
     return RelaySettings(
         auth=_auth_settings(parser, args, args.listen),
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
@@ -299,4 +357,6 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,
         deny_networks=_deny_networks(parser, args),
         connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
-        max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync)
+        max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync,
+        allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
+        http_read_timeout=args.http_read_timeout)

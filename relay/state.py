@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from relay import closecodes
-from relay.auth import FailureLimiter
+from relay.auth import FailureLimiter, KeyDerivations, Revoked
 from relay.authz import (
     Authorizer,
     KubernetesAuthorizer,
@@ -23,7 +23,7 @@ from relay.links import UsedLinks
 from relay.metrics import RelayMetrics
 from relay.model import Route
 from relay.registry import Registry
-from relay.settings import RelaySettings
+from relay.settings import RelaySettings, host_names
 
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:
@@ -50,11 +50,20 @@ class RelayState:
     shutting_down: bool = False
     authorizer: Authorizer = field(init=False)
     session_key: bytes = field(init=False)
+    # Failed sign-ins, bearer tokens and share links per client address; sign-ins per account.
     login_failures: FailureLimiter = field(default_factory=FailureLimiter)
+    account_failures: FailureLimiter = field(
+        default_factory=lambda: FailureLimiter(limit=10, window=300.0))
+    # scrypt runs here, off the event loop.
+    derivations: KeyDerivations = field(default_factory=KeyDerivations)
+    # Sign-in cookies signed out of before their expiry.
+    revoked: Revoked = field(default_factory=Revoked)
     used_links: UsedLinks = field(default_factory=UsedLinks)
     consoles: Consoles = field(init=False)
     # sha256(bearer token) -> (user, valid until): scrypt is too slow to run per request.
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Host names the public port answers to (None: any); see relay.settings.host_names.
+    host_names: frozenset[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -63,6 +72,7 @@ class RelayState:
         # do not carry across replicas (the CLI warns).
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
+        self.host_names = host_names(self.settings)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
@@ -70,6 +80,12 @@ class RelayState:
         if session is not None:
             session.stop(closecodes.CONFLICT,
                          f"taken over by {taker.user or taker.client or 'another viewer'}")
+
+    def end_sessions_of(self, credential_id: str, code: int, reason: str) -> None:
+        """Close the sessions opened with one credential (a signed-out cookie)."""
+        for session in self.sessions:
+            if session.credential_id == credential_id:
+                session.stop(code, reason)
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""

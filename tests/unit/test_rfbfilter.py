@@ -27,6 +27,13 @@ PASSIVE = [SET_ENCODINGS, UPDATE, FENCE, CONTINUOUS, PIXEL_FORMAT]
 INPUT = [KEY, POINTER, POINTER_EXTENDED, CUT, CUT_EXTENDED, QEMU_KEY, XVP_REBOOT, RESIZE]
 
 
+def make(view_only: bool, greeting: bytes = b"RFB 003.008\n") -> ClientFilter:
+    """A filter after the server's greeting, as the session makes it."""
+    filt = ClientFilter(view_only=view_only)
+    filt.server_greeting(greeting)
+    return filt
+
+
 def run(filt: ClientFilter, stream: bytes, chunk: int) -> bytes:
     return b"".join(filt.feed(stream[i:i + chunk]) for i in range(0, len(stream), chunk))
 
@@ -36,7 +43,7 @@ def test_view_only_drops_every_input_message_and_nothing_else(chunk: int) -> Non
     stream = HANDSHAKE + b"".join(m for pair in zip(PASSIVE * 2, INPUT, strict=False)
                                   for m in pair)
     expected = HANDSHAKE + b"".join(PASSIVE * 2)[: len(b"".join(PASSIVE * 2))]
-    filt = ClientFilter(view_only=True)
+    filt = make(view_only=True)
     out = run(filt, stream, chunk)
     kept = [m for pair in zip(PASSIVE * 2, INPUT, strict=False) for m in pair if m in PASSIVE]
     assert out == HANDSHAKE + b"".join(kept)
@@ -47,14 +54,14 @@ def test_view_only_drops_every_input_message_and_nothing_else(chunk: int) -> Non
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_interactive_passes_everything_and_notes_input_time(chunk: int) -> None:
     stream = HANDSHAKE + b"".join(PASSIVE + INPUT)
-    filt = ClientFilter(view_only=False)
+    filt = make(view_only=False)
     before = filt.last_input
     assert run(filt, stream, chunk) == stream
     assert filt.last_input >= before
 
 
 def test_update_requests_are_not_activity() -> None:
-    filt = ClientFilter(view_only=False)
+    filt = make(view_only=False)
     filt.feed(HANDSHAKE)
     filt.last_input = 0.0
     filt.feed(UPDATE * 10 + FENCE)
@@ -64,13 +71,13 @@ def test_update_requests_are_not_activity() -> None:
 
 
 def test_vnc_password_handshake_is_followed() -> None:
-    filt = ClientFilter(view_only=True)
+    filt = make(view_only=True)
     stream = b"RFB 003.008\n" + b"\x02" + bytes(16) + b"\x01" + KEY + UPDATE
     assert filt.feed(stream) == b"RFB 003.008\n" + b"\x02" + bytes(16) + b"\x01" + UPDATE
 
 
 def test_rfb_33_takes_the_security_type_from_the_server() -> None:
-    filt = ClientFilter(view_only=True)
+    filt = make(view_only=True)
     assert filt.feed(b"RFB 003.003\n") == b"RFB 003.003\n"
     assert filt.needs_server_bytes
     filt.server_data(struct.pack("!I", 2) + bytes(16))  # VNC auth and its challenge
@@ -81,11 +88,37 @@ def test_rfb_33_takes_the_security_type_from_the_server() -> None:
 @pytest.mark.parametrize("security", [18, 19, 5, 16])
 def test_security_types_that_hide_messages_are_refused(security: int) -> None:
     with pytest.raises(FilterError, match=f"security type {security}"):
-        ClientFilter(view_only=True).feed(b"RFB 003.008\n" + bytes([security]))
+        make(view_only=True).feed(b"RFB 003.008\n" + bytes([security]))
 
 
 def test_unknown_message_types_end_the_session() -> None:
-    filt = ClientFilter(view_only=True)
+    filt = make(view_only=True)
     filt.feed(HANDSHAKE)
     with pytest.raises(FilterError, match="type 99"):
         filt.feed(b"\x63" + bytes(10))
+
+
+@pytest.mark.parametrize("version", [b"RFB 003.3  \n", b"RFB 003.8\x00\x00\n", b"RFB 003.889\n",
+                                     b"RFB 004.001\n", b"rfb 003.008\n", b"RFB 003.010\n"])
+def test_only_the_exact_versions_are_accepted(version: bytes) -> None:
+    with pytest.raises(FilterError, match="accepts exactly"):
+        make(view_only=True).feed(version)
+
+
+def test_a_server_greeting_33_decides_whatever_the_viewer_claims() -> None:
+    filt = make(view_only=True, greeting=b"RFB 003.003\n")
+    assert filt.feed(b"RFB 003.008\n") == b"RFB 003.008\n"
+    assert filt.needs_server_bytes  # the server picks the security type
+    filt.server_data(struct.pack("!I", 1))
+    assert filt.feed(b"\x01" + KEY + UPDATE) == b"\x01" + UPDATE
+
+
+@pytest.mark.parametrize("greeting", [b"RFB 003.889\n", b"RFB 003.005\n", b"RFB 004.000\n"])
+def test_servers_of_other_versions_are_refused(greeting: bytes) -> None:
+    with pytest.raises(FilterError, match=r"view-only and idle timeouts need RFB 3\.3"):
+        make(view_only=True, greeting=greeting).feed(b"RFB 003.008\n")
+
+
+def test_without_the_server_greeting_nothing_passes() -> None:
+    with pytest.raises(FilterError):
+        ClientFilter(view_only=True).feed(b"RFB 003.008\n")
