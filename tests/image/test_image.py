@@ -69,6 +69,10 @@ def documented_docker_runs() -> list[DockerRun]:
 RUNS = documented_docker_runs()
 
 
+def run_id(run: DockerRun) -> str:
+    return f"auth-{auth_mode(run)}" if "--auth" in run.command else "without-auth"
+
+
 def auth_mode(run: DockerRun) -> str:
     assert "--auth" in run.command, f"{run.line}: choose --auth (the image listens on 0.0.0.0)"
     return run.command[run.command.index("--auth") + 1]
@@ -216,7 +220,7 @@ def test_the_docs_show_the_dockerfiles_docker_run_lines() -> None:
                 f"{run.line}: without sign-in, publish on the host's loopback only")
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[auth_mode(r) for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[run_id(r) for r in RUNS])
 def test_documented_line_passes_the_images_listen_check(
         image: Image, host_files: dict[str, Path], run: DockerRun) -> None:
     """With the image's own VNCGATE_LISTEN=0.0.0.0:8080 the documented arguments are accepted;
@@ -235,7 +239,7 @@ def test_documented_line_passes_the_images_listen_check(
     assert "reaches beyond this machine" in old.stderr
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[auth_mode(r) for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[run_id(r) for r in RUNS])
 async def test_documented_line_starts_and_serves(
         image: Image, host_files: dict[str, Path], run: DockerRun) -> None:
     mode = auth_mode(run)
