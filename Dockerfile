@@ -1,11 +1,21 @@
 # syntax=docker/dockerfile:1
 # One image for both components of vncgate:
-#   the relay (default command):  vncgate-relay --targets /targets.yaml
+#   the relay (default command):  vncgate-relay --targets ... --auth ... (see below)
 #   the operator:                 vncgate-operator ...
 # The Helm chart (charts/vncgate) runs it with a read-only root filesystem as user 10001.
 #
 #   docker build -t vncgate .
-#   docker run --rm -p 8080:8080 -v "$PWD/examples:/targets:ro" vncgate vncgate-relay --targets /targets
+#
+# The relay in place of websockify. In the image it listens on 0.0.0.0:8080 (VNCGATE_LISTEN), which
+# reaches beyond the container, so it starts only once you choose who may open the consoles (--auth).
+# On your own machine, published on its loopback address only and without sign-in (anyone who
+# reaches the port opens every console; never publish this one on other addresses):
+#   docker run --rm -p 127.0.0.1:8080:8080 -v "$PWD/examples:/targets:ro" vncgate vncgate-relay --targets /targets --auth none
+# Anywhere else, with sign-in: users.yaml holds `user: hash` lines (`vncgate-relay hash-password`
+# prints a hash; see the README):
+#   docker run --rm -p 8080:8080 -v "$PWD/examples:/targets:ro" -v "$PWD/users.yaml:/etc/vncgate/users.yaml:ro" vncgate vncgate-relay --targets /targets --auth token --users-file /etc/vncgate/users.yaml
+#
+# Without a Docker engine: scripts/build-image builds this file with buildah (see docs/KUBERNETES.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG NODE_IMAGE=node:20-bookworm-slim
