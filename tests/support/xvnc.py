@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -42,8 +43,10 @@ class XvncServer:
     """Start with `with XvncServer() as vnc:`; `vnc.port` is the RFB port on 127.0.0.1."""
 
     def __init__(self, geometry: str = "800x600", colour: str = "#ff0000",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, extra_args: Sequence[str] = ()) -> None:
+        # extra_args come last, so they override: ("-SecurityTypes", "VncAuth", ...).
         self.geometry = geometry
+        self.extra_args = tuple(extra_args)
         self.colour = colour
         self.log_path = log_path
         self.display = 0
@@ -61,7 +64,8 @@ class XvncServer:
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
             self._proc = subprocess.Popen(
                 [XVNC, f":{self.display}", "-rfbport", str(self.port), "-SecurityTypes", "None",
-                 "-geometry", self.geometry, "-localhost", "-AlwaysShared", "-nolisten", "tcp"],
+                 "-geometry", self.geometry, "-localhost", "-AlwaysShared", "-nolisten", "tcp",
+                 *self.extra_args],
                 stdout=log, stderr=log, start_new_session=True)
             if self._wait_ready(timeout):
                 self.paint(self.colour)
