@@ -113,7 +113,7 @@ class _Reader(asyncio.Protocol):
 
     async def read(self, n: int) -> bytes:
         while len(self._data) < n:
-            if self._closed or len(self._data) > BUFFER_LIMIT:
+            if self._closed:
                 raise _HandshakeClosed(self._received + len(self._data), self._error)
             self._waiter = asyncio.get_running_loop().create_future()
             try:
