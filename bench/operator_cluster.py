@@ -7,7 +7,8 @@ alone (its RSS and CPU are the operator's) and the two use different cores:
   `tests/operator/conftest.py` declares them;
 - two real `relay.server.RelayServer` replicas on 127.0.0.1 (port 0), each behind a TCP proxy
   that counts the bytes of the registration API both ways (the operator is given the proxies);
-- an RFB greeter (sends `RFB 003.008\\n`), the address of every VncTarget, so probes succeed;
+- an RFB greeter (`RFB 003.008\\n`, security type None), the address of every VncTarget, so
+  probes succeed;
 - a control API for the benchmark: create VncTargets (one at a time, or many at once), the time
   each route first appeared on both replicas, empty a replica, read the byte counters.
 
@@ -178,14 +179,19 @@ class CountingProxy:
 
 
 async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A VNC server as far as the probe looks: the greeting, then wait for the hang-up."""
+    """A password-less VNC server as far as the probe looks: the greeting, security type None
+    and SecurityResult OK, then wait for the hang-up (the probe stops before ClientInit)."""
     try:
         writer.write(GREETING)
         await writer.drain()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
+                await reader.readexactly(12)  # the client's version
+                writer.write(b"\x01\x01")  # one security type: None
+                await reader.readexactly(1)  # the client's choice
+                writer.write(b"\x00\x00\x00\x00")  # SecurityResult OK
                 await reader.read(1024)
-    except OSError:
+    except (OSError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()

@@ -225,6 +225,10 @@ def build_registry(config: OperatorSettings, *,
         settings.peering.name = config.peering_name
         settings.peering.priority = config.priority
         settings.peering.standalone = config.standalone or settings.peering.standalone
+        # With exact --namespace names there is nothing to scan for: without this, kopf lists
+        # namespaces and watches CRDs cluster-wide, which the chart's Roles rightly refuse, and
+        # it retries the 403 for about a minute before it serves anything (issue #20).
+        settings.scanning.disabled = bool(config.namespaces)
         settings.networking.connect_timeout = 10
         settings.networking.request_timeout = 60
         # A watch that silently stalls (a dead load balancer) is re-opened within minutes.

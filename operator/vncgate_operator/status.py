@@ -112,6 +112,9 @@ def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
     if obs.invalid is not None:
         phase, ready = INVALID, (False, obs.invalid.reason, obs.invalid.message)
     elif reachable[0] is False:
+        # Including a server that refuses this address (probe reason Blacklisted or
+        # ServerRefused): its greeting proves a server is there, but viewers coming from the
+        # same address are refused as well, so it is never Ready. The route stays registered.
         phase, ready = UNREACHABLE, (False, reachable[1], reachable[2])
     elif registered[0] is not True:
         not_registered = registered[1] if registered[0] is False else "NotRegistered"

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,13 +44,15 @@ class XvncServer:
 
     def __init__(self, geometry: str = "800x600", colour: str = "#ff0000",
                  log_path: Path | None = None, interface: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         # `interface` and `port` stand a server in for a Service's cluster IP and port (e.g.
         # 127.0.0.2:5900): only loopback addresses, never another network.
         assert interface.startswith("127."), "tests only listen on loopback"
         self.interface = interface
         self.fixed_port = port
+        # extra_args come last, so they override: ("-SecurityTypes", "VncAuth", ...).
         self.geometry = geometry
+        self.extra_args = tuple(extra_args)
         self.colour = colour
         self.log_path = log_path
         self.display = 0
@@ -69,7 +72,8 @@ class XvncServer:
                      else ["-interface", self.interface])
             self._proc = subprocess.Popen(
                 [XVNC, f":{self.display}", "-rfbport", str(self.port), "-SecurityTypes", "None",
-                 "-geometry", self.geometry, *where, "-AlwaysShared", "-nolisten", "tcp"],
+                 "-geometry", self.geometry, *where, "-AlwaysShared", "-nolisten", "tcp",
+                 *self.extra_args],
                 stdout=log, stderr=log, start_new_session=True)
             if self._wait_ready(timeout):
                 self.paint(self.colour)

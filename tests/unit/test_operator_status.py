@@ -103,3 +103,21 @@ def test_viewers_are_shown_and_kept_when_not_looked_at() -> None:
     assert status["viewers"] == "alice, bob"
     kept = build(status, Observation("10.0.0.5:5900"))
     assert kept["viewers"] == "alice, bob"
+
+
+def test_a_server_blocking_the_address_is_unreachable_never_ready() -> None:
+    # What probe.refusal() makes of TigerVNC's "Too many security failures" (tested there).
+    blocked = ProbeResult(False, "Blacklisted", "127.0.0.1:5901 is blocking connections from "
+                          "this address (the server says 'Too many security failures')",
+                          blocked=True)
+    ready = build(None, Observation("e", registration=OK_REG, probe=OK_PROBE))
+    status = build(ready, Observation("e", registration=OK_REG, probe=blocked), now=T1)
+    assert status["phase"] == "Unreachable"
+    assert status["serverVersion"] is None
+    conditions = by_type(status)
+    assert (conditions["Reachable"]["status"], conditions["Reachable"]["reason"]) == (
+        "False", "Blacklisted")
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == (
+        "False", "Blacklisted")
+    assert "blocking connections from this address" in conditions["Ready"]["message"]
+    assert conditions["Registered"]["status"] == "True"  # the route stays on the relays

@@ -1,0 +1,181 @@
+"""The operator in namespaced mode (`operator.watchNamespaces`) with exactly the chart's RBAC,
+on the real API server (issue #20).
+
+The chart grants only Roles in that mode. kopf, left to its defaults, lists namespaces and
+watches CRDs cluster-wide to expand namespace patterns; with Roles only, that is a 403 which kopf
+retries for about 54 s before it falls back, and the operator serves nothing meanwhile. The
+operator turns kopf's cluster scanning off when it is given exact namespaces.
+
+The test runs the installed `vncgate-operator` and `vncgate-relay` console scripts as processes:
+the operator authenticates with a ServiceAccount token bound to the chart's rendered Roles, the
+relay fronts a real Xvnc on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart.conftest import CHART, HELM
+from tests.support.cluster import ROOT, ControlPlane, free_port, wait_until
+from tests.support.xvnc import XvncServer
+
+RELEASE = "vncgate"
+BIN = Path(sys.executable).parent
+# The first VncTarget must have status well before kopf's ~54 s of 403 retries would end: the
+# bound is generous for a loaded machine (start-up is about 2 s here) and still fails that.
+FIRST_STATUS_WITHIN = 20.0
+FORBIDDEN_MARKS = ("403", "Forbidden", "forbidden", "Not enough permissions")
+
+
+def render_chart(release_namespace: str, watch: list[str]) -> list[dict[str, Any]]:
+    if not HELM.exists():
+        pytest.skip(f"helm is not at {HELM.relative_to(ROOT)}: run scripts/setup")
+    result = subprocess.run(
+        [str(HELM), "template", RELEASE, str(CHART), "--namespace", release_namespace,
+         "--set", "operator.watchNamespaces={" + ",".join(watch) + "}"],
+        capture_output=True, text=True, timeout=60, check=True)
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def operator_objects(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's ServiceAccount and every RBAC object the chart renders for it."""
+    rbac_kinds = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    picked = [m for m in manifests
+              if (m["kind"] == "ServiceAccount" or m["kind"] in rbac_kinds)
+              and m["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"]
+    assert picked, "the chart rendered no operator ServiceAccount or RBAC"
+    return picked
+
+
+def operator_args(manifests: list[dict[str, Any]], relay_url: str, token_file: Path
+                  ) -> list[str]:
+    """The chart's own operator arguments, with the relay found by URL instead of discovery
+    (the relay runs on 127.0.0.1, which an EndpointSlice may not name) and files on this host."""
+    deployment = next(m for m in manifests if m["kind"] == "Deployment"
+                      and m["metadata"]["labels"].get("app.kubernetes.io/component") == "operator")
+    args: list[str] = []
+    for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"]:
+        flag = arg.split("=", 1)[0]
+        if flag == "--relay-service":
+            # The chart's operator also watches the relay's namespace (for its EndpointSlices).
+            relay_namespace = arg.split("=", 1)[1].split("/")[0]
+            args += [f"--relay-url={relay_url}", f"--namespace={relay_namespace}"]
+        elif flag == "--api-token-file":
+            args.append(f"--api-token-file={token_file}")
+        elif flag == "--liveness":
+            args.append("--liveness=off")
+        elif flag == "--log-format":
+            args.append("--log-format=text")
+        else:
+            args.append(arg)
+    return [*args, "--allow-cidr=127.0.0.0/8", "--probe-interval=2s", "--resync-interval=5s"]
+
+
+class Process:
+    """A console script as a child process, its output in a file, stopped by its own id."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._file = log.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._file, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._file.close()
+
+
+@pytest.fixture
+def watched_namespace(control_plane: ControlPlane, namespace: str) -> Iterator[str]:
+    name = f"{namespace[:50]}-vnc"
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def target_status(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    found = plane.kubectl("get", "vnctarget", name, "-n", namespace, "-o", "json", check=False)
+    if found.returncode != 0:
+        return {}
+    status: dict[str, Any] = yaml.safe_load(found.stdout).get("status") or {}
+    return status
+
+
+def test_namespaced_operator_serves_at_once_with_the_charts_roles(
+        control_plane: ControlPlane, namespace: str, watched_namespace: str,
+        tmp_path: Path) -> None:
+    release_namespace = namespace
+    manifests = render_chart(release_namespace, [watched_namespace])
+    objects = operator_objects(manifests)
+    assert not [o for o in objects if o["kind"].startswith("Cluster")], (
+        "namespaced mode must grant nothing cluster-wide")
+    control_plane.apply(objects)
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    kubeconfig = control_plane.service_account_kubeconfig(
+        tmp_path / "operator.kubeconfig", release_namespace, account)
+    # The ServiceAccount really is confined: it may not list namespaces or CRDs.
+    for resource in ("namespaces", "customresourcedefinitions"):
+        denied = control_plane.kubectl("auth", "can-i", "list", resource,
+                                       kubeconfig_path=kubeconfig, check=False)
+        assert denied.stdout.strip() == "no", (resource, denied.stdout, denied.stderr)
+
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_urlsafe(32))
+    public, internal = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VNCGATE_")}
+    with XvncServer(log_path=tmp_path / "xvnc.log") as xvnc:
+        control_plane.apply({
+            "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+            "metadata": {"name": "desk", "namespace": watched_namespace},
+            "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}}}})
+        relay = Process([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{public}",
+                         f"--internal-listen=127.0.0.1:{internal}",
+                         f"--api-token-file={token_file}"], tmp_path / "relay.log", env)
+        operator: Process | None = None
+        try:
+            args = operator_args(manifests, f"http://127.0.0.1:{internal}", token_file)
+            started = time.monotonic()
+            operator = Process([str(BIN / "vncgate-operator"), *args], tmp_path / "operator.log",
+                               {**env, "KUBECONFIG": str(kubeconfig)})
+            running = operator
+            try:
+                wait_until(
+                    lambda: target_status(control_plane, watched_namespace, "desk")
+                    .get("phase") == "Ready" or running.proc.poll() is not None,
+                    "the first VncTarget Ready", timeout=FIRST_STATUS_WITHIN)
+            except TimeoutError as exc:
+                pytest.fail(f"{exc} after the operator's start; its log:\n"
+                            f"{operator.output()[-4000:]}")
+            output = operator.output()
+            assert operator.proc.poll() is None, f"the operator exited:\n{output[-4000:]}"
+            took = time.monotonic() - started
+            status = target_status(control_plane, watched_namespace, "desk")
+            assert status["phase"] == "Ready", (status, took, output[-4000:])
+            assert status["endpoint"] == f"127.0.0.1:{xvnc.port}"
+            # And nothing it does is refused: no 403 in its log.
+            marks = [line for line in output.splitlines()
+                     if any(mark in line for mark in FORBIDDEN_MARKS)]
+            assert not marks, "\n".join(marks[:10])
+        finally:
+            if operator is not None:
+                operator.stop()
+            relay.stop()

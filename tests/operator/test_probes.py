@@ -1,0 +1,179 @@
+"""The probe against real TigerVNC servers at their lock-out settings (issue #20).
+
+TigerVNC counts every connection from an address that does not log in, and at
+`-BlacklistThreshold` (default 5) answers that address with "Too many security failures" for
+`-BlacklistTimeout` seconds (default 10, doubling). Every test here starts its own Xvnc, so each
+begins with a clean blacklist. A relay and the operator share the source address 127.0.0.1,
+as they do in a cluster where traffic to a console is SNATed to the node's address.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from vncgate_operator.probe import ProbeResult, probe_rfb
+
+from relay.model import Route
+from relay.server import RelayServer
+from tests.conftest import RelayFactory
+from tests.operator.conftest import (
+    TARGETS,
+    Cluster,
+    conditions,
+    eventually,
+    operator_settings,
+    running_operator,
+    vnc_target,
+)
+from tests.support.xvnc import XvncServer
+
+PROBE_CYCLES = 100
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    path = tmp_path / "passwd"
+    result = subprocess.run(["vncpasswd", "-f"], input=b"probe-secret\n", capture_output=True,
+                            check=True, timeout=10)
+    path.write_bytes(result.stdout)
+    return path
+
+
+@pytest.fixture
+def fresh_xvnc(tmp_path: Path) -> Iterator[XvncServer]:
+    """An Xvnc of this test alone, at TigerVNC's default blacklist settings, with its log."""
+    with XvncServer(log_path=tmp_path / "xvnc.log") as server:
+        yield server
+
+
+def xvnc_log(server: XvncServer) -> str:
+    assert server.log_path is not None
+    return server.log_path.read_text(errors="replace")
+
+
+def greeting_only(port: int) -> bytes:
+    """What the old probe did: read the greeting and hang up. TigerVNC counts it as a failure."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        return conn.recv(12)
+
+
+async def viewer_reaches_server_init(relay: RelayServer, name: str) -> tuple[int, int]:
+    """A viewer's whole handshake through the relay's bridge, as noVNC does it, to ServerInit."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{relay.public_url}/t/lab/{name}/websockify", protocols=("binary",),
+            origin=relay.public_url) as ws:
+        buffer = b""
+
+        async def read(count: int) -> bytes:
+            nonlocal buffer
+            while len(buffer) < count:
+                msg = await ws.receive(timeout=5)
+                assert msg.type == aiohttp.WSMsgType.BINARY, (
+                    f"the bridge closed with {ws.close_code} after {buffer!r}")
+                buffer += msg.data
+            data, buffer = buffer[:count], buffer[count:]
+            return data
+
+        assert await read(12) == b"RFB 003.008\n"
+        await ws.send_bytes(b"RFB 003.008\n")
+        (count,) = await read(1)
+        assert count, f"the server refused the viewer: {buffer!r}"
+        assert 1 in await read(count)
+        await ws.send_bytes(b"\x01")  # security type None
+        assert await read(4) == b"\x00\x00\x00\x00"  # SecurityResult OK
+        await ws.send_bytes(b"\x01")  # ClientInit, shared
+        width, height = struct.unpack("!HH", await read(4))
+        return width, height
+
+
+async def test_a_hundred_probes_leave_the_viewers_in(
+        fresh_xvnc: XvncServer, make_relay: RelayFactory) -> None:
+    results: list[ProbeResult] = []
+    for _ in range(PROBE_CYCLES):
+        results.append(await probe_rfb("127.0.0.1", fresh_xvnc.port, 5))
+    refused = [r for r in results if not (r.ok and r.logged_in)]
+    assert not refused, f"{len(refused)} of {PROBE_CYCLES} probes failed: {refused[0]}"
+    assert results[-1].security_types == (1,)
+    async with make_relay(routes=[Route("lab", "desk", "127.0.0.1", fresh_xvnc.port)]) as relay:
+        assert await viewer_reaches_server_init(relay, "desk") == (800, 600)
+    log = xvnc_log(fresh_xvnc)
+    assert "blacklisted" not in log.lower()
+    # Each probe chose security type None and hung up before ClientInit (no "Client requests"
+    # line is missing, so none of them stopped short of logging in).
+    assert log.count("Client requests security type None") >= PROBE_CYCLES
+
+
+async def test_greeting_only_connections_blacklist_and_the_probe_says_so(
+        fresh_xvnc: XvncServer, make_relay: RelayFactory) -> None:
+    # The old probe's habit, five times: TigerVNC blocks 127.0.0.1.
+    for _ in range(5):
+        greeting_only(fresh_xvnc.port)
+    result = await probe_rfb("127.0.0.1", fresh_xvnc.port, 5)
+    assert (result.ok, result.reason, result.blocked) == (False, "Blacklisted", True)
+    assert "Too many security failures" in result.message
+    assert "blocking connections from this address" in result.message
+    assert "blacklisted: 127.0.0.1" in xvnc_log(fresh_xvnc).lower()
+
+
+async def test_the_probe_logging_in_clears_the_marks_after_a_block(tmp_path: Path) -> None:
+    # A one-second block, so that the block lifts within the test. After it lifts, TigerVNC lets
+    # one connection from the address through; the probe logs in with it, which clears the
+    # address, so that every later connection is let in again (without the login, each would
+    # find the address blocked again: the marks stay at the threshold).
+    with XvncServer(log_path=tmp_path / "xvnc.log",
+                    extra_args=("-BlacklistTimeout", "1")) as server:
+        for _ in range(5):
+            greeting_only(server.port)
+
+        async def probe_ok() -> ProbeResult | None:
+            result = await probe_rfb("127.0.0.1", server.port, 5)
+            return result if result.ok else None
+
+        first = await eventually(probe_ok, "a probe after the block lifted", timeout=30)
+        assert first.logged_in
+        later = [await probe_rfb("127.0.0.1", server.port, 5) for _ in range(10)]
+        assert all(r.ok for r in later), next(r for r in later if not r.ok)
+
+
+async def test_password_server_is_reachable_without_logging_in(
+        tmp_path: Path, password_file: Path) -> None:
+    with XvncServer(log_path=tmp_path / "xvnc.log", extra_args=(
+            "-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file))) as server:
+        result = await probe_rfb("127.0.0.1", server.port, 5)
+        assert (result.ok, result.logged_in, result.security_types) == (True, False, (2,))
+        assert "asks for authentication (VncAuth(2))" in result.message
+        assert "AuthFailure" not in xvnc_log(server)  # it never tried a password
+
+
+async def test_operator_shows_a_blocking_server_as_blacklisted(
+        k8s: Any, relay: RelayServer, tmp_path: Path, password_file: Path) -> None:
+    # Without a password the probe cannot log in, so TigerVNC counts each probe of a
+    # password-protected server; with a threshold of 2 and an hour's block, the operator's own
+    # probes get it blocked, and status must say so instead of staying Ready.
+    with XvncServer(log_path=tmp_path / "xvnc.log", extra_args=(
+            "-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file),
+            "-BlacklistThreshold", "2", "-BlacklistTimeout", "3600")) as server:
+        cluster = Cluster(k8s)
+        config = operator_settings(relay_urls=(relay.internal_url,), probe_interval=0.5)
+        async with running_operator(k8s, config):
+            await cluster.create(TARGETS, vnc_target("lab", "bmc", {
+                "address": {"host": "127.0.0.1", "port": server.port}}))
+            # (serverVersion goes with the next probe when a handler wrote from an older body.)
+            status = await eventually(
+                lambda: ((s := cluster.status("lab", "bmc")).get("phase") == "Unreachable"
+                         and "serverVersion" not in s and s),
+                "phase Unreachable without a server version", timeout=30)
+        found = conditions(status)
+        assert (found["Reachable"]["status"], found["Reachable"]["reason"]) == (
+            "False", "Blacklisted")
+        assert found["Ready"]["reason"] == "Blacklisted"
+        assert "blocking connections from this address" in found["Ready"]["message"]
+        assert found["Registered"]["status"] == "True"
+        assert "blacklisted: 127.0.0.1" in xvnc_log(server).lower()
