@@ -215,6 +215,12 @@ class Runtime:
                     await self.fleet.converge(key)
                 else:
                     self.fleet.kick()  # the first full resync carries it
+            registration = self.fleet.registration(route)
+            if registration is None and not current.get("phase"):
+                # The first full resync is under way and will carry this route: writing
+                # Pending now would only add a write and an Event before Ready.
+                self.scheduler.schedule(key, 0.5, probe)
+                return
             sessions = self.fleet.sessions(key)
             result: ProbeResult | None = None
             if sessions:
@@ -225,7 +231,7 @@ class Runtime:
                                      "through the relays", current.get("serverVersion"))
             elif probe:
                 result = await self.probe(route)
-            obs = Observation(endpoint, registration=self.fleet.registration(route),
+            obs = Observation(endpoint, registration=registration,
                               probe=result, sessions=sessions, viewers=self.fleet.viewers(key))
         await self.write_status(key, entry, current, obs)
 

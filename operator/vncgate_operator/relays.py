@@ -304,7 +304,9 @@ class RelayFleet:
         urls = sorted(self.urls)
         results = await asyncio.gather(*(self.sync_replica(u, only_if_unsynced) for u in urls))
         if urls and all(results):
-            self.synced_once.set()
+            if not self.synced_once.is_set():
+                self.synced_once.set()
+                self.on_upheaval()  # statuses that waited for the first pass
             return True
         return False
 

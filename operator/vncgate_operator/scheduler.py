@@ -38,7 +38,8 @@ class Scheduler:
         # key -> (due, probe). A heap entry whose due time is not this one is stale.
         self._due: dict[str, tuple[float, bool]] = {}
         self._running: set[str] = set()
-        self._again: dict[str, bool] = {}
+        # key -> (delay, probe): scheduled while it was running; applied when it ends.
+        self._again: dict[str, tuple[float, bool]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -51,9 +52,11 @@ class Scheduler:
     def schedule(self, key: str, delay: float, probe: bool = True) -> None:
         """Look at `key` within `delay` seconds (an earlier schedule stands)."""
         if key in self._running:
-            self._again[key] = self._again.get(key, False) or probe
-            if delay > 0:
-                return  # it is being looked at now; the next turn is scheduled when it ends
+            # It is being looked at now: the next turn is scheduled when this one ends.
+            before = self._again.get(key)
+            self._again[key] = ((min(before[0], delay), before[1] or probe) if before
+                                else (delay, probe))
+            return
         loop = asyncio.get_running_loop()
         at = loop.time() + max(delay, 0.0)
         current = self._due.get(key)
@@ -92,7 +95,7 @@ class Scheduler:
             self._running.discard(key)
         again = self._again.pop(key, None)
         if again is not None:
-            self.schedule(key, 0.0, again)
+            self.schedule(key, *again)
         elif key not in self._due and self._exists(key):
             self.schedule(key, next_probe_delay(self.interval, False, self._rng))
 
@@ -111,7 +114,7 @@ class Scheduler:
                     heapq.heappop(self._heap)
                     del self._due[key]
                     if key in self._running:
-                        self._again[key] = self._again.get(key, False) or due[1]
+                        self.schedule(key, 0.0, due[1])
                         continue
                     self._running.add(key)
                     task = asyncio.create_task(self._run_one(key, due[1]))
