@@ -8,6 +8,7 @@ finds them: the pod's ServiceAccount first, else the kubeconfig ($KUBECONFIG, el
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -51,9 +52,16 @@ def event_name(name: str, uid: str, old: str, new: str, at: str) -> str:
 class TargetApi:
     """Status merge patches, Events and finalizer removal for VncTargets."""
 
-    def __init__(self, client: KubeClient) -> None:
+    def __init__(self, client: KubeClient, concurrency: int = 8) -> None:
         self.client = client
         self.instance = socket.gethostname()
+        # A few connections, however many targets change at once: each TLS connection costs
+        # ~100 KiB, and a restart with every target to look at must not open hundreds.
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def _request(self, method: str, path: str, body: Any) -> Any:
+        async with self._slots:
+            return await self.client.request(method, path, body)
 
     @staticmethod
     def _path(namespace: str, name: str) -> str:
@@ -62,8 +70,8 @@ class TargetApi:
     async def patch_status(self, namespace: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource; returns the object as the API server stored it."""
-        reply = await self.client.request("PATCH", f"{self._path(namespace, name)}/status",
-                                          {"status": dict(changes)})
+        reply = await self._request("PATCH", f"{self._path(namespace, name)}/status",
+                                    {"status": dict(changes)})
         return reply if isinstance(reply, dict) else {}
 
     async def drop_finalizer(self, namespace: str, name: str, finalizers: list[str],
@@ -73,7 +81,7 @@ class TargetApi:
         meta: dict[str, Any] = {"finalizers": [f for f in finalizers if f != OLD_FINALIZER]}
         if resource_version:
             meta["resourceVersion"] = resource_version
-        await self.client.request("PATCH", self._path(namespace, name), {"metadata": meta})
+        await self._request("PATCH", self._path(namespace, name), {"metadata": meta})
 
     async def post_event(self, *, namespace: str, name: str, uid: str, old: str, new: str,
                          at: str, reason: str, message: str, warning: bool) -> bool:
@@ -90,7 +98,7 @@ class TargetApi:
             "firstTimestamp": at[:19] + "Z", "lastTimestamp": at[:19] + "Z", "count": 1,
         }
         try:
-            await self.client.request("POST", f"/api/v1/namespaces/{namespace}/events", body)
+            await self._request("POST", f"/api/v1/namespaces/{namespace}/events", body)
         except KubeError as exc:
             if exc.status == 409:
                 return False
