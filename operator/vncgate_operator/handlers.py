@@ -132,6 +132,7 @@ class Runtime:
         # Status this operator wrote that the watch has not brought back yet: (rv, status).
         self._written: dict[str, tuple[int, dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._replays: asyncio.Queue[tuple[str, str, Transition]] = asyncio.Queue()
         # kopf's live indexes, given to the startup handler (filled later by kopf).
         self.targets: Mapping[Any, Any] = {}
         self.services: Mapping[Any, Any] = {}
@@ -300,12 +301,21 @@ class Runtime:
         if event_type is None:  # the listing at start
             recorded = transition_of(body.get("status"))
             if recorded is not None and _age(recorded.at) < EVENT_REPLAY_WINDOW:
-                namespace, _, name = key.partition("/")
-                await self.post_event(namespace, name, str(meta.get("uid") or ""), recorded)
+                # Posted by one background task, so that the listing's handlers (and the
+                # bodies they hold) do not wait for thousands of POSTs.
+                self._replays.put_nowait((key, str(meta.get("uid") or ""), recorded))
         if needs_reconcile(body):
             self.scheduler.schedule(key, 0.0)
         elif key not in self.scheduler:
             self.scheduler.schedule_first(key)
+
+    async def replay_events(self) -> None:
+        """Post again the Events of transitions recorded shortly before this start (a no-op
+        for those already posted: an Event is named after its transition)."""
+        while True:
+            key, uid, transition = await self._replays.get()
+            namespace, _, name = key.partition("/")
+            await self.post_event(namespace, name, uid, transition)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -317,6 +327,7 @@ class Runtime:
                                                startup_grace=self.config.resync_interval),
                                 name="vncgate resync"),
             asyncio.create_task(self.scheduler.run(), name="vncgate scheduler"),
+            asyncio.create_task(self.replay_events(), name="vncgate event replay"),
         ]
 
     async def close(self) -> None:
