@@ -142,7 +142,15 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
         policy=AddressPolicy(allow_cidrs=(ipaddress.ip_network("127.0.0.1/32"),)),
         resync_interval=resync_interval, probe_interval=probe_interval, probe_timeout=3.0,
         liveness_endpoint=None, standalone=True)
-    registry = build_registry(config)
+    from relay.kube import KubeConnection
+
+    class _NoCredentials:  # the emulator takes requests without a token
+        def get_api_key_with_prefix(self, _name: str) -> None:
+            return None
+
+    registry = build_registry(config, connect=lambda: KubeConnection(
+        server=cluster.info["kmock"].rstrip("/"), ssl_context=False,
+        configuration=_NoCredentials()))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -172,14 +180,14 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
 
 
 def configure_logging() -> None:
-    """As `vncgate-operator` does (kopf's INFO lines, minus the refresh timer's), to stderr,
-    which the orchestrator sends to a file: log lines are part of the operator's cost."""
+    """As `vncgate-operator` does (kopf's per-object lines at DEBUG), to stderr, which the
+    orchestrator sends to a file: log lines are part of the operator's cost."""
     import kopf
-    from vncgate_operator.cli import _QuietTimers
+    from vncgate_operator.cli import KopfNoise
 
     kopf.configure(debug=False, verbose=False, log_format=kopf.LogFormat.FULL)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietTimers())
+        handler.addFilter(KopfNoise())
 
 
 async def wait_registered(cluster: ClusterProcess, prefix: str, count: int, within: float,
@@ -234,9 +242,9 @@ async def resync_pass(runtime: Any, cluster: ClusterProcess) -> dict[str, Any]:
     before = await cluster.call("GET", "/bytes")
     t0 = time.monotonic()
     c0 = cpu()
-    desired = runtime.desired_routes()
+    runtime.desired_routes()
     t1 = time.monotonic()
-    ok = await runtime.fleet.sync_all(desired)
+    ok = await runtime.fleet.sync_all()  # computes the table again, at send time
     t2 = time.monotonic()
     c1 = cpu()
     after = await cluster.call("GET", "/bytes")
@@ -441,6 +449,30 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"\n{results['wall_s']:.0f} s; every figure in {out}; logs in {logdir}")
 
 
+def orchestrate_real(args: argparse.Namespace) -> None:
+    from bench import operator_real
+
+    sizes = args.sizes or ([200] if args.quick else [1000])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logdir = RESULTS / "operator-logs"
+    logdir.mkdir(exist_ok=True)
+    started = time.monotonic()
+    probe = 30.0 if args.probe_interval == 86400.0 else args.probe_interval
+    resync = 30.0 if args.resync_interval == 3600.0 else args.resync_interval
+    results: dict[str, Any] = {
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
+                    "cpu": _cpu_model()},
+        "options": {"sizes": sizes, "rate": args.rate, "probe_interval": probe,
+                    "resync_interval": resync, "quiet": args.quiet},
+        "real": operator_real.run(sizes, args.rate, args.singles, args.quiet, args.timeout,
+                                  probe, resync, logdir)}
+    results["wall_s"] = time.monotonic() - started
+    out = Path(args.json) if args.json else RESULTS / "operator-real.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(operator_real.report(results["real"]))
+    print(f"\n{results['wall_s']:.0f} s; every figure in {out}; logs in {logdir}")
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -473,11 +505,22 @@ def main() -> None:
                              "sets them with vncgate_operator.cli.tune_gc)")
     parser.add_argument("--json", help="where to write every figure "
                                        "(default bench/results/operator.json)")
+    parser.add_argument("--api-server", choices=("emulator", "real"), default="emulator",
+                        help="emulator: kmock, in a child process (default); real: a real "
+                             "kube-apiserver from ../shared/envtest (bench/operator_real.py)")
+    parser.add_argument("--rate", type=float, default=50.0,
+                        help="real mode: creations per second in the burst (default 50)")
+    parser.add_argument("--singles", type=int, default=10,
+                        help="real mode: single applies timed after the burst (default 10)")
+    parser.add_argument("--quiet", type=float, default=60.0,
+                        help="real mode: the steady-state window, seconds (default 60)")
     parser.add_argument("--run", choices=("latency", "bulk"), help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run:
+    if args.api_server == "real":
+        orchestrate_real(args)
+    elif args.run:
         scenario_main(args)
     else:
         orchestrate(args)

@@ -35,6 +35,8 @@ class TableSnapshot:
     viewers: dict[str, list[str]] = field(default_factory=dict)
     synced: bool = False
     route_count: int = 0
+    # Changes at every start of the replica (an empty table until it is filled again).
+    boot: str = ""
 
 
 class RelayClient:
@@ -47,10 +49,12 @@ class RelayClient:
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+    async def _request(self, method: str, path: str, body: Any = None,
+                       headers: dict[str, str] | None = None) -> Any:
         url = f"{self.base_url}{path}"
         try:
-            async with self._session.request(method, url, json=body, headers=self._headers,
+            async with self._session.request(method, url, json=body,
+                                             headers={**self._headers, **(headers or {})},
                                              timeout=self._timeout) as resp:
                 if resp.status >= 400:
                     text = (await resp.text())[:500]
@@ -70,15 +74,20 @@ class RelayClient:
         """Remove one route; removing a route the replica does not have is not an error."""
         await self._request("DELETE", f"/api/v1/targets/{namespace}/{name}")
 
-    async def replace_table(self, routes: Iterable[Route]) -> str:
-        """Replace the replica's whole table; returns the revision it now holds."""
+    async def replace_table(self, routes: Iterable[Route], if_revision: str | None = None) -> str:
+        """Replace the replica's whole table; returns the revision it now holds.
+
+        With `if_revision`, only if the replica still holds that revision: a RelayError with
+        status 412 otherwise (its table changed since it was read)."""
         body = {"targets": [r.to_json() for r in routes]}
-        reply = await self._request("PUT", "/api/v1/targets", body)
+        headers = {"If-Match": f'"{if_revision}"'} if if_revision is not None else None
+        reply = await self._request("PUT", "/api/v1/targets", body, headers)
         return str(reply["revision"])
 
     async def get_table(self) -> TableSnapshot:
         reply = await self._request("GET", "/api/v1/targets")
-        snapshot = TableSnapshot(revision=str(reply["revision"]), synced=bool(reply.get("synced")))
+        snapshot = TableSnapshot(revision=str(reply["revision"]), synced=bool(reply.get("synced")),
+                                 boot=str(reply.get("boot", "")))
         for item in reply["targets"]:
             route = route_from_json(item)
             snapshot.routes[route.key] = route
@@ -92,6 +101,6 @@ class RelayClient:
         reply = await self._request("GET", "/api/v1/targets?view=summary")
         return TableSnapshot(
             revision=str(reply["revision"]), synced=bool(reply.get("synced")),
-            route_count=int(reply.get("routes", 0)),
+            boot=str(reply.get("boot", "")), route_count=int(reply.get("routes", 0)),
             sessions={str(k): int(v) for k, v in reply.get("sessions", {}).items()},
             viewers={str(k): [str(u) for u in v] for k, v in reply.get("viewers", {}).items()})

@@ -92,7 +92,7 @@ async def put_target(request: web.Request) -> web.StreamResponse:
         log.info("route registered", extra={"fields": {"target": route.key,
                                                        "endpoint": route.address}})
     return web.json_response({"target": route.key, "changed": changed,
-                              "revision": state.registry.revision})
+                              "revision": state.registry.revision, "boot": state.registry.boot})
 
 
 async def delete_target(request: web.Request) -> web.StreamResponse:
@@ -102,21 +102,30 @@ async def delete_target(request: web.Request) -> web.StreamResponse:
     if deleted:
         log.info("route removed", extra={"fields": {"target": f"{namespace}/{name}"}})
     return web.json_response({"target": f"{namespace}/{name}", "deleted": deleted,
-                              "revision": state.registry.revision})
+                              "revision": state.registry.revision, "boot": state.registry.boot})
 
 
 async def replace_targets(request: web.Request) -> web.StreamResponse:
+    """Replace the table; with `If-Match: "<revision>"` only if the table is still at that
+    revision (412 otherwise), so that a table computed from a stale view never lands."""
     state = request.app[STATE]
     try:
         routes = table_from_json(await _json_body(request))
     except SpecError as exc:
         return _error(400, str(exc))
+    expected = request.headers.get("If-Match")
+    if expected is not None and expected.strip().strip('"') != state.registry.revision:
+        return web.json_response(
+            {"error": f"the table changed (revision {state.registry.revision}, not "
+                      f"{expected.strip()}): read it again and resend",
+             "revision": state.registry.revision, "boot": state.registry.boot}, status=412)
     added, changed, removed = state.registry.replace(routes)
     if added or changed or removed:
         log.info("route table replaced", extra={"fields": {
             "routes": len(routes), "added": added, "changed": changed, "removed": removed}})
     return web.json_response({"revision": state.registry.revision, "routes": len(routes),
-                              "added": added, "changed": changed, "removed": removed})
+                              "added": added, "changed": changed, "removed": removed,
+                              "boot": state.registry.boot})
 
 
 async def list_targets(request: web.Request) -> web.StreamResponse:
@@ -130,7 +139,7 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
     if request.query.get("view") == "summary":
         return web.json_response({
             "revision": state.registry.revision, "synced": state.registry.synced,
-            "routes": len(state.registry),
+            "boot": state.registry.boot, "routes": len(state.registry),
             "sessions": {key: len(group) for key, group in viewing.items()},
             "viewers": {key: _viewers(group) for key, group in viewing.items()}})
     targets = []
@@ -141,7 +150,8 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
         item["viewers"] = _viewers(group)
         targets.append(item)
     return web.json_response({"revision": state.registry.revision,
-                              "synced": state.registry.synced, "targets": targets})
+                              "synced": state.registry.synced, "boot": state.registry.boot,
+                              "targets": targets})
 
 
 def _viewers(sessions: list[Session]) -> list[str]:

@@ -6,6 +6,7 @@ Keyed by "namespace/name". The revision is kept up to date in O(1) per change (s
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 
 from relay.model import Route, xor_digest
@@ -21,6 +22,9 @@ class Registry:
         self._listeners: list[RouteListener] = []
         # Set by the first full table (PUT /api/v1/targets) or by loading standalone manifests.
         self.synced = False
+        # Differs at every start of the relay: an operator that sees it change knows the
+        # replica lost its table (a restart) even before its revision says so.
+        self.boot = secrets.token_hex(8)
         for route in routes:
             self.put(route)
 

@@ -16,11 +16,15 @@ from vncgate_operator.handlers import build_registry
 from vncgate_operator.settings import OperatorSettings, parse_args
 
 
-class _QuietTimers(logging.Filter):
-    """Drop kopf's "Timer 'refresh' succeeded." line: one per target per probe interval."""
+class KopfNoise(logging.Filter):
+    """kopf's per-object lines ("Handler 'target_event' succeeded.", one per watch event) are
+    DEBUG: shown with --verbose only. The operator's own lines name the object they are about."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Timer 'refresh' succeeded")
+        if record.name.startswith("kopf.objects") and record.levelno <= logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 # Collect the youngest generation every 10,000 net allocations instead of 700. With the default,
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         debug=settings.verbose, verbose=settings.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietTimers())
+        handler.addFilter(KopfNoise())
     namespaces = namespaces_to_watch(settings)
     kopf.run(
         registry=build_registry(settings),

@@ -1,7 +1,23 @@
-"""The relay replicas as one fleet: single-route changes, the periodic full resync, session counts.
+"""The relay replicas as one fleet: single-route changes, the full resync, session counts.
 
-Talks to relays only through `relay.client.RelayClient`. No kopf here: the handlers give it the
-desired table (a function over kopf's indexes) and a signal that those indexes are complete.
+Talks to relays only through `relay.client.RelayClient`. No kopf here: the fleet is given two
+views of the cluster's state, `route_of(key)` (the route a target should have now, None if it
+should have none: deleted, leaving or invalid) and `desired()` (the whole table), and reads
+them at the moment it sends, never before an await. That, and one lock per replica around every
+write, is what makes a deleted target unreachable once its deletion is handled:
+
+- a single change (`converge(key)`) looks up the route under the replica's lock and sends a PUT
+  or a DELETE: a deletion handled while a full table is on its way waits for that table and then
+  removes the route from it;
+- a full table is computed under the lock after the replica's summary was read, and sent with
+  `If-Match` on the revision that summary reported: if anything else changed the replica in
+  between, the relay refuses it (412) and the next pass reads again;
+- a deletion that a replica did not confirm stays a tombstone, retried at every pass, until that
+  replica confirms (a DELETE, or a full table without it).
+
+Every `poll_interval` the fleet reads each replica's summary (revision, boot id, sessions): a
+replica that restarted (new boot id) or holds something else than what the fleet sent it is
+resynced at once, so a restarted replica has its routes back within seconds.
 """
 
 from __future__ import annotations
@@ -9,16 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 
-from relay.client import RelayClient, RelayError
-from relay.model import Route, table_revision
+from relay.client import RelayClient, RelayError, TableSnapshot
+from relay.model import Route, table_revision, xor_digest
 from vncgate_operator.status import Registration
 
 logger = logging.getLogger("vncgate.operator.relays")
+
+RouteOf = Callable[[str], "Route | None"]
+Desired = Callable[[], "list[Route]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,46 +53,87 @@ class FanOut:
         return self.replicas > 0 and len(self.failed) == self.replicas
 
 
+class _Replica:
+    """What the fleet knows of one replica: the routes it sent and that the replica accepted."""
+
+    def __init__(self, client: RelayClient) -> None:
+        self.client = client
+        self.lock = asyncio.Lock()
+        self.held: dict[str, Route] = {}
+        self._revision = bytes(32)  # table_revision(held), kept up to date per change
+        self.boot: str | None = None
+        self.sessions: dict[str, int] | None = None
+        self.viewers: dict[str, list[str]] = {}
+
+    @property
+    def revision(self) -> str:
+        return self._revision.hex()
+
+    def hold(self, route: Route) -> None:
+        old = self.held.get(route.key)
+        if old == route:
+            return
+        if old is not None:
+            self._revision = xor_digest(self._revision, old.digest())
+        self.held[route.key] = route
+        self._revision = xor_digest(self._revision, route.digest())
+
+    def drop(self, key: str) -> None:
+        old = self.held.pop(key, None)
+        if old is not None:
+            self._revision = xor_digest(self._revision, old.digest())
+
+    def hold_exactly(self, routes: Iterable[Route], revision: str) -> None:
+        self.held = {route.key: route for route in routes}
+        self._revision = bytes.fromhex(revision)
+
+    def forget_all(self) -> None:
+        self.held = {}
+        self._revision = bytes(32)
+
+
 class RelayFleet:
     def __init__(self, session: aiohttp.ClientSession, token: str, urls: Iterable[str] = (),
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, *, route_of: RouteOf | None = None,
+                 desired: Desired | None = None) -> None:
         self._session = session
         self._token = token
         self._timeout = timeout
-        self._clients: dict[str, RelayClient] = {}
-        self.urls: frozenset[str] = frozenset(urls)
+        self._replicas: dict[str, _Replica] = {}
+        self.route_of: RouteOf = route_of or (lambda _key: None)
+        self.desired: Desired = desired or list
+        self.urls: frozenset[str] = frozenset()
         # Per replica: why the last request failed. Cleared by the next success.
         self.failures: dict[str, str] = {}
-        # Routes that every replica is known to hold (by a PUT or a matching table revision).
-        self.confirmed: dict[str, Route] = {}
-        self._sessions: dict[str, dict[str, int]] = {}
-        self._viewers: dict[str, dict[str, list[str]]] = {}
+        # Deleted targets that some replicas have not confirmed removing yet.
+        self.tombstones: dict[str, set[str]] = {}
+        # Called (no arguments) when what the replicas hold changed behind the fleet's back
+        # (a replica restarted, or came or went): the status of every target may be stale.
+        self.on_upheaval: Callable[[], None] = lambda: None
         self._kick = asyncio.Event()
         # Set once kopf's indexes hold every VncTarget and Service: before that, the desired
         # table may be partial, and a full PUT of it would remove live routes from the relays.
         self.views_ready = asyncio.Event()
         self.synced_once = asyncio.Event()
+        self.set_urls(urls)
 
-    def _client(self, url: str) -> RelayClient:
-        client = self._clients.get(url)
-        if client is None:
-            client = self._clients[url] = RelayClient(self._session, url, self._token,
-                                                      timeout=self._timeout)
-        return client
+    # -- the replica set ---------------------------------------------------------------------
 
     def set_urls(self, urls: Iterable[str]) -> frozenset[str]:
         """Replace the replica set (discovery); returns the replicas that are new."""
         new_urls = frozenset(urls)
         added = new_urls - self.urls
         for gone in self.urls - new_urls:
-            self._clients.pop(gone, None)
+            self._replicas.pop(gone, None)
             self.failures.pop(gone, None)
-            self._sessions.pop(gone, None)
-            self._viewers.pop(gone, None)
+            for waiting in self.tombstones.values():
+                waiting.discard(gone)
+        for url in added:
+            self._replicas[url] = _Replica(RelayClient(self._session, url, self._token,
+                                                       timeout=self._timeout))
+        changed = new_urls != self.urls
         self.urls = new_urls
-        if added:
-            # A new replica may be empty: what the others hold is no longer held by all.
-            self.confirmed.clear()
+        if changed:
             self.kick()
         return added
 
@@ -80,55 +141,32 @@ class RelayFleet:
         """Run the full resync now instead of at the end of the interval."""
         self._kick.set()
 
+    # -- what the fleet knows ---------------------------------------------------------------
+
+    def holds(self, route: Route) -> bool:
+        """Whether every replica is known to hold exactly this route."""
+        return bool(self._replicas) and all(
+            replica.held.get(route.key) == route for replica in self._replicas.values())
+
+    def holds_any(self, key: str) -> bool:
+        """Whether some replica may hold a route for `key` (or its deletion is unconfirmed)."""
+        return key in self.tombstones or any(key in r.held for r in self._replicas.values())
+
     def sessions(self, key: str) -> int | None:
         """Open sessions over every replica; None until a replica's table was read."""
-        if not self._sessions:
+        read = [r.sessions for r in self._replicas.values() if r.sessions is not None]
+        if not read:
             return None
-        return sum(table.get(key, 0) for table in self._sessions.values())
+        return sum(table.get(key, 0) for table in read)
 
     def viewers(self, key: str) -> str | None:
         """Who is viewing, over every replica: "alice, bob", at most 256 characters; None until
         a replica's table was read."""
-        if not self._viewers:
+        if all(r.sessions is None for r in self._replicas.values()):
             return None
-        names = sorted({name for table in self._viewers.values() for name in table.get(key, [])})
+        names = sorted({name for r in self._replicas.values() for name in r.viewers.get(key, [])})
         text = ", ".join(names)
         return text if len(text) <= 256 else text[:250] + ", ..."
-
-    async def _fan_out(self, what: str, call: Callable[[RelayClient], Awaitable[object]]) -> FanOut:
-        urls = sorted(self.urls)
-        results = await asyncio.gather(*(call(self._client(u)) for u in urls),
-                                       return_exceptions=True)
-        failed: dict[str, str] = {}
-        for url, result in zip(urls, results, strict=True):
-            if isinstance(result, RelayError):
-                failed[url] = str(result)
-                self.failures[url] = str(result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                self.failures.pop(url, None)
-        if failed:
-            logger.warning("%s failed on %d of %d relay replicas: %s", what, len(failed),
-                           len(urls), "; ".join(failed.values()))
-        return FanOut(replicas=len(urls), failed=failed)
-
-    async def put_route(self, route: Route) -> FanOut:
-        result = await self._fan_out(f"PUT {route.key}", lambda c: c.put_route(route))
-        if result.failed:
-            self.confirmed.pop(route.key, None)
-            self.kick()  # the resync repairs the replicas that missed it
-        elif result.replicas:
-            self.confirmed[route.key] = route
-        return result
-
-    async def delete_route(self, namespace: str, name: str) -> FanOut:
-        result = await self._fan_out(f"DELETE {namespace}/{name}",
-                                     lambda c: c.delete_route(namespace, name))
-        self.confirmed.pop(f"{namespace}/{name}", None)
-        if result.failed:
-            self.kick()
-        return result
 
     def registration(self, route: Route) -> Registration | None:
         """The Registered condition of a route, from what the fleet last saw; None while it
@@ -144,55 +182,159 @@ class RelayFleet:
                                 f"{len(failing)} of {len(self.urls)} relay replicas did not "
                                 f"answer ({self.failures[failing[0]]}); the operator retries at "
                                 "every resync")
-        if self.confirmed.get(route.key) != route:
+        if not self.holds(route):
             if not self.synced_once.is_set():
                 return None
-            return Registration(False, "NotRegistered", "waiting for the next resync")
+            return Registration(False, "NotRegistered", "waiting for the relays to take the "
+                                                        "route (next resync)")
         return Registration(True, "Registered",
                             f"route {route.address} served by {len(self.urls)} relay "
                             f"replica{'s' if len(self.urls) != 1 else ''}")
 
-    async def sync_replica(self, url: str, desired: list[Route], revision: str,
-                           only_if_unsynced: bool = False) -> bool:
-        """Make one replica hold exactly `desired`; sends the table only when revisions differ."""
-        client = self._client(url)
+    # -- single changes ----------------------------------------------------------------------
+
+    async def _converge_one(self, url: str, replica: _Replica, key: str) -> None:
+        async with replica.lock:
+            route = self.route_of(key)  # at send time, under the lock
+            if route is None:
+                await replica.client.delete_route(*key.split("/", 1))
+                replica.drop(key)
+                waiting = self.tombstones.get(key)
+                if waiting is not None:
+                    waiting.discard(url)
+                    if not waiting:
+                        del self.tombstones[key]
+            else:
+                if replica.held.get(key) != route:
+                    await replica.client.put_route(route)
+                    replica.hold(route)
+                waiting = self.tombstones.get(key)  # deleted, then created again
+                if waiting is not None:
+                    waiting.discard(url)
+                    if not waiting:
+                        del self.tombstones[key]
+
+    async def converge(self, key: str, *, deleted: bool = False) -> FanOut:
+        """Make every replica hold what `route_of(key)` says now: the route, or nothing.
+
+        `deleted`: the target is gone; it stays a tombstone until every replica confirmed."""
+        if deleted:
+            self.tombstones[key] = set(self.urls)
+        urls = sorted(self._replicas)
+        results = await asyncio.gather(*(self._converge_one(u, self._replicas[u], key)
+                                         for u in urls), return_exceptions=True)
+        failed: dict[str, str] = {}
+        for url, result in zip(urls, results, strict=True):
+            if isinstance(result, RelayError):
+                failed[url] = str(result)
+                self.failures[url] = str(result)
+                replica = self._replicas.get(url)
+                if replica is not None:
+                    replica.drop(key)  # unknown now: the resync compares and repairs
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.failures.pop(url, None)
+        if failed:
+            logger.warning("%s: %s failed on %d of %d relay replicas: %s", key,
+                           "DELETE" if deleted else "PUT", len(failed), len(urls),
+                           "; ".join(failed.values()))
+            self.kick()
+        return FanOut(replicas=len(urls), failed=failed)
+
+    # -- the full resync ----------------------------------------------------------------------
+
+    def _note_summary(self, url: str, replica: _Replica, snapshot: TableSnapshot) -> bool:
+        """Record sessions and boot id; True if the replica restarted since the last look."""
+        replica.sessions = snapshot.sessions
+        replica.viewers = snapshot.viewers
+        restarted = replica.boot is not None and snapshot.boot != replica.boot
+        replica.boot = snapshot.boot
+        if restarted:
+            logger.warning("relay %s restarted (it holds %d routes): sending its table again",
+                           url, snapshot.route_count)
+            replica.forget_all()
+        return restarted
+
+    async def sync_replica(self, url: str, only_if_unsynced: bool = False) -> bool:
+        """Make one replica hold exactly the desired table; sends it only when revisions
+        differ. The table is computed after the summary is read, under the replica's lock."""
+        replica = self._replicas.get(url)
+        if replica is None:
+            return False
         try:
-            snapshot = await client.get_summary()
-            self._sessions[url] = snapshot.sessions
-            self._viewers[url] = snapshot.viewers
-            if only_if_unsynced and snapshot.synced:
-                return False
-            if snapshot.revision != revision or not snapshot.synced:
-                logger.info("relay %s holds %d routes (revision %s…), want %d (%s…): replacing "
-                            "its table", url, snapshot.route_count, snapshot.revision[:12],
-                            len(desired), revision[:12])
-                got = await client.replace_table(desired)
-                if got != revision:
-                    logger.warning("relay %s reports revision %s… after the resync, expected "
-                                   "%s…: are the relay and operator versions compatible?",
-                                   url, got[:12], revision[:12])
+            async with replica.lock:
+                snapshot = await replica.client.get_summary()
+                restarted = self._note_summary(url, replica, snapshot)
+                if restarted:
+                    self.on_upheaval()
+                if only_if_unsynced and snapshot.synced:
+                    return False
+                desired = self.desired()  # at send time: nothing awaited from here to the PUT
+                revision = table_revision(desired)
+                if snapshot.revision != revision or not snapshot.synced:
+                    logger.info("relay %s holds %d routes (revision %s…), want %d (%s…): "
+                                "replacing its table", url, snapshot.route_count,
+                                snapshot.revision[:12], len(desired), revision[:12])
+                    got = await replica.client.replace_table(desired,
+                                                             if_revision=snapshot.revision)
+                    if got != revision:
+                        logger.warning("relay %s reports revision %s… after the resync, "
+                                       "expected %s…: are the relay and operator versions "
+                                       "compatible?", url, got[:12], revision[:12])
+                replica.hold_exactly(desired, revision)
+                for key in [k for k, waiting in self.tombstones.items() if url in waiting]:
+                    self.tombstones[key].discard(url)
+                    if not self.tombstones[key]:
+                        del self.tombstones[key]
         except RelayError as exc:
             self.failures[url] = str(exc)
-            logger.warning("resync of relay %s failed: %s", url, exc)
+            if exc.status == 412:
+                logger.info("relay %s changed while its table was computed; reading it again",
+                            url)
+                self.kick()
+            else:
+                logger.warning("resync of relay %s failed: %s", url, exc)
             return False
         self.failures.pop(url, None)
         return True
 
-    async def sync_all(self, desired: list[Route], only_if_unsynced: bool = False) -> bool:
-        """Resync every replica concurrently; True if every one now holds `desired`."""
-        revision = table_revision(desired)
+    async def sync_all(self, only_if_unsynced: bool = False) -> bool:
+        """Resync every replica concurrently; True if every one now holds the desired table."""
         urls = sorted(self.urls)
-        results = await asyncio.gather(*(self.sync_replica(u, desired, revision, only_if_unsynced)
-                                         for u in urls))
+        results = await asyncio.gather(*(self.sync_replica(u, only_if_unsynced) for u in urls))
         if urls and all(results):
-            self.confirmed = {route.key: route for route in desired}
-            self.synced_once.set()
+            if not self.synced_once.is_set():
+                self.synced_once.set()
+                self.on_upheaval()  # statuses that waited for the first pass
             return True
         return False
 
-    async def run_resync(self, desired: Callable[[], list[Route]], interval: float,
-                         startup_grace: float) -> None:
-        """The anti-entropy loop: every `interval` (or on a kick), every replica converges.
+    async def poll(self) -> None:
+        """Read every replica's summary: sessions for status; a replica that restarted or holds
+        something else than the fleet sent it is resynced now."""
+        async def one(url: str, replica: _Replica) -> None:
+            try:
+                snapshot = await replica.client.get_summary()
+            except RelayError as exc:
+                if url not in self.failures:
+                    logger.warning("relay %s does not answer: %s", url, exc)
+                    self.on_upheaval()
+                self.failures[url] = str(exc)
+                return
+            recovered = self.failures.pop(url, None) is not None
+            restarted = self._note_summary(url, replica, snapshot)
+            if (restarted or recovered or not snapshot.synced
+                    or (not replica.lock.locked() and snapshot.revision != replica.revision)):
+                self.kick()
+            if restarted or recovered:
+                self.on_upheaval()
+
+        await asyncio.gather(*(one(u, r) for u, r in list(self._replicas.items())))
+
+    async def run(self, interval: float, poll_interval: float, startup_grace: float) -> None:
+        """The anti-entropy loop: a full pass every `interval` (or on a kick), a summary read
+        of every replica every `poll_interval`.
 
         Until kopf's indexes are complete, the loop only fills replicas that never had a table
         (after `startup_grace`), so that an operator with nothing to watch still lets fresh
@@ -200,17 +342,30 @@ class RelayFleet:
         """
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.views_ready.wait(), timeout=startup_grace)
+        loop = asyncio.get_running_loop()
+        next_full = loop.time()
         while True:
-            self._kick.clear()
-            try:
-                await self.sync_all(desired(), only_if_unsynced=not self.views_ready.is_set())
-            except Exception:  # the loop must outlive any one bad pass
-                logger.exception("resync pass failed; retrying in %gs", interval)
+            if self._kick.is_set() or loop.time() >= next_full:
+                self._kick.clear()
+                next_full = loop.time() + interval
+                started = time.monotonic()
+                try:
+                    await self.sync_all(only_if_unsynced=not self.views_ready.is_set())
+                except Exception:  # the loop must outlive any one bad pass
+                    logger.exception("resync pass failed; retrying in %gs", interval)
+                logger.debug("resync pass: %.3fs", time.monotonic() - started)
+            else:
+                try:
+                    await self.poll()
+                except Exception:
+                    logger.exception("reading the relays' summaries failed")
             wakers = [asyncio.ensure_future(self._kick.wait())]
             if not self.views_ready.is_set():
                 wakers.append(asyncio.ensure_future(self.views_ready.wait()))
             try:
-                await asyncio.wait(wakers, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(wakers, timeout=min(poll_interval, interval),
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waker in wakers:
                     waker.cancel()
+

@@ -155,13 +155,21 @@ def first(values: Iterable[Any] | None) -> Any:
 ServiceLookup = Callable[[str, str], "ServiceInfo | None"]
 
 
-def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | None, lookup: ServiceLookup,
-             policy: AddressPolicy, cluster_domain: str) -> tuple[str, Route | TargetInvalid]:
-    """The endpoint as status shows it, and the route or why there is none."""
-    try:
-        parsed = parse_target_spec(spec)
-    except TargetInvalid as exc:
-        return "", exc
+def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | VncTargetSpec | TargetInvalid
+             | None, lookup: ServiceLookup, policy: AddressPolicy,
+             cluster_domain: str) -> tuple[str, Route | TargetInvalid]:
+    """The endpoint as status shows it, and the route or why there is none.
+
+    `spec` is the object's spec, or what `parse_target_spec` made of it already."""
+    if isinstance(spec, TargetInvalid):
+        return "", spec
+    if isinstance(spec, VncTargetSpec):
+        parsed = spec
+    else:
+        try:
+            parsed = parse_target_spec(spec)
+        except TargetInvalid as exc:
+            return "", TargetInvalid(exc.reason, exc.message)  # no traceback kept
     endpoint = describe_endpoint(namespace, parsed)
     service = (lookup(namespace, parsed.endpoint.name)
                if isinstance(parsed.endpoint, ServiceRef) else None)

@@ -80,6 +80,8 @@ class OperatorSettings:
     cluster_domain: str = "cluster.local"
     relay_port: int = DEFAULT_RELAY_PORT
     relay_timeout: float = 5.0
+    # Seconds for one status patch or Event post by the operator's own API client.
+    api_timeout: float = 10.0
     # Seconds that a relay outage delays the retry of a registration (kopf.TemporaryError).
     retry_delay: float = 10.0
     liveness_endpoint: str | None = "http://127.0.0.1:8082/healthz"

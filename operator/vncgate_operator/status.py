@@ -173,3 +173,50 @@ def ready_message(status: Mapping[str, Any]) -> str:
         if condition.get("type") == READY_CONDITION:
             return str(condition.get("message") or "")
     return ""
+
+
+def now_precise() -> str:
+    """RFC 3339 with microseconds: the time of a phase transition, part of its Event's name."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A phase change as status records it (`status.phaseTransition`) and its Event tells it."""
+
+    old: str
+    new: str
+    at: str
+    reason: str
+    message: str
+
+    @property
+    def warning(self) -> bool:
+        return not (self.new == READY or (self.new == PENDING and self.old == NEW))
+
+
+NEW = "New"
+
+
+def record_transition(current: Mapping[str, Any] | None, desired: dict[str, Any],
+                      at: str) -> Transition | None:
+    """If the phase changes, write the transition into `desired` and return it."""
+    old, new = phase_of(current) or NEW, str(desired["phase"])
+    if old == new:
+        return None
+    desired["phaseTransition"] = {"from": old, "time": at}
+    return transition_of(desired)
+
+
+def transition_of(status: Mapping[str, Any] | None) -> Transition | None:
+    """The last transition that `status` records, with the Event's reason and message."""
+    status = status or {}
+    recorded = status.get("phaseTransition")
+    phase = phase_of(status)
+    if not isinstance(recorded, Mapping) or phase is None:
+        return None
+    reason = next((str(c.get("reason")) for c in status.get("conditions") or ()
+                   if c.get("type") == READY_CONDITION), phase)
+    old = str(recorded.get("from") or NEW)
+    return Transition(old=old, new=phase, at=str(recorded.get("time") or ""), reason=reason,
+                      message=f"{old} -> {phase}: {ready_message(status)}")

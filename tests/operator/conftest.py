@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import time
@@ -21,6 +22,7 @@ from vncgate_operator.handlers import Prober, build_registry
 from vncgate_operator.policy import AddressPolicy
 from vncgate_operator.settings import OperatorSettings
 
+from relay.kube import KubeConnection
 from relay.server import RelayServer
 from relay.settings import HostPort, RelaySettings
 from tests.support.xvnc import XvncServer
@@ -82,10 +84,24 @@ def operator_settings(**overrides: Any) -> OperatorSettings:
     return OperatorSettings(**values)
 
 
+class _NoCredentials:
+    """The emulator takes requests without a token."""
+
+    def get_api_key_with_prefix(self, _name: str) -> None:
+        return None
+
+
+def emulator_connection(k8s: Any) -> KubeConnection:
+    return KubeConnection(server=str(k8s.url).rstrip("/"), ssl_context=False,
+                          configuration=_NoCredentials())
+
+
 @contextlib.asynccontextmanager
 async def running_operator(k8s: Any, config: OperatorSettings,
                            prober: Prober | None = None) -> AsyncIterator[None]:
-    registry = build_registry(config, prober=prober) if prober else build_registry(config)
+    connect = functools.partial(emulator_connection, k8s)
+    registry = (build_registry(config, prober=prober, connect=connect) if prober
+                else build_registry(config, connect=connect))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

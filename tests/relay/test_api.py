@@ -193,3 +193,29 @@ async def test_summary_view_carries_revision_and_sessions_only(
         assert summary.routes == {}
         assert summary.sessions == {"lab/desk": 1}
         assert summary.viewers == {"lab/desk": ["anonymous"]}
+
+
+async def test_conditional_table_replace_refuses_a_stale_table(
+        relay: RelayServer, http: aiohttp.ClientSession) -> None:
+    client = RelayClient(http, relay.internal_url, API_TOKEN)
+    desk, lab = Route("lab", "desk", "10.0.0.5", 5900), Route("lab", "lab", "10.0.0.6", 5900)
+    before = await client.get_summary()
+    assert before.boot and before.revision == table_revision([])
+    await client.put_route(desk)  # the table moves on after `before` was read
+    with pytest.raises(RelayError) as refused:
+        await client.replace_table([lab], if_revision=before.revision)
+    assert refused.value.status == 412 and "read it again" in str(refused.value)
+    assert relay.registry.get("lab", "lab") is None and relay.registry.get("lab", "desk") == desk
+    now = await client.get_summary()
+    assert await client.replace_table([lab], if_revision=now.revision) == table_revision([lab])
+    assert (await client.get_summary()).boot == before.boot  # same process, same boot id
+
+
+async def test_boot_id_differs_between_relay_starts(make_relay: RelayFactory,
+                                                    http: aiohttp.ClientSession) -> None:
+    boots = []
+    for _ in range(2):
+        async with make_relay() as relay:
+            boots.append((await RelayClient(http, relay.internal_url, API_TOKEN)
+                          .get_summary()).boot)
+    assert boots[0] and boots[1] and boots[0] != boots[1]

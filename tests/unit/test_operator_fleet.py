@@ -20,6 +20,6 @@ async def test_before_the_first_resync_the_fleet_claims_nothing() -> None:
         fleet.synced_once.set()
         registration = fleet.registration(ROUTE)
         assert registration is not None and registration.reason == "NotRegistered"
-        fleet.confirmed[ROUTE.key] = ROUTE
+        fleet._replicas["http://127.0.0.1:9"].hold(ROUTE)  # as a PUT would
         registration = fleet.registration(ROUTE)
         assert registration is not None and registration.ok

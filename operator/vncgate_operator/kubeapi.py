@@ -1,0 +1,106 @@
+"""The operator's own Kubernetes API calls: status, Events, and the old finalizer.
+
+kopf watches; the scheduler writes outside kopf's handlers, so it has its own client
+(`relay.kube.KubeClient`, aiohttp). Credentials are found the way kopf's `login_via_client`
+finds them: the pod's ServiceAccount first, else the kubeconfig ($KUBECONFIG, else
+~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from relay.kube import KubeClient, KubeConfigError, KubeConnection, KubeError, kube_connection
+from relay.spec import API_GROUP, API_VERSION, PLURAL
+
+logger = logging.getLogger("vncgate.operator.kube")
+
+# The finalizer that operators before this one put on every VncTarget (kopf requires one for
+# timers); nothing needs it now, and this operator takes it off whatever still carries it.
+OLD_FINALIZER = f"{API_GROUP}/finalizer"
+COMPONENT = "vncgate-operator"
+
+
+def operator_connection() -> KubeConnection:
+    """In-cluster ServiceAccount, else the kubeconfig, as kopf's `login_via_client` does."""
+    try:
+        return kube_connection(None)
+    except KubeConfigError as in_cluster:
+        candidates = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+        candidates.append(str(Path.home() / ".kube" / "config"))
+        for candidate in candidates:
+            if Path(candidate).is_file():
+                return kube_connection(Path(candidate))
+        raise KubeConfigError(
+            f"no Kubernetes credentials: not in a pod ({in_cluster}) and no kubeconfig at "
+            f"{', '.join(candidates)}; set KUBECONFIG") from None
+
+
+def event_name(name: str, uid: str, old: str, new: str, at: str) -> str:
+    """A name that is the same for the same transition: posting it twice gives 409."""
+    digest = hashlib.sha256(f"{uid}|{old}|{new}|{at}".encode()).hexdigest()[:16]
+    return f"{name}.{digest}"
+
+
+class TargetApi:
+    """Status merge patches, Events and finalizer removal for VncTargets."""
+
+    def __init__(self, client: KubeClient, concurrency: int = 8) -> None:
+        self.client = client
+        self.instance = socket.gethostname()
+        # A few connections, however many targets change at once: each TLS connection costs
+        # ~100 KiB, and a restart with every target to look at must not open hundreds.
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def _request(self, method: str, path: str, body: Any) -> Any:
+        async with self._slots:
+            return await self.client.request(method, path, body)
+
+    @staticmethod
+    def _path(namespace: str, name: str) -> str:
+        return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+    async def patch_status(self, namespace: str, name: str,
+                           changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource; returns the object as the API server stored it."""
+        reply = await self._request("PATCH", f"{self._path(namespace, name)}/status",
+                                    {"status": dict(changes)})
+        return reply if isinstance(reply, dict) else {}
+
+    async def drop_finalizer(self, namespace: str, name: str, finalizers: list[str],
+                             resource_version: str | None) -> None:
+        """Remove the old finalizer; conditional on the resourceVersion that was seen (409:
+        the object changed, and the event for that change will try again)."""
+        meta: dict[str, Any] = {"finalizers": [f for f in finalizers if f != OLD_FINALIZER]}
+        if resource_version:
+            meta["resourceVersion"] = resource_version
+        await self._request("PATCH", self._path(namespace, name), {"metadata": meta})
+
+    async def post_event(self, *, namespace: str, name: str, uid: str, old: str, new: str,
+                         at: str, reason: str, message: str, warning: bool) -> bool:
+        """Post the Event of one phase transition; False if it was posted before (409)."""
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": event_name(name, uid, old, new, at), "namespace": namespace},
+            "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "VncTarget",
+                               "namespace": namespace, "name": name, "uid": uid},
+            "reason": reason, "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT, "reportingInstance": self.instance[:128],
+            "firstTimestamp": at[:19] + "Z", "lastTimestamp": at[:19] + "Z", "count": 1,
+        }
+        try:
+            await self._request("POST", f"/api/v1/namespaces/{namespace}/events", body)
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True

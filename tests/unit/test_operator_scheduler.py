@@ -1,0 +1,104 @@
+"""The scheduler alone: one evaluation per key at a time, earlier schedules win, no timers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from vncgate_operator.kubeapi import event_name
+from vncgate_operator.scheduler import Scheduler
+from vncgate_operator.status import NEW, record_transition, transition_of
+
+
+async def _run_until(scheduler: Scheduler, done: asyncio.Event, timeout: float = 5.0) -> None:
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_due_keys_run_once_each_and_reschedule() -> None:
+    seen: list[tuple[str, bool]] = []
+    done = asyncio.Event()
+
+    async def evaluate(key: str, probe: bool) -> None:
+        seen.append((key, probe))
+        if len(seen) == 3:
+            done.set()
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=2, rng=random.Random(1))  # noqa: S311 - jitter
+    scheduler.schedule("lab/a", 0.0)
+    scheduler.schedule("lab/b", 0.0, probe=False)
+    scheduler.schedule("lab/c", 0.01)
+    scheduler.schedule("lab/c", 60.0)  # a later schedule does not delay an earlier one
+    await _run_until(scheduler, done)
+    assert sorted(seen) == [("lab/a", True), ("lab/b", False), ("lab/c", True)]
+    # Each is due again, one interval (jittered) later: nothing runs before that.
+    assert len(scheduler) == 3 and all(key in scheduler for key in ("lab/a", "lab/b", "lab/c"))
+
+
+async def test_a_key_never_runs_twice_at_once() -> None:
+    running, most, calls = 0, 0, 0
+    done = asyncio.Event()
+    scheduler: Scheduler
+
+    async def evaluate(key: str, probe: bool) -> None:
+        nonlocal running, most, calls
+        running += 1
+        most = max(most, running)
+        calls += 1
+        if calls == 1:
+            for _ in range(5):  # scheduled again while it runs: one more run afterwards
+                scheduler.schedule(key, 0.0)
+            await asyncio.sleep(0.05)
+        running -= 1
+        if calls == 2:
+            done.set()
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=8)
+    scheduler.schedule("lab/a", 0.0)
+    await _run_until(scheduler, done)
+    await asyncio.sleep(0.05)
+    assert (most, calls) == (1, 2)
+
+
+async def test_forgotten_and_deleted_keys_are_not_run_again() -> None:
+    seen: list[str] = []
+    done = asyncio.Event()
+    exists = {"lab/a": True, "lab/b": True}
+
+    async def evaluate(key: str, probe: bool) -> None:
+        seen.append(key)
+        exists[key] = False  # deleted while being looked at
+        done.set()
+
+    scheduler = Scheduler(evaluate, interval=0.01, concurrency=1, exists=lambda k: exists[k])
+    scheduler.schedule("lab/a", 0.0)
+    scheduler.schedule("lab/b", 0.0)
+    scheduler.forget("lab/b")
+    await _run_until(scheduler, done)
+    await asyncio.sleep(0.1)
+    assert seen == ["lab/a"] and len(scheduler) == 0
+
+
+def test_a_phase_change_is_recorded_in_status_and_named_for_its_event() -> None:
+    current = {"phase": "Pending", "conditions": []}
+    desired = {"phase": "Ready", "conditions": [
+        {"type": "Ready", "status": "True", "reason": "Ready", "message": "all good"}]}
+    transition = record_transition(current, desired, "2026-01-01T00:00:00.000001Z")
+    assert transition is not None and not transition.warning
+    assert desired["phaseTransition"] == {"from": "Pending", "time": "2026-01-01T00:00:00.000001Z"}
+    assert transition.message == "Pending -> Ready: all good"
+    # What a restarted operator reads back from status is the same transition, so the same
+    # Event name: posting it again is refused as a duplicate.
+    assert transition_of(desired) == transition
+    same = event_name("desk", "uid-1", transition.old, transition.new, transition.at)
+    assert same == event_name("desk", "uid-1", "Pending", "Ready", "2026-01-01T00:00:00.000001Z")
+    assert same != event_name("desk", "uid-1", "Pending", "Ready", "2026-01-01T00:00:01.000001Z")
+    assert record_transition(desired, dict(desired), "later") is None  # no change, no Event
+    new = record_transition(None, {"phase": "Pending", "conditions": []}, "t")
+    assert new is not None and new.old == NEW and not new.warning
+    down = record_transition(desired, {"phase": "Unreachable", "conditions": []}, "t")
+    assert down is not None and down.warning
