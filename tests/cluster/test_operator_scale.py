@@ -28,7 +28,7 @@ from relay.model import Route
 from relay.server import RelayServer
 from relay.settings import HostPort, RelaySettings
 from tests.support.cluster import ControlPlane
-from tests.support.servers import TcpServer, echo_rfb
+from tests.support.xvnc import XvncServer
 
 TOKEN = "s" * 32
 T = TypeVar("T")
@@ -67,9 +67,9 @@ async def kube(control_plane: ControlPlane,
 
 
 @pytest.fixture
-async def vnc() -> AsyncIterator[TcpServer]:
-    async with TcpServer(echo_rfb) as server:
-        yield server
+def vnc(xvnc: XvncServer) -> XvncServer:
+    """The session's real Xvnc: the probe goes through its handshake as far as a login."""
+    return xvnc
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ async def events_of(kube: KubeClient, namespace: str, name: str) -> list[dict[st
 
 
 async def test_targets_carry_no_finalizer_and_lose_the_old_one(
-        kube: KubeClient, namespace: str, relay: RelayServer, vnc: TcpServer) -> None:
+        kube: KubeClient, namespace: str, relay: RelayServer, vnc: XvncServer) -> None:
     # One created before the operator starts, as an older operator left it.
     await create(kube, target(namespace, "old", vnc.port, finalizers=[OLD_FINALIZER]))
     async with operator(settings(relay, namespace)):
@@ -172,7 +172,7 @@ async def test_targets_carry_no_finalizer_and_lose_the_old_one(
 
 async def test_namespace_of_targets_deletes_with_the_operator_stopped(
         kube: KubeClient, control_plane: ControlPlane, relay: RelayServer,
-        vnc: TcpServer) -> None:
+        vnc: XvncServer) -> None:
     namespace = f"gone-{int(time.time() * 1000) % 10**9}"
     await kube.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     async with operator(settings(relay, namespace)):
@@ -192,7 +192,7 @@ async def test_namespace_of_targets_deletes_with_the_operator_stopped(
 
 
 async def test_a_deleted_target_is_never_served_again_while_resyncs_run(
-        kube: KubeClient, namespace: str, relay: RelayServer, vnc: TcpServer) -> None:
+        kube: KubeClient, namespace: str, relay: RelayServer, vnc: XvncServer) -> None:
     """Deletions in batches while full resyncs run back to back: once the relay dropped a
     deleted route, nothing ever puts it back (the resync race of issue #17)."""
     removed_at: dict[str, float] = {}
@@ -229,7 +229,7 @@ async def test_a_deleted_target_is_never_served_again_while_resyncs_run(
 
 
 async def test_event_of_a_transition_is_posted_once_across_restarts(
-        kube: KubeClient, namespace: str, relay: RelayServer, vnc: TcpServer) -> None:
+        kube: KubeClient, namespace: str, relay: RelayServer, vnc: XvncServer) -> None:
     config = settings(relay, namespace)
     async with operator(config):
         await create(kube, target(namespace, "desk", vnc.port))
@@ -244,7 +244,7 @@ async def test_event_of_a_transition_is_posted_once_across_restarts(
 
 
 async def test_relay_restarted_empty_gets_its_routes_back_within_seconds(
-        kube: KubeClient, namespace: str, vnc: TcpServer) -> None:
+        kube: KubeClient, namespace: str, vnc: XvncServer) -> None:
     first = RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
                                       internal_listen=HostPort("127.0.0.1", 0), api_token=TOKEN))
     await first.start()
