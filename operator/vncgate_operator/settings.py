@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from relay.spec import LABEL_RE, SUBDOMAIN_RE
+from vncgate_operator import installed_version
 from vncgate_operator.policy import AddressPolicy, parse_cidr, parse_host_pattern
 
 DEFAULT_RELAY_PORT = 8081
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every flag is also an environment variable: --relay-url is VNCGATE_RELAY_URL "
                "(comma-separated for repeatable flags).")
     add = parser.add_argument
+    add("--version", action="version", version=f"%(prog)s {installed_version()}")
     add("--namespace", action="append", metavar="NS",
         help="watch this namespace (repeatable); default: all namespaces")
     add("--relay-service", metavar="NS/NAME",
