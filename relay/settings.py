@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from relay import installed_version
 from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
 from relay.links import load_keys
 from relay.model import Route
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve noVNC and bridge WebSocket to VNC servers: the vncgate relay. "
                     "Every flag is also an environment variable VNCGATE_<FLAG> "
                     "(repeatable flags: comma-separated).")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {installed_version()}")
     parser.add_argument("--listen", type=parse_host_port,
                         default=parse_host_port(_env("LISTEN") or "127.0.0.1:8080"),
                         help="public address: viewer, list, WebSocket (default 127.0.0.1:8080)")

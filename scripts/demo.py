@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,36 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
+@contextlib.contextmanager
+def desktop_apps(display: int) -> Iterator[None]:
+    """Something alive on the desktop: a ticking clock (x11-apps) and a terminal (xterm)
+    printing the time every second. Missing programs are skipped with a note."""
+    env = {**os.environ, "DISPLAY": f":{display}"}
+    commands = [
+        ["xclock", "-update", "1", "-geometry", "220x220+40+40"],
+        ["xterm", "-geometry", "80x12+40+500", "-title", "vncgate demo",
+         "-e", "sh", "-c", "while :; do date; sleep 1; done"],
+    ]
+    started = []
+    for command in commands:
+        if shutil.which(command[0]) is None:
+            print(f"vncgate demo: {command[0]} is not installed (scripts/setup installs it); "
+                  "the desktop shows less", file=sys.stderr)
+            continue
+        started.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    try:
+        yield
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -46,7 +78,7 @@ def main() -> int:
                         help="stop after this many seconds (0: run until Ctrl-C)")
     args = parser.parse_args()
 
-    with XvncServer(geometry="1024x768", colour="#1565c0") as vnc:
+    with XvncServer(geometry="1024x768", colour="#1565c0") as vnc, desktop_apps(vnc.display):
         port = free_port(args.port)
         internal = free_port(port + 1)
         relay = subprocess.Popen(
@@ -62,7 +94,8 @@ def main() -> int:
                 if relay.poll() is not None:
                     return relay.returncode or 1
                 time.sleep(0.1)
-            print(f"\nvncgate demo: a desktop (Xvnc :{vnc.display}, painted blue) behind the relay."
+            print(f"\nvncgate demo: a desktop (Xvnc :{vnc.display}, a clock and a terminal)"
+                  f" behind the relay."
                   f"\n  Open  http://127.0.0.1:{port}/t/{TARGET}/"
                   f"\n  List  http://127.0.0.1:{port}/"
                   f"\n  Stop with Ctrl-C.\n", flush=True)

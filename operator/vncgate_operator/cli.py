@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import kopf
 
+from vncgate_operator import metrics
 from vncgate_operator.handlers import build_registry
 from vncgate_operator.settings import OperatorSettings, parse_args
 
@@ -59,8 +60,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(KopfNoise())
     namespaces = namespaces_to_watch(settings)
+    registry = build_registry(settings)
+    if settings.metrics_listen:
+        observed = metrics.OperatorMetrics.create()
+        metrics.instrument(registry, observed)
+        metrics.serve(observed, *settings.metrics_listen)
     kopf.run(
-        registry=build_registry(settings),
+        registry=registry,
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=True if settings.standalone else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from relay.spec import LABEL_RE, SUBDOMAIN_RE
+from vncgate_operator import installed_version
 from vncgate_operator.policy import AddressPolicy, parse_cidr, parse_host_pattern
 
 DEFAULT_RELAY_PORT = 8081
@@ -56,6 +57,14 @@ def parse_relay_service(value: str) -> tuple[str, str]:
     return namespace, name
 
 
+def parse_listen(value: str, what: str = "--metrics-listen") -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` to listen on."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{what} {value!r} is not HOST:PORT, e.g. 0.0.0.0:8083")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def parse_url(value: str, what: str) -> str:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -90,6 +99,8 @@ class OperatorSettings:
     priority: int = 0
     log_format: str = "text"
     verbose: bool = False
+    # Where /metrics (Prometheus) is served, as (host, port); None: not served.
+    metrics_listen: tuple[str, int] | None = None
 
     def target_url(self, namespace: str, name: str) -> str | None:
         """`status.url`: where a browser opens this target, if the public URL is known."""
@@ -109,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every flag is also an environment variable: --relay-url is VNCGATE_RELAY_URL "
                "(comma-separated for repeatable flags).")
     add = parser.add_argument
+    add("--version", action="version", version=f"%(prog)s {installed_version()}")
     add("--namespace", action="append", metavar="NS",
         help="watch this namespace (repeatable); default: all namespaces")
     add("--relay-service", metavar="NS/NAME",
@@ -142,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
              "exists, so a debugging operator with a higher --priority pauses this one")
     add("--priority", type=int, metavar="N", help="kopf peering priority (default 0)")
     add("--standalone", action="store_true", default=None, help="ignore kopf peering")
+    add("--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus metrics (handler runs, errors, latency; process metrics) on "
+             "this address, e.g. 0.0.0.0:8083; default: not served")
     add("--log-format", choices=("text", "json"), help="log line format (default text)")
     add("--verbose", action="store_true", default=None, help="debug logging")
     return parser
@@ -226,4 +241,6 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
         priority=int(pick(args.priority, "PRIORITY") or 0),
         log_format=pick(args.log_format, "LOG_FORMAT") or "text",
         verbose=bool(args.verbose) or _truthy(pick(None, "VERBOSE")),
+        metrics_listen=parse_listen(metrics) if (metrics := pick(args.metrics_listen,
+                                                                 "METRICS_LISTEN")) else None,
     )

@@ -102,6 +102,9 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "existing-secret": ("https://consoles.example.org",),
         "restricted-namespaces": ("https://vnc.lab.example.com",),
         "auth-proxy": ("https://vnc.example.com",),
+        "gateway-api": ("https://vnc.example.com",),  # the HTTPRoute's first host name
+        "monitoring": (),
+        "pod-settings": (),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
     auth = settings.auth
@@ -152,6 +155,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
     assert settings.relay_service == ("vncgate-system", "vncgate-relay-headless")
     assert settings.relay_urls == ()
     assert settings.liveness_endpoint == "http://0.0.0.0:8082/healthz"
+    assert settings.metrics_listen == ("0.0.0.0", 8083)
     assert settings.standalone is True
     assert settings.log_format == "json"
     by_values: dict[str, dict[str, Any]] = {
@@ -163,6 +167,9 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
                                   "namespaces": ("lab", "desktops"),
                                   "resync_interval": 300.0, "probe_interval": 45.0},
         "auth-proxy": {"public_url": "https://vnc.example.com", "namespaces": ()},
+        "gateway-api": {"public_url": "https://vnc.example.com", "namespaces": ()},
+        "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
     }
     expected = by_values[ci_id(values)]
     for field, value in expected.items():

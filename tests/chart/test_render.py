@@ -17,7 +17,7 @@ from tests.chart.conftest import CHART, CI_VALUES, Rendered, ci_id, helm, render
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBERNETES_VERSIONS = ("1.29", "1.35")
 # Custom resources kubernetes-validate has no schema for; checked by the policy tests instead.
-UNKNOWN_TO_KUBERNETES_VALIDATE = {"ServiceMonitor"}
+UNKNOWN_TO_KUBERNETES_VALIDATE = {"ServiceMonitor", "PrometheusRule", "HTTPRoute"}
 
 RELAY = "vncgate-relay"
 HEADLESS = "vncgate-relay-headless"
@@ -156,7 +156,9 @@ def test_operator_is_one_pod_that_finds_the_relays() -> None:
                      "--standalone", "--log-format=json"):
         assert expected in args
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
-    assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {"liveness": 8082}
+    assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {"liveness": 8082,
+                                                                          "metrics": 8083}
+    assert "--metrics-listen=0.0.0.0:8083" in args
 
 
 # --- RBAC: least privilege ------------------------------------------------------------------------
@@ -349,11 +351,8 @@ def test_internal_port_is_never_an_ingress_backend(values: Path) -> None:
 @ci_values
 def test_network_policy_admits_internal_port_only_from_operator_and_metrics(values: Path) -> None:
     rendered = render([values])
-    metrics_from = {
-        "ha-hpa": [{"namespaceSelector": {"matchLabels": {
-                        "kubernetes.io/metadata.name": "monitoring"}},
-                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-    }.get(ci_id(values), [])
+    given = yaml.safe_load(values.read_text()) or {}
+    metrics_from = given.get("networkPolicy", {}).get("metricsFrom", [])
     policy = rendered.one("NetworkPolicy", RELAY)
     # Ingress only: egress stays open (VNC servers, and the API for reviews and Leases).
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -369,8 +368,13 @@ def test_network_policy_admits_internal_port_only_from_operator_and_metrics(valu
         assert "ports" in other, "a rule without ports would open every port"
         if other is not rule:
             assert [p["port"] for p in other["ports"]] == [8080]
+    # The operator: nothing but Prometheus (metricsFrom), on the metrics port only.
     operator_policy = rendered.one("NetworkPolicy", OPERATOR)
-    assert operator_policy["spec"]["ingress"] == []
+    if metrics_from:
+        assert operator_policy["spec"]["ingress"] == [
+            {"ports": [{"port": 8083, "protocol": "TCP"}], "from": metrics_from}]
+    else:
+        assert operator_policy["spec"]["ingress"] == []
 
 
 @ci_values

@@ -15,6 +15,18 @@ from tests.e2e.test_viewer import wait_for_pixel
 DEMO_BLUE = (0x15, 0x65, 0xC0)
 
 
+# A digest of the whole canvas: the sum of the pixel values weighted by position.
+CANVAS_DIGEST = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  let digest = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    digest = (digest * 31 + data[i] + data[i + 1]) % 1000000007;
+  }
+  return digest;
+}"""
+
+
 async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "scripts/demo.py"), "--port", "0", "--exit-after", "60",
@@ -33,6 +45,14 @@ async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> Non
             await page.goto(url)
             await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
             await wait_for_pixel(page, DEMO_BLUE)
+            # Something alive: the clock and the terminal change the picture every second.
+            first = await page.evaluate(CANVAS_DIGEST)
+            try:
+                async with asyncio.timeout(15):
+                    while await page.evaluate(CANVAS_DIGEST) == first:
+                        await asyncio.sleep(0.2)
+            except TimeoutError:
+                raise AssertionError("the demo desktop did not change in 15 s") from None
         finally:
             await page.close()
     finally:

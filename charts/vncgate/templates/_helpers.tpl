@@ -48,6 +48,14 @@ app.kubernetes.io/part-of: vncgate
 {{- end }}
 {{- end }}
 
+{{/* Labels of the pods: the selector labels, commonLabels and the component's podLabels. */}}
+{{- define "vncgate.podLabels" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $labels := merge (dict) (include (printf "vncgate.%s.selectorLabels" $component) $root | fromYaml) (index $root.Values $component).podLabels $root.Values.commonLabels }}
+{{- toYaml $labels }}
+{{- end }}
+
 {{- define "vncgate.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "vncgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -105,12 +113,22 @@ true
 {{- end }}
 {{- end }}
 
+{{/* The host users open: the Ingress's, else the HTTPRoute's first host name; empty when
+neither names one. */}}
+{{- define "vncgate.publicHost" -}}
+{{- if and (include "vncgate.ingress.enabled" .) .Values.ingress.host }}
+{{- .Values.ingress.host }}
+{{- else if and .Values.httpRoute.enabled .Values.httpRoute.hostnames }}
+{{- first .Values.httpRoute.hostnames }}
+{{- end }}
+{{- end }}
+
 {{/* The base URL users open (no trailing slash). */}}
 {{- define "vncgate.publicUrl" -}}
 {{- if .Values.publicUrl }}
 {{- .Values.publicUrl | trimSuffix "/" }}
-{{- else if and (include "vncgate.ingress.enabled" .) .Values.ingress.host }}
-{{- printf "https://%s" .Values.ingress.host }}
+{{- else if include "vncgate.publicHost" . }}
+{{- printf "https://%s" (include "vncgate.publicHost" .) }}
 {{- else }}
 {{- print "http://127.0.0.1:8080" }}
 {{- end }}
@@ -119,7 +137,7 @@ true
 {{/* Origins, besides the page's own, that may open WebSockets: the public URL and extras. */}}
 {{- define "vncgate.relay.allowedOrigins" -}}
 {{- $origins := list }}
-{{- if or .Values.publicUrl (and (include "vncgate.ingress.enabled" .) .Values.ingress.host) }}
+{{- if or .Values.publicUrl (include "vncgate.publicHost" .) }}
 {{- $origins = append $origins (include "vncgate.publicUrl" .) }}
 {{- end }}
 {{- range .Values.relay.allowedOrigins }}

@@ -63,8 +63,8 @@ function connect() {
   rfb = new RFB(screen, ws, { shared: true });
   rfb.viewOnly = isViewOnly();
   $('cad').hidden = isViewOnly();
-  rfb.scaleViewport = true;
-  rfb.resizeSession = false;
+  $('keys').disabled = isViewOnly();
+  applyView();
   rfb.background = '#000';
   rfb.addEventListener('connect', () => {
     attempt = 0;
@@ -144,6 +144,43 @@ for (const kind of ['keydown', 'pointermove', 'pointerdown', 'wheel']) {
   screen.addEventListener(kind, () => { lastInput = Date.now(); }, { capture: true });
 }
 $('cad').addEventListener('click', () => { if (rfb) rfb.sendCtrlAltDel(); });
+
+// X keysyms (noVNC's RFB.sendKey takes a keysym and a KeyboardEvent.code).
+const KEY = {
+  ctrl: [0xffe3, 'ControlLeft'], alt: [0xffe9, 'AltLeft'], del: [0xffff, 'Delete'],
+  super: [0xffeb, 'MetaLeft'], tab: [0xff09, 'Tab'],
+};
+for (let i = 1; i <= 12; i++) KEY[`f${i}`] = [0xffbe + i - 1, `F${i}`];
+
+// Press the keys of a combination in order, release them in reverse.
+function sendCombo(names) {
+  if (!rfb || isViewOnly()) return;
+  const keys = names.map((name) => KEY[name]);
+  for (const [keysym, code] of keys) rfb.sendKey(keysym, code, true);
+  for (const [keysym, code] of keys.reverse()) rfb.sendKey(keysym, code, false);
+}
+
+$('keys').addEventListener('change', (e) => {
+  const value = e.target.value;
+  e.target.value = '';
+  if (value) sendCombo(value.split('-'));
+  if (rfb) rfb.focus();
+});
+
+// Scale to fit (the default), 1:1 with scroll bars, or ask the server to take the window's size.
+function applyView() {
+  const mode = $('scale').value;
+  document.body.dataset.view = mode;
+  if (!rfb) return;
+  rfb.scaleViewport = mode === 'fit';
+  rfb.clipViewport = false;
+  rfb.resizeSession = mode === 'remote';
+  rfb.qualityLevel = Number($('quality').value);
+  rfb.compressionLevel = Number($('compression').value);
+}
+for (const id of ['scale', 'quality', 'compression']) {
+  $(id).addEventListener('change', () => { applyView(); if (rfb) rfb.focus(); });
+}
 $('fullscreen').addEventListener('click', () => {
   if (document.fullscreenElement) document.exitFullscreen();
   else document.documentElement.requestFullscreen();

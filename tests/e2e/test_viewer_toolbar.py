@@ -1,0 +1,153 @@
+"""The viewer's toolbar in a real browser against a real Xvnc: the view modes change how the
+screen is drawn (and remote resize changes the X server's screen), and the keys menu's
+combinations arrive at an X client on the server as key events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+from playwright.async_api import Browser, Page
+from Xlib import XK, X
+from Xlib import display as xdisplay
+
+from relay.model import Route
+from tests.conftest import RelayFactory
+from tests.support.xvnc import XvncServer
+
+SIZES = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  const screen = document.querySelector('#screen');
+  return {fb: [canvas.width, canvas.height], shown: [canvas.clientWidth, canvas.clientHeight],
+          box: [screen.clientWidth, screen.clientHeight]};
+}"""
+
+
+NAMES = {XK.string_to_keysym(name): name
+         for name in ["Control_L", "Alt_L", "Delete", "Super_L", "Tab", "Shift_L",
+                      *(f"F{i}" for i in range(1, 13))]}
+
+
+class KeyLog:
+    """An X client on the VNC server's display holding the keyboard focus; it records the
+    keysyms of the key events the server delivers."""
+
+    def __init__(self, display_number: int) -> None:
+        self.display = xdisplay.Display(f":{display_number}")
+        screen = self.display.screen()
+        self.window = screen.root.create_window(
+            0, 0, 200, 200, 0, screen.root_depth,
+            event_mask=X.KeyPressMask | X.KeyReleaseMask)
+        self.window.map()
+        self.display.sync()
+        self.window.set_input_focus(X.RevertToParent, X.CurrentTime)
+        self.display.sync()
+        self.events: list[tuple[str, str]] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.stopped:
+            if not self.display.pending_events():
+                threading.Event().wait(0.02)
+                continue
+            event = self.display.next_event()
+            if event.type in (X.KeyPress, X.KeyRelease):
+                keysym = self.display.keycode_to_keysym(event.detail, 0)
+                name = NAMES.get(keysym, hex(keysym))
+                if name != "Shift_L":  # Xvnc's own fake Shift, to reach a keysym's level
+                    self.events.append(("down" if event.type == X.KeyPress else "up", name))
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(timeout=5)
+        self.display.close()
+
+
+@pytest.fixture
+def desktop() -> Iterator[XvncServer]:
+    with XvncServer(geometry="1280x1024", colour="#ff0000") as vnc:
+        yield vnc
+
+
+def x_screen_size(display_number: int) -> tuple[int, int]:
+    connection = xdisplay.Display(f":{display_number}")  # a new one: the size is read at connect
+    try:
+        screen = connection.screen()
+        return screen.width_in_pixels, screen.height_in_pixels
+    finally:
+        connection.close()
+
+
+async def until(page: Page, check: str, what: str, timeout: float = 15) -> dict[str, list[int]]:
+    last = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await page.evaluate(SIZES)
+                if eval(check, {}, last):  # noqa: S307 - the test's own expressions
+                    return last
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"{what}: sizes {last}") from None
+
+
+async def test_view_modes(make_relay: RelayFactory, desktop: XvncServer,
+                          browser: Browser) -> None:
+    route = Route("lab", "desk", "127.0.0.1", desktop.port)
+    async with make_relay(routes=[route]) as relay:
+        page = await browser.new_page(viewport={"width": 900, "height": 700})
+        await page.goto(f"{relay.public_url}/t/lab/desk/")
+        await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+        # Scale to fit (the default): the 1280x1024 screen is drawn smaller than its box.
+        sizes = await until(page, "fb == [1280, 1024] and shown[0] <= box[0] and "
+                            "shown[1] <= box[1] and shown[0] < 1280", "scaled to fit")
+        # 1:1: drawn at its real size, larger than the window, which scrolls.
+        await page.select_option("#scale", "real")
+        sizes = await until(page, "shown == [1280, 1024]", "drawn 1:1")
+        assert await page.evaluate(
+            "() => { const s = document.querySelector('#screen'); "
+            "return getComputedStyle(s).overflow; }") == "auto"
+        # Remote resize: the X server's screen takes the size of the viewer's box.
+        await page.select_option("#scale", "remote")
+        sizes = await until(page, "fb[0] != 1280 and fb[0] <= box[0] and fb[1] <= box[1]",
+                            "remote screen resized to the window")
+        assert x_screen_size(desktop.display) == tuple(sizes["fb"])
+        await page.close()
+
+
+async def test_keys_menu_sends_combinations(make_relay: RelayFactory, desktop: XvncServer,
+                                            browser: Browser) -> None:
+    keys = KeyLog(desktop.display)
+    route = Route("lab", "desk", "127.0.0.1", desktop.port)
+    try:
+        async with make_relay(routes=[route]) as relay:
+            page = await browser.new_page(viewport={"width": 900, "height": 700})
+            await page.goto(f"{relay.public_url}/t/lab/desk/")
+            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            expected = {
+                "ctrl-alt-f3": ["Control_L", "Alt_L", "F3"],
+                "ctrl-alt-f12": ["Control_L", "Alt_L", "F12"],
+                "alt-tab": ["Alt_L", "Tab"],
+                "super": ["Super_L"],
+                "ctrl-alt-del": ["Control_L", "Alt_L", "Delete"],
+            }
+            for value, names in expected.items():
+                keys.events.clear()
+                await page.select_option("#keys", value)
+                want = [("down", n) for n in names] + [("up", n) for n in reversed(names)]
+                try:
+                    async with asyncio.timeout(10):
+                        while keys.events[:len(want)] != want:
+                            await asyncio.sleep(0.05)
+                except TimeoutError:
+                    raise AssertionError(f"{value}: the X client got {keys.events}, "
+                                         f"expected {want}") from None
+                # The menu returns to its prompt, ready for the next combination.
+                assert await page.input_value("#keys") == ""
+            await page.close()
+    finally:
+        keys.close()
