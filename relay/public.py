@@ -33,6 +33,7 @@ from relay.consoles import Holder
 from relay.model import Route
 from relay.spec import SpecError, check_key
 from relay.state import STATE, RelayState
+from relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
 STATIC = Path(__file__).parent / "static"
@@ -92,7 +93,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     origin=request.headers.get("Origin", ""))
         raise web.HTTPForbidden(text="Origin not allowed: open the viewer from this relay's own "
                                      "address, or add the origin with --allowed-origin\n")
-    ws = web.WebSocketResponse(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
+    ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
     identity = link_identity(request, target) or identify(request)
