@@ -52,8 +52,6 @@ SECURITY_HEADERS = {
 }
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 LIST_CONCURRENCY = 20
-# noVNC sends small messages; a WebSocket ping every 30 s finds browsers that vanished.
-HEARTBEAT = 30.0
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -93,7 +91,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     origin=request.headers.get("Origin", ""))
         raise web.HTTPForbidden(text="Origin not allowed: open the viewer from this relay's own "
                                      "address, or add the origin with --allowed-origin\n")
-    ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
+    ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=state.settings.heartbeat,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
     identity = link_identity(request, target) or identify(request)

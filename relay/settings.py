@@ -74,6 +74,9 @@ class RelaySettings:
     # A side that accepts no bytes for this long (its buffer stays over the high-water mark)
     # ends the session: a hung VNC server or a browser that stopped reading holds nothing.
     stall_timeout: float = 60.0
+    # Seconds between WebSocket pings to a quiet browser; no pong within half of it ends the
+    # session (1006).
+    heartbeat: float = 30.0
     # Who the viewer is (relay.auth) and what they may open (relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
