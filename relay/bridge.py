@@ -492,7 +492,7 @@ class Session:
                                  "this relay speaks the binary subprotocol only; update the client")
                     return
                 elif msg.type is WSMsgType.ERROR:
-                    self._finish(*self._error_ending(msg.data))
+                    self._finish(*self._error_ending(msg.data, upstream))
                     return
                 else:  # CLOSE, CLOSING, CLOSED: the browser went away
                     peer_code = self.ws.close_code
@@ -522,8 +522,12 @@ class Session:
                             return True  # the browser is gone: handle its ending now
                         waits.discard(ahead)  # hold that one message until the server drains
                     elif not drained.done() and self._viewer_gone():
-                        self._finish(closecodes.ABNORMAL,
-                                     "the viewer left while the VNC server was not reading")
+                        if isinstance(self.ws.exception(), TimeoutError):
+                            # aiohttp gave up on the heartbeat: the pong was not read
+                            self._finish(*self._error_ending(self.ws.exception(), upstream))
+                        else:
+                            self._finish(closecodes.ABNORMAL, "the viewer left while the VNC "
+                                         "server was not reading")
                         return False
         except TimeoutError:
             self._finish(closecodes.UPSTREAM_TIMEOUT,
@@ -560,11 +564,16 @@ class Session:
             transport.write(_PING)
         return False
 
-    def _error_ending(self, error: object) -> tuple[int, str]:
+    def _error_ending(self, error: object, upstream: Upstream) -> tuple[int, str]:
         if isinstance(error, WebSocketError):
             # aiohttp has already closed the WebSocket with the error's code (1002, 1009).
             return int(error.code), f"WebSocket error: {error}"
         if isinstance(error, TimeoutError):  # aiohttp's heartbeat: no pong in time
+            if upstream.write_paused:
+                # The relay was not reading from the browser (so not its pong either) because
+                # the VNC server was not taking its bytes: the server is what stalled.
+                return (closecodes.UPSTREAM_TIMEOUT,
+                        f"the VNC server of {self.route.key} stopped accepting data")
             return closecodes.ABNORMAL, "the viewer did not answer the heartbeat; it is gone"
         return closecodes.ABNORMAL, f"the viewer's connection failed: {error}"
 

@@ -65,14 +65,17 @@ async def test_server_stops_reading_then_the_browser_leaves(make_relay: RelayFac
         session = await one_session(relay)
         pushed = await ws.push_until_blocked()
         print(f"pushed {pushed} bytes into a server that does not read")
+        # The browser's kernel still holds what the relay did not take; the close frame and
+        # the FIN wait behind it, so the relay must notice the departure without reading.
         if leave == "close":
             ws.writer.transport.write(frame(b"\x03\xe8", 0x8))
             ws.abort()
         elif leave == "rst":
             ws.reset()
         else:
-            ws.writer.write_eof()
+            ws.abort()  # close(2): a FIN, queued behind the unsent bytes
         await ended(relay, session, server)
+        assert session.code == 1006 and "left" in session.reason
         print(session.code, session.reason)
         ws.abort()
 
@@ -169,4 +172,18 @@ async def test_unmasked_client_frames_close_with_1002(make_relay: RelayFactory,
         assert b"\x00" * 20 not in server.received
         if not with_handshake:
             assert session.code == 1002 and "unmasked" in session.reason
+        ws.abort()
+
+
+async def test_a_server_stall_is_not_blamed_on_the_heartbeat(make_relay: RelayFactory) -> None:
+    """While the server does not read, the relay does not read the browser, nor its pongs: the
+    heartbeat then runs out first, and the ending must name the server."""
+    async with TcpServer(stalled(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       heartbeat=1.0, stall_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        session = await one_session(relay)
+        await ws.push_until_blocked()
+        await ended(relay, session, server)
+        assert session.code == 4504 and "stopped accepting data" in session.reason
         ws.abort()
