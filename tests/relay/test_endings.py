@@ -18,7 +18,7 @@ from relay.model import Route
 from relay.server import RelayServer
 from tests.conftest import RelayFactory
 from tests.support.rawws import RawWebSocket, frame
-from tests.support.servers import TcpServer, echo_rfb, flood, sink, stalled
+from tests.support.servers import TcpServer, echo_rfb, flood, silent, sink, stalled
 
 WS = "/t/lab/desk/websockify"
 
@@ -186,4 +186,20 @@ async def test_a_server_stall_is_not_blamed_on_the_heartbeat(make_relay: RelayFa
         await ws.push_until_blocked()
         await ended(relay, session, server)
         assert session.code == 4504 and "stopped accepting data" in session.reason
+        ws.abort()
+
+
+async def test_a_stop_while_connecting_ends_at_once(make_relay: RelayFactory) -> None:
+    """Shutdown (or a route change) while the relay waits for a greeting does not wait for the
+    connect timeout."""
+    async with TcpServer(silent) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       connect_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS, greeting=False)
+        session = await one_session(relay)
+        await eventually(lambda: server.connections == 1, "the relay dialled")
+        session.stop(1001, "the relay is shutting down; reconnect in a moment")
+        code, reason = await ws.close_frame()
+        assert code == 1001 and "shutting down" in reason
+        await ended(relay, session, server)
         ws.abort()
