@@ -12,6 +12,8 @@ first ends the session; `run`'s `finally` closes both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 import secrets
 import socket
@@ -19,9 +21,9 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
-from aiohttp import WebSocketError, WSMsgType, web
+from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from relay import closecodes
 from relay.auth import UNSPECIFIED_NETWORKS, address_in
@@ -37,6 +39,10 @@ log = logging.getLogger("vncgate.session")
 # stopped reading must not hold a session (and its memory) open.
 CLOSE_TIMEOUT = 2.0
 BROWSER_HIGH_WATER = 512 * 1024
+# While the VNC server is not reading, how often to check that the browser is still there.
+VIEWER_PROBE = 1.0
+_TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (Linux include/net/tcp_states.h)
+_PING = b"\x89\x00"  # an empty WebSocket ping frame, server to client (unmasked)
 _READ_BUFFER = memoryview(bytearray(64 * 1024))
 
 _HEADER_SHORT, _HEADER_16, _HEADER_64 = (struct.Struct(f).pack for f in ("!BB", "!BBH", "!BBQ"))
@@ -153,14 +159,19 @@ class Upstream(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("the VNC server's connection is closed")
-        if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-            if self.closed:
-                raise ConnectionResetError("the VNC server's connection is closed")
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def drained(self) -> asyncio.Future[None]:
+        """A future done once the server has taken the bytes over the high-water mark (or the
+        connection ended: check `closed` after it)."""
+        waiter = self._drain_waiter
+        if waiter is None or waiter.done():
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+            if self.closed or not self._write_paused:
+                waiter.set_result(None)
+        return waiter
 
     def buffered(self) -> int:
         """Bytes this side holds in the relay: held after the greeting, and unsent to the server."""
@@ -168,15 +179,32 @@ class Upstream(asyncio.BufferedProtocol):
         return held + (self.transport.get_write_buffer_size() if self.transport else 0)
 
 
+class Phase(enum.Enum):
+    """Where a session is in its life; every ending goes RELAYING -> CLOSING -> CLOSED."""
+
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     """One viewer's connection to one VNC server.
 
-    One task per session, aiohttp's request handler, which pumps browser -> server. Server ->
-    browser needs none: `Upstream` hands each chunk to `server_data`, which writes it to the
-    browser's transport at once, and pauses reading from the server while the browser's
-    transport is over its high-water mark. To end a session from elsewhere (the server hung up,
-    a shutdown, a takeover), `_end` closes the WebSocket, which wakes the handler's receive.
+    One task per session, aiohttp's request handler: it connects, then pumps browser -> server.
+    Server -> browser needs none: `Upstream` hands each chunk to `server_data`, which writes it
+    to the browser's transport at once, and pauses reading from the server while the browser's
+    transport is over its high-water mark.
+
+    Every ending goes through `stop` (or `_finish` + return inside the pump): the first code and
+    reason are kept, the server's transport is aborted, and the handler task is cancelled out of
+    whatever it awaits (connecting, the browser's next message, the server's drain), so no wait
+    depends on a peer that has stopped reading. `run`'s `finally` then closes the WebSocket with
+    the code, bounded in time, and aborts the browser's transport if a close cannot reach it.
+    Endings: either side closes, resets or errs; a side accepts nothing for `stall_timeout`;
+    the browser misses its heartbeat; the idle timeout or longest duration; a takeover; the
+    route changed or was removed; shutdown.
     """
 
     route: Route
@@ -205,29 +233,38 @@ class Session:
     server_version: str = ""
     code: int | None = None
     reason: str = ""
+    phase: Phase = Phase.CONNECTING
     upstream: Upstream | None = None
     # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
     filter: ClientFilter | None = None
-    _relaying: bool = False
-    _closer: asyncio.Task[None] | None = None
+    _task: asyncio.Task[Any] | None = None
+    _cancelled: bool = False  # `_end` cancelled the handler task (and nobody else did)
+    _abort_viewer: bool = False  # a close frame cannot reach the browser: drop its connection
     _browser_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
-    def stop(self, code: int, reason: str) -> None:
-        """End the session from outside (shutdown, route removed); the first reason wins."""
+    def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
+        """End the session from anywhere (shutdown, route removed, a stall); the first reason
+        wins. `abort_viewer`: the browser is not reading, so drop its connection without
+        waiting for the close handshake."""
         self._finish(code, reason)
+        self._abort_viewer = self._abort_viewer or abort_viewer
         self._end()
 
     def _end(self) -> None:
-        """Wake the handler: drop the server side, close the WebSocket (its receive returns)."""
+        """Drop the server side and wake the handler out of whatever it awaits."""
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
-            upstream.transport.abort()  # also wakes a write waiting for the server's drain
-        if self._relaying and self._closer is None:
-            self._closer = asyncio.create_task(self._close_ws())
+            upstream.transport.abort()
+        task = self._task
+        if (task is not None and not self._cancelled and self.phase in (
+                Phase.CONNECTING, Phase.RELAYING) and task is not asyncio.current_task()):
+            self._cancelled = True
+            task.cancel()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
         if self.view_only or self.idle_timeout:
             self.filter = ClientFilter(view_only=self.view_only)
         if self.max_duration:
@@ -241,23 +278,15 @@ class Session:
                 max(0.0, self.expires_at - time.time()), self.stop, self.expiry_code,
                 self.expiry_reason or "your sign-in expired; sign in again"))
         try:
-            greeting = await self._connect()
-            if self.filter is not None:  # it follows the version the server greets with
-                self.filter.server_greeting(greeting)
-            if self.code is None:  # not stopped while connecting
-                transport = self.request.transport
-                if transport is not None:
-                    # Room for a few full reads before the server is paused for the browser:
-                    # pausing after every read costs more than the 512 KiB it saves.
-                    transport.set_write_buffer_limits(high=BROWSER_HIGH_WATER)
-                self._write_frame(greeting)
-                self.to_client += len(greeting)
-                upstream = self.upstream
-                assert upstream is not None
-                self._relaying = True
-                upstream.start_relaying()
-                if self.code is None:
-                    await self._client_to_server(upstream)
+            if self.code is None:  # not stopped before it began
+                await self._relay()
+        except asyncio.CancelledError:
+            # Ours (an ending from outside), unless someone else also cancelled the task.
+            if not self._cancelled or (self._task is not None and self._task.uncancel() > 0):
+                self._finish(closecodes.GOING_AWAY, "the relay is shutting down")
+                self._abort_viewer = True
+                self._shut()
+                raise
         except SessionRefused as refused:
             self._finish(refused.code, refused.reason)
         except ConnectionError:  # writing to the browser: connect errors are SessionRefused
@@ -265,20 +294,42 @@ class Session:
         except Exception:
             log.exception("session %s failed", self.route.key)
             self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
-        finally:
-            for timer in self._timers:
-                timer.cancel()
-            if self._browser_drain is not None:
-                self._browser_drain.cancel()
-            if self.upstream is not None and self.upstream.transport is not None:
-                self.upstream.transport.abort()  # nothing useful is left for the server
-            self.upstream = None
-            if self._closer is not None:
-                await self._closer
-            else:
-                await self._close_ws()
-            self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
-            self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
+        self._shut()
+        await self._close_ws()
+        self.phase = Phase.CLOSED
+        self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
+        self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
+
+    def _shut(self) -> None:
+        """Past this point nothing is relayed and nothing cancels the handler."""
+        self.phase = Phase.CLOSING
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        if self._browser_drain is not None:
+            self._browser_drain.cancel()
+            self._browser_drain = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.abort()  # nothing useful is left for the server
+
+    async def _relay(self) -> None:
+        greeting = await self._connect()
+        if self.filter is not None:  # it follows the version the server greets with
+            self.filter.server_greeting(greeting)
+        transport = self.request.transport
+        if transport is not None:
+            # Room for a few full reads before the server is paused for the browser:
+            # pausing after every read costs more than the 512 KiB it saves.
+            transport.set_write_buffer_limits(high=BROWSER_HIGH_WATER)
+        self._write_frame(greeting)
+        self.to_client += len(greeting)
+        upstream = self.upstream
+        assert upstream is not None
+        self.phase = Phase.RELAYING
+        upstream.start_relaying()
+        if self.code is None:
+            await self._client_to_server(upstream)
 
     def _check_idle(self) -> None:
         """Runs at most once per idle timeout: O(1) per session, no per-message timer work."""
@@ -318,8 +369,7 @@ class Session:
         try:
             self._write_frame(data)
         except ConnectionError:
-            self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
-            self._end()
+            self.stop(closecodes.ABNORMAL, "the viewer's connection was lost")
             return
         self.to_client += len(data)
         protocol = self.request.protocol
@@ -331,24 +381,30 @@ class Session:
                 self._browser_drain = asyncio.create_task(self._wait_for_browser(upstream))
 
     async def _wait_for_browser(self, upstream: Upstream) -> None:
+        stall = self.settings.stall_timeout
         try:
-            await self.request.writer.drain()
-        except ConnectionError:
-            self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
-            self._end()
-            return
-        finally:
+            async with asyncio.timeout(stall):
+                await self.request.writer.drain()
+        except TimeoutError:
             self._browser_drain = None
+            self.stop(closecodes.IDLE_TIMEOUT,
+                      f"the viewer accepted no data for {stall:g}s; it stopped reading",
+                      abort_viewer=True)
+            return
+        except ConnectionError:
+            self._browser_drain = None
+            self.stop(closecodes.ABNORMAL, "the viewer's connection was lost")
+            return
+        self._browser_drain = None
         if upstream.transport is not None and not upstream.closed:
             upstream.transport.resume_reading()
 
     def server_closed(self, exc: Exception | None) -> None:
         """The VNC server ended the connection (called by Upstream)."""
         if exc is None:
-            self._finish(closecodes.NORMAL, "the VNC server closed the connection")
+            self.stop(closecodes.NORMAL, "the VNC server closed the connection")
         else:
-            self._finish(closecodes.BAD_UPSTREAM, f"connection to the VNC server lost: {exc}")
-        self._end()
+            self.stop(closecodes.BAD_UPSTREAM, f"connection to the VNC server lost: {exc}")
 
     # --- connecting -------------------------------------------------------------------------
 
@@ -416,50 +472,141 @@ class Session:
 
     async def _client_to_server(self, upstream: Upstream) -> None:
         assert upstream.transport is not None
-        receive, write, drain = self.ws.receive, upstream.transport.write, upstream.drain
-        while True:
-            msg = await receive()
-            if msg.type is WSMsgType.BINARY:
-                data = msg.data
-                if self.filter is not None:
-                    try:
-                        data = self.filter.feed(data)
-                    except FilterError as exc:
-                        self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+        receive, write = self.ws.receive, upstream.transport.write
+        # The browser's next message, read while waiting for the server to drain: that is how
+        # a browser that leaves (close frame, FIN, RST, a missed heartbeat) is seen while the
+        # server is not reading. At most one message is held this way.
+        ahead: asyncio.Task[WSMessage] | None = None
+        try:
+            while True:
+                if ahead is not None:
+                    msg, ahead = ahead.result(), None
+                else:
+                    msg = await receive()
+                if msg.type is WSMsgType.BINARY:
+                    data = msg.data
+                    if self.filter is not None:
+                        try:
+                            data = self.filter.feed(data)
+                        except FilterError as exc:
+                            self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+                            return
+                    if upstream.closed:
+                        self._finish(closecodes.BAD_UPSTREAM,
+                                     "connection to the VNC server lost")
                         return
-                try:
                     write(data)
-                    await drain()  # waits while the VNC server's transport is over its high water
-                except OSError as exc:
-                    self._finish(closecodes.BAD_UPSTREAM,
-                                 f"connection to the VNC server lost: {exc}")
+                    self.to_server += len(data)
+                    if upstream.write_paused:
+                        ahead = asyncio.ensure_future(receive())
+                        if not await self._server_drained(upstream, ahead):
+                            return
+                elif msg.type is WSMsgType.TEXT:
+                    self._finish(closecodes.UNSUPPORTED_DATA,
+                                 "this relay speaks the binary subprotocol only; update the client")
                     return
-                self.to_server += len(data)
-            elif msg.type is WSMsgType.TEXT:
-                self._finish(closecodes.UNSUPPORTED_DATA,
-                             "this relay speaks the binary subprotocol only; update the client")
-                return
-            elif msg.type is WSMsgType.ERROR:
-                # aiohttp has already closed the WebSocket with the error's code (1009 too big).
-                error = msg.data
-                code = closecodes.PROTOCOL_ERROR
-                if isinstance(error, WebSocketError):
-                    code = int(error.code)
-                self._finish(code, f"WebSocket error: {error}")
-                return
-            else:  # CLOSE, CLOSING, CLOSED: the browser went away
-                peer_code = self.ws.close_code
-                self._finish(peer_code if peer_code is not None else closecodes.NO_STATUS,
-                             "the viewer closed the connection")
-                return
+                elif msg.type is WSMsgType.ERROR:
+                    self._finish(*self._error_ending(msg.data, upstream))
+                    return
+                else:  # CLOSE, CLOSING, CLOSED: the browser went away
+                    peer_code = self.ws.close_code
+                    self._finish(peer_code if peer_code is not None else closecodes.NO_STATUS,
+                                 "the viewer closed the connection")
+                    return
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead  # let aiohttp's receive unwind before the close
+
+    async def _server_drained(self, upstream: Upstream, ahead: asyncio.Task[WSMessage]) -> bool:
+        """Wait until the VNC server takes the bytes over its high-water mark, the browser's
+        next message is not data (it left: the pump handles that message next), or the stall
+        limit passes. False: the session ends (code recorded)."""
+        stall = self.settings.stall_timeout
+        try:
+            async with asyncio.timeout(stall):
+                drained = upstream.drained()
+                waits: set[asyncio.Future[Any]] = {drained, ahead}
+                while not drained.done():
+                    await asyncio.wait(waits, timeout=VIEWER_PROBE,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if ahead in waits and ahead.done():
+                        if ahead.result().type is not WSMsgType.BINARY:
+                            return True  # the browser is gone: handle its ending now
+                        waits.discard(ahead)  # hold that one message until the server drains
+                    elif not drained.done() and self._viewer_gone():
+                        if isinstance(self.ws.exception(), TimeoutError):
+                            # aiohttp gave up on the heartbeat: the pong was not read
+                            self._finish(*self._error_ending(self.ws.exception(), upstream))
+                        else:
+                            self._finish(closecodes.ABNORMAL, "the viewer left while the VNC "
+                                         "server was not reading")
+                        return False
+        except TimeoutError:
+            self._finish(closecodes.UPSTREAM_TIMEOUT,
+                         f"the VNC server of {self.route.key} accepted no data for {stall:g}s; "
+                         "is it hung?")
+            return False
+        if upstream.closed:
+            self._finish(closecodes.BAD_UPSTREAM, "connection to the VNC server lost")
+            return False
+        return True
+
+    def _viewer_gone(self) -> bool:
+        """Whether the browser's TCP connection has ended, seen without reading from it.
+
+        While the VNC server does not read, the relay stops reading from the browser, so a
+        close frame, FIN or RST from a browser that leaves waits unread behind its data. Its
+        kernel still answers: a ping to a closed socket draws an RST. So each probe reads the
+        connection's TCP state (Linux TCP_INFO) and, while it is established and nothing else
+        is queued, sends a WebSocket ping (whose pong is read whenever reading resumes).
+        """
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return True
+        if state != _TCP_ESTABLISHED:
+            return True
+        if transport.get_write_buffer_size() == 0 and not self.ws.closed:
+            transport.write(_PING)
+        return False
+
+    def _error_ending(self, error: object, upstream: Upstream) -> tuple[int, str]:
+        if isinstance(error, WebSocketError):
+            # aiohttp has already closed the WebSocket with the error's code (1002, 1009).
+            return int(error.code), f"WebSocket error: {error}"
+        if isinstance(error, TimeoutError):  # aiohttp's heartbeat: no pong in time
+            if upstream.write_paused:
+                # The relay was not reading from the browser (so not its pong either) because
+                # the VNC server was not taking its bytes: the server is what stalled.
+                return (closecodes.UPSTREAM_TIMEOUT,
+                        f"the VNC server of {self.route.key} stopped accepting data")
+            return closecodes.ABNORMAL, "the viewer did not answer the heartbeat; it is gone"
+        return closecodes.ABNORMAL, f"the viewer's connection failed: {error}"
 
     async def _close_ws(self) -> None:
+        """Close the WebSocket with the recorded code, within CLOSE_TIMEOUT; a browser that
+        stopped reading cannot hold it: its connection is aborted instead."""
         code = self.code if self.code is not None else closecodes.INTERNAL_ERROR
+        transport = self.request.transport
+        if self._abort_viewer and transport is not None:
+            transport.abort()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=closecodes.clip_reason(self.reason).encode())
         except TimeoutError:
-            pass  # aiohttp closed the transport when the timeout cancelled it
+            pass
+        transport = self.request.transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            # Unsent bytes after the close: a graceful close would wait for them forever.
+            transport.abort()
 
 
 def _duration(seconds: int) -> str:

@@ -35,6 +35,7 @@ from relay.consoles import Holder
 from relay.model import Route
 from relay.spec import SpecError, check_key
 from relay.state import STATE, RelayState
+from relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
 STATIC = Path(__file__).parent / "static"
@@ -53,8 +54,6 @@ SECURITY_HEADERS = {
 }
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 LIST_CONCURRENCY = 20
-# noVNC sends small messages; a WebSocket ping every 30 s finds browsers that vanished.
-HEARTBEAT = 30.0
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -95,7 +94,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     origin=request.headers.get("Origin", ""))
         raise web.HTTPForbidden(text="Origin not allowed: open the viewer from this relay's own "
                                      "address, or add the origin with --allowed-origin\n")
-    ws = web.WebSocketResponse(protocols=("binary",), compress=False, heartbeat=HEARTBEAT,
+    ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=state.settings.heartbeat,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
     refusal: tuple[int, str] | None = None

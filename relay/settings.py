@@ -77,6 +77,7 @@ class RelaySettings:
     wait_for_sync: bool = False
     # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).
     deny_networks: tuple[Network, ...] = ()
+    # On SIGTERM: sessions are closed with 1001 at once; handlers get this long to finish.
     shutdown_grace: float = 5.0
     # Host names the public port answers to, beside localhost, IP addresses, --public-url's
     # and --listen's (see host_names); against DNS rebinding.
@@ -84,6 +85,12 @@ class RelaySettings:
     # Seconds a client may take to send a request's headers or body, and to stay idle between
     # requests on a kept-alive connection.
     http_read_timeout: float = 15.0
+    # A side that accepts no bytes for this long (its buffer stays over the high-water mark)
+    # ends the session: a hung VNC server or a browser that stopped reading holds nothing.
+    stall_timeout: float = 60.0
+    # Seconds between WebSocket pings to a quiet browser; no pong within half of it ends the
+    # session (1006).
+    heartbeat: float = 30.0
     # Who the viewer is (relay.auth) and what they may open (relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
@@ -188,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions-per-target", type=int,
                         default=int(_env("MAX_SESSIONS_PER_TARGET") or 100),
                         help="sessions one target may have at once (default 100)")
+    parser.add_argument("--stall-timeout", default=_env("STALL_TIMEOUT") or "60s",
+                        help="end a session when the VNC server or the browser accepts no data "
+                             "for this long, e.g. 60s or 2m (default 60s)")
+    parser.add_argument("--shutdown-grace", default=_env("SHUTDOWN_GRACE") or "5s",
+                        help="on SIGTERM, how long closing sessions (1001) may take before the "
+                             "process exits (default 5s; keep it under the pod's "
+                             "terminationGracePeriodSeconds)")
     parser.add_argument("--deny-cidr", action="append", default=None, metavar="CIDR",
                         help="never dial addresses in this range, checked after DNS resolution "
                              "(repeatable; the chart denies loopback, link-local and metadata)")
@@ -351,6 +365,11 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         if not SUBDOMAIN_RE.match(host.lower().rstrip(".")):
             parser.error(f"--allowed-host {host!r}: a DNS name like vnc.example.com, without "
                          "scheme or port")
+    try:
+        stall_timeout = parse_duration(args.stall_timeout, "--stall-timeout")
+        shutdown_grace = parse_duration(args.shutdown_grace, "--shutdown-grace")
+    except SpecError as exc:
+        parser.error(str(exc))
     return RelaySettings(
         auth=_auth_settings(parser, args, args.listen),
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
@@ -362,4 +381,5 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
         max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync,
         allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
-        http_read_timeout=args.http_read_timeout)
+        http_read_timeout=args.http_read_timeout,
+        stall_timeout=stall_timeout, shutdown_grace=shutdown_grace)

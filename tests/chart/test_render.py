@@ -540,3 +540,20 @@ def test_chart_installs_the_crd() -> None:
     crd = render().one("CustomResourceDefinition", "vnctargets.vncgate.io")
     assert crd["spec"]["group"] == "vncgate.io"
     assert crd["spec"]["names"]["kind"] == "VncTarget"
+
+
+def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
+    """preStop first (new viewers go elsewhere), then SIGTERM: 1001 within --shutdown-grace,
+    all inside terminationGracePeriodSeconds."""
+    deployment = next(d for d in render().of_kind("Deployment")
+                      if d["metadata"]["name"].endswith("relay"))
+    pod = deployment["spec"]["template"]["spec"]
+    relay = next(c for c in pod["containers"] if c["name"] == "relay")
+    assert relay["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert "--shutdown-grace=10s" in relay["args"]
+    assert "--stall-timeout=60s" in relay["args"]
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 10 + 2
+    result = helm("template", CHART, "--set", "relay.terminationGracePeriodSeconds=10",
+                  check=False)
+    assert result.returncode != 0
+    assert "must be at least relay.preStopSeconds + relay.shutdownGraceSeconds" in result.stderr

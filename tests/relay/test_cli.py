@@ -88,6 +88,8 @@ def test_relay_refuses_to_start_on_bad_manifests(tmp_path: Path) -> None:
     (["--listen", "8080"], "HOST:PORT"),
     (["--max-sessions", "0"], "at least 1"),
     (["--api-token-file", "/nonexistent/token"], "--api-token-file"),
+    (["--stall-timeout", "60"], "--stall-timeout: '60' is not a duration"),
+    (["--shutdown-grace", "soon"], "--shutdown-grace"),
 ])
 def test_bad_flags_say_what_to_write(args: list[str], words: str) -> None:
     result = subprocess.run([*RELAY, *args], capture_output=True, text=True, timeout=30,
@@ -121,6 +123,11 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
     assert settings.api_token == "0123456789abcdef0123"
     assert settings.allowed_origins == ("https://vnc.example.com",)
     assert settings.wait_for_sync
+    monkeypatch.setenv("VNCGATE_STALL_TIMEOUT", "2m")
+    monkeypatch.setenv("VNCGATE_SHUTDOWN_GRACE", "20s")
+    assert (settings_from_args([]).stall_timeout, settings_from_args([]).shutdown_grace) == (
+        120, 20)
+    assert settings_from_args(["--shutdown-grace", "9s"]).shutdown_grace == 9
     # A flag wins over the environment.
     assert settings_from_args(["--listen", "127.0.0.1:1234"]).listen == HostPort("127.0.0.1", 1234)
 

@@ -1,0 +1,50 @@
+"""`python -m bench.maskscan`: the cost of the unmasked-frame scanner (relay/websocket.py) per
+frame, fed 64 KiB reads of masked frames of a few sizes; aiohttp's reader is left out."""
+
+from __future__ import annotations
+
+import time
+
+from relay.websocket import MaskedFramesOnly
+
+
+class _NoReader:
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        return False, b""
+
+    def feed_eof(self) -> None:
+        pass
+
+
+class _NoWebSocket:
+    _reader = None
+
+
+def masked(payload: bytes) -> bytes:
+    n = len(payload)
+    head = bytes([0x82, 0x80 | n]) if n < 126 else (
+        bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big") if n < 65536
+        else bytes([0x82, 0x80 | 127]) + n.to_bytes(8, "big"))
+    return head + b"\0\0\0\0" + payload
+
+
+def main() -> None:
+    print("frame payload | frames/read | ns per frame | MiB/s scanned")
+    for size in (6, 100, 1000, 16384, 65536):
+        one = masked(b"x" * size)
+        data = one * max(1, 65536 // len(one))
+        reads = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+        scanner = MaskedFramesOnly(_NoReader(), _NoWebSocket())  # type: ignore[arg-type]
+        rounds = max(50, 2_000_000 // (len(data) // len(one)) // 10)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for read in reads:
+                scanner.feed_data(read)
+        elapsed = time.perf_counter() - started
+        frames = rounds * (len(data) // len(one))
+        print(f"{size:>13} | {len(data) // len(one):>11} | {elapsed / frames * 1e9:>12.0f} | "
+              f"{rounds * len(data) / elapsed / 2**20:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()

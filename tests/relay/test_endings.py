@@ -1,0 +1,205 @@
+"""Every way a session can end ends it, both sides, with a code and a reason: real sockets.
+
+Each test watches the relay's own session (its recorded code and reason, the session table,
+the active-sessions gauge) and the relay's TCP connection to the VNC server, polled with a
+deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from relay.bridge import Session
+from relay.model import Route
+from relay.server import RelayServer
+from tests.conftest import RelayFactory
+from tests.support.rawws import RawWebSocket, frame
+from tests.support.servers import TcpServer, echo_rfb, flood, silent, sink, stalled
+
+WS = "/t/lab/desk/websockify"
+
+
+async def eventually(condition: Callable[[], bool], what: str, within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.05)
+    assert condition(), what
+
+
+async def one_session(relay: RelayServer) -> Session:
+    await eventually(lambda: relay.state.sessions.count == 1, "a session opened")
+    return next(iter(relay.state.sessions))
+
+
+def relay_connections_to(port: int) -> list[object]:
+    """This process's TCP connections to `port` (the relay runs in the test's process)."""
+    return [c for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status != psutil.CONN_TIME_WAIT]
+
+
+def active_gauge(relay: RelayServer) -> float:
+    value = relay.state.metrics.registry.get_sample_value(
+        "vncgate_sessions_active", {"namespace": "lab", "name": "desk"})
+    return value or 0.0
+
+
+async def ended(relay: RelayServer, session: Session, server: TcpServer) -> None:
+    await eventually(lambda: relay.state.sessions.count == 0, "the session ended")
+    await eventually(lambda: not relay_connections_to(server.port),
+                     "the relay's connection to the VNC server is closed")
+    assert active_gauge(relay) == 0
+    assert session.code is not None and session.reason
+
+
+@pytest.mark.parametrize("leave", ["close", "rst", "fin"])
+async def test_server_stops_reading_then_the_browser_leaves(make_relay: RelayFactory,
+                                                            leave: str) -> None:
+    async with TcpServer(stalled(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       stall_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        session = await one_session(relay)
+        pushed = await ws.push_until_blocked()
+        print(f"pushed {pushed} bytes into a server that does not read")
+        # The browser's kernel still holds what the relay did not take; the close frame and
+        # the FIN wait behind it, so the relay must notice the departure without reading.
+        if leave == "close":
+            ws.writer.transport.write(frame(b"\x03\xe8", 0x8))
+            ws.abort()
+        elif leave == "rst":
+            ws.reset()
+        else:
+            ws.abort()  # close(2): a FIN, queued behind the unsent bytes
+        await ended(relay, session, server)
+        assert session.code == 1006 and "left" in session.reason
+        print(session.code, session.reason)
+        ws.abort()
+
+
+async def test_a_browser_that_stops_reading_is_dropped(make_relay: RelayFactory) -> None:
+    async with TcpServer(flood(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       stall_timeout=1) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        ws.writer.transport.pause_reading()
+        session = await one_session(relay)
+        await ended(relay, session, server)
+        assert session.code == 4408
+        assert "accepted no data" in session.reason
+        ws.abort()
+
+
+async def test_a_server_that_stops_reading_is_dropped(make_relay: RelayFactory) -> None:
+    async with TcpServer(stalled(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       stall_timeout=1) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        session = await one_session(relay)
+        await ws.push_until_blocked()
+        # The browser stays and reads: it is told why.
+        code, reason = await ws.close_frame(timeout=20)
+        assert code == 4504 and "accepted no data" in reason
+        await ended(relay, session, server)
+        ws.abort()
+
+
+async def test_both_sides_stall(make_relay: RelayFactory) -> None:
+    # flood never reads and pushes as fast as it can; the browser neither reads nor stops.
+    async with TcpServer(flood(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       stall_timeout=1) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        ws.writer.transport.pause_reading()
+        session = await one_session(relay)
+        await ws.push_until_blocked()
+        await ended(relay, session, server)
+        assert session.code in (4408, 4504)
+        ws.abort()
+
+
+async def test_a_browser_that_misses_its_heartbeat_is_dropped(make_relay: RelayFactory) -> None:
+    async with TcpServer(sink(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       heartbeat=1.0, stall_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        ws.writer.transport.pause_reading()  # never sees the ping, never answers it
+        session = await one_session(relay)
+        await ended(relay, session, server)
+        assert session.code == 1006 and "heartbeat" in session.reason
+        ws.abort()
+
+
+@pytest.mark.parametrize("leave", ["rst", "fin"])
+async def test_a_browser_that_leaves_mid_stream(make_relay: RelayFactory, leave: str) -> None:
+    async with TcpServer(echo_rfb) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)]) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        session = await one_session(relay)
+        ws.writer.write(frame(b"ping"))
+        assert await ws.read_payload(4) == b"ping"
+        if leave == "rst":
+            ws.reset()
+        else:
+            ws.writer.write_eof()
+        await ended(relay, session, server)
+        assert session.code in (1005, 1006, 1000)
+        ws.abort()
+
+
+@pytest.mark.parametrize("with_handshake", [False, True])
+async def test_unmasked_client_frames_close_with_1002(make_relay: RelayFactory,
+                                                      with_handshake: bool) -> None:
+    async with TcpServer(echo_rfb) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)]) as relay:
+        unmasked = frame(b"\x00" * 20, masked=False)
+        if with_handshake:
+            # Sent in the same write as the upgrade request: it must not slip past the check.
+            ws = await RawWebSocket.open(relay.public_url + WS, extra=unmasked, greeting=False)
+        else:
+            ws = await RawWebSocket.open(relay.public_url + WS)
+            session = await one_session(relay)
+            ws.writer.write(frame(b"fine"))
+            assert await ws.read_payload(4) == b"fine"
+            ws.writer.write(unmasked)
+        code, _ = await ws.close_frame()
+        assert code == 1002  # aiohttp closes it, without a reason
+        await eventually(lambda: relay.state.sessions.count == 0, "the session ended")
+        assert server.connections <= 1
+        assert b"\x00" * 20 not in server.received
+        if not with_handshake:
+            assert session.code == 1002 and "unmasked" in session.reason
+        ws.abort()
+
+
+async def test_a_server_stall_is_not_blamed_on_the_heartbeat(make_relay: RelayFactory) -> None:
+    """While the server does not read, the relay does not read the browser, nor its pongs: the
+    heartbeat then runs out first, and the ending must name the server."""
+    async with TcpServer(stalled(seconds=60)) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       heartbeat=1.0, stall_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS)
+        session = await one_session(relay)
+        await ws.push_until_blocked()
+        await ended(relay, session, server)
+        assert session.code == 4504 and "stopped accepting data" in session.reason
+        ws.abort()
+
+
+async def test_a_stop_while_connecting_ends_at_once(make_relay: RelayFactory) -> None:
+    """Shutdown (or a route change) while the relay waits for a greeting does not wait for the
+    connect timeout."""
+    async with TcpServer(silent) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       connect_timeout=600) as relay:
+        ws = await RawWebSocket.open(relay.public_url + WS, greeting=False)
+        session = await one_session(relay)
+        await eventually(lambda: server.connections == 1, "the relay dialled")
+        session.stop(1001, "the relay is shutting down; reconnect in a moment")
+        code, reason = await ws.close_frame()
+        assert code == 1001 and "shutting down" in reason
+        await ended(relay, session, server)
+        ws.abort()
