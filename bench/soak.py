@@ -391,8 +391,10 @@ async def gauge(http: aiohttp.ClientSession, internal: int) -> float:
 
 async def sample(proc: psutil.Process, http: aiohttp.ClientSession, internal: int,
                  t0: float) -> Sample:
+    # The scrape first: its keep-alive connection is then in every sample, the baseline's too.
+    sessions = await gauge(http, internal)
     info = proc.memory_info()
-    return Sample(time.monotonic() - t0, info.rss, proc.num_fds(), await gauge(http, internal))
+    return Sample(time.monotonic() - t0, info.rss, proc.num_fds(), sessions)
 
 
 def drift(samples: list[Sample], warmup: float) -> dict[str, float]:
@@ -470,6 +472,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     minutes = args.minutes
     warmup = 60 * (args.warmup_minutes if args.warmup_minutes is not None
                    else min(3.0, minutes / 3))
+    load: list[asyncio.Task[None]] = []
     try:
         await wait_listening(public, proc)
         async with aiohttp.ClientSession() as http:
@@ -479,7 +482,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             until = t0 + 60 * minutes
             say(f"soak: {minutes:g} min at {args.rate:g} sessions/s; relay pid {proc.pid}, "
                 f"log {log_path}")
-            load = [asyncio.create_task(churn(public, args.rate, until, tally))]
+            load += [asyncio.create_task(churn(public, args.rate, until, tally))]
             load += [asyncio.create_task(long_stream(public, i, args.stream_rate, until, tally))
                      for i in range(args.streams)]
             load += [asyncio.create_task(stalled_browser(public, until, tally))
@@ -512,6 +515,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.send_signal(signal.SIGUSR1)  # snapshot-1: back at baseline
                 await asyncio.sleep(10)
     finally:
+        for task in load:
+            task.cancel()
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
