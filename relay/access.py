@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from relay import closecodes, links
-from relay.auth import (
+from vncgate.relay import closecodes, links
+from vncgate.relay.auth import (
     ANONYMOUS,
     SESSION_COOKIE,
     DerivationsBusy,
@@ -35,7 +35,7 @@ from relay.auth import (
     read_session_cookie,
     session_cookie,
 )
-from relay.state import STATE, RelayState
+from vncgate.relay.state import STATE, RelayState
 
 audit = logging.getLogger("vncgate.audit")
 

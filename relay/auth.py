@@ -7,7 +7,7 @@ Modes (`--auth`):
 - `token`: users and their secrets from `--users-file`; a login page sets a signed session
   cookie; scripts send `Authorization: Bearer <token>`.
 
-Share links (`relay.links`) admit a viewer to one target in every mode.
+Share links (`vncgate.relay.links`) admit a viewer to one target in every mode.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import yaml
 
+from vncgate.common.networks import IPAddress, Network, NetworkError, parse_cidrs
+
 AUTH_MODES = ("none", "proxy", "token")
 SESSION_COOKIE = "vncgate_session"
 
@@ -37,7 +39,6 @@ SESSION_COOKIE = "vncgate_session"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AuthConfigError(ValueError):
@@ -289,27 +290,15 @@ class Revoked:
 
 # --- trusted proxies and client addresses ---------------------------------------------------
 
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
 def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:
-    """CIDRs; one written in the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 range,
-    as addresses are folded before they are checked (`address_in`)."""
-    networks: list[Network] = []
-    for value in values:
-        try:
-            network = ipaddress.ip_network(value.strip(), strict=False)
-        except ValueError:
-            raise AuthConfigError(f"{flag} {value!r} is not a CIDR like 10.0.0.0/8") from None
-        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
-            mapped = network.network_address.ipv4_mapped
-            assert mapped is not None
-            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-        networks.append(network)
-    return tuple(networks)
+    """CIDRs (vncgate.common.networks: IPv4-mapped ranges are the IPv4 range, as addresses
+    are folded before they are checked, `address_in`)."""
+    try:
+        return parse_cidrs(values, flag)
+    except NetworkError as exc:
+        raise AuthConfigError(str(exc)) from None
 
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Never dialled, whatever --deny-cidr says: "this host" (0.0.0.0 and :: reach the loopback
 # on Linux). IPv4-mapped and -compatible IPv6 forms are folded to IPv4 before any check.

@@ -14,8 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import closecodes
-from relay.access import (
+from vncgate.common.model import Route
+from vncgate.common.spec import SpecError, check_key
+from vncgate.relay import closecodes
+from vncgate.relay.access import (
     audit_event,
     check_host,
     client_address,
@@ -29,13 +31,11 @@ from relay.access import (
     origin_allowed,
     set_csrf_cookie,
 )
-from relay.auth import Identity
-from relay.bridge import Session
-from relay.consoles import Holder
-from relay.model import Route
-from relay.spec import SpecError, check_key
-from relay.state import STATE, RelayState
-from relay.websocket import RelayWebSocket
+from vncgate.relay.auth import Identity
+from vncgate.relay.bridge import Session
+from vncgate.relay.consoles import Holder
+from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
 STATIC = Path(__file__).parent / "static"

@@ -22,8 +22,12 @@ import kmock
 import pytest
 from yarl import URL
 
-from relay import closecodes, links
-from relay.auth import (
+from tests.conftest import API_TOKEN, ROOT, RelayFactory
+from tests.support.servers import GREETING, TcpServer, echo_rfb
+from vncgate.common.model import Route
+from vncgate.common.spec import Access
+from vncgate.relay import closecodes, links
+from vncgate.relay.auth import (
     SESSION_COOKIE,
     AuthConfigError,
     User,
@@ -33,12 +37,8 @@ from relay.auth import (
     session_cookie,
     verify_secret,
 )
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import AuthSettings
-from relay.spec import Access
-from tests.conftest import API_TOKEN, ROOT, RelayFactory
-from tests.support.servers import GREETING, TcpServer, echo_rfb
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import AuthSettings
 
 ALICE_PASSWORD = "correct horse battery staple"
 BOB_TOKEN = "bob-api-token-0123456789abcdef"
@@ -313,7 +313,7 @@ def test_link_command_prints_a_link_that_verifies(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY)
     result = subprocess.run(
-        [sys.executable, "-m", "relay", "link", "lab/open", "--ttl", "10m", "--once",
+        [sys.executable, "-m", "vncgate.relay", "link", "lab/open", "--ttl", "10m", "--once",
          "--link-key-file", str(key_file), "--public-url", "https://vnc.example.com/"],
         capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -325,7 +325,7 @@ def test_link_command_prints_a_link_that_verifies(tmp_path: Path) -> None:
 
 
 def test_hash_password_command() -> None:
-    result = subprocess.run([sys.executable, "-m", "relay", "hash-password"],
+    result = subprocess.run([sys.executable, "-m", "vncgate.relay", "hash-password"],
                             input="a long enough password\n", capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0
@@ -458,7 +458,7 @@ async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServ
     (["--auth", "proxy", "--trusted-proxy", "10.0.0.0/33"], "not a CIDR"),
 ])
 def test_unsafe_or_incomplete_auth_settings_stop_the_relay(args: list[str], words: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "vncgate.relay", *args], capture_output=True,
                             text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
     assert words in result.stderr

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from relay.model import Route
-from relay.server import RelayServer
 from tests.conftest import RelayFactory
+from vncgate.common.model import Route
+from vncgate.relay.server import RelayServer
 
 EVIL = '<img src=x onerror="alert(1)">{{config}}'
 
