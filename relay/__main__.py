@@ -1,4 +1,4 @@
-"""`python -m relay`: the same as `vncgate-relay`."""
+"""`python -m vncgate.relay`: the same as `vncgate-relay`."""
 
 from vncgate.relay.cli import main
 

@@ -20,7 +20,7 @@ from typing import Protocol
 from vncgate.common.kube import KubeClient
 from vncgate.common.model import Route
 from vncgate.common.spec import API_GROUP, PLURAL
-from vncgate.relay.auth import Identity
+from vncgate.relay.identity import Identity
 
 log = logging.getLogger("vncgate.authz")
 

@@ -28,8 +28,8 @@ from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
-from vncgate.relay.auth import UNSPECIFIED_NETWORKS, address_in
 from vncgate.relay.metrics import RelayMetrics
+from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
 from vncgate.relay.rfbfilter import ClientFilter, FilterError
 from vncgate.relay.settings import RelaySettings
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import SpecError, check_key, parse_duration
 from vncgate.relay import links, logs
-from vncgate.relay.auth import hash_secret
 from vncgate.relay.manifests import ManifestError, load_routes
+from vncgate.relay.passwords import hash_secret
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings, host_names, settings_from_args
 

@@ -25,14 +25,10 @@ from vncgate.common.spec import (
     check_port,
     parse_duration,
 )
-from vncgate.relay.auth import (
-    AUTH_MODES,
-    AuthConfigError,
-    User,
-    load_users,
-    parse_networks,
-)
+from vncgate.relay.identity import AUTH_MODES, AuthConfigError
 from vncgate.relay.links import load_keys
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.users import User, load_users
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ class RelaySettings:
     # Seconds between WebSocket pings to a quiet browser; no pong within half of it ends the
     # session (1006).
     heartbeat: float = 30.0
-    # Who the viewer is (vncgate.relay.auth) and what they may open (vncgate.relay.authz).
+    # Who the viewer is (vncgate.relay.identify) and what they may open (vncgate.relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
     kubeconfig: Path | None = None

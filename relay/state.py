@@ -11,7 +11,6 @@ from aiohttp import web
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
-from vncgate.relay.auth import FailureLimiter, KeyDerivations, Revoked
 from vncgate.relay.authz import (
     Authorizer,
     KubernetesAuthorizer,
@@ -20,8 +19,11 @@ from vncgate.relay.authz import (
 )
 from vncgate.relay.bridge import Sessions
 from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from vncgate.relay.cookies import Revoked
 from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
+from vncgate.relay.passwords import KeyDerivations
+from vncgate.relay.ratelimit import FailureLimiter
 from vncgate.relay.registry import Registry
 from vncgate.relay.settings import RelaySettings, host_names
 

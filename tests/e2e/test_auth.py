@@ -10,8 +10,9 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import links
-from vncgate.relay.auth import User, hash_secret
+from vncgate.relay.passwords import hash_secret
 from vncgate.relay.settings import AuthSettings
+from vncgate.relay.users import User
 
 PASSWORD = "a browser-typed password"
 KEY = b"e" * 40

@@ -27,18 +27,13 @@ from tests.support.servers import GREETING, TcpServer, echo_rfb
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
-from vncgate.relay.auth import (
-    SESSION_COOKIE,
-    AuthConfigError,
-    User,
-    hash_secret,
-    load_users,
-    parse_networks,
-    session_cookie,
-    verify_secret,
-)
+from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.identity import AuthConfigError
+from vncgate.relay.passwords import hash_secret, verify_secret
+from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import AuthSettings
+from vncgate.relay.users import User, load_users
 
 ALICE_PASSWORD = "correct horse battery staple"
 BOB_TOKEN = "bob-api-token-0123456789abcdef"

@@ -40,9 +40,12 @@ from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
-from vncgate.relay.auth import SESSION_COOKIE, User, dummy_hash, parse_networks, session_cookie
+from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.passwords import dummy_hash
+from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import AuthSettings, host_names
+from vncgate.relay.users import User
 
 # --- 1. the view-only filter reads the RFB stream exactly as the server does -----------------
 

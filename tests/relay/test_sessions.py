@@ -18,7 +18,7 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionPolicy
 from vncgate.relay import closecodes
-from vncgate.relay.auth import parse_networks
+from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import AuthSettings
 
