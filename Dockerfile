@@ -34,6 +34,7 @@ RUN pip install --no-cache-dir --disable-pip-version-check "build>=1.2"
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY operator/ operator/
+COPY common/ common/
 COPY --from=novnc /src/node_modules/@novnc/novnc/core/ relay/static/novnc/core/
 COPY --from=novnc /src/node_modules/@novnc/novnc/vendor/ relay/static/novnc/vendor/
 COPY --from=novnc /src/node_modules/@novnc/novnc/package.json relay/static/novnc/core/.novnc-package.json

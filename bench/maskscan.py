@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from relay.websocket import MaskedFramesOnly
+from vncgate.relay.websocket import MaskedFramesOnly
 
 
 class _NoReader:

@@ -132,9 +132,10 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
                            resync_interval: float) -> AsyncIterator[Any]:
     """The real operator in this event loop, as tests/operator/conftest.py runs it."""
     import kopf
-    from vncgate_operator.handlers import Runtime, build_registry
-    from vncgate_operator.policy import AddressPolicy
-    from vncgate_operator.settings import OperatorSettings
+
+    from vncgate.operator.handlers import Runtime, build_registry
+    from vncgate.operator.policy import AddressPolicy
+    from vncgate.operator.settings import OperatorSettings
 
     config = OperatorSettings(
         relay_urls=tuple(cluster.info["relays"]), api_token=cluster.info["token"],
@@ -142,7 +143,7 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
         policy=AddressPolicy(allow_cidrs=(ipaddress.ip_network("127.0.0.1/32"),)),
         resync_interval=resync_interval, probe_interval=probe_interval, probe_timeout=3.0,
         liveness_endpoint=None, standalone=True)
-    from relay.kube import KubeConnection
+    from vncgate.common.kube import KubeConnection
 
     class _NoCredentials:  # the emulator takes requests without a token
         def get_api_key_with_prefix(self, _name: str) -> None:
@@ -183,7 +184,8 @@ def configure_logging() -> None:
     """As `vncgate-operator` does (kopf's per-object lines at DEBUG), to stderr, which the
     orchestrator sends to a file: log lines are part of the operator's cost."""
     import kopf
-    from vncgate_operator.cli import KopfNoise
+
+    from vncgate.operator.cli import KopfNoise
 
     kopf.configure(debug=False, verbose=False, log_format=kopf.LogFormat.FULL)
     for handler in logging.getLogger().handlers:
@@ -329,7 +331,7 @@ async def run_bulk(args: argparse.Namespace) -> dict[str, Any]:
 def scenario_main(args: argparse.Namespace) -> None:
     configure_logging()
     if not args.default_gc:
-        from vncgate_operator.cli import tune_gc
+        from vncgate.operator.cli import tune_gc
 
         tune_gc()  # as vncgate-operator does
     runner = run_latency if args.run == "latency" else run_bulk
@@ -502,7 +504,7 @@ def main() -> None:
                         help="kmock as shipped (an O(N) scan per request)")
     parser.add_argument("--default-gc", action="store_true",
                         help="leave Python's collector thresholds as they are (vncgate-operator "
-                             "sets them with vncgate_operator.cli.tune_gc)")
+                             "sets them with vncgate.operator.cli.tune_gc)")
     parser.add_argument("--json", help="where to write every figure "
                                        "(default bench/results/operator.json)")
     parser.add_argument("--api-server", choices=("emulator", "real"), default="emulator",

@@ -5,8 +5,8 @@ alone (its RSS and CPU are the operator's) and the two use different cores:
 
 - kmock's `KubernetesEmulator` behind `kmock.Server` on 127.0.0.1, with the resources declared as
   `tests/operator/conftest.py` declares them;
-- two real `relay.server.RelayServer` replicas on 127.0.0.1 (port 0), each behind a TCP proxy
-  that counts the bytes of the registration API both ways (the operator is given the proxies);
+- two real `vncgate.relay.server.RelayServer` replicas on 127.0.0.1 (port 0), each behind a TCP
+  proxy that counts the bytes of the registration API both ways (the operator is given the proxies);
 - an RFB greeter (`RFB 003.008\\n`, security type None), the address of every VncTarget, so
   probes succeed;
 - a control API for the benchmark: create VncTargets (one at a time, or many at once), the time
@@ -38,9 +38,10 @@ from aiohttp import web
 
 from bench.limits import raise_fd_limit
 from bench.loops import new_event_loop
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import HostPort, RelaySettings
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings
 
 TARGETS = "vncgate.io/v1alpha1/vnctargets"
 TARGETS_PATH = "/apis/vncgate.io/v1alpha1/namespaces/{ns}/vnctargets"
@@ -235,8 +236,8 @@ def target_body(name: str, port: int) -> dict[str, Any]:
 class Cluster:
     def __init__(self, indexed: bool) -> None:
         self.k8s = (IndexedEmulator if indexed else kmock.KubernetesEmulator)()
-        self.relays = [RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                                 internal_listen=HostPort("127.0.0.1", 0),
+        self.relays = [RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                                 internal_listen=Address("127.0.0.1", 0),
                                                  api_token=TOKEN)) for _ in range(2)]
         self.proxies: list[CountingProxy] = []
         self.seen = Seen(len(self.relays))

@@ -4,7 +4,7 @@ The control plane is the one the tests use (`tests/support/cluster.py`: etcd + k
 from ../shared/envtest, unpacked by scripts/setup; no controller manager, so that the only
 other client of the API server in the steady-state window is the API server itself). The
 operator runs as `vncgate-operator` does, in a process of its own (`python -m
-vncgate_operator.cli`, credentials from $KUBECONFIG), so its RSS and CPU are its own. One relay
+vncgate.operator.cli`, credentials from $KUBECONFIG), so its RSS and CPU are its own. One relay
 (`RelayServer`) and an RFB greeter run in this process, on 127.0.0.1.
 
 Measures, for each size N (targets created at --rate per second over 10 namespaces):
@@ -37,11 +37,12 @@ from typing import Any
 
 import psutil
 
-from relay.kube import KubeClient, KubeError, kube_connection
-from relay.server import RelayServer
-from relay.settings import HostPort, RelaySettings
 from tests.support.cluster import ROOT, ControlPlane
 from tests.support.servers import TcpServer, echo_rfb
+from vncgate.common.addresses import Address
+from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings
 
 MiB = 2**20
 TOKEN = "r" * 32
@@ -59,7 +60,7 @@ class Operator:
 
     def __init__(self, plane: ControlPlane, relay: RelayServer, token_file: Path,
                  log: Path, probe_interval: float, resync_interval: float) -> None:
-        self.argv = [sys.executable, "-m", "vncgate_operator.cli",
+        self.argv = [sys.executable, "-m", "vncgate.operator.cli",
                      "--relay-url", relay.internal_url, "--api-token-file", str(token_file),
                      "--allow-cidr", "127.0.0.1/32", "--liveness", "off", "--standalone",
                      "--public-url", "https://vnc.example.com",
@@ -188,7 +189,7 @@ async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeCl
             plane.kubectl("create", "namespace", f"bench-{index}")
         kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
         async with TcpServer(echo_rfb) as greeter, RelayServer(RelaySettings(
-                listen=HostPort("127.0.0.1", 0), internal_listen=HostPort("127.0.0.1", 0),
+                listen=Address("127.0.0.1", 0), internal_listen=Address("127.0.0.1", 0),
                 api_token=TOKEN)) as relay:
             try:
                 yield plane, kube, relay, greeter

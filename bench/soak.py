@@ -458,7 +458,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         argv += ["-X", "tracemalloc=25", "-m", "bench.soak_relay",
                  "--snapshot-dir", str(workdir)]
     else:
-        argv += ["-m", "relay"]
+        argv += ["-m", "vncgate.relay"]
     argv += [f"--listen=127.0.0.1:{public}", f"--internal-listen=127.0.0.1:{internal}",
              "--log-format=json", f"--stall-timeout={STALL_TIMEOUT}s", "--max-sessions=20000",
              "--max-sessions-per-target=10000"]

@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 from types import FrameType
 
-from relay.cli import main as relay_main
+from vncgate.relay.cli import main as relay_main
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ import sys
 
 import uvloop
 
-from relay.cli import main
+from vncgate.relay.cli import main
 
 if __name__ == "__main__":
     uvloop.install()  # asyncio.run() in relay.cli then makes a uvloop loop

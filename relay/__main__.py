@@ -1,5 +1,5 @@
-"""`python -m relay`: the same as `vncgate-relay`."""
+"""`python -m vncgate.relay`: the same as `vncgate-relay`."""
 
-from relay.cli import main
+from vncgate.relay.cli import main
 
 raise SystemExit(main())

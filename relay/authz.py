@@ -17,10 +17,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.auth import Identity
-from relay.kube import KubeClient
-from relay.model import Route
-from relay.spec import API_GROUP, PLURAL
+from vncgate.common.kube import KubeClient
+from vncgate.common.model import Route
+from vncgate.common.spec import API_GROUP, PLURAL
+from vncgate.relay.identity import Identity
 
 log = logging.getLogger("vncgate.authz")
 

@@ -25,13 +25,13 @@ from typing import Any, cast
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
-from relay import closecodes
-from relay.auth import UNSPECIFIED_NETWORKS, address_in
-from relay.metrics import RelayMetrics
-from relay.model import Route
-from relay.rfb import GREETING_LENGTH, parse_greeting
-from relay.rfbfilter import ClientFilter, FilterError
-from relay.settings import RelaySettings
+from vncgate.common.model import Route
+from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
+from vncgate.relay import closecodes
+from vncgate.relay.metrics import RelayMetrics
+from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
+from vncgate.relay.rfbfilter import ClientFilter, FilterError
+from vncgate.relay.settings import RelaySettings
 
 log = logging.getLogger("vncgate.session")
 

@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import links, logs
-from relay.auth import hash_secret
-from relay.kube import KubeConfigError
-from relay.manifests import ManifestError, load_routes
-from relay.server import RelayServer
-from relay.settings import RelaySettings, host_names, settings_from_args
-from relay.spec import SpecError, check_key, parse_duration
+from vncgate.common.kube import KubeConfigError
+from vncgate.common.spec import SpecError, check_key, parse_duration
+from vncgate.relay import links, logs
+from vncgate.relay.manifests import ManifestError, load_routes
+from vncgate.relay.passwords import hash_secret
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings, host_names, settings_from_args
 
 log = logging.getLogger("vncgate.relay")
 

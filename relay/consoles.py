@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from relay.kube import KubeClient, KubeError
-from relay.model import Route
+from vncgate.common.kube import KubeClient, KubeError
+from vncgate.common.model import Route
 
 log = logging.getLogger("vncgate.consoles")
 

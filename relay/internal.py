@@ -16,11 +16,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import links
-from relay.bridge import Session
-from relay.model import route_from_json, table_from_json
-from relay.spec import SpecError, check_key, parse_duration
-from relay.state import STATE, RelayState
+from vncgate.common.model import route_from_json, table_from_json
+from vncgate.common.spec import SpecError, check_key, parse_duration
+from vncgate.relay import links
+from vncgate.relay.bridge import Session
+from vncgate.relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.api")
 audit = logging.getLogger("vncgate.audit")

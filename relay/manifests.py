@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from relay.model import Route
-from relay.spec import (
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.common.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
-    Address,
     SpecError,
     check_name,
     check_namespace,

@@ -3,43 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import html
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from relay import closecodes
-from relay.access import (
-    audit_event,
-    check_host,
-    client_address,
-    csrf_token,
-    exchange_link,
-    identify,
-    link_identity,
-    login,
-    login_form,
-    logout,
-    origin_allowed,
-    set_csrf_cookie,
-)
-from relay.auth import Identity
-from relay.bridge import Session
-from relay.consoles import Holder
-from relay.model import Route
-from relay.spec import SpecError, check_key
-from relay.state import STATE, RelayState
-from relay.websocket import RelayWebSocket
+from vncgate.common.model import Route
+from vncgate.common.spec import SpecError, check_key
+from vncgate.relay import closecodes
+from vncgate.relay.audit import audit_event, client_address
+from vncgate.relay.bridge import Session
+from vncgate.relay.consoles import Holder
+from vncgate.relay.csrf import csrf_token, set_csrf_cookie
+from vncgate.relay.identify import identify, link_identity
+from vncgate.relay.identity import Identity
+from vncgate.relay.login import exchange_link, login, login_form, logout
+from vncgate.relay.origin import check_host, origin_allowed
+from vncgate.relay.pages import render_page, setup_templates
+from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
 STATIC = Path(__file__).parent / "static"
-TEMPLATES = Path(__file__).parent / "templates"
 
 # The viewer needs scripts and styles from 'self', WebSocket to 'self', and canvas images.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -52,7 +40,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "SAMEORIGIN",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
-_SLOT = re.compile(r"\{\{(\w+)\}\}")
 LIST_CONCURRENCY = 20
 
 
@@ -60,20 +47,6 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """On every response, errors included. A signal rather than a middleware: a middleware's
     frame would stay alive for the whole of every WebSocket session."""
     response.headers.update(SECURITY_HEADERS)
-
-
-def render(template: str, **values: str) -> str:
-    """Fill `{{name}}` slots in one pass, so a value can never be taken for another slot.
-
-    The values are HTML already: every caller escapes what it puts in.
-    """
-    return _SLOT.sub(lambda m: values[m.group(1)], _template(template))
-
-
-@functools.cache
-def _template(name: str) -> str:
-    """Read once per process, not on every page view."""
-    return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
 def _target_key(request: web.Request) -> tuple[str, str]:
@@ -261,10 +234,7 @@ async def viewer(request: web.Request) -> web.StreamResponse:
               "login": f"../../../login?next=t/{namespace}/{name}/"
                        if state.settings.auth.mode == "token" else ""}
     title = route.display_name if route and visible and route.display_name else target
-    page = render("viewer.html", title=html.escape(title),
-                  config=html.escape(json.dumps(config), quote=True))
-    return web.Response(text=page, content_type="text/html",
-                        headers={"Cache-Control": "no-store"})
+    return render_page(request, "viewer.html", {"title": title, "config": json.dumps(config)})
 
 
 async def viewer_redirect(request: web.Request) -> web.StreamResponse:
@@ -285,25 +255,13 @@ async def index(request: web.Request) -> web.StreamResponse:
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
     routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
     allowed = await _allowed_routes(state, identity, routes)
-    rows = []
-    for route in allowed:
-        sessions = state.sessions.count_for(route.key)
-        label = html.escape(route.display_name or route.name)
-        rows.append(
-            f'<tr><td><a href="t/{html.escape(route.namespace)}/{html.escape(route.name)}/">'
-            f"{label}</a></td><td>{html.escape(route.namespace)}</td>"
-            f"<td>{html.escape(route.name)}</td><td>{'view only' if route.view_only else ''}</td>"
-            f"<td>{sessions}</td></tr>")
-    body = "\n".join(rows) or '<tr><td colspan="5">No consoles for you here yet.</td></tr>'
-    who = (f'Signed in as {html.escape(identity.user)}.' if identity.user else "")
+    rows = [{"namespace": route.namespace, "name": route.name,
+             "label": route.display_name or route.name, "view_only": route.view_only,
+             "sessions": state.sessions.count_for(route.key)} for route in allowed]
     csrf = csrf_token(request)
-    if identity.method == "cookie":
-        who += (' <form method="post" action="logout" class="inline">'
-                f'<input type="hidden" name="csrf" value="{html.escape(csrf)}">'
-                '<button type="submit">Sign out</button></form>')
-    page = render("list.html", rows=body, who=who)
-    response = web.Response(text=page, content_type="text/html",
-                            headers={"Cache-Control": "no-store"})
+    response = render_page(request, "list.html", {
+        "rows": rows, "user": identity.user, "csrf": csrf,
+        "signed_in_by_cookie": identity.method == "cookie"})
     set_csrf_cookie(response, csrf)
     return response
 
@@ -349,6 +307,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app = web.Application()
     app.on_response_prepare.append(security_headers)
     app[STATE] = state
+    setup_templates(app)
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -1,7 +1,7 @@
 """The route table: which targets this replica serves, and the sessions open to each.
 
 Keyed by "namespace/name". The revision is kept up to date in O(1) per change (see
-`relay.model.table_revision`), so the operator's resync can compare revisions cheaply.
+`vncgate.common.model.table_revision`), so the operator's resync can compare revisions cheaply.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 
-from relay.model import Route, xor_digest
+from vncgate.common.model import Route, xor_digest
 
 # Called with (old, new) whenever a route changes or goes (new is None).
 RouteListener = Callable[[Route, Route | None], None]

@@ -7,12 +7,13 @@ from types import TracebackType
 
 from aiohttp import web
 
-from relay.internal import make_internal_app
-from relay.model import Route
-from relay.public import make_public_app
-from relay.registry import Registry
-from relay.settings import HostPort, RelaySettings
-from relay.state import RelayState
+from vncgate.common.addresses import Address, http_url
+from vncgate.common.model import Route
+from vncgate.relay.internal import make_internal_app
+from vncgate.relay.public import make_public_app
+from vncgate.relay.registry import Registry
+from vncgate.relay.settings import RelaySettings
+from vncgate.relay.state import RelayState
 
 
 def _url(site: web.TCPSite) -> str:
@@ -20,7 +21,7 @@ def _url(site: web.TCPSite) -> str:
     assert server is not None
     sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
     host, port = sockets[0].getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return http_url(host, port)
 
 
 class RelayServer:
@@ -41,7 +42,7 @@ class RelayServer:
     def registry(self) -> Registry:
         return self.state.registry
 
-    async def _serve(self, app: web.Application, where: HostPort) -> str:
+    async def _serve(self, app: web.Application, where: Address) -> str:
         # keepalive_timeout also closes a connection whose request headers are still
         # incomplete after that long (aiohttp's default is an hour); bodies are read under
         # the same timeout by the handlers that read them.

@@ -10,29 +10,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from relay import installed_version
-from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
-from relay.links import load_keys
-from relay.model import Route
-from relay.spec import (
+from vncgate.common import installed_version
+from vncgate.common.addresses import Address, split_host_port
+from vncgate.common.envflags import env as _env
+from vncgate.common.envflags import env_flag, env_list
+from vncgate.common.model import Route
+from vncgate.common.networks import Network
+from vncgate.common.spec import (
     SUBDOMAIN_RE,
     SpecError,
     check_host,
     check_name,
     check_namespace,
     check_port,
-    host_port,
     parse_duration,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return host_port(self.host, self.port)
+from vncgate.relay.identity import AUTH_MODES, AuthConfigError
+from vncgate.relay.links import load_keys
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.users import User, load_users
 
 
 @dataclass(frozen=True)
@@ -59,8 +55,8 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class RelaySettings:
-    listen: HostPort = HostPort("127.0.0.1", 8080)
-    internal_listen: HostPort = HostPort("127.0.0.1", 8081)
+    listen: Address = Address("127.0.0.1", 8080)  # noqa: RUF009 - frozen, immutable
+    internal_listen: Address = Address("127.0.0.1", 8081)  # noqa: RUF009 - frozen
     # The bearer token of the registration API. None: the API refuses every request (401).
     api_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
@@ -91,7 +87,7 @@ class RelaySettings:
     # Seconds between WebSocket pings to a quiet browser; no pong within half of it ends the
     # session (1006).
     heartbeat: float = 30.0
-    # Who the viewer is (relay.auth) and what they may open (relay.authz).
+    # Who the viewer is (vncgate.relay.identify) and what they may open (vncgate.relay.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
     kubeconfig: Path | None = None
@@ -119,16 +115,16 @@ def host_names(settings: RelaySettings) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def parse_host_port(value: str, what: str = "--listen") -> HostPort:
+def parse_host_port(value: str, what: str = "--listen") -> Address:
     """`HOST:PORT`, `[v6]:PORT` or `:PORT` (all interfaces)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    parts = split_host_port(value)
+    if parts is None or not parts[1].isdigit():
         raise argparse.ArgumentTypeError(f"{what}: {value!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host, port = parts
     number = int(port)
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"{what}: port {number} is out of range (0-65535)")
-    return HostPort(host or "0.0.0.0", number)  # noqa: S104 - ":PORT" means every interface
+    return Address(host or "0.0.0.0", number)  # noqa: S104 - ":PORT" means every interface
 
 
 def parse_target_flag(value: str) -> Route:
@@ -147,15 +143,6 @@ def parse_target_flag(value: str) -> Route:
                      host=check_host(host, "host"), port=check_port(int(port), "port"))
     except SpecError as exc:
         raise argparse.ArgumentTypeError(f"--target {value!r}: {exc}") from None
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(f"VNCGATE_{name}")
-
-
-def _env_list(name: str) -> list[str]:
-    raw = _env(name)
-    return [item.strip() for item in raw.split(",") if item.strip()] if raw else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a client may take to send a request, or stay idle on a "
                              "kept-alive connection (default 15)")
     parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
-                        default=(_env("WAIT_FOR_SYNC") or "").lower() in ("1", "true", "yes"),
+                        default=env_flag("WAIT_FOR_SYNC"),
                         help="ready only after the operator's first full table (in a cluster)")
     auth = parser.add_argument_group("authentication and authorization")
     auth.add_argument("--auth", choices=AUTH_MODES, default=_env("AUTH"),
@@ -231,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--proxy-groups-prefix", default=_env("PROXY_GROUPS_PREFIX") or "",
                       help="proxy mode: put before every group from the header")
     auth.add_argument("--proxy-system-groups", action=argparse.BooleanOptionalAction,
-                      default=(_env("PROXY_SYSTEM_GROUPS") or "").lower() in ("1", "true", "yes"),
+                      default=env_flag("PROXY_SYSTEM_GROUPS"),
                       help="proxy mode: keep system: groups from the header (default: dropped)")
     auth.add_argument("--users-file", type=Path,
                       default=Path(p) if (p := _env("USERS_FILE")) else None,
@@ -277,7 +264,7 @@ def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum
 
 def _deny_networks(parser: argparse.ArgumentParser, args: argparse.Namespace
                    ) -> tuple[Network, ...]:
-    values = args.deny_cidr if args.deny_cidr is not None else _env_list("DENY_CIDR")
+    values = args.deny_cidr if args.deny_cidr is not None else env_list("DENY_CIDR")
     try:
         return parse_networks(values, "--deny-cidr")
     except AuthConfigError as exc:
@@ -296,7 +283,7 @@ def _in_cluster() -> bool:
 
 
 def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   listen: HostPort) -> AuthSettings:
+                   listen: Address) -> AuthSettings:
     loopback = listen.host in ("127.0.0.1", "::1", "localhost")
     mode = args.auth
     if mode is None:
@@ -306,13 +293,13 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
                          "open every console")
         mode = "none"
     proxies_raw = args.trusted_proxy if args.trusted_proxy is not None else \
-        _env_list("TRUSTED_PROXY")
+        env_list("TRUSTED_PROXY")
     try:
         proxies = parse_networks(proxies_raw, "--trusted-proxy")
         users = load_users(args.users_file) if args.users_file is not None else {}
         ttl = parse_duration(args.session_ttl, "--session-ttl")
         key_paths = args.link_key_file if args.link_key_file is not None else [
-            Path(p) for p in _env_list("LINK_KEY_FILE")]
+            Path(p) for p in env_list("LINK_KEY_FILE")]
         link_keys = load_keys(key_paths)
     except (AuthConfigError, ValueError) as exc:
         parser.error(str(exc))
@@ -349,10 +336,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
             parser.error(f"--api-token-file {args.api_token_file}: the token must have at least "
                          "16 characters (generate one with: openssl rand -hex 32)")
     targets = args.target if args.target is not None else [
-        parse_target_flag(v) for v in _env_list("TARGET")]
-    paths = args.targets if args.targets is not None else [Path(p) for p in _env_list("TARGETS")]
+        parse_target_flag(v) for v in env_list("TARGET")]
+    paths = args.targets if args.targets is not None else [Path(p) for p in env_list("TARGETS")]
     origins = (args.allowed_origin if args.allowed_origin is not None
-               else _env_list("ALLOWED_ORIGIN"))
+               else env_list("ALLOWED_ORIGIN"))
     for name in ("max_sessions", "max_sessions_per_target"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -360,7 +347,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         parser.error("--connect-timeout must be a positive number of seconds")
     if args.http_read_timeout <= 0:
         parser.error("--http-read-timeout must be a positive number of seconds")
-    hosts = args.allowed_host if args.allowed_host is not None else _env_list("ALLOWED_HOST")
+    hosts = args.allowed_host if args.allowed_host is not None else env_list("ALLOWED_HOST")
     for host in hosts:
         if not SUBDOMAIN_RE.match(host.lower().rstrip(".")):
             parser.error(f"--allowed-host {host!r}: a DNS name like vnc.example.com, without "

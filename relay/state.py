@@ -8,22 +8,24 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from relay import closecodes
-from relay.auth import FailureLimiter, KeyDerivations, Revoked
-from relay.authz import (
+from vncgate.common.kube import KubeClient, kube_connection
+from vncgate.common.model import Route
+from vncgate.relay import closecodes
+from vncgate.relay.authz import (
     Authorizer,
     KubernetesAuthorizer,
     ManifestAuthorizer,
     OpenAuthorizer,
 )
-from relay.bridge import Sessions
-from relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
-from relay.kube import KubeClient, kube_connection
-from relay.links import UsedLinks
-from relay.metrics import RelayMetrics
-from relay.model import Route
-from relay.registry import Registry
-from relay.settings import RelaySettings, host_names
+from vncgate.relay.bridge import Sessions
+from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from vncgate.relay.cookies import Revoked
+from vncgate.relay.links import UsedLinks
+from vncgate.relay.metrics import RelayMetrics
+from vncgate.relay.passwords import KeyDerivations
+from vncgate.relay.ratelimit import FailureLimiter
+from vncgate.relay.registry import Registry
+from vncgate.relay.settings import RelaySettings, host_names
 
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:

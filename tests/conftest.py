@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import HostPort, RelaySettings
 from tests.support.xvnc import XvncServer
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-registration-token-0123456789"
@@ -29,8 +30,8 @@ def xvnc() -> Iterator[XvncServer]:
 
 def relay_settings(**overrides: Any) -> RelaySettings:
     values: dict[str, Any] = {
-        "listen": HostPort("127.0.0.1", 0),
-        "internal_listen": HostPort("127.0.0.1", 0),
+        "listen": Address("127.0.0.1", 0),
+        "internal_listen": Address("127.0.0.1", 0),
         "api_token": API_TOKEN,
         "connect_timeout": 2.0,
     }

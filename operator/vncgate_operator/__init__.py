@@ -1,13 +1,5 @@
 """vncgate's control plane: a kopf operator that turns VncTarget resources into relay routes."""
 
-from importlib.metadata import PackageNotFoundError, version
+from vncgate.common import __version__, installed_version
 
-__version__ = "0.1.0"
-
-
-def installed_version() -> str:
-    """The version of the installed `vncgate` distribution (the source's, when run uninstalled)."""
-    try:
-        return version("vncgate")
-    except PackageNotFoundError:
-        return __version__
+__all__ = ["__version__", "installed_version"]

@@ -1,6 +1,6 @@
 """`vncgate-operator`: parse the flags, then run kopf with vncgate's registry.
 
-This is the one way to start the operator. (`kopf run -m vncgate_operator.handlers` has nothing to
+This is the one way to start the operator. (`kopf run -m vncgate.operator.handlers` has nothing to
 run: the handlers need the settings, so they are registered by `build_registry(settings)`.)
 """
 
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import kopf
 
-from vncgate_operator import metrics
-from vncgate_operator.handlers import build_registry
-from vncgate_operator.settings import OperatorSettings, parse_args
+from vncgate.operator import metrics
+from vncgate.operator.handlers import build_registry
+from vncgate.operator.settings import OperatorSettings, parse_args
 
 
 class KopfNoise(logging.Filter):

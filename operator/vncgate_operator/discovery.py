@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from vncgate.common.addresses import http_url
+
 INTERNAL_PORT_NAME = "internal"
 
 
@@ -26,8 +28,7 @@ def relay_urls_from_slice(body: Mapping[str, Any], default_port: int) -> tuple[s
         if conditions.get("terminating") is True:
             continue
         for address in (endpoint.get("addresses") or ())[:1]:  # all addresses are one pod
-            host = f"[{address}]" if ":" in address else address
-            urls.append(f"http://{host}:{port}")
+            urls.append(http_url(address, port))
     return tuple(sorted(set(urls)))
 
 

@@ -32,14 +32,14 @@ from typing import Any
 import aiohttp
 import kopf
 
-from relay.kube import KubeClient, KubeConnection, KubeError
-from relay.model import Route
-from relay.spec import API_GROUP, API_VERSION, PLURAL, ServiceRef, VncTargetSpec
-from vncgate_operator.discovery import relay_urls_from_slice, union_urls
-from vncgate_operator.kubeapi import OLD_FINALIZER, TargetApi, operator_connection
-from vncgate_operator.probe import ProbeResult, probe_rfb
-from vncgate_operator.relays import RelayFleet
-from vncgate_operator.resolve import (
+from vncgate.common.kube import KubeClient, KubeConnection, KubeError
+from vncgate.common.model import Route
+from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL, ServiceRef, VncTargetSpec
+from vncgate.operator.discovery import relay_urls_from_slice, union_urls
+from vncgate.operator.kubeapi import OLD_FINALIZER, TargetApi, operator_connection
+from vncgate.operator.probe import ProbeResult, probe_rfb
+from vncgate.operator.relays import RelayFleet
+from vncgate.operator.resolve import (
     ServiceInfo,
     TargetInvalid,
     evaluate,
@@ -47,9 +47,9 @@ from vncgate_operator.resolve import (
     parse_target_spec,
     service_info,
 )
-from vncgate_operator.scheduler import Scheduler
-from vncgate_operator.settings import OperatorSettings
-from vncgate_operator.status import (
+from vncgate.operator.scheduler import Scheduler
+from vncgate.operator.settings import OperatorSettings
+from vncgate.operator.status import (
     Observation,
     Transition,
     build_status,

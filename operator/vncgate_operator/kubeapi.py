@@ -1,7 +1,7 @@
 """The operator's own Kubernetes API calls: status, Events, and the old finalizer.
 
 kopf watches; the scheduler writes outside kopf's handlers, so it has its own client
-(`relay.kube.KubeClient`, aiohttp). Credentials are found the way kopf's `login_via_client`
+(`vncgate.common.kube.KubeClient`, aiohttp). Credentials are found the way kopf's `login_via_client`
 finds them: the pod's ServiceAccount first, else the kubeconfig ($KUBECONFIG, else
 ~/.kube/config).
 """
@@ -17,8 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from relay.kube import KubeClient, KubeConfigError, KubeConnection, KubeError, kube_connection
-from relay.spec import API_GROUP, API_VERSION, PLURAL
+from vncgate.common.kube import (
+    KubeClient,
+    KubeConfigError,
+    KubeConnection,
+    KubeError,
+    kube_connection,
+)
+from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL
 
 logger = logging.getLogger("vncgate.operator.kube")
 

@@ -17,8 +17,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from vncgate.common.networks import IPAddress
+from vncgate.common.networks import Network as IPNetwork
 
 # Why each range: the relay must not become a way into itself or into the node's secrets.
 DEFAULT_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in (
@@ -113,14 +113,6 @@ class AddressPolicy:
             f"{host} matches none of the operator's allowed host names "
             f"({', '.join(self.allow_hosts) or 'none'}); ask the cluster admin to add it with "
             "--allow-host, or use an address in the allowed networks")
-
-
-def parse_cidr(value: str) -> IPNetwork:
-    """`10.20.0.0/16`, or a single address (`10.20.0.15` means /32)."""
-    try:
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError as exc:
-        raise ValueError(f"{value!r} is not a CIDR such as 10.20.0.0/16: {exc}") from None
 
 
 def parse_host_pattern(value: str) -> str:

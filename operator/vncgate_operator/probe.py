@@ -39,7 +39,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
-GREETING_RE = re.compile(rb"^RFB (\d{3})\.(\d{3})\n$")
+from vncgate.common.addresses import host_port
+from vncgate.common.rfb import parse_version
+
 SECURITY_NONE = 1
 # The longest refusal reason the probe reads (a status message, not a document).
 REASON_LIMIT = 512
@@ -185,13 +187,13 @@ async def _handshake(reader: _Reader, where: str, timeout: float) -> ProbeResult
         return ProbeResult(False, "ConnectionClosed",
                            f"{where} closed the connection after {exc.received} bytes instead "
                            "of an RFB greeting (too many clients, or not VNC)")
-    match = GREETING_RE.match(greeting)
-    if match is None:
+    parsed = parse_version(greeting)
+    if parsed is None:
         return ProbeResult(False, "NotVNC",
                            f"{where} answered {greeting!r}, not an RFB greeting: this port is "
                            "not a VNC server")
     version = greeting.decode("ascii").strip()
-    major, minor = int(match.group(1)), int(match.group(2))
+    major, minor = parsed
     answer = client_version(major, minor)
     reader.write(answer)
     try:
@@ -237,7 +239,7 @@ async def _handshake(reader: _Reader, where: str, timeout: float) -> ProbeResult
 async def probe_rfb(host: str, port: int, timeout: float) -> ProbeResult:  # noqa: ASYNC109
     # (A timeout per phase, connect, greeting and handshake, so that the reason names the phase.)
     """Connect, shake hands up to ClientInit, hang up; every failure becomes a verdict."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(host, port)
     loop = asyncio.get_running_loop()
     reader: _Reader | None = None
     try:

@@ -1,7 +1,7 @@
 """The relay replicas as one fleet: single-route changes, the full resync, session counts.
 
-Talks to relays only through `relay.client.RelayClient`. No kopf here: the fleet is given two
-views of the cluster's state, `route_of(key)` (the route a target should have now, None if it
+Talks to relays only through `vncgate.common.client.RelayClient`. No kopf here: the fleet is given
+two views of the cluster's state, `route_of(key)` (the route a target should have now, None if it
 should have none: deleted, leaving or invalid) and `desired()` (the whole table), and reads
 them at the moment it sends, never before an await. That, and one lock per replica around every
 write, is what makes a deleted target unreachable once its deletion is handled:
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from relay.client import RelayClient, RelayError, TableSnapshot
-from relay.model import Route, table_revision, xor_digest
-from vncgate_operator.status import Registration
+from vncgate.common.client import RelayClient, RelayError, TableSnapshot
+from vncgate.common.model import Route, table_revision, xor_digest
+from vncgate.operator.status import Registration
 
 logger = logging.getLogger("vncgate.operator.relays")
 

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay.model import Route
-from relay.spec import Address, ServiceRef, SpecError, VncTargetSpec, parse_spec
-from vncgate_operator.policy import AddressDenied, AddressPolicy
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.common.spec import ServiceRef, SpecError, VncTargetSpec, parse_spec
+from vncgate.operator.policy import AddressDenied, AddressPolicy
 
 
 class TargetInvalid(Exception):

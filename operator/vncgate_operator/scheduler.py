@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from vncgate_operator.probe import next_probe_delay
+from vncgate.operator.probe import next_probe_delay
 
 logger = logging.getLogger("vncgate.operator.scheduler")
 

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from relay.spec import LABEL_RE, SUBDOMAIN_RE
-from vncgate_operator import installed_version
-from vncgate_operator.policy import AddressPolicy, parse_cidr, parse_host_pattern
+from vncgate.common import installed_version
+from vncgate.common.addresses import split_host_port
+from vncgate.common.durations import parse_duration as _parse_duration
+from vncgate.common.envflags import split_list, truthy
+from vncgate.common.networks import parse_cidr
+from vncgate.common.spec import LABEL_RE, SUBDOMAIN_RE
+from vncgate.operator.policy import AddressPolicy, parse_host_pattern
 
 DEFAULT_RELAY_PORT = 8081
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 # parse_args's readers: a flag over its variable; a repeatable flag over its list variable.
 _Pick = Callable[[object, str], "str | None"]
@@ -28,25 +29,9 @@ _Many = Callable[["list[str] | None", str], "list[str]"]
 
 
 def parse_duration(value: str | float) -> float:
-    """Seconds from `30`, `30s`, `1.5s`, `500ms`, `5m`, `1h30m` (Kubernetes-style durations)."""
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            pos, seconds = 0, 0.0
-            for match in _DURATION_RE.finditer(text):
-                if match.start() != pos:
-                    break
-                seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-                pos = match.end()
-            if pos != len(text) or not text:
-                raise ValueError(f"{value!r} is not a duration such as 30s, 5m or 1h30m") from None
-    if seconds <= 0:
-        raise ValueError(f"{value!r} must be longer than zero")
-    return seconds
+    """Seconds from `30`, `30s`, `1.5s`, `500ms`, `5m`, `1h30m`, `1d` (vncgate.common.durations;
+    a flag may give bare seconds)."""
+    return _parse_duration(value, bare_seconds=True)
 
 
 def parse_relay_service(value: str) -> tuple[str, str]:
@@ -59,10 +44,10 @@ def parse_relay_service(value: str) -> tuple[str, str]:
 
 def parse_listen(value: str, what: str = "--metrics-listen") -> tuple[str, int]:
     """`HOST:PORT` or `[v6]:PORT` to listen on."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    parts = split_host_port(value)
+    if parts is None or not parts[0] or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 65535:
         raise ValueError(f"{what} {value!r} is not HOST:PORT, e.g. 0.0.0.0:8083")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return parts[0], int(parts[1])
 
 
 def parse_url(value: str, what: str) -> str:
@@ -107,10 +92,6 @@ class OperatorSettings:
         if not self.public_url:
             return None
         return f"{self.public_url}/t/{namespace}/{name}/"
-
-
-def _split(value: str | None) -> list[str]:
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,17 +154,13 @@ def parse_args(argv: Sequence[str] | None = None,
         return str(flag) if flag is not None else env.get(f"VNCGATE_{var}")
 
     def many(flag: list[str] | None, var: str) -> list[str]:
-        return list(flag) if flag else _split(env.get(f"VNCGATE_{var}"))
+        return list(flag) if flag else split_list(env.get(f"VNCGATE_{var}"))
 
     try:
         return _build(args, pick, many)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettings:
@@ -225,7 +202,8 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
         api_token=token,
         public_url=parse_url(public_url, "--public-url") if public_url else None,
         policy=AddressPolicy(
-            allow_cidrs=tuple(parse_cidr(c) for c in many(args.allow_cidr, "ALLOW_CIDR")),
+            allow_cidrs=tuple(parse_cidr(c, "--allow-cidr")
+                              for c in many(args.allow_cidr, "ALLOW_CIDR")),
             allow_hosts=tuple(parse_host_pattern(h) for h in many(args.allow_host, "ALLOW_HOST")),
         ),
         resync_interval=parse_duration(pick(args.resync_interval, "RESYNC_INTERVAL") or "60s"),
@@ -237,10 +215,10 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
         liveness_endpoint=None if liveness == "off" else (liveness or
                                                           OperatorSettings.liveness_endpoint),
         peering_name=pick(args.peering, "PEERING") or "vncgate",
-        standalone=bool(args.standalone) or _truthy(pick(None, "STANDALONE")),
+        standalone=bool(args.standalone) or truthy(pick(None, "STANDALONE")),
         priority=int(pick(args.priority, "PRIORITY") or 0),
         log_format=pick(args.log_format, "LOG_FORMAT") or "text",
-        verbose=bool(args.verbose) or _truthy(pick(None, "VERBOSE")),
+        verbose=bool(args.verbose) or truthy(pick(None, "VERBOSE")),
         metrics_listen=parse_listen(metrics) if (metrics := pick(args.metrics_listen,
                                                                  "METRICS_LISTEN")) else None,
     )

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vncgate_operator.probe import ProbeResult
-from vncgate_operator.resolve import TargetInvalid
+from vncgate.operator.probe import ProbeResult
+from vncgate.operator.resolve import TargetInvalid
 
 PENDING, READY, UNREACHABLE, INVALID = "Pending", "Ready", "Unreachable", "Invalid"
 REGISTERED, REACHABLE, READY_CONDITION = "Registered", "Reachable", "Ready"

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from vncgate_operator.settings import parse_args
 
-from relay.settings import HostPort, settings_from_args
 from tests.chart.conftest import CI_VALUES, ci_id, render
+from vncgate.common.addresses import Address
+from vncgate.operator.settings import parse_args
+from vncgate.relay.settings import settings_from_args
 
 TOKEN_PATH = "/etc/vncgate/registration-token/token"
 USERS_PATH = "/etc/vncgate/users/users.yaml"
@@ -87,8 +88,8 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
     assert command[0] == "vncgate-relay"
     files = relay_files([values], tmp_path)
     settings = parse(settings_from_args, command[1:], token_file, files)
-    assert settings.listen == HostPort("0.0.0.0", 8080)
-    assert settings.internal_listen == HostPort("0.0.0.0", 8081)
+    assert settings.listen == Address("0.0.0.0", 8080)
+    assert settings.internal_listen == Address("0.0.0.0", 8081)
     assert settings.api_token == token_file.read_text().strip()
     assert settings.log_format == "json"
     assert settings.wait_for_sync is True

@@ -113,6 +113,7 @@ def test_build_context_has_what_the_dockerfile_copies(
 @pytest.mark.parametrize(("path", "excluded"), [
     ("relay/cli.py", False),
     ("operator/vncgate_operator/cli.py", False),
+    ("common/spec.py", False),
     ("pyproject.toml", False),
     ("relay/static/novnc/viewer.js", False),
     ("relay/static/novnc/core/rfb.js", True),  # from npm in the image, never the working tree
@@ -180,22 +181,50 @@ def wheel(stages: dict[str, Stage], ignore_patterns: list[str],
 @pytest.mark.slow
 def test_wheel_carries_novnc_and_the_viewer(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
-    assert "relay/static/novnc/core/rfb.js" in names
-    assert any(n.startswith("relay/static/novnc/vendor/") for n in names)
-    assert any(n.startswith("relay/") and n.endswith("viewer.html") for n in names), (
-        "the viewer page (relay/templates/viewer.html or relay/static/novnc/viewer.html)")
+    assert "vncgate/relay/static/novnc/core/rfb.js" in names
+    assert any(n.startswith("vncgate/relay/static/novnc/vendor/") for n in names)
+    assert any(n.startswith("vncgate/relay/") and n.endswith("viewer.html") for n in names), (
+        "the viewer page (vncgate/relay/templates/viewer.html)")
 
 
 @pytest.mark.slow
-def test_wheel_carries_both_packages_and_entry_points(wheel: zipfile.ZipFile) -> None:
+def test_wheel_installs_only_under_vncgate(wheel: zipfile.ZipFile) -> None:
+    """Issue #19: nothing installs a top-level `relay` or `vncgate_operator`; the three packages
+    are `vncgate.relay`, `vncgate.operator` and `vncgate.common` (`vncgate` a namespace)."""
     names = set(wheel.namelist())
-    assert "relay/__init__.py" in names
-    assert "relay/cli.py" in names
-    assert "vncgate_operator/__init__.py" in names
-    assert "vncgate_operator/cli.py" in names
-    assert not any(n.startswith(("tests/", "operator/", "node_modules/")) for n in names)
+    for package in ("relay", "operator", "common"):
+        assert f"vncgate/{package}/__init__.py" in names
+        assert f"vncgate/{package}/py.typed" in names
+    assert "vncgate/relay/cli.py" in names and "vncgate/operator/cli.py" in names
+    assert "vncgate/__init__.py" not in names  # a namespace package: no folder claims it
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"vncgate"}, tops
     assert not any("__pycache__" in n for n in names)
+    (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
+    if top_level is not None:
+        assert wheel.read(top_level).decode().split() == ["vncgate"]
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
-    assert "vncgate-relay = relay.cli:main" in text
-    assert "vncgate-operator = vncgate_operator.cli:main" in text
+    assert "vncgate-relay = vncgate.relay.cli:main" in text
+    assert "vncgate-operator = vncgate.operator.cli:main" in text
+
+
+@pytest.mark.slow
+def test_installed_wheel_imports_as_vncgate_relay(wheel: zipfile.ZipFile,
+                                                  tmp_path: Path) -> None:
+    """`python -c "import vncgate.relay"` works from the wheel, and `import relay` does not.
+    Without site-packages (-S), so that the editable install cannot answer instead; the
+    image test (tests/image) imports the command-line modules with their dependencies."""
+    target = tmp_path / "site"
+    wheel.extractall(target)
+    code = ("import importlib.util, sys\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import vncgate.relay, vncgate.operator, vncgate.common.spec\n"
+            "for module in (vncgate.relay, vncgate.operator, vncgate.common.spec):\n"
+            "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
+            "for top in ('relay', 'vncgate_operator', 'common'):\n"
+            "    assert importlib.util.find_spec(top) is None, top\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(target)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr

@@ -12,10 +12,10 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from vncgate_operator.metrics import OperatorMetrics
 
-from relay.metrics import RelayMetrics
 from tests.chart.conftest import CHART, Rendered, helm, render
+from vncgate.operator.metrics import OperatorMetrics
+from vncgate.relay.metrics import RelayMetrics
 
 CI = CHART / "ci"
 MONITORING = CI / "monitoring-values.yaml"

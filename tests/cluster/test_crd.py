@@ -69,7 +69,7 @@ INVALID = [
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
       "sessions": {"takeover": "always"}}, "spec.sessions.takeover: Unsupported value"),
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
-      "sessions": {"idleTimeout": "1h30m"}}, "spec.sessions.idleTimeout: Invalid value"),
+      "sessions": {"idleTimeout": "15 minutes"}}, "spec.sessions.idleTimeout: Invalid value"),
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
       "displayName": "x" * 300}, "spec.displayName: Too long"),
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},

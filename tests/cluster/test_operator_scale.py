@@ -18,17 +18,18 @@ from typing import Any, TypeVar
 
 import kopf
 import pytest
-from vncgate_operator.handlers import build_registry
-from vncgate_operator.kubeapi import OLD_FINALIZER
-from vncgate_operator.policy import AddressPolicy
-from vncgate_operator.settings import OperatorSettings
 
-from relay.kube import KubeClient, KubeError, kube_connection
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import HostPort, RelaySettings
 from tests.support.cluster import ControlPlane
 from tests.support.xvnc import XvncServer
+from vncgate.common.addresses import Address
+from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.model import Route
+from vncgate.operator.handlers import build_registry
+from vncgate.operator.kubeapi import OLD_FINALIZER
+from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.settings import OperatorSettings
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings
 
 TOKEN = "s" * 32
 T = TypeVar("T")
@@ -74,8 +75,8 @@ def vnc(xvnc: XvncServer) -> XvncServer:
 
 @pytest.fixture
 async def relay() -> AsyncIterator[RelayServer]:
-    async with RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                         internal_listen=HostPort("127.0.0.1", 0),
+    async with RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                         internal_listen=Address("127.0.0.1", 0),
                                          api_token=TOKEN)) as server:
         yield server
 
@@ -245,8 +246,8 @@ async def test_event_of_a_transition_is_posted_once_across_restarts(
 
 async def test_relay_restarted_empty_gets_its_routes_back_within_seconds(
         kube: KubeClient, namespace: str, vnc: XvncServer) -> None:
-    first = RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                      internal_listen=HostPort("127.0.0.1", 0), api_token=TOKEN))
+    first = RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                      internal_listen=Address("127.0.0.1", 0), api_token=TOKEN))
     await first.start()
     port = int(first.internal_url.rsplit(":", 1)[1])
     config = settings(first, namespace, resync_interval=3600.0)  # only the poll can notice
@@ -257,8 +258,8 @@ async def test_relay_restarted_empty_gets_its_routes_back_within_seconds(
                 await create(kube, target(namespace, name, vnc.port))
             await eventually(lambda: len(first.registry) == 3, "three routes")
             await first.stop()
-            second = RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                               internal_listen=HostPort("127.0.0.1", port),
+            second = RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                               internal_listen=Address("127.0.0.1", port),
                                                api_token=TOKEN))
             await second.start()
             await eventually(lambda: second is not None and len(second.registry) == 3,

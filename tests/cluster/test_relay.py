@@ -15,14 +15,14 @@ import aiohttp
 import pytest
 import yaml
 
-from relay.consoles import Holder, KubeConsoles
-from relay.kube import KubeClient, KubeError, kube_connection
-from relay.model import Route
-from relay.spec import SessionPolicy
 from tests.cluster.conftest import Release
 from tests.support.cluster import free_port, wait_until
 from tests.support.processes import ConsoleScript
 from tests.support.xvnc import XvncServer
+from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.model import Route
+from vncgate.common.spec import SessionPolicy
+from vncgate.relay.consoles import Holder, KubeConsoles
 
 USERS = {
     "alice": {"secret": "alice-secret-0123456789", "groups": ["lab-team"]},

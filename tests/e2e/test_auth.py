@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
-from relay import links
-from relay.auth import User, hash_secret
-from relay.model import Route
-from relay.settings import AuthSettings
-from relay.spec import Access
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
+from vncgate.common.spec import Access
+from vncgate.relay import links
+from vncgate.relay.passwords import hash_secret
+from vncgate.relay.settings import AuthSettings
+from vncgate.relay.users import User
 
 PASSWORD = "a browser-typed password"
 KEY = b"e" * 40

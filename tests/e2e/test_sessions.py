@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
-from relay.model import Route
-from relay.spec import SessionPolicy
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
+from vncgate.common.spec import SessionPolicy
 
 
 async def test_in_use_page_and_takeover(make_relay: RelayFactory, xvnc: XvncServer,

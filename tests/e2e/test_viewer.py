@@ -6,9 +6,9 @@ import asyncio
 
 from playwright.async_api import Browser, ConsoleMessage, Page
 
-from relay.model import Route
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
 
 CENTRE_PIXEL = """() => {
   const canvas = document.querySelector('#screen canvas');

@@ -13,9 +13,9 @@ from playwright.async_api import Browser, Page
 from Xlib import XK, X
 from Xlib import display as xdisplay
 
-from relay.model import Route
 from tests.conftest import RelayFactory
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
 
 SIZES = """() => {
   const canvas = document.querySelector('#screen canvas');

@@ -179,13 +179,17 @@ def test_commands_print_their_help(image: Image, command: str) -> None:
 
 
 def test_the_relay_is_the_installed_wheel(image: Image) -> None:
-    result = image.run(["python", "-c", "import importlib.metadata as m, relay; "
-                        "print(m.version('vncgate'), relay.__file__)"])
+    """The wheel installs `vncgate.relay` (issue #19) and no top-level `relay`."""
+    result = image.run(["python", "-c", "import importlib.metadata as m, importlib.util as u, "
+                        "vncgate.relay, vncgate.relay.cli, vncgate.operator.cli; "
+                        "print(m.version('vncgate'), vncgate.relay.__file__, "
+                        "u.find_spec('relay'), u.find_spec('vncgate_operator'))"])
     assert result.returncode == 0, result.stderr
-    version, location = result.stdout.split()
+    version, location, relay_spec, operator_spec = result.stdout.split()
     assert version == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert location.startswith("/usr/local/lib/python3.11/"), location
-    assert location.endswith("-packages/relay/__init__.py"), location
+    assert location.endswith("-packages/vncgate/relay/__init__.py"), location
+    assert (relay_spec, operator_spec) == ("None", "None")
 
 
 async def test_relay_serves_viewer_and_novnc_and_bridges_to_xvnc(
@@ -225,7 +229,7 @@ def test_documented_line_passes_the_images_listen_check(
         image: Image, host_files: dict[str, Path], run: DockerRun) -> None:
     """With the image's own VNCGATE_LISTEN=0.0.0.0:8080 the documented arguments are accepted;
     the same line without its --auth options is refused with exit 2 (the line as it once was)."""
-    check = ("import sys; from relay.settings import settings_from_args; "
+    check = ("import sys; from vncgate.relay.settings import settings_from_args; "
              "s = settings_from_args(sys.argv[1:]); print(s.listen.host, s.listen.port, "
              "s.auth.mode)")
     volumes = mounts(run, host_files)

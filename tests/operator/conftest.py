@@ -18,14 +18,15 @@ from typing import Any, TypeVar
 import aiohttp
 import kopf
 import pytest
-from vncgate_operator.handlers import Prober, build_registry
-from vncgate_operator.policy import AddressPolicy
-from vncgate_operator.settings import OperatorSettings
 
-from relay.kube import KubeConnection
-from relay.server import RelayServer
-from relay.settings import HostPort, RelaySettings
 from tests.support.xvnc import XvncServer
+from vncgate.common.addresses import Address
+from vncgate.common.kube import KubeConnection
+from vncgate.operator.handlers import Prober, build_registry
+from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.settings import OperatorSettings
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import RelaySettings
 
 TOKEN = "t" * 32
 TARGETS = "vncgate.io/v1alpha1/vnctargets"
@@ -64,8 +65,8 @@ async def relay() -> AsyncIterator[RelayServer]:
 
 
 def start_relay(internal_port: int = 0) -> RelayServer:
-    return RelayServer(RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                     internal_listen=HostPort("127.0.0.1", internal_port),
+    return RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                     internal_listen=Address("127.0.0.1", internal_port),
                                      api_token=TOKEN))
 
 

@@ -18,10 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from vncgate_operator.probe import ProbeResult, probe_rfb
 
-from relay.model import Route
-from relay.server import RelayServer
 from tests.conftest import RelayFactory
 from tests.operator.conftest import (
     TARGETS,
@@ -33,6 +30,9 @@ from tests.operator.conftest import (
     vnc_target,
 )
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
+from vncgate.operator.probe import ProbeResult, probe_rfb
+from vncgate.relay.server import RelayServer
 
 PROBE_CYCLES = 100
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from vncgate_operator.probe import ProbeResult, probe_rfb
-from vncgate_operator.settings import OperatorSettings
-
-from relay.server import RelayServer
 from tests.operator.conftest import (
     PUBLIC_URL,
     SERVICES,
@@ -23,6 +19,9 @@ from tests.operator.conftest import (
     vnc_target,
 )
 from tests.support.xvnc import XvncServer
+from vncgate.operator.probe import ProbeResult, probe_rfb
+from vncgate.operator.settings import OperatorSettings
+from vncgate.relay.server import RelayServer
 
 
 def settings_for(*relays: RelayServer, **overrides: Any) -> OperatorSettings:

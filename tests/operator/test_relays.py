@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay.server import RelayServer
 from tests.operator.conftest import (
     SLICES,
     TARGETS,
@@ -21,6 +20,7 @@ from tests.operator.conftest import (
     vnc_target,
 )
 from tests.support.xvnc import XvncServer
+from vncgate.relay.server import RelayServer
 
 
 def address_target(name: str, xvnc: XvncServer, **spec: Any) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay.client import RelayClient, RelayError
-from relay.model import Route, table_revision
-from relay.server import RelayServer
 from tests.conftest import API_TOKEN, RelayFactory
+from vncgate.common.client import RelayClient, RelayError
+from vncgate.common.model import Route, table_revision
+from vncgate.relay.server import RelayServer
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 DESK = {"endpoint": {"host": "10.0.0.5", "port": 5900}, "displayName": "Desk", "viewOnly": False}

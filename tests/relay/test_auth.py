@@ -22,23 +22,18 @@ import kmock
 import pytest
 from yarl import URL
 
-from relay import closecodes, links
-from relay.auth import (
-    SESSION_COOKIE,
-    AuthConfigError,
-    User,
-    hash_secret,
-    load_users,
-    parse_networks,
-    session_cookie,
-    verify_secret,
-)
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import AuthSettings
-from relay.spec import Access
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
 from tests.support.servers import GREETING, TcpServer, echo_rfb
+from vncgate.common.model import Route
+from vncgate.common.spec import Access
+from vncgate.relay import closecodes, links
+from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.identity import AuthConfigError
+from vncgate.relay.passwords import hash_secret, verify_secret
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import AuthSettings
+from vncgate.relay.users import User, load_users
 
 ALICE_PASSWORD = "correct horse battery staple"
 BOB_TOKEN = "bob-api-token-0123456789abcdef"
@@ -313,7 +308,7 @@ def test_link_command_prints_a_link_that_verifies(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY)
     result = subprocess.run(
-        [sys.executable, "-m", "relay", "link", "lab/open", "--ttl", "10m", "--once",
+        [sys.executable, "-m", "vncgate.relay", "link", "lab/open", "--ttl", "10m", "--once",
          "--link-key-file", str(key_file), "--public-url", "https://vnc.example.com/"],
         capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -325,7 +320,7 @@ def test_link_command_prints_a_link_that_verifies(tmp_path: Path) -> None:
 
 
 def test_hash_password_command() -> None:
-    result = subprocess.run([sys.executable, "-m", "relay", "hash-password"],
+    result = subprocess.run([sys.executable, "-m", "vncgate.relay", "hash-password"],
                             input="a long enough password\n", capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0
@@ -458,7 +453,7 @@ async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServ
     (["--auth", "proxy", "--trusted-proxy", "10.0.0.0/33"], "not a CIDR"),
 ])
 def test_unsafe_or_incomplete_auth_settings_stop_the_relay(args: list[str], words: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "vncgate.relay", *args], capture_output=True,
                             text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
     assert words in result.stderr

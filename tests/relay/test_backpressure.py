@@ -10,11 +10,11 @@ import asyncio
 
 import aiohttp
 
-from relay.bridge import Session
-from relay.model import Route
-from relay.server import RelayServer
 from tests.conftest import RelayFactory
 from tests.support.servers import GREETING, TcpServer, flood, stalled
+from vncgate.common.model import Route
+from vncgate.relay.bridge import Session
+from vncgate.relay.server import RelayServer
 
 # A stalled session may hold its read chunk, the WebSocket writer's limit and the transports'
 # high-water marks; "a few MiB" is the promise, 4 MiB the bound checked here.

@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from relay import closecodes
-from relay.model import Route
 from tests.conftest import RelayFactory
 from tests.support.servers import (
     GREETING,
@@ -22,6 +20,8 @@ from tests.support.servers import (
     silent,
     sink,
 )
+from vncgate.common.model import Route
+from vncgate.relay import closecodes
 
 
 def route(port: int, name: str = "desk", **kw: object) -> Route:
@@ -294,7 +294,7 @@ async def test_one_log_line_per_session_with_bytes_and_code(
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_denied_ranges_are_checked_after_dns_resolution(
         make_relay: RelayFactory, http: aiohttp.ClientSession, host: str) -> None:
-    from relay.auth import parse_networks
+    from vncgate.relay.proxies import parse_networks
 
     async with TcpServer(echo_rfb) as server, make_relay(
             routes=[Route("lab", "desk", host, server.port)],

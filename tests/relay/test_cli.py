@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.manifests import ManifestError, load_routes
-from relay.model import Route
-from relay.settings import HostPort, settings_from_args
 from tests.conftest import ROOT
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.relay.manifests import ManifestError, load_routes
+from vncgate.relay.settings import settings_from_args
 
-RELAY = [sys.executable, "-m", "relay"]
+RELAY = [sys.executable, "-m", "vncgate.relay"]
 
 GOOD = """\
 apiVersion: vncgate.io/v1alpha1
@@ -117,7 +118,7 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("VNCGATE_WAIT_FOR_SYNC", "true")
     monkeypatch.setenv("VNCGATE_AUTH", "none")  # 0.0.0.0 needs a choice of authentication
     settings = settings_from_args([])
-    assert settings.listen == HostPort("0.0.0.0", 9000)
+    assert settings.listen == Address("0.0.0.0", 9000)
     assert settings.targets == (Route("lab", "a", "127.0.0.1", 5901),
                                 Route("lab", "b", "::1", 5902))
     assert settings.api_token == "0123456789abcdef0123"
@@ -129,7 +130,7 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
         120, 20)
     assert settings_from_args(["--shutdown-grace", "9s"]).shutdown_grace == 9
     # A flag wins over the environment.
-    assert settings_from_args(["--listen", "127.0.0.1:1234"]).listen == HostPort("127.0.0.1", 1234)
+    assert settings_from_args(["--listen", "127.0.0.1:1234"]).listen == Address("127.0.0.1", 1234)
 
 
 def test_relay_serves_and_stops_cleanly_on_sigterm(xvnc: object) -> None:

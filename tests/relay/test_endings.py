@@ -13,12 +13,12 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from relay.bridge import Session
-from relay.model import Route
-from relay.server import RelayServer
 from tests.conftest import RelayFactory
 from tests.support.rawws import RawWebSocket, frame
 from tests.support.servers import TcpServer, echo_rfb, flood, silent, sink, stalled
+from vncgate.common.model import Route
+from vncgate.relay.bridge import Session
+from vncgate.relay.server import RelayServer
 
 WS = "/t/lab/desk/websockify"
 

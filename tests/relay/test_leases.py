@@ -12,15 +12,15 @@ import aiohttp
 import kmock
 import pytest
 
-from relay import closecodes
-from relay.consoles import KubeConsoles, lease_name
-from relay.model import Route
-from relay.server import RelayServer
-from relay.spec import SessionPolicy
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import PROXY, closed_with, connect
 from tests.support.servers import GREETING, TcpServer, sink
+from vncgate.common.model import Route
+from vncgate.common.spec import SessionPolicy
+from vncgate.relay import closecodes
+from vncgate.relay.consoles import KubeConsoles, lease_name
+from vncgate.relay.server import RelayServer
 
 NAMESPACE = "vncgate"
 LEASES = "coordination.k8s.io/v1/leases"

@@ -8,11 +8,14 @@ import re
 from collections.abc import AsyncIterator
 
 import aiohttp
+import markupsafe
 import pytest
 
-from relay.model import Route
-from relay.server import RelayServer
 from tests.conftest import RelayFactory
+from vncgate.common.model import Route
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import AuthSettings
 
 EVIL = '<img src=x onerror="alert(1)">{{config}}'
 
@@ -37,7 +40,7 @@ async def test_list_links_every_target_relatively_and_escapes_names(
         page = await resp.text()
     assert resp.status == 200
     assert 'href="t/lab/desk-1/"' in page and 'href="t/ops/bmc/"' in page
-    assert "<img" not in page and html.escape(EVIL) in page
+    assert "<img" not in page and str(markupsafe.escape(EVIL)) in page
     assert "view only" in page
 
 
@@ -102,3 +105,46 @@ async def test_invalid_names_are_404(relay: RelayServer, http: aiohttp.ClientSes
     for path in ("/t/LAB/desk/", "/t/lab/desk_1/", "/t/lab/-x/websockify"):
         async with http.get(f"{relay.public_url}{path}") as resp:
             assert resp.status == 404, path
+
+
+# Jinja2 syntax and markup: a name must come out as text, never as a tag or a template.
+HOSTILE = '"><script>alert(1)</script>{{ 7*7 }}{% raw %}<img src=x onerror=alert(2)>'
+
+
+def _no_markup_from(page: str) -> None:
+    assert "<script>" not in page and "<img" not in page and "49" not in page
+
+
+async def test_hostile_names_are_escaped_in_every_page(make_relay: RelayFactory,
+                                                       http: aiohttp.ClientSession) -> None:
+    """Every page Jinja2 renders (list, viewer, login) with a hostile display name, user name
+    and sign-in `next`: each comes out escaped, in text and in attributes, and reads back as
+    itself (the desktop name comes from the VNC server to the page's script, which sets it
+    with textContent: tests/e2e/test_viewer.py)."""
+    routes = [Route("lab", "evil", "10.0.0.5", 5900, display_name=HOSTILE)]
+    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
+    headers = {"X-Forwarded-User": HOSTILE, "X-Forwarded-Groups": HOSTILE}
+    async with make_relay(routes=routes, auth=auth) as relay:
+        async with http.get(f"{relay.public_url}/", headers=headers) as resp:
+            listing = await resp.text()
+        async with http.get(f"{relay.public_url}/t/lab/evil/", headers=headers) as resp:
+            viewer = await resp.text()
+    assert resp.status == 200
+    for page in (listing, viewer):
+        _no_markup_from(page)
+        assert str(markupsafe.escape(HOSTILE)) in page
+    assert f"Signed in as {markupsafe.escape(HOSTILE)}." in listing
+    match = re.search(r'data-config="([^"]*)"', viewer)
+    assert match is not None
+    config = json.loads(html.unescape(match.group(1)))
+    assert config["displayName"] == HOSTILE and config["user"] == HOSTILE
+
+    token = AuthSettings(mode="token", users={}, session_secret=b"s" * 32)
+    # `next` is checked (safe_next) before it is shown; the message is ours. Both are
+    # rendered through the template's autoescape all the same.
+    async with (make_relay(routes=routes, auth=token) as relay,
+                http.get(f"{relay.public_url}/login", params={"next": HOSTILE}) as resp):
+        login = await resp.text()
+    assert resp.status == 200
+    _no_markup_from(login)
+    assert 'name="next" value="./"' in login

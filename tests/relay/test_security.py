@@ -19,12 +19,6 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from relay import closecodes, links
-from relay.auth import SESSION_COOKIE, User, dummy_hash, parse_networks, session_cookie
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import AuthSettings, HostPort, host_names
-from relay.spec import Access
 from tests.conftest import API_TOKEN, RelayFactory, relay_settings
 from tests.relay.test_auth import (
     ALICE_PASSWORD,
@@ -42,6 +36,16 @@ from tests.relay.test_sessions import pointer_position
 from tests.relay.test_xvnc import WsStream
 from tests.support.servers import GREETING, TcpServer, echo_rfb
 from tests.support.xvnc import XvncServer
+from vncgate.common.addresses import Address
+from vncgate.common.model import Route
+from vncgate.common.spec import Access
+from vncgate.relay import closecodes, links
+from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.passwords import dummy_hash
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import AuthSettings, host_names
+from vncgate.relay.users import User
 
 # --- 1. the view-only filter reads the RFB stream exactly as the server does -----------------
 
@@ -326,7 +330,7 @@ async def test_unknown_host_names_are_refused(make_relay: RelayFactory,
 
 def test_host_names_follow_listen_and_public_url() -> None:
     assert host_names(relay_settings()) == frozenset({"127.0.0.1", "localhost"})
-    everywhere = HostPort("0.0.0.0", 8080)
+    everywhere = Address("0.0.0.0", 8080)
     assert host_names(relay_settings(listen=everywhere)) is None  # cannot know its names
     named = relay_settings(listen=everywhere,
                            auth=AuthSettings(public_url="https://VNC.example.com/x"))

@@ -11,16 +11,16 @@ import aiohttp
 import pytest
 from Xlib import display as xdisplay
 
-from relay import closecodes
-from relay.auth import parse_networks
-from relay.model import Route
-from relay.server import RelayServer
-from relay.settings import AuthSettings
-from relay.spec import SessionPolicy
 from tests.conftest import RelayFactory
 from tests.relay.test_xvnc import WsStream
 from tests.support.servers import GREETING, TcpServer, sink
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
+from vncgate.common.spec import SessionPolicy
+from vncgate.relay import closecodes
+from vncgate.relay.proxies import parse_networks
+from vncgate.relay.server import RelayServer
+from vncgate.relay.settings import AuthSettings
 
 HANDSHAKE = [b"RFB 003.008\n", b"\x01", b"\x01"]  # version, security None, ClientInit
 POINTER = struct.pack("!BBHH", 5, 0, 10, 10)

@@ -6,9 +6,9 @@ import struct
 
 import aiohttp
 
-from relay.model import Route
 from tests.conftest import RelayFactory
 from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
 
 
 class WsStream:

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from vncgate_operator.settings import parse_args as operator_args
 
-from relay.settings import settings_from_args
 from tests.support.docs import shell_blocks
+from vncgate.operator.settings import parse_args as operator_args
+from vncgate.relay.settings import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

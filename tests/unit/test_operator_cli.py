@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from vncgate_operator.cli import main, namespaces_to_watch
-from vncgate_operator.handlers import build_registry
-from vncgate_operator.settings import OperatorSettings
+
+from vncgate.operator.cli import main, namespaces_to_watch
+from vncgate.operator.handlers import build_registry
+from vncgate.operator.settings import OperatorSettings
 
 
 def test_help_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:

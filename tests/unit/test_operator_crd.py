@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from relay.spec import API_GROUP, API_VERSION, KIND, PLURAL, parse_spec
+from vncgate.common.spec import API_GROUP, API_VERSION, KIND, PLURAL, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "vnctargets.vncgate.io.yaml").read_text())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import aiohttp
-from vncgate_operator.relays import RelayFleet
 
-from relay.model import Route
+from vncgate.common.model import Route
+from vncgate.operator.relays import RelayFleet
 
 ROUTE = Route("lab", "desk-1", "10.0.0.5", 5900)
 

@@ -11,8 +11,9 @@ from typing import Any
 import kopf
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from vncgate_operator.metrics import OperatorMetrics, instrument, serve
-from vncgate_operator.settings import parse_args
+
+from vncgate.operator.metrics import OperatorMetrics, instrument, serve
+from vncgate.operator.settings import parse_args
 
 
 def sample(metrics: OperatorMetrics, name: str, **labels: str) -> float:

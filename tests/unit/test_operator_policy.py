@@ -3,7 +3,9 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from vncgate_operator.policy import AddressDenied, AddressPolicy, parse_cidr, parse_host_pattern
+
+from vncgate.common.networks import parse_cidr
+from vncgate.operator.policy import AddressDenied, AddressPolicy, parse_host_pattern
 
 DEFAULT = AddressPolicy()
 

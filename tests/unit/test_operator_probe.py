@@ -10,7 +10,8 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from vncgate_operator.probe import client_version, next_probe_delay, probe_rfb
+
+from vncgate.operator.probe import client_version, next_probe_delay, probe_rfb
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

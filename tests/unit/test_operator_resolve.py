@@ -3,8 +3,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from vncgate_operator.policy import AddressPolicy, parse_cidr
-from vncgate_operator.resolve import (
+
+from vncgate.common.networks import parse_cidr
+from vncgate.common.spec import ServiceRef
+from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.resolve import (
     ServiceInfo,
     TargetInvalid,
     evaluate,
@@ -12,8 +15,6 @@ from vncgate_operator.resolve import (
     resolve_route,
     service_info,
 )
-
-from relay.spec import ServiceRef
 
 DEFAULT = AddressPolicy()
 

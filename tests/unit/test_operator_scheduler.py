@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from vncgate_operator.kubeapi import event_name
-from vncgate_operator.scheduler import Scheduler
-from vncgate_operator.status import NEW, record_transition, transition_of
+from vncgate.operator.kubeapi import event_name
+from vncgate.operator.scheduler import Scheduler
+from vncgate.operator.status import NEW, record_transition, transition_of
 
 
 async def _run_until(scheduler: Scheduler, done: asyncio.Event, timeout: float = 5.0) -> None:

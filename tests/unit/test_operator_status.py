@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vncgate_operator.probe import ProbeResult
-from vncgate_operator.resolve import TargetInvalid
-from vncgate_operator.status import Observation, Registration, build_status, status_changes
+from vncgate.operator.probe import ProbeResult
+from vncgate.operator.resolve import TargetInvalid
+from vncgate.operator.status import Observation, Registration, build_status, status_changes
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 OK_REG = Registration(True, "Registered", "route served by 2 relay replicas")

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from relay.closecodes import MAX_REASON_BYTES, clip_reason
-from relay.model import EMPTY_REVISION, Route, route_from_json, table_from_json, table_revision
-from relay.registry import Registry
-from relay.rfb import parse_greeting
-from relay.spec import SpecError
+from vncgate.common.model import (
+    EMPTY_REVISION,
+    Route,
+    route_from_json,
+    table_from_json,
+    table_revision,
+)
+from vncgate.common.rfb import parse_greeting
+from vncgate.common.spec import SpecError
+from vncgate.relay.closecodes import MAX_REASON_BYTES, clip_reason
+from vncgate.relay.registry import Registry
 
 A = Route("lab", "a", "10.0.0.1", 5900)
 B = Route("lab", "b", "10.0.0.2", 5900, "B", view_only=True)

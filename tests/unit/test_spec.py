@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from relay.spec import Address, ServiceRef, SpecError, VncTargetSpec, check_host, parse_spec
+from vncgate.common.addresses import Address
+from vncgate.common.spec import ServiceRef, SpecError, VncTargetSpec, check_host, parse_spec
 
 
 def test_address_spec() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from relay.websocket import MaskedFramesOnly
 from tests.support.rawws import frame
+from vncgate.relay.websocket import MaskedFramesOnly
 
 
 class Reader:

@@ -1,7 +1,7 @@
 """The registration client: how the control plane (or a script) talks to a relay's internal port.
 
-This is the relay's public client API; `vncgate_operator` uses it and nothing else of the relay's
-internals besides `relay.model` and `relay.spec`.
+This is the relay's public client API; `vncgate.operator` uses it and nothing else of the relay's
+internals besides `vncgate.common.model` and `vncgate.common.spec`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from relay.model import Route, route_from_json
+from vncgate.common.model import Route, route_from_json
 
 
 class RelayError(Exception):

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay.spec import (
+from vncgate.common.addresses import host_port
+from vncgate.common.spec import (
     DEFAULT_SESSIONS,
     MAX_DISPLAY_NAME,
     Access,
@@ -24,7 +25,6 @@ from relay.spec import (
     check_name,
     check_namespace,
     check_port,
-    host_port,
     parse_access,
     parse_sessions,
 )

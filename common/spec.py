@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vncgate.common.addresses import Address
+from vncgate.common.durations import DurationError
+from vncgate.common.durations import parse_duration as _parse_duration
+
 API_GROUP = "vncgate.io"
 API_VERSION = "v1alpha1"
 KIND = "VncTarget"
@@ -29,8 +33,6 @@ PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
 _SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions"}
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_SESSION_SECONDS = 30 * 86400
 MAX_ACCESS_ENTRIES = 256
 
@@ -50,22 +52,6 @@ class ServiceRef:
 
     name: str
     port: int | str
-
-
-def host_port(host: str, port: int) -> str:
-    """`host:port`, with IPv6 literals in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """`endpoint.address`: a host (DNS name or IP literal) and a TCP port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +209,14 @@ def parse_access(value: object, field: str = "spec.access") -> Access | None:
 
 
 def parse_duration(value: object, field: str) -> int:
-    """Kubernetes-style durations: `90s`, `30m`, `8h`, `1d`."""
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise SpecError(field, f"{value!r} is not a duration; write e.g. 90s, 15m, 8h or 1d")
-    seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    """Whole seconds from a duration (`90s`, `15m`, `1h30m`, `1d`; vncgate.common.durations)."""
+    try:
+        exact = _parse_duration(value)
+    except DurationError as exc:
+        raise SpecError(field, str(exc)) from None
+    seconds = int(exact)
+    if seconds != exact:
+        raise SpecError(field, f"{value!r}: give whole seconds, e.g. 2s instead of 1.5s")
     if not 0 < seconds <= MAX_SESSION_SECONDS:
         raise SpecError(field, f"must be between 1s and {MAX_SESSION_SECONDS // 86400}d")
     return seconds

@@ -1,0 +1,15 @@
+"""What the relay and the operator share: the VncTarget and route models, the registration
+client, the small Kubernetes client and the primitives both parse (durations, addresses, CIDRs,
+`VNCGATE_*` flags, the RFB greeting). It imports neither side (import-linter says so)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+__version__ = "0.1.0"
+
+
+def installed_version() -> str:
+    """The version of the installed `vncgate` distribution (the source's, when run uninstalled)."""
+    try:
+        return version("vncgate")
+    except PackageNotFoundError:
+        return __version__

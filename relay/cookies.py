@@ -1,0 +1,87 @@
+"""Signed values: the login cookie, and sign-outs that revoke one before it expires."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from vncgate.relay.passwords import b64, unb64
+
+SESSION_COOKIE = "vncgate_session"
+
+
+def sign(key: bytes, payload: Mapping[str, object]) -> str:
+    body = b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+    mac = hmac.new(key, body.encode(), hashlib.sha256).digest()
+    return f"{body}.{b64(mac)}"
+
+
+def unsign(keys: tuple[bytes, ...], value: str) -> dict[str, object] | None:
+    """The payload if any key signed it, else None. Expiry is the caller's business."""
+    body, dot, mac = value.partition(".")
+    if not dot:
+        return None
+    try:
+        given = unb64(mac)
+        for key in keys:
+            if hmac.compare_digest(hmac.new(key, body.encode(), hashlib.sha256).digest(), given):
+                payload = json.loads(unb64(body))
+                return payload if isinstance(payload, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None) -> str:
+    issued = int(now if now is not None else time.time())
+    return sign(key, {"typ": "session", "u": user, "iat": issued, "exp": issued + int(ttl),
+                      "sid": secrets.token_hex(8)})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    user: str
+    expires: int
+    sid: str
+
+
+def read_session_cookie(key: bytes, value: str, now: float | None = None) -> SessionClaim | None:
+    """A sign-in cookie's claim if this key signed it, it is one, and it has not expired."""
+    payload = unsign((key,), value)
+    if payload is None or payload.get("typ") != "session":
+        return None
+    expires, user, sid = payload.get("exp"), payload.get("u"), payload.get("sid")
+    if not isinstance(expires, int) or not isinstance(user, str) or not isinstance(sid, str):
+        return None
+    if expires <= (now if now is not None else time.time()):
+        return None
+    return SessionClaim(user=user, expires=expires, sid=sid)
+
+
+def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:
+    claim = read_session_cookie(key, value, now)
+    return claim.user if claim is not None else None
+
+
+class Revoked:
+    """Credentials ended before their expiry (signed-out cookies), remembered until then."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, float] = {}
+
+    def revoke(self, credential_id: str, expires: float, now: float | None = None) -> None:
+        moment = now if now is not None else time.time()
+        if len(self._until) >= self.max_entries:
+            self._until = {k: exp for k, exp in self._until.items() if exp > moment}
+            while len(self._until) >= self.max_entries:  # still full: forget the oldest
+                del self._until[next(iter(self._until))]
+        self._until[credential_id] = expires
+
+    def __contains__(self, credential_id: str) -> bool:
+        return credential_id in self._until

@@ -1,0 +1,134 @@
+"""Who is asking: the request's identity for the `--auth` mode, or a share link's."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from aiohttp import web
+
+from vncgate.relay import links
+from vncgate.relay.audit import audit_event, client_address
+from vncgate.relay.cookies import SESSION_COOKIE, read_session_cookie
+from vncgate.relay.identity import ANONYMOUS, Identity
+from vncgate.relay.passwords import DerivationsBusy
+from vncgate.relay.proxies import address_in
+from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.users import find_bearer
+
+BEARER_CACHE_TTL = 60.0
+
+
+def too_many(wait: float, what: str) -> web.HTTPTooManyRequests:
+    seconds = int(wait) + 1
+    return web.HTTPTooManyRequests(text=f"too many failed {what}; try again in {seconds} s\n",
+                                   headers={"Retry-After": str(seconds)})
+
+
+def busy() -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(text="too many sign-ins are being checked at once; "
+                                           "try again in a second\n",
+                                      headers={"Retry-After": "1"})
+
+
+async def identify(request: web.Request) -> Identity | None:
+    """The signed-in identity, ANONYMOUS with `--auth none`, or None when nobody is signed in.
+
+    Raises HTTPTooManyRequests for a client over its limit of failed bearer tokens, and
+    HTTPServiceUnavailable while the key derivations are saturated.
+    """
+    state = request.app[STATE]
+    auth = state.settings.auth
+    if auth.mode == "none":
+        return ANONYMOUS
+    if auth.mode == "proxy":
+        return proxy_identity(request, state)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return await _bearer_identity(request, state, token.strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        claim = read_session_cookie(state.session_key, cookie)
+        known = state.settings.auth.users.get(claim.user) if claim else None
+        # A user removed from the file is signed out; so is a cookie signed out of.
+        if claim is not None and known is not None and claim.sid not in state.revoked:
+            return Identity(user=known.name, groups=known.groups, method="cookie",
+                            expires=claim.expires, credential_id=claim.sid)
+    return None
+
+
+def proxy_identity(request: web.Request, state: RelayState) -> Identity | None:
+    """The user and groups an auth proxy names, believed only from a --trusted-proxy."""
+    auth = state.settings.auth
+    if not address_in(request.remote, auth.trusted_proxies):
+        return None  # headers from anyone else are ignored
+    users = request.headers.getall(auth.user_header, [])
+    group_headers = request.headers.getall(auth.groups_header, [])
+    if len(users) > 1 or len(group_headers) > 1:
+        # Two proxies (or a client and a proxy that appends) disagree: believe neither.
+        audit_event("denied", request, state, result=f"duplicate {auth.user_header} or "
+                                                     f"{auth.groups_header} header")
+        raise web.HTTPBadRequest(text=f"the request carries {auth.user_header} or "
+                                      f"{auth.groups_header} more than once; the auth proxy "
+                                      "must replace these headers, not append to them\n")
+    user = users[0].strip() if users else ""
+    if not user:
+        return None
+    groups = [g.strip() for g in (group_headers[0] if group_headers else "").split(",")
+              if g.strip()]
+    if not auth.proxy_system_groups:
+        groups = [g for g in groups if not g.startswith("system:")]
+    user = auth.proxy_user_prefix + user
+    if user.startswith("system:"):
+        audit_event("denied", request, state, user=user[:64],
+                    result="a system: user name from a header")
+        return None
+    return Identity(user=user, groups=tuple(auth.proxy_groups_prefix + g for g in groups),
+                    method="proxy")
+
+
+async def _bearer_identity(request: web.Request, state: RelayState, token: str
+                           ) -> Identity | None:
+    # Verifying against scrypt hashes is slow on purpose; remember good tokens for a minute.
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    cached = state.bearer_cache.get(digest)
+    now = time.monotonic()
+    users = state.settings.auth.users
+    if cached is not None and cached[1] > now and cached[0] in users:
+        user = users[cached[0]]
+        return Identity(user=user.name, groups=user.groups, method="token")
+    client = client_address(request, state)
+    wait = state.login_failures.retry_after(client)
+    if wait > 0:
+        audit_event("bearer", request, state, result="rate limited")
+        raise too_many(wait, "sign-ins")
+    try:
+        found = await state.derivations.run(find_bearer, users, token)
+    except DerivationsBusy:
+        raise busy() from None
+    if found is None:
+        state.login_failures.failed(client)
+        audit_event("bearer", request, state, result="failed")
+        return None
+    if len(state.bearer_cache) > 10_000:
+        state.bearer_cache.clear()
+    state.bearer_cache[digest] = (found.name, time.monotonic() + BEARER_CACHE_TTL)
+    return Identity(user=found.name, groups=found.groups, method="token")
+
+
+def link_identity(request: web.Request, target: str) -> Identity | None:
+    """A share-link holder for `target`, from the cookie the link exchange set.
+
+    The cookie is its own credential, signed with the session key at the exchange; a link
+    token presented as the cookie is not one, so a single-use link cannot skip its exchange.
+    """
+    state = request.app[STATE]
+    value = request.cookies.get(links.link_cookie(target))
+    if not value or not state.settings.auth.link_keys:
+        return None
+    try:
+        grant = links.verify_exchanged(state.session_key, value, target)
+    except links.LinkError:
+        return None
+    return Identity(user=f"link:{grant.link_id}", method="link", link_target=target,
+                    view_only=grant.view_only, expires=grant.expires)

@@ -1,0 +1,48 @@
+"""The viewer's identity as the relay knows it, and the `--auth` modes.
+
+Modes (`--auth`):
+- `none`: nobody signs in; everyone who reaches the port may open every console.
+- `proxy`: an auth proxy in front (oauth2-proxy style) names the user in headers; only requests
+  from `--trusted-proxy` addresses are believed, headers from anyone else are ignored
+  (vncgate.relay.proxies).
+- `token`: users and their secrets from `--users-file` (vncgate.relay.users, hashes in
+  vncgate.relay.passwords); a login page (vncgate.relay.login) sets a signed session cookie
+  (vncgate.relay.cookies); scripts send `Authorization: Bearer <token>`.
+
+Share links (`vncgate.relay.links`) admit a viewer to one target in every mode. Who is asking is
+worked out per request in vncgate.relay.identify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUTH_MODES = ("none", "proxy", "token")
+
+
+class AuthConfigError(ValueError):
+    """A users file or an auth setting that cannot work; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking. `method` says how we know: proxy, token, cookie, link or none."""
+
+    user: str
+    groups: tuple[str, ...] = ()
+    method: str = "none"
+    # Set for share-link viewers: the only target they may open, and whether only to watch.
+    link_target: str | None = None
+    view_only: bool = False
+    # When the credential stops being valid (a cookie's or link's expiry, epoch seconds):
+    # sessions opened with it end then. None: it does not expire (bearer, proxy, none).
+    expires: float | None = None
+    # The signed-in cookie's id, so that signing out can revoke it (and end its sessions).
+    credential_id: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.user or "anonymous"
+
+
+ANONYMOUS = Identity(user="", method="none")

@@ -1,0 +1,155 @@
+"""The sign-in pages and handlers: login, logout, and the share-link exchange."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from aiohttp import web
+
+from vncgate.relay import closecodes, links
+from vncgate.relay.audit import audit_event, client_address
+from vncgate.relay.bodies import read_form, read_json
+from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.csrf import csrf_token, form_from_our_page, script_from_our_page, set_csrf_cookie
+from vncgate.relay.identify import busy, identify
+from vncgate.relay.origin import check_host
+from vncgate.relay.pages import render_page
+from vncgate.relay.passwords import DerivationsBusy
+from vncgate.relay.proxies import address_in
+from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.users import check_login
+
+# A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
+_SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
+
+
+def _secure(request: web.Request, state: RelayState) -> bool:
+    proto = request.headers.get("X-Forwarded-Proto", "")
+    behind_tls_proxy = proto == "https" and address_in(request.remote,
+                                                       state.settings.auth.trusted_proxies)
+    return request.secure or behind_tls_proxy or state.settings.auth.public_url.startswith(
+        "https://")
+
+
+def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
+               headers: dict[str, str] | None = None) -> web.Response:
+    csrf = csrf_token(request)
+    response = render_page(request, "login.html",
+                           {"message": message, "next": next_path, "csrf": csrf},
+                           status=status, headers=headers)
+    set_csrf_cookie(response, csrf)
+    return response
+
+
+def safe_next(value: str) -> str:
+    return value if value and len(value) < 512 and _SAFE_NEXT.match(value) else "./"
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    check_host(request)
+    if state.settings.auth.mode != "token":
+        raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
+    return login_page(request, next_path=safe_next(request.query.get("next", "")))
+
+
+ACCOUNT_PREFIX = "user:"
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    check_host(request)
+    if state.settings.auth.mode != "token":
+        raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
+    client = client_address(request, state)
+    form = await read_form(request)
+    if not form_from_our_page(request, form):
+        audit_event("login", request, state, result="refused: not from our login page")
+        raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
+    next_path = safe_next(str(form.get("next", "")))
+    name, secret = str(form.get("user", "")), str(form.get("password", ""))
+    # Per address, and per account whatever the address: a sign-in of one's own resets
+    # neither, so guesses between one's own sign-ins count too.
+    account = ACCOUNT_PREFIX + name[:256]
+    wait = max(state.login_failures.retry_after(client),
+               state.account_failures.retry_after(account))
+    if wait > 0:
+        audit_event("login", request, state, user=name[:64], result="rate limited")
+        return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
+                          next_path, status=429, headers={"Retry-After": str(int(wait) + 1)})
+    try:
+        user = await state.derivations.run(check_login, state.settings.auth.users, name, secret)
+    except DerivationsBusy:
+        raise busy() from None
+    if user is None:
+        state.login_failures.failed(client)
+        state.account_failures.failed(account)
+        audit_event("login", request, state, user=name[:64], result="failed")
+        return login_page(request, "Wrong user or password.", next_path, status=401)
+    audit_event("login", request, state, user=user.name, result="ok")
+    response = web.HTTPSeeOther(location=next_path)
+    # Path=/ covers every prefix an Ingress may put in front of the relay.
+    response.set_cookie(SESSION_COOKIE, session_cookie(state.session_key, user.name,
+                                                       state.settings.auth.session_ttl),
+                        max_age=state.settings.auth.session_ttl, httponly=True, samesite="Lax",
+                        secure=_secure(request, state))
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    check_host(request)
+    if not form_from_our_page(request, await read_form(request)):
+        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
+    identity = await identify(request)
+    if identity is not None and identity.credential_id and identity.expires is not None:
+        # The cookie stops working here even if it is replayed, and its consoles close.
+        state.revoked.revoke(identity.credential_id, identity.expires)
+        state.end_sessions_of(identity.credential_id, closecodes.UNAUTHENTICATED,
+                              "you signed out")
+    audit_event("logout", request, state, user=identity.label if identity else "")
+    response = web.HTTPSeeOther(location="./")
+    response.del_cookie(SESSION_COOKIE)
+    raise response
+
+
+async def exchange_link(request: web.Request) -> web.StreamResponse:
+    """`POST /t/{ns}/{name}/link` with `{"token": ...}`: check a share link, set its cookie."""
+    state = request.app[STATE]
+    check_host(request)
+    namespace, name = request.match_info["namespace"], request.match_info["name"]
+    target = f"{namespace}/{name}"
+    client = client_address(request, state)
+    if not script_from_our_page(request):
+        raise web.HTTPForbidden(text="open the link in the relay's own viewer\n")
+    wait = state.login_failures.retry_after(client)
+    if wait > 0:
+        return web.json_response({"error": f"too many bad links; try again in {int(wait) + 1} s"},
+                                 status=429, headers={"Retry-After": str(int(wait) + 1)})
+    try:
+        body = await read_json(request)
+    except web.HTTPBadRequest:
+        body = None
+    try:
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            raise links.LinkError("this link is not valid; ask for a new link")
+        grant = links.verify(state.settings.auth.link_keys, token, target)
+        if grant.once and not state.used_links.claim(grant):
+            raise links.LinkError("this link was for one use only and has been used; "
+                                  "ask for a new link")
+    except links.LinkError as exc:
+        state.login_failures.failed(client)
+        reason = str(exc)
+        audit_event("link use", request, state, target=target, result=f"refused: {reason}")
+        return web.json_response({"error": reason}, status=403)
+    audit_event("link use", request, state, target=target, link=grant.link_id, result="ok",
+                view_only=grant.view_only)
+    response = web.json_response({"target": target, "viewOnly": grant.view_only,
+                                  "expires": grant.expires})
+    # Not the token: a credential of its own, made for this exchange (see link_identity).
+    response.set_cookie(links.link_cookie(target), links.exchanged(state.session_key, grant),
+                        max_age=max(1, grant.expires - int(time.time())), httponly=True,
+                        samesite="Strict", secure=_secure(request, state))
+    return response
