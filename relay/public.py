@@ -33,6 +33,7 @@ from relay.auth import Identity
 from relay.bridge import Session
 from relay.consoles import Holder
 from relay.model import Route
+from relay.recorder import RecordingUnavailable
 from relay.spec import SpecError, check_key
 from relay.state import STATE, RelayState
 from relay.websocket import RelayWebSocket
@@ -124,6 +125,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                       max_duration=policy.max_duration, request=request,
                       expires_at=identity.expires, credential_id=identity.credential_id,
                       **_expiry(identity))
+    try:
+        session.recorder = state.recorder.for_session(session)
+    except RecordingUnavailable as exc:
+        await ws.close(code=closecodes.OVER_CAPACITY,
+                       message=closecodes.clip_reason(str(exc)).encode())
+        _log_end(state, target, client, identity.label, closecodes.OVER_CAPACITY, str(exc),
+                 session.started, labels=(namespace, name))
+        return ws
     claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
                       since=session.started_at, replica=state.settings.identity)
     if policy.exclusive:
@@ -336,6 +345,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 async def _on_cleanup(app: web.Application) -> None:
     app[STATE].derivations.close()
     await app[STATE].authorizer.close()
+    # Every session has ended: write what the recording thread still holds.
+    await asyncio.to_thread(app[STATE].recorder.writer.stop)
 
 
 async def _on_shutdown(app: web.Application) -> None:

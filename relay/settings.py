@@ -14,6 +14,9 @@ from relay import installed_version
 from relay.auth import AUTH_MODES, AuthConfigError, Network, User, load_users, parse_networks
 from relay.links import load_keys
 from relay.model import Route
+from relay.recordstore import RecordingSettings
+from relay.recordstore import add_arguments as add_recording_arguments
+from relay.recordstore import settings_from_args as recording_settings_from_args
 from relay.spec import (
     SUBDOMAIN_RE,
     SpecError,
@@ -98,6 +101,7 @@ class RelaySettings:
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", compared
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
                               "POD_NAME") or socket.gethostname(),
                           help="this replica's name in Leases (default: the pod or host name)")
+    add_recording_arguments(parser)
     return parser
 
 
@@ -382,4 +387,5 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync,
         allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
         http_read_timeout=args.http_read_timeout,
-        stall_timeout=stall_timeout, shutdown_grace=shutdown_grace)
+        stall_timeout=stall_timeout, shutdown_grace=shutdown_grace,
+        recording=recording_settings_from_args(parser, args))

@@ -22,6 +22,7 @@ from relay.kube import KubeClient, kube_connection
 from relay.links import UsedLinks
 from relay.metrics import RelayMetrics
 from relay.model import Route
+from relay.recorder import Recorder
 from relay.registry import Registry
 from relay.settings import RelaySettings, host_names
 
@@ -64,6 +65,8 @@ class RelayState:
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
+    # Session recordings (relay/recorder.py): the writer thread and its metrics.
+    recorder: Recorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -73,6 +76,7 @@ class RelayState:
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
         self.host_names = host_names(self.settings)
+        self.recorder = Recorder(self.settings.recording, self.metrics.registry)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""

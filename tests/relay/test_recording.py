@@ -1,0 +1,206 @@
+"""Recording sessions against a real Xvnc through the relay: header, keyframes, input, endings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from pathlib import Path
+
+import aiohttp
+
+from relay.model import Route
+from relay.recording import (
+    CLIENT,
+    END,
+    HEADER,
+    KEYFRAME,
+    SERVER,
+    Record,
+    read_records,
+)
+from relay.recordstore import RecordingSettings
+from relay.spec import RecordingPolicy
+from tests.conftest import RelayFactory
+from tests.relay.test_xvnc import WsStream
+from tests.support.xvnc import XvncServer
+
+KEY_A_DOWN = struct.pack("!BBxxI", 4, 1, 0x61)
+KEY_A_UP = struct.pack("!BBxxI", 4, 0, 0x61)
+TIGHT, ZRLE, RAW, COPYRECT, HEXTILE = 7, 16, 0, 1, 5
+# noVNC's pixel format: 32 bits per pixel, depth 24, little-endian true colour.
+PIXEL_FORMAT = struct.pack("!BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+
+
+async def handshake(ws: aiohttp.ClientWebSocketResponse) -> WsStream:
+    stream = WsStream(ws)
+    assert await stream.read(12) == b"RFB 003.008\n"
+    await ws.send_bytes(b"RFB 003.008\n")
+    (count,) = await stream.read(1)
+    await stream.read(count)
+    await ws.send_bytes(b"\x01")
+    assert await stream.read(4) == b"\x00\x00\x00\x00"
+    await ws.send_bytes(b"\x01")
+    await stream.read(20)
+    (name_length,) = struct.unpack("!I", await stream.read(4))
+    await stream.read(name_length)
+    encodings = (TIGHT, ZRLE, HEXTILE, COPYRECT, RAW)
+    await ws.send_bytes(PIXEL_FORMAT + struct.pack(f"!BxH{len(encodings)}i", 2, len(encodings),
+                                                   *encodings)
+                        + struct.pack("!BBHHHH", 3, 0, 0, 0, 800, 600))
+    return stream
+
+
+def records_of(directory: Path) -> tuple[Path, list[Record]]:
+    files = sorted(directory.rglob("*.vncrec"))
+    assert len(files) == 1, f"expected one recording, found {files}"
+    return files[0], list(read_records(files[0]))
+
+
+async def poll_records(directory: Path, kind: bytes, deadline: float = 10.0) -> list[Record]:
+    """The records once one of `kind` is on disk (the writer flushes after each burst)."""
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        records = await asyncio.to_thread(_first_records, directory)
+        if any(r.kind == kind for r in records):
+            return records
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind!r} record in {directory} within {deadline}s")
+
+
+def _first_records(directory: Path) -> list[Record]:
+    files = sorted(directory.rglob("*.vncrec"))
+    return list(read_records(files[0])) if files else []
+
+
+def stream_of(records: list[Record]) -> bytes:
+    return b"".join(r.payload for r in records if r.kind == SERVER)
+
+
+async def record_session(make_relay: RelayFactory, xvnc: XvncServer, directory: Path,
+                         policy: RecordingPolicy) -> list[Record]:
+    route = Route("lab", "xvnc", "127.0.0.1", xvnc.port, recording=policy)
+    async with make_relay(routes=[route], recording=RecordingSettings(directory=directory)) \
+            as relay, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                            protocols=("binary",)) as ws:
+        stream = await handshake(ws)
+        await poll_records(directory, KEYFRAME)  # the full update of the first request
+        await ws.send_bytes(KEY_A_DOWN + KEY_A_UP)
+        await ws.send_bytes(struct.pack("!BBHH", 5, 0, 10, 20))
+        await ws.send_bytes(struct.pack("!BBHHHH", 3, 1, 0, 0, 800, 600))
+        await stream.ws.receive_bytes(timeout=5)  # the relay is still relaying
+        await ws.close()
+    _, records = records_of(directory)
+    return records
+
+
+async def test_recording_has_header_stream_keyframe_and_end_without_input(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    records = await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
+    assert records[0].kind == HEADER
+    header = records[0].json()
+    assert header["namespace"] == "lab" and header["name"] == "xvnc"
+    assert header["format"] == 1 and header["input"] is False
+    assert header["serverVersion"] == "RFB 003.008" and header["started"]
+    stream = stream_of(records)
+    # Recorded from ServerInit: no greeting, no security handshake.
+    assert struct.unpack_from("!HH", stream) == (800, 600)
+    keyframes = [r.json() for r in records if r.kind == KEYFRAME]
+    assert keyframes and keyframes[0]["width"] == 800
+    assert stream[keyframes[0]["offset"]] == 0  # a FramebufferUpdate starts there
+    # Input off: no client records, and the typed key is nowhere in the file.
+    assert not [r for r in records if r.kind == CLIENT]
+    assert KEY_A_DOWN not in b"".join(r.payload for r in records)
+    assert records[-1].kind == END
+    end = records[-1].json()
+    assert end["complete"] is True and end["code"] in (1000, 1005)
+    assert end["reason"] == "the viewer closed the connection"
+
+
+async def test_recording_with_input_holds_the_typed_keys(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    records = await record_session(make_relay, xvnc, tmp_path,
+                                   RecordingPolicy(enabled=True, input=True))
+    assert records[0].json()["input"] is True
+    client = [r.payload for r in records if r.kind == CLIENT]
+    assert KEY_A_DOWN in client and KEY_A_UP in client
+    assert struct.pack("!BBHH", 5, 0, 10, 20) in client
+    # Update requests and encodings are not input: not recorded.
+    assert all(payload[0] in (4, 5, 6) for payload in client)
+
+
+async def test_recorded_session_negotiates_only_stateless_encodings(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """The viewer asked for Tight and ZRLE first; the relay followed every update, so none
+    came (the tap stops at an encoding it cannot measure, and there would be no keyframe)."""
+    records = await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
+    keyframes = [r.json() for r in records if r.kind == KEYFRAME]
+    assert keyframes
+    encodings = rect_encodings(stream_of(records))
+    assert encodings and encodings <= {RAW, COPYRECT, HEXTILE, 2}, encodings
+
+
+def rect_encodings(stream: bytes) -> set[int]:
+    """The encodings of every rectangle in a recorded stream (32 bits per pixel)."""
+    # Walk the stream: ServerInit, then messages (only FramebufferUpdates come in these tests).
+    seen: set[int] = set()
+    (name_length,) = struct.unpack_from("!I", stream, 20)
+    i = 24 + name_length
+    while i < len(stream):
+        kind = stream[i]
+        assert kind == 0, f"message type {kind} at {i}"
+        (count,) = struct.unpack_from("!H", stream, i + 2)
+        i += 4
+        for _ in range(count):
+            _x, _y, w, h, encoding = struct.unpack_from("!HHHHi", stream, i)
+            i += 12
+            seen.add(encoding)
+            if encoding == RAW:
+                i += w * h * 4
+            elif encoding == COPYRECT:
+                i += 4
+            elif encoding == HEXTILE:
+                i = skip_hextile(stream, i, w, h)
+            else:
+                return seen | {encoding}
+    return seen
+
+
+def skip_hextile(stream: bytes, i: int, w: int, h: int) -> int:
+    for ty in range(0, h, 16):
+        for tx in range(0, w, 16):
+            tw, th = min(16, w - tx), min(16, h - ty)
+            sub = stream[i]
+            i += 1
+            if sub & 1:
+                i += tw * th * 4
+                continue
+            i += (4 if sub & 2 else 0) + (4 if sub & 4 else 0)
+            if sub & 8:
+                n = stream[i]
+                i += 1 + n * ((4 if sub & 16 else 0) + 2)
+    return i
+
+
+def test_read_records_of_a_file_cut_short(tmp_path: Path) -> None:
+    """A crash or a full disk cuts a file anywhere: the reader yields the whole records."""
+    import zlib
+
+    from relay.recording import FORMAT_VERSION, MAGIC, encode_record
+
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    body = compressor.compress(MAGIC + bytes([FORMAT_VERSION]))
+    body += compressor.compress(encode_record(HEADER, 0, json.dumps({"a": 1}).encode()))
+    body += compressor.compress(encode_record(SERVER, 5, b"x" * 1000))
+    body += compressor.flush(zlib.Z_SYNC_FLUSH)
+    cut = len(body)
+    body += compressor.compress(encode_record(SERVER, 9, b"y" * 5000))
+    body += compressor.flush(zlib.Z_FINISH)
+    path = tmp_path / "cut.vncrec"
+    path.write_bytes(body[: cut + 20])
+    records = list(read_records(path))
+    assert [(r.kind, r.millis) for r in records] == [(HEADER, 0), (SERVER, 5)]
+    path.write_bytes(body)
+    assert [r.millis for r in read_records(path)] == [0, 5, 9]
