@@ -17,6 +17,7 @@ from relay import links, logs
 from relay.auth import hash_secret
 from relay.kube import KubeConfigError
 from relay.manifests import ManifestError, load_routes
+from relay.recordingcli import recordings_main
 from relay.server import RelayServer
 from relay.settings import RelaySettings, host_names, settings_from_args
 from relay.spec import SpecError, check_key, parse_duration
@@ -97,7 +98,8 @@ def hash_password_main(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"link": link_main, "hash-password": hash_password_main}
+SUBCOMMANDS = {"link": link_main, "hash-password": hash_password_main,
+               "recordings": recordings_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -373,4 +373,5 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
+    app.cleanup_ctx.append(state.recorder.retention)
     return app

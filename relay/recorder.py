@@ -7,8 +7,11 @@ recorded session sits between the bridge and the file (the bridge calls `start`,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,13 +26,14 @@ from relay.recording import (
     RfbTap,
     recording_path,
 )
-from relay.recordstore import RecordingSettings, header_json
+from relay.recordstore import RecordingSettings, apply_retention, header_json
 from relay.spec import RecordingPolicy
 
 if TYPE_CHECKING:
     from relay.bridge import Session
 
 audit = logging.getLogger("vncgate.audit")
+RETENTION_INTERVAL = 600.0
 log = logging.getLogger("vncgate.recording")
 
 
@@ -46,6 +50,7 @@ class Recorder:
             "vncgate_recordings_incomplete",
             "Recordings cut short; reason: queue (the disk did not keep up) or error (a write "
             "failed, e.g. a full disk).", ["reason"], registry=registry)
+        self.open_recordings: set[Recording] = set()
         self.active = Gauge("vncgate_recordings_active", "Recordings being written.",
                             registry=registry)
 
@@ -67,6 +72,34 @@ class Recorder:
         path = recording_path(self.settings.directory, session.route.namespace,
                               session.route.name, session.started_at, session.session_id)
         return SessionRecorder(self, session, path, policy)
+
+    async def retention(self, app: object) -> AsyncIterator[None]:
+        """Apply --recording-max-age / --recording-max-total at start and every 10 minutes,
+        off the event loop; files being written stay."""
+        directory, settings = self.settings.directory, self.settings
+        task = None
+        if directory is not None and (settings.max_age or settings.max_total):
+            task = asyncio.create_task(self._retention_loop(directory))
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _retention_loop(self, directory: Path) -> None:
+        while True:
+            keep = frozenset(r.path for r in self.open_recordings)
+            try:
+                removed = await asyncio.to_thread(apply_retention, directory,
+                                                  self.settings.max_age, self.settings.max_total,
+                                                  None, keep)
+            except OSError as exc:
+                log.warning("recording retention failed: %s", exc)
+                removed = []
+            for path in removed:
+                audit.info("recording-deleted", extra={"fields": {
+                    "event": "recording-deleted", "file": str(path), "by": "retention"}})
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     def _write_failed(self, recording: Recording, why: str) -> None:
         # The writer thread: Counter is thread-safe; the audit line comes from the session's
@@ -101,6 +134,7 @@ class SessionRecorder:
         self.opened = True
         self.recorder.started.inc()
         self.recorder.active.inc()
+        self.recorder.open_recordings.add(self.recording)
 
     def server_data(self, data: bytes | memoryview) -> None:
         if not self.recording.stopped:
@@ -115,6 +149,7 @@ class SessionRecorder:
         self.opened = False
         self.recording.close(code, reason)
         self.recorder.active.dec()
+        self.recorder.open_recordings.discard(self.recording)
 
     def _incomplete(self, why: str) -> None:
         session = self.session

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import struct
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from relay.model import Route
 from relay.recording import (
@@ -204,3 +209,114 @@ def test_read_records_of_a_file_cut_short(tmp_path: Path) -> None:
     assert [(r.kind, r.millis) for r in records] == [(HEADER, 0), (SERVER, 5)]
     path.write_bytes(body)
     assert [r.millis for r in read_records(path)] == [0, 5, 9]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, filled up: the next write on it fails with ENOSPC."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: mounting a tmpfs must work")
+        pytest.skip("mounting a tmpfs needs root; run as root to test a full disk")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            for _ in range(1000):  # bounded: 64 KiB is full after 16 writes
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_cuts_the_recording_and_the_session_goes_on(
+        make_relay: RelayFactory, xvnc: XvncServer, tiny_tmpfs: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    route = Route("lab", "xvnc", "127.0.0.1", xvnc.port, recording=RecordingPolicy(enabled=True))
+    async with make_relay(routes=[route], recording=RecordingSettings(directory=tiny_tmpfs)) \
+            as relay, aiohttp.ClientSession() as http:
+        registry = relay.state.metrics.registry
+        async with http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                                   protocols=("binary",)) as ws:
+            stream = await handshake(ws)
+            until = time.monotonic() + 10
+            while registry.get_sample_value("vncgate_recordings_incomplete_total",
+                                            {"reason": "error"}) != 1.0:
+                assert time.monotonic() < until, "the full disk was not reported"
+                # Each request draws an update: records keep coming, the failure is seen.
+                await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 800, 600))
+                await stream.ws.receive_bytes(timeout=5)
+            # The session goes on: the server still answers through the relay.
+            await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 8, 8))
+            assert await stream.ws.receive_bytes(timeout=5)
+        # And the relay takes new sessions.
+        async with http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                                   protocols=("binary",)) as ws:
+            assert await WsStream(ws).read(12) == b"RFB 003.008\n"
+    lines = [r for r in caplog.records if r.getMessage() == "recording-incomplete"]
+    assert lines, "no audit line for the cut recording"
+    assert "No space left on device" in lines[0].fields["reason"]  # type: ignore[attr-defined]
+
+
+async def test_a_disk_that_does_not_keep_up_cuts_the_recording_not_the_session(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """A writer that cannot keep up: a queue of 64 bytes is over after the first update."""
+    route = Route("lab", "xvnc", "127.0.0.1", xvnc.port, recording=RecordingPolicy(enabled=True))
+    async with make_relay(routes=[route], recording=RecordingSettings(
+            directory=tmp_path, queue_bytes=64)) as relay, aiohttp.ClientSession() as http:
+        registry = relay.state.metrics.registry
+        async with http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                                   protocols=("binary",)) as ws:
+            stream = await handshake(ws)
+            await stream.ws.receive_bytes(timeout=5)
+            await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 8, 8))
+            assert await stream.ws.receive_bytes(timeout=5)
+        assert registry.get_sample_value("vncgate_recordings_incomplete_total",
+                                         {"reason": "queue"}) == 1.0
+    _, records = records_of(tmp_path)
+    assert records[-1].kind == END and records[-1].json()["complete"] is False
+
+
+async def test_recordings_command_lists_exports_and_deletes(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli import main
+
+    await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
+    path, _ = records_of(tmp_path)
+    assert main(["recordings", "--recording-dir", str(tmp_path), "list", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    listed = json.loads(line)
+    assert listed["id"].startswith("lab/xvnc/") and listed["state"] == "complete"
+    assert listed["keyframes"] >= 1 and listed["end"]["reason"]
+    exported = tmp_path / "copy.vncrec"
+    assert main(["recordings", "--recording-dir", str(tmp_path), "export", listed["id"],
+                 "-o", str(exported)]) == 0
+    assert exported.read_bytes() == path.read_bytes()
+    with pytest.raises(SystemExit):  # not an id: no path tricks
+        main(["recordings", "--recording-dir", str(tmp_path), "export", "../../etc/passwd"])
+    assert main(["recordings", "--recording-dir", str(tmp_path), "delete", listed["id"]]) == 0
+    assert not path.exists()
+    assert main(["recordings", "--recording-dir", str(tmp_path), "delete", listed["id"]]) == 1
+
+
+def test_retention_by_age_then_by_total_size(tmp_path: Path) -> None:
+    from relay.recordstore import apply_retention
+
+    now = time.time()
+    files = []
+    for index, (age, size) in enumerate([(40 * 86400, 100), (3 * 86400, 300), (86400, 300),
+                                         (60, 300)]):
+        path = tmp_path / "lab" / "desk" / f"2025010{index}T000000Z-{index:02x}.vncrec"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (now - age, now - age))
+        files.append(path)
+    removed = apply_retention(tmp_path, max_age=30 * 86400, max_total=700, now=now,
+                              keep=frozenset({files[1]}))
+    # The 40-day-old one by age; then 900 bytes > 700: the oldest not being written goes.
+    assert removed == [files[0], files[2]]
+    assert files[1].exists() and files[3].exists()
