@@ -19,6 +19,7 @@ from vncgate.common.spec import (
     DEFAULT_SESSIONS,
     MAX_DISPLAY_NAME,
     Access,
+    RecordingPolicy,
     SessionPolicy,
     SpecError,
     check_host,
@@ -26,6 +27,7 @@ from vncgate.common.spec import (
     check_namespace,
     check_port,
     parse_access,
+    parse_recording,
     parse_sessions,
 )
 
@@ -44,6 +46,7 @@ class Route:
     # authenticated. In a cluster RBAC decides and the operator sends no access lists.
     access: Access | None = None
     sessions: SessionPolicy = DEFAULT_SESSIONS
+    recording: RecordingPolicy | None = None  # spec.recording; None: the relay's default
 
     @property
     def key(self) -> str:
@@ -67,6 +70,8 @@ class Route:
                               "groups": list(self.access.groups)}
         if self.sessions != DEFAULT_SESSIONS:
             body["sessions"] = self.sessions.to_json()
+        if self.recording is not None:
+            body["recording"] = self.recording.to_json()
         return body
 
     def digest(self) -> bytes:
@@ -102,6 +107,7 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         view_only=view_only,
         access=parse_access(body.get("access"), "access"),
         sessions=parse_sessions(body.get("sessions"), "sessions"),
+        recording=parse_recording(body.get("recording"), "recording"),
     )
 
 

@@ -32,7 +32,7 @@ HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
-_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions"}
+_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording"}
 MAX_SESSION_SECONDS = 30 * 86400
 MAX_ACCESS_ENTRIES = 256
 
@@ -106,12 +106,37 @@ DEFAULT_SESSIONS = SessionPolicy()
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingPolicy:
+    """`spec.recording`: record sessions (relay/recording.py); `input`: with keys and pointer.
+    None on a route: the relay's default (--record-sessions) decides."""
+
+    enabled: bool = False
+    input: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "input": self.input}
+
+
+def parse_recording(value: object, field: str = "spec.recording") -> RecordingPolicy | None:
+    if value is None:
+        return None
+    policy = _mapping(value, field)
+    _no_unknown(policy, {"enabled", "input"}, field)
+    enabled, record_input = policy.get("enabled", False), policy.get("input", False)
+    for key, flag in (("enabled", enabled), ("input", record_input)):
+        if not isinstance(flag, bool):
+            raise SpecError(f"{field}.{key}", f"must be true or false, not {flag!r}")
+    return RecordingPolicy(enabled=enabled, input=record_input)
+
+
+@dataclass(frozen=True, slots=True)
 class VncTargetSpec:
     endpoint: ServiceRef | Address
     display_name: str = ""
     view_only: bool = False
     access: Access | None = None
     sessions: SessionPolicy = DEFAULT_SESSIONS
+    recording: RecordingPolicy | None = None
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -265,4 +290,5 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
     return VncTargetSpec(endpoint=parse_endpoint(spec.get("endpoint"), f"{field}.endpoint"),
                          display_name=display_name, view_only=view_only,
                          access=parse_access(spec.get("access"), f"{field}.access"),
-                         sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions"))
+                         sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions"),
+                         recording=parse_recording(spec.get("recording"), f"{field}.recording"))

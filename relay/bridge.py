@@ -30,6 +30,7 @@ from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
+from vncgate.relay.recorder import SessionRecorder
 from vncgate.relay.rfbfilter import ClientFilter, FilterError
 from vncgate.relay.settings import RelaySettings
 
@@ -237,6 +238,8 @@ class Session:
     upstream: Upstream | None = None
     # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
     filter: ClientFilter | None = None
+    # Writes the session to a recording file (relay/recorder.py); None: not recorded.
+    recorder: SessionRecorder | None = None
     _task: asyncio.Task[Any] | None = None
     _cancelled: bool = False  # `_end` cancelled the handler task (and nobody else did)
     _abort_viewer: bool = False  # a close frame cannot reach the browser: drop its connection
@@ -297,6 +300,8 @@ class Session:
         self._shut()
         await self._close_ws()
         self.phase = Phase.CLOSED
+        if self.recorder is not None:
+            self.recorder.close(self.code, self.reason)
         self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
         self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
 
@@ -317,6 +322,11 @@ class Session:
         greeting = await self._connect()
         if self.filter is not None:  # it follows the version the server greets with
             self.filter.server_greeting(greeting)
+        if self.recorder is not None:
+            try:
+                self.recorder.start(greeting, self.server_version)
+            except FilterError as exc:
+                raise SessionRefused(closecodes.BAD_UPSTREAM, str(exc)) from None
         transport = self.request.transport
         if transport is not None:
             # Room for a few full reads before the server is paused for the browser:
@@ -364,6 +374,8 @@ class Session:
 
     def server_data(self, data: bytes | memoryview) -> None:
         """A chunk from the VNC server (called by Upstream)."""
+        if self.recorder is not None:
+            self.recorder.server_data(data)
         if self.filter is not None and self.filter.needs_server_bytes:
             self.filter.server_data(data)
         try:
@@ -488,6 +500,12 @@ class Session:
                     if self.filter is not None:
                         try:
                             data = self.filter.feed(data)
+                        except FilterError as exc:
+                            self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+                            return
+                    if self.recorder is not None:
+                        try:
+                            data = self.recorder.client_data(data)
                         except FilterError as exc:
                             self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
                             return

@@ -18,6 +18,7 @@ from vncgate.common.spec import SpecError, check_key, parse_duration
 from vncgate.relay import links, logs
 from vncgate.relay.manifests import ManifestError, load_routes
 from vncgate.relay.passwords import hash_secret
+from vncgate.relay.recordingcli import recordings_main
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings, host_names, settings_from_args
 
@@ -97,7 +98,8 @@ def hash_password_main(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"link": link_main, "hash-password": hash_password_main}
+SUBCOMMANDS = {"link": link_main, "hash-password": hash_password_main,
+               "recordings": recordings_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

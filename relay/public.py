@@ -23,6 +23,7 @@ from vncgate.relay.identity import Identity
 from vncgate.relay.login import exchange_link, login, login_form, logout
 from vncgate.relay.origin import check_host, origin_allowed
 from vncgate.relay.pages import render_page, setup_templates
+from vncgate.relay.recorder import RecordingUnavailable
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.websocket import RelayWebSocket
 
@@ -97,6 +98,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                       max_duration=policy.max_duration, request=request,
                       expires_at=identity.expires, credential_id=identity.credential_id,
                       **_expiry(identity))
+    try:
+        session.recorder = state.recorder.for_session(session)
+    except RecordingUnavailable as exc:
+        await ws.close(code=closecodes.OVER_CAPACITY,
+                       message=closecodes.clip_reason(str(exc)).encode())
+        _log_end(state, target, client, identity.label, closecodes.OVER_CAPACITY, str(exc),
+                 session.started, labels=(namespace, name))
+        return ws
     claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
                       since=session.started_at, replica=state.settings.identity)
     if policy.exclusive:
@@ -294,6 +303,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 async def _on_cleanup(app: web.Application) -> None:
     app[STATE].derivations.close()
     await app[STATE].authorizer.close()
+    # Every session has ended: write what the recording thread still holds.
+    await asyncio.to_thread(app[STATE].recorder.writer.stop)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -321,4 +332,5 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
+    app.cleanup_ctx.append(state.recorder.retention)
     return app

@@ -28,6 +28,9 @@ from vncgate.common.spec import (
 from vncgate.relay.identity import AUTH_MODES, AuthConfigError
 from vncgate.relay.links import load_keys
 from vncgate.relay.proxies import parse_networks
+from vncgate.relay.recordstore import RecordingSettings
+from vncgate.relay.recordstore import add_arguments as add_recording_arguments
+from vncgate.relay.recordstore import settings_from_args as recording_settings_from_args
 from vncgate.relay.users import User, load_users
 
 
@@ -94,6 +97,7 @@ class RelaySettings:
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", compared
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
                               "POD_NAME") or socket.gethostname(),
                           help="this replica's name in Leases (default: the pod or host name)")
+    add_recording_arguments(parser)
     return parser
 
 
@@ -369,4 +374,5 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync,
         allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
         http_read_timeout=args.http_read_timeout,
-        stall_timeout=stall_timeout, shutdown_grace=shutdown_grace)
+        stall_timeout=stall_timeout, shutdown_grace=shutdown_grace,
+        recording=recording_settings_from_args(parser, args))

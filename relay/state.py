@@ -24,6 +24,7 @@ from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.passwords import KeyDerivations
 from vncgate.relay.ratelimit import FailureLimiter
+from vncgate.relay.recorder import Recorder
 from vncgate.relay.registry import Registry
 from vncgate.relay.settings import RelaySettings, host_names
 
@@ -66,6 +67,8 @@ class RelayState:
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
+    # Session recordings (relay/recorder.py): the writer thread and its metrics.
+    recorder: Recorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -75,6 +78,7 @@ class RelayState:
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
         self.host_names = host_names(self.settings)
+        self.recorder = Recorder(self.settings.recording, self.metrics.registry)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""

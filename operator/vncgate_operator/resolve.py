@@ -143,7 +143,7 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
     # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
                  display_name=spec.display_name, view_only=spec.view_only,
-                 sessions=spec.sessions)
+                 sessions=spec.sessions, recording=spec.recording)
 
 
 def first(values: Iterable[Any] | None) -> Any:

@@ -70,7 +70,10 @@ CHECKED: dict[str, tuple[str, str, str]] = {
         "tests/relay/test_auth.py::test_link_command_prints_a_link_that_verifies", '"link"',
         "needs a running pod; the link command itself runs in the test"),
 }
+# Longest prefix first: `-m bench` would also match `-m bench.soak`.
 BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
+         ".venv/bin/python -m bench.soak": "bench.soak",
+         ".venv/bin/python -m bench.maskscan": "bench.maskscan",
          ".venv/bin/python -m bench": "bench"}
 
 
@@ -137,7 +140,7 @@ def test_each_checking_test_exists(prefix: str) -> None:
 
 
 def own_command_line(command: str) -> list[str] | None:
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     if words and words[0] in ("vncgate-relay", "vncgate-operator") and (
             len(words) == 1 or words[1] not in ("hash-password", "link")):
         return words
@@ -145,7 +148,8 @@ def own_command_line(command: str) -> list[str] | None:
 
 
 def bench_module(command: str) -> str | None:
-    return next((module for prefix, module in BENCH.items() if command.startswith(prefix)), None)
+    return next((module for prefix, module in BENCH.items()
+                 if command == prefix or command.startswith(prefix + " ")), None)
 
 
 def test_every_command_is_run_or_checked() -> None:
@@ -205,7 +209,8 @@ def test_benchmark_lines_use_flags_that_exist() -> None:
             helps[module] = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
                                            capture_output=True, text=True, timeout=120,
                                            check=True).stdout
-        for flag in re.findall(r"(?<!\S)(--[a-z][-a-z]*)", command):
+        words = shlex.split(command, comments=True)
+        for flag in re.findall(r"(?<!\S)(--[a-z][-a-z]*)", " ".join(words)):
             assert flag in helps[module], f"{document} '## {section}': {module} has no {flag}"
             checked += 1
     assert checked >= 4

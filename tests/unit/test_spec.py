@@ -41,7 +41,11 @@ def test_service_spec_with_port_name_and_number() -> None:
      "string"),
     ({"endpoint": {"service": {"name": "d", "port": 1}}, "viewOnly": "true"}, "spec.viewOnly",
      "true or false"),
-    ({"endpoint": {"service": {"name": "d", "port": 1}}, "recording": {}}, "spec.recording",
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "recording": {"on": True}},
+     "spec.recording.on", "unknown field"),
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "recording": {"enabled": "yes"}},
+     "spec.recording.enabled", "true or false"),
+    ({"endpoint": {"service": {"name": "d", "port": 1}}, "replay": {}}, "spec.replay",
      "unknown field"),
 ])
 def test_bad_specs_name_the_field(spec: dict[str, Any], field: str, words: str) -> None:

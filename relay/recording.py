@@ -1,0 +1,650 @@
+"""Session recordings: the file format, the RFB tap that feeds it, and the disk writer.
+
+A recorded session is one gzip file (docs/RECORDING.md has the format). Its records are the
+server-to-viewer RFB stream from ServerInit on, with timestamps; the viewer's input messages
+when the target asks for them; keyframe marks; a header (who, which target, when) and an end
+record (close code and reason, complete or not).
+
+The live session never waits for the disk. The event loop only appends records to a per-session
+byte budget and hands them to one writer thread, which compresses and writes. When a session's
+queued bytes pass the budget (the disk does not keep up) the recording stops there, is marked
+incomplete, and an audit line and `vncgate_recordings_incomplete` say so; a write error (a full
+disk) does the same. Nothing the disk does reaches the session or the relay.
+
+Keyframes: playback must be able to start anywhere without feeding noVNC every earlier byte. A
+recorded session negotiates only encodings whose decoders carry no state between updates (Raw,
+CopyRect, RRE, Hextile and pseudo-encodings): the relay drops Tight, ZRLE, zlib and the rest from
+the viewer's SetEncodings, because their zlib streams run across the whole session. The relay then
+follows the server's messages (it must, to know where a FramebufferUpdate starts) and marks each
+update that repaints the whole screen without CopyRect as a keyframe; every `keyframe_interval`
+it asks the server for one (a non-incremental FramebufferUpdateRequest of the whole screen).
+
+No secret reaches the file: server bytes are recorded from ServerInit on, after the security
+handshake (a VNC password's challenge and response are 16 bytes each, before it), and the
+viewer's messages only after ClientInit, and only input messages, only when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vncgate.relay.rfbfilter import (
+    CLIENT_CUT_TEXT,
+    KEY_EVENT,
+    POINTER_EVENT,
+    QEMU,
+    QEMU_EXTENDED_KEY,
+    SECURITY_NONE,
+    SECURITY_VNC,
+    SET_ENCODINGS,
+    SET_PIXEL_FORMAT,
+    VERSIONS,
+    FilterError,
+    message_length,
+)
+
+log = logging.getLogger("vncgate.recording")
+audit = logging.getLogger("vncgate.audit")
+
+MAGIC = b"VNCGREC"
+FORMAT_VERSION = 1
+SUFFIX = ".vncrec"
+_RECORD = struct.Struct("!cII")  # type, milliseconds since the start, payload length
+
+HEADER, SERVER, CLIENT, KEYFRAME, END = b"H", b"S", b"C", b"K", b"E"
+
+# Encodings a recorded session may negotiate: decoders without state across updates, and
+# pseudo-encodings whose data the relay can measure. Everything else is dropped from SetEncodings.
+RAW, COPYRECT, RRE, HEXTILE = 0, 1, 2, 5
+DESKTOP_SIZE, LAST_RECT, CURSOR = -223, -224, -239
+EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING = -308, -307, -258
+EXTENDED_CLIPBOARD = 0xC0A1E5CE - (1 << 32)
+QUALITY_LEVELS = range(-32, -22)  # JPEG quality and compression level: no data of their own
+COMPRESS_LEVELS = range(-256, -246)
+ALLOWED_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_RECT, CURSOR,
+                               EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING,
+                               EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
+_RECORDED_INPUT = frozenset({KEY_EVENT, POINTER_EVENT, CLIENT_CUT_TEXT})
+_MAX_INPUT_RECORD = 64 * 1024  # a longer clipboard message is recorded cut to this
+
+
+def encode_record(kind: bytes, millis: int, payload: bytes) -> bytes:
+    return _RECORD.pack(kind, millis & 0xFFFFFFFF, len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: bytes
+    millis: int
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        value = json.loads(self.payload)
+        if not isinstance(value, dict):
+            raise ValueError("a JSON record must hold an object")
+        return value
+
+
+class FormatError(ValueError):
+    """The file is not a recording this relay can read."""
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """The records of a recording file, in order. A file cut short (a crash, a full disk) yields
+    the records before the cut: the writer flushes whole records."""
+    decompressor = zlib.decompressobj(wbits=31)
+    buffer = bytearray()
+    started = False
+    with path.open("rb") as file:
+        while True:
+            chunk = file.read(256 * 1024)
+            if chunk:
+                try:
+                    buffer += decompressor.decompress(chunk)
+                except zlib.error as exc:
+                    if not started:
+                        raise FormatError(f"{path} is not a vncgate recording") from exc
+                    return  # a damaged tail: keep what was read
+            if not started:
+                if len(buffer) < len(MAGIC) + 1:
+                    if chunk:
+                        continue
+                    return  # nothing written yet
+                if bytes(buffer[:len(MAGIC)]) != MAGIC:
+                    raise FormatError(f"{path} is not a vncgate recording")
+                if buffer[len(MAGIC)] != FORMAT_VERSION:
+                    raise FormatError(f"{path} is recording format {buffer[len(MAGIC)]}; this "
+                                      f"relay reads format {FORMAT_VERSION}")
+                del buffer[:len(MAGIC) + 1]
+                started = True
+            offset = 0
+            while len(buffer) - offset >= _RECORD.size:
+                kind, millis, length = _RECORD.unpack_from(buffer, offset)
+                end = offset + _RECORD.size + length
+                if end > len(buffer):
+                    break
+                yield Record(kind, millis, bytes(buffer[offset + _RECORD.size:end]))
+                offset = end
+            del buffer[:offset]
+            if not chunk:
+                return
+
+
+# --- following the RFB stream ------------------------------------------------------------------
+
+# The parser is a generator that yields how many bytes it needs next: n > 0 to read them, n < 0
+# to skip -n bytes (pixel data: skipped in bulk, never copied).
+_Parser = Generator[int, bytes, None]
+_WAIT = 1 << 62  # resume when the next bytes arrive, not at once
+
+
+class RfbTap:
+    """Follows both directions of one session for its recording.
+
+    `client_data` takes what goes to the server and returns it with SetEncodings restricted
+    (and, when a keyframe is due, a full update request appended at a message boundary).
+    `server_data` takes the server's bytes after the 12-byte greeting. Records go to `emit`.
+    """
+
+    def __init__(self, emit: Callable[[bytes, bytes], None], *, record_input: bool,
+                 keyframe_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._emit = emit
+        self._record_input = record_input
+        self._keyframe_interval = keyframe_interval
+        self._clock = clock
+        # client side
+        self._state = "version"
+        self.minor = 8
+        self._server_minor = 8
+        self.security: int | None = None
+        self._header = bytearray()
+        self._remaining = 0
+        self._message: bytearray | None = None  # a message kept whole (SetEncodings, input)
+        self._message_total = 0
+        self._last_request = clock()
+        # server side
+        self.recording = False  # ServerInit seen: server bytes are recorded from there
+        self.offset = 0  # bytes of the recorded server stream so far
+        self.width = 0
+        self.height = 0
+        self.bpp = 4
+        self.following = True  # False once the server sent something the parser cannot measure
+        self._need = 0
+        self._skip = 0
+        self._buffer = bytearray()
+        self._parser: _Parser | None = None
+        self._waiting = False
+
+    def server_greeting(self, greeting: bytes) -> None:
+        minor = VERSIONS.get(greeting)
+        if minor is None:
+            raise FilterError(f"the VNC server greets with {greeting!r}; a recorded session "
+                              "needs RFB 3.3, 3.7 or 3.8")
+        self._server_minor = minor
+
+    # --- viewer -> server ---
+
+    def client_data(self, data: bytes) -> bytes:
+        out = bytearray()
+        view = memoryview(data)
+        i, end = 0, len(data)
+        while i < end:
+            if self._remaining:
+                n = min(self._remaining, end - i)
+                if self._message is not None:
+                    room = _MAX_INPUT_RECORD - len(self._message)
+                    self._message += view[i:i + min(n, max(room, 0))]
+                else:
+                    out += view[i:i + n]
+                self._remaining -= n
+                i += n
+                if not self._remaining and self._message is not None:
+                    self._message_done(out)
+                continue
+            self._header.append(data[i])
+            i += 1
+            if self._state != "messages":
+                self._handshake_step(out)
+                continue
+            total = message_length(self._header)
+            if total is None:
+                continue
+            header, self._header = self._header, bytearray()
+            kind = header[0]
+            keep = kind in (SET_ENCODINGS, SET_PIXEL_FORMAT) or (self._record_input and (
+                kind in _RECORDED_INPUT or (kind == QEMU and header[1] == QEMU_EXTENDED_KEY)))
+            self._remaining = total - len(header)
+            if keep:
+                self._message, self._message_total = header, total
+                if not self._remaining:
+                    self._message_done(out)
+            else:
+                out += header
+                if not self._remaining:
+                    self._at_boundary(out)
+        return bytes(out)
+
+    def _message_done(self, out: bytearray) -> None:
+        message, self._message = self._message, None
+        assert message is not None
+        kind = message[0]
+        if kind == SET_ENCODINGS:
+            out += restrict_encodings(bytes(message))
+        elif kind == SET_PIXEL_FORMAT:
+            self.bpp = max(1, message[4] // 8)
+            out += message
+        else:
+            self._emit(CLIENT, bytes(message))
+            if len(message) < self._message_total:  # cut: what passes must still be whole
+                raise FilterError("an input message over 64 KiB cannot be recorded")
+            out += message
+        self._at_boundary(out)
+
+    def _at_boundary(self, out: bytearray) -> None:
+        """Between two of the viewer's messages: the place to ask for a keyframe."""
+        if (self.recording and self.following and self.width and self._clock() - self._last_request
+                >= self._keyframe_interval):
+            self._last_request = self._clock()
+            out += struct.pack("!BBHHHH", 3, 0, 0, 0, self.width, self.height)
+
+    def _handshake_step(self, out: bytearray) -> None:
+        lengths = {"version": 12, "choice": 1, "vnc-auth": 16, "client-init": 1}
+        if self._state == "await-server":
+            if self.security is None:
+                raise FilterError("the viewer answered before the server chose security")
+            self._after_security(self.security)
+        if len(self._header) < lengths[self._state]:
+            return
+        part, self._header = bytes(self._header), bytearray()
+        out += part
+        if self._state == "version":
+            minor = VERSIONS.get(part)
+            if minor is None:
+                raise FilterError(f"the viewer sent RFB version {part!r}; a recorded session "
+                                  "accepts 'RFB 003.003', 'RFB 003.007' or 'RFB 003.008'")
+            self.minor = min(minor, self._server_minor)
+            self._state = "await-server" if self.minor == 3 else "choice"
+        elif self._state == "choice":
+            self.security = part[0]
+            self._after_security(part[0])
+        elif self._state == "vnc-auth":
+            self._state = "client-init"
+        elif self._state == "client-init":
+            self._state = "messages"
+
+    def _after_security(self, security: int) -> None:
+        if security == SECURITY_NONE:
+            self._state = "client-init"
+        elif security == SECURITY_VNC:
+            self._state = "vnc-auth"
+        else:
+            raise FilterError(
+                f"the VNC server uses security type {security}; a recorded session needs "
+                "security None or VNC password, whose handshake the relay can follow")
+
+    # --- server -> viewer ---
+
+    def server_data(self, data: bytes | memoryview) -> None:
+        """The server's bytes after the greeting; recorded from ServerInit on."""
+        view = memoryview(data)
+        if self._parser is None:  # the viewer's version is known by now: the server waited
+            self._parser = self._server_messages()
+            self._advance(None)
+        start = 0 if self.recording else None
+        i, end = 0, len(view)
+        while i < end and (self._need or self._skip or self._waiting):
+            if self._waiting:  # new bytes: what the parser waited for has happened
+                self._waiting = False
+                self._advance(b"")
+            elif self._skip:
+                n = min(self._skip, end - i)
+                self._skip -= n
+                i += n
+                if self.recording:
+                    self.offset += n
+                if not self._skip:
+                    self._advance(b"")
+            else:
+                take = min(self._need - len(self._buffer), end - i)
+                self._buffer += view[i:i + take]
+                i += take
+                if len(self._buffer) == self._need:
+                    value, self._buffer = bytes(self._buffer), bytearray()
+                    if self.recording:
+                        self.offset += len(value)
+                    self._advance(value)
+            if start is None and self.recording:
+                start = i  # ServerInit begins at the next byte
+        if start is not None and start < end:
+            self._emit(SERVER, bytes(view[start:]))
+
+    def _advance(self, value: bytes | None) -> None:
+        assert self._parser is not None
+        try:
+            need = self._parser.send(value) if value is not None else next(self._parser)
+        except StopIteration:
+            need = 0
+        except FilterError as exc:
+            if self.recording:
+                log.warning("recording goes on without keyframes: the relay cannot measure %s",
+                            exc)
+            need = 0
+        if need == _WAIT:
+            self._waiting, need = True, 0
+        elif not need:
+            self.following = False
+        self._skip, self._need = (-need, 0) if need < 0 else (0, need)
+
+    def _server_messages(self) -> _Parser:
+        # The handshake after the greeting (RFC 6143 7.1-7.3), as the server sends it.
+        if self.minor == 3:
+            (security,) = struct.unpack("!I", (yield 4))
+            self.security = security
+        else:
+            (count,) = (yield 1)
+            if count == 0:
+                return  # the server refused; it sends a reason and closes
+            yield count  # the types offered
+            yield _WAIT  # the server says more only after the viewer chose: resume then
+            security = self.security if self.security is not None else -1
+        if security == SECURITY_VNC:
+            yield 16  # the challenge: never recorded
+        if security == SECURITY_VNC or (security == SECURITY_NONE and self.minor >= 8):
+            (result,) = struct.unpack("!I", (yield 4))
+            if result != 0:
+                return
+        elif security != SECURITY_NONE:
+            raise FilterError(f"security type {security}")
+        self.recording = True  # ServerInit: recorded from its first byte on
+        init = yield 24
+        self.width, self.height = struct.unpack_from("!HH", init)
+        self.bpp = max(1, init[4] // 8)
+        (name_length,) = struct.unpack_from("!I", init, 20)
+        if name_length:
+            yield -name_length
+        while True:
+            (kind,) = yield 1
+            if kind == 0:
+                yield from self._update(self.offset - 1)
+            elif kind == 1:  # SetColourMapEntries
+                head = yield 5
+                yield -(6 * struct.unpack_from("!H", head, 3)[0])
+            elif kind == 2:  # Bell
+                pass
+            elif kind == 3:  # ServerCutText (a negative length: the extended clipboard's)
+                head = yield 7
+                length = abs(struct.unpack_from("!i", head, 3)[0])
+                if length:
+                    yield -length
+            elif kind == 250:  # XVP
+                yield 3
+            else:
+                raise FilterError(f"server message type {kind}")
+
+    def _update(self, start: int) -> _Parser:
+        head = yield 3
+        (count,) = struct.unpack_from("!H", head, 1)
+        width, height = self.width, self.height
+        painted, copies = 0, False
+        done = 0
+        while count == 0xFFFF or done < count:
+            rect = yield 12
+            _x, y, w, h, encoding = struct.unpack("!HHHHi", rect)
+            done += 1
+            if encoding == LAST_RECT:
+                break
+            size = 0
+            if encoding == RAW:
+                size = w * h * self.bpp
+                painted += w * h
+            elif encoding == COPYRECT:
+                size, copies = 4, True
+            elif encoding == RRE:
+                sub = yield 4 + self.bpp
+                size = struct.unpack_from("!I", sub)[0] * (self.bpp + 8)
+                painted += w * h
+            elif encoding == HEXTILE:
+                yield from self._hextile(w, h)
+                painted += w * h
+            elif encoding == CURSOR:
+                size = w * h * self.bpp + (w + 7) // 8 * h
+            elif encoding == DESKTOP_SIZE:
+                self.width, self.height = w, h
+            elif encoding == EXTENDED_DESKTOP_SIZE:
+                screens = yield 4
+                size = 16 * screens[0]
+                if y == 0:  # status 0: the size changed
+                    self.width, self.height = w, h
+            elif encoding == DESKTOP_NAME:
+                length = yield 4
+                size = struct.unpack("!I", length)[0]
+            elif encoding == QEMU_EXTENDED_KEY_ENCODING:
+                pass
+            else:
+                raise FilterError(f"encoding {encoding} in an update")
+            if size:
+                yield -size
+        if painted >= width * height > 0 and not copies:
+            self._emit(KEYFRAME, json.dumps({"offset": start, "width": width,
+                                             "height": height}).encode())
+
+    def _hextile(self, w: int, h: int) -> _Parser:
+        bpp = self.bpp
+        for ty in range(0, h, 16):
+            th = min(16, h - ty)
+            for tx in range(0, w, 16):
+                tw = min(16, w - tx)
+                (sub,) = yield 1
+                if sub & 1:
+                    yield -(tw * th * bpp)
+                    continue
+                size = (bpp if sub & 2 else 0) + (bpp if sub & 4 else 0)
+                if sub & 8:
+                    if size:
+                        yield -size
+                    (n,) = yield 1
+                    size = n * ((bpp if sub & 16 else 0) + 2)
+                if size:
+                    yield -size
+
+
+def restrict_encodings(message: bytes) -> bytes:
+    """A SetEncodings message with only the encodings a recording can follow, in the viewer's
+    order; Raw is always there (RFC 6143 requires servers to support it)."""
+    count = struct.unpack_from("!H", message, 2)[0]
+    wanted = struct.unpack_from(f"!{count}i", message, 4)
+    kept = [e for e in wanted if e in ALLOWED_ENCODINGS]
+    if RAW not in kept:
+        kept.append(RAW)
+    return struct.pack(f"!BxH{len(kept)}i", SET_ENCODINGS, len(kept), *kept)
+
+
+# --- writing to disk ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Recording:
+    """One session's recording: the event loop adds records, the writer thread writes them."""
+
+    writer: RecordingWriter
+    path: Path
+    limit: int  # bytes that may wait for the disk before the recording is cut
+    started: float = field(default_factory=time.monotonic)
+    pending: int = 0
+    complete: bool = True
+    stopped: bool = False  # nothing more is added (cut, failed or closed)
+    failed: str = ""  # set by the writer thread: why writing stopped
+    written: int = 0  # uncompressed bytes handed to the writer
+    on_incomplete: Callable[[str], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, kind: bytes, payload: bytes) -> None:
+        """Queue one record (event loop); never blocks, never raises."""
+        if self.stopped:
+            return
+        if self.failed:
+            self._cut(f"writing failed: {self.failed}")
+            return
+        record = encode_record(kind, int((time.monotonic() - self.started) * 1000), payload)
+        with self._lock:
+            if self.pending + len(record) > self.limit:
+                over = True
+            else:
+                over = False
+                self.pending += len(record)
+        if over:
+            self._cut(f"the disk did not keep up ({self.limit} bytes waiting)")
+            return
+        self.written += len(record)
+        self.writer.submit(self, record)
+
+    def _cut(self, why: str) -> None:
+        self.stopped = True
+        self.complete = False
+        if self.on_incomplete is not None:
+            self.on_incomplete(why)
+
+    def close(self, code: int | None, reason: str) -> None:
+        """The end record (exempt from the budget: it is small) and the file's end."""
+        if self.failed and not self.stopped:
+            self._cut(f"writing failed: {self.failed}")
+        self.stopped = True
+        end = {"code": code, "reason": reason, "complete": self.complete,
+               "ended": _iso(time.time()),
+               "durationMs": int((time.monotonic() - self.started) * 1000)}
+        record = encode_record(END, int((time.monotonic() - self.started) * 1000),
+                               json.dumps(end).encode())
+        with self._lock:
+            self.pending += len(record)
+        self.writer.submit(self, record, last=True)
+
+    def done_writing(self, size: int) -> None:
+        with self._lock:
+            self.pending -= size
+
+
+class RecordingWriter:
+    """One thread that compresses and writes every recording of the relay, in order.
+
+    Per file it keeps a gzip stream; after each burst (when its queue runs empty) it flushes
+    what it has (Z_SYNC_FLUSH), so a file cut by a crash or a full disk reads up to there.
+    Any error writing a file ends that file only (`Recording.failed`); the thread goes on.
+    """
+
+    def __init__(self, on_failure: Callable[[Recording, str], None] | None = None) -> None:
+        self._queue: queue.SimpleQueue[tuple[Recording, bytes, bool] | None] = queue.SimpleQueue()
+        self._files: dict[Recording, tuple[Any, Any]] = {}  # open file, compressor
+        self._dirty: set[Recording] = set()
+        self._thread: threading.Thread | None = None
+        self._on_failure = on_failure
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def submit(self, recording: Recording, record: bytes, last: bool = False) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vncgate-recording",
+                                            daemon=True)
+            self._thread.start()
+        self.idle.clear()
+        self._queue.put((recording, record, last))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued and end the thread (at shutdown)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            if self._queue.empty():
+                self._flush()
+                self.idle.set()
+            item = self._queue.get()
+            if item is None:
+                self._flush()
+                for recording in list(self._files):
+                    self._finish(recording)
+                self.idle.set()
+                return
+            recording, record, last = item
+            try:
+                if not recording.failed:
+                    self._write(recording, record, last)
+            except Exception as exc:  # a full disk or any error ends one file only
+                self._fail(recording, exc)
+            finally:
+                recording.done_writing(len(record))
+
+    def _write(self, recording: Recording, record: bytes, last: bool) -> None:
+        opened = self._files.get(recording)
+        if opened is None:
+            recording.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(recording.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o640)
+            file = os.fdopen(fd, "wb", buffering=0)
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            opened = self._files[recording] = (file, compressor)
+            file.write(compressor.compress(MAGIC + bytes([FORMAT_VERSION])))
+        file, compressor = opened
+        out = compressor.compress(record)
+        if out:
+            file.write(out)
+        self._dirty.add(recording)
+        if last:
+            self._finish(recording)
+
+    def _flush(self) -> None:
+        for recording in list(self._dirty):
+            opened = self._files.get(recording)
+            if opened is not None:
+                try:
+                    opened[0].write(opened[1].flush(zlib.Z_SYNC_FLUSH))
+                except Exception as exc:  # see _run
+                    self._fail(recording, exc)
+        self._dirty.clear()
+
+    def _finish(self, recording: Recording) -> None:
+        self._dirty.discard(recording)
+        opened = self._files.pop(recording, None)
+        if opened is None:
+            return
+        file, compressor = opened
+        try:
+            file.write(compressor.flush(zlib.Z_FINISH))
+        finally:
+            file.close()
+
+    def _fail(self, recording: Recording, exc: Exception) -> None:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        recording.failed = why or type(exc).__name__
+        self._dirty.discard(recording)
+        opened = self._files.pop(recording, None)
+        if opened is not None:
+            with contextlib.suppress(Exception):
+                opened[0].close()
+        if self._on_failure is not None:
+            with contextlib.suppress(Exception):
+                self._on_failure(recording, recording.failed)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def recording_path(directory: Path, namespace: str, name: str, started_at: float,
+                   session_id: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started_at))
+    return directory / namespace / name / f"{stamp}-{session_id}{SUFFIX}"
