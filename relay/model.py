@@ -12,24 +12,29 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.spec import (
     DEFAULT_SESSIONS,
     MAX_DISPLAY_NAME,
     Access,
+    Credentials,
     SessionPolicy,
     SpecError,
+    TlsSpec,
     check_host,
     check_name,
     check_namespace,
     check_port,
     host_port,
     parse_access,
+    parse_credentials,
     parse_sessions,
+    parse_tls,
 )
 
 EMPTY_REVISION = "0" * 64
+_Ref = TypeVar("_Ref", Credentials, TlsSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,9 @@ class Route:
     # authenticated. In a cluster RBAC decides and the operator sends no access lists.
     access: Access | None = None
     sessions: SessionPolicy = DEFAULT_SESSIONS
+    # The relay answers the server's security with these (relay.rfbsecurity); names, not secrets.
+    credentials: Credentials | None = None
+    tls: TlsSpec | None = None
 
     @property
     def key(self) -> str:
@@ -67,6 +75,10 @@ class Route:
                               "groups": list(self.access.groups)}
         if self.sessions != DEFAULT_SESSIONS:
             body["sessions"] = self.sessions.to_json()
+        if self.credentials is not None:
+            body["credentials"] = self.credentials.to_json()
+        if self.tls is not None:
+            body["tls"] = self.tls.to_json()
         return body
 
     def digest(self) -> bytes:
@@ -102,7 +114,19 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         view_only=view_only,
         access=parse_access(body.get("access"), "access"),
         sessions=parse_sessions(body.get("sessions"), "sessions"),
+        credentials=_cluster_only(parse_credentials(body.get("credentials"), "credentials")),
+        tls=_cluster_only(parse_tls(body.get("tls"), "tls")),
     )
+
+
+def _cluster_only(value: _Ref | None) -> _Ref | None:
+    """Over the registration API only Secret and ConfigMap names: a file path or a variable
+    would make the relay read its own files (its API token) and send them to a VNC server."""
+    if value is not None and value.standalone_only:
+        field = "credentials" if isinstance(value, Credentials) else "tls.caFile"
+        raise SpecError(field, "passwordFile, passwordEnv and caFile are for standalone "
+                               "manifests; in a cluster name a Secret or ConfigMap")
+    return value
 
 
 def table_from_json(body: object) -> list[Route]:

@@ -123,7 +123,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                       idle_timeout=None if view_only else policy.idle_timeout,
                       max_duration=policy.max_duration, request=request,
                       expires_at=identity.expires, credential_id=identity.credential_id,
-                      **_expiry(identity))
+                      logins=state.logins, **_expiry(identity))
     claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
                       since=session.started_at, replica=state.settings.identity)
     if policy.exclusive:

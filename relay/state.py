@@ -18,6 +18,7 @@ from relay.authz import (
 )
 from relay.bridge import Sessions
 from relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from relay.credentials import CredentialStore
 from relay.kube import KubeClient, kube_connection
 from relay.links import UsedLinks
 from relay.metrics import RelayMetrics
@@ -64,6 +65,8 @@ class RelayState:
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
+    # What the relay answers VNC servers' security with (spec.credentials / spec.tls).
+    logins: CredentialStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -73,6 +76,7 @@ class RelayState:
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
         self.host_names = host_names(self.settings)
+        self.logins = CredentialStore(self.settings)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
