@@ -37,7 +37,7 @@ def _read_text(path: str) -> str:
 
 
 def _refused(reason: str) -> SecurityRefused:
-    return SecurityRefused(closecodes.INTERNAL_ERROR, reason)
+    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason)
 
 
 class CredentialStore:

@@ -168,7 +168,7 @@ async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gree
             detail = await server.reason("the security result") if minor == 8 else ""
             what = ("refused the stored credential" if authenticated else "refused the relay")
             raise SecurityRefused(
-                closecodes.BAD_UPSTREAM,
+                closecodes.CREDENTIAL_REFUSED if authenticated else closecodes.BAD_UPSTREAM,
                 f"the VNC server of {target} {what}"
                 + (f" ({detail})" if detail else "")
                 + ("; update the target's credentials" if authenticated else ""),

@@ -157,7 +157,7 @@ async def test_a_wrong_password_closes_with_a_reason_and_leaks_nothing(
                   credentials=Credentials(password_file=str(secrets_dir / "wrong")))
     async with make_relay(routes=[route]) as relay:
         code, reason = await close_of(relay.public_url, "desk")
-    assert code == closecodes.BAD_UPSTREAM
+    assert code == closecodes.CREDENTIAL_REFUSED
     assert "refused the stored credential" in reason
     assert "not-it" not in reason and "not-it" not in caplog.text
 
@@ -168,7 +168,7 @@ async def test_a_missing_password_says_what_to_set(
                   credentials=Credentials(password_env="VNCGATE_TEST_UNSET_VARIABLE"))
     async with make_relay(routes=[route]) as relay:
         code, reason = await close_of(relay.public_url, "desk")
-    assert code == closecodes.INTERNAL_ERROR and "VNCGATE_TEST_UNSET_VARIABLE" in reason
+    assert code == closecodes.CREDENTIAL_REFUSED and "VNCGATE_TEST_UNSET_VARIABLE" in reason
 
 
 async def test_x509_vnc_verified_against_the_ca(
@@ -218,7 +218,7 @@ async def test_x509_plain_sends_the_username_and_the_server_judges_it(
                   tls=TlsSpec(ca_file=str(secrets_dir / "ca.crt"), server_name=SERVER_NAME))
     async with make_relay(routes=[route]) as relay:
         code, reason = await close_of(relay.public_url, "bmc")
-    assert code == closecodes.BAD_UPSTREAM and "refused the stored credential" in reason, reason
+    assert code == closecodes.CREDENTIAL_REFUSED and "refused the stored credential" in reason
 
 
 async def test_anonymous_tls_needs_insecure_skip_verify(
@@ -272,4 +272,4 @@ async def test_secret_routes_need_a_kubernetes_client(
                   credentials=Credentials(secret_name="desk-vnc"))
     async with make_relay(routes=[route]) as relay:
         code, reason = await close_of(relay.public_url, "desk")
-    assert code == closecodes.INTERNAL_ERROR and "Kubernetes credentials" in reason, reason
+    assert code == closecodes.CREDENTIAL_REFUSED and "Kubernetes credentials" in reason, reason
