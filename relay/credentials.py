@@ -70,9 +70,10 @@ class CredentialStore:
         except KubeError as exc:
             if exc.status == 403:
                 # Short: it must fit a close frame (123 bytes) with the names.
+                # (what to do first: a close frame clips long names at the end)
                 raise _refused(
-                    f"relay may not read {kind} {route.namespace}/{name}: add a RoleBinding to "
-                    f"ClusterRole {CREDENTIALS_ROLE}") from None
+                    f"needs a RoleBinding to ClusterRole {CREDENTIALS_ROLE}: the relay may not "
+                    f"read {kind} {route.namespace}/{name}") from None
             if exc.status == 404:
                 raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
             raise _refused(f"reading {kind} {route.namespace}/{name} failed: "
