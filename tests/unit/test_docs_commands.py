@@ -71,6 +71,7 @@ CHECKED: dict[str, tuple[str, str, str]] = {
         "needs a running pod; the link command itself runs in the test"),
 }
 BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
+         ".venv/bin/python -m bench.security_setup": "bench.security_setup",
          ".venv/bin/python -m bench": "bench"}
 
 
