@@ -12,26 +12,31 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vncgate.common.addresses import host_port
 from vncgate.common.spec import (
     DEFAULT_SESSIONS,
     MAX_DISPLAY_NAME,
     Access,
+    Credentials,
     RecordingPolicy,
     SessionPolicy,
     SpecError,
+    TlsSpec,
     check_host,
     check_name,
     check_namespace,
     check_port,
     parse_access,
+    parse_credentials,
     parse_recording,
     parse_sessions,
+    parse_tls,
 )
 
 EMPTY_REVISION = "0" * 64
+_Ref = TypeVar("_Ref", Credentials, TlsSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,9 @@ class Route:
     access: Access | None = None
     sessions: SessionPolicy = DEFAULT_SESSIONS
     recording: RecordingPolicy | None = None  # spec.recording; None: the relay's default
+    # The relay answers the server's security with these (relay.rfbsecurity); names, not secrets.
+    credentials: Credentials | None = None
+    tls: TlsSpec | None = None
 
     @property
     def key(self) -> str:
@@ -72,6 +80,10 @@ class Route:
             body["sessions"] = self.sessions.to_json()
         if self.recording is not None:
             body["recording"] = self.recording.to_json()
+        if self.credentials is not None:
+            body["credentials"] = self.credentials.to_json()
+        if self.tls is not None:
+            body["tls"] = self.tls.to_json()
         return body
 
     def digest(self) -> bytes:
@@ -108,7 +120,19 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         access=parse_access(body.get("access"), "access"),
         sessions=parse_sessions(body.get("sessions"), "sessions"),
         recording=parse_recording(body.get("recording"), "recording"),
+        credentials=_cluster_only(parse_credentials(body.get("credentials"), "credentials")),
+        tls=_cluster_only(parse_tls(body.get("tls"), "tls")),
     )
+
+
+def _cluster_only(value: _Ref | None) -> _Ref | None:
+    """Over the registration API only Secret and ConfigMap names: a file path or a variable
+    would make the relay read its own files (its API token) and send them to a VNC server."""
+    if value is not None and value.standalone_only:
+        field = "credentials" if isinstance(value, Credentials) else "tls.caFile"
+        raise SpecError(field, "passwordFile, passwordEnv and caFile are for standalone "
+                               "manifests; in a cluster name a Secret or ConfigMap")
+    return value
 
 
 def table_from_json(body: object) -> list[Route]:

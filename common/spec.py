@@ -32,7 +32,8 @@ HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
-_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording"}
+_SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording",
+                "credentials", "tls"}
 MAX_SESSION_SECONDS = 30 * 86400
 MAX_ACCESS_ENTRIES = 256
 
@@ -137,6 +138,8 @@ class VncTargetSpec:
     access: Access | None = None
     sessions: SessionPolicy = DEFAULT_SESSIONS
     recording: RecordingPolicy | None = None
+    credentials: Credentials | None = None
+    tls: TlsSpec | None = None
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -291,4 +294,150 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
                          display_name=display_name, view_only=view_only,
                          access=parse_access(spec.get("access"), f"{field}.access"),
                          sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions"),
-                         recording=parse_recording(spec.get("recording"), f"{field}.recording"))
+                         recording=parse_recording(spec.get("recording"), f"{field}.recording"),
+                         credentials=parse_credentials(spec.get("credentials"),
+                                                       f"{field}.credentials"),
+                         tls=parse_tls(spec.get("tls"), f"{field}.tls"))
+
+
+# --- spec.credentials and spec.tls: what the relay answers the VNC server's security with ------
+# (relay.rfbsecurity speaks it; relay.credentials loads the secret at each session's start.)
+
+_CREDENTIAL_FIELDS = {"secretName", "passwordFile", "passwordEnv", "username"}
+_TLS_FIELDS = {"caSecret", "caConfigMap", "caFile", "serverName", "insecureSkipVerify"}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """`spec.credentials`: where the password (and VeNCrypt Plain's username) come from.
+
+    In a cluster: `secretName`, a Secret in the target's namespace (keys `password`, optionally
+    `username`), read by the relay at each session's start. Standalone manifests, which the
+    relay's own admin writes: `passwordFile` or `passwordEnv` (and `username`). Never inline.
+    """
+
+    secret_name: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+    username: str | None = None
+
+    @property
+    def standalone_only(self) -> bool:
+        return self.secret_name is None
+
+    def to_json(self) -> dict[str, str]:
+        pairs = (("secretName", self.secret_name), ("passwordFile", self.password_file),
+                 ("passwordEnv", self.password_env), ("username", self.username))
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """A key of a Secret or ConfigMap in the target's namespace."""
+
+    name: str
+    key: str = "ca.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSpec:
+    """`spec.tls`: how the relay verifies a VeNCrypt server's certificate."""
+
+    ca_secret: KeyRef | None = None
+    ca_config_map: KeyRef | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+    @property
+    def standalone_only(self) -> bool:
+        return self.ca_file is not None
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"insecureSkipVerify": self.insecure_skip_verify}
+        if self.ca_secret is not None:
+            body["caSecret"] = {"name": self.ca_secret.name, "key": self.ca_secret.key}
+        if self.ca_config_map is not None:
+            body["caConfigMap"] = {"name": self.ca_config_map.name, "key": self.ca_config_map.key}
+        if self.ca_file is not None:
+            body["caFile"] = self.ca_file
+        if self.server_name is not None:
+            body["serverName"] = self.server_name
+        return body
+
+
+def _text(value: object, field: str, what: str, limit: int = 4096) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise SpecError(field, f"give {what}")
+    return value
+
+
+def parse_credentials(value: object, field: str = "spec.credentials") -> Credentials | None:
+    if value is None:
+        return None
+    body = _mapping(value, field)
+    if "password" in body:
+        raise SpecError(f"{field}.password", "a password is never written into a manifest; "
+                        "name a Secret with secretName (or passwordFile / passwordEnv standalone)")
+    _no_unknown(body, _CREDENTIAL_FIELDS, field)
+    sources = [k for k in ("secretName", "passwordFile", "passwordEnv") if body.get(k) is not None]
+    if len(sources) != 1:
+        raise SpecError(field, "set exactly one of secretName (a Secret in this namespace with "
+                               "the key password), passwordFile or passwordEnv (standalone)")
+    secret = body.get("secretName")
+    if secret is not None and (not isinstance(secret, str) or len(secret) > 253
+                               or not SUBDOMAIN_RE.match(secret)):
+        raise SpecError(f"{field}.secretName", f"{secret!r} is not a Secret name")
+    env = body.get("passwordEnv")
+    if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
+        raise SpecError(f"{field}.passwordEnv", f"{env!r} is not an environment variable name")
+    path = body.get("passwordFile")
+    username = body.get("username")
+    if secret is not None and username is not None:
+        raise SpecError(f"{field}.username", "with secretName the username comes from the "
+                                             "Secret's key username")
+    return Credentials(
+        secret_name=secret, password_env=env,
+        password_file=None if path is None else _text(path, f"{field}.passwordFile", "a path"),
+        username=None if username is None else _text(username, f"{field}.username",
+                                                     "a user name", 255))
+
+
+def _key_ref(value: object, field: str) -> KeyRef:
+    body = _mapping(value, field)
+    _no_unknown(body, {"name", "key"}, field)
+    name = body.get("name")
+    if not isinstance(name, str) or len(name) > 253 or not SUBDOMAIN_RE.match(name):
+        raise SpecError(f"{field}.name", f"{name!r} is not an object name")
+    key = body.get("key", "ca.crt")
+    if not isinstance(key, str) or not re.match(r"^[-._a-zA-Z0-9]{1,253}$", key):
+        raise SpecError(f"{field}.key", f"{key!r} is not a key name")
+    return KeyRef(name=name, key=key)
+
+
+def parse_tls(value: object, field: str = "spec.tls") -> TlsSpec | None:
+    if value is None:
+        return None
+    body = _mapping(value, field)
+    _no_unknown(body, _TLS_FIELDS, field)
+    cas = [k for k in ("caSecret", "caConfigMap", "caFile") if body.get(k) is not None]
+    if len(cas) > 1:
+        raise SpecError(field, "set at most one of caSecret, caConfigMap and caFile")
+    skip = body.get("insecureSkipVerify", False)
+    if not isinstance(skip, bool):
+        raise SpecError(f"{field}.insecureSkipVerify", f"must be true or false, not {skip!r}")
+    if skip and cas:
+        raise SpecError(f"{field}.insecureSkipVerify", f"contradicts {field}.{cas[0]}: "
+                                                       "verify with the CA or skip, not both")
+    server_name = body.get("serverName")
+    if server_name is not None:
+        server_name = check_host(server_name, f"{field}.serverName")
+    ca_file = body.get("caFile")
+    return TlsSpec(
+        ca_secret=None if body.get("caSecret") is None
+        else _key_ref(body["caSecret"], f"{field}.caSecret"),
+        ca_config_map=None if body.get("caConfigMap") is None
+        else _key_ref(body["caConfigMap"], f"{field}.caConfigMap"),
+        ca_file=None if ca_file is None else _text(ca_file, f"{field}.caFile", "a path"),
+        server_name=server_name, insecure_skip_verify=skip)

@@ -27,7 +27,8 @@ from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
-from vncgate.relay import closecodes
+from vncgate.relay import closecodes, rfbsecurity
+from vncgate.relay.credentials import CredentialStore
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
 from vncgate.relay.recorder import SessionRecorder
@@ -245,6 +246,8 @@ class Session:
     _abort_viewer: bool = False  # a close frame cannot reach the browser: drop its connection
     _browser_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    # Loads what the relay answers the server's security with (routes with credentials/tls).
+    logins: CredentialStore | None = None
 
     def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
         """End the session from anywhere (shutdown, route removed, a stall); the first reason
@@ -319,6 +322,9 @@ class Session:
             upstream.transport.abort()  # nothing useful is left for the server
 
     async def _relay(self) -> None:
+        if self.route.credentials is not None or self.route.tls is not None:
+            await self._relay_logged_in()
+            return
         greeting = await self._connect()
         if self.filter is not None:  # it follows the version the server greets with
             self.filter.server_greeting(greeting)
@@ -338,6 +344,49 @@ class Session:
         assert upstream is not None
         self.phase = Phase.RELAYING
         upstream.start_relaying()
+        if self.code is None:
+            await self._client_to_server(upstream)
+
+    async def _relay_logged_in(self) -> None:
+        """The relay answers the server's security itself and offers the browser only None
+        (relay.rfbsecurity); relaying starts after ServerInit, in plaintext both ways."""
+        route, started = self.route, time.monotonic()
+        if self.logins is None:
+            raise SessionRefused(closecodes.INTERNAL_ERROR, "this relay cannot log in to servers")
+        try:
+            login = await self.logins.login_for(route)
+            async with asyncio.timeout(self.settings.connect_timeout):
+                host = await self._allowed_address()
+            opened = await rfbsecurity.open_logged_in(host, route.port, login, route.key,
+                                                      self.settings.connect_timeout)
+        except rfbsecurity.SecurityRefused as refused:
+            raise SessionRefused(refused.code, refused.reason) from None
+        except TimeoutError:
+            raise SessionRefused(closecodes.UPSTREAM_TIMEOUT,
+                                 f"the host of {route.key} did not resolve in time") from None
+        except socket.gaierror:
+            raise SessionRefused(closecodes.BAD_UPSTREAM, f"the host of {route.key} cannot be "
+                                 "resolved; check its endpoint") from None
+        self.metrics.connect_seconds.observe(time.monotonic() - started)
+        self.server_version = opened.greeting[:-1].decode("ascii", "replace")
+        upstream = self.upstream = Upstream(self)
+        upstream.greeted.set_result(opened.greeting)
+        opened.transport.set_protocol(upstream)
+        upstream.connection_made(opened.transport)
+        if opened.leftover:
+            upstream.data_received(opened.leftover)
+        try:
+            extra = await rfbsecurity.serve_browser(self.ws, opened.server_init, self.filter)
+        except rfbsecurity.SecurityRefused as refused:
+            raise SessionRefused(refused.code, refused.reason) from None
+        if self.request.transport is not None:
+            self.request.transport.set_write_buffer_limits(high=BROWSER_HIGH_WATER)
+        self.to_client += len(opened.server_init)
+        self.phase = Phase.RELAYING
+        upstream.start_relaying()
+        if extra and upstream.transport is not None and not upstream.closed:
+            upstream.transport.write(extra)
+            self.to_server += len(extra)
         if self.code is None:
             await self._client_to_server(upstream)
 

@@ -15,6 +15,9 @@ FORBIDDEN = 4403
 UNKNOWN_TARGET = 4404
 IDLE_TIMEOUT = 4408
 CONFLICT = 4409
+# HTTP 424 Failed Dependency: the target's stored credential was refused or cannot be read.
+# Final: a viewer that retried would only add failed logins (servers blacklist on those).
+CREDENTIAL_REFUSED = 4424
 TOO_MANY_REQUESTS = 4429
 INTERNAL_ERROR = 4500
 BAD_UPSTREAM = 4502

@@ -67,7 +67,8 @@ def route_from_manifest(doc: Mapping[str, Any]) -> Route:
         raise NeedsCluster(f"{namespace}/{name}")
     return Route(namespace=namespace, name=name, host=spec.endpoint.host,
                  port=spec.endpoint.port, display_name=spec.display_name, view_only=spec.view_only,
-                 access=spec.access, sessions=spec.sessions, recording=spec.recording)
+                 access=spec.access, sessions=spec.sessions, recording=spec.recording,
+                 credentials=spec.credentials, tls=spec.tls)
 
 
 def load_routes(paths: Iterable[Path], extra: Iterable[Route] = ()) -> list[Route]:

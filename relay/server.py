@@ -72,6 +72,7 @@ class RelayServer:
             await runner.cleanup()
         self._runners.clear()
         await self.state.consoles.close()
+        await self.state.logins.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

@@ -20,6 +20,7 @@ from vncgate.relay.authz import (
 from vncgate.relay.bridge import Sessions
 from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
 from vncgate.relay.cookies import Revoked
+from vncgate.relay.credentials import CredentialStore
 from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.passwords import KeyDerivations
@@ -69,6 +70,8 @@ class RelayState:
     host_names: frozenset[str] | None = field(init=False)
     # Session recordings (relay/recorder.py): the writer thread and its metrics.
     recorder: Recorder = field(init=False)
+    # What the relay answers VNC servers' security with (spec.credentials / spec.tls).
+    logins: CredentialStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -79,6 +82,7 @@ class RelayState:
         self.consoles = make_consoles(self.settings)
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
+        self.logins = CredentialStore(self.settings)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""

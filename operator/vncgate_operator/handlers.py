@@ -35,6 +35,7 @@ import kopf
 from vncgate.common.kube import KubeClient, KubeConnection, KubeError
 from vncgate.common.model import Route
 from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL, ServiceRef, VncTargetSpec
+from vncgate.operator import credentials
 from vncgate.operator.discovery import relay_urls_from_slice, union_urls
 from vncgate.operator.kubeapi import OLD_FINALIZER, TargetApi, operator_connection
 from vncgate.operator.probe import ProbeResult, probe_rfb
@@ -232,9 +233,26 @@ class Runtime:
                                      "through the relays", current.get("serverVersion"))
             elif probe:
                 result = await self.probe(route)
+            result = await self.credentials_check(route) or result
             obs = Observation(endpoint, registration=registration,
                               probe=result, sessions=sessions, viewers=self.fleet.viewers(key))
         await self.write_status(key, entry, current, obs)
+
+    async def credentials_check(self, route: Route) -> ProbeResult | None:
+        """Not Reachable (reason CredentialsNotReadable) while the relay may not read the
+        route's Secret; None when it may, or when nothing is to be checked."""
+        account = self.config.relay_service_account
+        if account is None or not credentials.references(route):
+            return None
+        try:
+            problem = await credentials.unreadable(self.api.client, account,
+                                                   self.config.relay_credentials_role, route)
+        except (KubeError, OSError) as exc:
+            logger.warning("%s: cannot check the relay's access to its Secret: %s", route.key, exc)
+            return None
+        if problem is None:
+            return None
+        return ProbeResult(False, credentials.NOT_READABLE, problem, None)
 
     async def write_status(self, key: str, entry: IndexedTarget, current: Mapping[str, Any],
                            obs: Observation) -> None:

@@ -140,10 +140,26 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
         host, port = endpoint.host, endpoint.port
     else:
         host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain)
+    check_cluster_credentials(spec)
     # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
                  display_name=spec.display_name, view_only=spec.view_only,
-                 sessions=spec.sessions, recording=spec.recording)
+                 sessions=spec.sessions, recording=spec.recording,
+                 credentials=spec.credentials, tls=spec.tls)
+
+
+def check_cluster_credentials(spec: VncTargetSpec) -> None:
+    """In a cluster the relay reads only Secrets and ConfigMaps of the target's namespace: a
+    path or a variable would name the relay's own files (its API token) or environment."""
+    if spec.credentials is not None and spec.credentials.standalone_only:
+        raise TargetInvalid("StandaloneCredentials",
+                            "spec.credentials: passwordFile and passwordEnv work only with the "
+                            "standalone relay; in a cluster put the password into a Secret in "
+                            "this namespace (key password) and set secretName")
+    if spec.tls is not None and spec.tls.standalone_only:
+        raise TargetInvalid("StandaloneCredentials",
+                            "spec.tls.caFile works only with the standalone relay; in a cluster "
+                            "use caSecret or caConfigMap")
 
 
 def first(values: Iterable[Any] | None) -> Any:

@@ -86,6 +86,10 @@ class OperatorSettings:
     verbose: bool = False
     # Where /metrics (Prometheus) is served, as (host, port); None: not served.
     metrics_listen: tuple[str, int] | None = None
+    # The relay's ServiceAccount (NS, NAME): targets with spec.credentials / spec.tls are checked
+    # with a SubjectAccessReview (may it read their Secret?); None: not checked.
+    relay_service_account: tuple[str, str] | None = None
+    relay_credentials_role: str = "vncgate-relay-credentials"
 
     def target_url(self, namespace: str, name: str) -> str | None:
         """`status.url`: where a browser opens this target, if the public URL is known."""
@@ -106,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch this namespace (repeatable); default: all namespaces")
     add("--relay-service", metavar="NS/NAME",
         help="the relay's headless Service: replicas are found through its EndpointSlices")
+    add("--relay-service-account", metavar="NS/NAME",
+        help="the relay's ServiceAccount: the operator asks the API server (SubjectAccessReview) "
+             "whether it may read each target's credentials Secret, and says so in status")
+    add("--relay-credentials-role", metavar="NAME",
+        help="the ClusterRole that a namespace binds to let the relay read its Secrets "
+             "(named in the condition's advice; default vncgate-relay-credentials)")
     add("--relay-url", action="append", metavar="URL",
         help="a relay replica's internal URL, e.g. http://127.0.0.1:8081 (repeatable; instead "
              "of --relay-service, for development and operators outside the cluster)")
@@ -221,4 +231,8 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
         verbose=bool(args.verbose) or truthy(pick(None, "VERBOSE")),
         metrics_listen=parse_listen(metrics) if (metrics := pick(args.metrics_listen,
                                                                  "METRICS_LISTEN")) else None,
+        relay_service_account=parse_relay_service(account) if (account := pick(
+            args.relay_service_account, "RELAY_SERVICE_ACCOUNT")) else None,
+        relay_credentials_role=pick(args.relay_credentials_role,
+                                    "RELAY_CREDENTIALS_ROLE") or "vncgate-relay-credentials",
     )

@@ -200,6 +200,8 @@ def test_operator_rbac_all_namespaces() -> None:
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+        # relay.credentials: may the relay read a target's Secret? (asks; reads nothing)
+        ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
     }
     binding = rendered.one("ClusterRoleBinding", OPERATOR)
     assert binding["subjects"] == [
@@ -218,6 +220,8 @@ def test_operator_rbac_restricted_namespaces_is_not_cluster_wide() -> None:
     assert set(roles) == {"lab", "desktops", "vncgate-system"}
     all_namespaces = granted_rules(render(), OPERATOR)
     all_namespaces.pop(("apiextensions.k8s.io", "customresourcedefinitions"))
+    # Cluster-scoped, so not in namespaced mode: the operator does not check credential bindings.
+    all_namespaces.pop(("authorization.k8s.io", "subjectaccessreviews"))
     for role in roles.values():
         assert role["metadata"]["name"] == OPERATOR
         assert granted_rules(Rendered((role,))) == all_namespaces
@@ -258,7 +262,8 @@ def test_relay_rbac_is_exactly_reviews_and_leases() -> None:
     (("relay.authorization=manifest",), False, True),
     (("relay.leases.enabled=false",), True, False),
     (("relay.auth.mode=none",), False, True),  # nobody to ask about: every console is open
-    (("relay.authorization=manifest", "relay.leases.enabled=false"), False, False),
+    (("relay.authorization=manifest", "relay.leases.enabled=false",
+      "relay.credentials.enabled=false"), False, False),
 ])
 def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews: bool,
                                                    leases: bool) -> None:
@@ -270,7 +275,17 @@ def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews
         is reviews
     assert bool(rendered.of_kind("Role")) is leases
     pod = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is (reviews or leases)
+    credentials = "relay.credentials.enabled=false" not in sets  # reads opted-in Secrets
+    assert pod["automountServiceAccountToken"] is (reviews or leases or credentials)
+    credential_roles = [r for r in rendered.of_kind("ClusterRole")
+                        if r["metadata"]["name"] == f"{RELAY}-credentials"]
+    assert bool(credential_roles) is credentials
+    # Bound nowhere by the chart: each namespace opts in with its own RoleBinding.
+    assert not [b for b in rendered.of_kind("ClusterRoleBinding") + rendered.of_kind(
+        "RoleBinding") if b["roleRef"]["name"] == f"{RELAY}-credentials"]
+    if credentials:
+        assert credential_roles[0]["rules"] == [
+            {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get"]}]
     args = pod["containers"][0]["args"]
     assert ("--lease-namespace=vncgate-system" in args) is leases
 

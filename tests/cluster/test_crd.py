@@ -74,6 +74,14 @@ INVALID = [
       "displayName": "x" * 300}, "spec.displayName: Too long"),
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
       "access": {"users": [""]}}, "spec.access.users[0]: Invalid value"),
+    ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
+      "credentials": {"secretName": "a", "passwordEnv": "B"}},
+     "set exactly one of secretName, passwordFile, passwordEnv"),
+    ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
+      "credentials": {"password": "hunter2"}}, 'unknown field "spec.credentials.password"'),
+    ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
+      "tls": {"caSecret": {"name": "ca"}, "insecureSkipVerify": True}},
+     "insecureSkipVerify contradicts a CA"),
 ]
 
 

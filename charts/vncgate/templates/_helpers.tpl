@@ -276,9 +276,10 @@ true
 {{- end }}
 {{- end }}
 
-{{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews or Leases. */}}
+{{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews, Leases,
+or the Secrets of VncTargets' spec.credentials. */}}
 {{- define "vncgate.relay.usesKubernetesApi" -}}
-{{- if or (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.leases.enabled -}}
+{{- if or (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.leases.enabled .Values.relay.credentials.enabled -}}
 true
 {{- end }}
 {{- end }}

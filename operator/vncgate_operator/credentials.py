@@ -1,0 +1,63 @@
+"""Whether the relay may read a target's Secret (and CA): a SubjectAccessReview, never a read.
+
+The relay reads `spec.credentials.secretName` (and `spec.tls.caSecret` / `caConfigMap`) itself
+at each session's start, with a ClusterRole that each namespace opts into with a RoleBinding
+(docs/ARCHITECTURE.md says why the relay, not the operator). The operator never reads Secrets;
+it asks the API server whether the relay's ServiceAccount may, so a target whose namespace has
+not opted in is not Ready and its condition says which RoleBinding to create.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vncgate.common.kube import KubeClient
+from vncgate.common.model import Route
+
+NOT_READABLE = "CredentialsNotReadable"
+
+
+def references(route: Route) -> list[tuple[str, str]]:
+    """(resource, name) of every object the relay reads for this route."""
+    found: list[tuple[str, str]] = []
+    if route.credentials is not None and route.credentials.secret_name is not None:
+        found.append(("secrets", route.credentials.secret_name))
+    if route.tls is not None:
+        if route.tls.ca_secret is not None:
+            found.append(("secrets", route.tls.ca_secret.name))
+        if route.tls.ca_config_map is not None:
+            found.append(("configmaps", route.tls.ca_config_map.name))
+    return found
+
+
+def review(account: tuple[str, str], namespace: str, resource: str, name: str) -> dict[str, Any]:
+    sa_namespace, sa_name = account
+    return {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{sa_namespace}:{sa_name}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{sa_namespace}",
+                       "system:authenticated"],
+            "resourceAttributes": {"namespace": namespace, "verb": "get", "group": "",
+                                   "resource": resource, "name": name},
+        },
+    }
+
+
+def binding_hint(namespace: str, account: tuple[str, str], role: str) -> str:
+    return (f"kubectl -n {namespace} create rolebinding vncgate-relay-credentials "
+            f"--clusterrole={role} --serviceaccount={account[0]}:{account[1]}")
+
+
+async def unreadable(client: KubeClient, account: tuple[str, str], role: str,
+                     route: Route) -> str | None:
+    """None if the relay may read everything the route names; else what to do about it."""
+    for resource, name in references(route):
+        body = await client.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                                    review(account, route.namespace, resource, name))
+        if not (body.get("status") or {}).get("allowed"):
+            kind = "Secret" if resource == "secrets" else "ConfigMap"
+            return (f"the relay ({account[0]}/{account[1]}) may not read {kind} "
+                    f"{route.namespace}/{name}; opt this namespace in: "
+                    f"{binding_hint(route.namespace, account, role)}")
+    return None

@@ -1,0 +1,156 @@
+"""Where the relay gets what it answers a VNC server's security with, at each session's start.
+
+Read per session, never cached: a rotated Secret, file or variable takes effect for the next
+session without a restart, and a password lives in the relay only while a login runs.
+
+- In a cluster, `spec.credentials.secretName` and `spec.tls.caSecret` / `caConfigMap` name
+  objects in the target's namespace. The relay reads them itself with its ServiceAccount, over
+  the API server's TLS connection (so the password never crosses the network in the clear; the
+  registration API carries only the names). It may read them only where the namespace opted in
+  with a RoleBinding to the chart's ClusterRole `<release>-relay-credentials`
+  (docs/KUBERNETES.md). Nothing grants the relay Secrets cluster-wide.
+- Standalone, the manifests (written by the relay's own admin) give `passwordFile` /
+  `passwordEnv` and `caFile`; the registration API refuses those (relay.model).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+from vncgate.common.kube import KubeClient, KubeConfigError, KubeError, kube_connection
+from vncgate.common.model import Route
+from vncgate.relay import closecodes
+from vncgate.relay.rfbsecurity import SecurityRefused, UpstreamLogin
+from vncgate.relay.settings import RelaySettings
+
+CREDENTIALS_ROLE = "vncgate-relay-credentials"  # the chart's ClusterRole (a fixed name)
+
+
+def _read_text(path: str) -> str:
+    # A small local file (a mounted Secret): reading it does not hold up the event loop.
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _refused(reason: str) -> SecurityRefused:
+    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason)
+
+
+class CredentialStore:
+    """Builds an `UpstreamLogin` for a route; talks to the API server only for Secret routes."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self._settings = settings
+        self._kube: KubeClient | None = None
+
+    async def close(self) -> None:
+        if self._kube is not None:
+            await self._kube.close()
+            self._kube = None
+
+    def _client(self) -> KubeClient:
+        if self._kube is None:
+            try:
+                self._kube = KubeClient(kube_connection(self._settings.kubeconfig))
+            except KubeConfigError as exc:
+                raise _refused("this relay has no Kubernetes credentials to read the target's "
+                               f"Secret ({exc}); run it in the cluster or with --kubeconfig"
+                               ) from None
+        return self._kube
+
+    async def _object_data(self, route: Route, kind: str, name: str) -> dict[str, Any]:
+        resource = "secrets" if kind == "Secret" else "configmaps"
+        try:
+            body = await self._client().request(
+                "GET", f"/api/v1/namespaces/{route.namespace}/{resource}/{name}")
+        except KubeError as exc:
+            if exc.status == 403:
+                # Short: it must fit a close frame (123 bytes) with the names.
+                # (what to do first: a close frame clips long names at the end)
+                raise _refused(
+                    f"needs a RoleBinding to ClusterRole {CREDENTIALS_ROLE}: the relay may not "
+                    f"read {kind} {route.namespace}/{name}") from None
+            if exc.status == 404:
+                raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
+            raise _refused(f"reading {kind} {route.namespace}/{name} failed: "
+                           f"HTTP {exc.status}") from None
+        except OSError as exc:
+            raise _refused(f"the Kubernetes API cannot be reached: {exc}") from None
+        data = body.get("data") if isinstance(body, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    async def _secret_value(self, route: Route, name: str, key: str,
+                            required: bool = True) -> str | None:
+        data = await self._object_data(route, "Secret", name)
+        raw = data.get(key)
+        if raw is None:
+            if required:
+                raise _refused(f"Secret {route.namespace}/{name} has no key {key}")
+            return None
+        try:
+            return base64.b64decode(str(raw), validate=True).decode("utf-8").rstrip("\r\n")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _refused(f"Secret {route.namespace}/{name}: key {key} is not "
+                           "UTF-8 text") from None
+
+    async def login_for(self, route: Route) -> UpstreamLogin:
+        password: str | None = None
+        username: str | None = None
+        creds = route.credentials
+        if creds is not None:
+            username = creds.username
+            if creds.secret_name is not None:
+                password = await self._secret_value(route, creds.secret_name, "password")
+                username = await self._secret_value(route, creds.secret_name, "username",
+                                                    required=False)
+            elif creds.password_file is not None:
+                try:
+                    password = _read_text(creds.password_file).rstrip("\r\n")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise _refused(f"cannot read the password file of {route.key}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
+            elif creds.password_env is not None:
+                password = os.environ.get(creds.password_env)
+                if password is None:
+                    raise _refused(f"the relay's environment has no {creds.password_env} "
+                                   f"(the password of {route.key})")
+        tls = route.tls
+        if tls is None:
+            return UpstreamLogin(password=password, username=username)
+        context = await self._tls_context(route)
+        return UpstreamLogin(password=password, username=username, tls=context,
+                             server_name=tls.server_name or route.host,
+                             insecure=tls.insecure_skip_verify)
+
+    async def _tls_context(self, route: Route) -> ssl.SSLContext:
+        tls = route.tls
+        assert tls is not None
+        if tls.insecure_skip_verify:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        pem: str | None = None
+        if tls.ca_file is not None:
+            try:
+                pem = _read_text(tls.ca_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _refused(f"cannot read the CA file of {route.key}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        elif tls.ca_secret is not None:
+            pem = await self._secret_value(route, tls.ca_secret.name, tls.ca_secret.key)
+        elif tls.ca_config_map is not None:
+            ref = tls.ca_config_map
+            value = (await self._object_data(route, "ConfigMap", ref.name)).get(ref.key)
+            if not isinstance(value, str):
+                raise _refused(f"ConfigMap {route.namespace}/{ref.name} has no key {ref.key}")
+            pem = value
+        try:
+            # No CA given: the system's trust store, as for any TLS client.
+            return ssl.create_default_context(cadata=pem) if pem else ssl.create_default_context()
+        except ssl.SSLError:
+            raise _refused(f"the CA of {route.key} is not a PEM certificate") from None
