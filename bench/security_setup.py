@@ -24,10 +24,11 @@ import aiohttp
 
 from tests.relay.test_upstream_security import SERVER_NAME, VNCPASSWD, make_ca
 from tests.support.xvnc import XvncServer
+from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials, TlsSpec
 from vncgate.relay.server import RelayServer
-from vncgate.relay.settings import HostPort, RelaySettings
+from vncgate.relay.settings import RelaySettings
 
 PASSWORD = "bench-pw"  # noqa: S105 - the throw-away benchmark server's
 
@@ -87,8 +88,8 @@ def main() -> None:
                 Route("bench", "x509", "127.0.0.1", x509.port, credentials=creds,
                       tls=TlsSpec(ca_file=str(ca), server_name=SERVER_NAME)),
             ]
-            settings = RelaySettings(listen=HostPort("127.0.0.1", 0),
-                                     internal_listen=HostPort("127.0.0.1", 0))
+            settings = RelaySettings(listen=Address("127.0.0.1", 0),
+                                     internal_listen=Address("127.0.0.1", 0))
 
             async def run() -> dict[str, list[float]]:
                 async with RelayServer(settings, routes) as relay:
