@@ -1,6 +1,7 @@
 """`vncgate-relay` with the chart's relay ServiceAccount, against a real API server:
-SubjectAccessReviews decide who may open a console (and watch its recordings), exclusive consoles are Leases shared by two
-relay processes, and the API server's resourceVersion check is what makes a takeover race safe.
+SubjectAccessReviews decide who may open a console and who may watch its recordings, exclusive
+consoles are Leases shared by two relay processes, and the API server's resourceVersion check
+is what makes a takeover race safe.
 """
 
 from __future__ import annotations
