@@ -7,6 +7,10 @@
 - Standalone, a target's `spec.access` lists users and groups; without one, anyone signed in
   may open it.
 - A share link opens exactly its own target, whatever RBAC says: minting it was the decision.
+
+Recordings of a target (relay/playback.py) are decided apart: `get` on the subresource
+`vnctargets/recordings` in a cluster, `spec.access` standalone (a target the relay no longer
+knows: nobody), and never by a share link.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ class Authorizer(Protocol):
 
     async def close(self) -> None: ...
 
+    async def decide_recordings(self, identity: Identity, namespace: str, name: str,
+                                route: Route | None) -> Decision: ...
+
+
+def _no_link(identity: Identity) -> Decision | None:
+    if identity.link_target is not None:
+        return Decision(False, "a share link opens a console, not its recordings; sign in")
+    return None
+
 
 def _link_decision(identity: Identity, route: Route) -> Decision | None:
     if identity.link_target is None:
@@ -54,6 +67,10 @@ class OpenAuthorizer:
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
         return _link_decision(identity, route) or Decision(True, "authentication is off")
+
+    async def decide_recordings(self, identity: Identity, namespace: str, name: str,
+                                route: Route | None) -> Decision:
+        return _no_link(identity) or Decision(True, "authentication is off")
 
     async def close(self) -> None:
         return None
@@ -75,6 +92,16 @@ class ManifestAuthorizer:
             return Decision(True, "listed in spec.access")
         return Decision(False, f"{identity.label} is not in the access list of {route.key}")
 
+    async def decide_recordings(self, identity: Identity, namespace: str, name: str,
+                                route: Route | None) -> Decision:
+        refused = _no_link(identity)
+        if refused is not None:
+            return refused
+        if route is None:  # its access list is gone with it: fail closed
+            return Decision(False, f"{namespace}/{name} is not a target of this relay any more; "
+                                   "its recordings are listed by vncgate-relay recordings")
+        return await self.decide(identity, route)
+
 
 class KubernetesAuthorizer:
     """SubjectAccessReview per (user, groups, target), cached: allowed 30 s, denied 10 s."""
@@ -82,8 +109,8 @@ class KubernetesAuthorizer:
     def __init__(self, client: KubeClient, max_cached: int = 10_000) -> None:
         self.client = client
         self.max_cached = max_cached
-        self._cache: OrderedDict[tuple[str, tuple[str, ...], str], tuple[Decision, float]] = \
-            OrderedDict()
+        self._cache: OrderedDict[tuple[str, tuple[str, ...], str, str],
+                                 tuple[Decision, float]] = OrderedDict()
 
     async def close(self) -> None:
         await self.client.close()
@@ -92,14 +119,24 @@ class KubernetesAuthorizer:
         linked = _link_decision(identity, route)
         if linked is not None:
             return linked
+        return await self._decide(identity, route.namespace, route.name, "connect", "")
+
+    async def decide_recordings(self, identity: Identity, namespace: str, name: str,
+                                route: Route | None) -> Decision:
+        return _no_link(identity) or await self._decide(identity, namespace, name, "get",
+                                                        "recordings")
+
+    async def _decide(self, identity: Identity, namespace: str, name: str, verb: str,
+                      subresource: str) -> Decision:
         if not identity.user:
             return Decision(False, "sign in first")
-        key = (identity.user, tuple(sorted(identity.groups)), route.key)
+        key = (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
+               f"{verb} {subresource}")
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             return cached[0]
-        decision, cacheable = await self._review(identity, route)
+        decision, cacheable = await self._review(identity, namespace, name, verb, subresource)
         if cacheable:
             self._cache[key] = (decision, now + (ALLOW_TTL if decision.allowed else DENY_TTL))
             self._cache.move_to_end(key)
@@ -107,15 +144,20 @@ class KubernetesAuthorizer:
                 self._cache.popitem(last=False)
         return decision
 
-    async def _review(self, identity: Identity, route: Route) -> tuple[Decision, bool]:
+    async def _review(self, identity: Identity, namespace: str, name: str, verb: str,
+                      subresource: str) -> tuple[Decision, bool]:
+        target = f"{namespace}/{name}"
+        attributes = {"group": API_GROUP, "resource": PLURAL, "verb": verb,
+                      "namespace": namespace, "name": name}
+        if subresource:
+            attributes["subresource"] = subresource
         body = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
             "spec": {
                 "user": identity.user,
                 "groups": list(identity.groups),
-                "resourceAttributes": {"group": API_GROUP, "resource": PLURAL, "verb": "connect",
-                                       "namespace": route.namespace, "name": route.name},
+                "resourceAttributes": attributes,
             },
         }
         try:
@@ -123,12 +165,17 @@ class KubernetesAuthorizer:
             status = reply.get("status") or {}
         except Exception as exc:  # any failure of the API denies; never allow on error
             log.warning("SubjectAccessReview failed; denying", extra={"fields": {
-                "user": identity.user, "target": route.key, "error": str(exc)}})
+                "user": identity.user, "target": target, "error": str(exc)}})
             return Decision(False, "the relay could not check your access with Kubernetes; "
                                    "try again in a moment"), False
+        what = f"{verb} {PLURAL}/{subresource}" if subresource else verb
         if status.get("allowed") is True and not status.get("denied"):
-            return Decision(True, "RBAC allows connect"), True
+            return Decision(True, f"RBAC allows {what}"), True
         why = status.get("reason") or status.get("evaluationError") or ""
-        return Decision(False, f"{identity.label} may not connect to {route.key}; ask for a "
-                               f"RoleBinding to vncgate-viewer in {route.namespace}"
-                               + (f" ({why})" if why else "")), True
+        if subresource:
+            ask = (f"{identity.label} may not see the recordings of {target}; ask for a "
+                   f"RoleBinding to vncgate-recordings-viewer in {namespace}")
+        else:
+            ask = (f"{identity.label} may not connect to {target}; ask for a "
+                   f"RoleBinding to vncgate-viewer in {namespace}")
+        return Decision(False, ask + (f" ({why})" if why else "")), True

@@ -23,6 +23,7 @@ from vncgate.relay.identity import Identity
 from vncgate.relay.login import exchange_link, login, login_form, logout
 from vncgate.relay.origin import check_host, origin_allowed
 from vncgate.relay.pages import render_page, setup_templates
+from vncgate.relay.playback import add_routes as add_playback_routes
 from vncgate.relay.recorder import RecordingUnavailable
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.websocket import RelayWebSocket
@@ -330,6 +331,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
+    add_playback_routes(app)  # /recordings/ (relay/playback.py)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     app.cleanup_ctx.append(state.recorder.retention)

@@ -210,8 +210,11 @@ class RfbTap:
                     out += view[i:i + n]
                 self._remaining -= n
                 i += n
-                if not self._remaining and self._message is not None:
-                    self._message_done(out)
+                if not self._remaining:
+                    if self._message is not None:
+                        self._message_done(out)
+                    else:  # a message passed through in pieces ends here too
+                        self._at_boundary(out)
                 continue
             self._header.append(data[i])
             i += 1

@@ -106,8 +106,13 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "gateway-api": ("https://vnc.example.com",),  # the HTTPRoute's first host name
         "monitoring": (),
         "pod-settings": (),
+        "recording": (),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
+    if ci_id(values) == "recording":  # the chart's recording flags, as the relay reads them
+        assert str(settings.recording.directory) == "/var/lib/vncgate/recordings"
+        assert (settings.recording.keyframe_interval, settings.recording.max_age,
+                settings.recording.max_total) == (5, 30 * 86400, 40 << 30)
     auth = settings.auth
     assert auth.public_url == (expected_origins[ci_id(values)] or ("",))[0]
     # Login cookies and share links are signed with the mounted keys, the same on every pod.
@@ -171,6 +176,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
         "gateway-api": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "recording": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
     }
     expected = by_values[ci_id(values)]
     for field, value in expected.items():

@@ -1,11 +1,15 @@
 """`vncgate-relay` with the chart's relay ServiceAccount, against a real API server:
-SubjectAccessReviews decide who may open a console, exclusive consoles are Leases shared by two
-relay processes, and the API server's resourceVersion check is what makes a takeover race safe.
+SubjectAccessReviews decide who may open a console and who may watch its recordings, exclusive
+consoles are Leases shared by two relay processes, and the API server's resourceVersion check
+is what makes a takeover race safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionPolicy
 from vncgate.relay.consoles import Holder, KubeConsoles
+from vncgate.relay.recording import END, FORMAT_VERSION, HEADER, MAGIC, SERVER, encode_record
 
 USERS = {
     "alice": {"secret": "alice-secret-0123456789", "groups": ["lab-team"]},
@@ -207,3 +212,56 @@ def test_a_stale_resource_version_is_refused_and_races_have_one_winner(
     wait_until(lambda: "vnc-" not in release.plane.kubectl(
         "get", "leases", "-n", release.namespace, "-o", "name").stdout,
         "every console Lease released", timeout=10)
+
+
+def write_recording(directory: Path, namespace: str, name: str) -> str:
+    """A small valid recording file (format 1) of namespace/name; its id."""
+    stamp = "20250101T120000Z-0123abcd"
+    target = directory / namespace / name
+    target.mkdir(parents=True)
+    server_init = struct.pack("!HH16sI", 800, 600, b"\x00" * 16, 0)
+    body = (MAGIC + bytes([FORMAT_VERSION])
+            + encode_record(HEADER, 0, json.dumps({"format": 1, "namespace": namespace,
+                                                   "name": name, "user": "alice"}).encode())
+            + encode_record(SERVER, 0, server_init)
+            + encode_record(END, 10, json.dumps({"code": 1000, "complete": True,
+                                                 "durationMs": 10}).encode()))
+    (target / f"{stamp}.vncrec").write_bytes(gzip.compress(body))
+    return f"{namespace}/{name}/{stamp}"
+
+
+async def get_page(port: int, path: str, token: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}{path}", allow_redirects=False,
+            headers={"Authorization": f"Bearer {token}"}) as response:
+        return response.status, await response.text(errors="replace")
+
+
+def test_recordings_are_decided_by_get_on_the_subresource(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    users = tmp_path / "users.yaml"
+    users.write_text(yaml.safe_dump(USERS))
+    recordings = tmp_path / "recordings"
+    recording_id = write_recording(recordings, namespace, "desk")
+    # carol may open the console (vncgate-viewer) but not watch it; alice may watch it.
+    release.plane.kubectl("create", "rolebinding", "carol-viewer", "-n", namespace,
+                          "--clusterrole=vncgate-viewer", "--user=carol")
+    release.plane.kubectl("create", "rolebinding", "alice-recordings", "-n", namespace,
+                          "--clusterrole=vncgate-recordings-viewer", "--user=alice")
+    script, port = relay_process(
+        release, tmp_path / "relay", "--auth=token", f"--users-file={users}",
+        "--authorization=kubernetes", f"--recording-dir={recordings}",
+        f"--target={namespace}/desk=127.0.0.1:{xvnc.port}")
+    with script:
+        script.wait_for_log("relay listening")
+        alice, carol = USERS["alice"]["secret"], USERS["carol"]["secret"]
+        status, text = asyncio.run(get_page(port, "/recordings/", alice))
+        assert status == 200 and recording_id in text, (status, text[:500], script.log()[-2000:])
+        status, _ = asyncio.run(get_page(port, f"/recordings/{recording_id}/file", alice))
+        assert status == 200
+        status, text = asyncio.run(get_page(port, "/recordings/", carol))
+        assert status == 200 and recording_id not in text
+        for suffix in ("/", "/file"):
+            status, text = asyncio.run(get_page(port, f"/recordings/{recording_id}{suffix}",
+                                                carol))
+            assert status == 403 and "vncgate-recordings-viewer" in text, (status, text)

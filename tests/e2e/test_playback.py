@@ -1,0 +1,200 @@
+"""Playback in a real browser: a session recorded against Xvnc while its screen changes (red,
+then green, then a drawn rectangle), replayed by noVNC from the file; seeking through keyframes;
+recordings hidden from who may not see them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import Browser, Page
+from Xlib import X
+from Xlib import display as xdisplay
+
+from tests.conftest import ARTIFACTS, RelayFactory
+from tests.e2e.test_viewer import wait_for_pixel
+from tests.support.xvnc import XvncServer
+from vncgate.common.model import Route
+from vncgate.common.spec import Access, RecordingPolicy
+from vncgate.relay.passwords import hash_secret
+from vncgate.relay.recording import END, HEADER, KEYFRAME, SERVER, Record, read_records
+from vncgate.relay.recordstore import RecordingSettings, list_recordings
+from vncgate.relay.settings import AuthSettings
+from vncgate.relay.users import User
+
+PASSWORD = "a browser-typed password"
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+RECT = (100, 100, 200, 150)  # x, y, width, height: away from the centre
+IN_RECT = (200, 175)
+
+PIXEL_AT = """([x, y]) => {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || !canvas.width) return null;
+  return Array.from(canvas.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3));
+}"""
+
+
+def draw_rectangle(display: int) -> None:
+    """A blue rectangle drawn on the root window with python-xlib (an application's window
+    would do the same to the framebuffer)."""
+    conn = xdisplay.Display(f":{display}")
+    try:
+        screen = conn.screen()
+        colour = screen.default_colormap.alloc_color(0, 0, 65535)
+        gc = screen.root.create_gc(foreground=colour.pixel, subwindow_mode=X.IncludeInferiors)
+        screen.root.fill_rectangle(gc, *RECT)
+        conn.sync()
+    finally:
+        conn.close()
+
+
+def records(directory: Path) -> list[Record]:
+    files = sorted(directory.rglob("*.vncrec"))
+    return list(read_records(files[0])) if files else []
+
+
+async def wait_records(directory: Path, done: Any, what: str, timeout: float = 30,
+                       viewer: Page | None = None) -> list[Record]:
+    """The records once `done(records)`. With `viewer`, its pointer moves meanwhile: the relay
+    asks for a keyframe at a boundary between two viewer messages, and a still screen with a
+    still viewer sends none (docs/RECORDING.md)."""
+    until = time.monotonic() + timeout
+    found: list[Record] = []
+    step = 0
+    while time.monotonic() < until:
+        found = await asyncio.to_thread(records, directory)
+        if found and done(found):
+            return found
+        if viewer is not None:
+            step += 1
+            await viewer.mouse.move(300 + 40 * (step % 2), 400)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the recording never had {what}; it has "
+                         f"{sorted({r.kind for r in found})}")
+
+
+async def wait_pixel_at(page: Page, xy: tuple[int, int], rgb: tuple[int, int, int],
+                        timeout: float = 15) -> None:
+    last = None
+    try:
+        async with asyncio.timeout(timeout):
+            while (last := await page.evaluate(PIXEL_AT, list(xy))) != list(rgb):
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"pixel {xy} is {last}, expected {list(rgb)}") from None
+
+
+async def sign_in(page: Page, base: str, user: str, next_path: str) -> None:
+    await page.goto(f"{base}/login?next={next_path}")
+    await page.fill("input[name=user]", user)
+    await page.fill("input[name=password]", PASSWORD)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(f"{base}/{next_path}", timeout=15_000)
+
+
+async def seek(page: Page, millis: int) -> dict[str, Any]:
+    await page.evaluate("(ms) => window.vncgatePlayback.seek(ms)", millis)
+    stats: dict[str, Any] = await page.evaluate(
+        "() => { const {seek, ...rest} = window.vncgatePlayback; return rest; }")
+    return stats
+
+
+def keyframe_ms(found: list[Record]) -> list[int]:
+    return [r.millis for r in found if r.kind == KEYFRAME]
+
+
+async def test_record_then_play_back_seek_and_hide_from_others(
+        make_relay: RelayFactory, xvnc: XvncServer, browser: Browser, tmp_path: Path) -> None:
+    routes = [Route("lab", "rec", "127.0.0.1", xvnc.port, access=Access(users=("alice",)),
+                    recording=RecordingPolicy(enabled=True))]
+    auth = AuthSettings(mode="token", session_secret=b"p" * 32,
+                        users={"alice": User("alice", hash_secret(PASSWORD)),
+                               "bob": User("bob", hash_secret(PASSWORD))})
+    recording = RecordingSettings(directory=tmp_path, keyframe_interval=1.0)
+    async with make_relay(routes=routes, auth=auth, recording=recording) as relay:
+        base = relay.public_url
+        alice = await browser.new_context()
+        bob = await browser.new_context()
+        try:
+            # --- record: red, then green, then a rectangle, with keyframes in between ---
+            xvnc.paint("#ff0000")
+            live = await alice.new_page()
+            await sign_in(live, base, "alice", "t/lab/rec/")
+            await live.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await wait_for_pixel(live, RED)
+            found = await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) >= 3,
+                                       "three keyframes", viewer=live)
+            started = next(r for r in found if r.kind == HEADER).json()["startedEpoch"]
+            before_green = int((time.time() - started) * 1000)
+            xvnc.paint("#00ff00")
+            await wait_for_pixel(live, GREEN)
+            green_seen = int((time.time() - started) * 1000)
+            await asyncio.to_thread(draw_rectangle, xvnc.display)
+            await wait_pixel_at(live, IN_RECT, BLUE)
+            rect_seen = int((time.time() - started) * 1000)
+            await wait_records(tmp_path, lambda f: sum(t > rect_seen for t in keyframe_ms(f)) >= 2,
+                               "two keyframes after the rectangle", viewer=live)
+            await live.close()
+            found = await wait_records(tmp_path, lambda f: f[-1].kind == END, "its end")
+            header = found[0].json()
+            recording_id = next(r["id"] for r in await asyncio.to_thread(
+                lambda: [s.to_json() for s in list_recordings(tmp_path)])
+                if r["user"] == header["user"])
+
+            # --- the list and the player, as alice ---
+            page = await alice.new_page()
+            await page.goto(f"{base}/recordings/")
+            await page.click(f"tr[data-id='{recording_id}'] a")
+            await page.wait_for_url(f"{base}/recordings/{recording_id}/", timeout=15_000)
+            await page.wait_for_function("() => window.vncgatePlayback?.ready", timeout=15_000)
+            assert await page.text_content("#who") == "alice"
+            stats = await seek(page, before_green - 300)
+            await wait_for_pixel(page, RED)
+            assert stats["startedFrom"] == "keyframe"
+            assert "/" in (await page.text_content("#time") or "")
+            stats = await seek(page, green_seen + 300)
+            await wait_for_pixel(page, GREEN)
+
+            # Play from before the change at 8 times the speed: the screen turns green by itself.
+            await seek(page, before_green - 300)
+            await wait_for_pixel(page, RED)
+            await page.select_option("#speed", "8")
+            await page.click("#play")
+            await page.wait_for_selector("body[data-state=playing]", timeout=5_000)
+            await wait_for_pixel(page, GREEN)
+            await page.click("#play")  # pause
+            await page.wait_for_selector("body[data-state=paused]", timeout=5_000)
+
+            # Seek to the end: a fresh noVNC at the last keyframe, fed only what follows it.
+            stats = await seek(page, stats["duration"])
+            await wait_for_pixel(page, GREEN)
+            await wait_pixel_at(page, IN_RECT, BLUE)
+            server = [r for r in found if r.kind == SERVER]
+            keyframes = [r.json() for r in found if r.kind == KEYFRAME]
+            assert stats["startedFrom"] == "keyframe"
+            assert stats["keyframe"] == len(keyframes) - 1 > 0
+            assert stats["records"] == len(server)
+            offset, ends = keyframes[-1]["offset"], 0
+            expected = 0
+            for record in server:
+                ends += len(record.payload)
+                expected += ends > offset
+            assert stats["fed"] == expected < len(server)
+            await page.screenshot(path=str(ARTIFACTS / "playback-end.png"))
+            missing = await page.goto(f"{base}/recordings/lab/rec/20990101T000000Z-0a/")
+            assert missing is not None and missing.status == 404
+
+            # --- bob may not see alice's console, nor its recordings ---
+            other = await bob.new_page()
+            await sign_in(other, base, "bob", "recordings/")
+            assert recording_id not in await other.content()
+            assert "No recordings you may see" in await other.content()
+            for suffix in ("/", "/file"):
+                response = await other.goto(f"{base}/recordings/{recording_id}{suffix}")
+                assert response is not None and response.status == 403
+                assert "bob is not in the access list of lab/rec" in await response.text()
+        finally:
+            await alice.close()
+            await bob.close()
