@@ -25,6 +25,7 @@ from vncgate.relay.origin import check_host, origin_allowed
 from vncgate.relay.pages import render_page, setup_templates
 from vncgate.relay.recorder import RecordingUnavailable
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.tls import HSTS
 from vncgate.relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
@@ -48,6 +49,10 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """On every response, errors included. A signal rather than a middleware: a middleware's
     frame would stay alive for the whole of every WebSocket session."""
     response.headers.update(SECURITY_HEADERS)
+    if request.secure and request.transport is not None and \
+            request.transport.get_extra_info("sslcontext") is not None:
+        # This listener's own TLS (--tls-cert); behind an Ingress, HSTS is the Ingress's.
+        response.headers["Strict-Transport-Security"] = HSTS
 
 
 def _target_key(request: web.Request) -> tuple[str, str]:
