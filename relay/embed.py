@@ -159,11 +159,19 @@ class Bridge:
         await ws.prepare(request)
         started = time.monotonic()
         client = request.remote or ""
-        route = await _maybe_await(self._lookup(request))
+        route: Route | None = None
         viewer: Viewer | Denied | None = None
-        if route is not None and not self._closing:
-            viewer = await _maybe_await(self._authorize(request, route))
-        refusal = self._refusal(route, viewer)
+        try:
+            route = await _maybe_await(self._lookup(request))
+            if route is not None and not self._closing:
+                viewer = await _maybe_await(self._authorize(request, route))
+        except Exception:  # the application's callback failed: refuse, say where to look
+            log.exception("lookup or authorize failed for %s", request.path)
+            route, viewer = None, None
+            refusal: tuple[int, str] | None = (
+                closecodes.INTERNAL_ERROR, "internal error in the server; see its log")
+        else:
+            refusal = self._refusal(route, viewer)
         if refusal is not None or route is None or not isinstance(viewer, Viewer):
             code, reason = refusal or (closecodes.INTERNAL_ERROR, "")
             await ws.close(code=code, message=closecodes.clip_reason(reason).encode())

@@ -211,3 +211,16 @@ async def test_view_only_viewer_cannot_move_the_pointer(xvnc: XvncServer) -> Non
         await move_pointer_through_relay(relay, "drive", 222, 111)
         assert pointer_position(xvnc) == (222, 111)
 
+
+
+async def test_a_failing_callback_is_a_4500_and_logged(http: aiohttp.ClientSession,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    def broken(request: web.Request) -> Viewer:
+        raise RuntimeError("the app's user store is down")
+
+    _, app = bridge_app(Route("a", "desk", "127.0.0.1", 1), broken)
+    with caplog.at_level(logging.ERROR, "vncgate.session"):
+        async with serving(app) as url, http.ws_connect(f"{url}/ws") as ws:
+            assert await receive_close(ws) == (closecodes.INTERNAL_ERROR,
+                                               "internal error in the server; see its log")
+    assert any("lookup or authorize failed" in r.getMessage() for r in caplog.records)
