@@ -24,7 +24,9 @@ from vncgate.relay.users import check_login
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
 
 
-def _secure(request: web.Request, state: RelayState) -> bool:
+def secure_cookies(request: web.Request, state: RelayState) -> bool:
+    """Cookies get Secure when the browser reached the relay over https (its own TLS, or a
+    trusted proxy's), or the public URL is https."""
     proto = request.headers.get("X-Forwarded-Proto", "")
     behind_tls_proxy = proto == "https" and address_in(request.remote,
                                                        state.settings.auth.trusted_proxies)
@@ -46,7 +48,7 @@ def login_page(request: web.Request, message: str = "", next_path: str = "", sta
                             "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
                             "user": user[:256]},
                            status=status, headers=headers)
-    set_csrf_cookie(response, csrf)
+    set_csrf_cookie(response, csrf, secure=secure_cookies(request, request.app[STATE]))
     return response
 
 
@@ -102,7 +104,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     response.set_cookie(SESSION_COOKIE, session_cookie(state.session_key, user.name,
                                                        state.settings.auth.session_ttl),
                         max_age=state.settings.auth.session_ttl, httponly=True, samesite="Lax",
-                        secure=_secure(request, state))
+                        secure=secure_cookies(request, state))
     raise response
 
 
@@ -160,5 +162,5 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
     # Not the token: a credential of its own, made for this exchange (see link_identity).
     response.set_cookie(links.link_cookie(target), links.exchanged(state.session_key, grant),
                         max_age=max(1, grant.expires - int(time.time())), httponly=True,
-                        samesite="Strict", secure=_secure(request, state))
+                        samesite="Strict", secure=secure_cookies(request, state))
     return response

@@ -20,7 +20,7 @@ from vncgate.relay.consoles import Holder
 from vncgate.relay.csrf import csrf_token, set_csrf_cookie
 from vncgate.relay.identify import identify, link_identity
 from vncgate.relay.identity import Identity
-from vncgate.relay.login import exchange_link, login, login_form, logout
+from vncgate.relay.login import exchange_link, login, login_form, logout, secure_cookies
 from vncgate.relay.origin import check_host, origin_allowed
 from vncgate.relay.pages import render_page, setup_templates
 from vncgate.relay.recorder import RecordingUnavailable
@@ -276,7 +276,7 @@ async def index(request: web.Request) -> web.StreamResponse:
     response = render_page(request, "list.html", {
         "rows": rows, "user": identity.user, "csrf": csrf,
         "signed_in_by_cookie": identity.method == "cookie"})
-    set_csrf_cookie(response, csrf)
+    set_csrf_cookie(response, csrf, secure=secure_cookies(request, state))
     return response
 
 

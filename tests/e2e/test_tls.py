@@ -55,6 +55,7 @@ async def test_https_viewer_over_wss_with_hsts_and_a_secure_cookie(
                 await wait_for_pixel(page, (255, 0, 0))  # over wss://
                 cookies = {c["name"]: c for c in await context.cookies()}
                 assert cookies["vncgate_session"]["secure"] is True
+                assert cookies["vncgate_csrf"]["secure"] is True
                 await page.screenshot(path=str(ARTIFACTS / "viewer-https.png"))
             finally:
                 await trusting.close()
