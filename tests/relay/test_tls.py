@@ -106,3 +106,19 @@ def test_tls_flags_and_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         settings_from_args(["--tls-cert", str(pem.cert), "--tls-key", str(tmp_path / "nope")])
     error = capsys.readouterr().err
     assert "--tls-key" in error and "no such file" in error
+
+
+async def test_origin_check_knows_the_listener_speaks_https(
+        make_relay: RelayFactory, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    pem = make_server_cert(ca, tmp_path / "server", "relay")
+    context = ssl.create_default_context(cafile=ca.cert)
+    async with make_relay(routes=[], tls_cert=pem.cert, tls_key=pem.key) as relay, \
+            aiohttp.ClientSession() as http:
+        url = f"{relay.public_url}/t/lab/nope/websockify"
+        async with http.ws_connect(url, ssl=context, headers={"Origin": relay.public_url}) as ws:
+            assert (await ws.receive(timeout=5)).data == 4404  # own https origin: admitted
+        plain_origin = relay.public_url.replace("https://", "http://")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(url, ssl=context, headers={"Origin": plain_origin})
+        assert refused.value.status == 403  # the http:// page is another origin
