@@ -34,7 +34,6 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
         page = await browser.new_page(viewport={"width": 1000, "height": 700})
         try:
             await page.goto(f"{relay.public_url}/t/lab/desk/")
-            viewer_look = await page.evaluate(BAR_STYLE)
             await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/desk/",
                                     timeout=15_000)
             assert await page.text_content("#title") == "vncgate"
@@ -42,7 +41,7 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
             assert await page.text_content("#target") == "lab/desk"
             assert await page.is_visible("#target")
             assert not await page.is_visible("#message")  # no error before a try
-            assert await page.evaluate(BAR_STYLE) == viewer_look  # the viewer's bar and type
+            login_look = await page.evaluate(BAR_STYLE)
             assert await page.evaluate("document.activeElement.id") == "user"
             user, password = await box(page, "#user"), await box(page, "#password")
             user_label, password_label = (await box(page, "label[for=user]"),
@@ -74,5 +73,9 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
             await page.click("button[type=submit]")
             await page.wait_for_url(f"{relay.public_url}/t/lab/desk/", timeout=15_000)
             await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            assert await page.evaluate(BAR_STYLE) == login_look  # the viewer's bar and type
+            await page.goto(f"{relay.public_url}/")
+            assert await page.text_content("#title") == "vncgate"
+            assert await page.evaluate(BAR_STYLE) == login_look  # and the list's
         finally:
             await page.close()
