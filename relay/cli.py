@@ -21,6 +21,7 @@ from vncgate.relay.passwords import hash_secret
 from vncgate.relay.recordingcli import recordings_main
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings, host_names, settings_from_args
+from vncgate.relay.tls import TlsError
 
 log = logging.getLogger("vncgate.relay")
 
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vncgate-relay: cannot start; fix these targets:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return 2
+    except TlsError as exc:
+        print(f"vncgate-relay: cannot start TLS: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"vncgate-relay: cannot listen: {exc}", file=sys.stderr)

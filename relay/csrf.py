@@ -18,8 +18,8 @@ def csrf_token(request: web.Request) -> str:
     return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
 
 
-def set_csrf_cookie(response: web.StreamResponse, token: str) -> None:
-    response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict")
+def set_csrf_cookie(response: web.StreamResponse, token: str, *, secure: bool = False) -> None:
+    response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict", secure=secure)
 
 
 def form_from_our_page(request: web.Request, form: Mapping[str, object]) -> bool:

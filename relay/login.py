@@ -24,7 +24,9 @@ from vncgate.relay.users import check_login
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
 
 
-def _secure(request: web.Request, state: RelayState) -> bool:
+def secure_cookies(request: web.Request, state: RelayState) -> bool:
+    """Cookies get Secure when the browser reached the relay over https (its own TLS, or a
+    trusted proxy's), or the public URL is https."""
     proto = request.headers.get("X-Forwarded-Proto", "")
     behind_tls_proxy = proto == "https" and address_in(request.remote,
                                                        state.settings.auth.trusted_proxies)
@@ -32,13 +34,21 @@ def _secure(request: web.Request, state: RelayState) -> bool:
         "https://")
 
 
+# `next` of a viewer: the console the page names (as the address bar does; its display name is
+# shown only to those who may open it, so not before sign-in).
+_VIEWER_NEXT = re.compile(r"^t/([^/]+)/([^/]+)/$")
+
+
 def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
-               headers: dict[str, str] | None = None) -> web.Response:
+               headers: dict[str, str] | None = None, user: str = "") -> web.Response:
     csrf = csrf_token(request)
+    viewer = _VIEWER_NEXT.match(next_path)
     response = render_page(request, "login.html",
-                           {"message": message, "next": next_path, "csrf": csrf},
+                           {"message": message, "next": next_path, "csrf": csrf,
+                            "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
+                            "user": user[:256]},
                            status=status, headers=headers)
-    set_csrf_cookie(response, csrf)
+    set_csrf_cookie(response, csrf, secure=secure_cookies(request, request.app[STATE]))
     return response
 
 
@@ -77,7 +87,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if wait > 0:
         audit_event("login", request, state, user=name[:64], result="rate limited")
         return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
-                          next_path, status=429, headers={"Retry-After": str(int(wait) + 1)})
+                          next_path, status=429, headers={"Retry-After": str(int(wait) + 1)},
+                          user=name)
     try:
         user = await state.derivations.run(check_login, state.settings.auth.users, name, secret)
     except DerivationsBusy:
@@ -86,14 +97,14 @@ async def login(request: web.Request) -> web.StreamResponse:
         state.login_failures.failed(client)
         state.account_failures.failed(account)
         audit_event("login", request, state, user=name[:64], result="failed")
-        return login_page(request, "Wrong user or password.", next_path, status=401)
+        return login_page(request, "Wrong user or password.", next_path, status=401, user=name)
     audit_event("login", request, state, user=user.name, result="ok")
     response = web.HTTPSeeOther(location=next_path)
     # Path=/ covers every prefix an Ingress may put in front of the relay.
     response.set_cookie(SESSION_COOKIE, session_cookie(state.session_key, user.name,
                                                        state.settings.auth.session_ttl),
                         max_age=state.settings.auth.session_ttl, httponly=True, samesite="Lax",
-                        secure=_secure(request, state))
+                        secure=secure_cookies(request, state))
     raise response
 
 
@@ -151,5 +162,5 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
     # Not the token: a credential of its own, made for this exchange (see link_identity).
     response.set_cookie(links.link_cookie(target), links.exchanged(state.session_key, grant),
                         max_age=max(1, grant.expires - int(time.time())), httponly=True,
-                        samesite="Strict", secure=_secure(request, state))
+                        samesite="Strict", secure=secure_cookies(request, state))
     return response

@@ -17,8 +17,9 @@ class RelayMetrics:
     routes: Gauge
 
     @classmethod
-    def create(cls) -> RelayMetrics:
-        registry = CollectorRegistry(auto_describe=True)
+    def create(cls, registry: CollectorRegistry | None = None) -> RelayMetrics:
+        """The relay's metrics in `registry` (default: a new one of their own)."""
+        registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         return cls(
             registry=registry,
             sessions_active=Gauge(

@@ -68,16 +68,20 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     public = state.settings.auth.public_url
     if public and origin.lower() == public_origin(public):
         return True
-    parts = urlsplit(origin)
+    return same_origin(origin, request.host, request_scheme(request, state))
+
+
+def same_origin(origin: str, host: str, scheme: str) -> bool:
+    """Whether a browser's Origin is the page at `scheme://host` (default ports folded)."""
+    parts = urlsplit(origin.rstrip("/"))
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return False
     # The scheme counts too: an http:// page is not the https:// one (TLS stripped).
-    scheme = request_scheme(request, state)
     if parts.scheme != scheme:
         return False
     default_port = {"http": ":80", "https": ":443"}[scheme]
     netloc = parts.netloc.lower().removesuffix(default_port)
-    return netloc == request.host.lower().removesuffix(default_port)
+    return netloc == host.lower().removesuffix(default_port)
 
 
 def public_origin(url: str) -> str:

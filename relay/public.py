@@ -20,12 +20,13 @@ from vncgate.relay.consoles import Holder
 from vncgate.relay.csrf import csrf_token, set_csrf_cookie
 from vncgate.relay.identify import identify, link_identity
 from vncgate.relay.identity import Identity
-from vncgate.relay.login import exchange_link, login, login_form, logout
+from vncgate.relay.login import exchange_link, login, login_form, logout, secure_cookies
 from vncgate.relay.origin import check_host, origin_allowed
 from vncgate.relay.pages import render_page, setup_templates
 from vncgate.relay.playback import add_routes as add_playback_routes
 from vncgate.relay.recorder import RecordingUnavailable
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.tls import HSTS
 from vncgate.relay.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
@@ -49,6 +50,10 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """On every response, errors included. A signal rather than a middleware: a middleware's
     frame would stay alive for the whole of every WebSocket session."""
     response.headers.update(SECURITY_HEADERS)
+    if request.secure and request.transport is not None and \
+            request.transport.get_extra_info("sslcontext") is not None:
+        # This listener's own TLS (--tls-cert); behind an Ingress, HSTS is the Ingress's.
+        response.headers["Strict-Transport-Security"] = HSTS
 
 
 def _target_key(request: web.Request) -> tuple[str, str]:
@@ -272,7 +277,7 @@ async def index(request: web.Request) -> web.StreamResponse:
     response = render_page(request, "list.html", {
         "rows": rows, "user": identity.user, "csrf": csrf,
         "signed_in_by_cookie": identity.method == "cookie"})
-    set_csrf_cookie(response, csrf)
+    set_csrf_cookie(response, csrf, secure=secure_cookies(request, state))
     return response
 
 

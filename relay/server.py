@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from types import TracebackType
 
@@ -14,6 +15,7 @@ from vncgate.relay.public import make_public_app
 from vncgate.relay.registry import Registry
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.state import RelayState
+from vncgate.relay.tls import ReloadingTls
 
 
 def _url(site: web.TCPSite) -> str:
@@ -37,12 +39,15 @@ class RelayServer:
         self._runners: list[web.AppRunner] = []
         self.public_url = ""
         self.internal_url = ""
+        self.tls: ReloadingTls | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
 
     @property
     def registry(self) -> Registry:
         return self.state.registry
 
-    async def _serve(self, app: web.Application, where: Address) -> str:
+    async def _serve(self, app: web.Application, where: Address,
+                     tls: ReloadingTls | None = None) -> str:
         # keepalive_timeout also closes a connection whose request headers are still
         # incomplete after that long (aiohttp's default is an hour); bodies are read under
         # the same timeout by the handlers that read them.
@@ -51,15 +56,22 @@ class RelayServer:
                                keepalive_timeout=self.state.settings.http_read_timeout)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
+        site = web.TCPSite(runner, where.host, where.port, reuse_address=True,
+                           ssl_context=tls.context if tls is not None else None)
         await site.start()
-        return _url(site)
+        url = _url(site)
+        return "https://" + url.removeprefix("http://") if tls is not None else url
 
     async def start(self) -> None:
         try:
+            settings = self.state.settings
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                self.tls = ReloadingTls(settings.tls_cert, settings.tls_key)
+                self._tls_watch = asyncio.create_task(
+                    self.tls.watch(settings.tls_reload_interval))
             await self.state.consoles.start(self.state.console_taken)
             self.public_url = await self._serve(make_public_app(self.state),
-                                                self.state.settings.listen)
+                                                self.state.settings.listen, self.tls)
             self.internal_url = await self._serve(make_internal_app(self.state),
                                                   self.state.settings.internal_listen)
         except BaseException:
@@ -68,6 +80,9 @@ class RelayServer:
 
     async def stop(self) -> None:
         """Close every session with 1001, then both ports."""
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            self._tls_watch = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

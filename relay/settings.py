@@ -98,6 +98,10 @@ class RelaySettings:
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
     recording: RecordingSettings = field(default_factory=RecordingSettings)
+    # TLS on the public port (PEM chain and key), reloaded when they change (relay/tls.py).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_reload_interval: float = 10.0
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", compared
@@ -207,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-for-sync", action=argparse.BooleanOptionalAction,
                         default=env_flag("WAIT_FOR_SYNC"),
                         help="ready only after the operator's first full table (in a cluster)")
+    tls = parser.add_argument_group("TLS on the public port (without an Ingress in front)")
+    tls.add_argument("--tls-cert", type=Path,
+                     default=Path(p) if (p := _env("TLS_CERT")) else None,
+                     help="PEM certificate chain (leaf first); the public port speaks https and "
+                          "wss, sends HSTS and Secure cookies; reloaded when the file changes")
+    tls.add_argument("--tls-key", type=Path, default=Path(p) if (p := _env("TLS_KEY")) else None,
+                     help="PEM private key of --tls-cert; reloaded when the file changes")
     auth = parser.add_argument_group("authentication and authorization")
     auth.add_argument("--auth", choices=AUTH_MODES, default=_env("AUTH"),
                       help="none: no sign-in (default only on a loopback --listen); proxy: trust "
@@ -362,7 +373,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         shutdown_grace = parse_duration(args.shutdown_grace, "--shutdown-grace")
     except SpecError as exc:
         parser.error(str(exc))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both (or neither)")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
     return RelaySettings(
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth=_auth_settings(parser, args, args.listen),
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
         identity=_check_identity(parser, args.identity),

@@ -12,6 +12,7 @@ import markupsafe
 import pytest
 
 from tests.conftest import RelayFactory
+from tests.relay.test_auth import sign_in
 from vncgate.common.model import Route
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
@@ -148,3 +149,16 @@ async def test_hostile_names_are_escaped_in_every_page(make_relay: RelayFactory,
     assert resp.status == 200
     _no_markup_from(login)
     assert 'name="next" value="./"' in login
+
+
+async def test_a_failed_sign_in_shows_the_user_name_back_escaped(
+        make_relay: RelayFactory) -> None:
+    token = AuthSettings(mode="token", users={}, session_secret=b"s" * 32)
+    async with make_relay(routes=[], auth=token) as relay, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # cookies of 127.0.0.1
+        resp = await sign_in(http, relay, HOSTILE, "wrong password", next_path="t/lab/desk/")
+        page = await resp.text()
+    assert resp.status == 401
+    _no_markup_from(page)
+    assert f'value="{markupsafe.escape(HOSTILE)}"' in page  # kept for the next try, escaped
+    assert '<strong id="target">lab/desk</strong>' in page
