@@ -43,6 +43,9 @@ from typing import Any
 from vncgate.relay.rfbfilter import (
     CLIENT_CUT_TEXT,
     KEY_EVENT,
+    MESSAGE_BODY,
+    MESSAGE_END,
+    MESSAGE_HEADER,
     POINTER_EVENT,
     QEMU,
     QEMU_EXTENDED_KEY,
@@ -52,7 +55,7 @@ from vncgate.relay.rfbfilter import (
     SET_PIXEL_FORMAT,
     VERSIONS,
     FilterError,
-    message_length,
+    ViewerStream,
 )
 
 log = logging.getLogger("vncgate.recording")
@@ -164,13 +167,9 @@ class RfbTap:
         self._record_input = record_input
         self._keyframe_interval = keyframe_interval
         self._clock = clock
-        # client side
-        self._state = "version"
-        self.minor = 8
-        self._server_minor = 8
-        self.security: int | None = None
-        self._header = bytearray()
-        self._remaining = 0
+        # client side: the viewer's handshake and message boundaries, as the view-only filter
+        # reads them (one parser: relay/rfbfilter.py)
+        self.stream = ViewerStream("a recorded session needs")
         self._message: bytearray | None = None  # a message kept whole (SetEncodings, input)
         self._message_total = 0
         self._last_request = clock()
@@ -187,56 +186,46 @@ class RfbTap:
         self._parser: _Parser | None = None
         self._waiting = False
 
+    @property
+    def minor(self) -> int:
+        return self.stream.minor
+
+    @property
+    def security(self) -> int | None:
+        return self.stream.security
+
     def server_greeting(self, greeting: bytes) -> None:
-        minor = VERSIONS.get(greeting)
-        if minor is None:
+        if greeting not in VERSIONS:
             raise FilterError(f"the VNC server greets with {greeting!r}; a recorded session "
                               "needs RFB 3.3, 3.7 or 3.8")
-        self._server_minor = minor
+        self.stream.server_greeting(greeting)
 
     # --- viewer -> server ---
 
     def client_data(self, data: bytes) -> bytes:
         out = bytearray()
-        view = memoryview(data)
-        i, end = 0, len(data)
-        while i < end:
-            if self._remaining:
-                n = min(self._remaining, end - i)
+        for piece, chunk, total in self.stream.split(data):
+            if piece == MESSAGE_BODY:
                 if self._message is not None:
                     room = _MAX_INPUT_RECORD - len(self._message)
-                    self._message += view[i:i + min(n, max(room, 0))]
+                    self._message += chunk[:max(room, 0)]
                 else:
-                    out += view[i:i + n]
-                self._remaining -= n
-                i += n
-                if not self._remaining:
-                    if self._message is not None:
-                        self._message_done(out)
-                    else:  # a message passed through in pieces ends here too
-                        self._at_boundary(out)
-                continue
-            self._header.append(data[i])
-            i += 1
-            if self._state != "messages":
-                self._handshake_step(out)
-                continue
-            total = message_length(self._header)
-            if total is None:
-                continue
-            header, self._header = self._header, bytearray()
-            kind = header[0]
-            keep = kind in (SET_ENCODINGS, SET_PIXEL_FORMAT) or (self._record_input and (
-                kind in _RECORDED_INPUT or (kind == QEMU and header[1] == QEMU_EXTENDED_KEY)))
-            self._remaining = total - len(header)
-            if keep:
-                self._message, self._message_total = header, total
-                if not self._remaining:
+                    out += chunk
+            elif piece == MESSAGE_HEADER:
+                kind = chunk[0]
+                keep = kind in (SET_ENCODINGS, SET_PIXEL_FORMAT) or (self._record_input and (
+                    kind in _RECORDED_INPUT or (kind == QEMU and chunk[1] == QEMU_EXTENDED_KEY)))
+                if keep:
+                    self._message, self._message_total = bytearray(chunk), total
+                else:
+                    out += chunk
+            elif piece == MESSAGE_END:
+                if self._message is not None:
                     self._message_done(out)
-            else:
-                out += header
-                if not self._remaining:
+                else:
                     self._at_boundary(out)
+            else:  # a handshake part passes whole
+                out += chunk
         return bytes(out)
 
     def _message_done(self, out: bytearray) -> None:
@@ -261,41 +250,6 @@ class RfbTap:
                 >= self._keyframe_interval):
             self._last_request = self._clock()
             out += struct.pack("!BBHHHH", 3, 0, 0, 0, self.width, self.height)
-
-    def _handshake_step(self, out: bytearray) -> None:
-        lengths = {"version": 12, "choice": 1, "vnc-auth": 16, "client-init": 1}
-        if self._state == "await-server":
-            if self.security is None:
-                raise FilterError("the viewer answered before the server chose security")
-            self._after_security(self.security)
-        if len(self._header) < lengths[self._state]:
-            return
-        part, self._header = bytes(self._header), bytearray()
-        out += part
-        if self._state == "version":
-            minor = VERSIONS.get(part)
-            if minor is None:
-                raise FilterError(f"the viewer sent RFB version {part!r}; a recorded session "
-                                  "accepts 'RFB 003.003', 'RFB 003.007' or 'RFB 003.008'")
-            self.minor = min(minor, self._server_minor)
-            self._state = "await-server" if self.minor == 3 else "choice"
-        elif self._state == "choice":
-            self.security = part[0]
-            self._after_security(part[0])
-        elif self._state == "vnc-auth":
-            self._state = "client-init"
-        elif self._state == "client-init":
-            self._state = "messages"
-
-    def _after_security(self, security: int) -> None:
-        if security == SECURITY_NONE:
-            self._state = "client-init"
-        elif security == SECURITY_VNC:
-            self._state = "vnc-auth"
-        else:
-            raise FilterError(
-                f"the VNC server uses security type {security}; a recorded session needs "
-                "security None or VNC password, whose handshake the relay can follow")
 
     # --- server -> viewer ---
 
@@ -354,7 +308,7 @@ class RfbTap:
         # The handshake after the greeting (RFC 6143 7.1-7.3), as the server sends it.
         if self.minor == 3:
             (security,) = struct.unpack("!I", (yield 4))
-            self.security = security
+            self.stream.security = security
         else:
             (count,) = (yield 1)
             if count == 0:

@@ -1,10 +1,15 @@
 """The viewer-to-server half of RFB, parsed just enough to drop input and notice activity.
 
-Used only for sessions that need it (view-only, or an idle timeout): a view-only viewer's key,
-pointer, clipboard, power (xvp) and resize messages are dropped here, at the protocol level, so
-a modified client cannot type into a console the page shows as view-only. Whole messages are
-dropped, never parts, so the stream the server sees stays well-formed. Nothing is buffered but
-a message header of at most 9 bytes; message bodies pass through or are skipped as they come.
+`ViewerStream` is the one parser of that stream: the handshake and where each message starts
+and ends. The view-only filter (`ClientFilter`, here) and the recording tap
+(relay/recording.py) both read the viewer through it, so they cannot disagree.
+
+The filter is used only for sessions that need it (view-only, or an idle timeout): a view-only
+viewer's key, pointer, clipboard, power (xvp) and resize messages are dropped here, at the
+protocol level, so a modified client cannot type into a console the page shows as view-only.
+Whole messages are dropped, never parts, so the stream the server sees stays well-formed.
+Nothing is buffered but a handshake part or message header of at most 16 bytes; message bodies
+pass through or are skipped as they come.
 
 The handshake is followed for the security types whose client side is known: None (1) and VNC
 authentication (2). Any other type (TLS, VeNCrypt, RA2...) would hide the messages, so a
@@ -21,6 +26,7 @@ including Apple's 3.889 and servers greeting another version, ends a filtered se
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 # Client-to-server message types (RFC 6143 and the extensions noVNC sends).
 SET_PIXEL_FORMAT = 0
@@ -87,8 +93,124 @@ def message_length(header: bytes | bytearray) -> int | None:
     raise FilterError(f"client message type {kind} is not one the relay can check")
 
 
-def is_input(header: bytes | bytearray) -> bool:
+def is_input(header: bytes | bytearray | memoryview) -> bool:
     return header[0] in INPUT_TYPES or (header[0] == QEMU and header[1] == QEMU_EXTENDED_KEY)
+
+
+# What `ViewerStream.split` yields, in stream order: a whole handshake part (version, security
+# choice, VNC-auth response, ClientInit), a message's whole header (with the message's total
+# length), a slice of its body, and its end.
+HANDSHAKE_PART, MESSAGE_HEADER, MESSAGE_BODY, MESSAGE_END = range(4)
+Piece = tuple[int, bytes | bytearray | memoryview, int]
+
+
+class ViewerStream:
+    """The viewer-to-server stream cut where the server cuts it: the one parser of it.
+
+    Every consumer that must know where the viewer's messages start (the view-only filter,
+    the recording tap) reads them through this class, so no two copies of the handshake can
+    fall out of step with the server or with each other. `needs` names the consumer in
+    errors ("view-only and idle timeouts need").
+    """
+
+    def __init__(self, needs: str) -> None:
+        self.needs = needs
+        self.state = "version"
+        self.minor = 8  # the version both sides settled on, once the viewer answered
+        # The security type: the viewer's choice (3.7, 3.8) or the server's announcement (3.3).
+        self.security: int | None = None
+        self.server_minor: int | None = None  # from the server's greeting (`server_greeting`)
+        self._server_greeting = ""
+        self._server_bytes = bytearray()
+        self._header = bytearray()
+        self._remaining = 0
+
+    def server_greeting(self, greeting: bytes) -> None:
+        """The server's 12-byte ProtocolVersion, before any of the viewer's bytes are fed."""
+        self.server_minor = VERSIONS.get(greeting)
+        self._server_greeting = greeting.decode("ascii", "replace").strip()
+
+    @property
+    def needs_server_security(self) -> bool:
+        """RFB 3.3 only: the security type comes from the server, not from the viewer."""
+        return self.minor == 3 and self.security is None
+
+    def server_security(self, data: bytes | memoryview) -> None:
+        """RFB 3.3: server-to-viewer bytes after the greeting, while `needs_server_security`."""
+        self._server_bytes += data[: 4 - len(self._server_bytes)]
+        if len(self._server_bytes) == 4:
+            self.security = int.from_bytes(self._server_bytes, "big")
+
+    def split(self, data: bytes) -> Iterator[Piece]:
+        """The pieces of `data`, whatever its split; raises FilterError where the stream
+        cannot be followed. Nothing is buffered but a header of at most 16 bytes."""
+        view = memoryview(data)
+        i, end = 0, len(data)
+        while i < end:
+            if self._remaining:
+                n = min(self._remaining, end - i)
+                self._remaining -= n
+                yield MESSAGE_BODY, view[i:i + n], 0
+                i += n
+                if not self._remaining:
+                    yield MESSAGE_END, b"", 0
+                continue
+            self._header.append(data[i])
+            i += 1
+            if self.state != "messages":
+                part = self._handshake_step()
+                if part is not None:
+                    yield HANDSHAKE_PART, part, len(part)
+                continue
+            total = message_length(self._header)
+            if total is None:
+                continue
+            header, self._header = self._header, bytearray()
+            self._remaining = total - len(header)
+            yield MESSAGE_HEADER, header, total
+            if not self._remaining:
+                yield MESSAGE_END, b"", 0
+
+    def _handshake_step(self) -> bytes | None:
+        if self.state == "await-server":
+            # RFB 3.3: the server announced the security type before the viewer could answer,
+            # and the server pump has shown it to us by now.
+            if self.security is None:
+                raise FilterError("the viewer answered before the server chose security")
+            self._after_security(self.security)
+        if len(self._header) < _HANDSHAKE_LENGTHS[self.state]:
+            return None
+        part, self._header = bytes(self._header), bytearray()
+        if self.state == "version":
+            minor = VERSIONS.get(part)
+            if minor is None:
+                raise FilterError(
+                    f"the viewer sent RFB version {part!r}; this relay accepts exactly "
+                    "'RFB 003.003', 'RFB 003.007' or 'RFB 003.008' on this console")
+            if self.server_minor is None:
+                raise FilterError(
+                    f"the VNC server greets with {self._server_greeting or 'no version'!r}; "
+                    f"{self.needs} RFB 3.3, 3.7 or 3.8")
+            self.minor = min(minor, self.server_minor)
+            self.state = "await-server" if self.minor == 3 else "choice"
+        elif self.state == "choice":
+            self.security = part[0]
+            self._after_security(part[0])
+        elif self.state == "vnc-auth":
+            self.state = "client-init"
+        elif self.state == "client-init":
+            self.state = "messages"
+        return part
+
+    def _after_security(self, security_type: int) -> None:
+        if security_type == SECURITY_NONE:
+            self.state = "client-init"
+        elif security_type == SECURITY_VNC:
+            self.state = "vnc-auth"
+        else:
+            raise FilterError(
+                f"the VNC server uses security type {security_type}; {self.needs} security "
+                "None or VNC password, whose messages the relay can see")
 
 
 class ClientFilter:
@@ -98,103 +220,38 @@ class ClientFilter:
         self.view_only = view_only
         self.last_input = time.monotonic()
         self.dropped = 0
-        self._state = "version"
-        self._minor = 8
-        self._header = bytearray()
-        self._remaining = 0
+        self.stream = ViewerStream("view-only and idle timeouts need")
         self._forward = True
-        self._server_type: int | None = None  # RFB 3.3: the server picks the security type
-        self._server_bytes = bytearray()
-        self._server_minor: int | None = None  # from the server's greeting (`server_greeting`)
-        self._server_greeting = ""
 
     def server_greeting(self, greeting: bytes) -> None:
         """The server's 12-byte ProtocolVersion, before any of the viewer's bytes are fed."""
-        self._server_minor = VERSIONS.get(greeting)
-        self._server_greeting = greeting.decode("ascii", "replace").strip()
+        self.stream.server_greeting(greeting)
 
     @property
     def needs_server_bytes(self) -> bool:
         """RFB 3.3 only: the security type comes from the server, so peek at its stream."""
-        return self._minor == 3 and self._server_type is None
+        return self.stream.needs_server_security
 
     def server_data(self, data: bytes | memoryview) -> None:
         """Server-to-viewer bytes after the 12-byte greeting, while `needs_server_bytes`."""
-        self._server_bytes += data[: 4 - len(self._server_bytes)]
-        if len(self._server_bytes) == 4:
-            self._server_type = int.from_bytes(self._server_bytes, "big")
+        self.stream.server_security(data)
 
     def feed(self, data: bytes) -> bytes:
         out = bytearray()
-        view = memoryview(data)
-        i, end = 0, len(data)
-        while i < end:
-            if self._remaining:
-                n = min(self._remaining, end - i)
-                if self._forward:
-                    out += view[i:i + n]
+        for piece, chunk, _total in self.stream.split(data):
+            if piece == MESSAGE_HEADER:
+                if is_input(chunk):
+                    self.last_input = time.monotonic()
+                    self._forward = not self.view_only
                 else:
-                    self.dropped += n
-                self._remaining -= n
-                i += n
+                    self._forward = True
+            elif piece == HANDSHAKE_PART:
+                out += chunk
                 continue
-            self._header.append(data[i])
-            i += 1
-            if self._state != "messages":
-                self._handshake_step(out)
+            elif piece == MESSAGE_END:
                 continue
-            total = message_length(self._header)
-            if total is None:
-                continue
-            header, self._header = self._header, bytearray()
-            if is_input(header):
-                self.last_input = time.monotonic()
-                self._forward = not self.view_only
-            else:
-                self._forward = True
             if self._forward:
-                out += header
+                out += chunk
             else:
-                self.dropped += len(header)
-            self._remaining = total - len(header)
+                self.dropped += len(chunk)
         return bytes(out)
-
-    def _handshake_step(self, out: bytearray) -> None:
-        if self._state == "await-server":
-            # RFB 3.3: the server announced the security type before the viewer could answer,
-            # and the server pump has shown it to us by now.
-            if self._server_type is None:
-                raise FilterError("the viewer answered before the server chose security")
-            self._after_security(self._server_type)
-        if len(self._header) < _HANDSHAKE_LENGTHS[self._state]:
-            return
-        part, self._header = bytes(self._header), bytearray()
-        out += part
-        if self._state == "version":
-            minor = VERSIONS.get(part)
-            if minor is None:
-                raise FilterError(
-                    f"the viewer sent RFB version {part!r}; this relay accepts exactly "
-                    "'RFB 003.003', 'RFB 003.007' or 'RFB 003.008' on this console")
-            if self._server_minor is None:
-                raise FilterError(
-                    f"the VNC server greets with {self._server_greeting or 'no version'!r}; "
-                    "view-only and idle timeouts need RFB 3.3, 3.7 or 3.8")
-            self._minor = min(minor, self._server_minor)
-            self._state = "await-server" if self._minor == 3 else "choice"
-        elif self._state == "choice":
-            self._after_security(part[0])
-        elif self._state == "vnc-auth":
-            self._state = "client-init"
-        elif self._state == "client-init":
-            self._state = "messages"
-
-    def _after_security(self, security_type: int) -> None:
-        if security_type == SECURITY_NONE:
-            self._state = "client-init"
-        elif security_type == SECURITY_VNC:
-            self._state = "vnc-auth"
-        else:
-            raise FilterError(
-                f"the VNC server uses security type {security_type}; view-only and idle "
-                "timeouts need security None or VNC password, whose messages the relay can see")
