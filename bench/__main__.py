@@ -275,12 +275,19 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="only this candidate (repeatable)")
     parser.add_argument("--no-uvloop", action="store_true",
                         help="leave out the vncgate+uvloop candidate")
+    parser.add_argument("--recording", action="store_true",
+                        help="instead: vncgate with and without --record-sessions against an "
+                             "RFB backend (CPU per GiB, memory per session; ~2 minutes)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json",
                         help="where to write every figure (default bench/results/latest.json)")
     args = parser.parse_args()
     loop = new_event_loop()
     try:
-        result = loop.run_until_complete(run(args))
+        if args.recording:
+            from bench import recording
+            result = loop.run_until_complete(recording.run(args))
+        else:
+            result = loop.run_until_complete(run(args))
     finally:
         loop.close()
     args.json.parent.mkdir(parents=True, exist_ok=True)

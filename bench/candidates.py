@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-KINDS = ("source", "sink", "echo")
+KINDS = ("source", "sink", "echo", "rfb", "rfb-idle")
 BIN = Path(sys.executable).parent
 
 
@@ -86,9 +86,12 @@ class Candidate:
 
 
 class Vncgate(Candidate):
-    def __init__(self, uvloop: bool = False) -> None:
-        super().__init__("vncgate+uvloop" if uvloop else "vncgate")
+    def __init__(self, uvloop: bool = False, recording: bool = False) -> None:
+        super().__init__("vncgate+uvloop" if uvloop else
+                         "vncgate+recording" if recording else "vncgate")
         self.uvloop = uvloop
+        self.recording = recording
+        self.recording_dir: Path | None = None  # set by start when recording
 
     async def start(self, backends: dict[str, int], workdir: Path) -> None:
         port = free_port()
@@ -98,6 +101,9 @@ class Vncgate(Candidate):
                     "--internal-listen", f"127.0.0.1:{free_port()}",
                     "--max-sessions", "20000", "--max-sessions-per-target", "20000",
                     "--log-level", "WARNING"]
+        if self.recording:  # every session recorded (screen only), into a fresh folder
+            self.recording_dir = workdir / f"recordings-{port}"
+            command += ["--recording-dir", str(self.recording_dir), "--record-sessions"]
         for kind, backend in backends.items():
             command += ["--target", f"bench/{kind}=127.0.0.1:{backend}"]
         log = (workdir / f"{self.name}.log").open("ab")

@@ -19,6 +19,8 @@ from bench.client import Conn, connect, ws_frame
 MB = 1_000_000
 GIB = 1024**3
 GO = b"g"  # what makes the source start streaming
+# The viewer's side of the rfb backends' handshake: RFB 3.8, security None, ClientInit (shared).
+RFB_HELLO = b"RFB 003.008\n\x01\x01"
 
 
 @dataclass
@@ -63,8 +65,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def open_many(candidate: Candidate, kind: str, count: int, concurrency: int = 64,
-                    within: float = 15.0) -> tuple[list[Conn], int]:
-    """Open `count` sessions to `kind`, at most `concurrency` handshakes at a time.
+                    within: float = 15.0, hello: bytes = b"") -> tuple[list[Conn], int]:
+    """Open `count` sessions to `kind`, at most `concurrency` handshakes at a time; each sends
+    `hello` after the greeting (the viewer's RFB handshake, for the rfb backends).
 
     Returns the sessions that got their greeting and the number that failed.
     """
@@ -81,6 +84,8 @@ async def open_many(candidate: Candidate, kind: str, count: int, concurrency: in
             except (OSError, TimeoutError, ConnectionError):
                 failed += 1
                 return
+            if hello:
+                conn.send(hello)
             opened.append(conn)
 
     await asyncio.gather(*(one() for _ in range(count)))
@@ -98,11 +103,14 @@ def go(candidate: Candidate, conn: Conn) -> None:
 
 
 async def server_to_client(candidate: Candidate, sessions: int, warmup: float,
-                           window: float) -> dict[str, float]:
-    conns, failed = await open_many(candidate, "source", sessions)
+                           window: float, kind: str = "source") -> dict[str, float]:
+    """`kind` source: as fast as the relay takes it; rfb: RFB updates at the backend's rate."""
+    hello = RFB_HELLO if kind == "rfb" else b""
+    conns, failed = await open_many(candidate, kind, sessions, hello=hello)
     try:
         for conn in conns:
-            go(candidate, conn)
+            if not hello:
+                go(candidate, conn)
         await asyncio.sleep(warmup)
         before_bytes, before = sum(c.received for c in conns), usage(candidate)
         started = time.perf_counter()
@@ -212,8 +220,11 @@ async def backpressure(candidate: Candidate, seconds: float) -> dict[str, float]
             "pss_growth_MiB": (end.pss - before.pss) / 2**20}
 
 
-async def memory(candidate: Candidate, counts: tuple[int, ...], settle: float) -> dict[str, float]:
-    """Tree memory with idle sessions (to `echo`, which greets and then waits)."""
+async def memory(candidate: Candidate, counts: tuple[int, ...], settle: float,
+                 kind: str = "echo") -> dict[str, float]:
+    """Tree memory with idle sessions (to `echo`, which greets and then waits, or to
+    `rfb-idle`, which waits after ServerInit)."""
+    hello = RFB_HELLO if kind == "rfb-idle" else b""
     await asyncio.sleep(settle)
     base = usage(candidate, with_pss=True)
     result: dict[str, float] = {}
@@ -224,7 +235,8 @@ async def memory(candidate: Candidate, counts: tuple[int, ...], settle: float) -
             if candidate.max_idle_sessions is not None and count > candidate.max_idle_sessions:
                 result[f"{count}_skipped"] = 1
                 continue
-            more, more_failed = await open_many(candidate, "echo", count - len(conns) - failed)
+            more, more_failed = await open_many(candidate, kind, count - len(conns) - failed,
+                                                hello=hello)
             conns += more
             failed += more_failed
             await asyncio.sleep(settle)
