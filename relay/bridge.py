@@ -323,6 +323,14 @@ class Session:
 
     async def _relay(self) -> None:
         if self.route.credentials is not None or self.route.tls is not None:
+            if self.recorder is not None:
+                # The recording tap follows the viewer's own handshake from the greeting on,
+                # which a session the relay logs in for never shows it. Refused rather than
+                # opened unrecorded: a target that must be recorded is never opened without.
+                raise SessionRefused(
+                    closecodes.INTERNAL_ERROR,
+                    f"{self.route.key} is recorded and the relay logs in to it "
+                    "(spec.credentials/spec.tls): this relay cannot record such sessions yet")
             await self._relay_logged_in()
             return
         greeting = await self._connect()

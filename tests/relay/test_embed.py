@@ -52,7 +52,8 @@ FIELDS = {
         ("host", "str", dataclasses.MISSING), ("port", "int", dataclasses.MISSING),
         ("display_name", "str", ""), ("view_only", "bool", False),
         ("access", "Access | None", None), ("sessions", "SessionPolicy", SessionPolicy()),
-        ("recording", "RecordingPolicy | None", None)],
+        ("recording", "RecordingPolicy | None", None),
+        ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None)],
 }
 
 

@@ -8,6 +8,7 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -22,8 +23,9 @@ from tests.relay.test_sessions import move_pointer_through_relay, pointer_positi
 from tests.relay.test_xvnc import WsStream
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.common.spec import Credentials, TlsSpec
+from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
+from vncgate.relay.recordstore import RecordingSettings
 from vncgate.relay.rfbsecurity import vnc_auth_response
 
 PASSWORD = "s3cret-pw"  # longer than 8: VNC Authentication uses the first 8 bytes
@@ -273,3 +275,16 @@ async def test_secret_routes_need_a_kubernetes_client(
     async with make_relay(routes=[route]) as relay:
         code, reason = await close_of(relay.public_url, "desk")
     assert code == closecodes.CREDENTIAL_REFUSED and "Kubernetes credentials" in reason, reason
+
+
+async def test_a_recorded_target_the_relay_logs_in_to_is_refused_not_opened_unrecorded(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, secrets_dir: Path,
+        tmp_path: Path) -> None:
+    route = Route("lab", "desk", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(password_file=str(secrets_dir / "password")),
+                  recording=RecordingPolicy(enabled=True))
+    async with make_relay(routes=[route], recording=RecordingSettings(directory=tmp_path)
+                          ) as relay:
+        code, reason = await close_of(relay.public_url, "desk")
+    assert code == 4500 and "cannot record" in reason, (code, reason)
+    assert not os.listdir(tmp_path), "nothing may be recorded"
