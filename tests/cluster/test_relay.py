@@ -21,7 +21,7 @@ from tests.support.processes import ConsoleScript
 from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay.consoles import Holder, KubeConsoles
 
 USERS = {
@@ -154,7 +154,7 @@ def test_exclusive_consoles_across_two_relay_processes(
 
 def _route(namespace: str) -> Route:
     return Route(namespace=namespace, name="race", host="127.0.0.1", port=5900,
-                 sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+                 sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover.ALLOW))
 
 
 def test_a_stale_resource_version_is_refused_and_races_have_one_winner(

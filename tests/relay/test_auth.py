@@ -28,7 +28,7 @@ from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
 from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
-from vncgate.relay.identity import AuthConfigError
+from vncgate.relay.identity import AuthConfigError, AuthMode
 from vncgate.relay.passwords import hash_secret, verify_secret
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
@@ -59,7 +59,7 @@ async def backend() -> AsyncIterator[TcpServer]:
 
 @pytest.fixture
 async def token_relay(make_relay: RelayFactory, backend: TcpServer) -> AsyncIterator[RelayServer]:
-    auth = AuthSettings(mode="token", users=USERS, session_secret=b"s" * 32,
+    auth = AuthSettings(mode=AuthMode.TOKEN, users=USERS, session_secret=b"s" * 32,
                         link_keys=(KEY, OLD_KEY))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay:
         yield relay
@@ -296,8 +296,8 @@ async def test_single_use_link_works_once(token_relay: RelayServer) -> None:
 async def test_links_signed_with_a_rotated_key_work_until_it_is_removed(
         make_relay: RelayFactory, backend: TcpServer) -> None:
     old_link, _ = links.mint(OLD_KEY, "lab/open", 600)
-    rotated = AuthSettings(mode="token", users=USERS, link_keys=(KEY, OLD_KEY))
-    retired = AuthSettings(mode="token", users=USERS, link_keys=(KEY,))
+    rotated = AuthSettings(mode=AuthMode.TOKEN, users=USERS, link_keys=(KEY, OLD_KEY))
+    retired = AuthSettings(mode=AuthMode.TOKEN, users=USERS, link_keys=(KEY,))
     for auth, expected in ((rotated, 200), (retired, 403)):
         async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
                 jar_session() as http:
@@ -338,7 +338,7 @@ def test_hash_password_command() -> None:
 async def test_proxy_headers_count_only_from_trusted_proxies(
         make_relay: RelayFactory, backend: TcpServer, trusted: str, local: str,
         expected: int | None) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks([trusted], "t"))
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks([trusted], "t"))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(local, 0))) as http:
         code, _ = await open_console(http, relay, "admins", headers={
@@ -351,7 +351,7 @@ async def test_proxy_headers_count_only_from_trusted_proxies(
 
 async def test_proxy_user_without_the_group_is_forbidden(make_relay: RelayFactory,
                                                          backend: TcpServer) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
             aiohttp.ClientSession() as http:
         code, reason = await open_console(http, relay, "admins", headers={
@@ -391,7 +391,7 @@ async def test_subject_access_review_decides_and_is_cached(
         make_relay: RelayFactory, backend: TcpServer, kmock: kmock.RawHandler,
         tmp_path: Path) -> None:
     reviews = kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << rbac_policy
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     async with make_relay(routes=targets(backend.port), auth=auth,
@@ -420,7 +420,7 @@ async def test_subject_access_review_decides_and_is_cached(
 async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: TcpServer,
                                            kmock: kmock.RawHandler, tmp_path: Path) -> None:
     kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << 503
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     async with make_relay(routes=targets(backend.port), auth=auth,
@@ -434,7 +434,7 @@ async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: Tc
 
 async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServer,
                                       tmp_path: Path) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "k", "http://127.0.0.1:9")
     async with make_relay(routes=targets(backend.port), auth=auth,

@@ -17,7 +17,7 @@ from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import PROXY, closed_with, connect
 from tests.support.servers import GREETING, TcpServer, sink
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
 from vncgate.relay.consoles import KubeConsoles, lease_name
 from vncgate.relay.server import RelayServer
@@ -61,7 +61,7 @@ async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
         make_relay: RelayFactory, backend: TcpServer, cluster: Path,
         kmock: kmock.KubernetesEmulator) -> None:
     route = Route("lab", "desk", "127.0.0.1", backend.port,
-                  sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover.ALLOW))
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         a, b = await replicas(stack, make_relay, route, cluster)
         first = await connect(http, a, "alice")
@@ -96,7 +96,7 @@ async def test_a_vanished_replicas_hold_expires(
         make_relay: RelayFactory, backend: TcpServer, cluster: Path,
         kmock: kmock.KubernetesEmulator) -> None:
     route = Route("lab", "desk", "127.0.0.1", backend.port,
-                  sessions=SessionPolicy(mode="exclusive"))
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE))
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         a, b = await replicas(stack, make_relay, route, cluster)
         first = await connect(http, a, "alice")

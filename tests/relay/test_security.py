@@ -41,6 +41,7 @@ from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
 from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.passwords import dummy_hash
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
@@ -147,7 +148,7 @@ async def test_view_only_follows_each_exact_version_and_drops_the_pointer(
 
 # --- shared pieces for the sign-in findings ---------------------------------------------------
 
-TOKEN_AUTH = AuthSettings(mode="token", users=USERS, session_secret=b"s" * 32,
+TOKEN_AUTH = AuthSettings(mode=AuthMode.TOKEN, users=USERS, session_secret=b"s" * 32,
                           link_keys=(KEY,), trusted_proxies=parse_networks(["127.0.0.1/32"], "t"))
 
 
@@ -372,7 +373,8 @@ async def test_every_failed_sign_in_costs_one_derivation(
 
     monkeypatch.setattr(hashlib, "scrypt", counting_scrypt)
     carol = User("carol", "sha256$" + hashlib.sha256(b"carol-token-0123456789").hexdigest())
-    auth = AuthSettings(mode="token", users={**USERS, "carol": carol}, session_secret=b"s" * 32)
+    auth = AuthSettings(mode=AuthMode.TOKEN, users={**USERS, "carol": carol},
+                        session_secret=b"s" * 32)
     dummy_hash()  # made once per process; not part of any one sign-in
     costs = {}
     async with make_relay(auth=auth) as relay, jar_session() as http:
@@ -436,7 +438,7 @@ async def test_slow_requests_are_closed_after_the_read_timeout(
 # --- 11. proxy headers: once each, prefixed, no system: groups ---------------------------------
 
 def proxy(**overrides: Any) -> AuthSettings:
-    return AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    return AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         **overrides)
 
 

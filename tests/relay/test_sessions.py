@@ -16,15 +16,16 @@ from tests.relay.test_xvnc import WsStream
 from tests.support.servers import GREETING, TcpServer, sink
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import Interactive, SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import AuthSettings
 
 HANDSHAKE = [b"RFB 003.008\n", b"\x01", b"\x01"]  # version, security None, ClientInit
 POINTER = struct.pack("!BBHH", 5, 0, 10, 10)
-PROXY = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
+PROXY = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
 
 
 def as_user(user: str) -> dict[str, str]:
@@ -61,7 +62,7 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10
 
 
 def exclusive(takeover: str = "deny") -> SessionPolicy:
-    return SessionPolicy(mode="exclusive", takeover=takeover)
+    return SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover(takeover))
 
 
 async def test_exclusive_refuses_a_second_viewer_and_says_who_holds_it(
@@ -130,7 +131,7 @@ async def test_shared_max_viewers(make_relay: RelayFactory, backend: TcpServer,
 async def test_interactive_first_makes_later_viewers_view_only(
         make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
     route = Route("lab", "desk", "127.0.0.1", backend.port,
-                  sessions=SessionPolicy(interactive="first"))
+                  sessions=SessionPolicy(interactive=Interactive.FIRST))
     async with make_relay(routes=[route], auth=PROXY) as relay:
         first = await connect(http, relay, "alice")
         second = await connect(http, relay, "bob")
