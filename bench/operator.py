@@ -133,8 +133,9 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
     """The real operator in this event loop, as tests/operator/conftest.py runs it."""
     import kopf
 
-    from vncgate.operator.handlers import Runtime, build_registry
+    from vncgate.operator.handlers import build_registry
     from vncgate.operator.policy import AddressPolicy
+    from vncgate.operator.runtime import Runtime
     from vncgate.operator.settings import OperatorSettings
 
     config = OperatorSettings(

@@ -74,6 +74,14 @@ class Scheduler:
         operator restart does not probe every target in the same second."""
         self.schedule(key, next_probe_delay(self.interval, True, self._rng))
 
+    def notice(self, key: str, changed: bool) -> None:
+        """A watch event of `key`: look now if it `changed` (new, or its spec changed since
+        status was written); else keep its turn, or give it a first one in the interval."""
+        if changed:
+            self.schedule(key, 0.0)
+        elif key not in self:
+            self.schedule_first(key)
+
     def refresh_all(self, within: float = 1.0) -> None:
         """Look at every target's status soon, without probing (the relays changed)."""
         for key in list(self._due):
