@@ -179,6 +179,9 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
             await asyncio.wait_for(asyncio.shield(task), timeout=3)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        leftover = memo.get("vncgate")  # a stop cut short skips kopf's cleanup handler
+        if isinstance(leftover, Runtime):
+            await leftover.close()
 
 
 def configure_logging() -> None:

@@ -325,6 +325,9 @@ class Runtime:
         ]
 
     async def close(self) -> None:
+        """Stop the background work and close the clients; a second call does nothing."""
+        if self.session.closed:
+            return
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -87,6 +87,13 @@ class Scheduler:
         for key in list(self._due):
             self.schedule(key, self._rng.uniform(0.0, within), probe=False)
 
+    def quiet(self, within: float) -> bool:
+        """Nothing runs now and nothing is due within `within` seconds."""
+        if self._running or self._again:
+            return False
+        horizon = asyncio.get_running_loop().time() + within
+        return all(at > horizon for at, _ in self._due.values())
+
     def forget(self, key: str) -> None:
         self._due.pop(key, None)
         self._again.pop(key, None)

@@ -20,6 +20,7 @@ import kopf
 import pytest
 
 from tests.support.cluster import ControlPlane
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
@@ -27,6 +28,7 @@ from vncgate.common.model import Route
 from vncgate.operator.handlers import build_registry
 from vncgate.operator.kubeapi import OLD_FINALIZER
 from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.runtime import MEMO_KEY, Runtime
 from vncgate.operator.settings import OperatorSettings
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
@@ -34,22 +36,6 @@ from vncgate.relay.settings import RelaySettings
 TOKEN = "s" * 32
 T = TypeVar("T")
 TARGETS = "/apis/vncgate.io/v1alpha1/namespaces/{ns}/vnctargets"
-
-
-async def eventually(check: Callable[[], Awaitable[T] | T], what: str,
-                     timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        last = result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s (last seen: {last!r})")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -93,10 +79,11 @@ def settings(relay: RelayServer, namespace: str, **overrides: Any) -> OperatorSe
 
 @contextlib.asynccontextmanager
 async def operator(config: OperatorSettings) -> AsyncIterator[None]:
-    stop, ready = asyncio.Event(), asyncio.Event()
+    stop, ready, memo = asyncio.Event(), asyncio.Event(), kopf.Memo()
     task = asyncio.create_task(kopf.operator(
         registry=build_registry(config), clusterwide=False, namespaces=list(config.namespaces),
-        standalone=True, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings()))
+        standalone=True, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings(),
+        memo=memo))
     try:
         await asyncio.wait_for(ready.wait(), timeout=30)
         yield
@@ -106,6 +93,9 @@ async def operator(config: OperatorSettings) -> AsyncIterator[None]:
             await asyncio.wait_for(asyncio.shield(task), timeout=5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        runtime = memo.get(MEMO_KEY)  # a stop cut short skips kopf's cleanup handler
+        if isinstance(runtime, Runtime):
+            await runtime.close()
 
 
 def target(namespace: str, name: str, port: int, **meta: Any) -> dict[str, Any]:

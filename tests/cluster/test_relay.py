@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import Release
-from tests.support.cluster import free_port, wait_until
+from tests.support.cluster import free_port
 from tests.support.processes import ConsoleScript
+from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route

@@ -11,13 +11,13 @@ from tests.operator.conftest import (
     TARGETS,
     Cluster,
     conditions,
-    eventually,
     operator_settings,
     rfb_greeting,
     running_operator,
     service,
     vnc_target,
 )
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.operator.settings import OperatorSettings
@@ -39,7 +39,7 @@ async def test_address_target_is_served_updated_and_removed(
         assert (route.host, route.port, route.display_name) == ("127.0.0.1", xvnc.port, "Desk 1")
         status = await eventually(
             lambda: (s := cluster.status("lab", "desk-1")).get("phase") == "Ready" and s,
-            "phase Ready", _context=lambda: cluster.get(TARGETS, "lab", "desk-1"))
+            "phase Ready", context=lambda: cluster.get(TARGETS, "lab", "desk-1"))
         assert status["url"] == f"{PUBLIC_URL}/t/lab/desk-1/"
         assert status["endpoint"] == f"127.0.0.1:{xvnc.port}"
         assert status["serverVersion"].startswith("RFB 003.")
