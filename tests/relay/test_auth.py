@@ -7,7 +7,6 @@ Kubernetes SubjectAccessReview path against kmock.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -24,6 +23,7 @@ from yarl import URL
 
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
 from tests.support.servers import GREETING, TcpServer, echo_rfb
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
@@ -480,7 +480,5 @@ async def test_session_view_only_comes_from_the_route(make_relay: RelayFactory,
     async with make_relay(routes=[route]) as relay, aiohttp.ClientSession() as http, \
             http.ws_connect(f"{relay.public_url}/t/lab/watch/websockify") as ws:
         assert await ws.receive_bytes(timeout=5) == GREETING
-        async with asyncio.timeout(5):
-            while not relay.state.sessions.count:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: relay.state.sessions.count, "the session opened")
         assert all(s.view_only for s in relay.state.sessions)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,6 +15,7 @@ from tests.conftest import RelayFactory
 from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import PROXY, closed_with, connect
 from tests.support.servers import GREETING, TcpServer, sink
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
@@ -84,9 +84,7 @@ async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
         assert held["spec"]["leaseTransitions"] == 1
         # Session end releases the Lease: A may hold the console again.
         await taker.close()
-        async with asyncio.timeout(5):
-            while lease(kmock, "vnc-lab-desk") is not None:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: lease(kmock, "vnc-lab-desk") is None, "the Lease released")
         again = await connect(http, a, "alice")
         assert await again.receive_bytes(timeout=5) == GREETING
         await again.close()

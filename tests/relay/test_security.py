@@ -11,7 +11,7 @@ import hashlib
 import logging
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,6 +35,7 @@ from tests.relay.test_auth import (
 from tests.relay.test_sessions import pointer_position
 from tests.relay.test_xvnc import WsStream
 from tests.support.servers import GREETING, TcpServer, echo_rfb
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
@@ -171,12 +172,6 @@ def bearer(token: str, client: str = "") -> dict[str, str]:
     return headers
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 # --- 2. bearer tokens: limited, audited, derived off the event loop ---------------------------
 
 async def test_bad_bearer_tokens_are_rate_limited_and_audited(
@@ -217,7 +212,7 @@ async def test_key_derivation_never_blocks_the_event_loop(relay: RelayServer) ->
 
         guesses = [asyncio.create_task(guess(n)) for n in range(1, 9)]
         try:
-            await wait_for(lambda: derivations.pending == 10)
+            await eventually(lambda: derivations.pending == 10, "10 derivations pending")
             async with http.get(f"{relay.public_url}/healthz") as resp:
                 assert resp.status == 200
             assert not any(g.done() for g in guesses)  # still waiting for a derivation
@@ -233,7 +228,8 @@ async def test_derivations_are_bounded_and_refuse_past_the_bound(relay: RelaySer
     holders = [asyncio.create_task(derivations.run(gate.wait, 30))
                for _ in range(derivations.max_pending)]
     try:
-        await wait_for(lambda: derivations.pending == derivations.max_pending)
+        await eventually(lambda: derivations.pending == derivations.max_pending,
+                         "the derivation queue full")
         async with aiohttp.ClientSession() as http, http.get(
                 f"{relay.public_url}/", headers=bearer("a-guess", "192.0.2.9")) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"] == "1"
