@@ -9,6 +9,7 @@ target's status is written by one evaluation at a time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -42,6 +43,8 @@ class Scheduler:
         self._again: dict[str, tuple[float, bool]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Evaluations finished per key (also failed ones): how often a target was looked at.
+        self.evaluations: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._due)
@@ -97,6 +100,7 @@ class Scheduler:
     def forget(self, key: str) -> None:
         self._due.pop(key, None)
         self._again.pop(key, None)
+        self.evaluations.pop(key, None)
 
     async def _run_one(self, key: str, probe: bool) -> None:
         try:
@@ -108,6 +112,8 @@ class Scheduler:
             logger.exception("%s: evaluation failed; trying again in %gs", key, self.interval)
         finally:
             self._running.discard(key)
+            if self._exists(key):
+                self.evaluations[key] += 1
         again = self._again.pop(key, None)
         if again is not None:
             self.schedule(key, *again)

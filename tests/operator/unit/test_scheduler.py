@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+from tests.support.waiting import eventually
 from vncgate.operator.kubeapi import event_name
 from vncgate.operator.probe import proven_by_sessions
 from vncgate.operator.scheduler import Scheduler
@@ -145,3 +146,20 @@ def test_open_sessions_prove_the_server_without_a_probe() -> None:
     assert proof.ok and proof.reason == "LiveSession" and proof.server_version == "RFB 003.008"
     assert proof.message == "2 sessions open through the relays"
     assert proven_by_sessions(1, None).message == "1 session open through the relays"
+
+
+async def test_quiet_and_counted_looks() -> None:
+    done = asyncio.Event()
+
+    async def evaluate(key: str, probe: bool) -> None:
+        done.set()
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=1, rng=random.Random(1))  # noqa: S311 - jitter
+    assert scheduler.quiet(5.0)
+    scheduler.schedule("lab/a", 0.0)
+    assert not scheduler.quiet(5.0)  # due now
+    await _run_until(scheduler, done)
+    await eventually(lambda: scheduler.evaluations["lab/a"] == 1, "one look counted")
+    assert scheduler.quiet(5.0)  # next look in about an hour
+    scheduler.forget("lab/a")
+    assert "lab/a" not in scheduler.evaluations
