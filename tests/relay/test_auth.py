@@ -22,7 +22,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
-from tests.support.servers import GREETING, TcpServer, echo_rfb
+from tests.support.servers import GREETING, TcpServer
 from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
@@ -49,12 +49,6 @@ def targets(port: int) -> list[Route]:
     return [Route("lab", "open", "127.0.0.1", port),
             Route("lab", "admins", "127.0.0.1", port, access=Access(groups=("lab-admins",))),
             Route("lab", "bobs", "127.0.0.1", port, access=Access(users=("bob",)))]
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(echo_rfb) as server:
-        yield server
 
 
 @pytest.fixture

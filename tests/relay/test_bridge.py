@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -31,12 +30,6 @@ def route(port: int, name: str = "desk", **kw: object) -> Route:
 
 def ws_url(relay_url: str, name: str = "desk", namespace: str = "lab") -> str:
     return f"{relay_url}/t/{namespace}/{name}/websockify"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def receive_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10

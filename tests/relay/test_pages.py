@@ -29,12 +29,6 @@ async def relay(make_relay: RelayFactory) -> AsyncIterator[RelayServer]:
         yield server
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def test_list_links_every_target_relatively_and_escapes_names(
         relay: RelayServer, http: aiohttp.ClientSession) -> None:
     async with http.get(f"{relay.public_url}/") as resp:

@@ -154,12 +154,6 @@ TOKEN_AUTH = AuthSettings(mode=AuthMode.TOKEN, users=USERS, session_secret=b"s" 
 
 
 @pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(echo_rfb) as server:
-        yield server
-
-
-@pytest.fixture
 async def relay(make_relay: RelayFactory, backend: TcpServer) -> AsyncIterator[RelayServer]:
     async with make_relay(routes=targets(backend.port), auth=TOKEN_AUTH) as server:
         yield server

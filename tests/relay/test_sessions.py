@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from Xlib import display as xdisplay
 
 from tests.conftest import RelayFactory
 from tests.relay.test_xvnc import WsStream
-from tests.support.servers import GREETING, TcpServer, sink
+from tests.support.servers import GREETING, TcpServer
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
@@ -31,18 +29,6 @@ PROXY = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0
 
 def as_user(user: str) -> dict[str, str]:
     return {"X-Forwarded-User": user}
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(sink(seconds=30)) as server:
-        yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def connect(http: aiohttp.ClientSession, relay: RelayServer, user: str = "alice",
@@ -67,8 +53,8 @@ def exclusive(takeover: str = "deny") -> SessionPolicy:
 
 
 async def test_exclusive_refuses_a_second_viewer_and_says_who_holds_it(
-        make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port, sessions=exclusive())
+        make_relay: RelayFactory, sink_backend: TcpServer, http: aiohttp.ClientSession) -> None:
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port, sessions=exclusive())
     async with make_relay(routes=[route], auth=PROXY) as relay:
         first = await connect(http, relay, "alice")
         assert await first.receive_bytes(timeout=5) == GREETING
@@ -85,8 +71,8 @@ async def test_exclusive_refuses_a_second_viewer_and_says_who_holds_it(
 
 
 async def test_takeover_closes_the_holder_with_the_takers_name(
-        make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port, sessions=exclusive("allow"))
+        make_relay: RelayFactory, sink_backend: TcpServer, http: aiohttp.ClientSession) -> None:
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port, sessions=exclusive("allow"))
     async with make_relay(routes=[route], auth=PROXY) as relay:
         first = await connect(http, relay, "alice")
         assert await first.receive_bytes(timeout=5) == GREETING
@@ -101,8 +87,8 @@ async def test_takeover_closes_the_holder_with_the_takers_name(
 
 
 async def test_owner_only_lets_the_same_user_take_over(
-        make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port, sessions=exclusive("owner-only"))
+        make_relay: RelayFactory, sink_backend: TcpServer, http: aiohttp.ClientSession) -> None:
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port, sessions=exclusive("owner-only"))
     async with make_relay(routes=[route], auth=PROXY) as relay:
         first = await connect(http, relay, "alice")
         assert await first.receive_bytes(timeout=5) == GREETING
@@ -114,9 +100,9 @@ async def test_owner_only_lets_the_same_user_take_over(
         await again.close()
 
 
-async def test_shared_max_viewers(make_relay: RelayFactory, backend: TcpServer,
+async def test_shared_max_viewers(make_relay: RelayFactory, sink_backend: TcpServer,
                                   http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
                   sessions=SessionPolicy(max_viewers=2))
     async with make_relay(routes=[route], auth=PROXY) as relay:
         viewers = [await connect(http, relay, user) for user in ("alice", "bob")]
@@ -129,8 +115,8 @@ async def test_shared_max_viewers(make_relay: RelayFactory, backend: TcpServer,
 
 
 async def test_interactive_first_makes_later_viewers_view_only(
-        make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
+        make_relay: RelayFactory, sink_backend: TcpServer, http: aiohttp.ClientSession) -> None:
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
                   sessions=SessionPolicy(interactive=Interactive.FIRST))
     async with make_relay(routes=[route], auth=PROXY) as relay:
         first = await connect(http, relay, "alice")
@@ -144,8 +130,8 @@ async def test_interactive_first_makes_later_viewers_view_only(
 
 
 async def test_idle_timeout_frees_the_console_and_input_keeps_it(
-        make_relay: RelayFactory, backend: TcpServer, http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
+        make_relay: RelayFactory, sink_backend: TcpServer, http: aiohttp.ClientSession) -> None:
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
                   sessions=SessionPolicy(idle_timeout=1))
     async with make_relay(routes=[route]) as relay:
         ws = await http.ws_connect(f"{relay.public_url}/t/lab/desk/websockify")
@@ -161,9 +147,9 @@ async def test_idle_timeout_frees_the_console_and_input_keeps_it(
         assert reason == "no keyboard or mouse input for 1s; the console was freed"
 
 
-async def test_max_duration_ends_any_session(make_relay: RelayFactory, backend: TcpServer,
+async def test_max_duration_ends_any_session(make_relay: RelayFactory, sink_backend: TcpServer,
                                              http: aiohttp.ClientSession) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
                   sessions=SessionPolicy(max_duration=1))
     async with make_relay(routes=[route]) as relay:
         ws = await http.ws_connect(f"{relay.public_url}/t/lab/desk/websockify")
