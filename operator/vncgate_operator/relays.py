@@ -115,6 +115,7 @@ class RelayFleet:
         # table may be partial, and a full PUT of it would remove live routes from the relays.
         self.views_ready = asyncio.Event()
         self.synced_once = asyncio.Event()
+        self.full_passes = 0  # full resync passes finished (a test waits for some)
         self.set_urls(urls)
 
     # -- the replica set ---------------------------------------------------------------------
@@ -337,6 +338,7 @@ class RelayFleet:
         """Resync every replica concurrently; True if every one now holds the desired table."""
         urls = sorted(self.urls)
         results = await asyncio.gather(*(self.sync_replica(u, only_if_unsynced) for u in urls))
+        self.full_passes += 1
         if urls and all(results):
             if not self.synced_once.is_set():
                 self.synced_once.set()
