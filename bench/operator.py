@@ -133,8 +133,9 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
     """The real operator in this event loop, as tests/operator/conftest.py runs it."""
     import kopf
 
-    from vncgate.operator.handlers import Runtime, build_registry
+    from vncgate.operator.handlers import build_registry
     from vncgate.operator.policy import AddressPolicy
+    from vncgate.operator.runtime import Runtime
     from vncgate.operator.settings import OperatorSettings
 
     config = OperatorSettings(
@@ -178,6 +179,9 @@ async def running_operator(cluster: ClusterProcess, probe_interval: float,
             await asyncio.wait_for(asyncio.shield(task), timeout=3)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        leftover = memo.get("vncgate")  # a stop cut short skips kopf's cleanup handler
+        if isinstance(leftover, Runtime):
+            await leftover.close()
 
 
 def configure_logging() -> None:

@@ -11,7 +11,8 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from vncgate.common.addresses import Address
 from vncgate.common.durations import DurationError
@@ -69,6 +70,28 @@ class Access:
         return user in self.users or any(group in self.groups for group in groups)
 
 
+class SessionMode(StrEnum):
+    """`spec.sessions.mode`: several viewers at once, or one."""
+
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+class Interactive(StrEnum):
+    """`spec.sessions.interactive`: who may type in a shared session."""
+
+    ALL = "all"
+    FIRST = "first"
+
+
+class Takeover(StrEnum):
+    """`spec.sessions.takeover`: who may take an exclusive console that is in use."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+    OWNER_ONLY = "owner-only"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionPolicy:
     """`spec.sessions`: how viewers share a console.
@@ -80,20 +103,21 @@ class SessionPolicy:
     frees a console after that long without input (4408), `max_duration` ends any session.
     """
 
-    mode: str = "shared"
+    mode: SessionMode = SessionMode.SHARED
     max_viewers: int | None = None
-    interactive: str = "all"
-    takeover: str = "deny"
+    interactive: Interactive = Interactive.ALL
+    takeover: Takeover = Takeover.DENY
     idle_timeout: int | None = None
     max_duration: int | None = None
 
     @property
     def exclusive(self) -> bool:
-        return self.mode == "exclusive"
+        return self.mode == SessionMode.EXCLUSIVE
 
     def to_json(self) -> dict[str, object]:
-        body: dict[str, object] = {"mode": self.mode, "interactive": self.interactive,
-                                   "takeover": self.takeover}
+        body: dict[str, object] = {"mode": self.mode.value,
+                                   "interactive": self.interactive.value,
+                                   "takeover": self.takeover.value}
         if self.max_viewers is not None:
             body["maxViewers"] = self.max_viewers
         if self.idle_timeout is not None:
@@ -250,10 +274,14 @@ def parse_duration(value: object, field: str) -> int:
     return seconds
 
 
-def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise SpecError(field, f"{value!r}; write one of {', '.join(choices)}")
-    return str(value)
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def _choice(value: object, field: str, choices: type[_Choice]) -> _Choice:
+    for choice in choices:
+        if value == choice.value:
+            return choice
+    raise SpecError(field, f"{value!r}; write one of {', '.join(c.value for c in choices)}")
 
 
 def parse_sessions(value: object, field: str = "spec.sessions") -> SessionPolicy:
@@ -268,12 +296,11 @@ def parse_sessions(value: object, field: str = "spec.sessions") -> SessionPolicy
         raise SpecError(f"{field}.maxViewers", f"{max_viewers!r} is not a number from 1 to 1000")
     idle, longest = policy.get("idleTimeout"), policy.get("maxDuration")
     return SessionPolicy(
-        mode=_choice(policy.get("mode", "shared"), f"{field}.mode", ("shared", "exclusive")),
+        mode=_choice(policy.get("mode", "shared"), f"{field}.mode", SessionMode),
         max_viewers=max_viewers,
         interactive=_choice(policy.get("interactive", "all"), f"{field}.interactive",
-                            ("all", "first")),
-        takeover=_choice(policy.get("takeover", "deny"), f"{field}.takeover",
-                         ("deny", "allow", "owner-only")),
+                            Interactive),
+        takeover=_choice(policy.get("takeover", "deny"), f"{field}.takeover", Takeover),
         idle_timeout=None if idle is None else parse_duration(idle, f"{field}.idleTimeout"),
         max_duration=None if longest is None else parse_duration(longest,
                                                                  f"{field}.maxDuration"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import SpecError, check_key, parse_duration
 from vncgate.relay import links, logs
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.manifests import ManifestError, load_routes
 from vncgate.relay.passwords import hash_secret
 from vncgate.relay.recordingcli import recordings_main
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "answers to any host name, so a page on a name rebound to this address "
                     "(DNS rebinding) can reach it; name the relay's host names",
                     settings.listen)
-    if settings.auth.mode == "token" and settings.auth.session_secret is None:
+    if settings.auth.mode == AuthMode.TOKEN and settings.auth.session_secret is None:
         log.warning("no --session-secret-file: sign-ins end when this process restarts and do "
                     "not carry across replicas")
     try:

@@ -10,7 +10,7 @@ from aiohttp import web
 from vncgate.relay import links
 from vncgate.relay.audit import audit_event, client_address
 from vncgate.relay.cookies import SESSION_COOKIE, read_session_cookie
-from vncgate.relay.identity import ANONYMOUS, Identity
+from vncgate.relay.identity import ANONYMOUS, AuthMode, Identity
 from vncgate.relay.passwords import DerivationsBusy
 from vncgate.relay.proxies import address_in
 from vncgate.relay.state import STATE, RelayState
@@ -39,9 +39,9 @@ async def identify(request: web.Request) -> Identity | None:
     """
     state = request.app[STATE]
     auth = state.settings.auth
-    if auth.mode == "none":
+    if auth.mode == AuthMode.NONE:
         return ANONYMOUS
-    if auth.mode == "proxy":
+    if auth.mode == AuthMode.PROXY:
         return proxy_identity(request, state)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:

@@ -16,8 +16,19 @@ worked out per request in vncgate.relay.identify.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-AUTH_MODES = ("none", "proxy", "token")
+
+class AuthMode(StrEnum):
+    """`--auth`: who a viewer is. none: nobody is asked; proxy: an auth proxy's headers;
+    token: the relay's own users file (sign-in, bearer tokens)."""
+
+    NONE = "none"
+    PROXY = "proxy"
+    TOKEN = "token"  # noqa: S105 (the name of a mode, not a secret)
+
+
+AUTH_MODES = tuple(mode.value for mode in AuthMode)
 
 
 class AuthConfigError(ValueError):

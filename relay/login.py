@@ -13,6 +13,7 @@ from vncgate.relay.bodies import read_form, read_json
 from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
 from vncgate.relay.csrf import csrf_token, form_from_our_page, script_from_our_page, set_csrf_cookie
 from vncgate.relay.identify import busy, identify
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.origin import check_host
 from vncgate.relay.pages import render_page
 from vncgate.relay.passwords import DerivationsBusy
@@ -59,7 +60,7 @@ def safe_next(value: str) -> str:
 async def login_form(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if state.settings.auth.mode != "token":
+    if state.settings.auth.mode != AuthMode.TOKEN:
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     return login_page(request, next_path=safe_next(request.query.get("next", "")))
 
@@ -70,7 +71,7 @@ ACCOUNT_PREFIX = "user:"
 async def login(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if state.settings.auth.mode != "token":
+    if state.settings.auth.mode != AuthMode.TOKEN:
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     client = client_address(request, state)
     form = await read_form(request)

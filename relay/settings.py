@@ -25,7 +25,7 @@ from vncgate.common.spec import (
     check_port,
     parse_duration,
 )
-from vncgate.relay.identity import AUTH_MODES, AuthConfigError
+from vncgate.relay.identity import AUTH_MODES, AuthConfigError, AuthMode
 from vncgate.relay.links import load_keys
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.recordstore import RecordingSettings
@@ -36,7 +36,7 @@ from vncgate.relay.users import User, load_users
 
 @dataclass(frozen=True)
 class AuthSettings:
-    mode: str = "none"
+    mode: AuthMode = AuthMode.NONE
     trusted_proxies: tuple[Network, ...] = ()
     user_header: str = "X-Forwarded-User"
     groups_header: str = "X-Forwarded-Groups"
@@ -301,13 +301,11 @@ def _in_cluster() -> bool:
 def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    listen: Address) -> AuthSettings:
     loopback = listen.host in ("127.0.0.1", "::1", "localhost")
-    mode = args.auth
-    if mode is None:
-        if not loopback:
-            parser.error(f"--listen {listen} reaches beyond this machine: choose --auth proxy "
-                         "or --auth token, or --auth none to let anyone who reaches the port "
-                         "open every console")
-        mode = "none"
+    mode = AuthMode.NONE if args.auth is None else AuthMode(args.auth)
+    if args.auth is None and not loopback:
+        parser.error(f"--listen {listen} reaches beyond this machine: choose --auth proxy "
+                     "or --auth token, or --auth none to let anyone who reaches the port "
+                     "open every console")
     proxies_raw = args.trusted_proxy if args.trusted_proxy is not None else \
         env_list("TRUSTED_PROXY")
     try:
@@ -319,10 +317,10 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         link_keys = load_keys(key_paths)
     except (AuthConfigError, ValueError) as exc:
         parser.error(str(exc))
-    if mode == "proxy" and not proxies:
+    if mode is AuthMode.PROXY and not proxies:
         parser.error("--auth proxy needs --trusted-proxy CIDR: the address of the auth proxy "
                      "whose headers are believed")
-    if mode == "token" and not users:
+    if mode is AuthMode.TOKEN and not users:
         parser.error("--auth token needs --users-file")
     secret = (_read_secret(parser, "--session-secret-file", args.session_secret_file, 32)
               if args.session_secret_file is not None else None)

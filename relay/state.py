@@ -21,6 +21,7 @@ from vncgate.relay.bridge import Sessions
 from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
 from vncgate.relay.cookies import Revoked
 from vncgate.relay.credentials import CredentialStore
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.passwords import KeyDerivations
@@ -31,7 +32,7 @@ from vncgate.relay.settings import RelaySettings, host_names
 
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:
-    if settings.auth.mode == "none":
+    if settings.auth.mode == AuthMode.NONE:
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
         return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)))

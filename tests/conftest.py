@@ -1,4 +1,5 @@
-"""Fixtures shared by every part: a real VNC server, a relay in the test's event loop."""
+"""Fixtures shared by every part: a real VNC server, a relay in the test's event loop, a client
+session, stand-in VNC servers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from tests.support.servers import TcpServer, echo_rfb, sink
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
@@ -53,3 +56,24 @@ def make_relay() -> RelayFactory:
             yield relay
 
     return factory
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for the test, closed at its end."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[TcpServer]:
+    """A stand-in VNC server on 127.0.0.1: greets, then echoes what it gets."""
+    async with TcpServer(echo_rfb) as server:
+        yield server
+
+
+@pytest.fixture
+async def sink_backend() -> AsyncIterator[TcpServer]:
+    """A stand-in VNC server on 127.0.0.1: greets, then reads and keeps what it gets (30 s)."""
+    async with TcpServer(sink(seconds=30)) as server:
+        yield server

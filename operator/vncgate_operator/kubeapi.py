@@ -21,9 +21,9 @@ from vncgate.common.kube import (
     KubeClient,
     KubeConfigError,
     KubeConnection,
-    KubeError,
     kube_connection,
 )
+from vncgate.common.kube import KubeError as KubeError  # the runtime handles its errors
 from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL
 
 logger = logging.getLogger("vncgate.operator.kube")
@@ -88,6 +88,22 @@ class TargetApi:
         if resource_version:
             meta["resourceVersion"] = resource_version
         await self._request("PATCH", self._path(namespace, name), {"metadata": meta})
+
+    async def shed_old_finalizer(self, namespace: str, name: str,
+                                 meta: Mapping[str, Any]) -> None:
+        """Remove the finalizer older versions set, if `meta` has it (nothing needs it now);
+        a failure is logged, and the next watch event tries again."""
+        finalizers = list(meta.get("finalizers") or ())
+        if OLD_FINALIZER not in finalizers:
+            return
+        try:
+            await self.drop_finalizer(namespace, name, finalizers, meta.get("resourceVersion"))
+            logger.info("%s/%s: removed the finalizer %s (no longer needed)", namespace, name,
+                        OLD_FINALIZER)
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                logger.warning("%s/%s: removing the finalizer %s failed: %s", namespace, name,
+                               OLD_FINALIZER, exc)
 
     async def post_event(self, *, namespace: str, name: str, uid: str, old: str, new: str,
                          at: str, reason: str, message: str, warning: bool) -> bool:

@@ -71,6 +71,14 @@ class ProbeResult:
     security_types: tuple[int, ...] = ()
 
 
+def proven_by_sessions(sessions: int, server_version: str | None) -> ProbeResult:
+    """Reachable without a probe: `sessions` open through the relays reached the server (a
+    probe would cost a connection, which some servers count as a failed login)."""
+    return ProbeResult(True, "LiveSession",
+                       f"{sessions} session{'s' if sessions != 1 else ''} open through the relays",
+                       server_version)
+
+
 class _HandshakeClosed(Exception):
     def __init__(self, received: int, error: BaseException | None) -> None:
         super().__init__(received, error)

@@ -115,6 +115,7 @@ class RelayFleet:
         # table may be partial, and a full PUT of it would remove live routes from the relays.
         self.views_ready = asyncio.Event()
         self.synced_once = asyncio.Event()
+        self.full_passes = 0  # full resync passes finished (a test waits for some)
         self.set_urls(urls)
 
     # -- the replica set ---------------------------------------------------------------------
@@ -140,6 +141,18 @@ class RelayFleet:
     def kick(self) -> None:
         """Run the full resync now instead of at the end of the interval."""
         self._kick.set()
+
+    def views_complete(self, discovered: Iterable[str] | None = None) -> None:
+        """kopf's indexes hold every VncTarget and Service now (a full resync is safe).
+
+        `discovered`: the replicas that discovery (--relay-service) sees now; None with a
+        fixed --relay-url set."""
+        if discovered is not None:
+            before = self.urls
+            self.set_urls(discovered)
+            if self.urls != before:
+                logger.info("relay replicas: %s", ", ".join(sorted(self.urls)) or "none")
+        self.views_ready.set()
 
     # -- what the fleet knows ---------------------------------------------------------------
 
@@ -242,6 +255,28 @@ class RelayFleet:
             self.kick()
         return FanOut(replicas=len(urls), failed=failed)
 
+    async def offer(self, key: str, route: Route | None) -> None:
+        """`key` should have `route` now (None: no route, e.g. its spec is invalid).
+
+        After the first full resync a change is sent at once; before it, the resync carries
+        it (sending single routes into tables that are about to be replaced is wasted)."""
+        if route is not None and self.holds(route):
+            return
+        if self.synced_once.is_set():
+            await self.converge(key)
+        elif route is not None:
+            self.kick()
+
+    async def remove(self, key: str, *, gone: bool) -> None:
+        """Take `key`'s route off every replica: the target is `gone` (deleted), or leaving
+        (a deletion timestamp; only if some replica may still hold it)."""
+        if not gone and not self.holds_any(key):
+            return
+        sent = await self.converge(key, deleted=True)
+        if gone:
+            logger.info("%s: deleted; route removed from %d of %d relay replicas", key,
+                        sent.replicas - len(sent.failed), sent.replicas)
+
     # -- the full resync ----------------------------------------------------------------------
 
     def _note_summary(self, url: str, replica: _Replica, snapshot: TableSnapshot) -> bool:
@@ -303,6 +338,7 @@ class RelayFleet:
         """Resync every replica concurrently; True if every one now holds the desired table."""
         urls = sorted(self.urls)
         results = await asyncio.gather(*(self.sync_replica(u, only_if_unsynced) for u in urls))
+        self.full_passes += 1
         if urls and all(results):
             if not self.synced_once.is_set():
                 self.synced_once.set()

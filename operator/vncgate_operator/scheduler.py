@@ -9,6 +9,7 @@ target's status is written by one evaluation at a time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -42,6 +43,8 @@ class Scheduler:
         self._again: dict[str, tuple[float, bool]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Evaluations finished per key (also failed ones): how often a target was looked at.
+        self.evaluations: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._due)
@@ -74,14 +77,30 @@ class Scheduler:
         operator restart does not probe every target in the same second."""
         self.schedule(key, next_probe_delay(self.interval, True, self._rng))
 
+    def notice(self, key: str, changed: bool) -> None:
+        """A watch event of `key`: look now if it `changed` (new, or its spec changed since
+        status was written); else keep its turn, or give it a first one in the interval."""
+        if changed:
+            self.schedule(key, 0.0)
+        elif key not in self:
+            self.schedule_first(key)
+
     def refresh_all(self, within: float = 1.0) -> None:
         """Look at every target's status soon, without probing (the relays changed)."""
         for key in list(self._due):
             self.schedule(key, self._rng.uniform(0.0, within), probe=False)
 
+    def quiet(self, within: float) -> bool:
+        """Nothing runs now and nothing is due within `within` seconds."""
+        if self._running or self._again:
+            return False
+        horizon = asyncio.get_running_loop().time() + within
+        return all(at > horizon for at, _ in self._due.values())
+
     def forget(self, key: str) -> None:
         self._due.pop(key, None)
         self._again.pop(key, None)
+        self.evaluations.pop(key, None)
 
     async def _run_one(self, key: str, probe: bool) -> None:
         try:
@@ -93,6 +112,8 @@ class Scheduler:
             logger.exception("%s: evaluation failed; trying again in %gs", key, self.interval)
         finally:
             self._running.discard(key)
+            if self._exists(key):
+                self.evaluations[key] += 1
         again = self._again.pop(key, None)
         if again is not None:
             self.schedule(key, *again)

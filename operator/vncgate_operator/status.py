@@ -220,3 +220,18 @@ def transition_of(status: Mapping[str, Any] | None) -> Transition | None:
     old = str(recorded.get("from") or NEW)
     return Transition(old=old, new=phase, at=str(recorded.get("time") or ""), reason=reason,
                       message=f"{old} -> {phase}: {ready_message(status)}")
+
+
+def replay_due(status: Mapping[str, Any] | None, window: float) -> Transition | None:
+    """The transition whose Event is posted again at start: one recorded within `window`
+    seconds (a crash may have come between writing status and posting its Event; posting it
+    again is a no-op, as an Event is named after its transition)."""
+    recorded = transition_of(status)
+    if recorded is None:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(recorded.at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    age = (datetime.datetime.now(datetime.UTC) - at).total_seconds()
+    return recorded if age < window else None

@@ -21,8 +21,8 @@ from tests.support.cluster import (
     ControlPlane,
     ControlPlaneUnavailable,
     assets_dir,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 CRDS = ROOT / "crds"
 _namespaces = itertools.count(1)

@@ -24,10 +24,11 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.support.cluster import ControlPlane, free_port, wait_until
+from tests.support.cluster import ControlPlane, free_port
 from tests.support.docs import shell_blocks
 from tests.support.pods import LocalPod, replace_flag
 from tests.support.processes import can_isolate
+from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from tests.chart.conftest import CHART, HELM
-from tests.support.cluster import ROOT, ControlPlane, free_port, wait_until
+from tests.support.cluster import ROOT, ControlPlane, free_port
+from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 
 RELEASE = "vncgate"

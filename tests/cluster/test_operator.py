@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import Release
-from tests.support.cluster import ControlPlane, free_port, wait_until
+from tests.support.cluster import ControlPlane, free_port
 from tests.support.processes import ConsoleScript, can_isolate
+from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 
 TOKEN = "cluster-test-registration-token-0123456789"

@@ -16,7 +16,8 @@ from tests.cluster.test_operator import (  # noqa: F401 - fixtures, used by name
     start_operator,
     wait_phase,
 )
-from tests.support.cluster import free_port, wait_until
+from tests.support.cluster import free_port
+from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 
 

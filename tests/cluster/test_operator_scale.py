@@ -20,6 +20,7 @@ import kopf
 import pytest
 
 from tests.support.cluster import ControlPlane
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
@@ -27,6 +28,7 @@ from vncgate.common.model import Route
 from vncgate.operator.handlers import build_registry
 from vncgate.operator.kubeapi import OLD_FINALIZER
 from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.runtime import MEMO_KEY, Runtime
 from vncgate.operator.settings import OperatorSettings
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
@@ -34,22 +36,6 @@ from vncgate.relay.settings import RelaySettings
 TOKEN = "s" * 32
 T = TypeVar("T")
 TARGETS = "/apis/vncgate.io/v1alpha1/namespaces/{ns}/vnctargets"
-
-
-async def eventually(check: Callable[[], Awaitable[T] | T], what: str,
-                     timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        last = result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s (last seen: {last!r})")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -92,20 +78,24 @@ def settings(relay: RelayServer, namespace: str, **overrides: Any) -> OperatorSe
 
 
 @contextlib.asynccontextmanager
-async def operator(config: OperatorSettings) -> AsyncIterator[None]:
-    stop, ready = asyncio.Event(), asyncio.Event()
+async def operator(config: OperatorSettings) -> AsyncIterator[Runtime]:
+    stop, ready, memo = asyncio.Event(), asyncio.Event(), kopf.Memo()
     task = asyncio.create_task(kopf.operator(
         registry=build_registry(config), clusterwide=False, namespaces=list(config.namespaces),
-        standalone=True, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings()))
+        standalone=True, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings(),
+        memo=memo))
     try:
         await asyncio.wait_for(ready.wait(), timeout=30)
-        yield
+        yield await eventually(lambda: memo.get(MEMO_KEY), "the startup handler's runtime")
     finally:
         stop.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(task), timeout=5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        runtime = memo.get(MEMO_KEY)  # a stop cut short skips kopf's cleanup handler
+        if isinstance(runtime, Runtime):
+            await runtime.close()
 
 
 def target(namespace: str, name: str, port: int, **meta: Any) -> dict[str, Any]:
@@ -210,7 +200,7 @@ async def test_a_deleted_target_is_never_served_again_while_resyncs_run(
         lambda old, new: removed_at.setdefault(old.key, time.monotonic()) if new is None else None)
     names = [f"desk-{index}" for index in range(60)]
     # A resync pass every 50 ms: one is nearly always in flight when a deletion is handled.
-    async with operator(settings(relay, namespace, resync_interval=0.05)):
+    async with operator(settings(relay, namespace, resync_interval=0.05)) as runtime:
         for name in names:
             await create(kube, target(namespace, name, vnc.port))
         await eventually(lambda: len(relay.registry) == len(names), "every route registered")
@@ -220,11 +210,14 @@ async def test_a_deleted_target_is_never_served_again_while_resyncs_run(
                                    for n in batch))
             await eventually(lambda b=batch: all(  # type: ignore[misc]
                 relay.registry.get(namespace, n) is None for n in b), f"round {round_} removed")
-        # Many more resync passes after the last deletion.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        # Many more resync passes after the last deletion, and the table stays empty.
+        passes = runtime.fleet.full_passes
+
+        def twenty_more_passes_and_empty() -> bool:
             assert len(relay.registry) == 0, [r.key for r in relay.registry]
-            await asyncio.sleep(0.05)
+            return runtime.fleet.full_passes >= passes + 20
+
+        await eventually(twenty_more_passes_and_empty, "20 more resync passes")
     assert resurrected == []
     assert len(removed_at) == len(names)
 

@@ -20,12 +20,13 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import Release
-from tests.support.cluster import free_port, wait_until
+from tests.support.cluster import free_port
 from tests.support.processes import ConsoleScript
+from tests.support.waiting import eventually, wait_until
 from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay.consoles import Holder, KubeConsoles
 from vncgate.relay.recording import END, FORMAT_VERSION, HEADER, MAGIC, SERVER, encode_record
 
@@ -144,13 +145,15 @@ def test_exclusive_consoles_across_two_relay_processes(
                 assert data is None and code == 4409, (code, reason)
                 assert "in use" in reason.lower() or "holds" in reason.lower(), reason
             # The holder left: its Lease is released and the other replica's viewer gets in.
-            deadline = time.monotonic() + 30
-            while True:
+            tries: list[tuple[int | None, str]] = []
+
+            async def opened() -> bytes | None:
                 data, code, reason = await open_console(port_b, f"{namespace}/console")
-                if data is not None or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.3)
-            assert data is not None, (code, reason)
+                tries.append((code, reason))
+                return data
+
+            await eventually(opened, "the other replica's viewer in", timeout=30, interval=0.3,
+                             context=lambda: tries[-3:])
 
         asyncio.run(scenario())
         replicas = plane.kubectl("get", "leases", "-n", release.namespace, "-o", "name").stdout
@@ -159,7 +162,7 @@ def test_exclusive_consoles_across_two_relay_processes(
 
 def _route(namespace: str) -> Route:
     return Route(namespace=namespace, name="race", host="127.0.0.1", port=5900,
-                 sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+                 sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover.ALLOW))
 
 
 def test_a_stale_resource_version_is_refused_and_races_have_one_winner(

@@ -10,6 +10,7 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import links
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.passwords import hash_secret
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.users import User
@@ -22,7 +23,7 @@ async def test_login_then_console_and_a_forbidden_target_says_why(
         make_relay: RelayFactory, xvnc: XvncServer, browser: Browser) -> None:
     routes = [Route("lab", "mine", "127.0.0.1", xvnc.port, access=Access(users=("alice",))),
               Route("lab", "theirs", "127.0.0.1", xvnc.port, access=Access(users=("bob",)))]
-    auth = AuthSettings(mode="token", users={"alice": User("alice", hash_secret(PASSWORD))},
+    auth = AuthSettings(mode=AuthMode.TOKEN, users={"alice": User("alice", hash_secret(PASSWORD))},
                         session_secret=b"b" * 32)
     async with make_relay(routes=routes, auth=auth) as relay:
         page = await browser.new_page()
@@ -50,7 +51,7 @@ async def test_login_then_console_and_a_forbidden_target_says_why(
 async def test_share_link_opens_a_view_only_console_without_signing_in(
         make_relay: RelayFactory, xvnc: XvncServer, browser: Browser) -> None:
     routes = [Route("lab", "shared", "127.0.0.1", xvnc.port, access=Access(users=("bob",)))]
-    auth = AuthSettings(mode="token", users={"bob": User("bob", hash_secret(PASSWORD))},
+    auth = AuthSettings(mode=AuthMode.TOKEN, users={"bob": User("bob", hash_secret(PASSWORD))},
                         link_keys=(KEY,))
     token, _ = links.mint(KEY, "lab/shared", 600, view_only=True)
     async with make_relay(routes=routes, auth=auth) as relay:

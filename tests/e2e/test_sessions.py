@@ -7,13 +7,13 @@ from playwright.async_api import Browser
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 
 
 async def test_in_use_page_and_takeover(make_relay: RelayFactory, xvnc: XvncServer,
                                         browser: Browser) -> None:
     route = Route("lab", "solo", "127.0.0.1", xvnc.port,
-                  sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover.ALLOW))
     async with make_relay(routes=[route]) as relay:
         holder = await browser.new_page()
         taker = await browser.new_page()

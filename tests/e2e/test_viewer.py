@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from playwright.async_api import Browser, ConsoleMessage, Page
 
 from tests.conftest import ARTIFACTS, RelayFactory
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 
@@ -19,16 +18,14 @@ CENTRE_PIXEL = """() => {
 
 
 async def wait_for_pixel(page: Page, rgb: tuple[int, int, int], timeout: float = 15) -> None:
-    last = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await page.evaluate(CENTRE_PIXEL)
-                if last == list(rgb):
-                    return
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"canvas centre is {last}, expected {list(rgb)}") from None
+    seen: list[object] = [None]
+
+    async def centre() -> bool:
+        seen[0] = await page.evaluate(CENTRE_PIXEL)
+        return bool(seen[0] == list(rgb))
+
+    await eventually(centre, f"the canvas centre {list(rgb)}", timeout=timeout, interval=0.1,
+                     context=lambda: f"canvas centre is {seen[0]}")
 
 
 def csp_violations(messages: list[ConsoleMessage]) -> list[str]:
@@ -59,9 +56,8 @@ async def test_viewer_shows_the_desktop_and_follows_changes(
         finally:
             xvnc.paint("#ff0000")
             await page.close()
-        async with asyncio.timeout(10):  # closing the tab ends the session in the relay
-            while relay.state.sessions.count:
-                await asyncio.sleep(0.05)
+        # Closing the tab ends the session in the relay.
+        await eventually(lambda: relay.state.sessions.count == 0, "the session ended")
 
 
 async def test_unknown_target_shows_its_close_reason(make_relay: RelayFactory,

@@ -4,7 +4,6 @@ combinations arrive at an X client on the server as key events."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from Xlib import XK, X
 from Xlib import display as xdisplay
 
 from tests.conftest import RelayFactory
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 
@@ -83,16 +83,14 @@ def x_screen_size(display_number: int) -> tuple[int, int]:
 
 
 async def until(page: Page, check: str, what: str, timeout: float = 15) -> dict[str, list[int]]:
-    last = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await page.evaluate(SIZES)
-                if eval(check, {}, last):  # noqa: S307 - the test's own expressions
-                    return last
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"{what}: sizes {last}") from None
+    seen: list[dict[str, list[int]]] = [{}]
+
+    async def sizes() -> dict[str, list[int]] | None:
+        seen[0] = await page.evaluate(SIZES)
+        return seen[0] if eval(check, {}, seen[0]) else None  # noqa: S307 - the test's own
+
+    return await eventually(sizes, what, timeout=timeout, interval=0.1,
+                            context=lambda: f"sizes {seen[0]}")
 
 
 async def test_view_modes(make_relay: RelayFactory, desktop: XvncServer,
@@ -139,13 +137,9 @@ async def test_keys_menu_sends_combinations(make_relay: RelayFactory, desktop: X
                 keys.events.clear()
                 await page.select_option("#keys", value)
                 want = [("down", n) for n in names] + [("up", n) for n in reversed(names)]
-                try:
-                    async with asyncio.timeout(10):
-                        while keys.events[:len(want)] != want:
-                            await asyncio.sleep(0.05)
-                except TimeoutError:
-                    raise AssertionError(f"{value}: the X client got {keys.events}, "
-                                         f"expected {want}") from None
+                await eventually(lambda w=want: keys.events[:len(w)] == w,  # type: ignore[misc]
+                                 f"{value}: the X client getting {want}",
+                                 context=lambda: f"it got {keys.events}")
                 # The menu returns to its prompt, ready for the next combination.
                 assert await page.input_value("#keys") == ""
             await page.close()

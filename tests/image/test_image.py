@@ -4,7 +4,6 @@ relay serves the viewer and noVNC from the installed wheel and bridges to a real
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import shlex
@@ -21,6 +20,7 @@ import pytest
 
 from tests.conftest import ARTIFACTS, ROOT
 from tests.image.conftest import SBIN_PATH, Image, Process, free_port
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
@@ -134,18 +134,19 @@ async def relay_in_image(image: Image, args: list[str], volumes: Mapping[Path, s
              "VNCGATE_INTERNAL_LISTEN": f"127.0.0.1:{internal}"})
     base = f"http://127.0.0.1:{port}"
     try:
-        async with asyncio.timeout(60), aiohttp.ClientSession() as http:
-            while True:
+        async with aiohttp.ClientSession() as http:
+            async def healthy() -> bool:
                 if process.proc.poll() is not None:
                     pytest.fail(f"{shlex.join(args)} exited {process.proc.returncode} in the "
                                 f"image:\n{process.log()}")
                 try:
                     async with http.get(f"{base}/healthz") as response:
-                        if response.status == 200:
-                            break
+                        return response.status == 200
                 except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
+                    return False
+
+            await eventually(healthy, "the relay in the image answering /healthz", timeout=60,
+                             interval=0.1, context=process.log)
         yield base
     finally:
         process.stop()

@@ -11,19 +11,20 @@ import contextlib
 import functools
 import ipaddress
 import itertools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import kopf
 import pytest
 
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeConnection
-from vncgate.operator.handlers import Prober, build_registry
+from vncgate.operator.handlers import build_registry
 from vncgate.operator.policy import AddressPolicy
+from vncgate.operator.runtime import MEMO_KEY, Prober, Runtime
 from vncgate.operator.settings import OperatorSettings
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
@@ -34,7 +35,6 @@ SERVICES = "v1/services"
 SLICES = "discovery.k8s.io/v1/endpointslices"
 EVENTS = "v1/events"
 PUBLIC_URL = "https://vnc.example.com"
-T = TypeVar("T")
 _uids = itertools.count(1)
 
 
@@ -99,7 +99,8 @@ def emulator_connection(k8s: Any) -> KubeConnection:
 
 @contextlib.asynccontextmanager
 async def running_operator(k8s: Any, config: OperatorSettings,
-                           prober: Prober | None = None) -> AsyncIterator[None]:
+                           prober: Prober | None = None) -> AsyncIterator[Runtime]:
+    """The operator running as a task in this loop; yields its `Runtime` once started."""
     connect = functools.partial(emulator_connection, k8s)
     registry = (build_registry(config, prober=prober, connect=connect) if prober
                 else build_registry(config, connect=connect))
@@ -108,13 +109,13 @@ async def running_operator(k8s: Any, config: OperatorSettings,
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=str(k8s.url).rstrip("/"), insecure=True)
 
-    stop, ready = asyncio.Event(), asyncio.Event()
+    stop, ready, memo = asyncio.Event(), asyncio.Event(), kopf.Memo()
     task = asyncio.create_task(kopf.operator(
         registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
-        settings=kopf.OperatorSettings()))
+        settings=kopf.OperatorSettings(), memo=memo))
     try:
         await asyncio.wait_for(ready.wait(), timeout=10)
-        yield
+        yield await eventually(lambda: memo.get(MEMO_KEY), "the startup handler's runtime")
     finally:
         stop.set()
         # kopf runs the cleanup handlers on a stop; a short wait, then cancel whatever hangs.
@@ -122,25 +123,12 @@ async def running_operator(k8s: Any, config: OperatorSettings,
             await asyncio.wait_for(asyncio.shield(task), timeout=3)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-async def eventually(check: Callable[[], T | Awaitable[T | None] | None], what: str,
-                     timeout: float = 10.0, _context: Callable[[], Any] | None = None) -> T:
-    """Poll `check` until it returns something truthy; fail saying what never happened."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        last = result
-        if time.monotonic() > deadline:
-            if _context is not None:
-                last = (last, _context())
-            pytest.fail(f"{what}: not within {timeout:g}s (last seen: {last!r})")
-        await asyncio.sleep(0.05)
+        # A stop cut short (a busy machine) skips kopf's cleanup handler: without this, the
+        # runtime's resync and scheduler would go on working in this loop, from a stale view,
+        # beside the next operator a test starts.
+        runtime = memo.get(MEMO_KEY)
+        if isinstance(runtime, Runtime):
+            await runtime.close()
 
 
 class Cluster:
@@ -232,3 +220,9 @@ async def rfb_greeting(relay: RelayServer, namespace: str, name: str) -> tuple[b
                     return data, ws.close_code
                 data += msg.data
         return data, None
+
+
+def settled(runtime: Runtime, quiet: float = 5.0) -> bool:
+    """The operator has done what it had to: the relays had a full resync, and no evaluation
+    runs or is due within `quiet` seconds (so no status write is on its way)."""
+    return runtime.fleet.synced_once.is_set() and runtime.scheduler.quiet(quiet)

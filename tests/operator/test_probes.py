@@ -24,11 +24,11 @@ from tests.operator.conftest import (
     TARGETS,
     Cluster,
     conditions,
-    eventually,
     operator_settings,
     running_operator,
     vnc_target,
 )
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.operator.probe import ProbeResult, probe_rfb

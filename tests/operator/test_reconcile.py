@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from tests.operator.conftest import (
@@ -11,13 +10,13 @@ from tests.operator.conftest import (
     TARGETS,
     Cluster,
     conditions,
-    eventually,
     operator_settings,
     rfb_greeting,
     running_operator,
     service,
     vnc_target,
 )
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.operator.settings import OperatorSettings
@@ -39,7 +38,7 @@ async def test_address_target_is_served_updated_and_removed(
         assert (route.host, route.port, route.display_name) == ("127.0.0.1", xvnc.port, "Desk 1")
         status = await eventually(
             lambda: (s := cluster.status("lab", "desk-1")).get("phase") == "Ready" and s,
-            "phase Ready", _context=lambda: cluster.get(TARGETS, "lab", "desk-1"))
+            "phase Ready", context=lambda: cluster.get(TARGETS, "lab", "desk-1"))
         assert status["url"] == f"{PUBLIC_URL}/t/lab/desk-1/"
         assert status["endpoint"] == f"127.0.0.1:{xvnc.port}"
         assert status["serverVersion"].startswith("RFB 003.")
@@ -74,7 +73,7 @@ async def test_denied_address_is_invalid_and_never_registered(
     cluster = Cluster(k8s)
     # The default policy: loopback and metadata addresses are refused.
     config = settings_for(relay, policy=OperatorSettings().policy)
-    async with running_operator(k8s, config):
+    async with running_operator(k8s, config) as runtime:
         await cluster.create(TARGETS, vnc_target("lab", "meta", {
             "address": {"host": "169.254.169.254", "port": 5900}}))
         status = await eventually(
@@ -90,7 +89,9 @@ async def test_denied_address_is_invalid_and_never_registered(
         assert relay.registry.get("lab", "meta") is None
         # Not retried in a loop: the object stops changing once it is Invalid.
         versions = cluster.versions(TARGETS, "lab", "meta")
-        await asyncio.sleep(2.5)  # more than two probe and resync intervals
+        looks = runtime.scheduler.evaluations["lab/meta"]
+        await eventually(lambda: runtime.scheduler.evaluations["lab/meta"] >= looks + 2,
+                         "two more looks at lab/meta")
         assert cluster.versions(TARGETS, "lab", "meta") == versions
         assert relay.registry.get("lab", "meta") is None
 

@@ -23,12 +23,6 @@ async def relay(make_relay: RelayFactory) -> AsyncIterator[RelayServer]:
         yield server
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def call(http: aiohttp.ClientSession, method: str, url: str, *, body: Any = None,
                data: str | None = None, headers: dict[str, str] | None = None
                ) -> tuple[int, Any]:

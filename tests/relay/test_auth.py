@@ -7,7 +7,6 @@ Kubernetes SubjectAccessReview path against kmock.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -23,12 +22,13 @@ import pytest
 from yarl import URL
 
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
-from tests.support.servers import GREETING, TcpServer, echo_rfb
+from tests.support.servers import GREETING, TcpServer
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
 from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
-from vncgate.relay.identity import AuthConfigError
+from vncgate.relay.identity import AuthConfigError, AuthMode
 from vncgate.relay.passwords import hash_secret, verify_secret
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
@@ -52,14 +52,8 @@ def targets(port: int) -> list[Route]:
 
 
 @pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(echo_rfb) as server:
-        yield server
-
-
-@pytest.fixture
 async def token_relay(make_relay: RelayFactory, backend: TcpServer) -> AsyncIterator[RelayServer]:
-    auth = AuthSettings(mode="token", users=USERS, session_secret=b"s" * 32,
+    auth = AuthSettings(mode=AuthMode.TOKEN, users=USERS, session_secret=b"s" * 32,
                         link_keys=(KEY, OLD_KEY))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay:
         yield relay
@@ -296,8 +290,8 @@ async def test_single_use_link_works_once(token_relay: RelayServer) -> None:
 async def test_links_signed_with_a_rotated_key_work_until_it_is_removed(
         make_relay: RelayFactory, backend: TcpServer) -> None:
     old_link, _ = links.mint(OLD_KEY, "lab/open", 600)
-    rotated = AuthSettings(mode="token", users=USERS, link_keys=(KEY, OLD_KEY))
-    retired = AuthSettings(mode="token", users=USERS, link_keys=(KEY,))
+    rotated = AuthSettings(mode=AuthMode.TOKEN, users=USERS, link_keys=(KEY, OLD_KEY))
+    retired = AuthSettings(mode=AuthMode.TOKEN, users=USERS, link_keys=(KEY,))
     for auth, expected in ((rotated, 200), (retired, 403)):
         async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
                 jar_session() as http:
@@ -338,7 +332,7 @@ def test_hash_password_command() -> None:
 async def test_proxy_headers_count_only_from_trusted_proxies(
         make_relay: RelayFactory, backend: TcpServer, trusted: str, local: str,
         expected: int | None) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks([trusted], "t"))
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks([trusted], "t"))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(local, 0))) as http:
         code, _ = await open_console(http, relay, "admins", headers={
@@ -351,7 +345,7 @@ async def test_proxy_headers_count_only_from_trusted_proxies(
 
 async def test_proxy_user_without_the_group_is_forbidden(make_relay: RelayFactory,
                                                          backend: TcpServer) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
     async with make_relay(routes=targets(backend.port), auth=auth) as relay, \
             aiohttp.ClientSession() as http:
         code, reason = await open_console(http, relay, "admins", headers={
@@ -391,7 +385,7 @@ async def test_subject_access_review_decides_and_is_cached(
         make_relay: RelayFactory, backend: TcpServer, kmock: kmock.RawHandler,
         tmp_path: Path) -> None:
     reviews = kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << rbac_policy
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     async with make_relay(routes=targets(backend.port), auth=auth,
@@ -420,7 +414,7 @@ async def test_subject_access_review_decides_and_is_cached(
 async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: TcpServer,
                                            kmock: kmock.RawHandler, tmp_path: Path) -> None:
     kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << 503
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     async with make_relay(routes=targets(backend.port), auth=auth,
@@ -434,7 +428,7 @@ async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: Tc
 
 async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServer,
                                       tmp_path: Path) -> None:
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         authorization="kubernetes")
     kubeconfig = write_kubeconfig(tmp_path / "k", "http://127.0.0.1:9")
     async with make_relay(routes=targets(backend.port), auth=auth,
@@ -480,7 +474,5 @@ async def test_session_view_only_comes_from_the_route(make_relay: RelayFactory,
     async with make_relay(routes=[route]) as relay, aiohttp.ClientSession() as http, \
             http.ws_connect(f"{relay.public_url}/t/lab/watch/websockify") as ws:
         assert await ws.receive_bytes(timeout=5) == GREETING
-        async with asyncio.timeout(5):
-            while not relay.state.sessions.count:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: relay.state.sessions.count, "the session opened")
         assert all(s.view_only for s in relay.state.sessions)

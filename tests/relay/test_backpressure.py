@@ -12,6 +12,7 @@ import aiohttp
 
 from tests.conftest import RelayFactory
 from tests.support.servers import GREETING, TcpServer, flood, stalled
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay.bridge import Session
 from vncgate.relay.server import RelayServer
@@ -37,15 +38,15 @@ def relay_buffered(session: Session) -> int:
 async def sample_until_stable(value: object, rounds: int = 20, interval: float = 0.25) -> int:
     """Sample `value()` until it stops growing for four samples in a row; returns the last."""
     assert callable(value)
-    last, stable = -1, 0
-    for _ in range(rounds):
-        await asyncio.sleep(interval)
-        current = int(value())
-        stable = stable + 1 if current == last else 0
-        last = current
-        if stable >= 4:
-            return current
-    raise AssertionError(f"still growing after {rounds * interval:.0f}s: {last} bytes")
+    samples: list[int] = []
+
+    def stable() -> bool:
+        samples.append(int(value()))
+        return len(samples) >= 5 and len(set(samples[-5:])) == 1
+
+    await eventually(stable, "the byte count to stop growing", timeout=rounds * interval,
+                     interval=interval, context=lambda: f"last samples {samples[-5:]}")
+    return samples[-1]
 
 
 async def test_stalled_browser_stops_the_reads_from_the_server(make_relay: RelayFactory) -> None:

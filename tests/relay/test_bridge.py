@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -20,6 +19,7 @@ from tests.support.servers import (
     silent,
     sink,
 )
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 
@@ -30,12 +30,6 @@ def route(port: int, name: str = "desk", **kw: object) -> Route:
 
 def ws_url(relay_url: str, name: str = "desk", namespace: str = "lab") -> str:
     return f"{relay_url}/t/{namespace}/{name}/websockify"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def receive_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10
@@ -94,9 +88,7 @@ async def test_bytes_sent_before_the_server_is_up_are_delivered_in_order(
             await ws.send_bytes(part)
         assert await ws.receive_bytes(timeout=5) == GREETING
         expected = b"".join(early)
-        async with asyncio.timeout(5):
-            while len(server.received) < len(expected):
-                await asyncio.sleep(0.01)
+        await eventually(lambda: len(server.received) >= len(expected), "the early bytes sent")
         assert bytes(server.received) == expected
 
 
@@ -220,9 +212,7 @@ async def test_session_limits_close_4503(make_relay: RelayFactory,
         for ws in (first, second, other):
             await ws.close()
         # Limits count open sessions only: closing frees the places.
-        async with asyncio.timeout(5):
-            while relay.state.sessions.count:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: relay.state.sessions.count == 0, "the sessions ended")
         async with http.ws_connect(ws_url(relay.public_url)) as again:
             assert await again.receive_bytes(timeout=5) == GREETING
 
@@ -276,9 +266,7 @@ async def test_one_log_line_per_session_with_bytes_and_code(
             assert await ws.receive_bytes(timeout=5) == GREETING
             await ws.send_bytes(b"12345")
             assert await ws.receive_bytes(timeout=5) == b"12345"
-        async with asyncio.timeout(5):
-            while relay.state.sessions.count:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: relay.state.sessions.count == 0, "the session ended")
     ends = [r for r in caplog.records if r.getMessage() == "session end"]
     assert len(ends) == 1
     fields = ends[0].fields  # type: ignore[attr-defined]

@@ -7,13 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.support.waiting import wait_until
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.relay.manifests import ManifestError, load_routes
@@ -141,14 +141,16 @@ def test_relay_serves_and_stops_cleanly_on_sigterm(xvnc: object) -> None:
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         assert proc.stderr is not None
-        deadline, url = time.monotonic() + 20, None
-        lines = []
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            found = re.search(r'"public": "(http://127\.0\.0\.1:\d+)"', line)
-            url = found.group(1) if found else None
-        assert url, f"no listening line in {lines}"
+        lines: list[str] = []
+
+        def listening() -> str | None:
+            assert proc.stderr is not None
+            lines.append(proc.stderr.readline())
+            found = re.search(r'"public": "(http://127\.0\.0\.1:\d+)"', lines[-1])
+            return found.group(1) if found else None
+
+        url = wait_until(listening, "the relay's listening line", timeout=20, interval=0,
+                         context=lambda: lines)
         with urllib.request.urlopen(f"{url}/healthz", timeout=5) as resp:  # noqa: S310
             assert resp.status == 200
         proc.send_signal(signal.SIGTERM)

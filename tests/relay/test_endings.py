@@ -7,27 +7,18 @@ deadline.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import psutil
 import pytest
 
 from tests.conftest import RelayFactory
 from tests.support.rawws import RawWebSocket, frame
 from tests.support.servers import TcpServer, echo_rfb, flood, silent, sink, stalled
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay.bridge import Session
 from vncgate.relay.server import RelayServer
 
 WS = "/t/lab/desk/websockify"
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 20) -> None:
-    async with asyncio.timeout(within):
-        while not condition():
-            await asyncio.sleep(0.05)
-    assert condition(), what
 
 
 async def one_session(relay: RelayServer) -> Session:

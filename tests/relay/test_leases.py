@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,10 @@ import pytest
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import PROXY, closed_with, connect
-from tests.support.servers import GREETING, TcpServer, sink
+from tests.support.servers import GREETING, TcpServer
+from tests.support.waiting import eventually
 from vncgate.common.model import Route
-from vncgate.common.spec import SessionPolicy
+from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
 from vncgate.relay.consoles import KubeConsoles, lease_name
 from vncgate.relay.server import RelayServer
@@ -31,12 +30,6 @@ def cluster(kmock: kmock.KubernetesEmulator, tmp_path: Path) -> Path:
     every = {"get", "list", "watch", "create", "update", "patch", "delete"}
     kmock.resources[LEASES] = {"kind": "Lease", "namespaced": True, "verbs": every}
     return write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(sink(seconds=30)) as server:
-        yield server
 
 
 def lease(kmock: kmock.KubernetesEmulator, name: str) -> dict[str, Any] | None:
@@ -58,10 +51,10 @@ async def replicas(stack: AsyncExitStack, make_relay: RelayFactory, route: Route
 
 
 async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
-        make_relay: RelayFactory, backend: TcpServer, cluster: Path,
+        make_relay: RelayFactory, sink_backend: TcpServer, cluster: Path,
         kmock: kmock.KubernetesEmulator) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
-                  sessions=SessionPolicy(mode="exclusive", takeover="allow"))
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE, takeover=Takeover.ALLOW))
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         a, b = await replicas(stack, make_relay, route, cluster)
         first = await connect(http, a, "alice")
@@ -84,19 +77,17 @@ async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
         assert held["spec"]["leaseTransitions"] == 1
         # Session end releases the Lease: A may hold the console again.
         await taker.close()
-        async with asyncio.timeout(5):
-            while lease(kmock, "vnc-lab-desk") is not None:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: lease(kmock, "vnc-lab-desk") is None, "the Lease released")
         again = await connect(http, a, "alice")
         assert await again.receive_bytes(timeout=5) == GREETING
         await again.close()
 
 
 async def test_a_vanished_replicas_hold_expires(
-        make_relay: RelayFactory, backend: TcpServer, cluster: Path,
+        make_relay: RelayFactory, sink_backend: TcpServer, cluster: Path,
         kmock: kmock.KubernetesEmulator) -> None:
-    route = Route("lab", "desk", "127.0.0.1", backend.port,
-                  sessions=SessionPolicy(mode="exclusive"))
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE))
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         a, b = await replicas(stack, make_relay, route, cluster)
         first = await connect(http, a, "alice")

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import sign_in
 from vncgate.common.model import Route
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import AuthSettings
@@ -27,12 +28,6 @@ async def relay(make_relay: RelayFactory) -> AsyncIterator[RelayServer]:
               Route("ops", "bmc", "10.0.0.6", 5900, view_only=True)]
     async with make_relay(routes=routes) as server:
         yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_list_links_every_target_relatively_and_escapes_names(
@@ -123,7 +118,7 @@ async def test_hostile_names_are_escaped_in_every_page(make_relay: RelayFactory,
     itself (the desktop name comes from the VNC server to the page's script, which sets it
     with textContent: tests/e2e/test_viewer.py)."""
     routes = [Route("lab", "evil", "10.0.0.5", 5900, display_name=HOSTILE)]
-    auth = AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.0/8"], "t"))
     headers = {"X-Forwarded-User": HOSTILE, "X-Forwarded-Groups": HOSTILE}
     async with make_relay(routes=routes, auth=auth) as relay:
         async with http.get(f"{relay.public_url}/", headers=headers) as resp:
@@ -140,7 +135,7 @@ async def test_hostile_names_are_escaped_in_every_page(make_relay: RelayFactory,
     config = json.loads(html.unescape(match.group(1)))
     assert config["displayName"] == HOSTILE and config["user"] == HOSTILE
 
-    token = AuthSettings(mode="token", users={}, session_secret=b"s" * 32)
+    token = AuthSettings(mode=AuthMode.TOKEN, users={}, session_secret=b"s" * 32)
     # `next` is checked (safe_next) before it is shown; the message is ours. Both are
     # rendered through the template's autoescape all the same.
     async with (make_relay(routes=routes, auth=token) as relay,

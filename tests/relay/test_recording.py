@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import RelayFactory
 from tests.relay.test_xvnc import WsStream
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
@@ -65,13 +66,10 @@ def records_of(directory: Path) -> tuple[Path, list[Record]]:
 
 async def poll_records(directory: Path, kind: bytes, deadline: float = 10.0) -> list[Record]:
     """The records once one of `kind` is on disk (the writer flushes after each burst)."""
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
+    async def found() -> list[Record] | None:
         records = await asyncio.to_thread(_first_records, directory)
-        if any(r.kind == kind for r in records):
-            return records
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {kind!r} record in {directory} within {deadline}s")
+        return records if any(r.kind == kind for r in records) else None
+    return await eventually(found, f"a {kind!r} record in {directory}", timeout=deadline)
 
 
 def _first_records(directory: Path) -> list[Record]:
@@ -242,13 +240,15 @@ async def test_a_full_disk_cuts_the_recording_and_the_session_goes_on(
         async with http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
                                    protocols=("binary",)) as ws:
             stream = await handshake(ws)
-            until = time.monotonic() + 10
-            while registry.get_sample_value("vncgate_recordings_incomplete_total",
-                                            {"reason": "error"}) != 1.0:
-                assert time.monotonic() < until, "the full disk was not reported"
+            async def reported() -> bool:
+                if registry.get_sample_value("vncgate_recordings_incomplete_total",
+                                             {"reason": "error"}) == 1.0:
+                    return True
                 # Each request draws an update: records keep coming, the failure is seen.
                 await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 800, 600))
                 await stream.ws.receive_bytes(timeout=5)
+                return False
+            await eventually(reported, "the full disk reported", timeout=10, interval=0)
             # The session goes on: the server still answers through the relay.
             await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 8, 8))
             assert await stream.ws.receive_bytes(timeout=5)

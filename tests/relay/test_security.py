@@ -11,7 +11,7 @@ import hashlib
 import logging
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,12 +35,14 @@ from tests.relay.test_auth import (
 from tests.relay.test_sessions import pointer_position
 from tests.relay.test_xvnc import WsStream
 from tests.support.servers import GREETING, TcpServer, echo_rfb
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes, links
 from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.identity import AuthMode
 from vncgate.relay.passwords import dummy_hash
 from vncgate.relay.proxies import parse_networks
 from vncgate.relay.server import RelayServer
@@ -147,14 +149,8 @@ async def test_view_only_follows_each_exact_version_and_drops_the_pointer(
 
 # --- shared pieces for the sign-in findings ---------------------------------------------------
 
-TOKEN_AUTH = AuthSettings(mode="token", users=USERS, session_secret=b"s" * 32,
+TOKEN_AUTH = AuthSettings(mode=AuthMode.TOKEN, users=USERS, session_secret=b"s" * 32,
                           link_keys=(KEY,), trusted_proxies=parse_networks(["127.0.0.1/32"], "t"))
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[TcpServer]:
-    async with TcpServer(echo_rfb) as server:
-        yield server
 
 
 @pytest.fixture
@@ -168,12 +164,6 @@ def bearer(token: str, client: str = "") -> dict[str, str]:
     if client:  # the relay trusts 127.0.0.1 as a proxy here: this is the client's address
         headers["X-Forwarded-For"] = client
     return headers
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 # --- 2. bearer tokens: limited, audited, derived off the event loop ---------------------------
@@ -216,7 +206,7 @@ async def test_key_derivation_never_blocks_the_event_loop(relay: RelayServer) ->
 
         guesses = [asyncio.create_task(guess(n)) for n in range(1, 9)]
         try:
-            await wait_for(lambda: derivations.pending == 10)
+            await eventually(lambda: derivations.pending == 10, "10 derivations pending")
             async with http.get(f"{relay.public_url}/healthz") as resp:
                 assert resp.status == 200
             assert not any(g.done() for g in guesses)  # still waiting for a derivation
@@ -232,7 +222,8 @@ async def test_derivations_are_bounded_and_refuse_past_the_bound(relay: RelaySer
     holders = [asyncio.create_task(derivations.run(gate.wait, 30))
                for _ in range(derivations.max_pending)]
     try:
-        await wait_for(lambda: derivations.pending == derivations.max_pending)
+        await eventually(lambda: derivations.pending == derivations.max_pending,
+                         "the derivation queue full")
         async with aiohttp.ClientSession() as http, http.get(
                 f"{relay.public_url}/", headers=bearer("a-guess", "192.0.2.9")) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"] == "1"
@@ -372,7 +363,8 @@ async def test_every_failed_sign_in_costs_one_derivation(
 
     monkeypatch.setattr(hashlib, "scrypt", counting_scrypt)
     carol = User("carol", "sha256$" + hashlib.sha256(b"carol-token-0123456789").hexdigest())
-    auth = AuthSettings(mode="token", users={**USERS, "carol": carol}, session_secret=b"s" * 32)
+    auth = AuthSettings(mode=AuthMode.TOKEN, users={**USERS, "carol": carol},
+                        session_secret=b"s" * 32)
     dummy_hash()  # made once per process; not part of any one sign-in
     costs = {}
     async with make_relay(auth=auth) as relay, jar_session() as http:
@@ -436,7 +428,7 @@ async def test_slow_requests_are_closed_after_the_read_timeout(
 # --- 11. proxy headers: once each, prefixed, no system: groups ---------------------------------
 
 def proxy(**overrides: Any) -> AuthSettings:
-    return AuthSettings(mode="proxy", trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+    return AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
                         **overrides)
 
 

@@ -21,13 +21,14 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
@@ -58,18 +59,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0,
-               interval: float = 0.2) -> None:
-    """Poll `check` until it is true; fail with `what` when `timeout` passes first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(interval)
 
 
 def _openssl(*args: str) -> None:

@@ -11,10 +11,11 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.waiting import NotInTime, wait_until
 
 XVNC = shutil.which("Xvnc") or "/usr/bin/Xvnc"
 XSETROOT = shutil.which("xsetroot") or "/usr/bin/xsetroot"
@@ -82,18 +83,21 @@ class XvncServer:
         raise RuntimeError("Xvnc did not start; see its log")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Whether it greets within `timeout` (False at once if it exited)."""
+        def greeted() -> str:
             if self._proc is None or self._proc.poll() is not None:
-                return False
+                return "exited"
             try:
                 with socket.create_connection((self.interface, self.port), timeout=1) as conn:
                     conn.settimeout(2)
-                    if conn.recv(12).startswith(b"RFB "):
-                        return True
+                    return "greeted" if conn.recv(12).startswith(b"RFB ") else ""
             except OSError:
-                time.sleep(0.05)
-        return False
+                return ""
+
+        try:
+            return wait_until(greeted, "Xvnc greeting", timeout, interval=0.05) == "greeted"
+        except NotInTime:
+            return False
 
     def paint(self, colour: str) -> None:
         """Fill the root window with one colour (xsetroot), so a viewer has something to check."""

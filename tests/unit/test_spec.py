@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from vncgate.common.addresses import Address
-from vncgate.common.spec import ServiceRef, SpecError, VncTargetSpec, check_host, parse_spec
+from vncgate.common.spec import (
+    Interactive,
+    ServiceRef,
+    SessionMode,
+    SpecError,
+    Takeover,
+    VncTargetSpec,
+    check_host,
+    parse_sessions,
+    parse_spec,
+)
 
 
 def test_address_spec() -> None:
@@ -61,3 +72,17 @@ def test_bad_specs_name_the_field(spec: dict[str, Any], field: str, words: str) 
 ])
 def test_hosts_are_normalised(given: str, normal: str) -> None:
     assert check_host(given, "host") == normal
+
+
+def test_session_choices_are_enums_whose_wire_form_is_the_manifests_word() -> None:
+    policy = parse_sessions({"mode": "exclusive", "takeover": "owner-only",
+                             "interactive": "first"})
+    assert policy.mode is SessionMode.EXCLUSIVE and policy.exclusive
+    assert policy.takeover is Takeover.OWNER_ONLY
+    assert policy.interactive is Interactive.FIRST
+    wire = json.dumps(policy.to_json())
+    assert json.loads(wire) == {"mode": "exclusive", "takeover": "owner-only",
+                                "interactive": "first"}
+    with pytest.raises(SpecError, match=r"spec.sessions.takeover: 'maybe'; write one of "
+                                        r"deny, allow, owner-only"):
+        parse_sessions({"takeover": "maybe"})

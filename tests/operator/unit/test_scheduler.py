@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
+from tests.support.waiting import eventually
 from vncgate.operator.kubeapi import event_name
+from vncgate.operator.probe import proven_by_sessions
 from vncgate.operator.scheduler import Scheduler
-from vncgate.operator.status import NEW, record_transition, transition_of
+from vncgate.operator.status import (
+    NEW,
+    now_precise,
+    record_transition,
+    replay_due,
+    transition_of,
+)
 
 
 async def _run_until(scheduler: Scheduler, done: asyncio.Event, timeout: float = 5.0) -> None:
@@ -59,8 +68,7 @@ async def test_a_key_never_runs_twice_at_once() -> None:
 
     scheduler = Scheduler(evaluate, interval=3600.0, concurrency=8)
     scheduler.schedule("lab/a", 0.0)
-    await _run_until(scheduler, done)
-    await asyncio.sleep(0.05)
+    await _run_until(scheduler, done)  # stops the loop: nothing runs after this
     assert (most, calls) == (1, 2)
 
 
@@ -79,7 +87,7 @@ async def test_forgotten_and_deleted_keys_are_not_run_again() -> None:
     scheduler.schedule("lab/b", 0.0)
     scheduler.forget("lab/b")
     await _run_until(scheduler, done)
-    await asyncio.sleep(0.1)
+    # Nothing scheduled: neither would run again, however long the loop went on.
     assert seen == ["lab/a"] and len(scheduler) == 0
 
 
@@ -102,3 +110,55 @@ def test_a_phase_change_is_recorded_in_status_and_named_for_its_event() -> None:
     assert new is not None and new.old == NEW and not new.warning
     down = record_transition(desired, {"phase": "Unreachable", "conditions": []}, "t")
     assert down is not None and down.warning
+
+
+async def test_a_watch_event_looks_now_only_if_the_target_changed() -> None:
+    async def evaluate(key: str, probe: bool) -> None:
+        raise AssertionError("not run in this test")
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=1, rng=random.Random(1))  # noqa: S311 - jitter
+    scheduler.notice("lab/seen", changed=False)  # listed at start: a turn within the interval
+    scheduler.notice("lab/new", changed=True)
+    loop_now = asyncio.get_running_loop().time()
+    assert scheduler._due["lab/new"][0] <= loop_now
+    first_turn = scheduler._due["lab/seen"][0]
+    assert loop_now < first_turn <= loop_now + 3600.0
+    scheduler.notice("lab/seen", changed=False)  # seen again: its turn stands
+    assert scheduler._due["lab/seen"][0] == first_turn
+
+
+def test_only_a_recent_transition_has_its_event_posted_again() -> None:
+    status: dict[str, Any] = {"phase": "Ready", "conditions": [
+        {"type": "Ready", "status": "True", "reason": "Ready", "message": "all good"}]}
+    assert replay_due(status, 600.0) is None  # no transition recorded
+    record_transition({"phase": "Pending"}, status, now_precise())
+    recent = replay_due(status, 600.0)
+    assert recent is not None and recent.message == "Pending -> Ready: all good"
+    status["phaseTransition"]["time"] = "2026-01-01T00:00:00.000001Z"
+    assert replay_due(status, 600.0) is None  # long ago: posted then, or lost with its age
+    status["phaseTransition"]["time"] = "not a time"
+    assert replay_due(status, 600.0) is None
+
+
+def test_open_sessions_prove_the_server_without_a_probe() -> None:
+    proof = proven_by_sessions(2, "RFB 003.008")
+    assert proof.ok and proof.reason == "LiveSession" and proof.server_version == "RFB 003.008"
+    assert proof.message == "2 sessions open through the relays"
+    assert proven_by_sessions(1, None).message == "1 session open through the relays"
+
+
+async def test_quiet_and_counted_looks() -> None:
+    done = asyncio.Event()
+
+    async def evaluate(key: str, probe: bool) -> None:
+        done.set()
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=1, rng=random.Random(1))  # noqa: S311 - jitter
+    assert scheduler.quiet(5.0)
+    scheduler.schedule("lab/a", 0.0)
+    assert not scheduler.quiet(5.0)  # due now
+    await _run_until(scheduler, done)
+    await eventually(lambda: scheduler.evaluations["lab/a"] == 1, "one look counted")
+    assert scheduler.quiet(5.0)  # next look in about an hour
+    scheduler.forget("lab/a")
+    assert "lab/a" not in scheduler.evaluations

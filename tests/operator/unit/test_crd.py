@@ -11,7 +11,7 @@ import yaml
 
 from vncgate.common.spec import API_GROUP, API_VERSION, KIND, PLURAL, parse_spec
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CRD = yaml.safe_load((ROOT / "crds" / "vnctargets.vncgate.io.yaml").read_text())
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]

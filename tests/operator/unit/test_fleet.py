@@ -1,0 +1,62 @@
+"""What the fleet reports before it has read any relay: nothing it cannot know."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from vncgate.common.model import Route
+from vncgate.operator.relays import FanOut, RelayFleet
+
+ROUTE = Route("lab", "desk-1", "10.0.0.5", 5900)
+
+
+async def test_before_the_first_resync_the_fleet_claims_nothing() -> None:
+    async with aiohttp.ClientSession() as session:
+        fleet = RelayFleet(session, "t" * 32, ["http://127.0.0.1:9"])
+        # After an operator restart: keep the status, do not flap Ready to Pending.
+        assert fleet.registration(ROUTE) is None
+        assert fleet.sessions(ROUTE.key) is None
+        assert fleet.viewers(ROUTE.key) is None
+        fleet.synced_once.set()
+        registration = fleet.registration(ROUTE)
+        assert registration is not None and registration.reason == "NotRegistered"
+        fleet._replicas["http://127.0.0.1:9"].hold(ROUTE)  # as a PUT would
+        registration = fleet.registration(ROUTE)
+        assert registration is not None and registration.ok
+
+
+async def test_before_the_first_resync_a_change_waits_for_it_and_after_it_is_sent() -> None:
+    async with aiohttp.ClientSession() as session:
+        sent: list[str] = []
+        fleet = RelayFleet(session, "t" * 32, ["http://127.0.0.1:9"],
+                           route_of=lambda key: ROUTE if key == ROUTE.key else None)
+
+        async def converge(key: str, *, deleted: bool = False) -> FanOut:
+            sent.append(f"{'DELETE' if deleted else 'PUT'} {key}")
+            return FanOut(replicas=1, failed={})
+
+        fleet.converge = converge  # type: ignore[method-assign]
+        fleet._kick.clear()
+        await fleet.offer(ROUTE.key, ROUTE)
+        assert sent == [] and fleet._kick.is_set()  # the first full resync carries it
+        await fleet.offer("lab/broken", None)
+        assert sent == []  # nothing is held before the first resync: nothing to take back
+        fleet.synced_once.set()
+        await fleet.offer(ROUTE.key, ROUTE)
+        await fleet.offer("lab/broken", None)  # it may have been valid before
+        assert sent == [f"PUT {ROUTE.key}", "PUT lab/broken"]
+        fleet._replicas["http://127.0.0.1:9"].hold(ROUTE)
+        await fleet.offer(ROUTE.key, ROUTE)  # held already: nothing to send
+        await fleet.remove("lab/other", gone=False)  # leaving, and no replica holds it
+        await fleet.remove(ROUTE.key, gone=False)
+        await fleet.remove("lab/other", gone=True)
+        assert sent[2:] == [f"DELETE {ROUTE.key}", "DELETE lab/other"]
+
+
+async def test_discovered_replicas_replace_the_set_once_the_views_are_complete() -> None:
+    async with aiohttp.ClientSession() as session:
+        fleet = RelayFleet(session, "t" * 32, ["http://127.0.0.1:9"])
+        fleet.views_complete()  # --relay-url: a fixed set
+        assert fleet.views_ready.is_set() and fleet.urls == {"http://127.0.0.1:9"}
+        fleet.views_complete(["http://127.0.0.1:10", "http://127.0.0.1:11"])
+        assert fleet.urls == {"http://127.0.0.1:10", "http://127.0.0.1:11"}
