@@ -9,12 +9,15 @@ not opted in is not Ready and its condition says which RoleBinding to create.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from vncgate.common.kube import KubeClient
-from vncgate.common.model import Route
+from vncgate.common.model import LOGIN_REFUSED, LOGIN_UNREADABLE, LoginOutcome, Route
+from vncgate.operator.probe import ProbeResult, printable
 
 NOT_READABLE = "CredentialsNotReadable"
+REFUSED = "CredentialRefused"
 
 
 def references(route: Route) -> list[tuple[str, str]]:
@@ -61,3 +64,29 @@ async def unreadable(client: KubeClient, account: tuple[str, str], role: str,
                     f"{route.namespace}/{name}; opt this namespace in: "
                     f"{binding_hint(route.namespace, account, role)}")
     return None
+
+
+def login_verdict(route: Route, outcome: LoginOutcome | None) -> ProbeResult | None:
+    """Not Reachable while the relays' latest login for this route failed on its credential.
+
+    The relay logs in at each session (the operator never reads the Secret), and the operator
+    polls what the relays report: the latest login over every replica decides. A refused
+    credential stays the verdict until a later session logs in (a session after the Secret
+    was corrected clears it) or the route's endpoint or credentials change.
+    """
+    if outcome is None or outcome.result not in (LOGIN_REFUSED, LOGIN_UNREADABLE):
+        return None
+    at = datetime.datetime.fromtimestamp(outcome.at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    said = printable(outcome.reason) or "no reason given"
+    if outcome.result == LOGIN_UNREADABLE:
+        return ProbeResult(False, NOT_READABLE,
+                           f"the relay could not read the credential of {route.key} for a "
+                           f"session at {at}: {said}")
+    secret = (route.credentials.secret_name
+              if route.credentials is not None and route.credentials.secret_name else None)
+    fix = (f"correct Secret {route.namespace}/{secret}" if secret is not None
+           else "correct the target's credentials")
+    return ProbeResult(False, REFUSED,
+                       f"the VNC server refused the stored credential at the last login "
+                       f"through the relay ({at}): {said}. {fix}; the next session that "
+                       "logs in clears this")
