@@ -237,7 +237,9 @@ class Runtime:
             result = (await self.credentials_check(route)
                       or credentials.login_verdict(route, self.fleet.last_login(key)) or result)
             obs = Observation(endpoint, registration=registration,
-                              probe=result, sessions=sessions, viewers=self.fleet.viewers(key))
+                              probe=result, sessions=sessions, viewers=self.fleet.viewers(key),
+                              tls_verified=(None if route.tls is None
+                                            else not route.tls.insecure_skip_verify))
         await self.write_status(key, entry, current, obs)
 
     async def credentials_check(self, route: Route) -> ProbeResult | None:

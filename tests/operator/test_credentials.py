@@ -105,3 +105,28 @@ async def test_a_refused_credential_shows_in_status_and_a_good_login_clears_it(
                     lambda: ((s := cluster.status("lab", "bmc")).get("phase") == "Ready"
                              and s), "phase Ready after a session logged in")
                 assert conditions(status)["Reachable"]["status"] == "True"
+
+
+async def test_insecure_skip_verify_is_shown_as_a_warning_while_ready(
+        k8s: Any, relay: RelayServer, xvnc: XvncServer) -> None:
+    cluster = Cluster(k8s)
+    config = operator_settings(relay_urls=(relay.internal_url,))
+    async with running_operator(k8s, config):
+        await cluster.create(TARGETS, vnc_target(
+            "lab", "bmc", {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+            tls={"insecureSkipVerify": True}))
+        status = await eventually(
+            lambda: ((s := cluster.status("lab", "bmc")).get("phase") == "Ready" and s),
+            "phase Ready")
+        tls = conditions(status)["TLSVerified"]
+        assert (tls["status"], tls["reason"]) == ("False", "InsecureSkipVerify")
+        assert "does not check the server's identity" in tls["message"]
+
+        # Trust given instead: the warning turns into a verified condition.
+        await cluster.patch(TARGETS, "lab", "bmc", {
+            "metadata": {"generation": 2},
+            "spec": {"tls": {"insecureSkipVerify": None, "serverName": "bmc.lab.example"}}})
+        await eventually(
+            lambda: conditions(cluster.status("lab", "bmc")).get("TLSVerified", {}).get(
+                "reason") == "CertificateVerified", "TLSVerified True after the change")
+        assert cluster.status("lab", "bmc")["phase"] == "Ready"
