@@ -1,10 +1,15 @@
-"""Whether the relay may read a target's Secret (and CA): a SubjectAccessReview, never a read.
+"""Whether the relay may read a target's Secret (and CA): an access review, never a read.
 
 The relay reads `spec.credentials.secretName` (and `spec.tls.caSecret` / `caConfigMap`) itself
 at each session's start, with a ClusterRole that each namespace opts into with a RoleBinding
 (docs/ARCHITECTURE.md says why the relay, not the operator). The operator never reads Secrets;
 it asks the API server whether the relay's ServiceAccount may, so a target whose namespace has
 not opted in is not Ready and its condition says which RoleBinding to create.
+
+The question is a LocalSubjectAccessReview in the target's namespace (the same answer as a
+cluster-scoped SubjectAccessReview, which the API server's docs say it is: "checks whether or
+not a user or group can perform an action in a given namespace"), so that the chart's
+namespaced mode, which grants the operator nothing cluster-wide, can grant it per namespace.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def references(route: Route) -> list[tuple[str, str]]:
 def review(account: tuple[str, str], namespace: str, resource: str, name: str) -> dict[str, Any]:
     sa_namespace, sa_name = account
     return {
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "apiVersion": "authorization.k8s.io/v1", "kind": "LocalSubjectAccessReview",
+        "metadata": {"namespace": namespace},
         "spec": {
             "user": f"system:serviceaccount:{sa_namespace}:{sa_name}",
             "groups": ["system:serviceaccounts", f"system:serviceaccounts:{sa_namespace}",
@@ -56,8 +62,10 @@ async def unreadable(client: KubeClient, account: tuple[str, str], role: str,
                      route: Route) -> str | None:
     """None if the relay may read everything the route names; else what to do about it."""
     for resource, name in references(route):
-        body = await client.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews",
-                                    review(account, route.namespace, resource, name))
+        body = await client.request(
+            "POST",
+            f"/apis/authorization.k8s.io/v1/namespaces/{route.namespace}/localsubjectaccessreviews",
+            review(account, route.namespace, resource, name))
         if not (body.get("status") or {}).get("allowed"):
             kind = "Secret" if resource == "secrets" else "ConfigMap"
             return (f"the relay ({account[0]}/{account[1]}) may not read {kind} "
