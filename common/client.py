@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from vncgate.common.model import Route, route_from_json
+from vncgate.common.model import LoginOutcome, Route, login_outcome_from_json, route_from_json
 
 
 class RelayError(Exception):
@@ -37,6 +37,8 @@ class TableSnapshot:
     route_count: int = 0
     # Changes at every start of the replica (an empty table until it is filled again).
     boot: str = ""
+    # The replica's last login per route with credentials or TLS (summary only).
+    logins: dict[str, LoginOutcome] = field(default_factory=dict)
 
 
 class RelayClient:
@@ -103,4 +105,6 @@ class RelayClient:
             revision=str(reply["revision"]), synced=bool(reply.get("synced")),
             boot=str(reply.get("boot", "")), route_count=int(reply.get("routes", 0)),
             sessions={str(k): int(v) for k, v in reply.get("sessions", {}).items()},
-            viewers={str(k): [str(u) for u in v] for k, v in reply.get("viewers", {}).items()})
+            viewers={str(k): [str(u) for u in v] for k, v in reply.get("viewers", {}).items()},
+            logins={str(k): outcome for k, v in (reply.get("logins") or {}).items()
+                    if (outcome := login_outcome_from_json(v)) is not None})

@@ -167,3 +167,33 @@ def table_revision(routes: Iterable[Route]) -> str:
     for route in routes:
         revision = xor_digest(revision, route.digest())
     return revision.hex()
+
+
+# The outcomes of a relay's logins to a target's VNC server (spec.credentials / spec.tls), as
+# its table summary reports them: the operator's status shows a refused stored credential
+# without ever reading the Secret (docs/ARCHITECTURE.md, "Credentials and TLS").
+LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE = "ok", "refused", "unreadable"
+_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginOutcome:
+    """The last login a relay replica made for one route: its result, when (Unix time) and,
+    when it failed, the reason the viewer was given (names a Secret, never its content)."""
+
+    result: str
+    at: float
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"result": self.result, "at": self.at, "reason": self.reason}
+
+
+def login_outcome_from_json(body: object) -> LoginOutcome | None:
+    """None for anything that is not an outcome this version knows (a newer relay's)."""
+    if not isinstance(body, Mapping):
+        return None
+    result, at, reason = body.get("result"), body.get("at"), body.get("reason", "")
+    if result not in _LOGIN_RESULTS or not isinstance(at, int | float) or isinstance(at, bool):
+        return None
+    return LoginOutcome(str(result), float(at), str(reason)[:512])

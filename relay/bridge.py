@@ -368,6 +368,7 @@ class Session:
             opened = await rfbsecurity.open_logged_in(host, route.port, login, route.key,
                                                       self.settings.connect_timeout)
         except rfbsecurity.SecurityRefused as refused:
+            self.logins.login_failed(route.key, refused)
             raise SessionRefused(refused.code, refused.reason) from None
         except TimeoutError:
             raise SessionRefused(closecodes.UPSTREAM_TIMEOUT,
@@ -375,6 +376,7 @@ class Session:
         except socket.gaierror:
             raise SessionRefused(closecodes.BAD_UPSTREAM, f"the host of {route.key} cannot be "
                                  "resolved; check its endpoint") from None
+        self.logins.logged_in(route.key)
         self.metrics.connect_seconds.observe(time.monotonic() - started)
         self.server_version = opened.greeting[:-1].decode("ascii", "replace")
         upstream = self.upstream = Upstream(self)

@@ -19,11 +19,18 @@ import base64
 import binascii
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 from vncgate.common.kube import KubeClient, KubeConfigError, KubeError, kube_connection
-from vncgate.common.model import Route
+from vncgate.common.model import (
+    LOGIN_OK,
+    LOGIN_REFUSED,
+    LOGIN_UNREADABLE,
+    LoginOutcome,
+    Route,
+)
 from vncgate.relay import closecodes
 from vncgate.relay.rfbsecurity import SecurityRefused, UpstreamLogin
 from vncgate.relay.settings import RelaySettings
@@ -46,6 +53,26 @@ class CredentialStore:
     def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings
         self._kube: KubeClient | None = None
+        # The last login per route (at most one entry per route: dropped when the route goes
+        # or changes), reported in the table summary that the operator polls.
+        self.outcomes: dict[str, LoginOutcome] = {}
+
+    def logged_in(self, key: str) -> None:
+        self.outcomes[key] = LoginOutcome(LOGIN_OK, time.time())
+
+    def login_failed(self, key: str, refused: SecurityRefused) -> None:
+        """Record a failed login if it was about the credential: the server refused it, or
+        the relay could not read it. (An unreachable server is the probe's business.)"""
+        if refused.credential_refused:
+            result = LOGIN_REFUSED
+        elif refused.code == closecodes.CREDENTIAL_REFUSED:
+            result = LOGIN_UNREADABLE
+        else:
+            return
+        self.outcomes[key] = LoginOutcome(result, time.time(), refused.reason)
+
+    def forget(self, key: str) -> None:
+        self.outcomes.pop(key, None)
 
     async def close(self) -> None:
         if self._kube is not None:

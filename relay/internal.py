@@ -129,7 +129,8 @@ async def replace_targets(request: web.Request) -> web.StreamResponse:
 
 
 async def list_targets(request: web.Request) -> web.StreamResponse:
-    """The table; `?view=summary`: only its revision and who views what.
+    """The table; `?view=summary`: only its revision, who views what, and the last login per
+    route that has credentials or TLS (`logins`: result ok/refused/unreadable, Unix time, reason).
 
     The operator's periodic resync reads the summary, O(open sessions) instead of O(routes):
     at 100,000 routes the full table is ~18 MB per replica per pass.
@@ -141,7 +142,9 @@ async def list_targets(request: web.Request) -> web.StreamResponse:
             "revision": state.registry.revision, "synced": state.registry.synced,
             "boot": state.registry.boot, "routes": len(state.registry),
             "sessions": {key: len(group) for key, group in viewing.items()},
-            "viewers": {key: _viewers(group) for key, group in viewing.items()}})
+            "viewers": {key: _viewers(group) for key, group in viewing.items()},
+            "logins": {key: outcome.to_json()
+                       for key, outcome in state.logins.outcomes.items()}})
     targets = []
     for route in state.registry:
         item = route.to_json()

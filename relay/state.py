@@ -100,6 +100,9 @@ class RelayState:
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""
+        if new is None or (old.host, old.port, old.credentials, old.tls) != (
+                new.host, new.port, new.credentials, new.tls):
+            self.logins.forget(old.key)  # said of another server or credential
         if new is None:
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from vncgate.common.client import RelayClient, RelayError, TableSnapshot
-from vncgate.common.model import Route, table_revision, xor_digest
+from vncgate.common.model import LoginOutcome, Route, table_revision, xor_digest
 from vncgate.operator.status import Registration
 
 logger = logging.getLogger("vncgate.operator.relays")
@@ -64,6 +64,7 @@ class _Replica:
         self.boot: str | None = None
         self.sessions: dict[str, int] | None = None
         self.viewers: dict[str, list[str]] = {}
+        self.logins: dict[str, LoginOutcome] = {}
 
     @property
     def revision(self) -> str:
@@ -110,6 +111,8 @@ class RelayFleet:
         # Called (no arguments) when what the replicas hold changed behind the fleet's back
         # (a replica restarted, or came or went): the status of every target may be stale.
         self.on_upheaval: Callable[[], None] = lambda: None
+        # Called with a target's key when a replica reports a new login outcome for it.
+        self.on_login: Callable[[str], None] = lambda key: None
         self._kick = asyncio.Event()
         # Set once kopf's indexes hold every VncTarget and Service: before that, the desired
         # table may be partial, and a full PUT of it would remove live routes from the relays.
@@ -171,6 +174,11 @@ class RelayFleet:
         if not read:
             return None
         return sum(table.get(key, 0) for table in read)
+
+    def last_login(self, key: str) -> LoginOutcome | None:
+        """The latest login any replica made for `key` (credentials/TLS routes), if any."""
+        seen = [r.logins[key] for r in self._replicas.values() if key in r.logins]
+        return max(seen, key=lambda outcome: outcome.at) if seen else None
 
     def viewers(self, key: str) -> str | None:
         """Who is viewing, over every replica: "alice, bob", at most 256 characters; None until
@@ -283,6 +291,12 @@ class RelayFleet:
         """Record sessions and boot id; True if the replica restarted since the last look."""
         replica.sessions = snapshot.sessions
         replica.viewers = snapshot.viewers
+        if snapshot.logins != replica.logins:
+            changed = {key for key in snapshot.logins.keys() | replica.logins.keys()
+                       if snapshot.logins.get(key) != replica.logins.get(key)}
+            replica.logins = snapshot.logins
+            for key in sorted(changed):
+                self.on_login(key)
         restarted = replica.boot is not None and snapshot.boot != replica.boot
         replica.boot = snapshot.boot
         if restarted:

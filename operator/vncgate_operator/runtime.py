@@ -144,6 +144,7 @@ class Runtime:
         self.scheduler = Scheduler(self.evaluate_target, config.probe_interval,
                                    config.probe_concurrency, exists=self.exists)
         self.fleet.on_upheaval = self.scheduler.refresh_all
+        self.fleet.on_login = lambda key: self.scheduler.schedule(key, 0.0, probe=False)
         self._prober = prober
         self._probe_slots = asyncio.Semaphore(config.probe_concurrency)
         # Status this operator wrote that the watch has not brought back yet: (rv, status).
@@ -240,10 +241,12 @@ class Runtime:
             result = proven_by_sessions(sessions, current.get("serverVersion"))
         elif probe:
             result = await self.probe(route)
-        result = await self.credentials_check(route) or result
+        result = (await self.credentials_check(route)
+                  or credentials.login_verdict(route, self.fleet.last_login(key)) or result)
         await self.write_status(key, entry, current, Observation(
             endpoint, registration=registration, probe=result, sessions=sessions,
-            viewers=self.fleet.viewers(key)))
+            viewers=self.fleet.viewers(key),
+            tls_verified=None if route.tls is None else not route.tls.insecure_skip_verify))
 
     async def credentials_check(self, route: Route) -> ProbeResult | None:
         """Not Reachable (reason CredentialsNotReadable) while the relay may not read the

@@ -17,7 +17,9 @@ from vncgate.operator.resolve import TargetInvalid
 
 PENDING, READY, UNREACHABLE, INVALID = "Pending", "Ready", "Unreachable", "Invalid"
 REGISTERED, REACHABLE, READY_CONDITION = "Registered", "Reachable", "Ready"
-CONDITION_TYPES = (REGISTERED, REACHABLE, READY_CONDITION)
+# Only for targets with spec.tls: whether the relay checks the server's certificate.
+TLS_VERIFIED = "TLSVerified"
+CONDITION_TYPES = (REGISTERED, REACHABLE, READY_CONDITION, TLS_VERIFIED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,21 @@ class Observation:
     probe: ProbeResult | None = None
     sessions: int | None = None
     viewers: str | None = None
+    # spec.tls: None without it; else whether the server's certificate is verified (False:
+    # insecureSkipVerify, a warning condition that leaves the phase as it is).
+    tls_verified: bool | None = None
+
+
+def tls_condition(verified: bool) -> tuple[bool, str, str]:
+    if verified:
+        return (True, "CertificateVerified",
+                "the relay checks the server's certificate (spec.tls: CA and server name) at "
+                "every session")
+    return (False, "InsecureSkipVerify",
+            "spec.tls.insecureSkipVerify is set: the relay encrypts but does not check the "
+            "server's identity, so anyone who can intercept the connection can pose as the "
+            "server and read the credential; give spec.tls a CA (caSecret or caConfigMap) "
+            "instead")
 
 
 def now_rfc3339() -> str:
@@ -130,6 +147,9 @@ def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
         _condition(REACHABLE, *reachable, previous.get(REACHABLE), generation, now),
         _condition(READY_CONDITION, *ready, previous.get(READY_CONDITION), generation, now),
     ]
+    if obs.invalid is None and obs.tls_verified is not None:
+        status["conditions"].append(_condition(TLS_VERIFIED, *tls_condition(obs.tls_verified),
+                                               previous.get(TLS_VERIFIED), generation, now))
     return status
 
 

@@ -201,7 +201,7 @@ def test_operator_rbac_all_namespaces() -> None:
         ("events.k8s.io", "events"): {"create", "patch"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
         # relay.credentials: may the relay read a target's Secret? (asks; reads nothing)
-        ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
+        ("authorization.k8s.io", "localsubjectaccessreviews"): {"create"},
     }
     binding = rendered.one("ClusterRoleBinding", OPERATOR)
     assert binding["subjects"] == [
@@ -220,8 +220,7 @@ def test_operator_rbac_restricted_namespaces_is_not_cluster_wide() -> None:
     assert set(roles) == {"lab", "desktops", "vncgate-system"}
     all_namespaces = granted_rules(render(), OPERATOR)
     all_namespaces.pop(("apiextensions.k8s.io", "customresourcedefinitions"))
-    # Cluster-scoped, so not in namespaced mode: the operator does not check credential bindings.
-    all_namespaces.pop(("authorization.k8s.io", "subjectaccessreviews"))
+    # The credential check is a LocalSubjectAccessReview: granted per namespace, as the rest.
     for role in roles.values():
         assert role["metadata"]["name"] == OPERATOR
         assert granted_rules(Rendered((role,))) == all_namespaces

@@ -1,6 +1,6 @@
 """Credentials on a real API server: the relay reads a VncTarget's Secret with the chart's relay
 ServiceAccount only where the namespace opted in (a RoleBinding to the chart's unbound
-ClusterRole), the operator's SubjectAccessReview sees the same thing, and a rotated Secret is
+ClusterRole), the operator's LocalSubjectAccessReview sees the same thing, and a rotated Secret is
 what the next session logs in with. The VNC server is a real Xvnc with VNC Authentication.
 """
 

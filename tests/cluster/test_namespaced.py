@@ -182,3 +182,84 @@ def test_namespaced_operator_serves_at_once_with_the_charts_roles(
             if operator is not None:
                 operator.stop()
             relay.stop()
+
+
+def test_namespaced_operator_checks_the_relays_secret_access_with_local_reviews(
+        control_plane: ControlPlane, namespace: str, watched_namespace: str,
+        tmp_path: Path) -> None:
+    """SubjectAccessReviews are cluster-scoped, which namespaced mode does not grant; the
+    operator asks with a LocalSubjectAccessReview in the target's namespace instead, granted by
+    the chart's Role there, and only there."""
+    release_namespace = namespace
+    manifests = render_chart(release_namespace, [watched_namespace])
+    objects = operator_objects(manifests)
+    control_plane.apply(objects)
+    # The relay's Secret-reading ClusterRole (bound nowhere by the chart), under a name of this
+    # test's own: a helm release on the same control plane owns the chart's name.
+    role = next(m for m in manifests if m["kind"] == "ClusterRole"
+                and m["metadata"]["name"].endswith("-credentials"))
+    role = {**role, "metadata": {"name": f"{release_namespace}-relay-credentials"}}
+    control_plane.apply([role])
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    kubeconfig = control_plane.service_account_kubeconfig(
+        tmp_path / "operator.kubeconfig", release_namespace, account)
+    for where, expected in ((watched_namespace, "yes"), ("default", "no")):
+        answer = control_plane.kubectl("auth", "can-i", "create", "localsubjectaccessreviews",
+                                       "-n", where, kubeconfig_path=kubeconfig, check=False)
+        assert answer.stdout.strip() == expected, (where, answer.stdout, answer.stderr)
+    denied = control_plane.kubectl("auth", "can-i", "create", "subjectaccessreviews",
+                                   kubeconfig_path=kubeconfig, check=False)
+    assert denied.stdout.strip() == "no", denied.stdout
+
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_urlsafe(32))
+    internal = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VNCGATE_")}
+    with XvncServer(log_path=tmp_path / "xvnc.log") as xvnc:
+        control_plane.apply({
+            "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+            "metadata": {"name": "desk", "namespace": watched_namespace},
+            "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+                     "credentials": {"secretName": "desk-vnc"}}})
+        relay = Process([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{free_port()}",
+                         f"--internal-listen=127.0.0.1:{internal}",
+                         f"--api-token-file={token_file}"], tmp_path / "relay.log", env)
+        operator: Process | None = None
+        try:
+            args = operator_args(manifests, f"http://127.0.0.1:{internal}", token_file)
+            assert any(a.startswith("--relay-service-account=") for a in args), args
+            args = [f"--relay-credentials-role={role['metadata']['name']}"
+                    if a.startswith("--relay-credentials-role=") else a for a in args]
+            operator = Process([str(BIN / "vncgate-operator"), *args], tmp_path / "operator.log",
+                               {**env, "KUBECONFIG": str(kubeconfig)})
+            running = operator
+
+            def reason() -> str:
+                for condition in target_status(control_plane, watched_namespace, "desk").get(
+                        "conditions") or ():
+                    if condition["type"] == "Ready":
+                        return f"{condition['reason']}: {condition['message']}"
+                return ""
+
+            wait_until(lambda: reason().startswith("CredentialsNotReadable")
+                       or running.proc.poll() is not None,
+                       "CredentialsNotReadable in status", timeout=FIRST_STATUS_WITHIN)
+            said = reason()
+            assert said.startswith("CredentialsNotReadable"), (said, operator.output()[-4000:])
+            command = said.split("opt this namespace in: ", 1)[1].split()
+            assert command[0] == "kubectl" and f"--clusterrole={role['metadata']['name']}" \
+                in command, command
+            control_plane.kubectl(*command[1:])
+            wait_until(lambda: target_status(control_plane, watched_namespace, "desk")
+                       .get("phase") == "Ready" or running.proc.poll() is not None,
+                       "Ready after the namespace opted in", timeout=FIRST_STATUS_WITHIN)
+            output = operator.output()
+            assert target_status(control_plane, watched_namespace, "desk")["phase"] == "Ready", \
+                output[-4000:]
+            marks = [line for line in output.splitlines() if FORBIDDEN_MARKS.search(line)]
+            assert not marks, "\n".join(marks[:10])
+        finally:
+            if operator is not None:
+                operator.stop()
+            relay.stop()
+            control_plane.kubectl("delete", "clusterrole", role["metadata"]["name"], check=False)

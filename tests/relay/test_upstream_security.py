@@ -18,11 +18,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ARTIFACTS, RelayFactory
+from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
 from tests.relay.test_xvnc import WsStream
 from tests.support.xvnc import XvncServer
-from vncgate.common.model import Route
+from vncgate.common.client import RelayClient
+from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
 from vncgate.relay.recordstore import RecordingSettings
@@ -162,6 +163,45 @@ async def test_a_wrong_password_closes_with_a_reason_and_leaks_nothing(
     assert code == closecodes.CREDENTIAL_REFUSED
     assert "refused the stored credential" in reason
     assert "not-it" not in reason and "not-it" not in caplog.text
+
+
+async def test_the_summary_reports_the_last_login_per_route(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, secrets_dir: Path) -> None:
+    """What the operator polls: a refused credential, then a login with the right one; an
+    unreadable one; a changed route forgets what was said of the old one."""
+    wrong = Route("lab", "desk", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(password_file=str(secrets_dir / "wrong")))
+    unset = Route("lab", "other", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(password_env="VNCGATE_TEST_UNSET_VARIABLE"))
+    async with make_relay(routes=[wrong, unset]) as relay, aiohttp.ClientSession() as http:
+        client = RelayClient(http, relay.internal_url, API_TOKEN)
+        assert (await client.get_summary()).logins == {}
+        code, reason = await close_of(relay.public_url, "desk")
+        assert code == closecodes.CREDENTIAL_REFUSED
+        await close_of(relay.public_url, "other")
+        logins = (await client.get_summary()).logins
+        assert logins["lab/desk"].result == LOGIN_REFUSED
+        assert logins["lab/desk"].reason == reason
+        assert "not-it" not in logins["lab/desk"].reason
+        assert logins["lab/other"].result == LOGIN_UNREADABLE
+        assert "VNCGATE_TEST_UNSET_VARIABLE" in logins["lab/other"].reason
+        refused_at = logins["lab/desk"].at
+
+        # The Secret (here: the file) is corrected: the next session logs in and says so.
+        (secrets_dir / "corrected").write_text(PASSWORD + "\n")
+        try:
+            # (The registration API takes only Secret names; a file route is a manifest's.)
+            relay.registry.put(Route(
+                "lab", "desk", "127.0.0.1", vncauth_xvnc.port,
+                credentials=Credentials(password_file=str(secrets_dir / "corrected"))))
+            assert "lab/desk" not in (await client.get_summary()).logins  # another credential
+            await handshake_as_viewer(relay.public_url, "desk")
+            outcome = (await client.get_summary()).logins["lab/desk"]
+            assert outcome.result == LOGIN_OK and outcome.at >= refused_at
+        finally:
+            (secrets_dir / "corrected").unlink()
+        await client.delete_route("lab", "other")
+        assert "lab/other" not in (await client.get_summary()).logins
 
 
 async def test_a_missing_password_says_what_to_set(

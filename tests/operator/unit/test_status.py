@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LoginOutcome, Route
+from vncgate.common.spec import Credentials
+from vncgate.operator.credentials import login_verdict
 from vncgate.operator.probe import ProbeResult
 from vncgate.operator.resolve import TargetInvalid
 from vncgate.operator.status import Observation, Registration, build_status, status_changes
@@ -121,3 +124,47 @@ def test_a_server_blocking_the_address_is_unreachable_never_ready() -> None:
         "False", "Blacklisted")
     assert "blocking connections from this address" in conditions["Ready"]["message"]
     assert conditions["Registered"]["status"] == "True"  # the route stays on the relays
+
+
+def test_insecure_skip_verify_is_a_warning_condition_and_the_phase_stays_ready() -> None:
+    insecure = build(None, Observation("e", registration=OK_REG, probe=OK_PROBE,
+                                       tls_verified=False))
+    assert insecure["phase"] == "Ready"
+    tls = by_type(insecure)["TLSVerified"]
+    assert (tls["status"], tls["reason"]) == ("False", "InsecureSkipVerify")
+    assert "does not check the server's identity" in tls["message"]
+    assert by_type(insecure)["Ready"]["status"] == "True"
+
+    # A CA given later: the condition flips to True (and moves its transition time).
+    verified = build(insecure, Observation("e", registration=OK_REG, probe=OK_PROBE,
+                                           tls_verified=True), now=T1)
+    tls = by_type(verified)["TLSVerified"]
+    assert (tls["status"], tls["reason"], tls["lastTransitionTime"]) == (
+        "True", "CertificateVerified", T1)
+    assert status_changes(insecure, verified) == {"conditions": verified["conditions"]}
+
+    # spec.tls removed: no TLS condition at all; an invalid spec has none either.
+    plain = build(verified, Observation("e", registration=OK_REG, probe=OK_PROBE), now=T1)
+    assert "TLSVerified" not in by_type(plain)
+    invalid = build(insecure, Observation("e", invalid=TargetInvalid("X", "fix it"),
+                                          tls_verified=False))
+    assert "TLSVerified" not in by_type(invalid)
+
+
+def test_a_refused_credential_from_the_relays_is_not_ready() -> None:
+    route = Route("lab", "bmc", "10.0.0.5", 5900, credentials=Credentials(secret_name="bmc-login"))
+    assert login_verdict(route, None) is None
+    assert login_verdict(route, LoginOutcome(LOGIN_OK, 1_700_000_000.0)) is None
+    refused = login_verdict(route, LoginOutcome(
+        LOGIN_REFUSED, 1_700_000_000.0,
+        "the VNC server of lab/bmc refused the stored credential (Authentication\x1b failed)"))
+    assert refused is not None and (refused.ok, refused.reason) == (False, "CredentialRefused")
+    assert "2023-11-14T22:13:20Z" in refused.message
+    assert "Secret lab/bmc-login" in refused.message and "\x1b" not in refused.message
+    status = build(None, Observation("e", registration=OK_REG, probe=refused))
+    assert status["phase"] == "Unreachable"
+    assert by_type(status)["Ready"]["reason"] == "CredentialRefused"
+    unreadable = login_verdict(route, LoginOutcome(LOGIN_UNREADABLE, 1.0,
+                                                   "Secret lab/bmc-login does not exist"))
+    assert unreadable is not None and unreadable.reason == "CredentialsNotReadable"
+    assert "does not exist" in unreadable.message
