@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 
 from tests.support.cluster import ROOT, ControlPlane
-from tests.support.servers import TcpServer, echo_rfb
+from tests.support.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.relay.server import RelayServer
@@ -188,7 +188,7 @@ async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeCl
         for index in range(NAMESPACES):
             plane.kubectl("create", "namespace", f"bench-{index}")
         kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
-        async with TcpServer(echo_rfb) as greeter, RelayServer(RelaySettings(
+        async with TcpServer(passwordless_vnc) as greeter, RelayServer(RelaySettings(
                 listen=Address("127.0.0.1", 0), internal_listen=Address("127.0.0.1", 0),
                 api_token=TOKEN)) as relay:
             try:

@@ -66,6 +66,22 @@ class TcpServer:
                 self.received += data
 
 
+async def passwordless_vnc(server: TcpServer, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    """A password-less VNC server as far as the operator's probe looks: the greeting, security
+    type None and SecurityResult OK, then it waits for the hang-up (the probe stops before
+    ClientInit). Bounded by 5 s a connection."""
+    writer.write(GREETING)
+    await writer.drain()
+    with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+        async with asyncio.timeout(5):
+            await reader.readexactly(12)  # the client's version
+            writer.write(b"\x01\x01")  # one security type: None
+            await reader.readexactly(1)  # the client's choice
+            writer.write(b"\x00\x00\x00\x00")  # SecurityResult OK
+            server.received += await reader.read(1024)
+
+
 async def echo_rfb(server: TcpServer, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter) -> None:
     """Greets like a VNC server, then echoes everything back (bounded by the test's time)."""
