@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -48,6 +47,7 @@ import psutil
 
 from bench.candidates import free_port, wait_listening
 from bench.limits import raise_fd_limit
+from tests.support.rawws import frame, upgrade_request
 
 ROOT = Path(__file__).resolve().parent.parent
 GREETING = b"RFB 003.008\n"
@@ -147,18 +147,6 @@ class Servers:
 
 # --- a WebSocket client, just enough of it -------------------------------------------------------
 
-def frame(payload: bytes, opcode: int = 0x2, masked: bool = True) -> bytes:
-    n = len(payload)
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, bit | 127, n)
-    return head + (b"\0\0\0\0" if masked else b"") + payload  # zero key: payload as is
-
-
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -166,11 +154,7 @@ class Client:
     @classmethod
     async def open(cls, port: int, target: str) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(f"GET /t/soak/{target}/websockify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                     f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
-                     .encode())
+        writer.write(upgrade_request(port, f"/t/soak/{target}/websockify"))
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
             writer.transport.abort()
