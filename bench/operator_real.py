@@ -41,6 +41,7 @@ from tests.support.cluster import ROOT, ControlPlane
 from tests.support.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.operator import memory
 from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
 
@@ -264,13 +265,35 @@ async def run_size(count: int, rate: float, singles: int, quiet: float, within: 
                 out["rss_steady_MiB"] = proc.memory_info().rss / MiB
                 # A restart with every target present.
                 operator.stop()
+                logged = operator.log.stat().st_size
                 proc = operator.start()
-                await asyncio.sleep(3)
+                await released(operator.log, logged, within)
                 await settle(proc, quiet=3.0)
                 out["rss_after_restart_MiB"] = proc.memory_info().rss / MiB
+                out["rss_restart_peak_MiB"] = peak_rss(proc) / MiB
             finally:
                 operator.stop()
     return out
+
+
+async def released(log: Path, offset: int, within: float) -> None:
+    """Wait for the restarted operator to hand back its start-up burst (operator/memory.py)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with log.open("rb") as text:
+            text.seek(offset)
+            if memory.RELEASED.encode() in text.read():
+                return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"no '{memory.RELEASED}' in {log} within {within:.0f}s")
+
+
+def peak_rss(proc: psutil.Process) -> int:
+    """The process's high-water RSS (VmHWM), in bytes."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def run(sizes: list[int], rate: float, singles: int, quiet: float, timeout: float,
@@ -289,6 +312,8 @@ def report(results: list[dict[str, Any]]) -> str:
         ("operator RSS idle / after burst / after restart, MiB", lambda r:
             f"{r['rss_idle_MiB']:.0f} / {r['rss_after_burst_MiB']:.0f} / "
             f"{r['rss_after_restart_MiB']:.0f}"),
+        ("operator RSS peak during the restart, MiB", lambda r:
+            f"{r['rss_restart_peak_MiB']:.0f}" if "rss_restart_peak_MiB" in r else "-"),
         ("RSS per target (after burst - idle), KiB", lambda r: f"{r['rss_per_target_KiB']:.1f}"),
         ("create → Ready during the burst, p50 / p95 / max s", lambda r:
             f"{r['burst_ready_p50_s']:.2f} / {r['burst_ready_p95_s']:.2f} / "

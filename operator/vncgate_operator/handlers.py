@@ -55,6 +55,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+LIST_PAGE_SIZE = 500
+
+
 def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     """kopf writes nothing to the objects: no finalizer (no timers, no mandatory deletion
     handlers), no progress or diff-base annotations (only watch-event handlers), and no Events
@@ -73,6 +76,10 @@ def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     # A watch that silently stalls (a dead load balancer) is re-opened within minutes.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # The initial LIST in pages: at 5,000 targets one unpaged LIST was the operator's RSS peak
+    # after a restart (the whole response decoded at once, issue #17); a page of 500 keeps that
+    # peak to a tenth and costs ten requests at start.
+    settings.watching.chunk_size = LIST_PAGE_SIZE
 
 
 def make_startup(config: OperatorSettings, prober: Prober,

@@ -25,7 +25,7 @@ import kopf
 
 from vncgate.common.model import Route
 from vncgate.common.spec import ServiceRef, VncTargetSpec
-from vncgate.operator import credentials
+from vncgate.operator import credentials, memory
 from vncgate.operator.discovery import union_urls
 from vncgate.operator.kubeapi import KubeError, TargetApi
 from vncgate.operator.probe import ProbeResult, proven_by_sessions
@@ -343,6 +343,8 @@ class Runtime:
                                 name="vncgate resync"),
             asyncio.create_task(self.scheduler.run(), name="vncgate scheduler"),
             asyncio.create_task(self.replay_events(), name="vncgate event replay"),
+            asyncio.create_task(memory.release_after(self.fleet.synced_once.wait()),
+                                name="vncgate start-up memory"),
         ]
 
     async def close(self) -> None:

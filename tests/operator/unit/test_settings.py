@@ -87,3 +87,19 @@ def test_token_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--relay-url", "http://a:1"], environ={})
     assert "--api-token-file is required" in capsys.readouterr().err
+
+
+def test_kopf_lists_existing_targets_in_pages(token_file: str) -> None:
+    # An unpaged initial LIST of 5,000 targets was the RSS peak after a restart (issue #17):
+    # kopf asks for pages of `chunk_size` and handles each page before it reads the next.
+    import kopf
+
+    from vncgate.operator.handlers import LIST_PAGE_SIZE, tune
+
+    kopf_settings = kopf.OperatorSettings()
+    assert kopf_settings.watching.chunk_size is None  # kopf's default: one LIST of everything
+    tune(kopf_settings, parse_args(["--relay-url", "http://127.0.0.1:8081/",
+                                    "--api-token-file", token_file]))
+    assert kopf_settings.watching.chunk_size == LIST_PAGE_SIZE
+    assert 100 <= LIST_PAGE_SIZE <= 1000
+
