@@ -309,6 +309,9 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 async def _on_cleanup(app: web.Application) -> None:
     app[STATE].derivations.close()
     await app[STATE].authorizer.close()
+    reviewer = app[STATE].token_reviewer
+    if reviewer is not None:
+        await reviewer.close()
     # Every session has ended: write what the recording thread still holds.
     await asyncio.to_thread(app[STATE].recorder.writer.stop)
 

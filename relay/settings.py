@@ -54,6 +54,10 @@ class AuthSettings:
     public_url: str = ""
     # "kubernetes": SubjectAccessReviews; "manifest": spec.access lists of the targets.
     authorization: str = "manifest"
+    # `Authorization: Bearer <Kubernetes token>` checked with TokenReviews (relay/tokenreview.py),
+    # beside the mode's own sign-in; the audiences a token must be for (none: the API server's).
+    kubernetes_tokens: bool = False
+    token_audiences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="kubernetes: SubjectAccessReview on connect vnctargets; manifest: "
                            "spec.access of the targets; auto: kubernetes in a cluster or with "
                            "--kubeconfig")
+    auth.add_argument("--kubernetes-tokens", action=argparse.BooleanOptionalAction,
+                      default=env_flag("KUBERNETES_TOKENS"),
+                      help="also accept `Authorization: Bearer <token>` with a token the "
+                           "Kubernetes API server trusts (ServiceAccount, OIDC), checked by "
+                           "TokenReview; for kubectl vnc and scripts (with --auth proxy or token)")
+    auth.add_argument("--token-audience", action="append", default=None, metavar="AUDIENCE",
+                      help="--kubernetes-tokens: accept only tokens for this audience "
+                           "(repeatable), e.g. tokens made with kubectl create token --audience")
     auth.add_argument("--kubeconfig", type=Path,
                       default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
                       help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
@@ -327,6 +339,18 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
     authorization = args.authorization
     if authorization == "auto":
         authorization = "kubernetes" if (args.kubeconfig or _in_cluster()) else "manifest"
+    audiences = tuple(args.token_audience if args.token_audience is not None
+                      else env_list("TOKEN_AUDIENCE"))
+    if args.kubernetes_tokens:
+        if mode is AuthMode.NONE:
+            parser.error("--kubernetes-tokens needs a sign-in mode: --auth token or --auth "
+                         "proxy (with --auth none everyone may open every console anyway)")
+        if authorization != "kubernetes":
+            parser.error("--kubernetes-tokens needs the Kubernetes API: give --kubeconfig or "
+                         "run in a cluster, with --authorization kubernetes (a token's user "
+                         "is authorized by RBAC)")
+    elif audiences:
+        parser.error("--token-audience goes with --kubernetes-tokens")
     return AuthSettings(
         mode=mode, trusted_proxies=proxies, user_header=args.user_header,
         groups_header=args.groups_header, proxy_user_prefix=args.proxy_user_prefix,
@@ -334,7 +358,8 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         proxy_system_groups=args.proxy_system_groups, users=users, session_secret=secret,
         session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
-        authorization=authorization)
+        authorization=authorization, kubernetes_tokens=args.kubernetes_tokens,
+        token_audiences=audiences)
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:

@@ -238,9 +238,11 @@ def bound_to(rendered: Rendered, account: str) -> list[dict[str, Any]]:
 
 def test_relay_rbac_is_exactly_reviews_and_leases() -> None:
     rendered = render()
-    # Cluster-wide: asking the API server about a user, nothing else.
+    # Cluster-wide: asking the API server about a user and a token, nothing else.
     assert rendered.one("ClusterRole", RELAY)["rules"] == [
         {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
          "verbs": ["create"]}]
     # Leases in its own namespace only.
     role = rendered.one("Role", RELAY)
@@ -287,6 +289,19 @@ def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews
             {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get"]}]
     args = pod["containers"][0]["args"]
     assert ("--lease-namespace=vncgate-system" in args) is leases
+    assert ("--kubernetes-tokens" in args) is reviews
+
+
+def test_kubernetes_tokens_can_be_turned_off_and_narrowed_to_an_audience() -> None:
+    rendered = render(sets=("relay.auth.kubernetesTokens.enabled=false",))
+    assert rendered.one("ClusterRole", RELAY)["rules"] == [
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]}]
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kubernetes-tokens" not in args
+    rendered = render(sets=("relay.auth.kubernetesTokens.audiences={vncgate}",))
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kubernetes-tokens" in args and "--token-audience=vncgate" in args
 
 
 def test_relay_without_kubernetes_api_has_no_rbac() -> None:
