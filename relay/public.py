@@ -17,6 +17,7 @@ from vncgate.relay import closecodes
 from vncgate.relay.audit import audit_event, client_address
 from vncgate.relay.bridge import Session
 from vncgate.relay.consoles import Holder
+from vncgate.relay.control import add_routes as add_control_routes
 from vncgate.relay.csrf import csrf_token, set_csrf_cookie
 from vncgate.relay.identify import identify, link_identity
 from vncgate.relay.identity import Identity
@@ -312,6 +313,7 @@ async def _on_cleanup(app: web.Application) -> None:
     reviewer = app[STATE].token_reviewer
     if reviewer is not None:
         await reviewer.close()
+    await app[STATE].peers.close()
     # Every session has ended: write what the recording thread still holds.
     await asyncio.to_thread(app[STATE].recorder.writer.stop)
 
@@ -340,6 +342,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/logout", logout)
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     add_playback_routes(app)  # /recordings/ (relay/playback.py)
+    add_control_routes(app)  # /api/v1/links, /api/v1/sessions, /sessions/end (relay/control.py)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     app.cleanup_ctx.append(state.recorder.retention)

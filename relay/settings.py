@@ -101,6 +101,10 @@ class RelaySettings:
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
+    # The other replicas (relay/peers.py): internal URLs, and/or the headless Service whose
+    # EndpointSlices list them (namespace, name).
+    peer_urls: tuple[str, ...] = ()
+    peer_service: tuple[str, str] | None = None
     recording: RecordingSettings = field(default_factory=RecordingSettings)
     # TLS on the public port (PEM chain and key), reloaded when they change (relay/tls.py).
     tls_cert: Path | None = None
@@ -275,8 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
                               "POD_NAME") or socket.gethostname(),
                           help="this replica's name in Leases (default: the pod or host name)")
+    sessions.add_argument("--peer-service", default=_env("PEER_SERVICE"), metavar="NS/NAME",
+                          help="the relay's headless Service: its EndpointSlices list the other "
+                               "replicas, asked for their sessions (kubectl vnc sessions, kill)")
+    sessions.add_argument("--peer-url", action="append", default=None, metavar="URL",
+                          help="the internal URL of another replica (repeatable), instead of "
+                               "--peer-service")
     add_recording_arguments(parser)
     return parser
+
+
+def _peers(parser: argparse.ArgumentParser, args: argparse.Namespace
+           ) -> tuple[tuple[str, ...], tuple[str, str] | None]:
+    urls = args.peer_url if args.peer_url is not None else env_list("PEER_URL")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            parser.error(f"--peer-url {url!r}: the internal address of a replica, e.g. "
+                         "http://10.0.0.5:8081")
+    service = None
+    if args.peer_service:
+        namespace, slash, name = args.peer_service.partition("/")
+        try:
+            if not slash:
+                raise SpecError("--peer-service", "write NAMESPACE/NAME")
+            service = (check_namespace(namespace, "--peer-service"),
+                       check_name(name, "--peer-service"))
+        except SpecError as exc:
+            parser.error(str(exc))
+    return tuple(u.rstrip("/") for u in urls), service
 
 
 def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum: int) -> bytes:
@@ -401,7 +432,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    peer_urls, peer_service = _peers(parser, args)
     return RelaySettings(
+        peer_urls=peer_urls, peer_service=peer_service,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth=_auth_settings(parser, args, args.listen),
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,

@@ -249,7 +249,8 @@ def test_relay_rbac_is_exactly_reviews_and_leases() -> None:
     assert role["metadata"]["namespace"] == "vncgate-system"
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]
     bindings = {(b["kind"], b["metadata"].get("namespace"), b["roleRef"]["kind"],
                  b["roleRef"]["name"]) for b in bound_to(rendered, RELAY)}
     assert bindings == {("ClusterRoleBinding", None, "ClusterRole", RELAY),
@@ -290,6 +291,7 @@ def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews
     args = pod["containers"][0]["args"]
     assert ("--lease-namespace=vncgate-system" in args) is leases
     assert ("--kubernetes-tokens" in args) is reviews
+    assert ("--peer-service=vncgate-system/vncgate-relay-headless" in args) is leases
 
 
 def test_kubernetes_tokens_can_be_turned_off_and_narrowed_to_an_audience() -> None:
@@ -391,7 +393,11 @@ def test_network_policy_admits_internal_port_only_from_operator_and_metrics(valu
     assert len(internal_rules) == 1, "one rule for the internal port"
     (rule,) = internal_rules
     assert [p["port"] for p in rule["ports"]] == [8081], "the internal rule opens nothing else"
-    assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}}, *metrics_from]
+    # The operator, the relay pods themselves (kubectl vnc sessions / kill ask each replica),
+    # and the metrics scraper.
+    relay_labels = rendered.one("Deployment", RELAY)["spec"]["selector"]["matchLabels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}},
+                            {"podSelector": {"matchLabels": relay_labels}}, *metrics_from]
     # Every other rule names the public port only: nothing else reaches 8081.
     for other in policy["spec"]["ingress"]:
         assert "ports" in other, "a rule without ports would open every port"
