@@ -30,6 +30,8 @@ from tests.support.cluster import ControlPlane, free_port
 from tests.support.processes import BIN, ConsoleScript
 from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
+from vncgate.common.kube import KubeClient, kube_connection
+from vncgate.relay.peers import Peers
 
 TOKEN = "kubectl-test-registration-token-0123456789"
 ACCOUNTS = {"viewer": ("ClusterRole", "vncgate-viewer"), "editor": ("ClusterRole", "edit"),
@@ -86,6 +88,21 @@ def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
     return script, public
 
 
+def relay_endpoint_slice(release: Release, replica: str, address: str) -> dict[str, object]:
+    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"vncgate-relay-headless-{replica}",
+                         "namespace": release.namespace,
+                         "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
+                                    "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "internal", "port": 8081, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True},
+                           "targetRef": {"kind": "Pod", "name": replica,
+                                         "namespace": release.namespace}}]}
+
+
 @pytest.fixture(scope="module")
 def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Fleet]:
@@ -113,6 +130,8 @@ def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathF
     key_file.write_text("k" * 48)
     users.write_text(yaml.safe_dump({"someone": {"secret": "someone-secret-0123456789"}}))
     internal_a, internal_b = free_port(), free_port()
+    # Each replica is told the other's internal address (--peer-url); the chart's pods find
+    # each other in EndpointSlices (test_peers_are_found_in_the_headless_services_slices).
     relay_a, public_a = _relay(release, workdir / "a", "relay-a", internal_a, internal_b,
                                token_file, key_file, users)
     relay_b, public_b = _relay(release, workdir / "b", "relay-b", internal_b, internal_a,
@@ -139,6 +158,28 @@ def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathF
                                            "relay-b": (relay_b, public_b, internal_b)},
                         operator, kubeconfigs, workdir)
     plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_peers_are_found_in_the_headless_services_slices(release: Release,
+                                                         tmp_path: Path) -> None:
+    """--peer-service with the chart's relay account: the other pods' internal URLs from the
+    headless Service's EndpointSlices, without this pod. The addresses (TEST-NET-1) are only
+    read, never dialled: the API server refuses loopback addresses in EndpointSlices."""
+    plane = release.plane
+    plane.apply([relay_endpoint_slice(release, "relay-0", "192.0.2.10"),
+                 relay_endpoint_slice(release, "relay-1", "192.0.2.11")])
+    kubeconfig = plane.service_account_kubeconfig(tmp_path / "relay.kubeconfig",
+                                                  release.namespace, release.relay_account)
+
+    async def discovered() -> list[str]:
+        peers = Peers(TOKEN, "relay-0", service=(release.namespace, "vncgate-relay-headless"),
+                      kube=KubeClient(kube_connection(kubeconfig)))
+        try:
+            return await peers.urls()
+        finally:
+            await peers.close()
+
+    assert asyncio.run(discovered()) == ["http://192.0.2.11:8081"]
 
 
 # -- list and open ---------------------------------------------------------------------------------
@@ -175,7 +216,7 @@ def test_open_prints_the_url_and_opens_the_browser(fleet: Fleet) -> None:
         in result.stderr
 
 
-# -- link --------------------------------------------------------------------------------------------
+# -- link ------------------------------------------------------------------------------------------
 
 async def _exchange(url: str) -> tuple[int, dict[str, object]]:
     """Hand the link's token to the viewer's exchange, as the viewer page does."""
@@ -222,7 +263,7 @@ def test_a_kubeconfig_without_a_token_says_how_to_get_one(fleet: Fleet) -> None:
     assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
 
 
-# -- sessions and kill, across both replicas ----------------------------------------------------
+# -- sessions and kill, across both replicas -------------------------------------------------------
 
 async def _hold_session(url: str, target: str, token: str, opened: asyncio.Event,
                         ending: list[tuple[int | None, str]]) -> None:
@@ -281,7 +322,7 @@ def test_sessions_and_kill_reach_every_replica(fleet: Fleet) -> None:
     asyncio.run(scenario())
 
 
-# -- proxy for native viewers --------------------------------------------------------------------
+# -- proxy for native viewers ----------------------------------------------------------------------
 
 def pointer(vnc: XvncServer) -> tuple[int, int]:
     screen = xdisplay.Display(f":{vnc.display}")
@@ -332,7 +373,8 @@ def test_proxy_reaches_xvnc_and_a_view_only_target_keeps_the_pointer(
     script, port = _proxy(fleet, "viewer", "desk")
     with script:
         assert rfb_point(port, 123, 77).startswith(b"RFB 003.00")
-        wait_until(lambda: pointer(xvnc) == (123, 77), "the real pointer moved to (123, 77)")
+        wait_until(lambda: pointer(xvnc) == (123, 77), "the real pointer moved to (123, 77)",
+                   context=lambda: script.log())
         script.wait_for_log("viewer 127.0.0.1:\\d+ disconnected")
     script, port = _proxy(fleet, "viewer", "watch")
     with script:
@@ -349,7 +391,8 @@ def test_proxy_reaches_xvnc_and_a_view_only_target_keeps_the_pointer(
         import socket
 
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-            assert sock.recv(100) == b""  # closed without a greeting
+            data = sock.recv(100)
+            assert data == b"", (data, script.log())  # closed without a greeting
         found = script.wait_for_log(r"disconnected: 4403 ([^\n]*)")
         assert f"{fleet.user('stranger')} may not connect to {fleet.namespace}/desk" in \
             found.group(1)
