@@ -592,3 +592,44 @@ def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
                   check=False)
     assert result.returncode != 0
     assert "must be at least relay.preStopSeconds + relay.shutdownGraceSeconds" in result.stderr
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def test_editor_and_admin_roles_are_aggregated_into_kubernetes_roles() -> None:
+    """kubectl vnc's verbs (issue #15): share for editors, sessions and disconnect for admins,
+    aggregated into edit/admin; vncgate-viewer stays out of `view` (console access types)."""
+    rendered = render()
+    editor = rendered.one("ClusterRole", "vncgate-editor")
+    admin = rendered.one("ClusterRole", "vncgate-admin")
+    assert editor["rules"] == [{"apiGroups": ["vncgate.io"], "resources": ["vnctargets"],
+                                "verbs": ["get", "list", "watch", "create", "update", "patch",
+                                          "delete", "connect", "share"]}]
+    assert admin["rules"] == [
+        {"apiGroups": ["vncgate.io"], "resources": ["vnctargets"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "connect",
+                   "share", "sessions", "disconnect"]},
+        {"apiGroups": ["vncgate.io"], "resources": ["vnctargets/recordings"], "verbs": ["get"]}]
+    labels = {name: {k for k, v in rendered.one("ClusterRole", name)["metadata"]["labels"]
+                     .items() if k.startswith(AGGREGATE) and v == "true"}
+              for name in ("vncgate-editor", "vncgate-admin", VIEWER)}
+    assert labels == {"vncgate-editor": {AGGREGATE + "edit", AGGREGATE + "admin"},
+                      "vncgate-admin": {AGGREGATE + "admin"}, VIEWER: set()}
+    # Nothing binds them: Kubernetes' edit/admin bindings carry them.
+    assert not [b for b in rendered.of_kind("RoleBinding") + rendered.of_kind(
+        "ClusterRoleBinding") if b["roleRef"]["name"] in ("vncgate-editor", "vncgate-admin")]
+
+
+def test_editor_and_admin_roles_can_be_renamed_unaggregated_or_left_out() -> None:
+    rendered = render(sets=("rbac.editorClusterRole.aggregate=false",
+                            "rbac.adminClusterRole.name=consoles-admin"))
+    assert not [k for k in rendered.one("ClusterRole", "vncgate-editor")["metadata"]["labels"]
+                if k.startswith(AGGREGATE)]
+    rendered.one("ClusterRole", "consoles-admin")
+    rendered = render(sets=("rbac.editorClusterRole.create=false",
+                            "rbac.adminClusterRole.create=false"))
+    names = {r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")}
+    assert not names & {"vncgate-editor", "vncgate-admin"}
+    assert not [r for r in render(sets=("rbac.create=false",)).of_kind("ClusterRole")
+                if r["metadata"]["name"] in ("vncgate-editor", "vncgate-admin")]

@@ -10,6 +10,7 @@ vncgate-admin are aggregated into them), `stranger` to nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import struct
@@ -261,6 +262,26 @@ def test_a_kubeconfig_without_a_token_says_how_to_get_one(fleet: Fleet) -> None:
     result = fleet.kubectl_vnc("admin", "link", "desk", "-n", fleet.namespace,
                                "--token", fleet.token("editor"), kubeconfig=admin)
     assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
+
+
+def test_an_exec_credential_plugin_gives_the_token(fleet: Fleet) -> None:
+    """A kubeconfig whose user runs a command for its token (as kubelogin does for OIDC): the
+    plugin runs it, as kubectl does, and sends that token to the relay."""
+    plugin = fleet.workdir / "credential-plugin"
+    ran = fleet.workdir / "credential-plugin-ran"
+    credential = json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
+                             "kind": "ExecCredential", "status": {"token": fleet.token("editor")}})
+    plugin.write_text(f"#!/bin/sh\ntouch '{ran}'\ncat <<'EOF'\n{credential}\nEOF\n")
+    plugin.chmod(0o755)
+    config = yaml.safe_load(fleet.kubeconfigs["editor"].read_text())
+    config["users"][0]["user"] = {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+        "interactiveMode": "Never"}}
+    exec_config = fleet.workdir / "exec.kubeconfig"
+    exec_config.write_text(yaml.safe_dump(config))
+    result = fleet.kubectl_vnc("editor", "link", "desk", kubeconfig=exec_config)
+    assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
+    assert ran.exists()
 
 
 # -- sessions and kill, across both replicas -------------------------------------------------------
