@@ -83,7 +83,8 @@ async def all_sessions(state: RelayState, namespace: str | None
         replica = str(body.get("replica", answer.url))
         items = body.get("sessions")
         if replica not in found and isinstance(items, list):
-            found[replica] = [i for i in items if isinstance(i, dict)]
+            found[replica] = [i for i in items if isinstance(i, dict) and isinstance(
+                i.get("namespace"), str) and isinstance(i.get("name"), str)]
     merged = [item for items in found.values() for item in items]
     merged.sort(key=lambda i: (str(i.get("namespace")), str(i.get("name")), i.get("since", 0)))
     return merged, missing
