@@ -55,6 +55,17 @@ async def test_a_session_on_one_replica_is_listed_and_ended_through_another(
             async with http.get(f"{a.public_url}/api/v1/sessions") as resp:
                 assert (await resp.json())["sessions"] == []
 
+            # Without --session: every session of the target, on both replicas.
+            others = [await http.ws_connect(f"{relay.public_url}/t/lab/desk/websockify")
+                      for relay in (a, b)]
+            for other in others:
+                assert await other.receive_bytes(timeout=5) == GREETING
+            async with http.delete(f"{a.public_url}/api/v1/sessions/lab/desk") as resp:
+                assert (await resp.json())["ended"] == 2
+            for other in others:
+                assert (await other.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+                assert other.close_code == closecodes.CONFLICT
+
 
 async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
         make_relay: RelayFactory, sink_backend: TcpServer) -> None:
