@@ -85,7 +85,9 @@ def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
         f"--api-token-file={token_file}", f"--kubeconfig={kubeconfig}", "--log-format=json",
         "--auth=token", f"--users-file={users}", "--authorization=kubernetes",
         "--kubernetes-tokens", f"--link-key-file={key_file}", f"--identity={name}",
-        f"--peer-url=http://127.0.0.1:{peer}"], workdir)
+        f"--peer-url=http://127.0.0.1:{peer}",
+        # Every session recorded (screen only): a proxy session is recorded as a browser's.
+        f"--recording-dir={workdir / 'recordings'}", "--record-sessions"], workdir)
     return script, public
 
 
@@ -391,12 +393,17 @@ def _proxy(fleet: Fleet, account: str, name: str, *extra: str) -> tuple[ConsoleS
 
 def test_proxy_reaches_xvnc_and_a_view_only_target_keeps_the_pointer(
         fleet: Fleet, xvnc: XvncServer) -> None:
+    recordings = fleet.workdir / "a" / "recordings" / fleet.namespace / "desk"
+    before = set(recordings.glob("*.vncrec"))
     script, port = _proxy(fleet, "viewer", "desk")
     with script:
         assert rfb_point(port, 123, 77).startswith(b"RFB 003.00")
         wait_until(lambda: pointer(xvnc) == (123, 77), "the real pointer moved to (123, 77)",
                    context=lambda: script.log())
         script.wait_for_log("viewer 127.0.0.1:\\d+ disconnected")
+    # relay-a (the target's status.url) recorded the proxied session, as it records a browser's.
+    wait_until(lambda: set(recordings.glob("*.vncrec")) - before,
+               "a recording of the proxied session on relay-a")
     script, port = _proxy(fleet, "viewer", "watch")
     with script:
         rfb_point(port, 321, 222)
