@@ -35,6 +35,7 @@ COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY operator/ operator/
 COPY common/ common/
+COPY kubectl/ kubectl/
 COPY --from=novnc /src/node_modules/@novnc/novnc/core/ relay/static/novnc/core/
 COPY --from=novnc /src/node_modules/@novnc/novnc/vendor/ relay/static/novnc/vendor/
 COPY --from=novnc /src/node_modules/@novnc/novnc/package.json relay/static/novnc/core/.novnc-package.json

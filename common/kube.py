@@ -44,8 +44,10 @@ class KubeConnection:
                 else f"Bearer {token}"}
 
 
-def kube_connection(kubeconfig: Path | None) -> KubeConnection:
-    """Credentials from a kubeconfig file, or the pod's own ServiceAccount in a cluster."""
+def kube_connection(kubeconfig: Path | None, context_name: str | None = None) -> KubeConnection:
+    """Credentials from a kubeconfig file (its current context, or `context_name`), or the pod's own
+    ServiceAccount in a cluster. An exec credential plugin or OIDC provider in the kubeconfig is
+    run by the `kubernetes` package, as kubectl runs it."""
     # Imported here: the kubernetes package costs ~20 MiB, which a standalone relay never needs.
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
@@ -54,7 +56,8 @@ def kube_connection(kubeconfig: Path | None) -> KubeConnection:
     try:
         if kubeconfig is not None:
             config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(kubeconfig), client_configuration=configuration)
+                config_file=str(kubeconfig), context=context_name,
+                client_configuration=configuration)
         else:
             config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration)

@@ -39,8 +39,21 @@ class Decision:
     reason: str = ""
 
 
+# What the admin actions are called in RBAC (verbs on vnctargets), what they are in words, and
+# the ClusterRole of the chart that grants them (named in refusals).
+ACTIONS = {
+    "connect": ("connect to", "vncgate-viewer"),
+    "share": ("make share links for", "vncgate-editor"),
+    "sessions": ("see the sessions of", "vncgate-admin"),
+    "disconnect": ("end sessions of", "vncgate-admin"),
+}
+
+
 class Authorizer(Protocol):
     async def decide(self, identity: Identity, route: Route) -> Decision: ...
+
+    async def decide_action(self, identity: Identity, namespace: str, name: str,
+                            verb: str) -> Decision: ...
 
     async def close(self) -> None: ...
 
@@ -51,6 +64,12 @@ class Authorizer(Protocol):
 def _no_link(identity: Identity) -> Decision | None:
     if identity.link_target is not None:
         return Decision(False, "a share link opens a console, not its recordings; sign in")
+    return None
+
+
+def _no_action_by_link(identity: Identity) -> Decision | None:
+    if identity.link_target is not None:
+        return Decision(False, "a share link opens a console, nothing more; sign in")
     return None
 
 
@@ -68,6 +87,10 @@ class OpenAuthorizer:
     async def decide(self, identity: Identity, route: Route) -> Decision:
         return _link_decision(identity, route) or Decision(True, "authentication is off")
 
+    async def decide_action(self, identity: Identity, namespace: str, name: str,
+                            verb: str) -> Decision:
+        return _no_action_by_link(identity) or Decision(True, "authentication is off")
+
     async def decide_recordings(self, identity: Identity, namespace: str, name: str,
                                 route: Route | None) -> Decision:
         return _no_link(identity) or Decision(True, "authentication is off")
@@ -81,6 +104,13 @@ class ManifestAuthorizer:
 
     async def close(self) -> None:
         return None
+
+    async def decide_action(self, identity: Identity, namespace: str, name: str,
+                            verb: str) -> Decision:
+        # spec.access says who may open a console, not who may administer it: only RBAC does.
+        return Decision(False, f"{ACTIONS[verb][0]} consoles needs Kubernetes RBAC (the relay "
+                               "with --authorization kubernetes); standalone, use "
+                               "vncgate-relay link on the relay's machine")
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
         linked = _link_decision(identity, route)
@@ -125,6 +155,11 @@ class KubernetesAuthorizer:
                                 route: Route | None) -> Decision:
         return _no_link(identity) or await self._decide(identity, namespace, name, "get",
                                                         "recordings")
+
+    async def decide_action(self, identity: Identity, namespace: str, name: str,
+                            verb: str) -> Decision:
+        return _no_action_by_link(identity) or await self._decide(identity, namespace, name,
+                                                                  verb, "")
 
     async def _decide(self, identity: Identity, namespace: str, name: str, verb: str,
                       subresource: str) -> Decision:
@@ -176,6 +211,7 @@ class KubernetesAuthorizer:
             ask = (f"{identity.label} may not see the recordings of {target}; ask for a "
                    f"RoleBinding to vncgate-recordings-viewer in {namespace}")
         else:
-            ask = (f"{identity.label} may not connect to {target}; ask for a "
-                   f"RoleBinding to vncgate-viewer in {namespace}")
+            words, role = ACTIONS.get(verb, (verb, "vncgate-admin"))
+            ask = (f"{identity.label} may not {words} {target}; ask for a "
+                   f"RoleBinding to {role} in {namespace}")
         return Decision(False, ask + (f" ({why})" if why else "")), True

@@ -14,6 +14,7 @@ from vncgate.relay.identity import ANONYMOUS, AuthMode, Identity
 from vncgate.relay.passwords import DerivationsBusy
 from vncgate.relay.proxies import address_in
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.tokenreview import TokenReviewUnavailable, looks_like_jwt
 from vncgate.relay.users import find_bearer
 
 BEARER_CACHE_TTL = 60.0
@@ -41,11 +42,18 @@ async def identify(request: web.Request) -> Identity | None:
     auth = state.settings.auth
     if auth.mode == AuthMode.NONE:
         return ANONYMOUS
-    if auth.mode == AuthMode.PROXY:
-        return proxy_identity(request, state)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token:
-        return await _bearer_identity(request, state, token.strip())
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    if auth.mode == AuthMode.PROXY:
+        # The proxy's headers first: a proxy may pass its own bearer token on as well.
+        found = proxy_identity(request, state)
+        if found is None and bearer and state.token_reviewer is not None:
+            return await kubernetes_identity(request, state, bearer)
+        return found
+    if bearer:
+        if state.token_reviewer is not None and looks_like_jwt(bearer):
+            return await kubernetes_identity(request, state, bearer)
+        return await _bearer_identity(request, state, bearer)
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         claim = read_session_cookie(state.session_key, cookie)
@@ -114,6 +122,29 @@ async def _bearer_identity(request: web.Request, state: RelayState, token: str
         state.bearer_cache.clear()
     state.bearer_cache[digest] = (found.name, time.monotonic() + BEARER_CACHE_TTL)
     return Identity(user=found.name, groups=found.groups, method="token")
+
+
+async def kubernetes_identity(request: web.Request, state: RelayState, token: str
+                              ) -> Identity | None:
+    """The user and groups of a Kubernetes token (TokenReview), or None; an API error raises
+    HTTPServiceUnavailable: nobody is let in while the API server cannot be asked."""
+    reviewer = state.token_reviewer
+    assert reviewer is not None
+    client = client_address(request, state)
+    wait = state.login_failures.retry_after(client)
+    if wait > 0:
+        audit_event("bearer", request, state, result="rate limited", kind="kubernetes")
+        raise too_many(wait, "sign-ins")
+    try:
+        found = await reviewer.review(token)
+    except TokenReviewUnavailable as exc:
+        audit_event("bearer", request, state, result="token review failed", kind="kubernetes")
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None
+    if found is None:
+        state.login_failures.failed(client)
+        audit_event("bearer", request, state, result="failed", kind="kubernetes")
+        return None
+    return found
 
 
 def link_identity(request: web.Request, target: str) -> Identity | None:

@@ -20,6 +20,7 @@ from vncgate.common.model import route_from_json, table_from_json
 from vncgate.common.spec import SpecError, check_key, parse_duration
 from vncgate.relay import links
 from vncgate.relay.bridge import Session
+from vncgate.relay.control import end_local, local_sessions
 from vncgate.relay.state import STATE, RelayState
 
 log = logging.getLogger("vncgate.api")
@@ -190,6 +191,31 @@ async def mint_link(request: web.Request) -> web.StreamResponse:
                               "token": token})
 
 
+async def replica_sessions(request: web.Request) -> web.StreamResponse:
+    """This replica's sessions (`?namespace=`), for the replica that answers kubectl vnc."""
+    state = request.app[STATE]
+    return web.json_response({"replica": state.settings.identity, "sessions": local_sessions(
+        state, request.query.get("namespace") or None)})
+
+
+async def end_replica_sessions(request: web.Request) -> web.StreamResponse:
+    """`POST /api/v1/sessions/end` `{"namespace", "name", "session": id|null, "by": user}`: the
+    replica that checked the caller's RBAC ends a target's sessions here too."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    try:
+        namespace, name = check_key(body.get("namespace"), body.get("name"))
+    except SpecError as exc:
+        return _error(400, str(exc))
+    session, by = body.get("session"), body.get("by", "")
+    if not (session is None or isinstance(session, str)) or not isinstance(by, str):
+        return _error(400, "session: a session id or null; by: who ends it")
+    ended = end_local(state, f"{namespace}/{name}", session, by[:200])
+    return web.json_response({"replica": state.settings.identity, "ended": ended})
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.metrics.routes.set(len(state.registry))
@@ -206,5 +232,7 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_put("/api/v1/targets", replace_targets)
     app.router.add_get("/api/v1/targets", list_targets)
     app.router.add_post("/api/v1/links", mint_link)
+    app.router.add_get("/api/v1/sessions", replica_sessions)
+    app.router.add_post("/api/v1/sessions/end", end_replica_sessions)
     app.router.add_get("/metrics", metrics)
     return app

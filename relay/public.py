@@ -17,6 +17,8 @@ from vncgate.relay import closecodes
 from vncgate.relay.audit import audit_event, client_address
 from vncgate.relay.bridge import Session
 from vncgate.relay.consoles import Holder
+from vncgate.relay.control import add_routes as add_control_routes
+from vncgate.relay.control import all_sessions
 from vncgate.relay.csrf import csrf_token, set_csrf_cookie
 from vncgate.relay.identify import identify, link_identity
 from vncgate.relay.identity import Identity
@@ -270,15 +272,46 @@ async def index(request: web.Request) -> web.StreamResponse:
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
     routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
     allowed = await _allowed_routes(state, identity, routes)
+    live, can_end = await _sessions_for_admins(state, identity, allowed)
     rows = [{"namespace": route.namespace, "name": route.name,
              "label": route.display_name or route.name, "view_only": route.view_only,
-             "sessions": state.sessions.count_for(route.key)} for route in allowed]
+             "sessions": len(live[route.key]) if route.key in live
+             else state.sessions.count_for(route.key),
+             "live": live.get(route.key), "can_end": route.key in can_end}
+            for route in allowed]
     csrf = csrf_token(request)
     response = render_page(request, "list.html", {
         "rows": rows, "user": identity.user, "csrf": csrf,
         "signed_in_by_cookie": identity.method == "cookie"})
     set_csrf_cookie(response, csrf, secure=secure_cookies(request, state))
     return response
+
+
+async def _sessions_for_admins(state: RelayState, identity: Identity, routes: list[Route]
+                               ) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
+    """The sessions (on every replica) of the routes whose sessions `identity` may see (RBAC
+    `sessions`), by target; and the targets among them whose sessions it may end
+    (`disconnect`). Nothing is asked of the other replicas for those who may see none."""
+    may_see: list[Route] = []
+    for start in range(0, len(routes), LIST_CONCURRENCY):
+        batch = routes[start:start + LIST_CONCURRENCY]
+        decisions = await asyncio.gather(*(state.authorizer.decide_action(
+            identity, r.namespace, r.name, "sessions") for r in batch))
+        may_see.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
+    if not may_see:
+        return {}, set()
+    sessions, _ = await all_sessions(state, None)
+    live: dict[str, list[dict[str, Any]]] = {route.key: [] for route in may_see}
+    for item in sessions:
+        key = f"{item.get('namespace')}/{item.get('name')}"
+        if key in live:
+            item["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                            time.gmtime(float(item.get("since", 0))))
+            live[key].append(item)
+    busy = [route for route in may_see if live[route.key]]
+    decisions = await asyncio.gather(*(state.authorizer.decide_action(
+        identity, r.namespace, r.name, "disconnect") for r in busy))
+    return live, {r.key for r, d in zip(busy, decisions, strict=True) if d.allowed}
 
 
 async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]
@@ -309,6 +342,10 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 async def _on_cleanup(app: web.Application) -> None:
     app[STATE].derivations.close()
     await app[STATE].authorizer.close()
+    reviewer = app[STATE].token_reviewer
+    if reviewer is not None:
+        await reviewer.close()
+    await app[STATE].peers.close()
     # Every session has ended: write what the recording thread still holds.
     await asyncio.to_thread(app[STATE].recorder.writer.stop)
 
@@ -337,6 +374,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/logout", logout)
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     add_playback_routes(app)  # /recordings/ (relay/playback.py)
+    add_control_routes(app)  # /api/v1/links, /api/v1/sessions, /sessions/end (relay/control.py)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     app.cleanup_ctx.append(state.recorder.retention)

@@ -54,6 +54,10 @@ class AuthSettings:
     public_url: str = ""
     # "kubernetes": SubjectAccessReviews; "manifest": spec.access lists of the targets.
     authorization: str = "manifest"
+    # `Authorization: Bearer <Kubernetes token>` checked with TokenReviews (relay/tokenreview.py),
+    # beside the mode's own sign-in; the audiences a token must be for (none: the API server's).
+    kubernetes_tokens: bool = False
+    token_audiences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,10 @@ class RelaySettings:
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
+    # The other replicas (relay/peers.py): internal URLs, and/or the headless Service whose
+    # EndpointSlices list them (namespace, name).
+    peer_urls: tuple[str, ...] = ()
+    peer_service: tuple[str, str] | None = None
     recording: RecordingSettings = field(default_factory=RecordingSettings)
     # TLS on the public port (PEM chain and key), reloaded when they change (relay/tls.py).
     tls_cert: Path | None = None
@@ -253,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="kubernetes: SubjectAccessReview on connect vnctargets; manifest: "
                            "spec.access of the targets; auto: kubernetes in a cluster or with "
                            "--kubeconfig")
+    auth.add_argument("--kubernetes-tokens", action=argparse.BooleanOptionalAction,
+                      default=env_flag("KUBERNETES_TOKENS"),
+                      help="also accept `Authorization: Bearer <token>` with a token the "
+                           "Kubernetes API server trusts (ServiceAccount, OIDC), checked by "
+                           "TokenReview; for kubectl vnc and scripts (with --auth proxy or token)")
+    auth.add_argument("--token-audience", action="append", default=None, metavar="AUDIENCE",
+                      help="--kubernetes-tokens: accept only tokens for this audience "
+                           "(repeatable), e.g. tokens made with kubectl create token --audience")
     auth.add_argument("--kubeconfig", type=Path,
                       default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
                       help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
@@ -263,8 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
                               "POD_NAME") or socket.gethostname(),
                           help="this replica's name in Leases (default: the pod or host name)")
+    sessions.add_argument("--peer-service", default=_env("PEER_SERVICE"), metavar="NS/NAME",
+                          help="the relay's headless Service: its EndpointSlices list the other "
+                               "replicas, asked for their sessions (kubectl vnc sessions, kill)")
+    sessions.add_argument("--peer-url", action="append", default=None, metavar="URL",
+                          help="the internal URL of another replica (repeatable), instead of "
+                               "--peer-service")
     add_recording_arguments(parser)
     return parser
+
+
+def _peers(parser: argparse.ArgumentParser, args: argparse.Namespace
+           ) -> tuple[tuple[str, ...], tuple[str, str] | None]:
+    urls = args.peer_url if args.peer_url is not None else env_list("PEER_URL")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            parser.error(f"--peer-url {url!r}: the internal address of a replica, e.g. "
+                         "http://10.0.0.5:8081")
+    service = None
+    if args.peer_service:
+        namespace, slash, name = args.peer_service.partition("/")
+        try:
+            if not slash:
+                raise SpecError("--peer-service", "write NAMESPACE/NAME")
+            service = (check_namespace(namespace, "--peer-service"),
+                       check_name(name, "--peer-service"))
+        except SpecError as exc:
+            parser.error(str(exc))
+    return tuple(u.rstrip("/") for u in urls), service
 
 
 def _read_secret(parser: argparse.ArgumentParser, flag: str, path: Path, minimum: int) -> bytes:
@@ -327,6 +370,18 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
     authorization = args.authorization
     if authorization == "auto":
         authorization = "kubernetes" if (args.kubeconfig or _in_cluster()) else "manifest"
+    audiences = tuple(args.token_audience if args.token_audience is not None
+                      else env_list("TOKEN_AUDIENCE"))
+    if args.kubernetes_tokens:
+        if mode is AuthMode.NONE:
+            parser.error("--kubernetes-tokens needs a sign-in mode: --auth token or --auth "
+                         "proxy (with --auth none everyone may open every console anyway)")
+        if authorization != "kubernetes":
+            parser.error("--kubernetes-tokens needs the Kubernetes API: give --kubeconfig or "
+                         "run in a cluster, with --authorization kubernetes (a token's user "
+                         "is authorized by RBAC)")
+    elif audiences:
+        parser.error("--token-audience goes with --kubernetes-tokens")
     return AuthSettings(
         mode=mode, trusted_proxies=proxies, user_header=args.user_header,
         groups_header=args.groups_header, proxy_user_prefix=args.proxy_user_prefix,
@@ -334,7 +389,8 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         proxy_system_groups=args.proxy_system_groups, users=users, session_secret=secret,
         session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
-        authorization=authorization)
+        authorization=authorization, kubernetes_tokens=args.kubernetes_tokens,
+        token_audiences=audiences)
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
@@ -376,7 +432,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    peer_urls, peer_service = _peers(parser, args)
     return RelaySettings(
+        peer_urls=peer_urls, peer_service=peer_service,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth=_auth_settings(parser, args, args.listen),
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,

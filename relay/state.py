@@ -25,10 +25,12 @@ from vncgate.relay.identity import AuthMode
 from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.passwords import KeyDerivations
+from vncgate.relay.peers import Peers
 from vncgate.relay.ratelimit import FailureLimiter
 from vncgate.relay.recorder import Recorder
 from vncgate.relay.registry import Registry
 from vncgate.relay.settings import RelaySettings, host_names
+from vncgate.relay.tokenreview import TokenReviewer
 
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:
@@ -37,6 +39,20 @@ def make_authorizer(settings: RelaySettings) -> Authorizer:
     if settings.auth.authorization == "kubernetes":
         return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)))
     return ManifestAuthorizer()
+
+
+def make_token_reviewer(settings: RelaySettings) -> TokenReviewer | None:
+    if not settings.auth.kubernetes_tokens or settings.auth.mode == AuthMode.NONE:
+        return None
+    return TokenReviewer(KubeClient(kube_connection(settings.kubeconfig)),
+                         settings.auth.token_audiences)
+
+
+def make_peers(settings: RelaySettings) -> Peers:
+    kube = (KubeClient(kube_connection(settings.kubeconfig))
+            if settings.peer_service is not None else None)
+    return Peers(settings.api_token, settings.identity, settings.peer_urls,
+                 settings.peer_service, kube)
 
 
 def make_consoles(settings: RelaySettings) -> Consoles:
@@ -73,6 +89,10 @@ class RelayState:
     recorder: Recorder = field(init=False)
     # What the relay answers VNC servers' security with (spec.credentials / spec.tls).
     logins: CredentialStore = field(init=False)
+    # Kubernetes bearer tokens (--kubernetes-tokens): TokenReviews; None when off.
+    token_reviewer: TokenReviewer | None = field(init=False)
+    # The other replicas, asked for their sessions (kubectl vnc sessions / kill).
+    peers: Peers = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -84,6 +104,8 @@ class RelayState:
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
+        self.token_reviewer = make_token_reviewer(self.settings)
+        self.peers = make_peers(self.settings)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""

@@ -192,7 +192,7 @@ def test_wheel_installs_only_under_vncgate(wheel: zipfile.ZipFile) -> None:
     """Issue #19: nothing installs a top-level `relay` or `vncgate_operator`; the three packages
     are `vncgate.relay`, `vncgate.operator` and `vncgate.common` (`vncgate` a namespace)."""
     names = set(wheel.namelist())
-    for package in ("relay", "operator", "common"):
+    for package in ("relay", "operator", "common", "kubectl"):
         assert f"vncgate/{package}/__init__.py" in names
         assert f"vncgate/{package}/py.typed" in names
     assert "vncgate/relay/cli.py" in names and "vncgate/operator/cli.py" in names
@@ -207,6 +207,8 @@ def test_wheel_installs_only_under_vncgate(wheel: zipfile.ZipFile) -> None:
     text = wheel.read(entry_points).decode()
     assert "vncgate-relay = vncgate.relay.cli:main" in text
     assert "vncgate-operator = vncgate.operator.cli:main" in text
+    # `pip install vncgate` puts the kubectl plugin on PATH (issue #15).
+    assert "kubectl-vnc = vncgate.kubectl.cli:main" in text
 
 
 @pytest.mark.slow
@@ -222,7 +224,8 @@ def test_installed_wheel_imports_as_vncgate_relay(wheel: zipfile.ZipFile,
             "import vncgate.relay, vncgate.operator, vncgate.common.spec\n"
             "for module in (vncgate.relay, vncgate.operator, vncgate.common.spec):\n"
             "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
-            "for top in ('relay', 'vncgate_operator', 'common'):\n"
+            "import vncgate.kubectl\n"
+            "for top in ('relay', 'vncgate_operator', 'common', 'kubectl'):\n"
             "    assert importlib.util.find_spec(top) is None, top\n"
             "print('ok')\n")
     result = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(target)],

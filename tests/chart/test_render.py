@@ -238,16 +238,19 @@ def bound_to(rendered: Rendered, account: str) -> list[dict[str, Any]]:
 
 def test_relay_rbac_is_exactly_reviews_and_leases() -> None:
     rendered = render()
-    # Cluster-wide: asking the API server about a user, nothing else.
+    # Cluster-wide: asking the API server about a user and a token, nothing else.
     assert rendered.one("ClusterRole", RELAY)["rules"] == [
         {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
          "verbs": ["create"]}]
     # Leases in its own namespace only.
     role = rendered.one("Role", RELAY)
     assert role["metadata"]["namespace"] == "vncgate-system"
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]
     bindings = {(b["kind"], b["metadata"].get("namespace"), b["roleRef"]["kind"],
                  b["roleRef"]["name"]) for b in bound_to(rendered, RELAY)}
     assert bindings == {("ClusterRoleBinding", None, "ClusterRole", RELAY),
@@ -287,6 +290,20 @@ def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews
             {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get"]}]
     args = pod["containers"][0]["args"]
     assert ("--lease-namespace=vncgate-system" in args) is leases
+    assert ("--kubernetes-tokens" in args) is reviews
+    assert ("--peer-service=vncgate-system/vncgate-relay-headless" in args) is leases
+
+
+def test_kubernetes_tokens_can_be_turned_off_and_narrowed_to_an_audience() -> None:
+    rendered = render(sets=("relay.auth.kubernetesTokens.enabled=false",))
+    assert rendered.one("ClusterRole", RELAY)["rules"] == [
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]}]
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kubernetes-tokens" not in args
+    rendered = render(sets=("relay.auth.kubernetesTokens.audiences={vncgate}",))
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kubernetes-tokens" in args and "--token-audience=vncgate" in args
 
 
 def test_relay_without_kubernetes_api_has_no_rbac() -> None:
@@ -376,7 +393,11 @@ def test_network_policy_admits_internal_port_only_from_operator_and_metrics(valu
     assert len(internal_rules) == 1, "one rule for the internal port"
     (rule,) = internal_rules
     assert [p["port"] for p in rule["ports"]] == [8081], "the internal rule opens nothing else"
-    assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}}, *metrics_from]
+    # The operator, the relay pods themselves (kubectl vnc sessions / kill ask each replica),
+    # and the metrics scraper.
+    relay_labels = rendered.one("Deployment", RELAY)["spec"]["selector"]["matchLabels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}},
+                            {"podSelector": {"matchLabels": relay_labels}}, *metrics_from]
     # Every other rule names the public port only: nothing else reaches 8081.
     for other in policy["spec"]["ingress"]:
         assert "ports" in other, "a rule without ports would open every port"
@@ -571,3 +592,44 @@ def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
                   check=False)
     assert result.returncode != 0
     assert "must be at least relay.preStopSeconds + relay.shutdownGraceSeconds" in result.stderr
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def test_editor_and_admin_roles_are_aggregated_into_kubernetes_roles() -> None:
+    """kubectl vnc's verbs (issue #15): share for editors, sessions and disconnect for admins,
+    aggregated into edit/admin; vncgate-viewer stays out of `view` (console access types)."""
+    rendered = render()
+    editor = rendered.one("ClusterRole", "vncgate-editor")
+    admin = rendered.one("ClusterRole", "vncgate-admin")
+    assert editor["rules"] == [{"apiGroups": ["vncgate.io"], "resources": ["vnctargets"],
+                                "verbs": ["get", "list", "watch", "create", "update", "patch",
+                                          "delete", "connect", "share"]}]
+    assert admin["rules"] == [
+        {"apiGroups": ["vncgate.io"], "resources": ["vnctargets"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "connect",
+                   "share", "sessions", "disconnect"]},
+        {"apiGroups": ["vncgate.io"], "resources": ["vnctargets/recordings"], "verbs": ["get"]}]
+    labels = {name: {k for k, v in rendered.one("ClusterRole", name)["metadata"]["labels"]
+                     .items() if k.startswith(AGGREGATE) and v == "true"}
+              for name in ("vncgate-editor", "vncgate-admin", VIEWER)}
+    assert labels == {"vncgate-editor": {AGGREGATE + "edit", AGGREGATE + "admin"},
+                      "vncgate-admin": {AGGREGATE + "admin"}, VIEWER: set()}
+    # Nothing binds them: Kubernetes' edit/admin bindings carry them.
+    assert not [b for b in rendered.of_kind("RoleBinding") + rendered.of_kind(
+        "ClusterRoleBinding") if b["roleRef"]["name"] in ("vncgate-editor", "vncgate-admin")]
+
+
+def test_editor_and_admin_roles_can_be_renamed_unaggregated_or_left_out() -> None:
+    rendered = render(sets=("rbac.editorClusterRole.aggregate=false",
+                            "rbac.adminClusterRole.name=consoles-admin"))
+    assert not [k for k in rendered.one("ClusterRole", "vncgate-editor")["metadata"]["labels"]
+                if k.startswith(AGGREGATE)]
+    rendered.one("ClusterRole", "consoles-admin")
+    rendered = render(sets=("rbac.editorClusterRole.create=false",
+                            "rbac.adminClusterRole.create=false"))
+    names = {r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")}
+    assert not names & {"vncgate-editor", "vncgate-admin"}
+    assert not [r for r in render(sets=("rbac.create=false",)).of_kind("ClusterRole")
+                if r["metadata"]["name"] in ("vncgate-editor", "vncgate-admin")]

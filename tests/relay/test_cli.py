@@ -91,6 +91,10 @@ def test_relay_refuses_to_start_on_bad_manifests(tmp_path: Path) -> None:
     (["--api-token-file", "/nonexistent/token"], "--api-token-file"),
     (["--stall-timeout", "60"], "--stall-timeout: '60' is not a duration"),
     (["--shutdown-grace", "soon"], "--shutdown-grace"),
+    (["--kubernetes-tokens"], "--kubernetes-tokens needs a sign-in mode"),
+    (["--auth", "proxy", "--trusted-proxy", "127.0.0.1/32", "--authorization", "manifest",
+      "--kubernetes-tokens"], "--kubernetes-tokens needs the Kubernetes API"),
+    (["--token-audience", "vncgate"], "--token-audience goes with --kubernetes-tokens"),
 ])
 def test_bad_flags_say_what_to_write(args: list[str], words: str) -> None:
     result = subprocess.run([*RELAY, *args], capture_output=True, text=True, timeout=30,

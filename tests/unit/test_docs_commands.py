@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.docs import shell_blocks
+from vncgate.kubectl.cli import build_parser as kubectl_vnc_parser
 from vncgate.operator.settings import parse_args as operator_args
 from vncgate.relay.settings import settings_from_args
 
@@ -69,6 +70,12 @@ CHECKED: dict[str, tuple[str, str, str]] = {
     "kubectl -n vncgate exec deploy/vncgate-relay -- vncgate-relay link": (
         "tests/relay/test_auth.py::test_link_command_prints_a_link_that_verifies", '"link"',
         "needs a running pod; the link command itself runs in the test"),
+    "kubectl create rolebinding lab-editors": (
+        "tests/cluster/test_kubectl_vnc.py::fleet", '"rolebinding"',
+        "the plugin's tests bind the chart's roles (and edit/admin) the same way"),
+    "vncviewer 127.0.0.1::": (
+        "tests/cluster/test_kubectl_vnc.py::test_tigervnc_vncviewer_under_xvfb_through_the_proxy",
+        '"vncviewer"', "a desktop program: the test runs it under Xvfb through kubectl vnc proxy"),
 }
 # Longest prefix first: `-m bench` would also match `-m bench.soak`.
 BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
@@ -148,6 +155,12 @@ def own_command_line(command: str) -> list[str] | None:
     return None
 
 
+def kubectl_vnc_line(command: str) -> list[str] | None:
+    """The plugin's arguments of a documented `kubectl vnc ...` line (a trailing & dropped)."""
+    words = shlex.split(command.removesuffix("&"), comments=True)
+    return words[2:] if words[:2] == ["kubectl", "vnc"] else None
+
+
 def bench_module(command: str) -> str | None:
     return next((module for prefix, module in BENCH.items()
                  if command == prefix or command.startswith(prefix + " ")), None)
@@ -157,7 +170,8 @@ def test_every_command_is_run_or_checked() -> None:
     ran = run_commands()
     unaccounted = []
     for document, section, command in every_command():
-        if command in ran or own_command_line(command) or bench_module(command):
+        if command in ran or own_command_line(command) or bench_module(command) or \
+                kubectl_vnc_line(command) is not None:
             continue
         if any(command.startswith(prefix) for prefix in CHECKED):
             continue
@@ -197,6 +211,23 @@ def test_documented_command_lines_parse(tmp_path: Path) -> None:
             pytest.fail(f"{document} '## {section}': `{command}` is refused ({exc})")
         parsed += 1
     assert parsed >= 5
+
+
+def test_documented_kubectl_vnc_lines_parse() -> None:
+    """Every documented `kubectl vnc` line is accepted by the plugin's parser (what the lines do
+    is run for real in tests/cluster/test_kubectl_vnc.py)."""
+    parser = kubectl_vnc_parser()
+    parsed = 0
+    for document, section, command in every_command():
+        words = kubectl_vnc_line(command)
+        if words is None:
+            continue
+        try:
+            parser.parse_args(words)
+        except SystemExit as exc:
+            pytest.fail(f"{document} '## {section}': `{command}` is refused ({exc})")
+        parsed += 1
+    assert parsed >= 6
 
 
 def test_benchmark_lines_use_flags_that_exist() -> None:

@@ -276,6 +276,13 @@ true
 {{- end }}
 {{- end }}
 
+{{/* "true" when the relay checks Kubernetes bearer tokens with TokenReviews (kubectl vnc). */}}
+{{- define "vncgate.relay.usesTokenReviews" -}}
+{{- if and (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.auth.kubernetesTokens.enabled -}}
+true
+{{- end }}
+{{- end }}
+
 {{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews, Leases,
 or the Secrets of VncTargets' spec.credentials. */}}
 {{- define "vncgate.relay.usesKubernetesApi" -}}

@@ -1,0 +1,104 @@
+"""Kubernetes bearer tokens at the relay: who a token belongs to, asked of the API server.
+
+`--kubernetes-tokens` lets scripts and `kubectl vnc` present `Authorization: Bearer <token>`
+with a token the API server trusts (a ServiceAccount token, an OIDC ID token). The relay sends it
+in a TokenReview and learns the user and groups; what they may open is then decided as for any
+other viewer, by SubjectAccessReviews (vncgate.relay.authz).
+
+- Answers are cached briefly (AUTHENTICATED_TTL), by the token's SHA-256, in a bounded LRU: a
+  revoked token stops working within that time.
+- Only "authenticated" is believed. An unauthenticated answer denies (and counts as a failed
+  sign-in of the client); an API error denies too (TokenReviewUnavailable): an outage must never
+  let a token in.
+- The token itself is never logged, cached or kept: only its digest is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+
+from vncgate.common.kube import KubeClient
+from vncgate.relay.identity import Identity
+
+log = logging.getLogger("vncgate.tokenreview")
+
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"  # noqa: S105 - a URL path
+AUTHENTICATED_TTL = 10.0
+MAX_TOKEN_LENGTH = 16 * 1024
+
+
+class TokenReviewUnavailable(Exception):
+    """The API server could not be asked (or answered with an error): deny, and say so."""
+
+
+def looks_like_jwt(token: str) -> bool:
+    """ServiceAccount and OIDC tokens are JWTs: `eyJ...` header, three dot-separated parts.
+    Tokens of a users file are opaque strings, which lets both kinds share one header."""
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+class TokenReviewer:
+    """TokenReviews with a short, bounded cache of the tokens that authenticated."""
+
+    def __init__(self, client: KubeClient, audiences: tuple[str, ...] = (),
+                 max_cached: int = 10_000, ttl: float = AUTHENTICATED_TTL) -> None:
+        self.client = client
+        self.audiences = audiences
+        self.max_cached = max_cached
+        self.ttl = ttl
+        self._cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self.reviews = 0  # TokenReviews sent (tests and metrics read it)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def review(self, token: str) -> Identity | None:
+        """The token's identity; None if the API server does not authenticate it.
+
+        Raises TokenReviewUnavailable when the API server cannot be asked.
+        """
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if cached[1] > now:
+                self._cache.move_to_end(digest)
+                return cached[0]
+            del self._cache[digest]
+        spec: dict[str, object] = {"token": token}
+        if self.audiences:
+            spec["audiences"] = list(self.audiences)
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        self.reviews += 1
+        try:
+            reply = await self.client.request("POST", TOKEN_REVIEW_PATH, body)
+            status = (reply.get("status") or {}) if isinstance(reply, dict) else {}
+        except Exception as exc:  # any failure denies; the error text never holds the token
+            log.warning("TokenReview failed; denying", extra={"fields": {
+                "error": type(exc).__name__ + ": " + str(exc)[:200].replace(token, "<token>")}})
+            raise TokenReviewUnavailable(
+                "the relay could not check your Kubernetes token with the API server; "
+                "try again in a moment") from None
+        if status.get("authenticated") is not True or status.get("error"):
+            return None
+        if self.audiences and not set(status.get("audiences") or ()) & set(self.audiences):
+            return None
+        user = status.get("user") or {}
+        name = user.get("username")
+        if not isinstance(name, str) or not name:
+            return None
+        groups = tuple(g for g in user.get("groups") or () if isinstance(g, str))
+        identity = Identity(user=name, groups=groups, method="kubernetes")
+        self._cache[digest] = (identity, now + self.ttl)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return identity
+
+    def __len__(self) -> int:
+        return len(self._cache)

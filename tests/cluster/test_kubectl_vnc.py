@@ -1,0 +1,458 @@
+"""`kubectl vnc` as a user runs it: the real kubectl finds the plugin `kubectl-vnc` on PATH, with
+a kubeconfig holding a ServiceAccount token (TokenRequest API), against a real API server, the
+real operator (status.url) and two relay replicas that ask each other for their sessions.
+
+Who may do what comes from the chart's ClusterRoles as installed by helm: `viewer` is bound to
+vncgate-viewer, `editor` to Kubernetes' own `edit` and `admin` to its `admin` (vncgate-editor and
+vncgate-admin are aggregated into them), `stranger` to nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from Xlib import display as xdisplay
+
+from tests.cluster.conftest import Release
+from tests.cluster.test_operator import address_target, wait_phase
+from tests.support.cluster import ControlPlane, free_port
+from tests.support.processes import BIN, ConsoleScript
+from tests.support.waiting import wait_until
+from tests.support.xvnc import XvncServer
+from vncgate.common.kube import KubeClient, kube_connection
+from vncgate.relay.peers import Peers
+
+TOKEN = "kubectl-test-registration-token-0123456789"
+ACCOUNTS = {"viewer": ("ClusterRole", "vncgate-viewer"), "editor": ("ClusterRole", "edit"),
+            "admin": ("ClusterRole", "admin"), "stranger": None}
+
+
+@dataclass
+class Fleet:
+    plane: ControlPlane
+    namespace: str
+    relays: dict[str, tuple[ConsoleScript, int, int]]  # name -> (process, public, internal)
+    operator: ConsoleScript
+    kubeconfigs: dict[str, Path]
+    workdir: Path
+
+    def url(self, relay: str) -> str:
+        return f"http://127.0.0.1:{self.relays[relay][1]}"
+
+    def user(self, account: str) -> str:
+        return f"system:serviceaccount:{self.namespace}:{account}"
+
+    def token(self, account: str) -> str:
+        config = yaml.safe_load(self.kubeconfigs[account].read_text())
+        return str(config["users"][0]["user"]["token"])
+
+    def env(self, kubeconfig: Path, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("VNCGATE_", "KUBERNETES_")) and k != "KUBECONFIG"}
+        # The plugin on PATH beside the real kubectl, as `pip install vncgate` puts it.
+        env.update({"PATH": f"{BIN}:{self.plane.bin}:{env.get('PATH', '')}",
+                    "KUBECONFIG": str(kubeconfig), "HOME": str(self.workdir)}, **extra)
+        return env
+
+    def kubectl_vnc(self, account: str, *args: str, kubeconfig: Path | None = None,
+                    **env: str) -> subprocess.CompletedProcess[str]:
+        """`kubectl vnc ARGS` through the real kubectl, with `account`'s kubeconfig."""
+        return subprocess.run([str(self.plane.bin / "kubectl"), "vnc", *args],
+                              env=self.env(kubeconfig or self.kubeconfigs[account], **env),
+                              capture_output=True, text=True, timeout=60, check=False)
+
+
+def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
+           token_file: Path, key_file: Path, users: Path) -> tuple[ConsoleScript, int]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    kubeconfig = release.plane.service_account_kubeconfig(
+        workdir / "kubeconfig", release.namespace, release.relay_account)
+    public = free_port()
+    script = ConsoleScript("vncgate-relay", [
+        f"--listen=127.0.0.1:{public}", f"--internal-listen=127.0.0.1:{internal}",
+        f"--api-token-file={token_file}", f"--kubeconfig={kubeconfig}", "--log-format=json",
+        "--auth=token", f"--users-file={users}", "--authorization=kubernetes",
+        "--kubernetes-tokens", f"--link-key-file={key_file}", f"--identity={name}",
+        f"--peer-url=http://127.0.0.1:{peer}",
+        # Every session recorded (screen only): a proxy session is recorded as a browser's.
+        f"--recording-dir={workdir / 'recordings'}", "--record-sessions"], workdir)
+    return script, public
+
+
+def relay_endpoint_slice(release: Release, replica: str, address: str) -> dict[str, object]:
+    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"vncgate-relay-headless-{replica}",
+                         "namespace": release.namespace,
+                         "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
+                                    "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "internal", "port": 8081, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True},
+                           "targetRef": {"kind": "Pod", "name": replica,
+                                         "namespace": release.namespace}}]}
+
+
+@pytest.fixture(scope="module")
+def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Fleet]:
+    plane = release.plane
+    workdir = tmp_path_factory.mktemp("kubectl-vnc")
+    namespace = "kubectl-vnc-team"
+    plane.kubectl("create", "namespace", namespace)
+    kubeconfigs = {}
+    for account, role in ACCOUNTS.items():
+        plane.kubectl("create", "serviceaccount", account, "-n", namespace)
+        if role is not None:
+            plane.kubectl("create", "rolebinding", account, "-n", namespace,
+                          f"--clusterrole={role[1]}", f"--serviceaccount={namespace}:{account}")
+        kubeconfigs[account] = plane.service_account_kubeconfig(
+            workdir / f"{account}.kubeconfig", namespace, account)
+    # The aggregation controller copies vncgate-editor/-admin's rules into edit/admin.
+    for account, verb in (("editor", "share"), ("admin", "disconnect")):
+        wait_until(lambda account=account, verb=verb: plane.kubectl(  # type: ignore[misc]
+            "auth", "can-i", verb, "vnctargets.vncgate.io", "-n", namespace,
+            f"--as=system:serviceaccount:{namespace}:{account}", check=False
+        ).stdout.strip() == "yes", f"{account} may {verb} (aggregated roles)")
+    token_file, key_file, users = (workdir / "token", workdir / "link-key",
+                                   workdir / "users.yaml")
+    token_file.write_text(TOKEN)
+    key_file.write_text("k" * 48)
+    users.write_text(yaml.safe_dump({"someone": {"secret": "someone-secret-0123456789"}}))
+    internal_a, internal_b = free_port(), free_port()
+    # Each replica is told the other's internal address (--peer-url); the chart's pods find
+    # each other in EndpointSlices (test_peers_are_found_in_the_headless_services_slices).
+    relay_a, public_a = _relay(release, workdir / "a", "relay-a", internal_a, internal_b,
+                               token_file, key_file, users)
+    relay_b, public_b = _relay(release, workdir / "b", "relay-b", internal_b, internal_a,
+                               token_file, key_file, users)
+    operator_config = plane.service_account_kubeconfig(
+        workdir / "operator.kubeconfig", release.namespace, release.operator_account)
+    operator = ConsoleScript("vncgate-operator", [
+        f"--relay-url=http://127.0.0.1:{internal_a}", f"--relay-url=http://127.0.0.1:{internal_b}",
+        f"--api-token-file={token_file}", f"--public-url=http://127.0.0.1:{public_a}",
+        f"--namespace={namespace}", "--allow-cidr=127.0.0.0/8", "--probe-interval=2s",
+        "--resync-interval=3s", "--liveness=off", "--standalone"], workdir,
+        env={"KUBECONFIG": str(operator_config)})
+    with relay_a, relay_b:
+        relay_a.wait_for_log("relay listening")
+        relay_b.wait_for_log("relay listening")
+        with operator:
+            desk = address_target(namespace, "desk", "127.0.0.1", xvnc.port)
+            watch = address_target(namespace, "watch", "127.0.0.1", xvnc.port)
+            watch["spec"]["viewOnly"] = True
+            plane.apply([desk, watch])
+            for name in ("desk", "watch"):
+                wait_phase(plane, namespace, name, "Ready", operator, relay_a, relay_b)
+            yield Fleet(plane, namespace, {"relay-a": (relay_a, public_a, internal_a),
+                                           "relay-b": (relay_b, public_b, internal_b)},
+                        operator, kubeconfigs, workdir)
+    plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_peers_are_found_in_the_headless_services_slices(release: Release,
+                                                         tmp_path: Path) -> None:
+    """--peer-service with the chart's relay account: the other pods' internal URLs from the
+    headless Service's EndpointSlices, without this pod. The addresses (TEST-NET-1) are only
+    read, never dialled: the API server refuses loopback addresses in EndpointSlices."""
+    plane = release.plane
+    plane.apply([relay_endpoint_slice(release, "relay-0", "192.0.2.10"),
+                 relay_endpoint_slice(release, "relay-1", "192.0.2.11")])
+    kubeconfig = plane.service_account_kubeconfig(tmp_path / "relay.kubeconfig",
+                                                  release.namespace, release.relay_account)
+
+    async def discovered() -> list[str]:
+        peers = Peers(TOKEN, "relay-0", service=(release.namespace, "vncgate-relay-headless"),
+                      kube=KubeClient(kube_connection(kubeconfig)))
+        try:
+            return await peers.urls()
+        finally:
+            await peers.close()
+
+    assert asyncio.run(discovered()) == ["http://192.0.2.11:8081"]
+
+
+# -- list and open ---------------------------------------------------------------------------------
+
+def test_list_shows_phase_viewers_and_url(fleet: Fleet) -> None:
+    result = fleet.kubectl_vnc("viewer", "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "VIEWERS", "URL"]
+    assert lines[1].split() == ["desk", "Ready", "0",
+                                f"{fleet.url('relay-a')}/t/{fleet.namespace}/desk/"]
+    assert lines[2].split()[:2] == ["watch", "Ready"]
+
+    # RBAC's refusal, as the API server words it: vncgate-viewer is bound in one namespace.
+    result = fleet.kubectl_vnc("viewer", "list", "-A")
+    assert result.returncode == 1
+    assert (f'User "{fleet.user("viewer")}" cannot list resource "vnctargets" in API group '
+            '"vncgate.io" at the cluster scope') in result.stderr
+    result = fleet.kubectl_vnc("stranger", "list")
+    assert result.returncode == 1 and "cannot list resource \"vnctargets\"" in result.stderr
+
+
+def test_open_prints_the_url_and_opens_the_browser(fleet: Fleet) -> None:
+    opened = fleet.workdir / "opened-url"
+    # webbrowser honours $BROWSER: a "browser" that writes down the URL it was given.
+    browser = (f"{sys.executable} -c \"import sys; open('{opened}', 'w').write(sys.argv[1])\""
+               " %s")
+    result = fleet.kubectl_vnc("viewer", "open", "desk", BROWSER=browser)
+    url = f"{fleet.url('relay-a')}/t/{fleet.namespace}/desk/"
+    assert result.returncode == 0 and result.stdout.strip() == url, result.stderr
+    wait_until(lambda: opened.exists() and opened.read_text() == url, "the browser given the URL")
+    result = fleet.kubectl_vnc("viewer", "open", "nothing-here", "--no-browser")
+    assert result.returncode == 1 and 'vnctargets.vncgate.io "nothing-here" not found' \
+        in result.stderr
+
+
+# -- link ------------------------------------------------------------------------------------------
+
+async def _exchange(url: str) -> tuple[int, dict[str, object]]:
+    """Hand the link's token to the viewer's exchange, as the viewer page does."""
+    page, _, token = url.partition("#link=")
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{page}link", json={"token": token},
+            headers={"X-Requested-With": "vncgate"}) as reply:
+        return reply.status, await reply.json()
+
+
+def test_link_needs_share_and_mints_a_working_link(fleet: Fleet) -> None:
+    result = fleet.kubectl_vnc("editor", "link", "desk", "--ttl", "30m", "--view-only",
+                               "--once")
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    assert url.startswith(f"{fleet.url('relay-a')}/t/{fleet.namespace}/desk/#link=")
+    assert "(view-only, one use)" in result.stderr
+    status, body = asyncio.run(_exchange(url))
+    assert status == 200 and body["viewOnly"] is True, body
+    status, body = asyncio.run(_exchange(url))  # --once: used up
+    assert status == 403 and "one use only" in str(body["error"])
+
+    result = fleet.kubectl_vnc("viewer", "link", "desk")
+    assert result.returncode == 1
+    assert (f"the relay refused (403): {fleet.user('viewer')} may not make share links for "
+            f"{fleet.namespace}/desk; ask for a RoleBinding to vncgate-editor in "
+            f"{fleet.namespace}") in result.stderr
+    result = fleet.kubectl_vnc("editor", "link", "desk", "--ttl", "30")
+    assert result.returncode == 1 and "--ttl: '30' is not a duration" in result.stderr
+
+
+def test_a_kubeconfig_without_a_token_says_how_to_get_one(fleet: Fleet) -> None:
+    admin = fleet.plane.admin_kubeconfig  # client certificate, no token
+    result = fleet.kubectl_vnc("admin", "link", "desk", "-n", fleet.namespace,
+                               kubeconfig=admin)
+    assert result.returncode == 1
+    assert "has no token (it signs in with a client certificate" in result.stderr
+    assert "kubectl create token" in result.stderr
+    # The API server takes the certificate: list works; --token supplies the relay's token.
+    assert fleet.kubectl_vnc("admin", "list", "-n", fleet.namespace,
+                             kubeconfig=admin).returncode == 0
+    result = fleet.kubectl_vnc("admin", "link", "desk", "-n", fleet.namespace,
+                               "--token", fleet.token("editor"), kubeconfig=admin)
+    assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
+
+
+def test_an_exec_credential_plugin_gives_the_token(fleet: Fleet) -> None:
+    """A kubeconfig whose user runs a command for its token (as kubelogin does for OIDC): the
+    plugin runs it, as kubectl does, and sends that token to the relay."""
+    plugin = fleet.workdir / "credential-plugin"
+    ran = fleet.workdir / "credential-plugin-ran"
+    credential = json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
+                             "kind": "ExecCredential", "status": {"token": fleet.token("editor")}})
+    plugin.write_text(f"#!/bin/sh\ntouch '{ran}'\ncat <<'EOF'\n{credential}\nEOF\n")
+    plugin.chmod(0o755)
+    config = yaml.safe_load(fleet.kubeconfigs["editor"].read_text())
+    config["users"][0]["user"] = {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+        "interactiveMode": "Never"}}
+    exec_config = fleet.workdir / "exec.kubeconfig"
+    exec_config.write_text(yaml.safe_dump(config))
+    result = fleet.kubectl_vnc("editor", "link", "desk", kubeconfig=exec_config)
+    assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
+    assert ran.exists()
+
+
+# -- sessions and kill, across both replicas -------------------------------------------------------
+
+async def _hold_session(url: str, target: str, token: str, opened: asyncio.Event,
+                        ending: list[tuple[int | None, str]]) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{url}/t/{target}/websockify", protocols=("binary",),
+            headers={"Authorization": f"Bearer {token}"}) as ws:
+        while True:
+            message = await ws.receive(timeout=60)
+            if message.type == aiohttp.WSMsgType.BINARY:
+                opened.set()
+            else:
+                ending.append((ws.close_code, str(message.extra or "")))
+                return
+
+
+def test_sessions_and_kill_reach_every_replica(fleet: Fleet) -> None:
+    async def scenario() -> None:
+        opened, ending = asyncio.Event(), []
+        # The viewer's session is on relay-b; kubectl vnc asks relay-a (status.url).
+        holder = asyncio.create_task(_hold_session(
+            fleet.url("relay-b"), f"{fleet.namespace}/desk", fleet.token("viewer"), opened,
+            ending))
+        await asyncio.wait_for(opened.wait(), 30)
+
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "admin", "sessions")
+        assert result.returncode == 0, result.stderr
+        header, *rows = result.stdout.splitlines()
+        assert header.split() == ["NAME", "SESSION", "USER", "CLIENT", "AGE", "MODE", "REPLICA"]
+        (row,) = [r.split() for r in rows]
+        assert row[0] == "desk" and row[2] == fleet.user("viewer") and row[3] == "127.0.0.1"
+        assert row[5:] == ["interactive", "relay-b"]
+        session_id = row[1]
+
+        # Without `sessions` on vnctargets nothing is shown; without `disconnect`, refused.
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "editor", "sessions")
+        assert result.returncode == 0 and result.stdout == "", result.stdout
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "editor", "kill", "desk")
+        assert result.returncode == 1
+        assert (f"{fleet.user('editor')} may not end sessions of {fleet.namespace}/desk; ask "
+                f"for a RoleBinding to vncgate-admin in {fleet.namespace}") in result.stderr
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "admin", "kill", "desk",
+                                         "--session", "0123456789abcdef")
+        assert result.returncode == 1 and "no session 0123456789abcdef" in result.stderr
+        assert not holder.done()
+
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "admin", "kill", "desk",
+                                         "--session", session_id)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"ended 1 session of {fleet.namespace}/desk"
+        await asyncio.wait_for(holder, 30)
+        assert ending == [(4409, f"ended by {fleet.user('admin')}")]
+
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "admin", "sessions")
+        assert result.returncode == 0 and result.stdout == ""
+
+    asyncio.run(scenario())
+
+
+# -- proxy for native viewers ----------------------------------------------------------------------
+
+def pointer(vnc: XvncServer) -> tuple[int, int]:
+    screen = xdisplay.Display(f":{vnc.display}")
+    try:
+        reply = screen.screen().root.query_pointer()
+        return reply.root_x, reply.root_y
+    finally:
+        screen.close()
+
+
+def rfb_point(port: int, x: int, y: int) -> bytes:
+    """A scripted native viewer on a TCP port: the RFB 3.8 handshake (security None), a pointer
+    event to (x, y), then an update request (answered after the pointer event is handled)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        stream = sock.makefile("rwb")
+        greeting = stream.read(12)
+        stream.write(b"RFB 003.008\n")
+        stream.flush()
+        (count,) = stream.read(1)
+        assert 1 in stream.read(count)
+        stream.write(b"\x01")
+        stream.flush()
+        assert stream.read(4) == bytes(4)
+        stream.write(b"\x01")  # ClientInit, shared
+        stream.flush()
+        stream.read(20)
+        (name_length,) = struct.unpack("!I", stream.read(4))
+        stream.read(name_length)
+        stream.write(struct.pack("!BBHH", 5, 0, x, y) + struct.pack("!BBHHHH", 3, 0, 0, 0, 1, 1))
+        stream.flush()
+        (message_type,) = stream.read(1)
+        assert message_type == 0  # a FramebufferUpdate
+        return greeting
+
+
+def _proxy(fleet: Fleet, account: str, name: str, *extra: str) -> tuple[ConsoleScript, int]:
+    script = ConsoleScript("kubectl-vnc", ["proxy", name, "--port", "0", *extra], fleet.workdir,
+                           env={"KUBECONFIG": str(fleet.kubeconfigs[account])})
+    script.start()
+    found = script.wait_for_log(r"Forwarding 127\.0\.0\.1:(\d+) ->")
+    return script, int(found.group(1))
+
+
+def test_proxy_reaches_xvnc_and_a_view_only_target_keeps_the_pointer(
+        fleet: Fleet, xvnc: XvncServer) -> None:
+    recordings = fleet.workdir / "a" / "recordings" / fleet.namespace / "desk"
+    before = set(recordings.glob("*.vncrec"))
+    script, port = _proxy(fleet, "viewer", "desk")
+    with script:
+        assert rfb_point(port, 123, 77).startswith(b"RFB 003.00")
+        wait_until(lambda: pointer(xvnc) == (123, 77), "the real pointer moved to (123, 77)",
+                   context=lambda: script.log())
+        script.wait_for_log("viewer 127.0.0.1:\\d+ disconnected")
+    # relay-a (the target's status.url) recorded the proxied session, as it records a browser's.
+    wait_until(lambda: set(recordings.glob("*.vncrec")) - before,
+               "a recording of the proxied session on relay-a")
+    script, port = _proxy(fleet, "viewer", "watch")
+    with script:
+        rfb_point(port, 321, 222)
+        # The update after the pointer event has been answered: the server has seen everything
+        # the relay passed on, and the view-only filter passed no pointer event.
+        assert pointer(xvnc) == (123, 77)
+    # Without `connect`, the relay refuses the tunnel and the proxy says so (the stranger may
+    # not read the VncTarget either, so the relay's address is given).
+    result = fleet.kubectl_vnc("stranger", "proxy", "desk")
+    assert result.returncode == 1 and 'cannot get resource "vnctargets"' in result.stderr
+    script, port = _proxy(fleet, "stranger", "desk", "--relay-url", fleet.url("relay-a"))
+    with script:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            data = sock.recv(100)
+            assert data == b"", (data, script.log())  # closed without a greeting
+        found = script.wait_for_log(r"disconnected: 4403 ([^\n]*)")
+        assert f"{fleet.user('stranger')} may not connect to {fleet.namespace}/desk" in \
+            found.group(1)
+
+
+def test_tigervnc_vncviewer_under_xvfb_through_the_proxy(fleet: Fleet, tmp_path: Path) -> None:
+    for program in ("vncviewer", "Xvfb"):
+        if not (Path("/usr/bin") / program).exists():
+            pytest.skip(f"{program} is not installed (apt-get install tigervnc-viewer xvfb; "
+                        "scripts/setup does)")
+    script, port = _proxy(fleet, "viewer", "desk")
+    display = next(d for d in range(90, 200) if not Path(f"/tmp/.X11-unix/X{d}").exists())
+    xvfb = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", "1024x768x24", "-nolisten",
+                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    viewer: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(lambda: Path(f"/tmp/.X11-unix/X{display}").exists(), "Xvfb up")
+        with script:
+            viewer = subprocess.Popen(
+                ["vncviewer", f"127.0.0.1::{port}", "-ViewOnly"],
+                env={**os.environ, "DISPLAY": f":{display}", "HOME": str(tmp_path)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # The relay (through kubectl vnc proxy) sees TigerVNC's session, as any other.
+            def listed() -> bool:
+                result = fleet.kubectl_vnc("admin", "sessions", "desk")
+                return bool(re.search(rf"desk\s+\w+\s+{re.escape(fleet.user('viewer'))}",
+                                      result.stdout))
+
+            wait_until(listed, "vncviewer's session listed by kubectl vnc sessions")
+            assert viewer.poll() is None, "vncviewer exited"
+    finally:
+        for process in (viewer, xvfb):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=10)
