@@ -82,12 +82,13 @@ def make_startup(config: OperatorSettings, prober: Prober,
                       services: kopf.Index[ObjectKey, ServiceInfo],
                       targets_by_service: kopf.Index[ObjectKey, str],
                       relay_slices: kopf.Index[str, tuple[str, ...]] | None = None,
+                      targets_by_kubevirt: kopf.Index[ObjectKey, str] | None = None,
                       **_: Any) -> None:
         tune(settings, config)
         api = TargetApi(KubeClient(connect(), timeout=config.api_timeout))
         runtime = Runtime(config, aiohttp.ClientSession(), prober, api, targets=vnctargets,
                           services=services, by_service=targets_by_service,
-                          relay_slices=relay_slices)
+                          relay_slices=relay_slices, by_kubevirt=targets_by_kubevirt)
         memo[MEMO_KEY] = runtime
         runtime.start()
     return startup
@@ -120,6 +121,12 @@ async def index_target_service(*, namespace: str | None, name: str, body: kopf.B
                                **_: Any) -> dict[ObjectKey, str] | None:
     service = IndexedTarget.from_body(body).service
     return None if service is None else {(namespace or "", service): name}
+
+
+async def index_target_kubevirt(*, namespace: str | None, name: str, body: kopf.Body,
+                                **_: Any) -> dict[ObjectKey, str] | None:
+    vm = IndexedTarget.from_body(body).kubevirt
+    return None if vm is None else {(namespace or "", vm): name}
 
 
 async def index_service(*, namespace: str | None, name: str, body: kopf.Body,
@@ -171,6 +178,7 @@ def build_registry(config: OperatorSettings, *, prober: Prober = probe_rfb,
 
     kopf.index(*TARGETS, registry=registry, id="vnctargets")(index_target)
     kopf.index(*TARGETS, registry=registry, id="targets_by_service")(index_target_service)
+    kopf.index(*TARGETS, registry=registry, id="targets_by_kubevirt")(index_target_kubevirt)
     kopf.index("v1", "services", registry=registry, id="services")(index_service)
     kopf.on.event("v1", "services", registry=registry)(service_changed)
     if config.relay_service is not None:

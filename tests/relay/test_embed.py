@@ -53,7 +53,8 @@ FIELDS = {
         ("display_name", "str", ""), ("view_only", "bool", False),
         ("access", "Access | None", None), ("sessions", "SessionPolicy", SessionPolicy()),
         ("recording", "RecordingPolicy | None", None),
-        ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None)],
+        ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None),
+        ("kubevirt", "str | None", None)],
 }
 
 
