@@ -571,3 +571,43 @@ def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
                   check=False)
     assert result.returncode != 0
     assert "must be at least relay.preStopSeconds + relay.shutdownGraceSeconds" in result.stderr
+
+
+KUBEVIRT_READ = {("kubevirt.io", "virtualmachines"): {"get", "list", "watch"},
+                 ("kubevirt.io", "virtualmachineinstances"): {"get", "list", "watch"}}
+VNC_RULE = [{"apiGroups": ["subresources.kubevirt.io"],
+             "resources": ["virtualmachineinstances/vnc"], "verbs": ["get"]}]
+
+
+def test_kubevirt_rbac_only_when_enabled() -> None:
+    off = render()
+    assert not [r for r in off.of_kind("ClusterRole") if r["metadata"]["name"] ==
+                f"{RELAY}-kubevirt"]
+    assert not set(KUBEVIRT_READ) & set(granted_rules(off, OPERATOR))
+    on = render([CHART / "ci" / "kubevirt-values.yaml"])
+    assert on.one("ClusterRole", f"{RELAY}-kubevirt")["rules"] == VNC_RULE
+    binding = on.one("ClusterRoleBinding", f"{RELAY}-kubevirt")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": RELAY, "namespace": "vncgate-system"}]
+    granted = granted_rules(on, OPERATOR)
+    assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
+    # The relay needs its token for the API server even with every other feature off.
+    minimal = render([CHART / "ci" / "kubevirt-values.yaml"], sets=(
+        "relay.authorization=manifest", "relay.leases.enabled=false",
+        "relay.credentials.enabled=false"))
+    pod = minimal.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_kubevirt_rbac_in_watched_namespaces_only() -> None:
+    rendered = render([CHART / "ci" / "restricted-namespaces-values.yaml",
+                       CHART / "ci" / "kubevirt-values.yaml"])
+    assert not [b for b in rendered.of_kind("ClusterRoleBinding")
+                if b["roleRef"]["name"] == f"{RELAY}-kubevirt"]
+    bindings = {b["metadata"]["namespace"] for b in rendered.of_kind("RoleBinding")
+                if b["roleRef"]["name"] == f"{RELAY}-kubevirt"}
+    assert bindings == {"lab", "desktops"}
+    for role in rendered.of_kind("Role"):
+        if role["metadata"]["name"] == OPERATOR:
+            granted = granted_rules(Rendered((role,)))
+            assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
