@@ -83,28 +83,26 @@ def client_frame(opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
 
 
 def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
-    what = f"virtualmachineinstance {namespace}/{name}"
+    # Close reasons are cut at 123 bytes: what to do comes first, the long names last.
     if status == 401:
         return DialRefused(closecodes.BAD_UPSTREAM,
                            "the Kubernetes API server did not accept the relay's credentials")
     if status == 403:
         return DialRefused(closecodes.FORBIDDEN,
-                           f"the relay may not open the console of {what}: its ServiceAccount "
-                           f"needs get on virtualmachineinstances/vnc ({GROUP}); enable "
-                           "kubevirt.enabled in the chart")
+                           "the relay may not get virtualmachineinstances/vnc (chart value "
+                           f"kubevirt.enabled) in {namespace}")
     if status == 404:
-        if "the server could not find the requested resource" in body and "kind" not in body:
+        if "could not find the requested resource" in body:
             return DialRefused(closecodes.BAD_UPSTREAM,
-                               "KubeVirt is not installed in this cluster (no "
-                               f"{GROUP} API)")
+                               f"KubeVirt is not installed in this cluster (no {GROUP} API)")
         return DialRefused(closecodes.BAD_UPSTREAM,
-                           f"{what} does not exist; is the virtual machine running?")
+                           f"virtualmachineinstance {name} does not exist; is the VM running?")
     if status == 503:
         return DialRefused(closecodes.BAD_UPSTREAM,
                            f"KubeVirt's API ({GROUP}) is not available now; try again later")
     detail = " ".join(body.split())[:200]
     return DialRefused(closecodes.BAD_UPSTREAM,
-                       f"KubeVirt refused the console of {what} (HTTP {status}"
+                       f"KubeVirt refused the console of {name} (HTTP {status}"
                        + (f": {detail}" if detail else "") + ")")
 
 
