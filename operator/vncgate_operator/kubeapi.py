@@ -160,6 +160,17 @@ class KubeVirtApi:
             raise
         return found if isinstance(found, dict) else None
 
+    async def current_version(self, plural: str, namespace: str | None) -> str:
+        """The collection's resourceVersion (a list of at most one object): where a watch of
+        changes from now on starts. KubeVirtAbsent if the API is not served."""
+        try:
+            found = await self.client.request("GET", f"{self.path(plural, namespace)}?limit=1")
+        except KubeError as exc:
+            if exc.status == 404:
+                raise KubeVirtAbsent() from None
+            raise
+        return str(((found or {}).get("metadata") or {}).get("resourceVersion") or "")
+
     async def watch(self, plural: str, namespace: str | None, resource_version: str | None,
                     timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
         """Watch events; KubeVirtAbsent if the API is not served."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,11 +123,16 @@ class KubeVirtWatch:
         delay, version = BACKOFF_FIRST, None
         while True:
             try:
-                async for event in self.api.watch(plural, namespace, version):
+                if not version:
+                    # List (one object) for where to start: that the API answers is how the
+                    # arrival of KubeVirt is seen, even with no VM yet to send an event.
+                    version = await self.api.current_version(plural, namespace)
                     if self.absent:
                         self.absent = False
-                        logger.info("watching KubeVirt's %s", plural)
+                        logger.info("KubeVirt's %s are served: watching them", plural)
                         self.appeared()
+                opened = time.monotonic()
+                async for event in self.api.watch(plural, namespace, version):
                     delay = BACKOFF_FIRST
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
@@ -136,9 +142,9 @@ class KubeVirtWatch:
                     version = meta.get("resourceVersion") or version
                     if event.get("type") != "BOOKMARK" and meta.get("name"):
                         self.changed(str(meta.get("namespace") or ""), str(meta["name"]))
-                else:
+                if time.monotonic() - opened > BACKOFF_FIRST:
                     continue  # the server ended the watch: resume from `version`
-                continue
+                # Ended at once: wait before the next one (never a hot loop)
             except KubeVirtAbsent:
                 if not self.absent:
                     logger.warning("KubeVirt's %s are no longer served", plural)
