@@ -140,17 +140,17 @@ async def test_relay_opens_a_vmi_console_through_the_api_server(
     kubeconfig = relay_account(control_plane, namespace, tmp_path, may_open=True)
     url_path = f"/t/{namespace}/vm-1/websockify"
     async with make_relay(routes=[kubevirt_route(namespace, "vm-1")],
-                          kubeconfig=kubeconfig) as relay, aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"{relay.public_url}{url_path}", protocols=("binary",)) as ws:
-            assert await rfb_handshake(ws) == (800, 600)
-            # KubeVirt keeps one VNC connection per VMI: the target is exclusive, and a
-            # second viewer is told who holds it instead of silently taking it over.
-            async with http.ws_connect(f"{relay.public_url}{url_path}",
-                                       protocols=("binary",)) as second:
-                code, reason = await closed_with(second)
-            assert code == closecodes.CONFLICT
-            assert reason.startswith("in use by "), reason
-            assert kubevirt_api.replaced == 0
+                          kubeconfig=kubeconfig) as relay, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{relay.public_url}{url_path}", protocols=("binary",)) as ws:
+        assert await rfb_handshake(ws) == (800, 600)
+        # KubeVirt keeps one VNC connection per VMI: the target is exclusive, and a second
+        # viewer is told who holds it instead of silently taking the VM's console over.
+        async with http.ws_connect(f"{relay.public_url}{url_path}",
+                                   protocols=("binary",)) as second:
+            code, reason = await closed_with(second)
+        assert code == closecodes.CONFLICT
+        assert reason.startswith("in use by "), reason
+        assert kubevirt_api.replaced == 0
     # The API server proxied it as the relay's ServiceAccount (its own token, its CA).
     assert (f"system:serviceaccount:{namespace}:relay", namespace, "vm-1") in \
         kubevirt_api.requests

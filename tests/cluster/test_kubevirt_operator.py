@@ -91,9 +91,8 @@ def reachable(plane: ControlPlane, namespace: str, name: str, reason: str,
         conditions = {c["type"]: c for c in status.get("conditions") or ()}
         return status if conditions.get("Reachable", {}).get("reason") == reason else None
 
-    found = wait_until(seen, f"{namespace}/{name} Reachable reason {reason}", timeout=90,
-                       context=lambda: status_of(plane, namespace, name))
-    return found
+    return wait_until(seen, f"{namespace}/{name} Reachable reason {reason}", timeout=90,
+                      context=lambda: status_of(plane, namespace, name))
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
