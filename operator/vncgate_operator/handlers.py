@@ -28,7 +28,7 @@ object), and would touch asyncio's primitives off the loop's thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -125,8 +125,12 @@ async def index_target_service(*, namespace: str | None, name: str, body: kopf.B
 
 async def index_target_kubevirt(*, namespace: str | None, name: str, body: kopf.Body,
                                 **_: Any) -> dict[ObjectKey, str] | None:
-    vm = IndexedTarget.from_body(body).kubevirt
-    return None if vm is None else {(namespace or "", vm): name}
+    # Read straight from the body (no second parse of every target's spec per event): only
+    # kubevirt targets get an entry; a name that is not one matches no VM event anyway.
+    endpoint = (body.get("spec") or {}).get("endpoint") or {}
+    ref = endpoint.get("kubevirt") if isinstance(endpoint, Mapping) else None
+    vm = ref.get("name") if isinstance(ref, Mapping) else None
+    return {(namespace or "", vm): name} if isinstance(vm, str) and vm else None
 
 
 async def index_service(*, namespace: str | None, name: str, body: kopf.Body,

@@ -24,7 +24,7 @@ import aiohttp
 import kopf
 
 from vncgate.common.model import Route
-from vncgate.common.spec import KubeVirtRef, ServiceRef, VncTargetSpec
+from vncgate.common.spec import ServiceRef, VncTargetSpec
 from vncgate.operator import credentials, kubevirt
 from vncgate.operator.discovery import union_urls
 from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
@@ -91,13 +91,6 @@ class IndexedTarget:
     def service(self) -> str | None:
         """The Service this target's endpoint names, if any."""
         if isinstance(self.spec, VncTargetSpec) and isinstance(self.spec.endpoint, ServiceRef):
-            return self.spec.endpoint.name
-        return None
-
-    @property
-    def kubevirt(self) -> str | None:
-        """The KubeVirt VM this target's endpoint names, if any."""
-        if isinstance(self.spec, VncTargetSpec) and isinstance(self.spec.endpoint, KubeVirtRef):
             return self.spec.endpoint.name
         return None
 
