@@ -306,9 +306,28 @@ class KubeVirtStream(asyncio.Protocol):
             if self._opcode >= 0x8:
                 self._control += take
             elif take:
-                self.inner.data_received(bytes(take))  # type: ignore[attr-defined]
+                self._deliver(take)
             if self._remaining == 0:
                 self._frame_done()
+
+    def _deliver(self, data: memoryview) -> None:
+        """Hand bytes to the inner protocol: a plain Protocol's data_received (the bridge's
+        Upstream has one), or a BufferedProtocol's buffers (asyncio's TLS layer, when
+        VeNCrypt starts TLS over this stream)."""
+        inner = self.inner
+        receive = getattr(inner, "data_received", None)
+        if receive is not None:
+            receive(bytes(data))
+            return
+        assert isinstance(inner, asyncio.BufferedProtocol)
+        while data:
+            buffer = memoryview(inner.get_buffer(len(data))).cast("B")
+            size = min(len(buffer), len(data))
+            if not size:
+                raise RuntimeError("the protocol offered an empty buffer")
+            buffer[:size] = data[:size]
+            inner.buffer_updated(size)
+            data = data[size:]
 
     def _header_size(self) -> int:
         if len(self._parse) < 2:

@@ -9,6 +9,7 @@ same API server, and the target's status following the VMI's phase.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Iterator
@@ -18,6 +19,13 @@ import aiohttp
 import pytest
 
 from tests.conftest import RelayFactory
+from tests.relay.test_sessions import pointer_position
+from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
+    SERVER_NAME,
+    secrets_dir,
+    vncauth_xvnc,
+    x509_xvnc,
+)
 from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import (
     BACKEND_PORT,
@@ -30,7 +38,7 @@ from tests.support.kubevirt import (
 from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.common.spec import KUBEVIRT_SESSIONS
+from vncgate.common.spec import KUBEVIRT_SESSIONS, Credentials, TlsSpec
 from vncgate.relay import closecodes
 
 VNC_RULE = {"apiGroups": ["subresources.kubevirt.io"],
@@ -183,3 +191,74 @@ async def test_a_vmi_that_does_not_exist(
         code, reason = await closed_with(ws)
     assert code == closecodes.BAD_UPSTREAM
     assert reason == "virtualmachineinstance gone does not exist; is the VM running?", reason
+
+
+# -- what applies to every endpoint applies through KubeVirt too ----------------------------
+
+
+async def pointer_through(relay_url: str, namespace: str, target: str, x: int, y: int) -> None:
+    """Full handshake, a PointerEvent, then an update request answered: the server has read
+    everything sent before it."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{relay_url}/t/{namespace}/{target}/websockify", protocols=("binary",)) as ws:
+        width, height = await rfb_handshake(ws)
+        stream = WsStream(ws)
+        await ws.send_bytes(struct.pack("!BBHH", 5, 0, x, y))
+        await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, width // 2, height // 2, 1, 1))
+        # The reply to rfb_handshake's request may still be on its way: read to a second one.
+        updates = 0
+        while updates < 1:
+            (kind,) = await stream.read(1)
+            assert kind == 0, f"unexpected server message {kind}"
+            _, rects = struct.unpack("!BH", await stream.read(3))
+            for _ in range(rects):
+                _, _, w, h, encoding = struct.unpack("!HHHHi", await stream.read(12))
+                assert encoding == 0 or w * h == 0, "raw encoding expected (none was set)"
+                await stream.read(w * h * 4)
+            updates += 1
+
+
+async def test_view_only_and_credentials_apply_to_kubevirt_targets(
+        kubevirt_api: KubeVirtBackend, control_plane: ControlPlane, namespace: str,
+        make_relay: RelayFactory, xvnc: XvncServer, vncauth_xvnc: XvncServer,  # noqa: F811
+        secrets_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    kubevirt_api.consoles.update({(namespace, "vm-rw"): xvnc.port,
+                                  (namespace, "vm-ro"): xvnc.port,
+                                  (namespace, "vm-pw"): vncauth_xvnc.port})
+    kubeconfig = relay_account(control_plane, namespace, tmp_path, may_open=True)
+    routes = [kubevirt_route(namespace, "vm-rw"),
+              dataclasses.replace(kubevirt_route(namespace, "vm-ro"), view_only=True),
+              dataclasses.replace(kubevirt_route(namespace, "vm-pw"), credentials=Credentials(
+                  password_file=str(secrets_dir / "password")))]
+    async with make_relay(routes=routes, kubeconfig=kubeconfig) as relay:
+        # The relay logs in with the stored password over the KubeVirt stream; the viewer is
+        # offered None only and gets the server's real desktop.
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"{relay.public_url}/t/{namespace}/vm-pw/websockify",
+                protocols=("binary",)) as ws:
+            assert await rfb_handshake(ws) == (800, 600)
+        # The pointer moves through an interactive target (the control) ...
+        await pointer_through(relay.public_url, namespace, "vm-rw", 123, 45)
+        wait_until(lambda: pointer_position(xvnc) == (123, 45), "the pointer at (123, 45)",
+                   timeout=10)
+        # ... and not through a view-only one: the relay dropped the message.
+        await pointer_through(relay.public_url, namespace, "vm-ro", 300, 300)
+        assert pointer_position(xvnc) == (123, 45)
+
+
+async def test_vencrypt_x509_over_the_kubevirt_stream(
+        kubevirt_api: KubeVirtBackend, control_plane: ControlPlane, namespace: str,
+        make_relay: RelayFactory, x509_xvnc: XvncServer, secrets_dir: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    # TLS started by the relay inside the WebSocket (asyncio's TLS layer over its transport).
+    kubevirt_api.consoles[(namespace, "vm-tls")] = x509_xvnc.port
+    kubeconfig = relay_account(control_plane, namespace, tmp_path, may_open=True)
+    route = dataclasses.replace(
+        kubevirt_route(namespace, "vm-tls"),
+        credentials=Credentials(password_file=str(secrets_dir / "password")),
+        tls=TlsSpec(ca_file=str(secrets_dir / "ca.crt"), server_name=SERVER_NAME))
+    async with make_relay(routes=[route], kubeconfig=kubeconfig) as relay, \
+            aiohttp.ClientSession() as http, http.ws_connect(
+                f"{relay.public_url}/t/{namespace}/vm-tls/websockify",
+                protocols=("binary",)) as ws:
+        assert await rfb_handshake(ws) == (800, 600)
