@@ -114,8 +114,20 @@ class WsStream:
         return data
 
 
-async def rfb_handshake(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int]:
-    """Security None, ClientInit; the framebuffer size from ServerInit."""
+async def read_update(stream: WsStream) -> None:
+    """One whole FramebufferUpdate (no SetEncodings was sent: Raw, 32 bits per pixel)."""
+    (kind,) = await stream.read(1)
+    assert kind == 0, f"expected a FramebufferUpdate, got message type {kind}"
+    _, rects = struct.unpack("!BH", await stream.read(3))
+    for _ in range(rects):
+        _, _, width, height, encoding = struct.unpack("!HHHHi", await stream.read(12))
+        assert encoding == 0, f"Raw encoding expected, got {encoding}"
+        await stream.read(width * height * 4)
+
+
+async def rfb_session(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int, WsStream]:
+    """Security None, ClientInit, one pixel asked for and its update read whole: the stream
+    flows both ways. The framebuffer size and the stream, at a message boundary."""
     stream = WsStream(ws)
     assert await stream.read(12) == b"RFB 003.008\n"
     await ws.send_bytes(b"RFB 003.008\n")
@@ -128,9 +140,13 @@ async def rfb_handshake(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int]:
     await stream.read(16)
     (name_length,) = struct.unpack("!I", await stream.read(4))
     await stream.read(name_length)
-    # One pixel asked for, a FramebufferUpdate back: the stream flows both ways.
     await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, width // 2, height // 2, 1, 1))
-    assert (await stream.read(1)) == b"\x00"
+    await read_update(stream)
+    return width, height, stream
+
+
+async def rfb_handshake(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int]:
+    width, height, _ = await rfb_session(ws)
     return width, height
 
 
@@ -197,25 +213,13 @@ async def test_a_vmi_that_does_not_exist(
 
 
 async def pointer_through(relay_url: str, namespace: str, target: str, x: int, y: int) -> None:
-    """Full handshake, a PointerEvent, then an update request answered: the server has read
-    everything sent before it."""
+    """A PointerEvent, then an update request answered: the server has read what came before."""
     async with aiohttp.ClientSession() as http, http.ws_connect(
             f"{relay_url}/t/{namespace}/{target}/websockify", protocols=("binary",)) as ws:
-        width, height = await rfb_handshake(ws)
-        stream = WsStream(ws)
+        width, height, stream = await rfb_session(ws)
         await ws.send_bytes(struct.pack("!BBHH", 5, 0, x, y))
         await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, width // 2, height // 2, 1, 1))
-        # The reply to rfb_handshake's request may still be on its way: read to a second one.
-        updates = 0
-        while updates < 1:
-            (kind,) = await stream.read(1)
-            assert kind == 0, f"unexpected server message {kind}"
-            _, rects = struct.unpack("!BH", await stream.read(3))
-            for _ in range(rects):
-                _, _, w, h, encoding = struct.unpack("!HHHHi", await stream.read(12))
-                assert encoding == 0 or w * h == 0, "raw encoding expected (none was set)"
-                await stream.read(w * h * 4)
-            updates += 1
+        await read_update(stream)
 
 
 async def test_view_only_and_credentials_apply_to_kubevirt_targets(
