@@ -80,6 +80,31 @@ class TargetApi:
                                     {"status": dict(changes)})
         return reply if isinstance(reply, dict) else {}
 
+    async def create(self, body: Mapping[str, Any]) -> None:
+        """Create a VncTarget; KubeError 409 if one of that name exists."""
+        namespace = str(body["metadata"]["namespace"])
+        await self._request("POST", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/"
+                                    f"{PLURAL}", dict(body))
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await self._request("GET", self._path(namespace, name), None)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found if isinstance(found, dict) else None
+
+    async def delete(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the VncTarget if it is still the object `uid` (a precondition: never one that
+        was replaced meanwhile); 404 and 409 are not errors."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        try:
+            await self._request("DELETE", self._path(namespace, name), body)
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise
+
     async def drop_finalizer(self, namespace: str, name: str, finalizers: list[str],
                              resource_version: str | None) -> None:
         """Remove the old finalizer; conditional on the resourceVersion that was seen (409:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -33,6 +33,12 @@ NOT_FOUND = "VirtualMachineNotFound"
 NOT_INSTALLED = "KubeVirtNotInstalled"
 NOT_READABLE = "KubeVirtNotReadable"
 BACKOFF_FIRST, BACKOFF_LONGEST = 1.0, 60.0
+# Discovery (--kubevirt-discovery): a VM with this label gets a VncTarget of its own name,
+# owned by the VM (the garbage collector deletes it with the VM); its display name from the
+# annotation.
+DISCOVERY_LABEL = "vncgate.io/console"
+DISPLAY_NAME_ANNOTATION = "vncgate.io/display-name"
+MANAGED_BY = ("app.kubernetes.io/managed-by", "vncgate-operator")
 _NOT_YET = ("Pending", "Scheduling", "Scheduled", "")
 
 
@@ -91,6 +97,40 @@ async def check(api: KubeVirtApi, namespace: str, name: str) -> ProbeResult:
         raise
 
 
+def wants_console(vm: Mapping[str, Any]) -> bool:
+    labels = (vm.get("metadata") or {}).get("labels") or {}
+    return str(labels.get(DISCOVERY_LABEL, "")).lower() == "true"
+
+
+def discovered_target(vm: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The VncTarget that discovery makes for a labelled VM (None: not labelled, or not a
+    complete object)."""
+    meta = vm.get("metadata") or {}
+    name, namespace, uid = meta.get("name"), meta.get("namespace"), meta.get("uid")
+    if not wants_console(vm) or not (name and namespace and uid):
+        return None
+    spec: dict[str, Any] = {"endpoint": {"kubevirt": {"name": name}}}
+    display = str((meta.get("annotations") or {}).get(DISPLAY_NAME_ANNOTATION) or "")
+    if display:
+        spec["displayName"] = display[:256]
+    return {
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {
+            "name": name, "namespace": namespace, "labels": dict([MANAGED_BY]),
+            "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                 "name": name, "uid": uid, "controller": True,
+                                 "blockOwnerDeletion": False}]},
+        "spec": spec,
+    }
+
+
+def owned_by(target: Mapping[str, Any], vm_uid: str) -> bool:
+    """Whether discovery made this VncTarget for the VM `vm_uid` (its controller reference)."""
+    refs = (target.get("metadata") or {}).get("ownerReferences") or ()
+    return any(ref.get("uid") == vm_uid and ref.get("controller") and
+               ref.get("kind") == "VirtualMachine" for ref in refs)
+
+
 class KubeVirtWatch:
     """Watches VMs and VMIs (cluster-wide, or per namespace) and calls `changed(ns, name)`.
 
@@ -99,11 +139,15 @@ class KubeVirtWatch:
     """
 
     def __init__(self, api: KubeVirtApi, namespaces: tuple[str, ...],
-                 changed: Callable[[str, str], None], appeared: Callable[[], None]) -> None:
+                 changed: Callable[[str, str], None], appeared: Callable[[], None],
+                 vm_seen: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None
+                 ) -> None:
         self.api = api
         self.namespaces = namespaces or (None,)
         self.changed = changed
         self.appeared = appeared
+        # Discovery: each VirtualMachine event (type, object), awaited in the watch's order.
+        self.vm_seen = vm_seen
         self.absent = True
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -123,6 +167,7 @@ class KubeVirtWatch:
         delay, version = BACKOFF_FIRST, None
         while True:
             try:
+                start_from = version
                 if not version:
                     # List (one object) for where to start: that the API answers is how the
                     # arrival of KubeVirt is seen, even with no VM yet to send an event.
@@ -131,8 +176,11 @@ class KubeVirtWatch:
                         self.absent = False
                         logger.info("KubeVirt's %s are served: watching them", plural)
                         self.appeared()
+                    # Discovery needs every VM once: a watch without a version begins with
+                    # an ADDED event per existing object.
+                    start_from = None if plural == VMS and self.vm_seen is not None else version
                 opened = time.monotonic()
-                async for event in self.api.watch(plural, namespace, version):
+                async for event in self.api.watch(plural, namespace, start_from):
                     delay = BACKOFF_FIRST
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
@@ -142,6 +190,8 @@ class KubeVirtWatch:
                     version = meta.get("resourceVersion") or version
                     if event.get("type") != "BOOKMARK" and meta.get("name"):
                         self.changed(str(meta.get("namespace") or ""), str(meta["name"]))
+                        if plural == VMS and self.vm_seen is not None:
+                            await self.vm_seen(str(event.get("type")), obj)
                 if time.monotonic() - opened > BACKOFF_FIRST:
                     continue  # the server ended the watch: resume from `version`
                 # Ended at once: wait before the next one (never a hot loop)

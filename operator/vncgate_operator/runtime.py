@@ -143,8 +143,9 @@ class Runtime:
         self.by_kubevirt = by_kubevirt  # (namespace, VM) -> names of targets naming it
         self.kubevirt_api = KubeVirtApi(api.client)
         # Started with the first KubeVirt target: clusters without any never watch KubeVirt.
-        self.kubevirt_watch = KubeVirtWatch(self.kubevirt_api, config.namespaces,
-                                            self.vm_changed, self.kubevirt_appeared)
+        self.kubevirt_watch = KubeVirtWatch(
+            self.kubevirt_api, config.namespaces, self.vm_changed, self.kubevirt_appeared,
+            self.discover if config.kubevirt_discovery else None)
         self.fleet = RelayFleet(session, config.api_token, config.relay_urls,
                                 timeout=config.relay_timeout, route_of=self.route_of,
                                 desired=self.desired_routes)
@@ -275,6 +276,36 @@ class Runtime:
         for name in self.by_kubevirt.get((namespace, vm), ()):
             self.scheduler.schedule(f"{namespace}/{name}", 0.0)
 
+    async def discover(self, event_type: str, vm: Mapping[str, Any]) -> None:
+        """--kubevirt-discovery: a labelled VM gets its VncTarget; unlabelled, the one made for
+        it goes. A deleted VM's target is the garbage collector's (its owner reference)."""
+        meta = vm.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        exists = self.entry(f"{namespace}/{name}") is not None
+        try:
+            if event_type == "DELETED":
+                return
+            wanted = kubevirt.discovered_target(vm)
+            if wanted is not None and not exists:
+                try:
+                    await self.api.create(wanted)
+                    logger.info("%s/%s: created a VncTarget for the labelled VirtualMachine",
+                                namespace, name)
+                except KubeError as exc:
+                    if exc.status != 409:  # 409: one of that name exists (ours or not)
+                        raise
+            elif wanted is None and exists and not kubevirt.wants_console(vm):
+                target = await self.api.get(namespace, name)
+                uid = str(meta.get("uid") or "")
+                if target is not None and uid and kubevirt.owned_by(target, uid):
+                    await self.api.delete(namespace, name,
+                                          str((target.get("metadata") or {}).get("uid")))
+                    logger.info("%s/%s: deleted the VncTarget of a VirtualMachine that is no "
+                                "longer labelled %s", namespace, name, kubevirt.DISCOVERY_LABEL)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("%s/%s: discovery of the VirtualMachine failed: %s", namespace,
+                           name, exc)
+
     def kubevirt_appeared(self) -> None:
         """The kubevirt.io API came (or went): look at every KubeVirt target again."""
         if self.by_kubevirt is None:
@@ -379,6 +410,8 @@ class Runtime:
             asyncio.create_task(self.scheduler.run(), name="vncgate scheduler"),
             asyncio.create_task(self.replay_events(), name="vncgate event replay"),
         ]
+        if self.config.kubevirt_discovery:
+            self.kubevirt_watch.start()  # not only with the first kubevirt target
 
     async def close(self) -> None:
         """Stop the background work and close the clients; a second call does nothing."""

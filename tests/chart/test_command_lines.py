@@ -178,7 +178,8 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "recording": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
-        "kubevirt": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "kubevirt": {"public_url": "http://127.0.0.1:8080", "namespaces": (),
+                     "kubevirt_discovery": True},
     }
     expected = by_values[ci_id(values)]
     for field, value in expected.items():

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART, CI_VALUES, Rendered, ci_id, helm, render
+from tests.chart.conftest import CHART, CI_VALUES, RELEASE, Rendered, ci_id, helm, render
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBERNETES_VERSIONS = ("1.29", "1.35")
@@ -591,6 +591,15 @@ def test_kubevirt_rbac_only_when_enabled() -> None:
         {"kind": "ServiceAccount", "name": RELAY, "namespace": "vncgate-system"}]
     granted = granted_rules(on, OPERATOR)
     assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
+    # Discovery creates and deletes the VncTargets of labelled VMs.
+    assert {"create", "delete"} <= granted[("vncgate.io", "vnctargets")]
+    assert "--kubevirt-discovery" in on.one("Deployment", OPERATOR)["spec"]["template"][
+        "spec"]["containers"][0]["args"]
+    without = render(sets=("kubevirt.enabled=true",))
+    assert not {"create", "delete"} & granted_rules(without, OPERATOR)[("vncgate.io",
+                                                                        "vnctargets")]
+    assert "--kubevirt-discovery" not in without.one("Deployment", OPERATOR)["spec"][
+        "template"]["spec"]["containers"][0]["args"]
     # The relay needs its token for the API server even with every other feature off.
     minimal = render([CHART / "ci" / "kubevirt-values.yaml"], sets=(
         "relay.authorization=manifest", "relay.leases.enabled=false",
@@ -611,3 +620,9 @@ def test_kubevirt_rbac_in_watched_namespaces_only() -> None:
         if role["metadata"]["name"] == OPERATOR:
             granted = granted_rules(Rendered((role,)))
             assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
+
+
+def test_kubevirt_discovery_needs_kubevirt_enabled() -> None:
+    result = helm("template", RELEASE, CHART, "--set", "kubevirt.discovery=true", check=False)
+    assert result.returncode != 0
+    assert "kubevirt.discovery=true needs kubevirt.enabled=true" in result.stderr

@@ -9,7 +9,7 @@ first look comes from the operator's watch of VMs and VMIs, not from a periodic 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def kubevirt_release(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
     namespace, home = "vncgate-kubevirt", tmp_path_factory.mktemp("helm-home")
     helm(plane, home, "install", "vncgate", str(CHART), "--namespace", namespace,
          "--create-namespace", "--set", "ingress.host=vnc.example.com",
-         "--set", "kubevirt.enabled=true")
+         "--set", "kubevirt.enabled=true", "--set", "kubevirt.discovery=true")
     try:
         yield Release(plane, namespace, home)
     finally:
@@ -57,22 +57,38 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
         yield relay
 
 
+OperatorFactory = Callable[..., ConsoleScript]
+
+
 @pytest.fixture
-def operator(kubevirt_release: Release, relay: Relay, tmp_path: Path
-             ) -> Iterator[ConsoleScript]:
+def start_operator(kubevirt_release: Release, relay: Relay, tmp_path: Path
+                   ) -> Iterator[OperatorFactory]:
     plane = kubevirt_release.plane
-    kubeconfig = plane.service_account_kubeconfig(
-        tmp_path / "operator.kubeconfig", kubevirt_release.namespace,
-        kubevirt_release.operator_account)
-    script = ConsoleScript("vncgate-operator", [
-        f"--relay-url={relay.internal_url}", f"--api-token-file={relay.token_file}",
-        "--public-url=https://vnc.example.com", "--allow-cidr=127.0.0.0/8",
-        "--probe-interval=1h", "--resync-interval=3s", "--liveness=off", "--standalone"],
-        tmp_path, env={"KUBECONFIG": str(kubeconfig)})
-    with script:
-        yield script
-    assert 'cannot list resource' not in script.log() and \
-        'cannot watch resource' not in script.log(), "the chart's RBAC refused the operator"
+    started: list[ConsoleScript] = []
+
+    def start(*extra: str) -> ConsoleScript:
+        kubeconfig = plane.service_account_kubeconfig(
+            tmp_path / "operator.kubeconfig", kubevirt_release.namespace,
+            kubevirt_release.operator_account)
+        script = ConsoleScript("vncgate-operator", [
+            f"--relay-url={relay.internal_url}", f"--api-token-file={relay.token_file}",
+            "--public-url=https://vnc.example.com", "--allow-cidr=127.0.0.0/8",
+            "--probe-interval=1h", "--resync-interval=3s", "--liveness=off", "--standalone",
+            *extra], tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+        started.append(script.start())
+        return script
+
+    yield start
+    for script in started:
+        script.stop()
+        log = script.log()
+        assert "cannot list resource" not in log and "cannot watch resource" not in log and \
+            "cannot create resource" not in log, "the chart's RBAC refused the operator"
+
+
+@pytest.fixture
+def operator(start_operator: OperatorFactory) -> ConsoleScript:
+    return start_operator()
 
 
 def kubevirt_target(namespace: str, name: str, vm: str) -> dict[str, Any]:
@@ -151,3 +167,52 @@ def test_status_follows_the_virtual_machine(
     status = reachable(plane, namespace, "vm-1", "VirtualMachineStopped", operator)
     assert status["phase"] == "Unreachable"
     assert condition(status, "Ready")["status"] == "False"
+
+
+def test_discovery_makes_a_target_per_labelled_vm(
+        kubevirt_release: Release, namespace: str, relay: Relay,
+        start_operator: OperatorFactory) -> None:
+    plane = kubevirt_release.plane
+    plane.kubectl("apply", "-f", str(KUBEVIRT_CRDS))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/virtualmachines.kubevirt.io", "crd/virtualmachineinstances.kubevirt.io")
+    vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+          "metadata": {"name": "vm-1", "namespace": namespace,
+                       "labels": {"vncgate.io/console": "true"},
+                       "annotations": {"vncgate.io/display-name": "Lab VM 1"}},
+          "spec": {"runStrategy": "Always", "template": {"spec": {}}}}
+    # One labelled before the operator starts, one after: both are found.
+    plane.apply(vm)
+    operator = start_operator("--kubevirt-discovery")
+    plane.apply({**vm, "metadata": {**vm["metadata"], "name": "vm-2"}})
+    plane.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                 "metadata": {"name": "vm-3", "namespace": namespace},
+                 "spec": {"runStrategy": "Always", "template": {"spec": {}}}})
+
+    def targets() -> set[str]:
+        operator.check_running()
+        listing = plane.get("vnc", "-n", namespace)["items"]
+        return {item["metadata"]["name"] for item in listing}
+
+    wait_until(lambda: targets() == {"vm-1", "vm-2"}, "VncTargets for the labelled VMs",
+               context=targets)
+    target = plane.get("vnc", "vm-1", "-n", namespace)
+    owner = plane.get("vm", "vm-1", "-n", namespace)["metadata"]["uid"]
+    assert target["spec"] == {"endpoint": {"kubevirt": {"name": "vm-1"}},
+                              "displayName": "Lab VM 1", "viewOnly": False}  # CRD default
+    assert [(r["kind"], r["name"], r["uid"], r["controller"])
+            for r in target["metadata"]["ownerReferences"]] == [
+        ("VirtualMachine", "vm-1", owner, True)]
+    # It is a target like any other: Ready while its instance runs.
+    plane.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                 "metadata": {"name": "vm-1", "namespace": namespace}, "spec": {}})
+    set_vmi_phase(plane, namespace, "vm-1", "Running")
+    wait_until(lambda: status_of(plane, namespace, "vm-1").get("phase") == "Ready",
+               "the discovered target Ready", context=lambda: status_of(plane, namespace, "vm-1"))
+    # The label goes: so does the target.
+    plane.kubectl("label", "vm", "vm-2", "-n", namespace, "vncgate.io/console-")
+    wait_until(lambda: targets() == {"vm-1"}, "the unlabelled VM's target deleted",
+               context=targets)
+    # The VM goes: the garbage collector deletes its target (the owner reference).
+    plane.kubectl("delete", "vm", "vm-1", "-n", namespace)
+    wait_until(lambda: targets() == set(), "the deleted VM's target deleted", context=targets)

@@ -21,6 +21,7 @@ from vncgate.common.spec import (
 from vncgate.operator import kubevirt as verdicts
 from vncgate.operator.policy import AddressPolicy
 from vncgate.operator.resolve import evaluate
+from vncgate.operator.settings import parse_args
 from vncgate.relay import closecodes
 from vncgate.relay.kubevirt import (
     DialRefused,
@@ -293,3 +294,35 @@ def test_the_verdict_on_a_vm(vm: dict[str, Any] | None, vmi: dict[str, Any] | No
     result = verdicts.verdict("lab", "vm-1", vm, vmi)
     assert (result.ok, result.reason) == (ok, reason)
     assert "lab/vm-1" in result.message
+
+
+# -- discovery -------------------------------------------------------------------------------
+
+
+def labelled_vm(**labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": "vm-1", "namespace": "lab", "uid": "u-1", "labels": labels,
+                         "annotations": {"vncgate.io/display-name": "Lab VM"}}}
+
+
+def test_discovery_makes_an_owned_target_for_a_labelled_vm() -> None:
+    target = verdicts.discovered_target(labelled_vm(**{"vncgate.io/console": "true"}))
+    assert target is not None
+    assert target["metadata"]["ownerReferences"] == [
+        {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "vm-1", "uid": "u-1",
+         "controller": True, "blockOwnerDeletion": False}]
+    assert target["spec"] == {"endpoint": {"kubevirt": {"name": "vm-1"}},
+                              "displayName": "Lab VM"}
+    assert parse_spec(target["spec"]).sessions.exclusive  # a spec the parser takes
+    assert verdicts.owned_by(target, "u-1") and not verdicts.owned_by(target, "u-2")
+
+
+@pytest.mark.parametrize("labels", [{}, {"vncgate.io/console": "false"}, {"other": "true"}])
+def test_discovery_ignores_unlabelled_vms(labels: dict[str, str]) -> None:
+    assert verdicts.discovered_target(labelled_vm(**labels)) is None
+
+
+def test_the_discovery_flag() -> None:
+    base = ["--relay-url=http://127.0.0.1:8081", f"--api-token-file={__file__}"]
+    assert parse_args(base, environ={}).kubevirt_discovery is False
+    assert parse_args([*base, "--kubevirt-discovery"], environ={}).kubevirt_discovery is True
+    assert parse_args(base, environ={"VNCGATE_KUBEVIRT_DISCOVERY": "true"}).kubevirt_discovery
