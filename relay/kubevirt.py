@@ -226,13 +226,13 @@ class KubeVirtStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
 
+    # The API server's connection is over (or back under) its high-water mark: the inner
+    # protocol's writes wait (the bridge's drain), as they would on a TCP transport.
     def pause_writing(self) -> None:
-        if isinstance(self.inner, asyncio.Protocol | asyncio.BufferedProtocol):
-            self.inner.pause_writing()
+        self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if isinstance(self.inner, asyncio.Protocol | asyncio.BufferedProtocol):
-            self.inner.resume_writing()
+        self.inner.resume_writing()
 
     # -- the upgrade ----------------------------------------------------------------------
 

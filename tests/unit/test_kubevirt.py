@@ -131,6 +131,7 @@ def test_client_frames_are_masked() -> None:
 
 class Inner(asyncio.Protocol):
     def __init__(self) -> None:
+        self.paused = False
         self.data = bytearray()
         self.transport: WebSocketTransport | None = None
         self.lost: list[Exception | None] = []
@@ -150,6 +151,12 @@ class Inner(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.append(exc)
 
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
 
 class Outer(asyncio.Transport):
     """What the stream writes to the API server, and whether it was closed."""
@@ -158,6 +165,13 @@ class Outer(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
@@ -220,6 +234,21 @@ async def test_writes_become_masked_binary_frames() -> None:
     frame = bytes(outer.written[before:])
     assert frame[0] == 0x82 and frame[1] == 0x80 | 12
     assert mask(frame[6:], frame[2:6]) == b"RFB 003.008\n"
+
+
+async def test_flow_control_passes_through_both_ways() -> None:
+    stream, inner, outer = upgraded_stream()
+    assert inner.transport is not None
+    # A slow browser: the bridge pauses reading from the VNC side, i.e. the API server.
+    inner.transport.pause_reading()
+    assert not outer.reading and not inner.transport.is_reading()
+    inner.transport.resume_reading()
+    assert outer.reading
+    # A slow API server: the bridge's writes wait for its drain.
+    stream.pause_writing()
+    assert inner.paused
+    stream.resume_writing()
+    assert not inner.paused
 
 
 async def test_a_close_frame_ends_the_stream_like_a_fin() -> None:
