@@ -154,6 +154,18 @@ async def test_not_vnc_is_refused_and_nothing_is_forwarded(http: aiohttp.ClientS
     assert bridge.session_count == 0
 
 
+async def test_a_kubevirt_route_is_refused_by_the_embedded_bridge(
+        http: aiohttp.ClientSession) -> None:
+    bridge, app = bridge_app(Route("a", "vm", "", 0, kubevirt="vm-1",
+                                   sessions=SessionPolicy(mode="exclusive")),
+                             lambda request: Viewer("alice"))
+    async with serving(app) as url, http.ws_connect(f"{url}/ws") as ws:
+        code, reason = await receive_close(ws)
+    assert (code, reason) == (closecodes.INTERNAL_ERROR,
+                              "this relay cannot open KubeVirt consoles")
+    assert bridge.session_count == 0
+
+
 async def test_denied_is_4403_with_the_apps_reason_and_metrics_go_to_its_registry(
         http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
