@@ -55,6 +55,9 @@ class Route:
     # The relay answers the server's security with these (relay.rfbsecurity); names, not secrets.
     credentials: Credentials | None = None
     tls: TlsSpec | None = None
+    # endpoint.kubevirt: the VirtualMachineInstance (in `namespace`) whose vnc subresource the
+    # relay opens through the API server; host and port are then unused ("", 0).
+    kubevirt: str | None = None
 
     @property
     def key(self) -> str:
@@ -62,14 +65,22 @@ class Route:
 
     @property
     def address(self) -> str:
+        if self.kubevirt is not None:
+            return f"kubevirt/{self.namespace}/{self.kubevirt}"
         return host_port(self.host, self.port)
+
+    @property
+    def endpoint_json(self) -> dict[str, Any]:
+        if self.kubevirt is not None:
+            return {"kubevirt": {"namespace": self.namespace, "name": self.kubevirt}}
+        return {"host": self.host, "port": self.port}
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: the body of `PUT /api/v1/targets/{ns}/{name}` plus the key."""
         body: dict[str, Any] = {
             "namespace": self.namespace,
             "name": self.name,
-            "endpoint": {"host": self.host, "port": self.port},
+            "endpoint": self.endpoint_json,
             "displayName": self.display_name,
             "viewOnly": self.view_only,
         }
@@ -110,19 +121,39 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
     view_only = body.get("viewOnly", False)
     if not isinstance(view_only, bool):
         raise SpecError("viewOnly", "must be true or false")
+    namespace = check_namespace(ns, "namespace")
+    kubevirt = _kubevirt(endpoint, namespace)
     return Route(
-        namespace=check_namespace(ns, "namespace"),
+        namespace=namespace,
         name=check_name(nm, "name"),
-        host=check_host(endpoint.get("host"), "endpoint.host"),
-        port=check_port(endpoint.get("port"), "endpoint.port"),
+        host="" if kubevirt else check_host(endpoint.get("host"), "endpoint.host"),
+        port=0 if kubevirt else check_port(endpoint.get("port"), "endpoint.port"),
+        kubevirt=kubevirt,
         display_name=display_name,
         view_only=view_only,
         access=parse_access(body.get("access"), "access"),
-        sessions=parse_sessions(body.get("sessions"), "sessions"),
+        sessions=parse_sessions(body.get("sessions"), "sessions",
+                                kubevirt=kubevirt is not None),
         recording=parse_recording(body.get("recording"), "recording"),
         credentials=_cluster_only(parse_credentials(body.get("credentials"), "credentials")),
         tls=_cluster_only(parse_tls(body.get("tls"), "tls")),
     )
+
+
+def _kubevirt(endpoint: Mapping[str, Any], namespace: str) -> str | None:
+    """The VMI name of a `{"kubevirt": {"namespace", "name"}}` endpoint (None for host/port).
+
+    The relay builds an API path from it, so both names are checked here as Kubernetes names
+    (letters, digits, '-', '.'; no '/', no '..'), and the VMI must be in the route's namespace."""
+    ref = endpoint.get("kubevirt")
+    if ref is None:
+        return None
+    if not isinstance(ref, Mapping):
+        raise SpecError("endpoint.kubevirt", 'must be an object like {"namespace": "lab", '
+                                             '"name": "vm-1"}')
+    if check_namespace(ref.get("namespace"), "endpoint.kubevirt.namespace") != namespace:
+        raise SpecError("endpoint.kubevirt.namespace", "must be the route's own namespace")
+    return check_name(ref.get("name"), "endpoint.kubevirt.name")
 
 
 def _cluster_only(value: _Ref | None) -> _Ref | None:

@@ -57,6 +57,17 @@ class ServiceRef:
 
 
 @dataclass(frozen=True, slots=True)
+class KubeVirtRef:
+    """`endpoint.kubevirt`: a KubeVirt VirtualMachine or VirtualMachineInstance in the target's
+    own namespace. A VM's instance carries the VM's name, so one name serves both."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"kubevirt/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class Access:
     """`spec.access`: who may open the target when the relay authorizes from its manifests.
 
@@ -156,7 +167,7 @@ def parse_recording(value: object, field: str = "spec.recording") -> RecordingPo
 
 @dataclass(frozen=True, slots=True)
 class VncTargetSpec:
-    endpoint: ServiceRef | Address
+    endpoint: ServiceRef | Address | KubeVirtRef
     display_name: str = ""
     view_only: bool = False
     access: Access | None = None
@@ -219,14 +230,19 @@ def _no_unknown(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
                         f"unknown field; {field} takes {', '.join(sorted(allowed))}")
 
 
-def parse_endpoint(value: object, field: str = "spec.endpoint") -> ServiceRef | Address:
+def parse_endpoint(value: object, field: str = "spec.endpoint"
+                   ) -> ServiceRef | Address | KubeVirtRef:
     endpoint = _mapping(value, field)
-    _no_unknown(endpoint, {"service", "address"}, field)
-    kinds = [k for k in ("service", "address") if endpoint.get(k) is not None]
+    _no_unknown(endpoint, {"service", "address", "kubevirt"}, field)
+    kinds = [k for k in ("service", "address", "kubevirt") if endpoint.get(k) is not None]
     if len(kinds) != 1:
-        raise SpecError(field, "set exactly one of service (a Service in this namespace) "
-                               "or address (host and port of a VNC server)")
+        raise SpecError(field, "set exactly one of service (a Service in this namespace), "
+                               "address (host and port of a VNC server) or kubevirt (a KubeVirt "
+                               "virtual machine in this namespace)")
     sub = _mapping(endpoint[kinds[0]], f"{field}.{kinds[0]}")
+    if kinds[0] == "kubevirt":
+        _no_unknown(sub, {"name"}, f"{field}.kubevirt")
+        return KubeVirtRef(name=check_name(sub.get("name"), f"{field}.kubevirt.name"))
     if kinds[0] == "address":
         _no_unknown(sub, {"host", "port"}, f"{field}.address")
         return Address(host=check_host(sub.get("host"), f"{field}.address.host"),
@@ -284,9 +300,17 @@ def _choice(value: object, field: str, choices: type[_Choice]) -> _Choice:
     raise SpecError(field, f"{value!r}; write one of {', '.join(c.value for c in choices)}")
 
 
-def parse_sessions(value: object, field: str = "spec.sessions") -> SessionPolicy:
+KUBEVIRT_SESSIONS = SessionPolicy(mode=SessionMode.EXCLUSIVE)
+KUBEVIRT_SHARED = ("shared is not offered for endpoint.kubevirt: KubeVirt keeps one VNC "
+                   "connection per VM and a second one replaces the first; leave sessions.mode "
+                   "unset (exclusive)")
+
+
+def parse_sessions(value: object, field: str = "spec.sessions", *,
+                   kubevirt: bool = False) -> SessionPolicy:
+    """`kubevirt`: the target is a KubeVirt VM, whose console is exclusive (KUBEVIRT_SHARED)."""
     if value is None:
-        return DEFAULT_SESSIONS
+        return KUBEVIRT_SESSIONS if kubevirt else DEFAULT_SESSIONS
     policy = _mapping(value, field)
     _no_unknown(policy, {"mode", "maxViewers", "interactive", "takeover", "idleTimeout",
                          "maxDuration"}, field)
@@ -295,8 +319,12 @@ def parse_sessions(value: object, field: str = "spec.sessions") -> SessionPolicy
             max_viewers, int) or not 1 <= max_viewers <= 1000):
         raise SpecError(f"{field}.maxViewers", f"{max_viewers!r} is not a number from 1 to 1000")
     idle, longest = policy.get("idleTimeout"), policy.get("maxDuration")
+    mode = _choice(policy.get("mode", "exclusive" if kubevirt else "shared"), f"{field}.mode",
+                   SessionMode)
+    if kubevirt and mode == SessionMode.SHARED:
+        raise SpecError(f"{field}.mode", KUBEVIRT_SHARED)
     return SessionPolicy(
-        mode=_choice(policy.get("mode", "shared"), f"{field}.mode", SessionMode),
+        mode=mode,
         max_viewers=max_viewers,
         interactive=_choice(policy.get("interactive", "all"), f"{field}.interactive",
                             Interactive),
@@ -317,10 +345,12 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
     view_only = spec.get("viewOnly", False)
     if not isinstance(view_only, bool):
         raise SpecError(f"{field}.viewOnly", f"must be true or false, not {view_only!r}")
-    return VncTargetSpec(endpoint=parse_endpoint(spec.get("endpoint"), f"{field}.endpoint"),
+    endpoint = parse_endpoint(spec.get("endpoint"), f"{field}.endpoint")
+    return VncTargetSpec(endpoint=endpoint,
                          display_name=display_name, view_only=view_only,
                          access=parse_access(spec.get("access"), f"{field}.access"),
-                         sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions"),
+                         sessions=parse_sessions(spec.get("sessions"), f"{field}.sessions",
+                                                 kubevirt=isinstance(endpoint, KubeVirtRef)),
                          recording=parse_recording(spec.get("recording"), f"{field}.recording"),
                          credentials=parse_credentials(spec.get("credentials"),
                                                        f"{field}.credentials"),

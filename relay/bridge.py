@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import secrets
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,10 +30,12 @@ from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes, rfbsecurity
 from vncgate.relay.credentials import CredentialStore
+from vncgate.relay.kubevirt import DialRefused, KubeVirtDialer
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
 from vncgate.relay.recorder import SessionRecorder
 from vncgate.relay.rfbfilter import ClientFilter, FilterError
+from vncgate.relay.rfbsecurity import Dial
 from vncgate.relay.settings import RelaySettings
 
 log = logging.getLogger("vncgate.session")
@@ -248,6 +251,8 @@ class Session:
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
     # Loads what the relay answers the server's security with (routes with credentials/tls).
     logins: CredentialStore | None = None
+    # Opens endpoint.kubevirt consoles through the Kubernetes API (relay.kubevirt).
+    kubevirt: KubeVirtDialer | None = None
 
     def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
         """End the session from anywhere (shutdown, route removed, a stall); the first reason
@@ -363,10 +368,11 @@ class Session:
             raise SessionRefused(closecodes.INTERNAL_ERROR, "this relay cannot log in to servers")
         try:
             login = await self.logins.login_for(route)
-            async with asyncio.timeout(self.settings.connect_timeout):
-                host = await self._allowed_address()
-            opened = await rfbsecurity.open_logged_in(host, route.port, login, route.key,
+            dial = await self._dialer()
+            opened = await rfbsecurity.open_logged_in(dial, login, route.key,
                                                       self.settings.connect_timeout)
+        except DialRefused as refused:
+            raise SessionRefused(refused.code, refused.reason) from None
         except rfbsecurity.SecurityRefused as refused:
             self.logins.login_failed(route.key, refused)
             raise SessionRefused(refused.code, refused.reason) from None
@@ -499,16 +505,39 @@ class Session:
                     f"{self.route.key} resolves to {address}, which this relay may not reach")
         return addresses[0]
 
+    async def _dialer(self) -> Dial:
+        """How this route's upstream byte stream is opened: the one place the endpoint kinds
+        differ. A TCP connection to the checked address of host:port, or a KubeVirt VMI's vnc
+        subresource through the API server (relay.kubevirt). Whatever is dialled, the caller's
+        protocol sees a plain stream transport."""
+        route = self.route
+        if route.kubevirt is not None:
+            kubevirt = self.kubevirt
+            if kubevirt is None:
+                raise SessionRefused(closecodes.INTERNAL_ERROR,
+                                     "this relay cannot open KubeVirt consoles")
+            return functools.partial(kubevirt.dial, route.namespace, route.kubevirt)
+        async with asyncio.timeout(self.settings.connect_timeout):
+            host = await self._allowed_address()
+        loop = asyncio.get_running_loop()
+
+        async def dial_tcp(factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
+            transport, _ = await loop.create_connection(factory, host, route.port)
+            return transport
+
+        return dial_tcp
+
     async def _connect(self) -> bytes:
         route, started = self.route, time.monotonic()
-        loop = asyncio.get_running_loop()
         upstream = Upstream(self)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                host = await self._allowed_address()
-                await loop.create_connection(lambda: upstream, host, route.port)
+                dial = await self._dialer()
+                await dial(lambda: upstream)
                 self.upstream = upstream
                 greeting = await upstream.greeted
+        except DialRefused as refused:
+            raise SessionRefused(refused.code, refused.reason) from None
         except TimeoutError:
             raise SessionRefused(
                 closecodes.UPSTREAM_TIMEOUT,

@@ -150,7 +150,7 @@ class CredentialStore:
             return UpstreamLogin(password=password, username=username)
         context = await self._tls_context(route)
         return UpstreamLogin(password=password, username=username, tls=context,
-                             server_name=tls.server_name or route.host,
+                             server_name=tls.server_name or route.host or route.kubevirt,
                              insecure=tls.insecure_skip_verify)
 
     async def _tls_context(self, route: Route) -> ssl.SSLContext:

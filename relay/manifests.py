@@ -1,8 +1,8 @@
 """Standalone mode: VncTarget manifests from files, read into routes.
 
 The same YAML that `kubectl apply` takes. Only `endpoint.address` can work without a cluster:
-targets with `endpoint.service` are skipped with a warning, so one folder of manifests serves
-both. Every error names the file, the document's
+targets with `endpoint.service` or `endpoint.kubevirt` are skipped with a warning, so one folder
+of manifests serves both. Every error names the file, the document's
 index in it and the field, and the relay refuses to start on them.
 """
 
@@ -32,7 +32,8 @@ log = logging.getLogger("vncgate.relay")
 
 
 class NeedsCluster(Exception):
-    """A valid VncTarget whose `endpoint.service` only the operator can resolve."""
+    """A valid VncTarget whose `endpoint.service` or `endpoint.kubevirt` only the operator
+    can resolve."""
 
 
 class ManifestError(ValueError):
@@ -115,9 +116,9 @@ def load_routes(paths: Iterable[Path], extra: Iterable[Route] = ()) -> list[Rout
                     add(route_from_manifest(item), item_where)
                 except NeedsCluster as exc:
                     # The same folder serves a cluster and the standalone relay: skip, say so.
-                    log.warning("skipped %s (%s): endpoint.service needs the operator in a "
-                                "cluster; the standalone relay serves endpoint.address targets",
-                                exc, item_where)
+                    log.warning("skipped %s (%s): endpoint.service or endpoint.kubevirt needs "
+                                "the operator in a cluster; the standalone relay serves "
+                                "endpoint.address targets", exc, item_where)
                 except SpecError as exc:
                     problems.append(f"{item_where}: {exc.field}: {exc.message}")
     for route in extra:

@@ -105,7 +105,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                       idle_timeout=None if view_only else policy.idle_timeout,
                       max_duration=policy.max_duration, request=request,
                       expires_at=identity.expires, credential_id=identity.credential_id,
-                      logins=state.logins, **_expiry(identity))
+                      logins=state.logins, kubevirt=state.kubevirt, **_expiry(identity))
     try:
         session.recorder = state.recorder.for_session(session)
     except RecordingUnavailable as exc:

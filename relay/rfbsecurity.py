@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
@@ -371,13 +372,25 @@ class LoggedIn:
     writer: asyncio.StreamWriter
 
 
-async def open_logged_in(host: str, port: int, creds: UpstreamLogin, target: str,
+Dial = Callable[[Callable[[], asyncio.BaseProtocol]], Awaitable[asyncio.BaseTransport]]
+
+
+async def open_stream(dial: Dial) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """`asyncio.open_connection` over any dialer: a TCP connection or a KubeVirt console."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = await dial(lambda: protocol)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+
+
+async def open_logged_in(dial: Dial, creds: UpstreamLogin, target: str,
                          limit: float) -> LoggedIn:
     """Dial, check the greeting, log in, read ServerInit, all within `limit` seconds."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(limit):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await open_stream(dial)
             greeting = await reader.readexactly(12)
             if not greeting.startswith(b"RFB ") or not greeting.endswith(b"\n"):
                 raise SecurityRefused(closecodes.BAD_UPSTREAM,

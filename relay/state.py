@@ -22,6 +22,7 @@ from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
 from vncgate.relay.cookies import Revoked
 from vncgate.relay.credentials import CredentialStore
 from vncgate.relay.identity import AuthMode
+from vncgate.relay.kubevirt import KubeVirtDialer
 from vncgate.relay.links import UsedLinks
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.passwords import KeyDerivations
@@ -93,6 +94,8 @@ class RelayState:
     token_reviewer: TokenReviewer | None = field(init=False)
     # The other replicas, asked for their sessions (kubectl vnc sessions / kill).
     peers: Peers = field(init=False)
+    # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
+    kubevirt: KubeVirtDialer = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -106,6 +109,7 @@ class RelayState:
         self.logins = CredentialStore(self.settings)
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
+        self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
@@ -122,16 +126,16 @@ class RelayState:
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""
-        if new is None or (old.host, old.port, old.credentials, old.tls) != (
-                new.host, new.port, new.credentials, new.tls):
+        if new is None or (old.host, old.port, old.kubevirt, old.credentials, old.tls) != (
+                new.host, new.port, new.kubevirt, new.credentials, new.tls):
             self.logins.forget(old.key)  # said of another server or credential
         if new is None:
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")
             with contextlib.suppress(KeyError):  # a route nobody opened has no series
                 self.metrics.sessions_active.remove(old.namespace, old.name)
-        elif (old.host, old.port, old.view_only, old.sessions) != (
-                new.host, new.port, new.view_only, new.sessions):
+        elif (old.host, old.port, old.kubevirt, old.view_only, old.sessions) != (
+                new.host, new.port, new.kubevirt, new.view_only, new.sessions):
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.SERVICE_RESTART,
                              f"{old.key} changed its endpoint or access; reconnect")

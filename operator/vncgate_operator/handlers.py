@@ -28,7 +28,7 @@ object), and would touch asyncio's primitives off the loop's thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -89,12 +89,13 @@ def make_startup(config: OperatorSettings, prober: Prober,
                       services: kopf.Index[ObjectKey, ServiceInfo],
                       targets_by_service: kopf.Index[ObjectKey, str],
                       relay_slices: kopf.Index[str, tuple[str, ...]] | None = None,
+                      targets_by_kubevirt: kopf.Index[ObjectKey, str] | None = None,
                       **_: Any) -> None:
         tune(settings, config)
         api = TargetApi(KubeClient(connect(), timeout=config.api_timeout))
         runtime = Runtime(config, aiohttp.ClientSession(), prober, api, targets=vnctargets,
                           services=services, by_service=targets_by_service,
-                          relay_slices=relay_slices)
+                          relay_slices=relay_slices, by_kubevirt=targets_by_kubevirt)
         memo[MEMO_KEY] = runtime
         runtime.start()
     return startup
@@ -127,6 +128,16 @@ async def index_target_service(*, namespace: str | None, name: str, body: kopf.B
                                **_: Any) -> dict[ObjectKey, str] | None:
     service = IndexedTarget.from_body(body).service
     return None if service is None else {(namespace or "", service): name}
+
+
+async def index_target_kubevirt(*, namespace: str | None, name: str, body: kopf.Body,
+                                **_: Any) -> dict[ObjectKey, str] | None:
+    # Read straight from the body (no second parse of every target's spec per event): only
+    # kubevirt targets get an entry; a name that is not one matches no VM event anyway.
+    endpoint = (body.get("spec") or {}).get("endpoint") or {}
+    ref = endpoint.get("kubevirt") if isinstance(endpoint, Mapping) else None
+    vm = ref.get("name") if isinstance(ref, Mapping) else None
+    return {(namespace or "", vm): name} if isinstance(vm, str) and vm else None
 
 
 async def index_service(*, namespace: str | None, name: str, body: kopf.Body,
@@ -178,6 +189,7 @@ def build_registry(config: OperatorSettings, *, prober: Prober = probe_rfb,
 
     kopf.index(*TARGETS, registry=registry, id="vnctargets")(index_target)
     kopf.index(*TARGETS, registry=registry, id="targets_by_service")(index_target_service)
+    kopf.index(*TARGETS, registry=registry, id="targets_by_kubevirt")(index_target_kubevirt)
     kopf.index("v1", "services", registry=registry, id="services")(index_service)
     kopf.on.event("v1", "services", registry=registry)(service_changed)
     if config.relay_service is not None:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,31 @@ class TargetApi:
                                     {"status": dict(changes)})
         return reply if isinstance(reply, dict) else {}
 
+    async def create(self, body: Mapping[str, Any]) -> None:
+        """Create a VncTarget; KubeError 409 if one of that name exists."""
+        namespace = str(body["metadata"]["namespace"])
+        await self._request("POST", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/"
+                                    f"{PLURAL}", dict(body))
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await self._request("GET", self._path(namespace, name), None)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found if isinstance(found, dict) else None
+
+    async def delete(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the VncTarget if it is still the object `uid` (a precondition: never one that
+        was replaced meanwhile); 404 and 409 are not errors."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        try:
+            await self._request("DELETE", self._path(namespace, name), body)
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise
+
     async def drop_finalizer(self, namespace: str, name: str, finalizers: list[str],
                              resource_version: str | None) -> None:
         """Remove the old finalizer; conditional on the resourceVersion that was seen (409:
@@ -126,3 +151,67 @@ class TargetApi:
                 return False
             raise
         return True
+
+
+KUBEVIRT_GROUP, KUBEVIRT_VERSION = "kubevirt.io", "v1"
+VMS, VMIS = "virtualmachines", "virtualmachineinstances"
+
+
+class KubeVirtAbsent(Exception):
+    """The kubevirt.io API is not served: KubeVirt is not installed (or its CRDs are gone)."""
+
+
+class KubeVirtApi:
+    """Reads of KubeVirt's VirtualMachines and VirtualMachineInstances (chart: kubevirt.enabled)."""
+
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
+
+    @staticmethod
+    def path(plural: str, namespace: str | None = None, name: str | None = None) -> str:
+        where = f"/namespaces/{namespace}" if namespace else ""
+        return (f"/apis/{KUBEVIRT_GROUP}/{KUBEVIRT_VERSION}{where}/{plural}"
+                + (f"/{name}" if name else ""))
+
+    async def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, None if it does not exist; KubeVirtAbsent if the API is not served."""
+        try:
+            found = await self.client.request("GET", self.path(plural, namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                if absent_api(str(exc)):
+                    raise KubeVirtAbsent() from None
+                return None
+            raise
+        return found if isinstance(found, dict) else None
+
+    async def current_version(self, plural: str, namespace: str | None) -> str:
+        """The collection's resourceVersion (a list of at most one object): where a watch of
+        changes from now on starts. KubeVirtAbsent if the API is not served."""
+        try:
+            found = await self.client.request("GET", f"{self.path(plural, namespace)}?limit=1")
+        except KubeError as exc:
+            if exc.status == 404:
+                raise KubeVirtAbsent() from None
+            raise
+        return str(((found or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, plural: str, namespace: str | None, resource_version: str | None,
+                    timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Watch events; KubeVirtAbsent if the API is not served."""
+        path = self.path(plural, namespace)
+        if resource_version:
+            path += f"?resourceVersion={resource_version}&allowWatchBookmarks=true"
+        try:
+            async for event in self.client.watch(path, timeout_seconds):
+                yield event
+        except KubeError as exc:
+            if exc.status == 404:
+                raise KubeVirtAbsent() from None
+            raise
+
+
+def absent_api(message: str) -> bool:
+    """A 404 for a path the API server does not serve at all (no such group or resource), as
+    opposed to a named object that does not exist."""
+    return "could not find the requested resource" in message or "page not found" in message

@@ -13,7 +13,7 @@ from typing import Any
 
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
-from vncgate.common.spec import ServiceRef, SpecError, VncTargetSpec, parse_spec
+from vncgate.common.spec import KubeVirtRef, ServiceRef, SpecError, VncTargetSpec, parse_spec
 from vncgate.operator.policy import AddressDenied, AddressPolicy
 
 
@@ -78,6 +78,8 @@ def describe_endpoint(namespace: str, spec: VncTargetSpec) -> str:
     endpoint = spec.endpoint
     if isinstance(endpoint, ServiceRef):
         return f"service/{endpoint.name}:{endpoint.port}"
+    if isinstance(endpoint, KubeVirtRef):
+        return f"kubevirt/{namespace}/{endpoint.name}"
     return str(endpoint)
 
 
@@ -138,11 +140,16 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
         except AddressDenied as exc:
             raise TargetInvalid("AddressDenied", f"spec.endpoint.address.host: {exc}") from None
         host, port = endpoint.host, endpoint.port
+    elif isinstance(endpoint, KubeVirtRef):
+        # The relay opens the VMI's vnc subresource through the API server: a VM's instance
+        # has the VM's name, and it is in the target's namespace (the CRD allows no other).
+        host, port = "", 0
     else:
         host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain)
     check_cluster_credentials(spec)
     # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
+                 kubevirt=endpoint.name if isinstance(endpoint, KubeVirtRef) else None,
                  display_name=spec.display_name, view_only=spec.view_only,
                  sessions=spec.sessions, recording=spec.recording,
                  credentials=spec.credentials, tls=spec.tls)

@@ -25,9 +25,10 @@ import kopf
 
 from vncgate.common.model import Route
 from vncgate.common.spec import ServiceRef, VncTargetSpec
-from vncgate.operator import credentials, memory
+from vncgate.operator import credentials, kubevirt, memory
 from vncgate.operator.discovery import union_urls
-from vncgate.operator.kubeapi import KubeError, TargetApi
+from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
+from vncgate.operator.kubevirt import KubeVirtWatch
 from vncgate.operator.probe import ProbeResult, proven_by_sessions
 from vncgate.operator.relays import RelayFleet
 from vncgate.operator.resolve import (
@@ -129,7 +130,8 @@ class Runtime:
                  targets: kopf.Index[ObjectKey, IndexedTarget],
                  services: kopf.Index[ObjectKey, ServiceInfo],
                  by_service: kopf.Index[ObjectKey, str],
-                 relay_slices: kopf.Index[str, tuple[str, ...]] | None = None) -> None:
+                 relay_slices: kopf.Index[str, tuple[str, ...]] | None = None,
+                 by_kubevirt: kopf.Index[ObjectKey, str] | None = None) -> None:
         self.config = config
         self.session = session
         self.api = api
@@ -138,6 +140,12 @@ class Runtime:
         self.services = services
         self.by_service = by_service  # (namespace, Service) -> names of targets naming it
         self.relay_slices = relay_slices
+        self.by_kubevirt = by_kubevirt  # (namespace, VM) -> names of targets naming it
+        self.kubevirt_api = KubeVirtApi(api.client)
+        # Started with the first KubeVirt target: clusters without any never watch KubeVirt.
+        self.kubevirt_watch = KubeVirtWatch(
+            self.kubevirt_api, config.namespaces, self.vm_changed, self.kubevirt_appeared,
+            self.discover if config.kubevirt_discovery else None)
         self.fleet = RelayFleet(session, config.api_token, config.relay_urls,
                                 timeout=config.relay_timeout, route_of=self.route_of,
                                 desired=self.desired_routes)
@@ -237,7 +245,11 @@ class Runtime:
             return
         sessions = self.fleet.sessions(key)
         result: ProbeResult | None = None
-        if sessions:
+        if route.kubevirt is not None:
+            # Not probed (that would take the VM's one VNC connection): KubeVirt says.
+            self.kubevirt_watch.start()
+            result = await self.kubevirt_check(route)
+        elif sessions:
             result = proven_by_sessions(sessions, current.get("serverVersion"))
         elif probe:
             result = await self.probe(route)
@@ -247,6 +259,60 @@ class Runtime:
             endpoint, registration=registration, probe=result, sessions=sessions,
             viewers=self.fleet.viewers(key),
             tls_verified=None if route.tls is None else not route.tls.insecure_skip_verify))
+
+    async def kubevirt_check(self, route: Route) -> ProbeResult | None:
+        """Reachable from the VM's state; None (keep what status says) if the API failed."""
+        assert route.kubevirt is not None
+        try:
+            return await kubevirt.check(self.kubevirt_api, route.namespace, route.kubevirt)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("%s: cannot read its VirtualMachine: %s", route.key, exc)
+            return None
+
+    def vm_changed(self, namespace: str, vm: str) -> None:
+        """A VirtualMachine or its instance changed: look at the targets that name it."""
+        if self.by_kubevirt is None:
+            return
+        for name in self.by_kubevirt.get((namespace, vm), ()):
+            self.scheduler.schedule(f"{namespace}/{name}", 0.0)
+
+    async def discover(self, event_type: str, vm: Mapping[str, Any]) -> None:
+        """--kubevirt-discovery: a labelled VM gets its VncTarget; unlabelled, the one made for
+        it goes. A deleted VM's target is the garbage collector's (its owner reference)."""
+        meta = vm.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        exists = self.entry(f"{namespace}/{name}") is not None
+        try:
+            if event_type == "DELETED":
+                return
+            wanted = kubevirt.discovered_target(vm)
+            if wanted is not None and not exists:
+                try:
+                    await self.api.create(wanted)
+                    logger.info("%s/%s: created a VncTarget for the labelled VirtualMachine",
+                                namespace, name)
+                except KubeError as exc:
+                    if exc.status != 409:  # 409: one of that name exists (ours or not)
+                        raise
+            elif wanted is None and exists and not kubevirt.wants_console(vm):
+                target = await self.api.get(namespace, name)
+                uid = str(meta.get("uid") or "")
+                if target is not None and uid and kubevirt.owned_by(target, uid):
+                    await self.api.delete(namespace, name,
+                                          str((target.get("metadata") or {}).get("uid")))
+                    logger.info("%s/%s: deleted the VncTarget of a VirtualMachine that is no "
+                                "longer labelled %s", namespace, name, kubevirt.DISCOVERY_LABEL)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("%s/%s: discovery of the VirtualMachine failed: %s", namespace,
+                           name, exc)
+
+    def kubevirt_appeared(self) -> None:
+        """The kubevirt.io API came (or went): look at every KubeVirt target again."""
+        if self.by_kubevirt is None:
+            return
+        for (namespace, _vm), names in list(self.by_kubevirt.items()):
+            for name in names:
+                self.scheduler.schedule(f"{namespace}/{name}", 0.0)
 
     async def credentials_check(self, route: Route) -> ProbeResult | None:
         """Not Reachable (reason CredentialsNotReadable) while the relay may not read the
@@ -346,6 +412,8 @@ class Runtime:
             asyncio.create_task(memory.release_after(self.fleet.synced_once.wait()),
                                 name="vncgate start-up memory"),
         ]
+        if self.config.kubevirt_discovery:
+            self.kubevirt_watch.start()  # not only with the first kubevirt target
 
     async def close(self) -> None:
         """Stop the background work and close the clients; a second call does nothing."""
@@ -354,5 +422,6 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.kubevirt_watch.close()
         await self.api.client.close()
         await self.session.close()

@@ -81,6 +81,8 @@ class OperatorSettings:
     liveness_endpoint: str | None = "http://127.0.0.1:8082/healthz"
     peering_name: str = "vncgate"
     standalone: bool = False
+    # A VncTarget for every KubeVirt VirtualMachine labelled vncgate.io/console=true.
+    kubevirt_discovery: bool = False
     priority: int = 0
     log_format: str = "text"
     verbose: bool = False
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
              "exists, so a debugging operator with a higher --priority pauses this one")
     add("--priority", type=int, metavar="N", help="kopf peering priority (default 0)")
     add("--standalone", action="store_true", default=None, help="ignore kopf peering")
+    add("--kubevirt-discovery", action="store_true", default=None,
+        help="create a VncTarget (owned by the VM, deleted with it) for every KubeVirt "
+             "VirtualMachine labelled vncgate.io/console=true")
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics (handler runs, errors, latency; process metrics) on "
              "this address, e.g. 0.0.0.0:8083; default: not served")
@@ -226,6 +231,8 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
                                                           OperatorSettings.liveness_endpoint),
         peering_name=pick(args.peering, "PEERING") or "vncgate",
         standalone=bool(args.standalone) or truthy(pick(None, "STANDALONE")),
+        kubevirt_discovery=bool(args.kubevirt_discovery) or truthy(
+            pick(None, "KUBEVIRT_DISCOVERY")),
         priority=int(pick(args.priority, "PRIORITY") or 0),
         log_format=pick(args.log_format, "LOG_FORMAT") or "text",
         verbose=bool(args.verbose) or truthy(pick(None, "VERBOSE")),

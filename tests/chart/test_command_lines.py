@@ -107,6 +107,7 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "monitoring": (),
         "pod-settings": (),
         "recording": (),
+        "kubevirt": (),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
     if ci_id(values) == "recording":  # the chart's recording flags, as the relay reads them
@@ -177,6 +178,8 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "recording": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "kubevirt": {"public_url": "http://127.0.0.1:8080", "namespaces": (),
+                     "kubevirt_discovery": True},
     }
     expected = by_values[ci_id(values)]
     for field, value in expected.items():

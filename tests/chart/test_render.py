@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART, CI_VALUES, Rendered, ci_id, helm, render
+from tests.chart.conftest import CHART, CI_VALUES, RELEASE, Rendered, ci_id, helm, render
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBERNETES_VERSIONS = ("1.29", "1.35")
@@ -633,3 +633,58 @@ def test_editor_and_admin_roles_can_be_renamed_unaggregated_or_left_out() -> Non
     assert not names & {"vncgate-editor", "vncgate-admin"}
     assert not [r for r in render(sets=("rbac.create=false",)).of_kind("ClusterRole")
                 if r["metadata"]["name"] in ("vncgate-editor", "vncgate-admin")]
+
+
+KUBEVIRT_READ = {("kubevirt.io", "virtualmachines"): {"get", "list", "watch"},
+                 ("kubevirt.io", "virtualmachineinstances"): {"get", "list", "watch"}}
+VNC_RULE = [{"apiGroups": ["subresources.kubevirt.io"],
+             "resources": ["virtualmachineinstances/vnc"], "verbs": ["get"]}]
+
+
+def test_kubevirt_rbac_only_when_enabled() -> None:
+    off = render()
+    assert not [r for r in off.of_kind("ClusterRole") if r["metadata"]["name"] ==
+                f"{RELAY}-kubevirt"]
+    assert not set(KUBEVIRT_READ) & set(granted_rules(off, OPERATOR))
+    on = render([CHART / "ci" / "kubevirt-values.yaml"])
+    assert on.one("ClusterRole", f"{RELAY}-kubevirt")["rules"] == VNC_RULE
+    binding = on.one("ClusterRoleBinding", f"{RELAY}-kubevirt")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": RELAY, "namespace": "vncgate-system"}]
+    granted = granted_rules(on, OPERATOR)
+    assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
+    # Discovery creates and deletes the VncTargets of labelled VMs.
+    assert {"create", "delete"} <= granted[("vncgate.io", "vnctargets")]
+    assert "--kubevirt-discovery" in on.one("Deployment", OPERATOR)["spec"]["template"][
+        "spec"]["containers"][0]["args"]
+    without = render(sets=("kubevirt.enabled=true",))
+    assert not {"create", "delete"} & granted_rules(without, OPERATOR)[("vncgate.io",
+                                                                        "vnctargets")]
+    assert "--kubevirt-discovery" not in without.one("Deployment", OPERATOR)["spec"][
+        "template"]["spec"]["containers"][0]["args"]
+    # The relay needs its token for the API server even with every other feature off.
+    minimal = render([CHART / "ci" / "kubevirt-values.yaml"], sets=(
+        "relay.authorization=manifest", "relay.leases.enabled=false",
+        "relay.credentials.enabled=false"))
+    pod = minimal.one("Deployment", RELAY)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_kubevirt_rbac_in_watched_namespaces_only() -> None:
+    rendered = render([CHART / "ci" / "restricted-namespaces-values.yaml",
+                       CHART / "ci" / "kubevirt-values.yaml"])
+    assert not [b for b in rendered.of_kind("ClusterRoleBinding")
+                if b["roleRef"]["name"] == f"{RELAY}-kubevirt"]
+    bindings = {b["metadata"]["namespace"] for b in rendered.of_kind("RoleBinding")
+                if b["roleRef"]["name"] == f"{RELAY}-kubevirt"}
+    assert bindings == {"lab", "desktops"}
+    for role in rendered.of_kind("Role"):
+        if role["metadata"]["name"] == OPERATOR:
+            granted = granted_rules(Rendered((role,)))
+            assert {key: granted[key] for key in KUBEVIRT_READ} == KUBEVIRT_READ
+
+
+def test_kubevirt_discovery_needs_kubevirt_enabled() -> None:
+    result = helm("template", RELEASE, CHART, "--set", "kubevirt.discovery=true", check=False)
+    assert result.returncode != 0
+    assert "kubevirt.discovery=true needs kubevirt.enabled=true" in result.stderr

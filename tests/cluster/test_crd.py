@@ -9,6 +9,8 @@ import pytest
 
 from tests.support.cluster import ControlPlane
 
+ONE_ENDPOINT = "set exactly one of endpoint.service, endpoint.address or endpoint.kubevirt"
+
 
 def target(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
@@ -43,10 +45,17 @@ def test_a_valid_target_is_stored_and_listed_with_columns(control_plane: Control
 
 
 INVALID = [
-    ({"endpoint": {}}, "set exactly one of endpoint.service or endpoint.address"),
+    ({"endpoint": {}}, ONE_ENDPOINT),
     ({"endpoint": {"service": {"name": "a", "port": 5900},
                    "address": {"host": "10.0.0.1", "port": 5900}}},
-     "set exactly one of endpoint.service or endpoint.address"),
+     ONE_ENDPOINT),
+    ({"endpoint": {"kubevirt": {"name": "vm-1"}, "address": {"host": "10.0.0.1", "port": 5900}}},
+     ONE_ENDPOINT),
+    ({"endpoint": {"kubevirt": {"name": "VM_1"}}}, "spec.endpoint.kubevirt.name: Invalid value"),
+    ({"endpoint": {"kubevirt": {}}}, "spec.endpoint.kubevirt.name: Required value"),
+    # KubeVirt keeps one VNC connection per VM: several viewers cannot share it.
+    ({"endpoint": {"kubevirt": {"name": "vm-1"}}, "sessions": {"mode": "shared"}},
+     "sessions.mode shared is not offered for endpoint.kubevirt"),
     ({"endpoint": {"service": {"name": "a", "port": 0}}},
      "a port number 1-65535 or a port name of at most 15 characters"),
     ({"endpoint": {"service": {"name": "a", "port": 70000}}},
@@ -94,6 +103,17 @@ def test_the_api_server_rejects_what_the_schema_forbids(
     assert message in result.stderr, result.stderr
     listing = control_plane.kubectl("get", "vnc", "-n", namespace, "-o", "name").stdout
     assert "bad" not in listing
+
+
+def test_a_kubevirt_target_is_stored(control_plane: ControlPlane, namespace: str) -> None:
+    for name, sessions in (("vm-1", None), ("vm-2", {"mode": "exclusive",
+                                                      "takeover": "allow"})):
+        spec: dict[str, Any] = {"endpoint": {"kubevirt": {"name": name}}}
+        if sessions is not None:
+            spec["sessions"] = sessions
+        control_plane.apply(target(namespace, name, spec))
+    stored = control_plane.get("vnc", "vm-2", "-n", namespace)
+    assert stored["spec"]["endpoint"] == {"kubevirt": {"name": "vm-2"}}
 
 
 def test_unknown_fields_are_refused_not_silently_dropped(control_plane: ControlPlane,

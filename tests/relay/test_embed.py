@@ -53,7 +53,8 @@ FIELDS = {
         ("display_name", "str", ""), ("view_only", "bool", False),
         ("access", "Access | None", None), ("sessions", "SessionPolicy", SessionPolicy()),
         ("recording", "RecordingPolicy | None", None),
-        ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None)],
+        ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None),
+        ("kubevirt", "str | None", None)],
 }
 
 
@@ -150,6 +151,18 @@ async def test_not_vnc_is_refused_and_nothing_is_forwarded(http: aiohttp.ClientS
         async with serving(app) as url, http.ws_connect(f"{url}/ws") as ws:
             code, reason = await receive_close(ws)
     assert code == closecodes.BAD_UPSTREAM and "not a VNC server" in reason
+    assert bridge.session_count == 0
+
+
+async def test_a_kubevirt_route_is_refused_by_the_embedded_bridge(
+        http: aiohttp.ClientSession) -> None:
+    bridge, app = bridge_app(Route("a", "vm", "", 0, kubevirt="vm-1",
+                                   sessions=SessionPolicy(mode="exclusive")),
+                             lambda request: Viewer("alice"))
+    async with serving(app) as url, http.ws_connect(f"{url}/ws") as ws:
+        code, reason = await receive_close(ws)
+    assert (code, reason) == (closecodes.INTERNAL_ERROR,
+                              "this relay cannot open KubeVirt consoles")
     assert bridge.session_count == 0
 
 

@@ -84,8 +84,18 @@ class Certificates:
         self.sa_key, self.sa_pub = folder / "sa.key", folder / "sa.pub"
         _openssl("genrsa", "-out", str(self.sa_key), "2048")
         _openssl("rsa", "-in", str(self.sa_key), "-pubout", "-out", str(self.sa_pub))
+        # The aggregation layer's own CA (front proxy): the API server presents `front_proxy`
+        # to aggregated API servers, which trust requests whose client certificate it signed.
+        self.front_proxy_ca_key = folder / "front-proxy-ca.key"
+        self.front_proxy_ca_crt = folder / "front-proxy-ca.crt"
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-keyout", str(self.front_proxy_ca_key), "-out", str(self.front_proxy_ca_crt),
+                 "-subj", "/CN=vncgate-test-front-proxy-ca")
+        self.front_proxy = self.issue("front-proxy-client", "/CN=front-proxy-client",
+                                      ca=(self.front_proxy_ca_crt, self.front_proxy_ca_key))
 
-    def issue(self, name: str, subject: str, sans: Sequence[str] = ()) -> tuple[Path, Path]:
+    def issue(self, name: str, subject: str, sans: Sequence[str] = (),
+              ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
         key, csr, crt = (self.folder / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
                  "-subj", subject)
@@ -95,8 +105,9 @@ class Certificates:
         if sans:
             lines.append("subjectAltName=" + ",".join(sans))
         extensions.write_text("\n".join(lines) + "\n")
-        _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca_crt), "-CAkey",
-                 str(self.ca_key), "-CAcreateserial", "-days", "2", "-out", str(crt),
+        ca_crt, ca_key = ca or (self.ca_crt, self.ca_key)
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey",
+                 str(ca_key), "-CAcreateserial", "-days", "2", "-out", str(crt),
                  "-extfile", str(extensions))
         return crt, key
 
@@ -196,7 +207,17 @@ class ControlPlane:
             f"--service-account-signing-key-file={c.sa_key}",
             "--api-audiences=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
-            "--profiling=false", f"--cert-dir={self.workdir / 'apiserver-certs'}"])
+            "--profiling=false", f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            # The aggregation layer, as clusters have it (KubeVirt's subresources.kubevirt.io
+            # is an aggregated API): the API server proxies to a Service's endpoints directly.
+            f"--requestheader-client-ca-file={c.front_proxy_ca_crt}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={c.front_proxy[0]}",
+            f"--proxy-client-key-file={c.front_proxy[1]}",
+            "--enable-aggregator-routing=true"])
         wait_until(lambda: self._ready("kube-apiserver"), "kube-apiserver /readyz ok",
                    timeout=90)
 

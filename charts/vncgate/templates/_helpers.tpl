@@ -284,9 +284,9 @@ true
 {{- end }}
 
 {{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews, Leases,
-or the Secrets of VncTargets' spec.credentials. */}}
+or the Secrets of VncTargets' spec.credentials, or KubeVirt consoles. */}}
 {{- define "vncgate.relay.usesKubernetesApi" -}}
-{{- if or (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.leases.enabled .Values.relay.credentials.enabled -}}
+{{- if or (include "vncgate.relay.usesSubjectAccessReviews" .) .Values.relay.leases.enabled .Values.relay.credentials.enabled .Values.kubevirt.enabled -}}
 true
 {{- end }}
 {{- end }}
