@@ -146,6 +146,9 @@ def _expiry(identity: Identity) -> dict[str, Any]:
     if identity.method == "link":
         return {"expiry_code": closecodes.FORBIDDEN,
                 "expiry_reason": "the share link expired; ask for a new link"}
+    if identity.method == "kubernetes":
+        return {"expiry_code": closecodes.UNAUTHENTICATED,
+                "expiry_reason": "your Kubernetes token expired; connect again with a new one"}
     return {"expiry_code": closecodes.UNAUTHENTICATED,
             "expiry_reason": "your sign-in expired; sign in again"}
 

@@ -11,12 +11,19 @@ other viewer, by SubjectAccessReviews (vncgate.relay.authz).
   sign-in of the client); an API error denies too (TokenReviewUnavailable): an outage must never
   let a token in.
 - The token itself is never logged, cached or kept: only its digest is.
+- A session lasts no longer than its token: the identity carries the JWT's `exp` (read only
+  after the API server authenticated the token, so the claim is the signed one), and the relay
+  ends the session then, as for an expiring cookie or link.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import logging
+import math
 import time
 from collections import OrderedDict
 
@@ -38,6 +45,23 @@ def looks_like_jwt(token: str) -> bool:
     """ServiceAccount and OIDC tokens are JWTs: `eyJ...` header, three dot-separated parts.
     Tokens of a users file are opaque strings, which lets both kinds share one header."""
     return token.startswith("eyJ") and token.count(".") == 2
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (epoch seconds), None if it has none or it cannot be read.
+
+    Not a check of the token: call it only for a token the API server authenticated."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > MAX_TOKEN_LENGTH:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return None
+    return float(exp)
 
 
 class TokenReviewer:
@@ -93,8 +117,12 @@ class TokenReviewer:
         if not isinstance(name, str) or not name:
             return None
         groups = tuple(g for g in user.get("groups") or () if isinstance(g, str))
-        identity = Identity(user=name, groups=groups, method="kubernetes")
-        self._cache[digest] = (identity, now + self.ttl)
+        expires = token_expiry(token)
+        left = math.inf if expires is None else expires - time.time()
+        if left <= 0:
+            return None  # expired since the API server looked at it
+        identity = Identity(user=name, groups=groups, method="kubernetes", expires=expires)
+        self._cache[digest] = (identity, now + min(self.ttl, left))
         self._cache.move_to_end(digest)
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def test_reviews_are_cached_briefly_in_a_bounded_cache(
             first = await reviewer.review(tokens[0])
             assert first is not None and first.user == f"system:serviceaccount:{namespace}:one"
             assert f"system:serviceaccounts:{namespace}" in first.groups
+            # The session ends with the token: the identity carries the signed `exp`.
+            claims = tokens[0].split(".")[1]
+            exp = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["exp"]
+            assert first.expires == exp > time.time()
             assert await reviewer.review(tokens[0]) == first
             assert reviewer.reviews == 1  # the second answer came from the cache
             for token in tokens[1:]:

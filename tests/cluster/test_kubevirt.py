@@ -26,6 +26,7 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
     vncauth_xvnc,
     x509_xvnc,
 )
+from tests.relay.test_xvnc import WsStream
 from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import (
     BACKEND_PORT,
@@ -98,20 +99,6 @@ def relay_account(plane: ControlPlane, namespace: str, folder: Path, *,
 
 def kubevirt_route(namespace: str, name: str) -> Route:
     return Route(namespace, name, "", 0, kubevirt=name, sessions=KUBEVIRT_SESSIONS)
-
-
-class WsStream:
-    """Exact byte counts from a WebSocket whose messages split the stream anywhere."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def read(self, count: int) -> bytes:
-        while len(self.buffer) < count:
-            self.buffer += await self.ws.receive_bytes(timeout=10)
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
 
 
 async def read_update(stream: WsStream) -> None:

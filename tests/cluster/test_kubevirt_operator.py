@@ -51,9 +51,7 @@ def kubevirt_release(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[Relay]:
-    relay = Relay(tmp_path)
-    with relay.script:
-        relay.script.wait_for_log("relay listening")
+    with Relay.running(tmp_path) as relay:
         yield relay
 
 

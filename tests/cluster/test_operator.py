@@ -8,6 +8,7 @@ real `vncgate-relay` process in front of a real Xvnc.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,14 @@ class Relay:
             f"--listen=127.0.0.1:{self.public}", f"--internal-listen=127.0.0.1:{self.internal}",
             f"--api-token-file={token_file}", "--auth=none", "--log-format=json"], workdir)
 
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, workdir: Path) -> Iterator[Relay]:
+        relay = cls(workdir)
+        with relay.script:
+            relay.script.wait_for_log("relay listening")
+            yield relay
+
     @property
     def internal_url(self) -> str:
         return f"http://127.0.0.1:{self.internal}"
@@ -51,9 +60,7 @@ class Relay:
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[Relay]:
-    relay = Relay(tmp_path)
-    with relay.script:
-        relay.script.wait_for_log("relay listening")
+    with Relay.running(tmp_path) as relay:
         yield relay
 
 

@@ -108,7 +108,9 @@ HOSTILE = '"><script>alert(1)</script>{{ 7*7 }}{% raw %}<img src=x onerror=alert
 
 
 def _no_markup_from(page: str) -> None:
-    assert "<script>" not in page and "<img" not in page and "49" not in page
+    assert "<script>" not in page and "<img" not in page
+    # {{ 7*7 }} is never evaluated; random tokens in the page (CSRF) may hold a "49" of their own.
+    assert "49" not in re.sub(r"[A-Za-z0-9_-]{20,}", "", page)
 
 
 async def test_hostile_names_are_escaped_in_every_page(make_relay: RelayFactory,

@@ -7,15 +7,22 @@ and read its pointer with python-xlib, as tests/relay/test_sessions.py does.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
+import json
 import logging
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -291,6 +298,60 @@ async def test_a_signed_in_session_ends_when_the_sign_in_expires(relay: RelaySer
             msg = await ws.receive(timeout=10)
     assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED)
     assert msg.extra == "your sign-in expired; sign in again"
+
+
+async def test_a_kubernetes_token_session_ends_when_the_token_expires(
+        make_relay: RelayFactory, backend: TcpServer, tmp_path: Path) -> None:
+    """The session ends at the token's `exp`. The API server here is a stand-in answering
+    TokenReviews: a real one issues no ServiceAccount token shorter than 10 minutes
+    (tests/cluster/test_kubernetes_tokens.py checks `exp` against a real one)."""
+    reviews: list[str] = []
+
+    async def token_review(request: web.Request) -> web.Response:
+        reviews.append((await request.json())["spec"]["token"])
+        return web.json_response({"status": {"authenticated": True,
+                                             "user": {"username": "kate", "groups": []}}})
+
+    app = web.Application()
+    app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", token_review)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "relay-account"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+
+    def jwt(claims: dict[str, Any]) -> str:
+        def part(data: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+        return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+    auth = dataclasses.replace(TOKEN_AUTH, kubernetes_tokens=True)
+    try:
+        async with make_relay(routes=targets(backend.port), auth=auth, kubeconfig=config
+                              ) as relay, aiohttp.ClientSession() as http:
+            token = jwt({"sub": "kate", "exp": int(time.time()) + 3})
+            async with http.ws_connect(f"{relay.public_url}/t/lab/open/websockify",
+                                       origin=relay.public_url,
+                                       headers={"Authorization": f"Bearer {token}"}) as ws:
+                assert await ws.receive_bytes(timeout=5) == GREETING
+                msg = await ws.receive(timeout=15)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED)
+            assert msg.extra == "your Kubernetes token expired; connect again with a new one"
+            assert reviews == [token]
+            # Authenticated by the API server but already expired: not let in.
+            async with http.ws_connect(f"{relay.public_url}/t/lab/open/websockify",
+                                       origin=relay.public_url, headers={
+                                           "Authorization": f"Bearer {jwt({'exp': 1})}"}) as ws:
+                msg = await ws.receive(timeout=5)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED)
+    finally:
+        await runner.cleanup()
 
 
 # --- 6. DNS rebinding: only known Host names --------------------------------------------------

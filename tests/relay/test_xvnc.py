@@ -14,13 +14,14 @@ from vncgate.common.model import Route
 class WsStream:
     """Reads exact byte counts from a WebSocket whose messages split the stream anywhere."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> None:
         self.ws = ws
         self.buffer = b""
+        self.timeout = timeout
 
     async def read(self, count: int) -> bytes:
         while len(self.buffer) < count:
-            self.buffer += await self.ws.receive_bytes(timeout=5)
+            self.buffer += await self.ws.receive_bytes(timeout=self.timeout)
         data, self.buffer = self.buffer[:count], self.buffer[count:]
         return data
 
