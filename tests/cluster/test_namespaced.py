@@ -13,11 +13,9 @@ relay fronts a real Xvnc on 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +26,11 @@ import yaml
 
 from tests.chart.conftest import CHART, HELM
 from tests.support.cluster import ROOT, ControlPlane, free_port
+from tests.support.processes import ConsoleScript
 from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 
 RELEASE = "vncgate"
-BIN = Path(sys.executable).parent
 # The first VncTarget must have status well before kopf's ~54 s of 403 retries would end: the
 # bound is generous for a loaded machine (start-up is about 2 s here) and still fails that.
 FIRST_STATUS_WITHIN = 20.0
@@ -84,29 +82,6 @@ def operator_args(manifests: list[dict[str, Any]], relay_url: str, token_file: P
     return [*args, "--allow-cidr=127.0.0.0/8", "--probe-interval=2s", "--resync-interval=5s"]
 
 
-class Process:
-    """A console script as a child process, its output in a file, stopped by its own id."""
-
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._file = log.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._file, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._file.close()
-
-
 @pytest.fixture
 def watched_namespace(control_plane: ControlPlane, namespace: str) -> Iterator[str]:
     name = f"{namespace[:50]}-vnc"
@@ -144,32 +119,31 @@ def test_namespaced_operator_serves_at_once_with_the_charts_roles(
     token_file = tmp_path / "token"
     token_file.write_text(secrets.token_urlsafe(32))
     public, internal = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VNCGATE_")}
     with XvncServer(log_path=tmp_path / "xvnc.log") as xvnc:
         control_plane.apply({
             "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
             "metadata": {"name": "desk", "namespace": watched_namespace},
             "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}}}})
-        relay = Process([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{public}",
-                         f"--internal-listen=127.0.0.1:{internal}",
-                         f"--api-token-file={token_file}"], tmp_path / "relay.log", env)
-        operator: Process | None = None
+        relay = ConsoleScript("vncgate-relay", [
+            f"--listen=127.0.0.1:{public}", f"--internal-listen=127.0.0.1:{internal}",
+            f"--api-token-file={token_file}"], tmp_path).start()
+        operator: ConsoleScript | None = None
         try:
             args = operator_args(manifests, f"http://127.0.0.1:{internal}", token_file)
             started = time.monotonic()
-            operator = Process([str(BIN / "vncgate-operator"), *args], tmp_path / "operator.log",
-                               {**env, "KUBECONFIG": str(kubeconfig)})
+            operator = ConsoleScript("vncgate-operator", args, tmp_path,
+                                     env={"KUBECONFIG": str(kubeconfig)}).start()
             running = operator
             try:
                 wait_until(
                     lambda: target_status(control_plane, watched_namespace, "desk")
-                    .get("phase") == "Ready" or running.proc.poll() is not None,
+                    .get("phase") == "Ready" or not running.running(),
                     "the first VncTarget Ready", timeout=FIRST_STATUS_WITHIN)
             except TimeoutError as exc:
                 pytest.fail(f"{exc} after the operator's start; its log:\n"
-                            f"{operator.output()[-4000:]}")
-            output = operator.output()
-            assert operator.proc.poll() is None, f"the operator exited:\n{output[-4000:]}"
+                            f"{operator.log()[-4000:]}")
+            output = operator.log()
+            assert operator.running(), f"the operator exited:\n{output[-4000:]}"
             took = time.monotonic() - started
             status = target_status(control_plane, watched_namespace, "desk")
             assert status["phase"] == "Ready", (status, took, output[-4000:])
@@ -214,24 +188,23 @@ def test_namespaced_operator_checks_the_relays_secret_access_with_local_reviews(
     token_file = tmp_path / "token"
     token_file.write_text(secrets.token_urlsafe(32))
     internal = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VNCGATE_")}
     with XvncServer(log_path=tmp_path / "xvnc.log") as xvnc:
         control_plane.apply({
             "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
             "metadata": {"name": "desk", "namespace": watched_namespace},
             "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
                      "credentials": {"secretName": "desk-vnc"}}})
-        relay = Process([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{free_port()}",
-                         f"--internal-listen=127.0.0.1:{internal}",
-                         f"--api-token-file={token_file}"], tmp_path / "relay.log", env)
-        operator: Process | None = None
+        relay = ConsoleScript("vncgate-relay", [
+            f"--listen=127.0.0.1:{free_port()}", f"--internal-listen=127.0.0.1:{internal}",
+            f"--api-token-file={token_file}"], tmp_path).start()
+        operator: ConsoleScript | None = None
         try:
             args = operator_args(manifests, f"http://127.0.0.1:{internal}", token_file)
             assert any(a.startswith("--relay-service-account=") for a in args), args
             args = [f"--relay-credentials-role={role['metadata']['name']}"
                     if a.startswith("--relay-credentials-role=") else a for a in args]
-            operator = Process([str(BIN / "vncgate-operator"), *args], tmp_path / "operator.log",
-                               {**env, "KUBECONFIG": str(kubeconfig)})
+            operator = ConsoleScript("vncgate-operator", args, tmp_path,
+                                     env={"KUBECONFIG": str(kubeconfig)}).start()
             running = operator
 
             def reason() -> str:
@@ -242,18 +215,18 @@ def test_namespaced_operator_checks_the_relays_secret_access_with_local_reviews(
                 return ""
 
             wait_until(lambda: reason().startswith("CredentialsNotReadable")
-                       or running.proc.poll() is not None,
+                       or not running.running(),
                        "CredentialsNotReadable in status", timeout=FIRST_STATUS_WITHIN)
             said = reason()
-            assert said.startswith("CredentialsNotReadable"), (said, operator.output()[-4000:])
+            assert said.startswith("CredentialsNotReadable"), (said, operator.log()[-4000:])
             command = said.split("opt this namespace in: ", 1)[1].split()
             assert command[0] == "kubectl" and f"--clusterrole={role['metadata']['name']}" \
                 in command, command
             control_plane.kubectl(*command[1:])
             wait_until(lambda: target_status(control_plane, watched_namespace, "desk")
-                       .get("phase") == "Ready" or running.proc.poll() is not None,
+                       .get("phase") == "Ready" or not running.running(),
                        "Ready after the namespace opted in", timeout=FIRST_STATUS_WITHIN)
-            output = operator.output()
+            output = operator.log()
             assert target_status(control_plane, watched_namespace, "desk")["phase"] == "Ready", \
                 output[-4000:]
             marks = [line for line in output.splitlines() if FORBIDDEN_MARKS.search(line)]
