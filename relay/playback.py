@@ -29,13 +29,17 @@ from vncgate.relay.identify import identify
 from vncgate.relay.identity import Identity
 from vncgate.relay.origin import check_host
 from vncgate.relay.pages import render_page
-from vncgate.relay.recordstore import Summary, iter_files, path_of, summarize
+from vncgate.relay.recordstore import Summary, SummaryCache, iter_files, path_of
 from vncgate.relay.state import STATE, RelayState
 
 LIST_CONCURRENCY = 20
 
 
+SUMMARIES = web.AppKey("recording summaries", SummaryCache)
+
+
 def add_routes(app: web.Application) -> None:
+    app[SUMMARIES] = SummaryCache()
     app.router.add_get("/recordings", _to_list)
     app.router.add_get("/recordings/", recordings_list)
     app.router.add_get("/recordings/{namespace}/{name}/{stamp}/", player)
@@ -88,17 +92,19 @@ async def recordings_list(request: web.Request) -> web.StreamResponse:
         decisions = await asyncio.gather(*(_decide(state, identity, ns, n) for ns, n in batch))
         allowed.update(t for t, d in zip(batch, decisions, strict=True) if d.allowed)
     visible = [p for p in files if (p.parent.parent.name, p.parent.name) in allowed]
-    summaries = await asyncio.to_thread(_summaries, directory, visible)
+    cache = request.app[SUMMARIES]
+    cache.keep_only(files)
+    summaries = await asyncio.to_thread(_summaries, cache, directory, visible)
     rows = [_row(s) for s in sorted(summaries, key=lambda s: s.header.get("startedEpoch", 0),
                                     reverse=True)]
     return render_page(request, "recordings.html", {"rows": rows, "user": identity.label})
 
 
-def _summaries(directory: Path, paths: list[Path]) -> list[Summary]:
+def _summaries(cache: SummaryCache, directory: Path, paths: list[Path]) -> list[Summary]:
     found = []
     for path in paths:
         try:
-            found.append(summarize(directory, path))
+            found.append(cache.summary(directory, path))
         except (OSError, ValueError):  # deleted meanwhile, or not a recording
             continue
     return found
@@ -149,7 +155,7 @@ async def player(request: web.Request) -> web.StreamResponse:
     recording_id, path, _identity = await _recording(request)
     state = request.app[STATE]
     try:
-        summary = await asyncio.to_thread(summarize, _directory(state), path)
+        summary = await asyncio.to_thread(request.app[SUMMARIES].summary, _directory(state), path)
     except (OSError, ValueError) as exc:
         raise web.HTTPNotFound(text=f"{recording_id} cannot be read: {exc}\n") from None
     config = {"id": recording_id, "file": "file", "user": summary.header.get("user") or "",

@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,45 @@ def summarize(directory: Path, path: Path) -> Summary:
     recording_id = id_of(directory, path)
     namespace, name, _ = recording_id.split("/")
     return Summary(recording_id, namespace, name, path.stat().st_size, header, end, keyframes)
+
+
+class SummaryCache:
+    """Summaries by file, reused while a file's size and modification time stay the same.
+
+    A summary reads every record of its file; the recordings page lists every file the viewer
+    may see, so without this each request would read (and decompress) all of them again. A
+    finished recording never changes; one being written changes size, and is read again.
+    Thread-safe (the page summarizes in a worker thread); at most `max_entries` files."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: dict[Path, tuple[tuple[int, int], Summary]] = {}
+        self.reads = 0  # files summarized from disk (the tests read it)
+
+    def summary(self, directory: Path, path: Path) -> Summary:
+        """The file's summary (OSError, FormatError, ValueError as `summarize`)."""
+        stat = path.stat()
+        version = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            hit = self._entries.get(path)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+        found = summarize(directory, path)
+        with self._lock:
+            self.reads += 1
+            self._entries.pop(path, None)
+            self._entries[path] = (version, found)
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]  # the longest unrefreshed
+        return found
+
+    def keep_only(self, present: Iterable[Path]) -> None:
+        """Forget the files that are gone (retention, `vncgate-relay recordings delete`)."""
+        keep = set(present)
+        with self._lock:
+            for path in [p for p in self._entries if p not in keep]:
+                del self._entries[path]
 
 
 def list_recordings(directory: Path) -> list[Summary]:

@@ -320,3 +320,34 @@ def test_retention_by_age_then_by_total_size(tmp_path: Path) -> None:
     # The 40-day-old one by age; then 900 bytes > 700: the oldest not being written goes.
     assert removed == [files[0], files[2]]
     assert files[1].exists() and files[3].exists()
+
+
+async def test_summaries_are_read_once_per_version_of_a_file(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """The recordings page summarizes every visible file; a file is read again only when its
+    size or modification time changed, and forgotten when it is gone."""
+    from vncgate.relay.recordstore import SummaryCache, summarize
+
+    await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
+    path, _ = records_of(tmp_path)
+    cache = SummaryCache(max_entries=2)
+    first = cache.summary(tmp_path, path)
+    assert first == summarize(tmp_path, path) and first.state == "complete"
+    assert cache.summary(tmp_path, path) is first and cache.reads == 1
+    # A file that changed (here: a copy of its records, as a file being written grows).
+    grown = path.with_name("20250101T000000Z-00.vncrec")
+    grown.write_bytes(path.read_bytes()[:-40])
+    assert cache.summary(tmp_path, grown).state == "open or cut"
+    grown.write_bytes(path.read_bytes())
+    assert cache.summary(tmp_path, grown).state == "complete" and cache.reads == 3
+    # Bounded: a third file pushes out the one not looked at for longest.
+    third = path.with_name("20250102T000000Z-00.vncrec")
+    third.write_bytes(path.read_bytes())
+    cache.summary(tmp_path, third)
+    cache.summary(tmp_path, path)
+    assert cache.reads == 5
+    cache.keep_only([third])
+    cache.summary(tmp_path, third)
+    assert cache.reads == 5
+    cache.summary(tmp_path, grown)
+    assert cache.reads == 6
