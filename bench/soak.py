@@ -47,7 +47,7 @@ import psutil
 
 from bench.candidates import free_port, wait_listening
 from bench.limits import raise_fd_limit
-from tests.support.rawws import frame, upgrade_request
+from tests.support.rawws import frame, read_frame, upgrade_request
 
 ROOT = Path(__file__).resolve().parent.parent
 GREETING = b"RFB 003.008\n"
@@ -164,14 +164,7 @@ class Client:
     async def read_frame(self) -> tuple[int, bytes]:
         """(opcode, payload) of the next frame; pings are answered."""
         while True:
-            b0, b1 = await self.reader.readexactly(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            payload = await self.reader.readexactly(n)
-            opcode = b0 & 0x0F
+            opcode, payload = await read_frame(self.reader)
             if opcode == 0x9:
                 self.writer.write(frame(payload, 0xA))
                 continue

@@ -26,7 +26,6 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
     vncauth_xvnc,
     x509_xvnc,
 )
-from tests.relay.test_xvnc import WsStream
 from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import (
     BACKEND_PORT,
@@ -36,6 +35,7 @@ from tests.support.kubevirt import (
     remove_api_service,
     serving_certificate,
 )
+from tests.support.rfbclient import WsStream, viewer_handshake
 from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
@@ -115,18 +115,8 @@ async def read_update(stream: WsStream) -> None:
 async def rfb_session(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int, WsStream]:
     """Security None, ClientInit, one pixel asked for and its update read whole: the stream
     flows both ways. The framebuffer size and the stream, at a message boundary."""
-    stream = WsStream(ws)
-    assert await stream.read(12) == b"RFB 003.008\n"
-    await ws.send_bytes(b"RFB 003.008\n")
-    (count,) = await stream.read(1)
-    assert 1 in await stream.read(count)
-    await ws.send_bytes(b"\x01")
-    assert await stream.read(4) == b"\x00\x00\x00\x00"
-    await ws.send_bytes(b"\x01")
-    width, height = struct.unpack("!HH", await stream.read(4))
-    await stream.read(16)
-    (name_length,) = struct.unpack("!I", await stream.read(4))
-    await stream.read(name_length)
+    stream, init = await viewer_handshake(ws)
+    width, height = init.width, init.height
     await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, width // 2, height // 2, 1, 1))
     await read_update(stream)
     return width, height, stream

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import RelayFactory
-from tests.relay.test_xvnc import WsStream
+from tests.support.rfbclient import WsStream, viewer_handshake
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
@@ -40,17 +40,7 @@ PIXEL_FORMAT = struct.pack("!BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255,
 
 
 async def handshake(ws: aiohttp.ClientWebSocketResponse) -> WsStream:
-    stream = WsStream(ws)
-    assert await stream.read(12) == b"RFB 003.008\n"
-    await ws.send_bytes(b"RFB 003.008\n")
-    (count,) = await stream.read(1)
-    await stream.read(count)
-    await ws.send_bytes(b"\x01")
-    assert await stream.read(4) == b"\x00\x00\x00\x00"
-    await ws.send_bytes(b"\x01")
-    await stream.read(20)
-    (name_length,) = struct.unpack("!I", await stream.read(4))
-    await stream.read(name_length)
+    stream, _ = await viewer_handshake(ws)
     encodings = (TIGHT, ZRLE, HEXTILE, COPYRECT, RAW)
     await ws.send_bytes(PIXEL_FORMAT + struct.pack(f"!BxH{len(encodings)}i", 2, len(encodings),
                                                    *encodings)

@@ -40,7 +40,7 @@ from tests.relay.test_auth import (
     targets,
 )
 from tests.relay.test_sessions import pointer_position
-from tests.relay.test_xvnc import WsStream
+from tests.support.rfbclient import WsStream
 from tests.support.servers import GREETING, TcpServer, echo_rfb
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer

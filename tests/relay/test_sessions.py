@@ -10,7 +10,7 @@ import aiohttp
 from Xlib import display as xdisplay
 
 from tests.conftest import RelayFactory
-from tests.relay.test_xvnc import WsStream
+from tests.support.rfbclient import viewer_handshake
 from tests.support.servers import GREETING, TcpServer
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
@@ -171,17 +171,7 @@ async def move_pointer_through_relay(relay: RelayServer, target: str, x: int, y:
     """A raw client, not noVNC: full handshake, then key and pointer events."""
     async with aiohttp.ClientSession() as http, http.ws_connect(
             f"{relay.public_url}/t/lab/{target}/websockify") as ws:
-        stream = WsStream(ws)
-        assert await stream.read(12) == b"RFB 003.008\n"
-        await ws.send_bytes(b"RFB 003.008\n")
-        (count,) = await stream.read(1)
-        await stream.read(count)
-        await ws.send_bytes(b"\x01")
-        assert await stream.read(4) == bytes(4)
-        await ws.send_bytes(b"\x01")
-        await stream.read(20)  # width, height, pixel format
-        (name_length,) = struct.unpack("!I", (await stream.read(4)))
-        await stream.read(name_length)
+        stream, _ = await viewer_handshake(ws)
         await ws.send_bytes(struct.pack("!BBxxI", 4, 1, 0x61))  # key 'a' down
         await ws.send_bytes(struct.pack("!BBHH", 5, 0, x, y))
         # A round trip through the server: after its answer, the pointer event was handled.

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
-from tests.relay.test_xvnc import WsStream
+from tests.support.rfbclient import viewer_handshake
 from tests.support.xvnc import XvncServer
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
@@ -96,18 +96,8 @@ async def handshake_as_viewer(relay_url: str, target: str) -> tuple[list[int], i
     """noVNC's part: returns the security types offered and the desktop's size."""
     async with aiohttp.ClientSession() as http, http.ws_connect(
             f"{relay_url}/t/lab/{target}/websockify", protocols=("binary",)) as ws:
-        stream = WsStream(ws)
-        assert await stream.read(12) == b"RFB 003.008\n"
-        await ws.send_bytes(b"RFB 003.008\n")
-        (count,) = await stream.read(1)
-        offered = list(await stream.read(count))
-        await ws.send_bytes(b"\x01")
-        assert await stream.read(4) == bytes(4)
-        await ws.send_bytes(b"\x01")
-        width, height = struct.unpack("!HH", await stream.read(4))
-        await stream.read(16)
-        (name_length,) = struct.unpack("!I", await stream.read(4))
-        await stream.read(name_length)
+        stream, init = await viewer_handshake(ws)
+        offered, width, height = init.offered, init.width, init.height
         await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 400, 300, 1, 1))
         (message_type,) = await stream.read(1)
         assert message_type == 0  # a FramebufferUpdate: the session is live

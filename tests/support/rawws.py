@@ -33,6 +33,17 @@ def upgrade_request(port: int, path: str) -> bytes:
             "Sec-WebSocket-Protocol: binary\r\n\r\n").encode()
 
 
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(opcode, payload) of the next frame from the server (unmasked, as servers send)."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
 class RawWebSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -53,13 +64,7 @@ class RawWebSocket:
         return ws
 
     async def read_frame(self) -> tuple[int, bytes]:
-        b0, b1 = await self.reader.readexactly(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-        return b0 & 0x0F, await self.reader.readexactly(n)
+        return await read_frame(self.reader)
 
     async def read_payload(self, n: int) -> bytes:
         got = bytearray()
