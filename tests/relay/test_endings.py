@@ -7,18 +7,32 @@ deadline.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import psutil
 import pytest
 
 from tests.conftest import RelayFactory
 from tests.support.rawws import RawWebSocket, frame
-from tests.support.servers import TcpServer, echo_rfb, flood, silent, sink, stalled
+from tests.support.servers import Behaviour, TcpServer, echo_rfb, flood, silent, sink, stalled
 from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay.bridge import Session
 from vncgate.relay.server import RelayServer
 
 WS = "/t/lab/desk/websockify"
+
+
+@asynccontextmanager
+async def relay_before(make_relay: RelayFactory, serve: Behaviour, **settings: Any
+                       ) -> AsyncIterator[tuple[TcpServer, RelayServer]]:
+    """A stand-in VNC server running `serve`, and a relay with one route to it (lab/desk)."""
+    async with TcpServer(serve) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
+                       **settings) as relay:
+        yield server, relay
 
 
 async def one_session(relay: RelayServer) -> Session:
@@ -49,9 +63,7 @@ async def ended(relay: RelayServer, session: Session, server: TcpServer) -> None
 @pytest.mark.parametrize("leave", ["close", "rst", "fin"])
 async def test_server_stops_reading_then_the_browser_leaves(make_relay: RelayFactory,
                                                             leave: str) -> None:
-    async with TcpServer(stalled(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       stall_timeout=600) as relay:
+    async with relay_before(make_relay, stalled(seconds=60), stall_timeout=600) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         session = await one_session(relay)
         pushed = await ws.push_until_blocked()
@@ -72,9 +84,7 @@ async def test_server_stops_reading_then_the_browser_leaves(make_relay: RelayFac
 
 
 async def test_a_browser_that_stops_reading_is_dropped(make_relay: RelayFactory) -> None:
-    async with TcpServer(flood(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       stall_timeout=1) as relay:
+    async with relay_before(make_relay, flood(seconds=60), stall_timeout=1) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         ws.writer.transport.pause_reading()
         session = await one_session(relay)
@@ -85,9 +95,7 @@ async def test_a_browser_that_stops_reading_is_dropped(make_relay: RelayFactory)
 
 
 async def test_a_server_that_stops_reading_is_dropped(make_relay: RelayFactory) -> None:
-    async with TcpServer(stalled(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       stall_timeout=1) as relay:
+    async with relay_before(make_relay, stalled(seconds=60), stall_timeout=1) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         session = await one_session(relay)
         await ws.push_until_blocked()
@@ -100,9 +108,7 @@ async def test_a_server_that_stops_reading_is_dropped(make_relay: RelayFactory) 
 
 async def test_both_sides_stall(make_relay: RelayFactory) -> None:
     # flood never reads and pushes as fast as it can; the browser neither reads nor stops.
-    async with TcpServer(flood(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       stall_timeout=1) as relay:
+    async with relay_before(make_relay, flood(seconds=60), stall_timeout=1) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         ws.writer.transport.pause_reading()
         session = await one_session(relay)
@@ -113,9 +119,8 @@ async def test_both_sides_stall(make_relay: RelayFactory) -> None:
 
 
 async def test_a_browser_that_misses_its_heartbeat_is_dropped(make_relay: RelayFactory) -> None:
-    async with TcpServer(sink(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       heartbeat=1.0, stall_timeout=600) as relay:
+    async with relay_before(make_relay, sink(seconds=60),
+                            heartbeat=1.0, stall_timeout=600) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         ws.writer.transport.pause_reading()  # never sees the ping, never answers it
         session = await one_session(relay)
@@ -126,8 +131,7 @@ async def test_a_browser_that_misses_its_heartbeat_is_dropped(make_relay: RelayF
 
 @pytest.mark.parametrize("leave", ["rst", "fin"])
 async def test_a_browser_that_leaves_mid_stream(make_relay: RelayFactory, leave: str) -> None:
-    async with TcpServer(echo_rfb) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)]) as relay:
+    async with relay_before(make_relay, echo_rfb) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         session = await one_session(relay)
         ws.writer.write(frame(b"ping"))
@@ -144,8 +148,7 @@ async def test_a_browser_that_leaves_mid_stream(make_relay: RelayFactory, leave:
 @pytest.mark.parametrize("with_handshake", [False, True])
 async def test_unmasked_client_frames_close_with_1002(make_relay: RelayFactory,
                                                       with_handshake: bool) -> None:
-    async with TcpServer(echo_rfb) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)]) as relay:
+    async with relay_before(make_relay, echo_rfb) as (server, relay):
         unmasked = frame(b"\x00" * 20, masked=False)
         if with_handshake:
             # Sent in the same write as the upgrade request: it must not slip past the check.
@@ -169,9 +172,8 @@ async def test_unmasked_client_frames_close_with_1002(make_relay: RelayFactory,
 async def test_a_server_stall_is_not_blamed_on_the_heartbeat(make_relay: RelayFactory) -> None:
     """While the server does not read, the relay does not read the browser, nor its pongs: the
     heartbeat then runs out first, and the ending must name the server."""
-    async with TcpServer(stalled(seconds=60)) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       heartbeat=1.0, stall_timeout=600) as relay:
+    async with relay_before(make_relay, stalled(seconds=60),
+                            heartbeat=1.0, stall_timeout=600) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS)
         session = await one_session(relay)
         await ws.push_until_blocked()
@@ -183,9 +185,7 @@ async def test_a_server_stall_is_not_blamed_on_the_heartbeat(make_relay: RelayFa
 async def test_a_stop_while_connecting_ends_at_once(make_relay: RelayFactory) -> None:
     """Shutdown (or a route change) while the relay waits for a greeting does not wait for the
     connect timeout."""
-    async with TcpServer(silent) as server, \
-            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port)],
-                       connect_timeout=600) as relay:
+    async with relay_before(make_relay, silent, connect_timeout=600) as (server, relay):
         ws = await RawWebSocket.open(relay.public_url + WS, greeting=False)
         session = await one_session(relay)
         await eventually(lambda: server.connections == 1, "the relay dialled")
