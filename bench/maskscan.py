@@ -1,11 +1,11 @@
-"""`python -m bench.maskscan`: the cost of the unmasked-frame scanner (relay/websocket.py) per
+"""`python -m bench.maskscan`: the cost of the unmasked-frame scanner (relay/web/websocket.py) per
 frame, fed 64 KiB reads of masked frames of a few sizes; aiohttp's reader is left out."""
 
 from __future__ import annotations
 
 import time
 
-from vncgate.relay.websocket import MaskedFramesOnly
+from vncgate.relay.web.websocket import MaskedFramesOnly
 
 
 class _NoReader:

@@ -5,7 +5,7 @@ alone (its RSS and CPU are the operator's) and the two use different cores:
 
 - kmock's `KubernetesEmulator` behind `kmock.Server` on 127.0.0.1, with the resources declared as
   `tests/operator/conftest.py` declares them;
-- two real `vncgate.relay.server.RelayServer` replicas on 127.0.0.1 (port 0), each behind a TCP
+- two real `vncgate.relay.web.server.RelayServer` replicas on 127.0.0.1 (port 0), each behind a TCP
   proxy that counts the bytes of the registration API both ways (the operator is given the proxies);
 - an RFB greeter (`RFB 003.008\\n`, security type None), the address of every VncTarget, so
   probes succeed;
@@ -40,8 +40,8 @@ from bench.limits import raise_fd_limit
 from bench.loops import new_event_loop
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 TARGETS = "vncgate.io/v1alpha1/vnctargets"
 TARGETS_PATH = "/apis/vncgate.io/v1alpha1/namespaces/{ns}/vnctargets"

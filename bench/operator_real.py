@@ -42,8 +42,8 @@ from tests.support.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.operator import memory
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 MiB = 2**20
 TOKEN = "r" * 32

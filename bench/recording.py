@@ -24,7 +24,7 @@ from typing import Any
 from bench import measure
 from bench.backends import RFB_RATE
 from bench.candidates import Vncgate
-from vncgate.relay.recording import END, SUFFIX, FormatError, read_records
+from vncgate.relay.recording.capture import END, SUFFIX, FormatError, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,8 +27,8 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials, TlsSpec
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 PASSWORD = "bench-pw"  # noqa: S105 - the throw-away benchmark server's
 

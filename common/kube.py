@@ -1,9 +1,10 @@
 """A small async client for the few Kubernetes API calls the relay and the operator make.
 
-SubjectAccessReviews (vncgate.relay.authz), Leases (vncgate.relay.consoles), and the operator's
-status patches and Events (vncgate.operator.kubeapi builds on it). Credentials come from a
-kubeconfig or the pod's ServiceAccount, loaded by the official `kubernetes` package; requests go
-through aiohttp, so the relay never blocks its event loop on the API.
+SubjectAccessReviews (vncgate.relay.access.authz), Leases (vncgate.relay.session.consoles),
+and the operator's status patches and Events (vncgate.operator.kubeapi builds on it).
+Credentials come from a kubeconfig or the pod's ServiceAccount, loaded by the official
+`kubernetes` package; requests go through aiohttp, so the relay never blocks its event loop on
+the API.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ DEFAULT_SESSIONS = SessionPolicy()
 
 @dataclass(frozen=True, slots=True)
 class RecordingPolicy:
-    """`spec.recording`: record sessions (relay/recording.py); `input`: with keys and pointer.
+    """`spec.recording`: record sessions (relay/recording/); `input`: with keys and pointer.
     None on a route: the relay's default (--record-sessions) decides."""
 
     enabled: bool = False

@@ -15,14 +15,15 @@ from pathlib import Path
 
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import SpecError, check_key, parse_duration
-from vncgate.relay import links, logs
-from vncgate.relay.identity import AuthMode
+from vncgate.relay import logs
+from vncgate.relay.access import links
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.manifests import ManifestError, load_routes
-from vncgate.relay.passwords import hash_secret
-from vncgate.relay.recordingcli import recordings_main
-from vncgate.relay.server import RelayServer
+from vncgate.relay.recording.cli import recordings_main
 from vncgate.relay.settings import RelaySettings, host_names, settings_from_args
-from vncgate.relay.tls import TlsError
+from vncgate.relay.web.server import RelayServer
+from vncgate.relay.web.tls import TlsError
 
 log = logging.getLogger("vncgate.relay")
 

@@ -32,13 +32,13 @@ from prometheus_client import CollectorRegistry
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionPolicy
 from vncgate.relay import closecodes
-from vncgate.relay.bridge import Session, Sessions
-from vncgate.relay.consoles import Holder, LocalConsoles
+from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.metrics import RelayMetrics
-from vncgate.relay.origin import same_origin
-from vncgate.relay.proxies import parse_networks
+from vncgate.relay.session.bridge import Session, Sessions
+from vncgate.relay.session.consoles import Holder, LocalConsoles
 from vncgate.relay.settings import RelaySettings
-from vncgate.relay.websocket import RelayWebSocket
+from vncgate.relay.web.origin import same_origin
+from vncgate.relay.web.websocket import RelayWebSocket
 
 __all__ = ["Authorize", "Bridge", "BridgeSettings", "Denied", "Lookup", "Route",
            "SessionPolicy", "Viewer"]

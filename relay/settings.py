@@ -25,13 +25,13 @@ from vncgate.common.spec import (
     check_port,
     parse_duration,
 )
-from vncgate.relay.identity import AUTH_MODES, AuthConfigError, AuthMode
-from vncgate.relay.links import load_keys
-from vncgate.relay.proxies import parse_networks
-from vncgate.relay.recordstore import RecordingSettings
-from vncgate.relay.recordstore import add_arguments as add_recording_arguments
-from vncgate.relay.recordstore import settings_from_args as recording_settings_from_args
-from vncgate.relay.users import User, load_users
+from vncgate.relay.access.identity import AUTH_MODES, AuthConfigError, AuthMode
+from vncgate.relay.access.links import load_keys
+from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.access.users import User, load_users
+from vncgate.relay.recording.store import RecordingSettings
+from vncgate.relay.recording.store import add_arguments as add_recording_arguments
+from vncgate.relay.recording.store import settings_from_args as recording_settings_from_args
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ class AuthSettings:
     public_url: str = ""
     # "kubernetes": SubjectAccessReviews; "manifest": spec.access lists of the targets.
     authorization: str = "manifest"
-    # `Authorization: Bearer <Kubernetes token>` checked with TokenReviews (relay/tokenreview.py),
-    # beside the mode's own sign-in; the audiences a token must be for (none: the API server's).
+    # `Authorization: Bearer <Kubernetes token>` checked with TokenReviews
+    # (relay/access/tokenreview.py), beside the mode's own sign-in; the audiences a token must be
+    # for (none: the API server's).
     kubernetes_tokens: bool = False
     token_audiences: tuple[str, ...] = ()
 
@@ -94,19 +95,20 @@ class RelaySettings:
     # Seconds between WebSocket pings to a quiet browser; no pong within half of it ends the
     # session (1006).
     heartbeat: float = 30.0
-    # Who the viewer is (vncgate.relay.identify) and what they may open (vncgate.relay.authz).
+    # Who the viewer is (vncgate.relay.web.requester) and what they may open
+    # (vncgate.relay.access.authz).
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
     kubeconfig: Path | None = None
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
-    # The other replicas (relay/peers.py): internal URLs, and/or the headless Service whose
+    # The other replicas (relay/session/peers.py): internal URLs, and/or the headless Service whose
     # EndpointSlices list them (namespace, name).
     peer_urls: tuple[str, ...] = ()
     peer_service: tuple[str, str] | None = None
     recording: RecordingSettings = field(default_factory=RecordingSettings)
-    # TLS on the public port (PEM chain and key), reloaded when they change (relay/tls.py).
+    # TLS on the public port (PEM chain and key), reloaded when they change (relay/web/tls.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_reload_interval: float = 10.0

@@ -11,27 +11,27 @@ from aiohttp import web
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
-from vncgate.relay.authz import (
+from vncgate.relay.access.authz import (
     Authorizer,
     KubernetesAuthorizer,
     ManifestAuthorizer,
     OpenAuthorizer,
 )
-from vncgate.relay.bridge import Sessions
-from vncgate.relay.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
-from vncgate.relay.cookies import Revoked
-from vncgate.relay.credentials import CredentialStore
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.kubevirt import KubeVirtDialer
-from vncgate.relay.links import UsedLinks
+from vncgate.relay.access.cookies import Revoked
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.links import UsedLinks
+from vncgate.relay.access.passwords import KeyDerivations
+from vncgate.relay.access.ratelimit import FailureLimiter
+from vncgate.relay.access.tokenreview import TokenReviewer
 from vncgate.relay.metrics import RelayMetrics
-from vncgate.relay.passwords import KeyDerivations
-from vncgate.relay.peers import Peers
-from vncgate.relay.ratelimit import FailureLimiter
-from vncgate.relay.recorder import Recorder
-from vncgate.relay.registry import Registry
+from vncgate.relay.recording.service import Recorder
+from vncgate.relay.session.bridge import Sessions
+from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from vncgate.relay.session.peers import Peers
+from vncgate.relay.session.registry import Registry
+from vncgate.relay.session.serversecrets import CredentialStore
+from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings, host_names
-from vncgate.relay.tokenreview import TokenReviewer
 
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:
@@ -86,7 +86,7 @@ class RelayState:
     bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
-    # Session recordings (relay/recorder.py): the writer thread and its metrics.
+    # Session recordings (relay/recording/service.py): the writer thread and its metrics.
     recorder: Recorder = field(init=False)
     # What the relay answers VNC servers' security with (spec.credentials / spec.tls).
     logins: CredentialStore = field(init=False)

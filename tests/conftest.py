@@ -15,8 +15,8 @@ from tests.support.servers import TcpServer, echo_rfb, sink
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-registration-token-0123456789"

@@ -32,7 +32,7 @@ from tests.support.processes import BIN, ConsoleScript
 from tests.support.waiting import wait_until
 from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
-from vncgate.relay.peers import Peers
+from vncgate.relay.session.peers import Peers
 
 TOKEN = "kubectl-test-registration-token-0123456789"
 ACCOUNTS = {"viewer": ("ClusterRole", "vncgate-viewer"), "editor": ("ClusterRole", "edit"),

@@ -23,7 +23,7 @@ from tests.support.cluster import free_port, kubeconfig
 from tests.support.processes import ConsoleScript
 from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
-from vncgate.relay.tokenreview import TokenReviewer, TokenReviewUnavailable
+from vncgate.relay.access.tokenreview import TokenReviewer, TokenReviewUnavailable
 
 USERS = {"browser": {"secret": "browser-secret-0123456789", "groups": []}}
 

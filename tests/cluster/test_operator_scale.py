@@ -30,8 +30,8 @@ from vncgate.operator.kubeapi import OLD_FINALIZER
 from vncgate.operator.policy import AddressPolicy
 from vncgate.operator.runtime import MEMO_KEY, Runtime
 from vncgate.operator.settings import OperatorSettings
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 TOKEN = "s" * 32
 T = TypeVar("T")

@@ -27,8 +27,15 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
-from vncgate.relay.consoles import Holder, KubeConsoles
-from vncgate.relay.recording import END, FORMAT_VERSION, HEADER, MAGIC, SERVER, encode_record
+from vncgate.relay.recording.capture import (
+    END,
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    SERVER,
+    encode_record,
+)
+from vncgate.relay.session.consoles import Holder, KubeConsoles
 
 USERS = {
     "alice": {"secret": "alice-secret-0123456789", "groups": ["lab-team"]},

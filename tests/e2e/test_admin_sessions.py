@@ -22,10 +22,10 @@ from tests.conftest import ARTIFACTS, RelayFactory
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.passwords import hash_secret
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 NAMESPACE = "admin-sessions-team"
 PASSWORDS = {"ada": "ada's browser password", "vic": "vic's browser password"}

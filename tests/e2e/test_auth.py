@@ -9,11 +9,11 @@ from tests.e2e.test_viewer import wait_for_pixel
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
-from vncgate.relay import links
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.passwords import hash_secret
+from vncgate.relay.access import links
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 PASSWORD = "a browser-typed password"
 KEY = b"e" * 40

@@ -8,9 +8,9 @@ from playwright.async_api import Browser, Page
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.relay.passwords import hash_secret
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 PASSWORD = "the right password"
 

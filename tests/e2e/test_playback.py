@@ -18,11 +18,11 @@ from tests.e2e.test_viewer import wait_for_pixel
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access, RecordingPolicy
-from vncgate.relay.passwords import hash_secret
-from vncgate.relay.recording import END, HEADER, KEYFRAME, SERVER, Record, read_records
-from vncgate.relay.recordstore import RecordingSettings, list_recordings
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
+from vncgate.relay.recording.capture import END, HEADER, KEYFRAME, SERVER, Record, read_records
+from vncgate.relay.recording.store import RecordingSettings, list_recordings
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 PASSWORD = "a browser-typed password"
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

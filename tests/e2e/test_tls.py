@@ -15,9 +15,9 @@ from tests.e2e.test_viewer import wait_for_pixel
 from tests.support.certs import make_ca, make_server_cert
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
-from vncgate.relay.passwords import hash_secret
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 PASSWORD = "a password typed over https"
 

@@ -26,8 +26,8 @@ from vncgate.operator.handlers import build_registry
 from vncgate.operator.policy import AddressPolicy
 from vncgate.operator.runtime import MEMO_KEY, Prober, Runtime
 from vncgate.operator.settings import OperatorSettings
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 TOKEN = "t" * 32
 TARGETS = "vncgate.io/v1alpha1/vnctargets"

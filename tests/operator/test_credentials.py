@@ -28,8 +28,8 @@ from tests.relay.test_upstream_security import close_of, handshake_as_viewer
 from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.relay import closecodes
-from vncgate.relay.server import RelayServer
 from vncgate.relay.settings import RelaySettings
+from vncgate.relay.web.server import RelayServer
 
 SECRETS = "v1/secrets"
 PASSWORD = "right-pw"

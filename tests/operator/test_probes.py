@@ -32,7 +32,7 @@ from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.operator.probe import ProbeResult, probe_rfb
-from vncgate.relay.server import RelayServer
+from vncgate.relay.web.server import RelayServer
 
 PROBE_CYCLES = 100
 

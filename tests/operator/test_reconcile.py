@@ -20,7 +20,7 @@ from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.operator.settings import OperatorSettings
-from vncgate.relay.server import RelayServer
+from vncgate.relay.web.server import RelayServer
 
 
 def settings_for(*relays: RelayServer, **overrides: Any) -> OperatorSettings:

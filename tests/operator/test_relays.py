@@ -20,7 +20,7 @@ from tests.operator.conftest import (
 )
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
-from vncgate.relay.server import RelayServer
+from vncgate.relay.web.server import RelayServer
 
 
 def address_target(name: str, xvnc: XvncServer, **spec: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import API_TOKEN, RelayFactory
 from vncgate.common.client import RelayClient, RelayError
 from vncgate.common.model import Route, table_revision
-from vncgate.relay.server import RelayServer
+from vncgate.relay.web.server import RelayServer
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 DESK = {"endpoint": {"host": "10.0.0.5", "port": 5900}, "displayName": "Desk", "viewOnly": False}

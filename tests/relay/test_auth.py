@@ -26,14 +26,15 @@ from tests.support.servers import GREETING, TcpServer
 from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
-from vncgate.relay import closecodes, links
-from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
-from vncgate.relay.identity import AuthConfigError, AuthMode
-from vncgate.relay.passwords import hash_secret, verify_secret
-from vncgate.relay.proxies import parse_networks
-from vncgate.relay.server import RelayServer
+from vncgate.relay import closecodes
+from vncgate.relay.access import links
+from vncgate.relay.access.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.access.identity import AuthConfigError, AuthMode
+from vncgate.relay.access.passwords import hash_secret, verify_secret
+from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.access.users import User, load_users
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User, load_users
+from vncgate.relay.web.server import RelayServer
 
 ALICE_PASSWORD = "correct horse battery staple"
 BOB_TOKEN = "bob-api-token-0123456789abcdef"

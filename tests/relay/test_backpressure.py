@@ -14,8 +14,8 @@ from tests.conftest import RelayFactory
 from tests.support.servers import GREETING, TcpServer, flood, stalled
 from tests.support.waiting import eventually
 from vncgate.common.model import Route
-from vncgate.relay.bridge import Session
-from vncgate.relay.server import RelayServer
+from vncgate.relay.session.bridge import Session
+from vncgate.relay.web.server import RelayServer
 
 # A stalled session may hold its read chunk, the WebSocket writer's limit and the transports'
 # high-water marks; "a few MiB" is the promise, 4 MiB the bound checked here.

@@ -282,7 +282,7 @@ async def test_one_log_line_per_session_with_bytes_and_code(
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_denied_ranges_are_checked_after_dns_resolution(
         make_relay: RelayFactory, http: aiohttp.ClientSession, host: str) -> None:
-    from vncgate.relay.proxies import parse_networks
+    from vncgate.relay.access.proxies import parse_networks
 
     async with TcpServer(echo_rfb) as server, make_relay(
             routes=[Route("lab", "desk", host, server.port)],

@@ -15,10 +15,10 @@ from tests.support.cluster import free_port
 from tests.support.servers import TcpServer
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.passwords import hash_secret
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.users import User
 
 GREETING = b"RFB 003.008\n"
 

@@ -25,7 +25,7 @@ from tests.support.servers import GREETING, TcpServer, echo_rfb, not_vnc
 from tests.support.xvnc import XvncServer
 from vncgate.relay import closecodes, embed
 from vncgate.relay.embed import Bridge, BridgeSettings, Denied, Route, SessionPolicy, Viewer
-from vncgate.relay.server import RelayServer
+from vncgate.relay.web.server import RelayServer
 
 # The stable surface (docs/EMBEDDING.md). A change here is a change of the public API: make it
 # on purpose, in the docs and the release notes, never by accident.

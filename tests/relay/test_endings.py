@@ -19,8 +19,8 @@ from tests.support.rawws import RawWebSocket, frame
 from tests.support.servers import Behaviour, TcpServer, echo_rfb, flood, silent, sink, stalled
 from tests.support.waiting import eventually
 from vncgate.common.model import Route
-from vncgate.relay.bridge import Session
-from vncgate.relay.server import RelayServer
+from vncgate.relay.session.bridge import Session
+from vncgate.relay.web.server import RelayServer
 
 WS = "/t/lab/desk/websockify"
 

@@ -18,8 +18,8 @@ from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
-from vncgate.relay.consoles import KubeConsoles, lease_name
-from vncgate.relay.server import RelayServer
+from vncgate.relay.session.consoles import KubeConsoles, lease_name
+from vncgate.relay.web.server import RelayServer
 
 NAMESPACE = "vncgate"
 LEASES = "coordination.k8s.io/v1/leases"

@@ -14,10 +14,10 @@ import pytest
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import sign_in
 from vncgate.common.model import Route
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.proxies import parse_networks
-from vncgate.relay.server import RelayServer
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.settings import AuthSettings
+from vncgate.relay.web.server import RelayServer
 
 EVIL = '<img src=x onerror="alert(1)">{{config}}'
 
@@ -65,7 +65,7 @@ async def test_viewer_without_trailing_slash_redirects_relatively(
 
 @pytest.mark.parametrize("path", ["//evil.example/", "//evil.example/t/lab/desk-1",
                                   "/t/lab//evil.example", "/%2F%2Fevil.example/",
-                                  "/t/..%2F..%2Fetc/passwd/", "/static/../relay/public.py"])
+                                  "/t/..%2F..%2Fetc/passwd/", "/static/../web/public.py"])
 async def test_no_path_redirects_off_site_or_escapes(relay: RelayServer,
                                                      http: aiohttp.ClientSession,
                                                      path: str) -> None:

@@ -21,7 +21,7 @@ from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
-from vncgate.relay.recording import (
+from vncgate.relay.recording.capture import (
     CLIENT,
     END,
     HEADER,
@@ -30,7 +30,7 @@ from vncgate.relay.recording import (
     Record,
     read_records,
 )
-from vncgate.relay.recordstore import RecordingSettings
+from vncgate.relay.recording.store import RecordingSettings
 
 KEY_A_DOWN = struct.pack("!BBxxI", 4, 1, 0x61)
 KEY_A_UP = struct.pack("!BBxxI", 4, 0, 0x61)
@@ -181,7 +181,7 @@ def test_read_records_of_a_file_cut_short(tmp_path: Path) -> None:
     """A crash or a full disk cuts a file anywhere: the reader yields the whole records."""
     import zlib
 
-    from vncgate.relay.recording import FORMAT_VERSION, MAGIC, encode_record
+    from vncgate.relay.recording.capture import FORMAT_VERSION, MAGIC, encode_record
 
     compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
     body = compressor.compress(MAGIC + bytes([FORMAT_VERSION]))
@@ -294,7 +294,7 @@ async def test_recordings_command_lists_exports_and_deletes(
 
 
 def test_retention_by_age_then_by_total_size(tmp_path: Path) -> None:
-    from vncgate.relay.recordstore import apply_retention
+    from vncgate.relay.recording.store import apply_retention
 
     now = time.time()
     files = []
@@ -316,7 +316,7 @@ async def test_summaries_are_read_once_per_version_of_a_file(
         make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
     """The recordings page summarizes every visible file; a file is read again only when its
     size or modification time changed, and forgotten when it is gone."""
-    from vncgate.relay.recordstore import SummaryCache, summarize
+    from vncgate.relay.recording.store import SummaryCache, summarize
 
     await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
     path, _ = records_of(tmp_path)

@@ -47,14 +47,15 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
-from vncgate.relay import closecodes, links
-from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.passwords import dummy_hash
-from vncgate.relay.proxies import parse_networks
-from vncgate.relay.server import RelayServer
+from vncgate.relay import closecodes
+from vncgate.relay.access import links
+from vncgate.relay.access.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import dummy_hash
+from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings, host_names
-from vncgate.relay.users import User
+from vncgate.relay.web.server import RelayServer
 
 # --- 1. the view-only filter reads the RFB stream exactly as the server does -----------------
 

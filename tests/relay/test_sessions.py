@@ -17,10 +17,10 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Interactive, SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.proxies import parse_networks
-from vncgate.relay.server import RelayServer
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.settings import AuthSettings
+from vncgate.relay.web.server import RelayServer
 
 HANDSHAKE = [b"RFB 003.008\n", b"\x01", b"\x01"]  # version, security None, ClientInit
 POINTER = struct.pack("!BBHH", 5, 0, 10, 10)

@@ -26,8 +26,8 @@ from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
-from vncgate.relay.recordstore import RecordingSettings
-from vncgate.relay.rfbsecurity import vnc_auth_response
+from vncgate.relay.recording.store import RecordingSettings
+from vncgate.relay.rfb.security import vnc_auth_response
 
 PASSWORD = "s3cret-pw"  # longer than 8: VNC Authentication uses the first 8 bytes
 VNCPASSWD = shutil.which("vncpasswd") or "/usr/bin/vncpasswd"

@@ -23,7 +23,7 @@ from vncgate.operator.policy import AddressPolicy
 from vncgate.operator.resolve import evaluate
 from vncgate.operator.settings import parse_args
 from vncgate.relay import closecodes
-from vncgate.relay.kubevirt import (
+from vncgate.relay.session.vmconsole import (
     DialRefused,
     KubeVirtStream,
     WebSocketTransport,

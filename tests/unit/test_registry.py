@@ -14,7 +14,7 @@ from vncgate.common.model import (
 from vncgate.common.rfb import parse_greeting
 from vncgate.common.spec import SpecError
 from vncgate.relay.closecodes import MAX_REASON_BYTES, clip_reason
-from vncgate.relay.registry import Registry
+from vncgate.relay.session.registry import Registry
 
 A = Route("lab", "a", "10.0.0.1", 5900)
 B = Route("lab", "b", "10.0.0.2", 5900, "B", view_only=True)

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from vncgate.relay.rfbfilter import ClientFilter, FilterError
+from vncgate.relay.rfb.viewerstream import ClientFilter, FilterError
 
 HANDSHAKE = b"RFB 003.008\n" + b"\x01" + b"\x01"  # version, security None, ClientInit shared
 SET_ENCODINGS = struct.pack("!BxH3i", 2, 3, 0, 7, -223)

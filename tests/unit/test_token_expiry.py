@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vncgate.relay.tokenreview import MAX_TOKEN_LENGTH, token_expiry
+from vncgate.relay.access.tokenreview import MAX_TOKEN_LENGTH, token_expiry
 
 
 def jwt(claims: object, raw: bytes | None = None) -> str:

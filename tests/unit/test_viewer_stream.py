@@ -23,8 +23,8 @@ from tests.unit.test_rfbfilter import (
     UPDATE,
     XVP_REBOOT,
 )
-from vncgate.relay.recording import CLIENT, RfbTap, restrict_encodings
-from vncgate.relay.rfbfilter import ClientFilter, is_input
+from vncgate.relay.recording.capture import CLIENT, RfbTap, restrict_encodings
+from vncgate.relay.rfb.viewerstream import ClientFilter, is_input
 
 MESSAGES = [SET_ENCODINGS, UPDATE, KEY, POINTER, POINTER_EXTENDED, CUT, CUT_EXTENDED, FENCE,
             QEMU_KEY, XVP_REBOOT, RESIZE, CONTINUOUS, PIXEL_FORMAT]

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from tests.support.rawws import frame
-from vncgate.relay.websocket import MaskedFramesOnly
+from vncgate.relay.web.websocket import MaskedFramesOnly
 
 
 class Reader:

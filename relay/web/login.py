@@ -7,19 +7,25 @@ import time
 
 from aiohttp import web
 
-from vncgate.relay import closecodes, links
-from vncgate.relay.audit import audit_event, client_address
-from vncgate.relay.bodies import read_form, read_json
-from vncgate.relay.cookies import SESSION_COOKIE, session_cookie
-from vncgate.relay.csrf import csrf_token, form_from_our_page, script_from_our_page, set_csrf_cookie
-from vncgate.relay.identify import busy, identify
-from vncgate.relay.identity import AuthMode
-from vncgate.relay.origin import check_host
-from vncgate.relay.pages import render_page
-from vncgate.relay.passwords import DerivationsBusy
-from vncgate.relay.proxies import address_in
+from vncgate.relay import closecodes
+from vncgate.relay.access import links
+from vncgate.relay.access.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.passwords import DerivationsBusy
+from vncgate.relay.access.proxies import address_in
+from vncgate.relay.access.users import check_login
 from vncgate.relay.state import STATE, RelayState
-from vncgate.relay.users import check_login
+from vncgate.relay.web.audit import audit_event, client_address
+from vncgate.relay.web.bodies import read_form, read_json
+from vncgate.relay.web.csrf import (
+    csrf_token,
+    form_from_our_page,
+    script_from_our_page,
+    set_csrf_cookie,
+)
+from vncgate.relay.web.origin import check_host
+from vncgate.relay.web.pages import render_page
+from vncgate.relay.web.requester import busy, identify
 
 # A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")

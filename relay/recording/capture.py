@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vncgate.relay.rfbfilter import (
+from vncgate.relay.rfb.viewerstream import (
     CLIENT_CUT_TEXT,
     KEY_EVENT,
     MESSAGE_BODY,
@@ -168,7 +168,7 @@ class RfbTap:
         self._keyframe_interval = keyframe_interval
         self._clock = clock
         # client side: the viewer's handshake and message boundaries, as the view-only filter
-        # reads them (one parser: relay/rfbfilter.py)
+        # reads them (one parser: relay/rfb/viewerstream.py)
         self.stream = ViewerStream("a recorded session needs")
         self._message: bytearray | None = None  # a message kept whole (SetEncodings, input)
         self._message_total = 0

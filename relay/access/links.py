@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vncgate.relay.cookies import sign, unsign
+from vncgate.relay.access.cookies import sign, unsign
 
 MAX_TTL = 7 * 24 * 3600
 

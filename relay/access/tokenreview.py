@@ -3,7 +3,7 @@
 `--kubernetes-tokens` lets scripts and `kubectl vnc` present `Authorization: Bearer <token>`
 with a token the API server trusts (a ServiceAccount token, an OIDC ID token). The relay sends it
 in a TokenReview and learns the user and groups; what they may open is then decided as for any
-other viewer, by SubjectAccessReviews (vncgate.relay.authz).
+other viewer, by SubjectAccessReviews (vncgate.relay.access.authz).
 
 - Answers are cached briefly (AUTHENTICATED_TTL), by the token's SHA-256, in a bounded LRU: a
   revoked token stops working within that time.
@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 
 from vncgate.common.kube import KubeClient
-from vncgate.relay.identity import Identity
+from vncgate.relay.access.identity import Identity
 
 log = logging.getLogger("vncgate.tokenreview")
 

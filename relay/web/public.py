@@ -14,22 +14,22 @@ from aiohttp import web
 from vncgate.common.model import Route
 from vncgate.common.spec import SpecError, check_key
 from vncgate.relay import closecodes
-from vncgate.relay.audit import audit_event, client_address
-from vncgate.relay.bridge import Session
-from vncgate.relay.consoles import Holder
-from vncgate.relay.control import add_routes as add_control_routes
-from vncgate.relay.control import all_sessions
-from vncgate.relay.csrf import csrf_token, set_csrf_cookie
-from vncgate.relay.identify import identify, link_identity
-from vncgate.relay.identity import Identity
-from vncgate.relay.login import exchange_link, login, login_form, logout, secure_cookies
-from vncgate.relay.origin import check_host, origin_allowed
-from vncgate.relay.pages import render_page, setup_templates
-from vncgate.relay.playback import add_routes as add_playback_routes
-from vncgate.relay.recorder import RecordingUnavailable
+from vncgate.relay.access.identity import Identity
+from vncgate.relay.recording.service import RecordingUnavailable
+from vncgate.relay.session.bridge import Session
+from vncgate.relay.session.consoles import Holder
 from vncgate.relay.state import STATE, RelayState
-from vncgate.relay.tls import HSTS
-from vncgate.relay.websocket import RelayWebSocket
+from vncgate.relay.web.audit import audit_event, client_address
+from vncgate.relay.web.control import add_routes as add_control_routes
+from vncgate.relay.web.control import all_sessions
+from vncgate.relay.web.csrf import csrf_token, set_csrf_cookie
+from vncgate.relay.web.login import exchange_link, login, login_form, logout, secure_cookies
+from vncgate.relay.web.origin import check_host, origin_allowed
+from vncgate.relay.web.pages import render_page, setup_templates
+from vncgate.relay.web.playback import add_routes as add_playback_routes
+from vncgate.relay.web.requester import identify, link_identity
+from vncgate.relay.web.tls import HSTS
+from vncgate.relay.web.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
 STATIC = Path(__file__).parent / "static"
@@ -376,8 +376,8 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
-    add_playback_routes(app)  # /recordings/ (relay/playback.py)
-    add_control_routes(app)  # /api/v1/links, /api/v1/sessions, /sessions/end (relay/control.py)
+    add_playback_routes(app)  # /recordings/ (relay/web/playback.py)
+    add_control_routes(app)  # /api/v1/links, /api/v1/sessions, /sessions/end (relay/web/control.py)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     app.cleanup_ctx.append(state.recorder.retention)

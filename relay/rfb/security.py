@@ -23,7 +23,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from vncgate.relay import closecodes
-from vncgate.relay.rfbfilter import ClientFilter
+from vncgate.relay.rfb.viewerstream import ClientFilter
 
 SEC_INVALID = 0
 SEC_NONE = 1

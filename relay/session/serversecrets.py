@@ -32,7 +32,7 @@ from vncgate.common.model import (
     Route,
 )
 from vncgate.relay import closecodes
-from vncgate.relay.rfbsecurity import SecurityRefused, UpstreamLogin
+from vncgate.relay.rfb.security import SecurityRefused, UpstreamLogin
 from vncgate.relay.settings import RelaySettings
 
 CREDENTIALS_ROLE = "vncgate-relay-credentials"  # the chart's ClusterRole (a fixed name)

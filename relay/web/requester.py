@@ -7,15 +7,15 @@ import time
 
 from aiohttp import web
 
-from vncgate.relay import links
-from vncgate.relay.audit import audit_event, client_address
-from vncgate.relay.cookies import SESSION_COOKIE, read_session_cookie
-from vncgate.relay.identity import ANONYMOUS, AuthMode, Identity
-from vncgate.relay.passwords import DerivationsBusy
-from vncgate.relay.proxies import address_in
+from vncgate.relay.access import links
+from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie
+from vncgate.relay.access.identity import ANONYMOUS, AuthMode, Identity
+from vncgate.relay.access.passwords import DerivationsBusy
+from vncgate.relay.access.proxies import address_in
+from vncgate.relay.access.tokenreview import TokenReviewUnavailable, looks_like_jwt
+from vncgate.relay.access.users import find_bearer
 from vncgate.relay.state import STATE, RelayState
-from vncgate.relay.tokenreview import TokenReviewUnavailable, looks_like_jwt
-from vncgate.relay.users import find_bearer
+from vncgate.relay.web.audit import audit_event, client_address
 
 BEARER_CACHE_TTL = 60.0
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vncgate.relay.passwords import b64, unb64
+from vncgate.relay.access.passwords import b64, unb64
 
 SESSION_COOKIE = "vncgate_session"
 

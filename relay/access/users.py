@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from vncgate.relay.identity import AuthConfigError
-from vncgate.relay.passwords import dummy_hash, verify_secret
+from vncgate.relay.access.identity import AuthConfigError
+from vncgate.relay.access.passwords import dummy_hash, verify_secret
 
 
 @dataclass(frozen=True, slots=True)

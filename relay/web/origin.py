@@ -6,9 +6,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from vncgate.relay.audit import audit_event
-from vncgate.relay.proxies import address_in, canonical_ip
+from vncgate.relay.access.proxies import address_in, canonical_ip
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.web.audit import audit_event
 
 
 def host_allowed(request: web.Request, state: RelayState) -> bool:

@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vncgate.common.model import route_from_json, table_from_json
 from vncgate.common.spec import SpecError, check_key, parse_duration
-from vncgate.relay import links
-from vncgate.relay.bridge import Session
-from vncgate.relay.control import end_local, local_sessions
+from vncgate.relay.access import links
+from vncgate.relay.session.bridge import Session
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.web.control import end_local, local_sessions
 
 log = logging.getLogger("vncgate.api")
 audit = logging.getLogger("vncgate.audit")

@@ -4,13 +4,13 @@ Modes (`--auth`):
 - `none`: nobody signs in; everyone who reaches the port may open every console.
 - `proxy`: an auth proxy in front (oauth2-proxy style) names the user in headers; only requests
   from `--trusted-proxy` addresses are believed, headers from anyone else are ignored
-  (vncgate.relay.proxies).
-- `token`: users and their secrets from `--users-file` (vncgate.relay.users, hashes in
-  vncgate.relay.passwords); a login page (vncgate.relay.login) sets a signed session cookie
-  (vncgate.relay.cookies); scripts send `Authorization: Bearer <token>`.
+  (vncgate.relay.access.proxies).
+- `token`: users and their secrets from `--users-file` (vncgate.relay.access.users, hashes in
+  vncgate.relay.access.passwords); a login page (vncgate.relay.web.login) sets a signed session
+  cookie (vncgate.relay.access.cookies); scripts send `Authorization: Bearer <token>`.
 
-Share links (`vncgate.relay.links`) admit a viewer to one target in every mode. Who is asking is
-worked out per request in vncgate.relay.identify.
+Share links (`vncgate.relay.access.links`) admit a viewer to one target in every mode. Who is
+asking is worked out per request in vncgate.relay.web.requester.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `ViewerStream` is the one parser of that stream: the handshake and where each message starts
 and ends. The view-only filter (`ClientFilter`, here) and the recording tap
-(relay/recording.py) both read the viewer through it, so they cannot disagree.
+(relay/recording/capture.py) both read the viewer through it, so they cannot disagree.
 
 The filter is used only for sessions that need it (view-only, or an idle timeout): a view-only
 viewer's key, pointer, clipboard, power (xvp) and resize messages are dropped here, at the

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vncgate.common.spec import SpecError, parse_duration
-from vncgate.relay.recording import FormatError
-from vncgate.relay.recordstore import (
+from vncgate.relay.recording.capture import FormatError
+from vncgate.relay.recording.store import (
     apply_retention,
     list_recordings,
     parse_size,

@@ -2,7 +2,7 @@
 
 - `GET /recordings/` lists the recordings the signed-in person may see: per target, the
   authorizer decides (`get` on `vnctargets/recordings` by SubjectAccessReview in a cluster,
-  `spec.access` standalone; relay/authz.py). Others' recordings are not listed.
+  `spec.access` standalone; relay/access/authz.py). Others' recordings are not listed.
 - `GET /recordings/<namespace>/<name>/<stamp>/` is the player page; its script
   (static/novnc/playback.js) fetches
 - `GET /recordings/<namespace>/<name>/<stamp>/file`: the recording file as written (gzip, no
@@ -23,14 +23,14 @@ from pathlib import Path
 from aiohttp import web
 
 from vncgate.common.spec import SpecError, check_name, check_namespace
-from vncgate.relay.audit import audit_event
-from vncgate.relay.authz import Decision
-from vncgate.relay.identify import identify
-from vncgate.relay.identity import Identity
-from vncgate.relay.origin import check_host
-from vncgate.relay.pages import render_page
-from vncgate.relay.recordstore import Summary, SummaryCache, iter_files, path_of
+from vncgate.relay.access.authz import Decision
+from vncgate.relay.access.identity import Identity
+from vncgate.relay.recording.store import Summary, SummaryCache, iter_files, path_of
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.web.audit import audit_event
+from vncgate.relay.web.origin import check_host
+from vncgate.relay.web.pages import render_page
+from vncgate.relay.web.requester import identify
 
 LIST_CONCURRENCY = 20
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vncgate.relay.proxies import address_in
+from vncgate.relay.access.proxies import address_in
 from vncgate.relay.state import RelayState
 
 audit = logging.getLogger("vncgate.audit")

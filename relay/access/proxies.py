@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from vncgate.common.networks import IPAddress, Network, NetworkError, parse_cidrs
-from vncgate.relay.identity import AuthConfigError
+from vncgate.relay.access.identity import AuthConfigError
 
 
 def parse_networks(values: tuple[str, ...] | list[str], flag: str) -> tuple[Network, ...]:

@@ -10,12 +10,12 @@ from aiohttp import web
 
 from vncgate.common.addresses import Address, http_url
 from vncgate.common.model import Route
-from vncgate.relay.internal import make_internal_app
-from vncgate.relay.public import make_public_app
-from vncgate.relay.registry import Registry
+from vncgate.relay.session.registry import Registry
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.state import RelayState
-from vncgate.relay.tls import ReloadingTls
+from vncgate.relay.web.internal import make_internal_app
+from vncgate.relay.web.public import make_public_app
+from vncgate.relay.web.tls import ReloadingTls
 
 
 def _url(site: web.TCPSite) -> str:

@@ -2,7 +2,7 @@
 
 One `Recorder` per relay (in `RelayState`) owns the writer thread; one `SessionRecorder` per
 recorded session sits between the bridge and the file (the bridge calls `start`,
-`server_data`, `client_data` and `close`; relay/recording.py has the format and the tap).
+`server_data`, `client_data` and `close`; relay/recording/capture.py has the format and the tap).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
-from vncgate.relay.recording import (
+from vncgate.relay.recording.capture import (
     FORMAT_VERSION,
     HEADER,
     Recording,
@@ -27,10 +27,10 @@ from vncgate.relay.recording import (
     RfbTap,
     recording_path,
 )
-from vncgate.relay.recordstore import RecordingSettings, apply_retention, header_json
+from vncgate.relay.recording.store import RecordingSettings, apply_retention, header_json
 
 if TYPE_CHECKING:
-    from vncgate.relay.bridge import Session
+    from vncgate.relay.session.bridge import Session
 
 audit = logging.getLogger("vncgate.audit")
 RETENTION_INTERVAL = 600.0

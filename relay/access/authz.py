@@ -8,7 +8,7 @@
   may open it.
 - A share link opens exactly its own target, whatever RBAC says: minting it was the decision.
 
-Recordings of a target (relay/playback.py) are decided apart: `get` on the subresource
+Recordings of a target (relay/web/playback.py) are decided apart: `get` on the subresource
 `vnctargets/recordings` in a cluster, `spec.access` standalone (a target the relay no longer
 knows: nobody), and never by a share link.
 """
@@ -24,7 +24,7 @@ from typing import Protocol
 from vncgate.common.kube import KubeClient
 from vncgate.common.model import Route
 from vncgate.common.spec import API_GROUP, PLURAL
-from vncgate.relay.identity import Identity
+from vncgate.relay.access.identity import Identity
 
 log = logging.getLogger("vncgate.authz")
 

@@ -28,14 +28,15 @@ from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
-from vncgate.relay import closecodes, rfbsecurity
-from vncgate.relay.credentials import CredentialStore
-from vncgate.relay.kubevirt import DialRefused, KubeVirtDialer
+from vncgate.relay import closecodes
+from vncgate.relay.access.proxies import UNSPECIFIED_NETWORKS, address_in
 from vncgate.relay.metrics import RelayMetrics
-from vncgate.relay.proxies import UNSPECIFIED_NETWORKS, address_in
-from vncgate.relay.recorder import SessionRecorder
-from vncgate.relay.rfbfilter import ClientFilter, FilterError
-from vncgate.relay.rfbsecurity import Dial
+from vncgate.relay.recording.service import SessionRecorder
+from vncgate.relay.rfb import security as rfbsecurity
+from vncgate.relay.rfb.security import Dial
+from vncgate.relay.rfb.viewerstream import ClientFilter, FilterError
+from vncgate.relay.session.serversecrets import CredentialStore
+from vncgate.relay.session.vmconsole import DialRefused, KubeVirtDialer
 from vncgate.relay.settings import RelaySettings
 
 log = logging.getLogger("vncgate.session")
@@ -242,7 +243,7 @@ class Session:
     upstream: Upstream | None = None
     # Parses the viewer's RFB messages; only for view-only sessions and idle timeouts.
     filter: ClientFilter | None = None
-    # Writes the session to a recording file (relay/recorder.py); None: not recorded.
+    # Writes the session to a recording file (relay/recording/service.py); None: not recorded.
     recorder: SessionRecorder | None = None
     _task: asyncio.Task[Any] | None = None
     _cancelled: bool = False  # `_end` cancelled the handler task (and nobody else did)

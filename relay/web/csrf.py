@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from vncgate.relay.origin import origin_not_foreign
+from vncgate.relay.web.origin import origin_not_foreign
 
 CSRF_COOKIE = "vncgate_csrf"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vncgate.common.spec import SpecError, check_name, check_namespace, parse_duration
-from vncgate.relay.recording import END, HEADER, KEYFRAME, SUFFIX, FormatError, read_records
+from vncgate.relay.recording.capture import END, HEADER, KEYFRAME, SUFFIX, FormatError, read_records
 
 _FILE_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{1,64}$")
 _SIZE_RE = re.compile(r"^([0-9]+)(|Ki|Mi|Gi|Ti)$")

@@ -2,7 +2,7 @@
 
 For `kubectl vnc` and scripts (JSON, with `Authorization: Bearer <token>`), and for the list page
 (its "end session" form, CSRF-checked). Each action is an RBAC verb on `vnctargets`, decided by
-a SubjectAccessReview with the caller's identity (relay/authz.py):
+a SubjectAccessReview with the caller's identity (relay/access/authz.py):
 
 | route | verb |
 |---|---|
@@ -12,7 +12,7 @@ a SubjectAccessReview with the caller's identity (relay/authz.py):
 | `POST /sessions/end` (form: namespace, name, session, csrf) | `disconnect` |
 
 Sessions are listed and ended on every replica: this one, and its peers over their internal port
-(relay/peers.py). The viewer of an ended session is closed with 4409 and "ended by <user>".
+(relay/session/peers.py). The viewer of an ended session is closed with 4409 and "ended by <user>".
 The JSON API takes a bearer token (or a trusted proxy's headers), never the sign-in cookie, so a
 foreign page cannot make a signed-in browser call it.
 """
@@ -28,15 +28,16 @@ from aiohttp import web
 
 from vncgate.common.model import Route
 from vncgate.common.spec import SpecError, check_key, parse_duration
-from vncgate.relay import closecodes, links
-from vncgate.relay.audit import audit_event
-from vncgate.relay.bodies import read_form, read_json
-from vncgate.relay.bridge import Session
-from vncgate.relay.csrf import form_from_our_page
-from vncgate.relay.identify import identify
-from vncgate.relay.identity import Identity
-from vncgate.relay.origin import check_host, origin_not_foreign, request_scheme
+from vncgate.relay import closecodes
+from vncgate.relay.access import links
+from vncgate.relay.access.identity import Identity
+from vncgate.relay.session.bridge import Session
 from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.web.audit import audit_event
+from vncgate.relay.web.bodies import read_form, read_json
+from vncgate.relay.web.csrf import form_from_our_page
+from vncgate.relay.web.origin import check_host, origin_not_foreign, request_scheme
+from vncgate.relay.web.requester import identify
 
 log = logging.getLogger("vncgate.control")
 CHECK_CONCURRENCY = 20
@@ -48,7 +49,7 @@ def _error(status: int, message: str) -> web.HTTPException:
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 
-# -- this replica's sessions (also served to peers by relay/internal.py) ---------------------------
+# -- this replica's sessions (also served to peers by relay/web/internal.py) -----------------
 
 def describe(session: Session, replica: str) -> dict[str, Any]:
     return {"id": session.session_id, "namespace": session.route.namespace,

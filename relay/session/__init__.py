@@ -1,0 +1,1 @@
+"""One console session from admission to its ending, and where consoles live."""

@@ -1,0 +1,1 @@
+"""The HTTP surfaces of the relay: its ports, handlers, pages, forms, the WebSocket upgrade, TLS."""
