@@ -26,8 +26,8 @@ import aiohttp
 from vncgate.common import installed_version
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import API_GROUP, PLURAL, SpecError, check_key, parse_duration
-from vncgate.kubectl import credentials
-from vncgate.kubectl.credentials import NoToken, UserConfig
+from vncgate.kubectl import kubeconfig
+from vncgate.kubectl.kubeconfig import NoToken, UserConfig
 from vncgate.kubectl.proxy import Tunnel, serve
 
 VERSION = "v1alpha1"
@@ -327,10 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "proxy" and not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: 0-65535")
     try:
-        user = credentials.load(args.kubeconfig, args.context, args.namespace, args.token)
+        user = kubeconfig.load(args.kubeconfig, args.context, args.namespace, args.token)
         return asyncio.run(COMMANDS[args.command](args, user))
     except KubeConfigError as exc:
-        path = credentials.kubeconfig_path(args.kubeconfig)
+        path = kubeconfig.kubeconfig_path(args.kubeconfig)
         print(f"kubectl vnc: cannot use the kubeconfig {path}: {exc}", file=sys.stderr)
     except NoToken as exc:
         print(f"kubectl vnc: {exc}", file=sys.stderr)

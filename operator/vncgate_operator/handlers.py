@@ -36,9 +36,9 @@ import kopf
 
 from vncgate.common.kube import KubeClient, KubeConnection
 from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL
-from vncgate.operator.discovery import relay_urls_from_slice
 from vncgate.operator.kubeapi import OLD_FINALIZER, TargetApi, operator_connection
 from vncgate.operator.probe import probe_rfb
+from vncgate.operator.relayendpoints import relay_urls_from_slice
 from vncgate.operator.resolve import ServiceInfo, service_info
 from vncgate.operator.runtime import MEMO_KEY, IndexedTarget, ObjectKey, Prober, Runtime
 from vncgate.operator.settings import OperatorSettings

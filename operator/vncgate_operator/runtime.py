@@ -25,11 +25,11 @@ import kopf
 
 from vncgate.common.model import Route
 from vncgate.common.spec import ServiceRef, VncTargetSpec
-from vncgate.operator import credentials, kubevirt, memory
-from vncgate.operator.discovery import union_urls
+from vncgate.operator import kubevirt, memory, secretaccess
 from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
 from vncgate.operator.kubevirt import KubeVirtWatch
 from vncgate.operator.probe import ProbeResult, proven_by_sessions
+from vncgate.operator.relayendpoints import union_urls
 from vncgate.operator.relays import RelayFleet
 from vncgate.operator.resolve import (
     ServiceInfo,
@@ -254,7 +254,7 @@ class Runtime:
         elif probe:
             result = await self.probe(route)
         result = (await self.credentials_check(route)
-                  or credentials.login_verdict(route, self.fleet.last_login(key)) or result)
+                  or secretaccess.login_verdict(route, self.fleet.last_login(key)) or result)
         await self.write_status(key, entry, current, Observation(
             endpoint, registration=registration, probe=result, sessions=sessions,
             viewers=self.fleet.viewers(key),
@@ -318,17 +318,17 @@ class Runtime:
         """Not Reachable (reason CredentialsNotReadable) while the relay may not read the
         route's Secret; None when it may, or when nothing is to be checked."""
         account = self.config.relay_service_account
-        if account is None or not credentials.references(route):
+        if account is None or not secretaccess.references(route):
             return None
         try:
-            problem = await credentials.unreadable(self.api.client, account,
+            problem = await secretaccess.unreadable(self.api.client, account,
                                                    self.config.relay_credentials_role, route)
         except (KubeError, OSError) as exc:
             logger.warning("%s: cannot check the relay's access to its Secret: %s", route.key, exc)
             return None
         if problem is None:
             return None
-        return ProbeResult(False, credentials.NOT_READABLE, problem, None)
+        return ProbeResult(False, secretaccess.NOT_READABLE, problem, None)
 
     async def write_status(self, key: str, entry: IndexedTarget, current: Mapping[str, Any],
                            obs: Observation) -> None:

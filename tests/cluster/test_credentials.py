@@ -22,7 +22,7 @@ from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials
-from vncgate.operator.credentials import unreadable
+from vncgate.operator.secretaccess import unreadable
 
 ROLE = "vncgate-relay-credentials"
 

@@ -7,8 +7,8 @@ import pytest
 
 from vncgate.common.model import Route, route_from_json
 from vncgate.common.spec import Credentials, SpecError, TlsSpec, parse_spec
-from vncgate.operator.credentials import references, review
 from vncgate.operator.resolve import TargetInvalid, check_cluster_credentials
+from vncgate.operator.secretaccess import references, review
 
 ENDPOINT = {"address": {"host": "10.20.0.15", "port": 5900}}
 

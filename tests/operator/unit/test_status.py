@@ -4,9 +4,9 @@ from typing import Any
 
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LoginOutcome, Route
 from vncgate.common.spec import Credentials
-from vncgate.operator.credentials import login_verdict
 from vncgate.operator.probe import ProbeResult
 from vncgate.operator.resolve import TargetInvalid
+from vncgate.operator.secretaccess import login_verdict
 from vncgate.operator.status import Observation, Registration, build_status, status_changes
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vncgate.operator.discovery import relay_urls_from_slice, union_urls
+from vncgate.operator.relayendpoints import relay_urls_from_slice, union_urls
 
 
 def endpoint_slice(addresses: list[tuple[str, dict[str, Any]]], ports: list[dict[str, Any]],
