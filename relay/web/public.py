@@ -32,7 +32,7 @@ from vncgate.relay.web.tls import HSTS
 from vncgate.relay.web.websocket import RelayWebSocket
 
 log = logging.getLogger("vncgate.session")
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 
 # The viewer needs scripts and styles from 'self', WebSocket to 'self', and canvas images.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
