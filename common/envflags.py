@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
+from typing import NoReturn
 
 PREFIX = "VNCGATE_"
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -30,3 +32,14 @@ def truthy(value: str | None) -> bool:
 
 def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return truthy(env(name, environ))
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with an error that is one line saying what to fix, not the whole usage block.
+
+    The usage block of `vncgate-relay` is thirty lines long: printed before the one useful line,
+    it hides it. `--help` still prints the usage in full.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n`{self.prog} --help` lists every flag.\n")

@@ -24,6 +24,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from vncgate.common import installed_version
+from vncgate.common.envflags import FlagParser
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import API_GROUP, PLURAL, SpecError, check_key, parse_duration
 from vncgate.kubectl import kubeconfig
@@ -271,7 +272,7 @@ COMMANDS = {"list": cmd_list, "open": cmd_open, "link": cmd_link, "proxy": cmd_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = FlagParser(add_help=False)
     common.add_argument("-n", "--namespace", help="the namespace (default: the context's)")
     common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, "
                                              "~/.kube/config)")
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "$(kubectl create token NAME); default $VNCGATE_TOKEN")
     common.add_argument("--relay-url", help="the relay's public address (default: from the "
                                             "target's status.url; $VNCGATE_RELAY_URL)")
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="kubectl vnc", description="VNC consoles of the cluster, through vncgate.")
     parser.add_argument("--version", action="version",
                         version=f"kubectl-vnc {installed_version()}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import getpass
@@ -13,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vncgate.common.envflags import FlagParser
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import SpecError, check_key, parse_duration
 from vncgate.relay import logs
@@ -50,7 +50,7 @@ async def serve(settings: RelaySettings) -> None:
 
 def link_main(argv: Sequence[str]) -> int:
     """`vncgate-relay link NS/NAME --ttl 10m [--view-only] [--once]`: print a share link."""
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="vncgate-relay link",
         description="Print a signed share link that opens one target until it expires. In a "
                     "cluster: kubectl exec deploy/vncgate-relay -- vncgate-relay link NS/NAME")
@@ -88,7 +88,7 @@ def link_main(argv: Sequence[str]) -> int:
 
 def hash_password_main(argv: Sequence[str]) -> int:
     """`vncgate-relay hash-password`: read a secret without echo, print its scrypt hash."""
-    argparse.ArgumentParser(prog="vncgate-relay hash-password",
+    FlagParser(prog="vncgate-relay hash-password",
                             description="Print the hash of a password or token for a users "
                                         "file (reads it from the terminal or stdin)."
                             ).parse_args(argv)

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 from vncgate.common import installed_version
 from vncgate.common.addresses import Address, split_host_port
+from vncgate.common.envflags import FlagParser, env_flag, env_list
 from vncgate.common.envflags import env as _env
-from vncgate.common.envflags import env_flag, env_list
 from vncgate.common.model import Route
 from vncgate.common.networks import Network
 from vncgate.common.spec import (
@@ -164,11 +164,14 @@ def parse_target_flag(value: str) -> Route:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="vncgate-relay",
         description="Serve noVNC and bridge WebSocket to VNC servers: the vncgate relay. "
                     "Every flag is also an environment variable VNCGATE_<FLAG> "
-                    "(repeatable flags: comma-separated).")
+                    "(repeatable flags: comma-separated).",
+        epilog="Subcommands (each has --help): `vncgate-relay link NS/NAME` prints a share "
+               "link; `vncgate-relay hash-password` prints a hash for a users file; "
+               "`vncgate-relay recordings list|export|delete|prune` manages recordings.")
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {installed_version()}")
     parser.add_argument("--listen", type=parse_host_port,

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from vncgate.common import installed_version
 from vncgate.common.addresses import split_host_port
 from vncgate.common.durations import parse_duration as _parse_duration
-from vncgate.common.envflags import split_list, truthy
+from vncgate.common.envflags import FlagParser, split_list, truthy
 from vncgate.common.networks import parse_cidr
 from vncgate.common.spec import LABEL_RE, SUBDOMAIN_RE
 from vncgate.operator.policy import AddressPolicy, parse_host_pattern
@@ -101,7 +101,7 @@ class OperatorSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="vncgate-operator",
         description="Turn VncTarget resources into routes on every vncgate relay replica.",
         epilog="Every flag is also an environment variable: --relay-url is VNCGATE_RELAY_URL "

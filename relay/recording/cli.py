@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vncgate.common.envflags import FlagParser
 from vncgate.common.spec import SpecError, parse_duration
 from vncgate.relay.recording.capture import FormatError
 from vncgate.relay.recording.store import (
@@ -22,7 +23,7 @@ from vncgate.relay.recording.store import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vncgate-relay recordings",
+    parser = FlagParser(prog="vncgate-relay recordings",
                                      description="List, export and delete session recordings.")
     default = os.environ.get("VNCGATE_RECORDING_DIR")
     parser.add_argument("--recording-dir", type=Path, default=Path(default) if default else None,
