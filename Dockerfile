@@ -32,6 +32,7 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 RUN pip install --no-cache-dir --disable-pip-version-check "build>=1.2"
 COPY pyproject.toml README.md ./
+COPY packaging/build_backend/ packaging/build_backend/
 COPY relay/ relay/
 COPY operator/ operator/
 COPY common/ common/
