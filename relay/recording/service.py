@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -29,12 +29,34 @@ from vncgate.relay.recording.capture import (
 )
 from vncgate.relay.recording.store import RecordingSettings, apply_retention, header_json
 
-if TYPE_CHECKING:
-    from vncgate.relay.session.bridge import Session
-
 audit = logging.getLogger("vncgate.audit")
 RETENTION_INTERVAL = 600.0
 log = logging.getLogger("vncgate.recording")
+
+
+class RelayIdentity(Protocol):
+    @property
+    def identity(self) -> str: ...
+
+
+class RecordedSession(Protocol):
+    """What a recording reads of the session it records: the bridge's `Session` is one. The
+    recording room needs no more of the session room than this (an import contract holds it)."""
+
+    @property
+    def route(self) -> Route: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def view_only(self) -> bool: ...
+    @property
+    def settings(self) -> RelayIdentity: ...
 
 
 class RecordingUnavailable(Exception):
@@ -61,7 +83,7 @@ class Recorder:
             policy = RecordingPolicy(enabled=True)
         return policy if policy is not None and policy.enabled else None
 
-    def for_session(self, session: Session) -> SessionRecorder | None:
+    def for_session(self, session: RecordedSession) -> SessionRecorder | None:
         policy = self.policy(session.route)
         if policy is None:
             return None
@@ -108,7 +130,7 @@ class Recorder:
 
 
 class SessionRecorder:
-    def __init__(self, recorder: Recorder, session: Session, path: Path,
+    def __init__(self, recorder: Recorder, session: RecordedSession, path: Path,
                  policy: RecordingPolicy) -> None:
         self.recorder = recorder
         self.session = session
