@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -34,8 +33,9 @@ from vncgate.common.spec import SessionPolicy
 from vncgate.relay import closecodes
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.metrics import RelayMetrics
-from vncgate.relay.session.bridge import Session, Sessions
-from vncgate.relay.session.consoles import Holder, LocalConsoles
+from vncgate.relay.session.admission import Admission, Applicant, Refusal
+from vncgate.relay.session.bridge import Sessions
+from vncgate.relay.session.consoles import LocalConsoles
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.web.origin import same_origin
 from vncgate.relay.web.websocket import RelayWebSocket
@@ -45,6 +45,7 @@ __all__ = ["Authorize", "Bridge", "BridgeSettings", "Denied", "Lookup", "Route",
 
 log = logging.getLogger("vncgate.session")
 _T = TypeVar("_T")
+_INTERNAL_ERROR = (closecodes.INTERNAL_ERROR, "internal error in the server; see its log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +107,16 @@ class Bridge:
             stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat,
             max_message_size=self.settings.max_message_size,
+            max_sessions=self.settings.max_sessions,
+            max_sessions_per_target=self.settings.max_sessions_per_target,
             deny_networks=parse_networks(self.settings.deny_cidrs, "deny_cidrs"))
         self.metrics = RelayMetrics.create(self.settings.metrics_registry)
-        self._sessions = Sessions()
-        self._consoles = LocalConsoles()
-        self._consoles_started = False
         self._closing = False
+        self._consoles_started = False
+        self._sessions = Sessions()
+        self._admission = Admission(
+            sessions=self._sessions, consoles=LocalConsoles(), metrics=self.metrics,
+            settings=self._relay_settings, closing=lambda: self._closing, server="server")
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -135,12 +140,6 @@ class Bridge:
         for session in self._sessions:
             session.stop(closecodes.GOING_AWAY, "the server is shutting down; reconnect later")
 
-    def _taken(self, target: str, session_id: str, taker: Holder) -> None:
-        session = self._sessions.find(target, session_id)
-        if session is not None:
-            session.stop(closecodes.CONFLICT,
-                         f"taken over by {taker.user or taker.client or 'another viewer'}")
-
     def _origin_allowed(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
         if origin is None:  # not a browser: the check is against cross-site pages
@@ -157,98 +156,33 @@ class Bridge:
         ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=settings.heartbeat,
                             max_msg_size=settings.max_message_size, timeout=2.0)
         await ws.prepare(request)
-        started = time.monotonic()
-        client = request.remote or ""
         route: Route | None = None
-        viewer: Viewer | Denied | None = None
+        refused: Refusal | None = None
         try:
             route = await _maybe_await(self._lookup(request))
-            if route is not None and not self._closing:
-                viewer = await _maybe_await(self._authorize(request, route))
         except Exception:  # the application's callback failed: refuse, say where to look
             log.exception("lookup or authorize failed for %s", request.path)
-            route, viewer = None, None
-            refusal: tuple[int, str] | None = (
-                closecodes.INTERNAL_ERROR, "internal error in the server; see its log")
-        else:
-            refusal = self._refusal(route, viewer)
-        if refusal is not None or route is None or not isinstance(viewer, Viewer):
-            code, reason = refusal or (closecodes.INTERNAL_ERROR, "")
-            await ws.close(code=code, message=closecodes.clip_reason(reason).encode())
-            labels = (route.namespace, route.name) if route is not None else ("", "")
-            self._log_end(labels, client, viewer, code, reason, started)
-            return ws
-        policy = route.sessions
-        view_only = route.view_only or viewer.view_only or (
-            policy.interactive == "first" and self._sessions.count_for(route.key) > 0)
-        session = Session(route=route, ws=ws, client=client, settings=self._relay_settings,
-                          metrics=self.metrics, request=request, user=viewer.user,
-                          view_only=view_only,
-                          idle_timeout=None if view_only else policy.idle_timeout,
-                          max_duration=policy.max_duration)
-        claimant = Holder(session_id=session.session_id, user=viewer.user, client=client,
-                          since=session.started_at, replica="")
-        labels = (route.namespace, route.name)
-        if policy.exclusive:
-            if not self._consoles_started:
-                await self._consoles.start(self._taken)
-                self._consoles_started = True
-            takeover = request.query.get("takeover") == "1"
-            holder = await self._consoles.acquire(route, claimant, lambda held: takeover and (
-                policy.takeover == "allow" or (policy.takeover == "owner-only" and
-                                               bool(viewer.user) and held.user == viewer.user)))
-            if holder is not None:
-                reason = f"in use by {holder.describe()}"
-                await ws.close(code=closecodes.CONFLICT,
-                               message=closecodes.clip_reason(reason).encode())
-                self._log_end(labels, client, viewer, closecodes.CONFLICT, reason, started)
-                return ws
-        self._sessions.add(session)
-        active = self.metrics.sessions_active.labels(*labels)
-        active.inc()
-        try:
-            await session.run()
-        finally:
-            self._sessions.remove(session)
-            active.dec()
-            if policy.exclusive:
-                await self._consoles.release(route, claimant)
-            self._log_end(labels, client, viewer, session.code or closecodes.INTERNAL_ERROR,
-                          session.reason, started, session)
+            refused = _INTERNAL_ERROR
+        if route is not None and route.sessions.exclusive and not self._consoles_started:
+            self._consoles_started = True
+            await self._admission.consoles.start(self._admission.console_taken)
+
+        async def decide(route: Route) -> Applicant | Refusal:
+            try:
+                viewer = await _maybe_await(self._authorize(request, route))
+            except Exception:
+                log.exception("lookup or authorize failed for %s", request.path)
+                return _INTERNAL_ERROR
+            if isinstance(viewer, Denied):
+                code = closecodes.FORBIDDEN if viewer.signed_in else closecodes.UNAUTHENTICATED
+                return code, viewer.reason
+            if not isinstance(viewer, Viewer):
+                log.error("authorize returned %r for %s, not a Viewer or Denied: refused",
+                          viewer, route.key)
+                return _INTERNAL_ERROR
+            return Applicant(label=viewer.user, user=viewer.user, view_only=viewer.view_only)
+
+        await self._admission.serve(request, ws, target=route.key if route else "",
+                                    client=request.remote or "", route=route, decide=decide,
+                                    refused=refused)
         return ws
-
-    def _refusal(self, route: Route | None, viewer: Viewer | Denied | None
-                 ) -> tuple[int, str] | None:
-        settings = self.settings
-        if self._closing:
-            return closecodes.GOING_AWAY, "the server is shutting down; reconnect later"
-        if route is None:
-            return closecodes.UNKNOWN_TARGET, "no such console here"
-        if isinstance(viewer, Denied):
-            code = closecodes.FORBIDDEN if viewer.signed_in else closecodes.UNAUTHENTICATED
-            return code, viewer.reason
-        if not isinstance(viewer, Viewer):
-            log.error("authorize returned %r for %s, not a Viewer or Denied: refused",
-                      viewer, route.key)
-            return closecodes.INTERNAL_ERROR, "internal error in the server; see its log"
-        if self._sessions.count >= settings.max_sessions:
-            return closecodes.OVER_CAPACITY, "the server is at its limit of sessions; try later"
-        viewers = route.sessions.max_viewers
-        count = self._sessions.count_for(route.key)
-        if viewers is not None and not route.sessions.exclusive and count >= viewers:
-            return closecodes.CONFLICT, f"{route.key} already has {viewers} viewers, its most"
-        if count >= settings.max_sessions_per_target:
-            return closecodes.OVER_CAPACITY, f"{route.key} has its limit of viewers; try later"
-        return None
-
-    def _log_end(self, labels: tuple[str, str], client: str, viewer: Viewer | Denied | None,
-                 code: int, reason: str, started: float, session: Session | None = None) -> None:
-        self.metrics.sessions_total.labels(*labels, str(code)).inc()
-        log.info("session end", extra={"fields": {
-            "target": "/".join(labels) if labels[0] else "", "client": client,
-            "user": viewer.user if isinstance(viewer, Viewer) else "", "code": code,
-            "reason": reason,
-            "bytes_to_server": session.to_server if session else 0,
-            "bytes_to_client": session.to_client if session else 0,
-            "duration_s": round(time.monotonic() - started, 3),
-            "server_version": session.server_version if session else ""}})

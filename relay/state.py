@@ -25,6 +25,7 @@ from vncgate.relay.access.ratelimit import FailureLimiter
 from vncgate.relay.access.tokenreview import TokenReviewer
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import Recorder
+from vncgate.relay.session.admission import Admission
 from vncgate.relay.session.bridge import Sessions
 from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
 from vncgate.relay.session.peers import Peers
@@ -96,6 +97,8 @@ class RelayState:
     peers: Peers = field(init=False)
     # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
     kubevirt: KubeVirtDialer = field(init=False)
+    # Who may start a session, and each session's life around the bridge.
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
@@ -110,13 +113,15 @@ class RelayState:
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
+        self.admission = Admission(
+            sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
+            settings=self.settings, closing=lambda: self.shutting_down,
+            replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
+            kubevirt=self.kubevirt)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
-        session = self.sessions.find(target, session_id)
-        if session is not None:
-            session.stop(closecodes.CONFLICT,
-                         f"taken over by {taker.user or taker.client or 'another viewer'}")
+        self.admission.console_taken(target, session_id, taker)
 
     def end_sessions_of(self, credential_id: str, code: int, reason: str) -> None:
         """Close the sessions opened with one credential (a signed-out cookie)."""

@@ -15,8 +15,7 @@ from vncgate.common.model import Route
 from vncgate.common.spec import SpecError, check_key
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import Identity
-from vncgate.relay.recording.service import RecordingUnavailable
-from vncgate.relay.session.bridge import Session
+from vncgate.relay.session.admission import Applicant
 from vncgate.relay.session.consoles import Holder
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
@@ -79,65 +78,37 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = RelayWebSocket(protocols=("binary",), compress=False, heartbeat=state.settings.heartbeat,
                                max_msg_size=state.settings.max_message_size, timeout=2.0)
     await ws.prepare(request)
-    refusal: tuple[int, str] | None = None
+    refused: tuple[int, str] | None = None
     try:
         identity = link_identity(request, target) or await identify(request)
     except web.HTTPException as exc:  # too many failed tokens (429), busy (503), bad headers
         identity = None
-        refusal = (int(f"4{exc.status}"), exc.text.strip() if exc.text else exc.reason)
-    route = state.registry.get(namespace, name)
-    refusal = refusal or await _refusal(state, target, identity, route)
-    if refusal is not None or route is None or identity is None:
-        code, reason = refusal or (closecodes.UNKNOWN_TARGET, "")
+        refused = (int(f"4{exc.status}"), exc.text.strip() if exc.text else exc.reason)
+
+    async def decide(route: Route) -> Applicant | tuple[int, str]:
+        assert identity is not None
+        decision = await state.authorizer.decide(identity, route)
+        if not decision.allowed:
+            return closecodes.FORBIDDEN, decision.reason
+        return Applicant(label=identity.label, user=identity.user, view_only=identity.view_only,
+                         expires_at=identity.expires, credential_id=identity.credential_id,
+                         **_expiry(identity))
+
+    def audit_refusal(code: int, reason: str) -> None:
         if code in (closecodes.UNAUTHENTICATED, closecodes.FORBIDDEN):
             audit_event("denied", request, state, target=target, code=code, reason=reason,
                         user=identity.label if identity else "")
-        started = time.monotonic()
-        await ws.close(code=code, message=closecodes.clip_reason(reason).encode())
-        _log_end(state, target, client, identity.label if identity else "", code, reason,
-                 started, labels=(namespace, name) if route is not None else ("", ""))
-        return ws
-    policy = route.sessions
-    view_only = route.view_only or identity.view_only or (
-        policy.interactive == "first" and state.sessions.count_for(target) > 0)
-    session = Session(route=route, ws=ws, client=client, settings=state.settings,
-                      metrics=state.metrics, user=identity.label, view_only=view_only,
-                      idle_timeout=None if view_only else policy.idle_timeout,
-                      max_duration=policy.max_duration, request=request,
-                      expires_at=identity.expires, credential_id=identity.credential_id,
-                      logins=state.logins, kubevirt=state.kubevirt, **_expiry(identity))
-    try:
-        session.recorder = state.recorder.for_session(session)
-    except RecordingUnavailable as exc:
-        await ws.close(code=closecodes.OVER_CAPACITY,
-                       message=closecodes.clip_reason(str(exc)).encode())
-        _log_end(state, target, client, identity.label, closecodes.OVER_CAPACITY, str(exc),
-                 session.started, labels=(namespace, name))
-        return ws
-    claimant = Holder(session_id=session.session_id, user=identity.user, client=client,
-                      since=session.started_at, replica=state.settings.identity)
-    if policy.exclusive:
-        conflict = await _claim_console(state, route, claimant, request)
-        if conflict is not None:
-            await ws.close(code=closecodes.CONFLICT,
-                           message=closecodes.clip_reason(conflict).encode())
-            _log_end(state, target, client, identity.label, closecodes.CONFLICT, conflict,
-                     session.started, labels=(namespace, name))
-            return ws
-    state.sessions.add(session)
-    active = state.metrics.sessions_active.labels(namespace, name)
-    active.inc()
-    try:
-        await session.run()
-    finally:
-        state.sessions.remove(session)
-        active.dec()
-        if policy.exclusive:
-            await _release_console(state, route, claimant)
-        _log_end(state, route.key, client, session.user, session.code or closecodes.INTERNAL_ERROR,
-                 session.reason, session.started, labels=(namespace, name),
-                 to_server=session.to_server, to_client=session.to_client,
-                 server_version=session.server_version)
+
+    def audit_takeover(claimant: Holder) -> None:
+        audit_event("takeover", request, state, target=target, user=claimant.user)
+
+    await state.admission.serve(
+        request, ws, target=target, client=client, route=state.registry.get(namespace, name),
+        decide=decide, refused=refused,
+        signed_out=(closecodes.UNAUTHENTICATED, "sign in first") if identity is None else None,
+        unknown=f"no console {target} here; list them with: kubectl get vnc -n {namespace}",
+        user=identity.label if identity else "", on_refusal=audit_refusal,
+        on_takeover=audit_takeover)
     return ws
 
 
@@ -151,81 +122,6 @@ def _expiry(identity: Identity) -> dict[str, Any]:
                 "expiry_reason": "your Kubernetes token expired; connect again with a new one"}
     return {"expiry_code": closecodes.UNAUTHENTICATED,
             "expiry_reason": "your sign-in expired; sign in again"}
-
-
-async def _claim_console(state: RelayState, route: Route, claimant: Holder,
-                         request: web.Request) -> str | None:
-    """Make the claimant the holder of an exclusive console; else why not, in words."""
-    policy = route.sessions
-    wants_takeover = request.query.get("takeover") == "1"
-
-    def may_take(holder: Holder) -> bool:
-        if not wants_takeover:
-            return False
-        if policy.takeover == "allow":
-            return True
-        return policy.takeover == "owner-only" and bool(claimant.user) and \
-            holder.user == claimant.user
-
-    try:
-        holder = await state.consoles.acquire(route, claimant, may_take)
-    except Exception:  # the API is down: refuse rather than allow two holders
-        log.exception("could not claim %s", route.key)
-        return "could not check who holds this console; try again in a moment"
-    if holder is None:
-        if wants_takeover:
-            audit_event("takeover", request, state, target=route.key, user=claimant.user)
-        return None
-    offer = {"allow": "; you may take it over",
-             "owner-only": "; you may take it over" if claimant.user and
-             holder.user == claimant.user else "",
-             "deny": ""}[policy.takeover]
-    return f"in use by {holder.describe()}{offer}"
-
-
-async def _release_console(state: RelayState, route: Route, claimant: Holder) -> None:
-    try:
-        await state.consoles.release(route, claimant)
-    except Exception:  # the Lease expires with this replica's liveness if this failed
-        log.exception("could not release %s", route.key)
-
-
-async def _refusal(state: RelayState, key: str, identity: Identity | None,
-                   route: Route | None) -> tuple[int, str] | None:
-    """Why this session may not start, in the order that leaks least: who, what, whether."""
-    settings = state.settings
-    if state.shutting_down:
-        return closecodes.GOING_AWAY, "the relay is shutting down; reconnect in a moment"
-    if identity is None:
-        return closecodes.UNAUTHENTICATED, "sign in first"
-    if route is None:
-        namespace = key.partition("/")[0]
-        return (closecodes.UNKNOWN_TARGET,
-                f"no console {key} here; list them with: kubectl get vnc -n {namespace}")
-    decision = await state.authorizer.decide(identity, route)
-    if not decision.allowed:
-        return closecodes.FORBIDDEN, decision.reason
-    if state.sessions.count >= settings.max_sessions:
-        return (closecodes.OVER_CAPACITY,
-                f"the relay is at its limit of {settings.max_sessions} sessions; try again later")
-    viewers = route.sessions.max_viewers
-    if viewers is not None and not route.sessions.exclusive and \
-            state.sessions.count_for(key) >= viewers:
-        return closecodes.CONFLICT, f"{key} already has {viewers} viewers, its most"
-    if state.sessions.count_for(key) >= settings.max_sessions_per_target:
-        return (closecodes.OVER_CAPACITY,
-                f"{key} has its limit of {settings.max_sessions_per_target} viewers; try later")
-    return None
-
-
-def _log_end(state: RelayState, target: str, client: str, user: str, code: int, reason: str,
-             started: float, labels: tuple[str, str], to_server: int = 0, to_client: int = 0,
-             server_version: str = "") -> None:
-    state.metrics.sessions_total.labels(*labels, str(code)).inc()
-    log.info("session end", extra={"fields": {
-        "target": target, "client": client, "user": user, "code": code, "reason": reason,
-        "bytes_to_server": to_server, "bytes_to_client": to_client,
-        "duration_s": round(time.monotonic() - started, 3), "server_version": server_version}})
 
 
 async def viewer(request: web.Request) -> web.StreamResponse:
