@@ -288,6 +288,13 @@ async def _vencrypt(server: _Server, creds: UpstreamLogin, target: str) -> _Serv
         raise SecurityRefused(closecodes.BAD_UPSTREAM,
                               f"TLS with the VNC server of {target} failed: "
                               f"{getattr(exc, 'reason', None) or exc}") from None
+    except TypeError as exc:  # asyncio takes no transport of ours (relay/internals.py)
+        if "start_tls" not in str(exc):
+            raise
+        raise SecurityRefused(closecodes.BAD_UPSTREAM,
+                              f"this relay's Python cannot start TLS inside the connection to "
+                              f"{target} (asyncio refused the transport); use a relay image "
+                              "built from constraints.txt") from None
     if subtype in (X509_VNC, TLS_VNC):
         await _vnc_auth(server, creds, target)
     elif subtype in (X509_PLAIN, TLS_PLAIN):

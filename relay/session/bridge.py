@@ -18,7 +18,6 @@ import functools
 import logging
 import secrets
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
 from vncgate.relay.access.proxies import UNSPECIFIED_NETWORKS, address_in
+from vncgate.relay.internals import ViewerLink, viewer_link
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import SessionRecorder
 from vncgate.relay.rfb import security as rfbsecurity
@@ -48,19 +48,7 @@ BROWSER_HIGH_WATER = 512 * 1024
 # While the VNC server is not reading, how often to check that the browser is still there.
 VIEWER_PROBE = 1.0
 _TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (Linux include/net/tcp_states.h)
-_PING = b"\x89\x00"  # an empty WebSocket ping frame, server to client (unmasked)
 _READ_BUFFER = memoryview(bytearray(64 * 1024))
-
-_HEADER_SHORT, _HEADER_16, _HEADER_64 = (struct.Struct(f).pack for f in ("!BB", "!BBH", "!BBQ"))
-
-
-def binary_frame_header(length: int) -> bytes:
-    """The header of a final, unmasked, binary WebSocket frame (RFC 6455 section 5.2)."""
-    if length < 126:
-        return _HEADER_SHORT(0x82, length)
-    if length < 65536:
-        return _HEADER_16(0x82, 126, length)
-    return _HEADER_64(0x82, 127, length)
 
 
 class SessionRefused(Exception):
@@ -249,6 +237,8 @@ class Session:
     _cancelled: bool = False  # `_end` cancelled the handler task (and nobody else did)
     _abort_viewer: bool = False  # a close frame cannot reach the browser: drop its connection
     _browser_drain: asyncio.Task[None] | None = None
+    # How frames reach the browser (relay/internals.py); set when the session runs.
+    _viewer: ViewerLink | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
     # Loads what the relay answers the server's security with (routes with credentials/tls).
     logins: CredentialStore | None = None
@@ -277,6 +267,7 @@ class Session:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
+        self._viewer = viewer_link(self.request, self.ws)
         if self.view_only or self.idle_timeout:
             self.filter = ClientFilter(view_only=self.view_only)
         if self.max_duration:
@@ -323,6 +314,8 @@ class Session:
         if self._browser_drain is not None:
             self._browser_drain.cancel()
             self._browser_drain = None
+        if self._viewer is not None:
+            self._viewer.close()
         upstream, self.upstream = self.upstream, None
         if upstream is not None and upstream.transport is not None:
             upstream.transport.abort()  # nothing useful is left for the server
@@ -427,16 +420,12 @@ class Session:
     # --- server -> browser ------------------------------------------------------------------
 
     def _write_frame(self, data: bytes | memoryview) -> None:
-        """One binary frame to the browser, header and payload in one write.
-
-        aiohttp's send_bytes writes a payload over 16 KiB apart from its header: two sends per
-        message (docs/PERFORMANCE.md has the profile). A frame is written whole and
-        synchronously, so aiohttp's own pings and close frame never land inside one.
-        """
-        transport = self.request.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
+        """One binary frame to the browser, written at once (relay/internals.py: header and
+        payload in one write to the transport; aiohttp's send_bytes writes a payload over 16 KiB
+        apart from its header, two sends per message, docs/PERFORMANCE.md)."""
+        if self._viewer is None:
             raise ConnectionResetError("the viewer's connection is closed")
-        transport.write(binary_frame_header(len(data)) + data)
+        self._viewer.write(data)
 
     def server_data(self, data: bytes | memoryview) -> None:
         """A chunk from the VNC server (called by Upstream)."""
@@ -450,8 +439,8 @@ class Session:
             self.stop(closecodes.ABNORMAL, "the viewer's connection was lost")
             return
         self.to_client += len(data)
-        protocol = self.request.protocol
-        if protocol is not None and protocol.writing_paused and self._browser_drain is None:
+        viewer = self._viewer
+        if viewer is not None and viewer.paused and self._browser_drain is None:
             # The browser is not keeping up: stop reading the server until it has drained.
             upstream = self.upstream
             if upstream is not None and upstream.transport is not None:
@@ -462,7 +451,8 @@ class Session:
         stall = self.settings.stall_timeout
         try:
             async with asyncio.timeout(stall):
-                await self.request.writer.drain()
+                if self._viewer is not None:
+                    await self._viewer.drain()
         except TimeoutError:
             self._browser_drain = None
             self.stop(closecodes.IDLE_TIMEOUT,
@@ -681,8 +671,9 @@ class Session:
             return True
         if state != _TCP_ESTABLISHED:
             return True
-        if transport.get_write_buffer_size() == 0 and not self.ws.closed:
-            transport.write(_PING)
+        if transport.get_write_buffer_size() == 0 and not self.ws.closed and \
+                self._viewer is not None:
+            self._viewer.ping()
         return False
 
     def _error_ending(self, error: object, upstream: Upstream) -> tuple[int, str]:

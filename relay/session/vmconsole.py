@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit
 from vncgate.common.kube import KubeConfigError, KubeConnection
 from vncgate.common.spec import check_name, check_namespace
 from vncgate.relay import closecodes
+from vncgate.relay.internals import start_tls_capable
 
 SUBPROTOCOL = "plain.kubevirt.io"
 GROUP = "subresources.kubevirt.io"
@@ -106,11 +107,10 @@ def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
                        + (f": {detail}" if detail else "") + ")")
 
 
+# loop.start_tls accepts it (VeNCrypt over the WebSocket, relay.rfbsecurity).
+@start_tls_capable
 class WebSocketTransport(asyncio.Transport):
     """The inner protocol's view of the WebSocket: bytes in, bytes out."""
-
-    # loop.start_tls accepts it (VeNCrypt over the WebSocket, relay.rfbsecurity).
-    _start_tls_compatible = True
 
     def __init__(self, stream: KubeVirtStream) -> None:
         super().__init__()

@@ -6,98 +6,83 @@ aiohttp 3.x reads the mask bit and unmasks when it is set, but accepts a frame w
 both of its readers (pure Python and Cython), and offers no hook to refuse one. So the relay
 puts a small scanner in front of aiohttp's reader: it walks the frame headers of the bytes as
 they arrive (O(1) per frame, payloads are skipped by length, never copied) and, at the first
-unmasked frame, fails the reader the way aiohttp fails it on its own protocol errors. aiohttp
-then closes with 1002 and the session ends with that code.
-
-The scanner replaces the connection's payload parser right after aiohttp installs it, which
-needs two private attributes of aiohttp's `RequestHandler` (`_payload_parser`,
-`_message_tail`). Their presence is checked at import, so an aiohttp that renames them stops
-the relay at start rather than silently accepting unmasked frames.
+unmasked frame, the stream is refused: aiohttp closes with 1002 and the session ends with that
+code. How the scanner is put in front of aiohttp's reader (a private reach, with a public
+fallback) is relay/internals.py's business.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import WebSocketError, WSCloseCode, web
-from aiohttp.http_websocket import WebSocketWriter
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
+from vncgate.relay.internals import GatedWebSocketResponse
 
-_HOOKS = ("_payload_parser", "_message_tail")
-_missing = [name for name in _HOOKS if name not in getattr(RequestHandler, "__slots__", ())]
-if _missing:  # pragma: no cover - depends on the installed aiohttp
-    raise ImportError(
-        f"this aiohttp's RequestHandler has no {', '.join(_missing)}: the relay cannot enforce "
-        "masked client frames (RFC 6455 5.1); install an aiohttp version pyproject.toml allows")
-
-_FAILED = (True, b"")
-_OK = (False, b"")
+UNMASKED = "the client sent an unmasked frame (RFC 6455 5.1)"
 
 
 class MaskedFramesOnly:
-    """Sits between aiohttp's connection and its WebSocket reader; passes bytes on unchanged
-    while every client frame is masked."""
+    """Passes the client's bytes on unchanged while every frame is masked; refuses the stream
+    at the first unmasked frame (the bytes before it pass)."""
 
-    __slots__ = ("_failed", "_partial", "_reader", "_skip", "_ws")
+    __slots__ = ("_failed", "_held", "_partial", "_skip")
 
-    def __init__(self, reader: Any, ws: web.WebSocketResponse) -> None:
-        self._reader = reader
-        self._ws = ws
+    def __init__(self) -> None:
         self._skip = 0  # payload bytes of the current frame still to come
-        self._partial = b""  # the start of a frame header split across reads (< 14 bytes)
+        # The start (2 to 13 bytes, passed on) of a masked frame's header split across reads.
+        self._partial = b""
+        # The first byte of a header that ended a read: held back until the byte with the mask
+        # bit comes, so that every byte passed on belongs to a frame known to be masked.
+        self._held = b""
         self._failed = False
 
-    def feed_eof(self) -> None:
-        self._reader.feed_eof()
-
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
         if self._failed:
-            return _FAILED
-        if not self._all_masked(data):
+            return b"", True
+        if self._held:
+            data, self._held = self._held + data, b""
+        unmasked = self._unmasked_at(data)
+        if unmasked >= 0:
             self._failed = True
-            error = WebSocketError(WSCloseCode.PROTOCOL_ERROR,
-                                   "the client sent an unmasked frame (RFC 6455 5.1)")
-            reader = self._ws._reader  # the queue aiohttp's receive() reads from
-            if reader is not None:
-                reader.set_exception(error)
-            return _FAILED
-        result: tuple[bool, bytes] = self._reader.feed_data(data)
-        return result if result[0] else _OK
+            return data[:unmasked], True
+        if self._held:
+            return data[:-1], False
+        return data, False
 
-    def _all_masked(self, data: bytes) -> bool:
-        """Walk the frame headers in `data`; False at the first unmasked one."""
+    def _unmasked_at(self, data: bytes) -> int:
+        """Walk the frame headers in `data`: where the first unmasked frame starts, else -1."""
         size = len(data)
         if self._skip >= size:
             self._skip -= size
-            return True
+            return -1
         pos = self._skip
         self._skip = 0
         if self._partial:
-            # A header split across reads: complete it from the start of this read.
+            # A header split across reads: complete it from the start of this read. Its mask
+            # bit came with the part already seen (set: else it would have been refused).
             head = self._partial + data[:14]
             consumed = len(self._partial)
             self._partial = b""
             frame = _frame_size(head, 0)
             if frame == _INCOMPLETE:  # still incomplete (a read of a few bytes)
                 self._partial = head
-                return True
-            if frame == _UNMASKED:
-                return False
+                return -1
             pos = frame - consumed
             if pos >= size:
                 self._skip = pos - size
-                return True
+                return -1
         while pos < size:
             frame = _frame_size(data, pos)
-            if frame == _INCOMPLETE:
-                self._partial = data[pos:]
-                return True
             if frame == _UNMASKED:
-                return False
+                return pos
+            if frame == _INCOMPLETE:
+                if size - pos == 1:
+                    self._held = data[pos:]
+                else:
+                    self._partial = data[pos:]
+                return -1
             pos += frame
         self._skip = pos - size
-        return True
+        return -1
 
 
 _INCOMPLETE = 0
@@ -127,21 +112,8 @@ def _frame_size(data: bytes, pos: int) -> int:
     return 6 + length
 
 
-class RelayWebSocket(web.WebSocketResponse):
+class RelayWebSocket(GatedWebSocketResponse):
     """aiohttp's WebSocketResponse that closes with 1002 on an unmasked client frame."""
 
-    def _post_start(self, request: BaseRequest, protocol: str | None,
-                    writer: WebSocketWriter) -> None:
-        handler = request.protocol
-        # Bytes that arrived with the upgrade request: aiohttp feeds them to its reader as it
-        # installs it; hold them back so that they pass the scanner first.
-        tail = handler._message_tail
-        handler._message_tail = b""
-        super()._post_start(request, protocol, writer)
-        reader = handler._payload_parser
-        scanner = MaskedFramesOnly(reader, self)
-        handler._payload_parser = scanner
-        if tail:
-            eof, _ = scanner.feed_data(tail)
-            if eof:
-                handler.close()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(gate=MaskedFramesOnly(), refusal=UNMASKED, **kwargs)

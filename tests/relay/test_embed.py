@@ -3,13 +3,11 @@ guarantees inside someone else's aiohttp app (examples/embed_app.py), over real 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.util
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from types import ModuleType, SimpleNamespace
 from typing import cast
 
@@ -21,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import ROOT
 from tests.relay.test_bridge import receive_close
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
-from tests.support.servers import GREETING, TcpServer, echo_rfb, not_vnc
+from tests.support.servers import GREETING, TcpServer, echo_rfb, not_vnc, serving
 from tests.support.xvnc import XvncServer
 from vncgate.relay import closecodes, embed
 from vncgate.relay.embed import Bridge, BridgeSettings, Denied, Route, SessionPolicy, Viewer
@@ -83,20 +81,6 @@ def load_example() -> ModuleType:
 
 def test_example_is_under_40_lines() -> None:
     assert len((ROOT / "examples" / "embed_app.py").read_text().splitlines()) < 40
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """`app` on a free port of 127.0.0.1; yields its http:// URL."""
-    runner = web.AppRunner(app, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        server = cast(asyncio.Server, site._server)
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

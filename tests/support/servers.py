@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
+from typing import cast
+
+from aiohttp import web
 
 GREETING = b"RFB 003.008\n"
 
@@ -152,3 +155,17 @@ def stalled(seconds: float = 20) -> Behaviour:
         await asyncio.sleep(seconds)
 
     return behaviour
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` on a free port of 127.0.0.1; yields its http:// URL."""
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        server = cast(asyncio.Server, site._server)
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
