@@ -48,8 +48,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     VNCGATE_LISTEN=0.0.0.0:8080
+# The run-time dependencies at the versions CI tests (constraints.txt; relay/internals.py
+# reaches into aiohttp's private parts, checked against exactly that version).
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-cache-dir --disable-pip-version-check /dist/vncgate-*.whl
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    pip install --no-cache-dir --disable-pip-version-check -c /tmp/constraints.txt /dist/vncgate-*.whl
 COPY --from=novnc /src/node_modules/@novnc/novnc/LICENSE.txt /usr/share/licenses/novnc/LICENSE.txt
 RUN groupadd --gid 10001 vncgate \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin vncgate
