@@ -114,16 +114,19 @@ class GatedWebSocketResponse(web.WebSocketResponse):
         self._vncgate_refusal = refusal
         self._vncgate_private = _private
         self._vncgate_gated = False
+        self._vncgate_refused = False
 
     async def prepare(self, request: BaseRequest) -> Any:
+        if self.prepared:  # aiohttp prepares the handler's response again when it returns
+            return await super().prepare(request)
         if not self._vncgate_private and self.can_prepare(request).ok:
-            _interpose(request, self._vncgate_gate)
+            _interpose(request, self)
             self._vncgate_gated = True
         writer = await super().prepare(request)
         if not self._vncgate_gated:  # pragma: no cover - an aiohttp that skips _post_start
             log.warning("aiohttp did not call WebSocketResponse._post_start: the relay gates "
                         "this connection through the public API")
-            _interpose(request, self._vncgate_gate)
+            _interpose(request, self)
             self._vncgate_gated = True
         return writer
 
@@ -146,7 +149,13 @@ class GatedWebSocketResponse(web.WebSocketResponse):
             if eof:
                 handler.close()
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the gate refused the client's stream; None: it has not."""
+        return self._vncgate_refusal if self._vncgate_refused else None
+
     def _vncgate_fail(self) -> None:
+        self._vncgate_refused = True
         reader = self._reader  # the queue aiohttp's receive() reads from
         if reader is not None:
             reader.set_exception(WebSocketError(WSCloseCode.PROTOCOL_ERROR,
@@ -184,9 +193,10 @@ class _GatedParser:
 class _GateProtocol(asyncio.Protocol):
     """The public fallback: between the connection's transport and aiohttp's protocol."""
 
-    def __init__(self, inner: asyncio.Protocol, gate: Gate) -> None:
+    def __init__(self, inner: asyncio.Protocol, ws: GatedWebSocketResponse) -> None:
         self._inner = inner
-        self._gate = gate
+        self._gate = ws._vncgate_gate
+        self._ws = ws
         self._refused = False
 
     def data_received(self, data: bytes) -> None:
@@ -197,6 +207,7 @@ class _GateProtocol(asyncio.Protocol):
             self._inner.data_received(passed)
         if refused:
             self._refused = True
+            self._ws._vncgate_refused = True
             self._inner.data_received(_REFUSED_FRAME)
 
     def eof_received(self) -> bool | None:
@@ -212,13 +223,19 @@ class _GateProtocol(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-def _interpose(request: BaseRequest, gate: Gate) -> None:
+def _interpose(request: BaseRequest, ws: GatedWebSocketResponse) -> None:
     transport = request.transport
     if transport is None:
         return
     inner = transport.get_protocol()
     assert isinstance(inner, asyncio.Protocol)
-    transport.set_protocol(_GateProtocol(inner, gate))
+    transport.set_protocol(_GateProtocol(inner, ws))
+
+
+def gate_refusal(ws: web.WebSocketResponse) -> str | None:
+    """Why the gate of `ws` refused the client's stream (on either path); None: it has not,
+    or `ws` has no gate."""
+    return ws.refusal if isinstance(ws, GatedWebSocketResponse) else None
 
 
 # --- the browser's side of a session: frames out, flow control --------------------------------
@@ -301,27 +318,39 @@ class _TransportLink:
 
 
 class _MessageLink:
-    """The public fallback: `send_bytes`, one message in flight; the VNC server waits for each."""
+    """The public fallback: `send_bytes` (and `ping`) from one task, one message in flight; the
+    VNC server waits while any is unsent."""
 
     __slots__ = ("_error", "_queue", "_sender", "_ws")
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self._ws = ws
-        self._queue: list[bytes] = []
+        self._queue: list[bytes | None] = []  # None: a ping
         self._sender: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         if self._ws.closed or self._error is not None:
             raise ConnectionResetError("the viewer's connection is closed")
-        self._queue.append(bytes(data))
+        self._enqueue(bytes(data))  # a copy: the read buffer is reused
+
+    def ping(self) -> None:
+        if not self._ws.closed and (not self._queue or self._queue[-1] is not None):
+            self._enqueue(None)
+
+    def _enqueue(self, item: bytes | None) -> None:
+        self._queue.append(item)
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
         try:
             while self._queue:
-                await self._ws.send_bytes(self._queue.pop(0))
+                item = self._queue.pop(0)
+                if item is None:
+                    await self._ws.ping()
+                else:
+                    await self._ws.send_bytes(item)
         except Exception as exc:  # the connection is gone: drain says so
             self._error = exc
         finally:
@@ -337,18 +366,6 @@ class _MessageLink:
             await asyncio.shield(sender)
         if self._error is not None:
             raise ConnectionResetError(f"the viewer's connection failed: {self._error}")
-
-    def ping(self) -> None:
-        if self._sender is None and not self._ws.closed:
-            self._sender = asyncio.get_running_loop().create_task(self._ping())
-
-    async def _ping(self) -> None:
-        try:
-            await self._ws.ping()
-        except Exception as exc:
-            self._error = exc
-        finally:
-            self._sender = None
 
     def close(self) -> None:
         self._queue.clear()

@@ -29,7 +29,7 @@ from vncgate.common.model import Route
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
 from vncgate.relay.access.proxies import UNSPECIFIED_NETWORKS, address_in
-from vncgate.relay.internals import ViewerLink, viewer_link
+from vncgate.relay.internals import ViewerLink, gate_refusal, viewer_link
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import SessionRecorder
 from vncgate.relay.rfb import security as rfbsecurity
@@ -679,7 +679,7 @@ class Session:
     def _error_ending(self, error: object, upstream: Upstream) -> tuple[int, str]:
         if isinstance(error, WebSocketError):
             # aiohttp has already closed the WebSocket with the error's code (1002, 1009).
-            return int(error.code), f"WebSocket error: {error}"
+            return int(error.code), f"WebSocket error: {gate_refusal(self.ws) or error}"
         if isinstance(error, TimeoutError):  # aiohttp's heartbeat: no pong in time
             if upstream.write_paused:
                 # The relay was not reading from the browser (so not its pong either) because

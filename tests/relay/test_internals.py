@@ -63,7 +63,7 @@ async def gated_app() -> AsyncIterator[tuple[str, list[Any]]]:
         await ws.prepare(request)
         while (msg := await ws.receive()).type is WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
-        endings.append(msg.data if msg.type is WSMsgType.ERROR else None)
+        endings.append((msg.data, ws.refusal) if msg.type is WSMsgType.ERROR else None)
         return ws
 
     app = web.Application()
@@ -81,9 +81,10 @@ async def test_an_unmasked_frame_is_refused_with_1002(path: str) -> None:
         code, _ = await ws.close_frame()
         assert code == 1002
         await eventually(lambda: bool(endings), "the handler saw the error")
-        error = endings[0]
+        error, refusal = endings[0]
         assert isinstance(error, WebSocketError) and error.code == 1002
-        if path == "private":
+        assert refusal is not None and "unmasked" in refusal
+        if path == "private":  # the fallback's error is aiohttp's own (reserved bits)
             assert "unmasked" in str(error)
         ws.abort()
 
@@ -137,13 +138,14 @@ async def linked_app(script: Any) -> AsyncIterator[str]:
 
 async def test_frames_through_the_link_arrive_whole_and_in_order_among_aiohttps_own(
         path: str) -> None:
-    """The link's frames, aiohttp's pings and send_bytes, interleaved: every frame arrives
-    whole, in the order written."""
+    """The link's frames and pings, aiohttp's pings and send_bytes, interleaved: every frame
+    arrives whole, in the order written."""
     payloads = [os.urandom(size) for size in (1, 125, 126, 16385, 65536, 300_000)]
 
     async def script(request: web.Request, ws: web.WebSocketResponse, link: ViewerLink) -> None:
         for number, payload in enumerate(payloads):
             link.write(payload)
+            link.ping()
             await link.drain()
             await ws.ping(bytes([number]))
             await ws.send_bytes(b"aiohttp %d" % number)
@@ -154,6 +156,8 @@ async def test_frames_through_the_link_arrive_whole_and_in_order_among_aiohttps_
             http.ws_connect(url, autoping=False) as ws:
         for number, payload in enumerate(payloads):
             assert (await ws.receive(timeout=10)).data == payload
+            ping = await ws.receive(timeout=10)
+            assert ping.type is WSMsgType.PING and ping.data == b""  # the link's
             ping = await ws.receive(timeout=10)
             assert ping.type is WSMsgType.PING and ping.data == bytes([number])
             assert (await ws.receive(timeout=10)).data == b"aiohttp %d" % number
@@ -234,7 +238,7 @@ async def test_the_relay_refuses_unmasked_frames_on_the_public_fallback(
             code, _ = await ws.close_frame()
             assert code == 1002
             await eventually(lambda: relay.state.sessions.count == 0, "the session ended")
-            assert session.code == 1002
+            assert session.code == 1002 and "unmasked" in session.reason
             assert b"\x00" * 20 not in server.received
             ws.abort()
 
