@@ -43,18 +43,13 @@ class RecordedSession(Protocol):
     """What a recording reads of the session it records: the bridge's `Session` is one. The
     recording room needs no more of the session room than this (an import contract holds it)."""
 
-    @property
-    def route(self) -> Route: ...
-    @property
-    def user(self) -> str: ...
-    @property
-    def client(self) -> str: ...
-    @property
-    def session_id(self) -> str: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
-    def view_only(self) -> bool: ...
+    route: Route
+    user: str
+    client: str
+    session_id: str
+    started_at: float
+    view_only: bool
+
     @property
     def settings(self) -> RelayIdentity: ...
 
