@@ -126,18 +126,27 @@ async def index_target(*, namespace: str | None, name: str, body: kopf.Body,
 
 async def index_target_service(*, namespace: str | None, name: str, body: kopf.Body,
                                **_: Any) -> dict[ObjectKey, str] | None:
-    service = IndexedTarget.from_body(body).service
+    service = endpoint_name(body, "service")
     return None if service is None else {(namespace or "", service): name}
 
 
 async def index_target_kubevirt(*, namespace: str | None, name: str, body: kopf.Body,
                                 **_: Any) -> dict[ObjectKey, str] | None:
-    # Read straight from the body (no second parse of every target's spec per event): only
-    # kubevirt targets get an entry; a name that is not one matches no VM event anyway.
-    endpoint = (body.get("spec") or {}).get("endpoint") or {}
-    ref = endpoint.get("kubevirt") if isinstance(endpoint, Mapping) else None
-    vm = ref.get("name") if isinstance(ref, Mapping) else None
-    return {(namespace or "", vm): name} if isinstance(vm, str) and vm else None
+    vm = endpoint_name(body, "kubevirt")
+    return None if vm is None else {(namespace or "", vm): name}
+
+
+def endpoint_name(body: Mapping[str, Any], kind: str) -> str | None:
+    """The name in `spec.endpoint.<kind>` ("service" or "kubevirt"), read straight from the body.
+
+    Every watch event of a VncTarget reaches each index: the spec is parsed once, by
+    `index_target`, whose entry the evaluation uses. These two only say which targets to look
+    at again when a Service or VM changes, so an invalid spec that names one costs no more than
+    a needless look."""
+    endpoint = (body.get("spec") or {}).get("endpoint")
+    ref = endpoint.get(kind) if isinstance(endpoint, Mapping) else None
+    found = ref.get("name") if isinstance(ref, Mapping) else None
+    return found if isinstance(found, str) and found else None
 
 
 async def index_service(*, namespace: str | None, name: str, body: kopf.Body,
