@@ -47,7 +47,7 @@ import psutil
 
 from bench.candidates import free_port, wait_listening
 from bench.limits import raise_fd_limit
-from tests.support.rawws import frame, read_frame, upgrade_request
+from harness.rawws import frame, read_frame, upgrade_request
 
 ROOT = Path(__file__).resolve().parent.parent
 GREETING = b"RFB 003.008\n"

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from harness.cluster import ControlPlane
+from harness.waiting import wait_until
 from tests.cluster.conftest import CHART, CRDS, Release, helm
 from tests.cluster.test_operator import Relay, status_of
-from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import CRDS as KUBEVIRT_CRDS
 from tests.support.processes import ConsoleScript
-from tests.support.waiting import wait_until
 
 
 def remove_kubevirt_crds(plane: ControlPlane) -> None:

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.cluster import ROOT, ControlPlane, free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.chart.conftest import CHART, HELM
-from tests.support.cluster import ROOT, ControlPlane, free_port
 from tests.support.processes import ConsoleScript
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 
 RELEASE = "vncgate"
 # The first VncTarget must have status well before kopf's ~54 s of 403 retries would end: the

@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harness.cluster import ControlPlane, wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.test_operator import Relay, address_target
-from tests.support.cluster import ControlPlane, wait_until
 from tests.support.processes import ConsoleScript
-from tests.support.xvnc import XvncServer
 
 TARGETS = 30
 

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import kopf
 import pytest
 
-from tests.support.cluster import ControlPlane
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
+from harness.cluster import ControlPlane
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route

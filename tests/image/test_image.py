@@ -18,10 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, ROOT
 from tests.image.conftest import SBIN_PATH, Image, Process, free_port
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 

@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.operator.conftest import (
     TARGETS,
@@ -28,8 +30,6 @@ from tests.operator.conftest import (
     running_operator,
     vnc_target,
 )
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.relay.web.server import RelayServer

@@ -26,6 +26,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from harness.servers import GREETING, TcpServer, echo_rfb
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, RelayFactory, relay_settings
 from tests.relay.test_auth import (
     ALICE_PASSWORD,
@@ -41,9 +44,6 @@ from tests.relay.test_auth import (
 )
 from tests.relay.test_sessions import pointer_position
 from tests.support.rfbclient import WsStream
-from tests.support.servers import GREETING, TcpServer, echo_rfb
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
