@@ -1,4 +1,4 @@
-"""Session set-up time when the relay answers the server's security (issue 13).
+"""Session set-up time when the relay answers the server's security (VncAuth, VeNCrypt X509).
 
 One real Xvnc per security type (None, VncAuth with a `vncpasswd -f` file, X509Vnc with a
 certificate from a throw-away openssl CA), one relay in this process, and a client that opens the

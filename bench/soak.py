@@ -1,5 +1,5 @@
 """`python -m bench.soak --minutes N [--rate 50] [--json PATH] [--tracemalloc]`: a long soak of
-the standalone relay on 127.0.0.1, with the checks of issue #18. Not part of CI.
+the standalone relay on 127.0.0.1, checking every way a session can end. Not part of CI.
 
 The relay runs as its own process (`vncgate-relay --target ...`, JSON logs to a file); the VNC
 servers and the clients run in this process, on one event loop:

@@ -69,7 +69,7 @@ def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     settings.peering.standalone = config.standalone or settings.peering.standalone
     # With exact --namespace names there is nothing to scan for: without this, kopf lists
     # namespaces and watches CRDs cluster-wide, which the chart's Roles rightly refuse, and
-    # it retries the 403 for about a minute before it serves anything (issue #20).
+    # it retries the 403 for about a minute before it serves anything.
     settings.scanning.disabled = bool(config.namespaces)
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
@@ -77,7 +77,7 @@ def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # The initial LIST in pages: at 5,000 targets one unpaged LIST was the operator's RSS peak
-    # after a restart (the whole response decoded at once, issue #17); a page of 500 keeps that
+    # after a restart (the whole response decoded at once); a page of 500 keeps that
     # peak to a tenth and costs ten requests at start.
     settings.watching.chunk_size = LIST_PAGE_SIZE
 

@@ -1,5 +1,5 @@
 """The operator in namespaced mode (`operator.watchNamespaces`) with exactly the chart's RBAC,
-on the real API server (issue #20).
+on the real API server.
 
 The chart grants only Roles in that mode. kopf, left to its defaults, lists namespaces and
 watches CRDs cluster-wide to expand namespace patterns; with Roles only, that is a 403 which kopf

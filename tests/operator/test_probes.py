@@ -1,4 +1,5 @@
-"""The probe against real TigerVNC servers at their lock-out settings (issue #20).
+"""The probe against real TigerVNC servers at their lock-out settings: probes must not get the
+operator's or a viewer's address blacklisted.
 
 TigerVNC counts every connection from an address that does not log in, and at
 `-BlacklistThreshold` (default 5) answers that address with "Too many security failures" for

@@ -1,4 +1,4 @@
-"""The findings of the hostile review (issue #11), each reproduced against the real relay.
+"""The findings of a hostile review of the relay, each reproduced against the real relay.
 
 One test (or a few) per finding; docs/SECURITY.md names them. The RFB tests use a real Xvnc
 and read its pointer with python-xlib, as tests/relay/test_sessions.py does.
