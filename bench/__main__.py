@@ -155,7 +155,8 @@ def table(summary: dict[str, dict[str, float]], names: list[str],
 
 
 def targets(summary: dict[str, dict[str, float]], big: int) -> list[tuple[str, float, str, bool]]:
-    """(what, ratio or figure, the target, met) for the issue's targets, vncgate's own loop."""
+    """(what, ratio or figure, the target, met) for the targets in docs/PERFORMANCE.md, on
+    vncgate's own loop."""
     v = "vncgate"
 
     def ratio(label: str, ref: str) -> float:

@@ -1,6 +1,6 @@
 """`python -m bench.operator [--quick]`: the operator at scale, against kmock and real relays.
 
-Measures (issue 5, operator half):
+Measures (the operator's half of the targets in docs/PERFORMANCE.md):
 1. create → live: VncTargets created one at a time; the time from the create request to the
    route being stored on both relay replicas (and to `status.phase: Ready`); median and p95.
 2. bulk: M VncTargets created at once (16 concurrent creates, as fast as the emulator takes

@@ -1,6 +1,6 @@
 """`python -m bench.operator --api-server real`: the operator against a real kube-apiserver.
 
-The control plane is the one the tests use (`tests/support/cluster.py`: etcd + kube-apiserver
+The control plane is the one the tests use (`harness/cluster.py`: etcd + kube-apiserver
 from ../shared/envtest, unpacked by scripts/setup; no controller manager, so that the only
 other client of the API server in the steady-state window is the API server itself). The
 operator runs as `vncgate-operator` does, in a process of its own (`python -m
@@ -37,8 +37,8 @@ from typing import Any
 
 import psutil
 
-from tests.support.cluster import ROOT, ControlPlane
-from tests.support.servers import TcpServer, passwordless_vnc
+from harness.cluster import ROOT, ControlPlane
+from harness.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.operator import memory

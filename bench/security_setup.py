@@ -1,4 +1,4 @@
-"""Session set-up time when the relay answers the server's security (issue 13).
+"""Session set-up time when the relay answers the server's security (VncAuth, VeNCrypt X509).
 
 One real Xvnc per security type (None, VncAuth with a `vncpasswd -f` file, X509Vnc with a
 certificate from a throw-away openssl CA), one relay in this process, and a client that opens the
@@ -15,15 +15,14 @@ import argparse
 import asyncio
 import statistics
 import struct
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.relay.test_upstream_security import SERVER_NAME, VNCPASSWD, make_ca
-from tests.support.xvnc import XvncServer
+from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
+from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials, TlsSpec
@@ -70,9 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with (folder / "passwd").open("wb") as out:
-            subprocess.run([VNCPASSWD, "-f"], input=PASSWORD.encode() + b"\n", stdout=out,
-                           check=True)
+        write_vnc_password(folder / "passwd", PASSWORD)
         (folder / "password").write_text(PASSWORD)
         ca, cert, key = make_ca(folder)
         creds = Credentials(password_file=str(folder / "password"))

@@ -1,5 +1,5 @@
 """`python -m bench.soak --minutes N [--rate 50] [--json PATH] [--tracemalloc]`: a long soak of
-the standalone relay on 127.0.0.1, with the checks of issue #18. Not part of CI.
+the standalone relay on 127.0.0.1, checking every way a session can end. Not part of CI.
 
 The relay runs as its own process (`vncgate-relay --target ...`, JSON logs to a file); the VNC
 servers and the clients run in this process, on one event loop:
@@ -47,7 +47,7 @@ import psutil
 
 from bench.candidates import free_port, wait_listening
 from bench.limits import raise_fd_limit
-from tests.support.rawws import frame, read_frame, upgrade_request
+from harness.rawws import frame, read_frame, upgrade_request
 
 ROOT = Path(__file__).resolve().parent.parent
 GREETING = b"RFB 003.008\n"

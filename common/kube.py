@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,50 @@ class KubeConfigError(Exception):
     """No usable credentials for the Kubernetes API (no kubeconfig, not in a pod)."""
 
 
+# The most one watch event (one object, as JSON) may be. The API server stores objects of at
+# most ~1.5 MiB (etcd's default request limit), and a VirtualMachine with large cloud-init user
+# data comes close; aiohttp's own line reader would refuse anything over 128 KiB.
+MAX_WATCH_EVENT = 16 * 1024 * 1024
+
+
 class KubeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+class WatchEventTooLarge(KubeError):
+    """One line of a watch stream is over the reader's limit (status 413: too large)."""
+
+    def __init__(self, where: str, limit: int) -> None:
+        Exception.__init__(self, f"an event of the watch of {where} is longer than {limit} "
+                                 "bytes, the most this reader takes for one object; no API "
+                                 "server with its default limits stores an object that large")
+        self.status = 413
+
+
+async def json_lines(chunks: AsyncIterable[bytes], where: str,
+                     limit: int = MAX_WATCH_EVENT) -> AsyncIterator[Any]:
+    """The JSON documents of a stream of newline-separated lines (a watch), read in whatever
+    chunks arrive: a line may span any number of them, up to `limit` bytes
+    (WatchEventTooLarge past it); blank lines are skipped."""
+    pending = bytearray()
+    async for chunk in chunks:
+        # A line starts at the buffer's start; the bytes already there hold no newline.
+        start, scan = 0, len(pending)
+        pending += chunk
+        while (end := pending.find(b"\n", scan)) >= 0:
+            if end - start > limit:
+                raise WatchEventTooLarge(where, limit)
+            line = pending[start:end]
+            start = scan = end + 1
+            if line.strip():
+                yield json.loads(line)
+        del pending[:start]
+        if len(pending) > limit:
+            raise WatchEventTooLarge(where, limit)
+    if pending.strip():
+        yield json.loads(pending)
 
 
 @dataclass(frozen=True)
@@ -126,8 +166,8 @@ class KubeClient:
                                               sock_read=timeout_seconds + 30)) as resp:
             if resp.status >= 400:
                 raise KubeError(resp.status, (await resp.text())[:300])
-            async for line in resp.content:
-                if line.strip():
-                    event = json.loads(line)
-                    if isinstance(event, dict):
-                        yield event
+            # Not `async for line in resp.content`: aiohttp limits a line to 128 KiB, and one
+            # object over it would end every watch at the same event for ever.
+            async for event in json_lines(resp.content.iter_any(), path):
+                if isinstance(event, dict):
+                    yield event

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.xvnc import XvncServer  # noqa: E402 - after the path is set
+from harness.xvnc import XvncServer  # noqa: E402 - after the path is set
 
 TARGET = "default/demo-desktop"
 

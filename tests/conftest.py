@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.servers import TcpServer, echo_rfb, sink
-from tests.support.xvnc import XvncServer
+from harness.servers import TcpServer, echo_rfb, sink
+from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.relay.settings import RelaySettings

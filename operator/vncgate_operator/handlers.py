@@ -69,7 +69,7 @@ def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     settings.peering.standalone = config.standalone or settings.peering.standalone
     # With exact --namespace names there is nothing to scan for: without this, kopf lists
     # namespaces and watches CRDs cluster-wide, which the chart's Roles rightly refuse, and
-    # it retries the 403 for about a minute before it serves anything (issue #20).
+    # it retries the 403 for about a minute before it serves anything.
     settings.scanning.disabled = bool(config.namespaces)
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
@@ -77,7 +77,7 @@ def tune(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # The initial LIST in pages: at 5,000 targets one unpaged LIST was the operator's RSS peak
-    # after a restart (the whole response decoded at once, issue #17); a page of 500 keeps that
+    # after a restart (the whole response decoded at once); a page of 500 keeps that
     # peak to a tenth and costs ten requests at start.
     settings.watching.chunk_size = LIST_PAGE_SIZE
 
@@ -126,18 +126,27 @@ async def index_target(*, namespace: str | None, name: str, body: kopf.Body,
 
 async def index_target_service(*, namespace: str | None, name: str, body: kopf.Body,
                                **_: Any) -> dict[ObjectKey, str] | None:
-    service = IndexedTarget.from_body(body).service
+    service = endpoint_name(body, "service")
     return None if service is None else {(namespace or "", service): name}
 
 
 async def index_target_kubevirt(*, namespace: str | None, name: str, body: kopf.Body,
                                 **_: Any) -> dict[ObjectKey, str] | None:
-    # Read straight from the body (no second parse of every target's spec per event): only
-    # kubevirt targets get an entry; a name that is not one matches no VM event anyway.
-    endpoint = (body.get("spec") or {}).get("endpoint") or {}
-    ref = endpoint.get("kubevirt") if isinstance(endpoint, Mapping) else None
-    vm = ref.get("name") if isinstance(ref, Mapping) else None
-    return {(namespace or "", vm): name} if isinstance(vm, str) and vm else None
+    vm = endpoint_name(body, "kubevirt")
+    return None if vm is None else {(namespace or "", vm): name}
+
+
+def endpoint_name(body: Mapping[str, Any], kind: str) -> str | None:
+    """The name in `spec.endpoint.<kind>` ("service" or "kubevirt"), read straight from the body.
+
+    Every watch event of a VncTarget reaches each index: the spec is parsed once, by
+    `index_target`, whose entry the evaluation uses. These two only say which targets to look
+    at again when a Service or VM changes, so an invalid spec that names one costs no more than
+    a needless look."""
+    endpoint = (body.get("spec") or {}).get("endpoint")
+    ref = endpoint.get(kind) if isinstance(endpoint, Mapping) else None
+    found = ref.get("name") if isinstance(ref, Mapping) else None
+    return found if isinstance(found, str) and found else None
 
 
 async def index_service(*, namespace: str | None, name: str, body: kopf.Body,

@@ -5,7 +5,7 @@ waits, holding its body, until every object is indexed. With 5,000 targets that 
 RSS by about 90 MiB, and most of it stays mapped after it is freed: cyclic garbage waits for a
 full collection (the thresholds are raised, cli.GC_THRESHOLDS), and glibc keeps freed heap pages.
 Once the start is over, one full collection and `malloc_trim(0)` return them to the system
-(issue #17; docs/PERFORMANCE.md has the figures at 5,000 targets).
+(docs/PERFORMANCE.md has the figures at 5,000 targets).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import aiohttp
 import kopf
 
 from vncgate.common.model import Route
-from vncgate.common.spec import ServiceRef, VncTargetSpec
+from vncgate.common.spec import VncTargetSpec
 from vncgate.operator import kubevirt, memory, secretaccess
 from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
 from vncgate.operator.kubevirt import KubeVirtWatch
@@ -86,13 +86,6 @@ class IndexedTarget:
         return cls(spec=spec, generation=meta.get("generation"), uid=str(meta.get("uid") or ""),
                    resource_version=str(meta.get("resourceVersion") or ""),
                    status=_plain(body.get("status") or {}))
-
-    @property
-    def service(self) -> str | None:
-        """The Service this target's endpoint names, if any."""
-        if isinstance(self.spec, VncTargetSpec) and isinstance(self.spec.endpoint, ServiceRef):
-            return self.spec.endpoint.name
-        return None
 
 
 def _plain(value: Any) -> Any:

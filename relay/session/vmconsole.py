@@ -7,13 +7,17 @@ stream (virt-api proxies it to the VM's QEMU). RBAC decides: `get` on
 `virtualmachineinstances/vnc` in group `subresources.kubevirt.io`, for the relay's own
 ServiceAccount.
 
-`dial` connects to the API server (its CA, the relay's token), makes the upgrade by hand and
-hands the caller's protocol a `WebSocketTransport`: an asyncio transport whose writes become
-masked binary frames and whose reads are the frames' payloads. So the bridge (relay.bridge) and
-the relay's own login (relay.rfbsecurity) run over it unchanged: greeting check, session policy,
-view-only filter and credentials work as for a TCP endpoint. Frames are decoded as they arrive,
-payloads handed on in the pieces the TLS layer delivers: no frame is ever buffered whole, and
-flow control passes straight through (pausing the reader pauses the API server's connection).
+`dial` connects to the API server (its CA, the relay's token) and hands the caller's protocol a
+`WebSocketTransport`: an asyncio transport whose writes become masked binary frames and whose
+reads are the frames' payloads. So the bridge (relay.session.bridge) and the relay's own login
+(relay.rfb.security) run over it unchanged: greeting check, session policy, view-only filter and
+credentials work as for a TCP endpoint, and asyncio's TLS layer can start inside it (VeNCrypt).
+
+The WebSocket itself (the upgrade request and its answer, framing, masking, the checks on what
+the server sends) is the sans-I/O library wsproto; this module only moves its bytes over the
+asyncio connection and turns its events into the transport's. wsproto hands on a frame's
+payload in the pieces that arrive, so no frame is ever buffered whole, and flow control passes
+straight through (pausing the reader pauses the API server's connection).
 
 The path is built only from names the registry checked (Kubernetes names: no '/', no '..') and
 quoted again here; nothing a viewer sends reaches it.
@@ -22,13 +26,25 @@ quoted again here; nothing a viewer sends reaches it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import os
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import ProtocolError
 
 from vncgate.common.kube import KubeConfigError, KubeConnection
 from vncgate.common.spec import check_name, check_namespace
@@ -37,10 +53,8 @@ from vncgate.relay.internals import start_tls_capable
 
 SUBPROTOCOL = "plain.kubevirt.io"
 GROUP = "subresources.kubevirt.io"
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
-MAX_RESPONSE_HEAD = 16 * 1024  # the upgrade response's status line and headers
 MAX_ERROR_BODY = 2048  # of a refusal's body, for its message
-MAX_CONTROL = 125  # RFC 6455 5.5: control frames carry at most 125 bytes
+NORMAL_CLOSURE = 1000
 
 
 class DialRefused(Exception):
@@ -60,27 +74,12 @@ def vnc_path(namespace: str, name: str) -> str:
             f"/virtualmachineinstances/{quote(name, safe='')}/vnc")
 
 
-def mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
-    """XOR with the 4-byte masking key (RFC 6455 5.3), in one big-integer operation."""
-    length = len(data)
-    if not length:
-        return b""
-    pad = (key * (length // 4 + 1))[:length]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(pad, "little")).to_bytes(
-        length, "little")
-
-
-def client_frame(opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
-    """One final, masked frame, client to server."""
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-    key = os.urandom(4)
-    return head + key + mask(payload, key)
+def console_request(host: str, target: str, headers: Mapping[str, str]) -> Request:
+    """The upgrade request for `target` on the API server at `host` (host[:port]), with the
+    relay's credentials in `headers`, asking for KubeVirt's subprotocol."""
+    extra = [(b"User-Agent", b"vncgate-relay")]
+    extra += [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+    return Request(host=host, target=target, subprotocols=[SUBPROTOCOL], extra_headers=extra)
 
 
 def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
@@ -107,7 +106,7 @@ def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
                        + (f": {detail}" if detail else "") + ")")
 
 
-# loop.start_tls accepts it (VeNCrypt over the WebSocket, relay.rfbsecurity).
+# loop.start_tls accepts it (VeNCrypt over the WebSocket, relay.rfb.security).
 @start_tls_capable
 class WebSocketTransport(asyncio.Transport):
     """The inner protocol's view of the WebSocket: bytes in, bytes out."""
@@ -118,7 +117,7 @@ class WebSocketTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            self._stream.send(0x2, data)
+            self._stream.send(data)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -169,25 +168,22 @@ class WebSocketTransport(asyncio.Transport):
 
 
 class KubeVirtStream(asyncio.Protocol):
-    """The API server's connection: the upgrade, then WebSocket frames both ways."""
+    """The API server's connection: the upgrade, then WebSocket messages both ways."""
 
-    def __init__(self, inner: asyncio.BaseProtocol, request: bytes, key: bytes,
+    def __init__(self, inner: asyncio.BaseProtocol, request: Request,
                  namespace: str, name: str) -> None:
         loop = asyncio.get_running_loop()
         self.inner = inner
-        self._request = request
-        self._accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())  # noqa: S324 - RFC 6455
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        # Built here, before any connection: a header the library refuses (a token with a
+        # line break, say) fails the dial at once.
+        self._request = self._ws.send(request)
         self._where = (namespace, name)
-        self._head = bytearray()
-        self._refusal: tuple[int, int] | None = None  # a non-101 answer: (status, body length)
+        self._refused_status: int | None = None  # a non-101 answer whose body is being read
+        self._refusal_body = bytearray()
         self.upgraded: asyncio.Future[WebSocketTransport] = loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._wrapper: WebSocketTransport | None = None
-        self._parse = bytearray()  # an incomplete frame header
-        self._in_payload = False
-        self._remaining = 0  # payload bytes of the current frame still to come
-        self._opcode = 0
-        self._control = bytearray()  # the payload of a control frame being read
         self.reading_paused = False
         self.closing = False
         self._ended = False
@@ -200,30 +196,25 @@ class KubeVirtStream(asyncio.Protocol):
         self._transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
-        if self._refusal is not None:
-            self._head += data
-            self._refusal_body()
+        if self._ended:
             return
-        if not self.upgraded.done():
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._head) > MAX_RESPONSE_HEAD:
-                    self._fail_upgrade(DialRefused(closecodes.BAD_UPSTREAM, "the API server's "
-                                                   "answer to the console request is too long"))
-                return
-            if not self._upgrade_answered(bytes(self._head[:end])):
-                return
-            data, self._head = bytes(self._head[end + 4:]), bytearray()
-            if not data:
-                return
-        self._frames(memoryview(data))
+        try:
+            self._ws.receive_data(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._events()
 
     def eof_received(self) -> bool | None:
+        if self._refused_status is not None and not self._ended:
+            # A refusal's body may run to the end of the connection (no Content-Length).
+            self._refused()
         self._end(None)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused_status is not None and not self._ended:
+            self._refused()
         self._end(exc)
 
     # The API server's connection is over (or back under) its high-water mark: the inner
@@ -234,156 +225,108 @@ class KubeVirtStream(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.inner.resume_writing()
 
+    # -- what the server sent -------------------------------------------------------------
+
+    def _events(self) -> None:
+        for event in self._ws.events():
+            if self._ended:
+                return
+            if isinstance(event, BytesMessage):
+                if event.data:
+                    self._deliver(event.data)
+            else:
+                self._other(event)
+
+    def _other(self, event: Event) -> None:
+        if isinstance(event, Ping):
+            self._write(self._ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            self._close_received(event)
+        elif isinstance(event, TextMessage):
+            self._end(ConnectionError("KubeVirt sent a text message; the console speaks binary"))
+        elif isinstance(event, AcceptConnection):
+            self._accepted(event)
+        elif isinstance(event, RejectConnection):
+            self._refused_status = event.status_code
+            if not event.has_body:
+                self._refused()
+        elif isinstance(event, RejectData):
+            room = MAX_ERROR_BODY - len(self._refusal_body)
+            self._refusal_body += event.data[:max(room, 0)]
+            if event.body_finished or len(self._refusal_body) >= MAX_ERROR_BODY:
+                self._refused()
+        # A Pong answers nothing the relay asked; nothing else reaches a client.
+
+    def _close_received(self, event: CloseConnection) -> None:
+        # wsproto reports a frame it cannot accept as a CloseConnection too (code 1002 or
+        # 1007), without moving to a closing state: only a real close frame moves it.
+        if self._ws.state not in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
+            self._end(ConnectionError(f"the API server broke the WebSocket protocol: "
+                                      f"{event.reason or 'no reason given'}"))
+            return
+        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+            self._write(self._ws.send(CloseConnection(code=event.code)))
+        self.closing = True
+        self._end(None, eof=True)  # the server closes: end like a TCP FIN
+
     # -- the upgrade ----------------------------------------------------------------------
 
-    def _upgrade_answered(self, head: bytes) -> bool:
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            self._fail_upgrade(DialRefused(closecodes.BAD_UPSTREAM,
-                                           "the API server answered the console request "
-                                           "with something that is not HTTP"))
-            return False
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        if status != 101:
-            # The body of a refusal is a Status object: read (a bounded part of) it for the
-            # message, then fail.
-            try:
-                length = int(headers.get("content-length", MAX_ERROR_BODY))
-            except ValueError:
-                length = MAX_ERROR_BODY
-            self._refusal = (status, min(max(length, 0), MAX_ERROR_BODY))
-            self._head = self._head[len(head) + 4:]
-            self._refusal_body()
-            return False
-        if headers.get("sec-websocket-accept", "").encode() != self._accept:
-            self._fail_upgrade(DialRefused(closecodes.BAD_UPSTREAM, "the console's WebSocket "
-                                           "upgrade was answered wrongly (Sec-WebSocket-Accept)"))
-            return False
-        if headers.get("sec-websocket-protocol") != SUBPROTOCOL:
+    def _accepted(self, event: AcceptConnection) -> None:
+        if event.subprotocol != SUBPROTOCOL:
             self._fail_upgrade(DialRefused(closecodes.BAD_UPSTREAM, "KubeVirt did not accept "
                                            f"the {SUBPROTOCOL} subprotocol"))
-            return False
+            return
         self._wrapper = WebSocketTransport(self)
         self.upgraded.set_result(self._wrapper)
         self.inner.connection_made(self._wrapper)
-        return True
 
-    def _refusal_body(self, *, ended: bool = False) -> None:
-        assert self._refusal is not None
-        status, wanted = self._refusal
-        if len(self._head) >= wanted or ended:
-            body = bytes(self._head[:MAX_ERROR_BODY]).decode("utf-8", "replace")
-            self._fail_upgrade(_refusal(status, body, *self._where))
+    def _refused(self) -> None:
+        assert self._refused_status is not None
+        body = bytes(self._refusal_body).decode("utf-8", "replace")
+        self._fail_upgrade(_refusal(self._refused_status, body, *self._where))
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        if self.upgraded.done():
+            self._end(ConnectionError(f"the API server broke the WebSocket protocol: {exc}"))
+            return
+        # The library names what was wrong ("Bad accept token", "Missing header ..."); what
+        # the HTTP parser said lies beneath ("Receive buffer too long", for a huge head).
+        detail = f"{exc}" + (f" ({exc.__context__})" if exc.__context__ else "")
+        self._fail_upgrade(DialRefused(closecodes.BAD_UPSTREAM,
+                                       "the API server's answer to the console request is not a "
+                                       f"WebSocket upgrade: {detail}"))
 
     def _fail_upgrade(self, refused: DialRefused) -> None:
         if not self.upgraded.done():
             self.upgraded.set_exception(refused)
+        self._ended = True
         self.abort()
 
-    # -- frames from the server -------------------------------------------------------------
+    # -- handing on -------------------------------------------------------------------------
 
-    def _frames(self, data: memoryview) -> None:
-        while data and not self._ended:
-            if not self._in_payload:
-                need = self._header_size()
-                while len(self._parse) < need and data:
-                    take = data[:need - len(self._parse)]
-                    self._parse += take
-                    data = data[len(take):]
-                    need = self._header_size()
-                if len(self._parse) < need:
-                    return
-                self._start_frame()
-                continue
-            take = data[:self._remaining]
-            data = data[len(take):]
-            self._remaining -= len(take)
-            if self._opcode >= 0x8:
-                self._control += take
-            elif take:
-                self._deliver(take)
-            if self._remaining == 0:
-                self._frame_done()
-
-    def _deliver(self, data: memoryview) -> None:
+    def _deliver(self, data: bytes | bytearray) -> None:
         """Hand bytes to the inner protocol: a plain Protocol's data_received (the bridge's
         Upstream has one), or a BufferedProtocol's buffers (asyncio's TLS layer, when
         VeNCrypt starts TLS over this stream)."""
         inner = self.inner
         receive = getattr(inner, "data_received", None)
         if receive is not None:
-            receive(bytes(data))
+            receive(data)
             return
         assert isinstance(inner, asyncio.BufferedProtocol)
-        while data:
-            buffer = memoryview(inner.get_buffer(len(data))).cast("B")
-            size = min(len(buffer), len(data))
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(inner.get_buffer(len(view))).cast("B")
+            size = min(len(buffer), len(view))
             if not size:
                 raise RuntimeError("the protocol offered an empty buffer")
-            buffer[:size] = data[:size]
+            buffer[:size] = view[:size]
             inner.buffer_updated(size)
-            data = data[size:]
-
-    def _header_size(self) -> int:
-        if len(self._parse) < 2:
-            return 2
-        length = self._parse[1] & 0x7F
-        return 2 + (2 if length == 126 else 8 if length == 127 else 0)
-
-    def _start_frame(self) -> None:
-        first, second = self._parse[0], self._parse[1]
-        length = second & 0x7F
-        if length == 126:
-            length = struct.unpack_from("!H", self._parse, 2)[0]
-        elif length == 127:
-            length = struct.unpack_from("!Q", self._parse, 2)[0]
-        self._parse.clear()
-        opcode = first & 0x0F
-        problem = None
-        if second & 0x80:
-            problem = "the API server sent a masked frame"
-        elif first & 0x70:
-            problem = "the API server sent a frame with reserved bits set"
-        elif opcode == 0x1:
-            problem = "KubeVirt sent a text message; the console speaks binary"
-        elif opcode not in (0x0, 0x2, 0x8, 0x9, 0xA):
-            problem = f"the API server sent an unknown frame type {opcode}"
-        elif opcode >= 0x8 and (length > MAX_CONTROL or not first & 0x80):
-            problem = "the API server sent a malformed control frame"
-        if problem is not None:
-            self._end(ConnectionError(problem))
-            return
-        self._opcode, self._remaining, self._in_payload = opcode, length, True
-        self._control.clear()
-        if length == 0:
-            self._frame_done()
-
-    def _frame_done(self) -> None:
-        self._in_payload = False
-        if self._opcode >= 0x8:
-            self._control_frame()
-
-    def _control_frame(self) -> None:
-        payload, opcode = bytes(self._control), self._opcode
-        self._control.clear()
-        if opcode == 0x9:  # ping: answer with the same payload
-            self.send(0xA, payload)
-        elif opcode == 0x8:  # the server closes: answer, and end like a TCP FIN
-            if not self.closing:
-                self.send(0x8, payload[:2])
-                self.closing = True
-            self._end(None, eof=True)
+            view = view[size:]
 
     def _end(self, exc: Exception | None, *, eof: bool = False) -> None:
         if self._ended:
             return
-        if self._refusal is not None and not self.upgraded.done():
-            self._refusal_body(ended=True)
         self._ended = True
         if not self.upgraded.done():
             self.upgraded.set_exception(DialRefused(
@@ -403,13 +346,17 @@ class KubeVirtStream(asyncio.Protocol):
             else:
                 self._transport.close()
 
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and data and not transport.is_closing():
+            transport.write(data)
+
     # -- what the wrapper asks ----------------------------------------------------------------
 
-    def send(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._ended:
+    def send(self, payload: bytes | bytearray | memoryview) -> None:
+        if self._ended or self._ws.state is not ConnectionState.OPEN:
             return
-        transport.write(client_frame(opcode, payload))
+        self._write(self._ws.send(BytesMessage(data=bytes(payload))))
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self.reading_paused:
@@ -424,7 +371,8 @@ class KubeVirtStream(asyncio.Protocol):
     def close(self) -> None:
         if not self.closing:
             self.closing = True
-            self.send(0x8, struct.pack("!H", 1000))
+            if self._ws.state is ConnectionState.OPEN:
+                self._write(self._ws.send(CloseConnection(code=NORMAL_CLOSURE)))
         if self._transport is not None:
             self._transport.close()
 
@@ -483,15 +431,19 @@ class KubeVirtDialer:
                               f"the relay's Kubernetes server URL {connection.server!r} is "
                               "not an http(s) URL")
         port = url.port or (443 if url.scheme == "https" else 80)
-        key = base64.b64encode(os.urandom(16))
         host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
-        lines = [f"GET {url.path.rstrip('/')}{vnc_path(namespace, name)} HTTP/1.1",
-                 f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13",
-                 f"Sec-WebSocket-Protocol: {SUBPROTOCOL}", "User-Agent: vncgate-relay"]
-        lines += [f"{k}: {v}" for k, v in connection.headers().items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        stream = KubeVirtStream(factory(), request, key, namespace, name)
+        request = console_request(f"{host}:{port}",
+                                  f"{url.path.rstrip('/')}{vnc_path(namespace, name)}",
+                                  connection.headers())
+        inner = factory()
+        try:
+            stream = KubeVirtStream(inner, request, namespace, name)
+        except h11.LocalProtocolError:
+            # Never the library's message: it quotes the offending header, i.e. the token.
+            raise DialRefused(closecodes.INTERNAL_ERROR,
+                              "the relay's Kubernetes credentials cannot be sent as an HTTP "
+                              "header (an illegal character in the token?); check its "
+                              "kubeconfig or ServiceAccount token") from None
         loop = asyncio.get_running_loop()
         context = connection.ssl_context if url.scheme == "https" else None
         transport: asyncio.Transport | None = None

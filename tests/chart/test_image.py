@@ -189,7 +189,8 @@ def test_wheel_carries_novnc_and_the_viewer(wheel: zipfile.ZipFile) -> None:
 
 @pytest.mark.slow
 def test_wheel_installs_only_under_vncgate(wheel: zipfile.ZipFile) -> None:
-    """Issue #19: nothing installs a top-level `relay` or `vncgate_operator`; the three packages
+    """Nothing installs a top-level `relay` or `vncgate_operator` (generic names that shadow
+    others); the three packages
     are `vncgate.relay`, `vncgate.operator` and `vncgate.common` (`vncgate` a namespace)."""
     names = set(wheel.namelist())
     for package in ("relay", "operator", "common", "kubectl"):
@@ -207,7 +208,7 @@ def test_wheel_installs_only_under_vncgate(wheel: zipfile.ZipFile) -> None:
     text = wheel.read(entry_points).decode()
     assert "vncgate-relay = vncgate.relay.cli:main" in text
     assert "vncgate-operator = vncgate.operator.cli:main" in text
-    # `pip install vncgate` puts the kubectl plugin on PATH (issue #15).
+    # `pip install vncgate` puts the kubectl plugin on PATH.
     assert "kubectl-vnc = vncgate.kubectl.cli:main" in text
 
 

@@ -67,7 +67,7 @@ def test_notes_tell_how_to_read_the_initial_password_and_grant_access() -> None:
     assert "rollout restart deploy/vncgate-relay" in notes
     assert "vncgate-relay link default/desk-1" in notes
     assert "vncgate-users" in notes.rsplit("Generated Secrets", 1)[1]
-    # kubectl vnc (issue #15), with the roles its commands need.
+    # kubectl vnc, with the roles its commands need.
     assert "kubectl vnc link desk-1 -n default --ttl 30m     # needs vncgate-editor" in notes
     no_tokens = install_dry_run(sets=["ingress.host=vnc.example.com",
                                       "relay.auth.kubernetesTokens.enabled=false"])

@@ -598,7 +598,7 @@ AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
 
 
 def test_editor_and_admin_roles_are_aggregated_into_kubernetes_roles() -> None:
-    """kubectl vnc's verbs (issue #15): share for editors, sessions and disconnect for admins,
+    """kubectl vnc's verbs: share for editors, sessions and disconnect for admins,
     aggregated into edit/admin; vncgate-viewer stays out of `view` (console access types)."""
     rendered = render()
     editor = rendered.one("ClusterRole", "vncgate-editor")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import (
+from harness.cluster import (
     ROOT,
     ControlPlane,
     ControlPlaneUnavailable,
     assets_dir,
 )
-from tests.support.waiting import wait_until
+from harness.waiting import wait_until
 
 CRDS = ROOT / "crds"
 _namespaces = itertools.count(1)

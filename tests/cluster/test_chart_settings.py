@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.cluster import ControlPlane
 from tests.cluster.conftest import CHART, HELM, helm
-from tests.support.cluster import ControlPlane
 
 VALUES = CHART / "ci" / "pod-settings-values.yaml"
 

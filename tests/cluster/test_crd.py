@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import ControlPlane
+from harness.cluster import ControlPlane
 
 ONE_ENDPOINT = "set exactly one of endpoint.service, endpoint.address or endpoint.kubevirt"
 

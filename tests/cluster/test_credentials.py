@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_relay import open_console, relay_process
 from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped fixtures
@@ -18,7 +19,6 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped f
     secrets_dir,
     vncauth_xvnc,
 )
-from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials

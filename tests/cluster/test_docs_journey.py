@@ -24,12 +24,12 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.support.cluster import ControlPlane, free_port
+from harness.cluster import ControlPlane, free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.support.docs import shell_blocks
 from tests.support.pods import LocalPod, replace_flag
 from tests.support.processes import can_isolate
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "KUBERNETES.md"

@@ -25,12 +25,12 @@ import pytest
 import yaml
 from Xlib import display as xdisplay
 
+from harness.cluster import ControlPlane, free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_operator import address_target, wait_phase
-from tests.support.cluster import ControlPlane, free_port
 from tests.support.processes import BIN, ConsoleScript
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.session.peers import Peers
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.cluster import free_port, kubeconfig
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_relay import open_console, relay_process
-from tests.support.cluster import free_port, kubeconfig
 from tests.support.processes import ConsoleScript
-from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.access.tokenreview import TokenReviewer, TokenReviewUnavailable
 

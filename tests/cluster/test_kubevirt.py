@@ -18,6 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.cluster import ControlPlane
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.relay.test_sessions import pointer_position
 from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
@@ -26,7 +29,6 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
     vncauth_xvnc,
     x509_xvnc,
 )
-from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import (
     BACKEND_PORT,
     KubeVirtBackend,
@@ -36,8 +38,6 @@ from tests.support.kubevirt import (
     serving_certificate,
 )
 from tests.support.rfbclient import WsStream, viewer_handshake
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import KUBEVIRT_SESSIONS, Credentials, TlsSpec
 from vncgate.relay import closecodes

@@ -9,18 +9,19 @@ first look comes from the operator's watch of VMs and VMIs, not from a periodic 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.cluster import ControlPlane
+from harness.waiting import wait_until
 from tests.cluster.conftest import CHART, CRDS, Release, helm
 from tests.cluster.test_operator import Relay, status_of
-from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import CRDS as KUBEVIRT_CRDS
 from tests.support.processes import ConsoleScript
-from tests.support.waiting import wait_until
 
 
 def remove_kubevirt_crds(plane: ControlPlane) -> None:
@@ -214,3 +215,35 @@ def test_discovery_makes_a_target_per_labelled_vm(
     # The VM goes: the garbage collector deletes its target (the owner reference).
     plane.kubectl("delete", "vm", "vm-1", "-n", namespace)
     wait_until(lambda: targets() == set(), "the deleted VM's target deleted", context=targets)
+
+
+def test_a_virtual_machine_of_one_mebibyte_is_followed(
+        kubevirt_release: Release, namespace: str, relay: Relay,
+        operator: ConsoleScript) -> None:
+    # Large cloud-init user data is common in VirtualMachines. Each watch event carries the
+    # whole object on one line: one over the reader's line limit would end the watch at that
+    # event, and the restarted watch would meet it again, for ever.
+    plane = kubevirt_release.plane
+    plane.kubectl("apply", "-f", str(KUBEVIRT_CRDS))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/virtualmachines.kubevirt.io", "crd/virtualmachineinstances.kubevirt.io")
+    plane.apply(kubevirt_target(namespace, "big", "big"))
+    reachable(plane, namespace, "big", "VirtualMachineNotFound", operator)
+    user_data = "#cloud-config\nwrite_files:\n- path: /etc/motd\n  content: |\n" + "".join(
+        f"    line {n:07d} of a long message of the day\n" for n in range(24_000))
+    assert len(user_data) > 1024 * 1024
+    vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+          "metadata": {"name": "big", "namespace": namespace},
+          "spec": {"runStrategy": "Halted", "template": {"spec": {"volumes": [
+              {"name": "cloudinit", "cloudInitNoCloud": {"userData": user_data}}]}}}}
+    # `create`, not `apply`: apply would copy the object into an annotation (256 KiB at most).
+    plane.kubectl("create", "-f", "-", input=json.dumps(vm))
+    stored = plane.get("vm", "big", "-n", namespace)
+    assert len(json.dumps(stored)) > 1024 * 1024  # the API server kept all of it
+    # The probe interval is an hour: only the watch's event of the new VM can tell the operator.
+    status = reachable(plane, namespace, "big", "VirtualMachineStopped", operator)
+    assert "has no running instance" in condition(status, "Reachable")["message"]
+    # The watch went on past it: the deletion (an event with the whole object again) is seen.
+    plane.kubectl("delete", "vm", "big", "-n", namespace)
+    reachable(plane, namespace, "big", "VirtualMachineNotFound", operator)
+    assert "the most this reader takes" not in operator.log()  # no event refused on its size

@@ -1,5 +1,5 @@
 """The operator in namespaced mode (`operator.watchNamespaces`) with exactly the chart's RBAC,
-on the real API server (issue #20).
+on the real API server.
 
 The chart grants only Roles in that mode. kopf, left to its defaults, lists namespaces and
 watches CRDs cluster-wide to expand namespace patterns; with Roles only, that is a 403 which kopf
@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.cluster import ROOT, ControlPlane, free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.chart.conftest import CHART, HELM
-from tests.support.cluster import ROOT, ControlPlane, free_port
 from tests.support.processes import ConsoleScript
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 
 RELEASE = "vncgate"
 # The first VncTarget must have status well before kopf's ~54 s of 403 retries would end: the

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from harness.cluster import ControlPlane, free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
-from tests.support.cluster import ControlPlane, free_port
 from tests.support.processes import ConsoleScript, can_isolate
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 
 TOKEN = "cluster-test-registration-token-0123456789"
 

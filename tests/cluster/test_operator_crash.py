@@ -1,9 +1,10 @@
 """The operator SIGKILLed while it creates statuses, then started again, as a pod is restarted.
 
-Issue #17 saw two identical "new -> Ready" Events for one transition, or none, after a SIGKILL,
-and a target left Pending "not checked yet". Here the real `vncgate-operator` process is killed
-while a batch of targets is being created, a new one is started, and every target must end Ready
-with exactly one Event per phase transition it went through (none twice, none missing).
+An operator killed mid-write once posted two identical "new -> Ready" Events for one
+transition, or none, and left a target Pending "not checked yet". Here the real
+`vncgate-operator` process is killed while a batch of targets is being created, a new one is
+started, and every target must end Ready with exactly one Event per phase transition it went
+through (none twice, none missing).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harness.cluster import ControlPlane, wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.test_operator import Relay, address_target
-from tests.support.cluster import ControlPlane, wait_until
 from tests.support.processes import ConsoleScript
-from tests.support.xvnc import XvncServer
 
 TARGETS = 30
 

@@ -7,6 +7,9 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.cluster import free_port
+from harness.waiting import wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_operator import (  # noqa: F401 - fixtures, used by name
     OperatorFactory,
@@ -16,9 +19,6 @@ from tests.cluster.test_operator import (  # noqa: F401 - fixtures, used by name
     start_operator,
     wait_phase,
 )
-from tests.support.cluster import free_port
-from tests.support.waiting import wait_until
-from tests.support.xvnc import XvncServer
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import kopf
 import pytest
 
-from tests.support.cluster import ControlPlane
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
+from harness.cluster import ControlPlane
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
@@ -185,7 +185,8 @@ async def test_namespace_of_targets_deletes_with_the_operator_stopped(
 async def test_a_deleted_target_is_never_served_again_while_resyncs_run(
         kube: KubeClient, namespace: str, relay: RelayServer, vnc: XvncServer) -> None:
     """Deletions in batches while full resyncs run back to back: once the relay dropped a
-    deleted route, nothing ever puts it back (the resync race of issue #17)."""
+    deleted route, nothing ever puts it back (a resync that built its table before a deletion
+    and sent it after must not resurrect the route)."""
     removed_at: dict[str, float] = {}
     resurrected: list[str] = []
     put = relay.registry.put

@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 import yaml
 
+from harness.cluster import free_port
+from harness.waiting import eventually, wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
-from tests.support.cluster import free_port
 from tests.support.processes import ConsoleScript
-from tests.support.waiting import eventually, wait_until
-from tests.support.xvnc import XvncServer
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover

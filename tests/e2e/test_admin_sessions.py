@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
+
 # The real API server's fixtures, by name (pytest finds fixtures in the module's namespace).
 from tests.cluster.conftest import (  # noqa: F401
     Release,
@@ -19,8 +22,6 @@ from tests.cluster.conftest import (  # noqa: F401
     release,
 )
 from tests.conftest import ARTIFACTS, RelayFactory
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.passwords import hash_secret

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay.access import links

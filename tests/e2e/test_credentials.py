@@ -6,13 +6,13 @@ from pathlib import Path
 
 from playwright.async_api import Browser
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
 from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped fixtures
     secrets_dir,
     vncauth_xvnc,
 )
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials
 

@@ -9,9 +9,9 @@ import sys
 
 from playwright.async_api import Browser
 
+from harness.waiting import eventually
 from tests.conftest import ROOT
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.waiting import eventually
 
 DEMO_BLUE = (0x15, 0x65, 0xC0)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS
 from tests.e2e.test_viewer import wait_for_pixel
 from tests.relay.test_embed import load_example, serving
-from tests.support.xvnc import XvncServer
 
 
 async def test_embedded_bridge_shows_the_desktop_in_chromium(xvnc: XvncServer,

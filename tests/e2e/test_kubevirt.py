@@ -11,6 +11,8 @@ from pathlib import Path
 
 from playwright.async_api import Browser
 
+from harness.cluster import ControlPlane
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import control_plane  # noqa: F401 - the real API server (fixture)
 from tests.cluster.test_kubevirt import (  # noqa: F401 - kubevirt_api is a fixture
     kubevirt_api,
@@ -19,9 +21,7 @@ from tests.cluster.test_kubevirt import (  # noqa: F401 - kubevirt_api is a fixt
 )
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.cluster import ControlPlane
 from tests.support.kubevirt import KubeVirtBackend
-from tests.support.xvnc import XvncServer
 
 
 async def test_the_browser_shows_a_kubevirt_vm(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from playwright.async_api import Browser, Page
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User

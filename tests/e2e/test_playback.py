@@ -13,9 +13,9 @@ from playwright.async_api import Browser, Page
 from Xlib import X
 from Xlib import display as xdisplay
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access, RecordingPolicy
 from vncgate.relay.access.passwords import hash_secret

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Error, async_playwright
 
+from harness.certs import make_ca, make_server_cert
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.certs import make_ca, make_server_cert
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from playwright.async_api import Browser, ConsoleMessage, Page
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 
 CENTRE_PIXEL = """() => {

@@ -12,9 +12,9 @@ from playwright.async_api import Browser, Page
 from Xlib import XK, X
 from Xlib import display as xdisplay
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 
 SIZES = """() => {

@@ -18,10 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, ROOT
 from tests.image.conftest import SBIN_PATH, Image, Process, free_port
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 
@@ -181,7 +181,8 @@ def test_commands_print_their_help(image: Image, command: str) -> None:
 
 
 def test_the_relay_is_the_installed_wheel(image: Image) -> None:
-    """The wheel installs `vncgate.relay` (issue #19) and no top-level `relay`."""
+    """The wheel installs `vncgate.relay` and no top-level `relay` (a generic name that
+    another distribution could own)."""
     result = image.run(["python", "-c", "import importlib.metadata as m, importlib.util as u, "
                         "vncgate.relay, vncgate.relay.cli, vncgate.operator.cli; "
                         "print(m.version('vncgate'), vncgate.relay.__file__, "

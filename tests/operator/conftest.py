@@ -18,8 +18,8 @@ import aiohttp
 import kopf
 import pytest
 
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.kube import KubeConnection
 from vncgate.operator.handlers import build_registry

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from harness.xvnc import XvncServer
 from tests.operator.conftest import (
     TARGETS,
     TOKEN,
@@ -25,7 +26,6 @@ from tests.operator.conftest import (
     vnc_target,
 )
 from tests.relay.test_upstream_security import close_of, handshake_as_viewer
-from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.relay import closecodes
 from vncgate.relay.settings import RelaySettings

@@ -1,4 +1,5 @@
-"""The probe against real TigerVNC servers at their lock-out settings (issue #20).
+"""The probe against real TigerVNC servers at their lock-out settings: probes must not get the
+operator's or a viewer's address blacklisted.
 
 TigerVNC counts every connection from an address that does not log in, and at
 `-BlacklistThreshold` (default 5) answers that address with "Too many security failures" for
@@ -19,6 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.operator.conftest import (
     TARGETS,
@@ -28,8 +31,6 @@ from tests.operator.conftest import (
     running_operator,
     vnc_target,
 )
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.relay.web.server import RelayServer

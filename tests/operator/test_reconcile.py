@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.operator.conftest import (
     PUBLIC_URL,
     SERVICES,
@@ -16,8 +18,6 @@ from tests.operator.conftest import (
     service,
     vnc_target,
 )
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.operator.settings import OperatorSettings
 from vncgate.relay.web.server import RelayServer

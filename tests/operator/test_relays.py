@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.operator.conftest import (
     SLICES,
     TARGETS,
@@ -18,8 +20,6 @@ from tests.operator.conftest import (
     start_relay,
     vnc_target,
 )
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.relay.web.server import RelayServer
 
 

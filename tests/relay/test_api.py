@@ -172,7 +172,7 @@ async def test_readyz_waits_for_the_first_full_table(make_relay: RelayFactory,
 
 async def test_summary_view_carries_revision_and_sessions_only(
         make_relay: RelayFactory, http: aiohttp.ClientSession) -> None:
-    from tests.support.servers import TcpServer, echo_rfb
+    from harness.servers import TcpServer, echo_rfb
 
     async with TcpServer(echo_rfb) as server, make_relay() as relay:
         routes = [Route("lab", "desk", "127.0.0.1", server.port),

@@ -21,9 +21,9 @@ import kmock
 import pytest
 from yarl import URL
 
+from harness.servers import GREETING, TcpServer
+from harness.waiting import eventually
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
-from tests.support.servers import GREETING, TcpServer
-from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes

@@ -10,9 +10,9 @@ import asyncio
 
 import aiohttp
 
+from harness.servers import GREETING, TcpServer, flood, stalled
+from harness.waiting import eventually
 from tests.conftest import RelayFactory
-from tests.support.servers import GREETING, TcpServer, flood, stalled
-from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay.session.bridge import Session
 from vncgate.relay.web.server import RelayServer

@@ -9,8 +9,7 @@ import logging
 import aiohttp
 import pytest
 
-from tests.conftest import RelayFactory
-from tests.support.servers import (
+from harness.servers import (
     GREETING,
     TcpServer,
     echo_rfb,
@@ -19,7 +18,8 @@ from tests.support.servers import (
     silent,
     sink,
 )
-from tests.support.waiting import eventually
+from harness.waiting import eventually
+from tests.conftest import RelayFactory
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 

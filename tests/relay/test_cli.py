@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.waiting import wait_until
 from tests.conftest import ROOT
-from tests.support.waiting import wait_until
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.relay.manifests import ManifestError, load_routes

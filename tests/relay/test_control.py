@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import aiohttp
 
+from harness.cluster import free_port
+from harness.servers import TcpServer
 from tests.conftest import API_TOKEN, RelayFactory
-from tests.support.cluster import free_port
-from tests.support.servers import TcpServer
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode

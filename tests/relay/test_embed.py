@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from harness.servers import GREETING, TcpServer, echo_rfb, not_vnc, serving
+from harness.xvnc import XvncServer
 from tests.conftest import ROOT
 from tests.relay.test_bridge import receive_close
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
-from tests.support.servers import GREETING, TcpServer, echo_rfb, not_vnc, serving
-from tests.support.xvnc import XvncServer
 from vncgate.relay import closecodes, embed
 from vncgate.relay.embed import Bridge, BridgeSettings, Denied, Route, SessionPolicy, Viewer
 from vncgate.relay.web.server import RelayServer

@@ -14,10 +14,10 @@ from typing import Any
 import psutil
 import pytest
 
+from harness.rawws import RawWebSocket, frame
+from harness.servers import Behaviour, TcpServer, echo_rfb, flood, silent, sink, stalled
+from harness.waiting import eventually
 from tests.conftest import RelayFactory
-from tests.support.rawws import RawWebSocket, frame
-from tests.support.servers import Behaviour, TcpServer, echo_rfb, flood, silent, sink, stalled
-from tests.support.waiting import eventually
 from vncgate.common.model import Route
 from vncgate.relay.session.bridge import Session
 from vncgate.relay.web.server import RelayServer

@@ -20,12 +20,12 @@ import aiohttp
 import pytest
 from aiohttp import WebSocketError, WSMsgType, web
 
+from harness.certs import make_ca, make_server_cert
+from harness.rawws import RawWebSocket, frame, read_frame, upgrade_request
+from harness.servers import echo_rfb, serving
+from harness.waiting import eventually
 from tests.conftest import RelayFactory
 from tests.relay.test_endings import one_session, relay_before
-from tests.support.certs import make_ca, make_server_cert
-from tests.support.rawws import RawWebSocket, frame, read_frame, upgrade_request
-from tests.support.servers import echo_rfb, serving
-from tests.support.waiting import eventually
 from vncgate.relay import internals
 from vncgate.relay.internals import ViewerLink, start_tls_capable, viewer_link
 from vncgate.relay.web.websocket import RelayWebSocket

@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.support.rfbclient import WsStream, viewer_handshake
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
 from vncgate.relay.recording.capture import (

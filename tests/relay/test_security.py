@@ -1,4 +1,4 @@
-"""The findings of the hostile review (issue #11), each reproduced against the real relay.
+"""The findings of a hostile review of the relay, each reproduced against the real relay.
 
 One test (or a few) per finding; docs/SECURITY.md names them. The RFB tests use a real Xvnc
 and read its pointer with python-xlib, as tests/relay/test_sessions.py does.
@@ -26,6 +26,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from harness.servers import GREETING, TcpServer, echo_rfb
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, RelayFactory, relay_settings
 from tests.relay.test_auth import (
     ALICE_PASSWORD,
@@ -41,9 +44,6 @@ from tests.relay.test_auth import (
 )
 from tests.relay.test_sessions import pointer_position
 from tests.support.rfbclient import WsStream
-from tests.support.servers import GREETING, TcpServer, echo_rfb
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access

@@ -9,11 +9,11 @@ import struct
 import aiohttp
 from Xlib import display as xdisplay
 
+from harness.servers import GREETING, TcpServer
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.support.rfbclient import viewer_handshake
-from tests.support.servers import GREETING, TcpServer
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Interactive, SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from harness.certs import Pem, make_ca, make_server_cert
 from tests.conftest import RelayFactory
-from tests.support.certs import Pem, make_ca, make_server_cert
 from vncgate.relay.settings import settings_from_args
 
 

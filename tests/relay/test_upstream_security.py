@@ -9,19 +9,18 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
+from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
 from tests.support.rfbclient import viewer_handshake
-from tests.support.xvnc import XvncServer
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
@@ -30,33 +29,12 @@ from vncgate.relay.recording.store import RecordingSettings
 from vncgate.relay.rfb.security import vnc_auth_response
 
 PASSWORD = "s3cret-pw"  # longer than 8: VNC Authentication uses the first 8 bytes
-VNCPASSWD = shutil.which("vncpasswd") or "/usr/bin/vncpasswd"
-SERVER_NAME = "vnc.test.invalid"
-
-
-def make_ca(folder: Path) -> tuple[Path, Path, Path]:
-    """A test CA and a server certificate for SERVER_NAME and 127.0.0.1, with openssl."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=vncgate test CA",
-        "-keyout", "ca.key", "-out", "ca.crt")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={SERVER_NAME}",
-        "-keyout", "server.key", "-out", "server.csr")
-    (folder / "san.ext").write_text(f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
-    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
-
-
 @pytest.fixture(scope="module")
 def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("vnc-secrets")
     (folder / "password").write_text(PASSWORD + "\n")
     (folder / "wrong").write_text("not-it\n")
-    with (folder / "passwd").open("wb") as out:
-        subprocess.run([VNCPASSWD, "-f"], input=PASSWORD.encode() + b"\n", stdout=out,
-                       check=True)
+    write_vnc_password(folder / "passwd", PASSWORD)
     make_ca(folder)
     other = folder / "other"
     other.mkdir()

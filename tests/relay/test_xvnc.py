@@ -6,9 +6,9 @@ import struct
 
 import aiohttp
 
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.support.rfbclient import viewer_handshake
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 
 

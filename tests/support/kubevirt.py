@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from tests.support.cluster import ControlPlane
-from tests.support.waiting import wait_until
+from harness.cluster import ControlPlane
+from harness.waiting import wait_until
 
 GROUP, VERSION = "subresources.kubevirt.io", "v1"
 SUBPROTOCOL = "plain.kubevirt.io"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import ControlPlane
+from harness.cluster import ControlPlane
 from tests.support.processes import ConsoleScript
 
 ArgsEdit = Callable[[list[str]], list[str]]

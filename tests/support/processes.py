@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.waiting import wait_until
+from harness.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 SERVICE_ACCOUNT_DIR = "secrets/kubernetes.io/serviceaccount"  # below /run (= /var/run)

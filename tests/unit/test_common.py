@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,6 +15,7 @@ import yaml
 from vncgate.common import envflags
 from vncgate.common.addresses import Address, host_port, http_url, split_host_port
 from vncgate.common.durations import PATTERN, DurationError, format_duration, parse_duration
+from vncgate.common.kube import MAX_WATCH_EVENT, WatchEventTooLarge, json_lines
 from vncgate.common.networks import NetworkError, parse_cidr, parse_cidrs
 from vncgate.common.rfb import parse_greeting, parse_version
 from vncgate.common.spec import SpecError, parse_sessions
@@ -116,3 +120,36 @@ def test_rfb_greeting() -> None:
     assert parse_version(b"RFB 003.003\n") == (3, 3)
     for bad in (b"RFB 003.008", b"SSH-2.0-Open\n", b"RFB 3.8\n\n\n\n\n", b"RFB 003.008\r\n"):
         assert parse_greeting(bad) is None and parse_version(bad) is None
+
+
+# -- watch streams -------------------------------------------------------------------------
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+async def read_lines(data: bytes, size: int, limit: int = MAX_WATCH_EVENT) -> list[Any]:
+    return [doc async for doc in json_lines(chunks_of(data, size), "/apis/x", limit)]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 10**7])
+async def test_watch_lines_span_any_chunks(size: int) -> None:
+    big = {"type": "ADDED", "object": {"data": "x" * 300_000}}  # over aiohttp's line limit
+    stream = b"".join(json.dumps(doc).encode() + b"\n"
+                      for doc in ({"type": "ADDED"}, big, {"type": "DELETED"}))
+    stream += b"\n\n" + json.dumps({"type": "BOOKMARK"}).encode()  # blank lines; no last \n
+    assert await read_lines(stream, size) == [{"type": "ADDED"}, big, {"type": "DELETED"},
+                                              {"type": "BOOKMARK"}]
+
+
+@pytest.mark.parametrize("size", [100, 10_000])
+async def test_a_watch_line_over_the_limit_is_refused_clearly(size: int) -> None:
+    stream = b'{"type": "ADDED"}\n' + b'{"a": "' + b"x" * 5000 + b'"}\n'
+    with pytest.raises(WatchEventTooLarge) as refused:
+        await read_lines(stream, size, limit=4096)
+    assert refused.value.status == 413
+    assert "an event of the watch of /apis/x is longer than 4096 bytes" in str(refused.value)
+    # Exactly the limit is taken.
+    assert await read_lines(b'{"a": "' + b"x" * (4096 - 9) + b'"}\n', size, limit=4096)

@@ -47,7 +47,7 @@ CHECKED: dict[str, tuple[str, str, str]] = {
         "tests/cluster/test_docs_journey.py::test_install_first_console_upgrade_uninstall",
         '"Install"', "README's copy of the Install block, which the journey runs"),
     "kubectl apply -f examples/desk-service.yaml": (
-        "tests/operator/unit/test_crd.py::test_examples", "jsonschema.validate",
+        "tests/unit/operator/test_crd.py::test_examples", "jsonschema.validate",
         "needs a cluster with the Service; the example is validated against the CRD"),
     "kubectl get vnc -n lab": (
         "tests/cluster/test_docs_journey.py::test_install_first_console_upgrade_uninstall",

@@ -1,5 +1,6 @@
-"""endpoint.kubevirt: the spec, the route's wire form, the subresource path, the WebSocket
-frames of the relay's KubeVirt stream, and the operator's verdict on a VM."""
+"""endpoint.kubevirt: the spec, the route's wire form, the subresource path, the relay's
+KubeVirt stream (its upgrade and WebSocket frames against wsproto playing the API server, and
+hand-made hostile frames), and the operator's verdict on a VM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import struct
 from typing import Any
 
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    Request,
+)
 
+from vncgate.common.kube import KubeConnection
 from vncgate.common.model import Route, route_from_json
 from vncgate.common.spec import (
     KUBEVIRT_SESSIONS,
@@ -24,11 +36,12 @@ from vncgate.operator.resolve import evaluate
 from vncgate.operator.settings import parse_args
 from vncgate.relay import closecodes
 from vncgate.relay.session.vmconsole import (
+    SUBPROTOCOL,
     DialRefused,
+    KubeVirtDialer,
     KubeVirtStream,
     WebSocketTransport,
-    client_frame,
-    mask,
+    console_request,
     vnc_path,
 )
 
@@ -117,16 +130,7 @@ def test_the_path_is_built_from_checked_names_only() -> None:
             vnc_path(namespace, name)
 
 
-# -- WebSocket frames ------------------------------------------------------------------------
-
-
-def test_client_frames_are_masked() -> None:
-    payload = bytes(range(200))
-    frame = client_frame(0x2, payload)
-    assert frame[0] == 0x82 and frame[1] == 0x80 | 126
-    (length,) = struct.unpack("!H", frame[2:4])
-    key, body = frame[4:8], frame[8:]
-    assert length == 200 and mask(body, key) == payload and body != payload
+# -- the WebSocket (wsproto on the relay's side; the tests play the API server) -------------
 
 
 class Inner(asyncio.Protocol):
@@ -159,12 +163,13 @@ class Inner(asyncio.Protocol):
 
 
 class Outer(asyncio.Transport):
-    """What the stream writes to the API server, and whether it was closed."""
+    """What the stream writes to the API server, and whether it was closed or aborted."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.aborted = False
         self.reading = True
 
     def pause_reading(self) -> None:
@@ -183,61 +188,110 @@ class Outer(asyncio.Transport):
         self.closed = True
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self.aborted = True
+
+    def taken(self) -> bytes:
+        """What was written since the last call."""
+        data = bytes(self.written)
+        self.written.clear()
+        return data
 
 
-def server_frame(opcode: int, payload: bytes) -> bytes:
-    if len(payload) < 126:
-        return bytes([0x80 | opcode, len(payload)]) + payload
-    if len(payload) < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, len(payload)) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, len(payload)) + payload
+TOKEN_HEADERS = {"Authorization": "Bearer relay-token"}
 
 
-def upgraded_stream(key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==") -> tuple[KubeVirtStream, Inner,
-                                                                        Outer]:
+def new_stream() -> tuple[KubeVirtStream, Inner, Outer, WSConnection]:
+    """A stream that sent its upgrade request, and the API server's side that read it."""
     inner, outer = Inner(), Outer()
-    stream = KubeVirtStream(inner, b"GET ...\r\n\r\n", key, "lab", "vm-1")
+    request = console_request("127.0.0.1:6443", vnc_path("lab", "vm-1"), TOKEN_HEADERS)
+    stream = KubeVirtStream(inner, request, "lab", "vm-1")
     stream.connection_made(outer)
-    # RFC 6455's own example: this key is answered with this accept value.
-    stream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
-                         b"Sec-WebSocket-Protocol: plain.kubevirt.io\r\n\r\n")
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(outer.taken())
+    return stream, inner, outer, server
+
+
+def server_request(server: WSConnection) -> Request:
+    events = list(server.events())
+    assert len(events) == 1 and isinstance(events[0], Request)
+    return events[0]
+
+
+def upgraded_stream() -> tuple[KubeVirtStream, Inner, Outer, WSConnection]:
+    stream, inner, outer, server = new_stream()
+    server_request(server)
+    stream.data_received(server.send(AcceptConnection(subprotocol=SUBPROTOCOL)))
     assert stream.upgraded.done() and inner.transport is not None
-    return stream, inner, outer
+    return stream, inner, outer, server
+
+
+def from_the_relay(server: WSConnection, outer: Outer) -> list[Event]:
+    """What the relay wrote since the last look, as the API server reads it (wsproto as a
+    server refuses unmasked frames: reading them at all shows they were masked)."""
+    server.receive_data(outer.taken())
+    return list(server.events())
+
+
+def hand_made(first: int, payload: bytes, *, length: bytes | None = None) -> bytes:
+    """A server frame built byte by byte, for what no library would send."""
+    if length is None:
+        length = bytes([len(payload)]) if len(payload) < 126 else \
+            bytes([126]) + struct.pack("!H", len(payload))
+    return bytes([first]) + length + payload
+
+
+async def test_the_upgrade_request_asks_for_the_subprotocol_with_the_relays_token() -> None:
+    _, _, _, server = new_stream()
+    request = server_request(server)
+    assert request.target == ("/apis/subresources.kubevirt.io/v1/namespaces/lab/"
+                              "virtualmachineinstances/vm-1/vnc")
+    assert request.host == "127.0.0.1:6443" and request.subprotocols == [SUBPROTOCOL]
+    headers = dict(request.extra_headers)
+    assert headers[b"authorization"] == b"Bearer relay-token"
+    assert headers[b"user-agent"] == b"vncgate-relay"
 
 
 async def test_frames_split_anywhere_give_the_byte_stream() -> None:
-    stream, inner, outer = upgraded_stream()
+    stream, inner, outer, server = new_stream()
+    server_request(server)
     rng = random.Random(7)  # noqa: S311 - reproducible splits, not a secret
     payloads = [rng.randbytes(rng.choice((0, 1, 125, 126, 300, 65535, 70000)))
                 for _ in range(40)]
-    wire = b"".join(server_frame(0x2, p) for p in payloads)
-    wire += server_frame(0x9, b"hi")  # a ping in the middle: answered with a pong
-    wire += server_frame(0x2, b"RFB 003.008\n")
+    # The answer to the upgrade and the first frames in one read, then messages whole and in
+    # fragments, with a ping in the middle of a fragmented one.
+    wire = server.send(AcceptConnection(subprotocol=SUBPROTOCOL))
+    for index, payload in enumerate(payloads):
+        if index % 3 == 0:
+            half = len(payload) // 2
+            wire += server.send(BytesMessage(data=payload[:half], message_finished=False))
+            if index == 9:
+                wire += server.send(Ping(payload=b"hi"))
+            wire += server.send(BytesMessage(data=payload[half:], message_finished=True))
+        else:
+            wire += server.send(BytesMessage(data=payload))
+    wire += server.send(BytesMessage(data=b"RFB 003.008\n"))
     position = 0
     while position < len(wire):
         step = rng.randint(1, 5000)
         stream.data_received(wire[position:position + step])
         position += step
     assert bytes(inner.data) == b"".join(payloads) + b"RFB 003.008\n"
-    pong = bytes(outer.written[len(b"GET ...\r\n\r\n"):])
-    assert pong[0] == 0x8A and pong[1] == 0x80 | 2 and mask(pong[6:8], pong[2:6]) == b"hi"
+    assert from_the_relay(server, outer) == [Pong(payload=b"hi")]
+    assert not inner.lost
 
 
 async def test_writes_become_masked_binary_frames() -> None:
-    _, inner, outer = upgraded_stream()
+    _, inner, outer, server = upgraded_stream()
     assert inner.transport is not None
-    before = len(outer.written)
     inner.transport.write(b"RFB 003.008\n")
-    frame = bytes(outer.written[before:])
-    assert frame[0] == 0x82 and frame[1] == 0x80 | 12
-    assert mask(frame[6:], frame[2:6]) == b"RFB 003.008\n"
+    frame = bytes(outer.written)
+    assert frame[0] == 0x82 and frame[1] == 0x80 | 12  # final, binary; masked, 12 bytes
+    assert b"RFB" not in frame
+    assert from_the_relay(server, outer) == [BytesMessage(data=b"RFB 003.008\n")]
 
 
 async def test_flow_control_passes_through_both_ways() -> None:
-    stream, inner, outer = upgraded_stream()
+    stream, inner, outer, _ = upgraded_stream()
     assert inner.transport is not None
     # A slow browser: the bridge pauses reading from the VNC side, i.e. the API server.
     inner.transport.pause_reading()
@@ -252,22 +306,58 @@ async def test_flow_control_passes_through_both_ways() -> None:
 
 
 async def test_a_close_frame_ends_the_stream_like_a_fin() -> None:
-    stream, inner, outer = upgraded_stream()
-    stream.data_received(server_frame(0x2, b"abc") + server_frame(0x8, struct.pack("!H", 1000)))
+    stream, inner, outer, server = upgraded_stream()
+    stream.data_received(server.send(BytesMessage(data=b"abc"))
+                         + server.send(CloseConnection(code=1000)))
     assert bytes(inner.data) == b"abc" and inner.eof and inner.lost == [None]
-    assert outer.closed
+    assert outer.closed and not outer.aborted
+    # The close is answered, as RFC 6455 asks.
+    assert from_the_relay(server, outer) == [CloseConnection(code=1000, reason="")]
+
+
+async def test_the_relay_closes_with_a_close_frame() -> None:
+    _, inner, outer, server = upgraded_stream()
+    assert inner.transport is not None
+    inner.transport.close()
+    assert outer.closed and inner.transport.is_closing()
+    assert from_the_relay(server, outer) == [CloseConnection(code=1000, reason="")]
+    inner.transport.write(b"late")  # after the close: nothing more goes out
+    assert outer.written == b""
 
 
 @pytest.mark.parametrize(("frame", "words"), [
-    (bytes([0x81, 1]) + b"x", "text message"),
-    (bytes([0x82, 0x81, 0, 0, 0, 0]) + b"x", "masked frame"),
-    (bytes([0xC2, 1]) + b"x", "reserved bits"),
+    (hand_made(0x81, b"x"), "KubeVirt sent a text message"),
+    (bytes([0x82, 0x81, 1, 2, 3, 4]) + b"x", "unexpected masked frame"),
+    (hand_made(0xC2, b"x"), "Reserved bit set"),
+    (hand_made(0x89, b"p" * 126), "Control frame with payload len > 125"),
+    (hand_made(0x09, b"p"), "fragment control frame"),
+    (hand_made(0x80, b"x"), "unexpected CONTINUATION"),
+    (hand_made(0x02, b"") + hand_made(0x82, b"b"), "expected CONTINUATION"),
+    (hand_made(0x82, b"", length=bytes([127, 0x80, 0, 0, 0, 0, 0, 0, 0])), "non-zero MSB"),
+    (hand_made(0x82, b"", length=bytes([126, 0, 5])), "used 2 bytes when 1"),
+    (hand_made(0x88, b"\x03"), "CLOSE with 1 byte payload"),
+    (hand_made(0x88, struct.pack("!H", 999)), "CLOSE with invalid code"),
+    (hand_made(0x88, struct.pack("!H", 1005)), "local-only"),
+    (hand_made(0x88, struct.pack("!H", 1000) + b"\xff\xfe"), "utf-8"),
 ])
-async def test_protocol_errors_end_the_stream(frame: bytes, words: str) -> None:
-    stream, inner, outer = upgraded_stream()
-    stream.data_received(frame)
-    assert len(inner.lost) == 1 and words in str(inner.lost[0])
-    assert outer.closed
+async def test_hostile_frames_end_the_stream_and_say_why(frame: bytes, words: str) -> None:
+    stream, inner, outer, server = upgraded_stream()
+    stream.data_received(server.send(BytesMessage(data=b"before")) + frame
+                         + server.send(BytesMessage(data=b"after")))
+    assert bytes(inner.data) == b"before"  # nothing after the bad frame is believed
+    assert len(inner.lost) == 1 and isinstance(inner.lost[0], ConnectionError)
+    assert words in str(inner.lost[0]), inner.lost[0]
+    assert not inner.eof and outer.aborted
+    stream.data_received(server.send(BytesMessage(data=b"later")))
+    assert bytes(inner.data) == b"before" and len(inner.lost) == 1
+
+
+def refused_with(stream: KubeVirtStream, inner: Inner) -> DialRefused:
+    assert stream.upgraded.done()
+    with pytest.raises(DialRefused) as refused:
+        stream.upgraded.result()
+    assert inner.transport is None and not inner.lost  # the viewer's side never started
+    return refused.value
 
 
 @pytest.mark.parametrize(("status", "body", "code", "words"), [
@@ -278,33 +368,86 @@ async def test_protocol_errors_end_the_stream(frame: bytes, words: str) -> None:
     (404, b'{"kind":"Status","message":"virtualmachineinstance \\"vm-1\\" not found"}',
      closecodes.BAD_UPSTREAM, "virtualmachineinstance vm-1 does not exist"),
     (503, b"", closecodes.BAD_UPSTREAM, "not available now"),
+    (500, b"etcd is on fire", closecodes.BAD_UPSTREAM, "(HTTP 500: etcd is on fire)"),
 ])
 async def test_refusals_say_what_to_do(status: int, body: bytes, code: int, words: str) -> None:
-    inner, outer = Inner(), Outer()
-    stream = KubeVirtStream(inner, b"GET ...\r\n\r\n", b"key", "lab", "vm-1")
-    stream.connection_made(outer)
+    stream, inner, outer, _ = new_stream()
     head = (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
-    # The body arrives after the head: the message waits for it.
     stream.data_received(head)
-    stream.data_received(body)
-    if not stream.upgraded.done():
-        stream.connection_lost(None)
-    with pytest.raises(DialRefused) as refused:
-        stream.upgraded.result()
-    assert refused.value.code == code and words in refused.value.reason
-    assert inner.transport is None and not inner.lost  # the viewer's side never started
-
-
-async def test_a_wrong_accept_value_is_refused() -> None:
-    inner, outer = Inner(), Outer()
-    stream = KubeVirtStream(inner, b"GET ...\r\n\r\n", b"key", "lab", "vm-1")
-    stream.connection_made(outer)
-    stream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope\r\n"
-                         b"Sec-WebSocket-Protocol: plain.kubevirt.io\r\n\r\n")
-    with pytest.raises(DialRefused):
-        stream.upgraded.result()
+    if body:  # the body arrives after the head: the message waits for it
+        assert not stream.upgraded.done()
+        stream.data_received(body)
+    refused = refused_with(stream, inner)
+    assert refused.code == code and words in refused.reason, refused.reason
     assert outer.closed
+
+
+async def test_a_refusal_body_that_runs_to_the_end_of_the_connection() -> None:
+    stream, inner, _, _ = new_stream()
+    stream.data_received(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n\r\nno backend")
+    assert not stream.upgraded.done()
+    stream.eof_received()
+    assert "(HTTP 502: no backend)" in refused_with(stream, inner).reason
+
+
+async def test_a_huge_refusal_body_is_read_only_as_far_as_its_message() -> None:
+    stream, inner, _, _ = new_stream()
+    stream.data_received(b"HTTP/1.1 500 X\r\nContent-Length: 100000000\r\n\r\n"
+                         + b"a" * 3000)
+    reason = refused_with(stream, inner).reason
+    assert "(HTTP 500: aaaa" in reason and len(reason) < 300
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Accept: bm9wZQ==\r\nSec-WebSocket-Protocol: plain.kubevirt.io\r\n\r\n",
+     "Bad accept token"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+     "Missing header, 'Upgrade: websocket'"),
+    (b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Long: " + b"a" * 70000,
+     "Receive buffer too long"),
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "Bad HTTP message"),
+])
+async def test_a_wrong_upgrade_answer_is_refused(answer: bytes, words: str) -> None:
+    stream, inner, outer, _ = new_stream()
+    stream.data_received(answer)
+    refused = refused_with(stream, inner)
+    assert refused.code == closecodes.BAD_UPSTREAM
+    assert "is not a WebSocket upgrade" in refused.reason and words in refused.reason
+    assert outer.aborted
+
+
+async def test_an_upgrade_without_kubevirts_subprotocol_is_refused() -> None:
+    stream, inner, outer, server = new_stream()
+    server_request(server)
+    stream.data_received(server.send(AcceptConnection()))
+    refused = refused_with(stream, inner)
+    assert "did not accept the plain.kubevirt.io subprotocol" in refused.reason
+    assert outer.aborted
+
+
+async def test_a_connection_closed_before_the_answer() -> None:
+    stream, inner, _, _ = new_stream()
+    stream.data_received(b"HTTP/1.1 101 Swi")
+    stream.connection_lost(ConnectionResetError("reset by peer"))
+    refused = refused_with(stream, inner)
+    assert refused.reason == "the API server closed the console request: reset by peer"
+
+
+class TokenWithALineBreak:
+    def get_api_key_with_prefix(self, name: str) -> str:
+        return "Bearer secret-part\r\nX-Injected: 1"
+
+
+async def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -> None:
+    dialer = KubeVirtDialer(lambda: KubeConnection("http://127.0.0.1:9", False,
+                                                   TokenWithALineBreak()))
+    with pytest.raises(DialRefused) as refused:
+        await dialer.dial("lab", "vm-1", Inner)
+    assert refused.value.code == closecodes.INTERNAL_ERROR
+    assert "cannot be sent as an HTTP header" in refused.value.reason
+    assert "secret-part" not in refused.value.reason
 
 
 # -- the operator's verdict ----------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tests.support.rawws import frame
+from harness.rawws import frame
 from vncgate.relay.web.websocket import MaskedFramesOnly
 
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
-from tests.support.waiting import wait_until
+from harness.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.waiting import NotInTime, wait_until
+from harness.waiting import NotInTime, wait_until
 
 XVNC = shutil.which("Xvnc") or "/usr/bin/Xvnc"
 XSETROOT = shutil.which("xsetroot") or "/usr/bin/xsetroot"

@@ -90,7 +90,7 @@ def test_token_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_kopf_lists_existing_targets_in_pages(token_file: str) -> None:
-    # An unpaged initial LIST of 5,000 targets was the RSS peak after a restart (issue #17):
+    # An unpaged initial LIST of 5,000 targets was the RSS peak after a restart:
     # kopf asks for pages of `chunk_size` and handles each page before it reads the next.
     import kopf
 

@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 
-from tests.support.servers import GREETING
+from harness.servers import GREETING
 
 
 def frame(payload: bytes, opcode: int = 0x2, masked: bool = True) -> bytes:

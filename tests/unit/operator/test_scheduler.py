@@ -6,7 +6,7 @@ import asyncio
 import random
 from typing import Any
 
-from tests.support.waiting import eventually
+from harness.waiting import eventually
 from vncgate.operator.kubeapi import event_name
 from vncgate.operator.probe import proven_by_sessions
 from vncgate.operator.scheduler import Scheduler
