@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from harness import reaper
 from harness.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,8 +152,7 @@ class ControlPlane:
 
     def _start(self, name: str, argv: list[str]) -> None:
         log = (self.logs / f"{name}.log").open("ab")
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
+        self._procs[name] = reaper.popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def _check_alive(self, name: str) -> None:
@@ -254,14 +254,8 @@ class ControlPlane:
 
     def _stop(self, name: str) -> None:
         proc = self._procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            reaper.end(proc, grace=15)
 
     def close(self) -> None:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):

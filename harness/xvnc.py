@@ -1,8 +1,9 @@
 """A real VNC server for tests and the demo: TigerVNC's Xvnc on a free display, loopback only.
 
 `XvncServer` picks a display whose X lock and VNC port are both free, starts Xvnc without a
-password bound to 127.0.0.1, waits until it answers with its RFB greeting, and paints the root
-window a known colour so that a viewer can check what it sees.
+password bound to 127.0.0.1, waits until it listens (found in /proc, not by connecting: see
+`_wait_ready`), and paints the root window a known colour so that a viewer can check what it
+sees.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from harness import reaper
 from harness.waiting import NotInTime, wait_until
 
 XVNC = shutil.which("Xvnc") or "/usr/bin/Xvnc"
@@ -29,6 +31,34 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket listening on `port` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXADDR:HEXPORT; state 0A is LISTEN; the inode is field 9.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _free_display(start: int = 20, stop: int = 400) -> int:
@@ -71,11 +101,11 @@ class XvncServer:
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
             where = (["-localhost"] if self.interface == "127.0.0.1"
                      else ["-interface", self.interface])
-            self._proc = subprocess.Popen(
+            self._proc = reaper.popen(
                 [XVNC, f":{self.display}", "-rfbport", str(self.port), "-SecurityTypes", "None",
                  "-geometry", self.geometry, *where, "-AlwaysShared", "-nolisten", "tcp",
                  *self.extra_args],
-                stdout=log, stderr=log, start_new_session=True)
+                stdout=log, stderr=log)
             if self._wait_ready(timeout):
                 self.paint(self.colour)
                 return self
@@ -83,19 +113,21 @@ class XvncServer:
         raise RuntimeError("Xvnc did not start; see its log")
 
     def _wait_ready(self, timeout: float) -> bool:
-        """Whether it greets within `timeout` (False at once if it exited)."""
-        def greeted() -> str:
+        """Whether it listens on its RFB port within `timeout` (False at once if it exited).
+
+        Read from /proc, not by connecting: TigerVNC black-marks every connection from an
+        address that does not log in, and a few readiness checks that time out on a busy
+        machine would get 127.0.0.1 blacklisted before the test begins. (Xvnc opens its X
+        socket before its RFB port, and `paint` waits for the X server's reply, so the server
+        is serving when `start` returns.)
+        """
+        def listening() -> str:
             if self._proc is None or self._proc.poll() is not None:
                 return "exited"
-            try:
-                with socket.create_connection((self.interface, self.port), timeout=1) as conn:
-                    conn.settimeout(2)
-                    return "greeted" if conn.recv(12).startswith(b"RFB ") else ""
-            except OSError:
-                return ""
+            return "listening" if _listens(self._proc.pid, self.port) else ""
 
         try:
-            return wait_until(greeted, "Xvnc greeting", timeout, interval=0.05) == "greeted"
+            return wait_until(listening, "Xvnc listening", timeout, interval=0.05) == "listening"
         except NotInTime:
             return False
 
@@ -107,13 +139,7 @@ class XvncServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(timeout=5)
+            reaper.end(self._proc, grace=5)
             self._proc = None
 
     def __enter__(self) -> XvncServer:

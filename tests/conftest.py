@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from harness import reaper
 from harness.servers import TcpServer, echo_rfb, sink
 from harness.xvnc import XvncServer
 from vncgate.common.addresses import Address
@@ -21,6 +22,27 @@ from vncgate.relay.web.server import RelayServer
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-registration-token-0123456789"
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Marks every process the run starts, and makes SIGTERM (a CI time-out) end the run as
+    # Ctrl-C does, with its teardowns (harness.reaper).
+    reaper.install()
+
+
+@pytest.hookimpl(trylast=True)  # after the session's teardowns (pytest's runner finishes them)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    report = reaper.finish()
+    if report is None:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", "processes left running", red=True, bold=True)
+        reporter.write_line(report)
+    else:
+        print(report)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,13 @@ So the probe completes the handshake as far as it can without a password and han
 ClientInit (which is where a viewer would ask for a shared or exclusive session, so the probe
 never disconnects anyone): it answers the server's version; when the server offers security
 type None, it chooses None (RFB 3.8 then sends SecurityResult OK), which is a successful login
-and clears TigerVNC's marks for this address; otherwise it hangs up before choosing a type, the
-end that the servers that count failed logins do not count. A refusal (no security types, or a
+and clears TigerVNC's marks for this address; otherwise it hangs up before choosing a type
+(reason SecurityTypesRead). Measured against Xvnc 1.12 at its defaults
+(tests/operator/test_probes.py): a TCP connect alone, the greeting, the security types, each
+left without a login, is one mark, and the sixth such connection in a row is refused; only a
+successful login clears them. So a server that asks for a password is probed once per endpoint
+(the operator keeps the verdict, see `SECURITY_TYPES_READ`): with no login possible, the only
+probe that cannot lock a console out is one not made. A refusal (no security types, or a
 failed SecurityResult, with the server's reason) is a verdict of its own: "Blacklisted" when the
 server says it is blocking this address, "ServerRefused" otherwise; never Ready.
 
@@ -43,6 +48,13 @@ from vncgate.common.addresses import host_port
 from vncgate.common.rfb import parse_version
 
 SECURITY_NONE = 1
+# The Reachable reason of a server that asks for a password. The operator probes such a server
+# once per endpoint (runtime.Runtime.evaluate_target): every connection that does not log in
+# counts towards TigerVNC's blacklist, however it ends.
+SECURITY_TYPES_READ = "SecurityTypesRead"
+PROBED_ONCE = ("Not probed again while the endpoint stays the same: a connection that does not "
+               "log in counts as a failed login on TigerVNC and BMCs (5 lock the address out), "
+               "so open sessions and the relays' logins show its state from now on")
 # The longest refusal reason the probe reads (a status message, not a document).
 REASON_LIMIT = 512
 # The most bytes the probe buffers before it stops reading (the handshake needs fewer than 300).
@@ -236,12 +248,14 @@ async def _handshake(reader: _Reader, where: str, timeout: float) -> ProbeResult
                            + " (a server that allows only one client, or one that refuses "
                              "this address)")
     if logged_in:
-        message = f"{where} answered {version} and lets viewers in without a password"
-    else:
-        message = (f"{where} answered {version} and asks for authentication "
-                   f"({security_names(types)})")
-    return ProbeResult(True, "RFBGreeting", message, version, logged_in=logged_in,
-                       security_types=types)
+        return ProbeResult(True, "RFBGreeting",
+                           f"{where} answered {version} and lets viewers in without a password "
+                           "(probed: greeting read, security type None chosen, left before "
+                           "ClientInit)", version, logged_in=True, security_types=types)
+    return ProbeResult(True, SECURITY_TYPES_READ,
+                       f"{where} answered {version} and asks for authentication "
+                       f"({security_names(types)}) (probed: greeting and security types read, "
+                       f"no login attempted). {PROBED_ONCE}", version, security_types=types)
 
 
 async def probe_rfb(host: str, port: int, timeout: float) -> ProbeResult:  # noqa: ASYNC109

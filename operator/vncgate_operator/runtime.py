@@ -28,7 +28,7 @@ from vncgate.common.spec import VncTargetSpec
 from vncgate.operator import kubevirt, memory, secretaccess
 from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
 from vncgate.operator.kubevirt import KubeVirtWatch
-from vncgate.operator.probe import ProbeResult, proven_by_sessions
+from vncgate.operator.probe import SECURITY_TYPES_READ, ProbeResult, proven_by_sessions
 from vncgate.operator.relayendpoints import union_urls
 from vncgate.operator.relays import RelayFleet
 from vncgate.operator.resolve import (
@@ -41,6 +41,7 @@ from vncgate.operator.resolve import (
 from vncgate.operator.scheduler import Scheduler
 from vncgate.operator.settings import OperatorSettings
 from vncgate.operator.status import (
+    REACHABLE,
     Observation,
     Transition,
     build_status,
@@ -113,6 +114,19 @@ def needs_reconcile(body: Mapping[str, Any]) -> bool:
 def _split(key: str) -> ObjectKey:
     namespace, _, name = key.partition("/")
     return namespace, name
+
+
+def asks_for_password(current: Mapping[str, Any], endpoint: str) -> bool:
+    """Whether status says that the server at `endpoint` asks for a password (the probe read
+    its security types): such a server is not probed again (probe.SECURITY_TYPES_READ). Read
+    from status, so that an operator's restart does not probe it again either."""
+    if current.get("endpoint") != endpoint:
+        return False
+    for condition in current.get("conditions") or ():
+        if isinstance(condition, Mapping) and condition.get("type") == REACHABLE:
+            return bool(condition.get("status") == "True"
+                        and condition.get("reason") == SECURITY_TYPES_READ)
+    return False
 
 
 class Runtime:
@@ -244,7 +258,7 @@ class Runtime:
             result = await self.kubevirt_check(route)
         elif sessions:
             result = proven_by_sessions(sessions, current.get("serverVersion"))
-        elif probe:
+        elif probe and not asks_for_password(current, endpoint):
             result = await self.probe(route)
         result = (await self.credentials_check(route)
                   or secretaccess.login_verdict(route, self.fleet.last_login(key)) or result)

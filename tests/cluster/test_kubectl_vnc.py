@@ -25,6 +25,7 @@ import pytest
 import yaml
 from Xlib import display as xdisplay
 
+from harness import reaper
 from harness.cluster import ControlPlane, free_port
 from harness.waiting import wait_until
 from harness.xvnc import XvncServer
@@ -433,13 +434,13 @@ def test_tigervnc_vncviewer_under_xvfb_through_the_proxy(fleet: Fleet, tmp_path:
                         "scripts/setup does)")
     script, port = _proxy(fleet, "viewer", "desk")
     display = next(d for d in range(90, 200) if not Path(f"/tmp/.X11-unix/X{d}").exists())
-    xvfb = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", "1024x768x24", "-nolisten",
-                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    xvfb = reaper.popen(["Xvfb", f":{display}", "-screen", "0", "1024x768x24", "-nolisten",
+                         "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     viewer: subprocess.Popen[bytes] | None = None
     try:
         wait_until(lambda: Path(f"/tmp/.X11-unix/X{display}").exists(), "Xvfb up")
         with script:
-            viewer = subprocess.Popen(
+            viewer = reaper.popen(
                 ["vncviewer", f"127.0.0.1::{port}", "-ViewOnly"],
                 env={**os.environ, "DISPLAY": f":{display}", "HOME": str(tmp_path)},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -454,5 +455,5 @@ def test_tigervnc_vncviewer_under_xvfb_through_the_proxy(fleet: Fleet, tmp_path:
     finally:
         for process in (viewer, xvfb):
             if process is not None:
-                process.terminate()
-                process.wait(timeout=10)
+                reaper.end(process)
+        script.stop()

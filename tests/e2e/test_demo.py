@@ -9,6 +9,7 @@ import sys
 
 from playwright.async_api import Browser
 
+from harness import reaper
 from harness.waiting import eventually
 from tests.conftest import ROOT
 from tests.e2e.test_viewer import wait_for_pixel
@@ -29,7 +30,7 @@ CANVAS_DIGEST = """() => {
 
 
 async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> None:
-    proc = await asyncio.create_subprocess_exec(
+    proc = await reaper.exec_async(
         sys.executable, str(ROOT / "scripts/demo.py"), "--port", "0", "--exit-after", "60",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
@@ -63,4 +64,5 @@ async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> Non
         except TimeoutError:
             proc.kill()
             await proc.wait()
+        reaper.kill_group(proc.pid, signal.SIGKILL)  # anything it left in its group
     assert proc.returncode == 0

@@ -20,7 +20,7 @@ from vncgate.common.model import Route
 from vncgate.common.spec import Access, RecordingPolicy
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User
-from vncgate.relay.recording.capture import END, HEADER, KEYFRAME, SERVER, Record, read_records
+from vncgate.relay.recording.capture import END, KEYFRAME, SERVER, Record, read_records
 from vncgate.relay.recording.store import RecordingSettings, list_recordings
 from vncgate.relay.settings import AuthSettings
 
@@ -124,17 +124,28 @@ async def test_record_then_play_back_seek_and_hide_from_others(
             await sign_in(live, base, "alice", "t/lab/rec/")
             await live.wait_for_selector("body[data-state=connected]", timeout=15_000)
             await wait_for_pixel(live, RED)
+            # Every time below is read from the recording, in its own clock: the test's clock
+            # and the recording's differ by however long the session took to start (seconds,
+            # on a busy machine), so a time measured here could land before its first keyframe.
+            # A keyframe on disk before the paint is red; one written after the viewer saw a
+            # change shows it, since records are written in the order the relay passes them.
             found = await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) >= 3,
                                        "three keyframes", viewer=live)
-            started = next(r for r in found if r.kind == HEADER).json()["startedEpoch"]
-            before_green = int((time.time() - started) * 1000)
+            before_green = keyframe_ms(found)[-1]
+            # ... and the screen the keyframe asked for, before the screen changes.
+            await wait_records(tmp_path, lambda f: any(
+                r.kind == SERVER and r.millis > before_green for r in f),
+                "the update after the keyframe", viewer=live)
             xvnc.paint("#00ff00")
             await wait_for_pixel(live, GREEN)
-            green_seen = int((time.time() - started) * 1000)
+            seen = len(keyframe_ms(await asyncio.to_thread(records, tmp_path)))
+            found = await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) > seen,
+                                       "a keyframe after the viewer saw green", viewer=live)
+            green_seen = keyframe_ms(found)[seen]
             await asyncio.to_thread(draw_rectangle, xvnc.display)
             await wait_pixel_at(live, IN_RECT, BLUE)
-            rect_seen = int((time.time() - started) * 1000)
-            await wait_records(tmp_path, lambda f: sum(t > rect_seen for t in keyframe_ms(f)) >= 2,
+            seen = len(keyframe_ms(await asyncio.to_thread(records, tmp_path)))
+            await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) >= seen + 2,
                                "two keyframes after the rectangle", viewer=live)
             await live.close()
             found = await wait_records(tmp_path, lambda f: f[-1].kind == END, "its end")
@@ -150,15 +161,16 @@ async def test_record_then_play_back_seek_and_hide_from_others(
             await page.wait_for_url(f"{base}/recordings/{recording_id}/", timeout=15_000)
             await page.wait_for_function("() => window.vncgatePlayback?.ready", timeout=15_000)
             assert await page.text_content("#who") == "alice"
-            stats = await seek(page, before_green - 300)
+            stats = await seek(page, before_green)
             await wait_for_pixel(page, RED)
             assert stats["startedFrom"] == "keyframe"
             assert "/" in (await page.text_content("#time") or "")
-            stats = await seek(page, green_seen + 300)
+            stats = await seek(page, green_seen)
             await wait_for_pixel(page, GREEN)
+            assert stats["startedFrom"] == "keyframe"
 
             # Play from before the change at 8 times the speed: the screen turns green by itself.
-            await seek(page, before_green - 300)
+            await seek(page, before_green)
             await wait_for_pixel(page, RED)
             await page.select_option("#speed", "8")
             await page.click("#play")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import reaper
 from tests.conftest import ARTIFACTS, ROOT
 
 BUILD_SCRIPT = ROOT / "scripts" / "build-image"
@@ -85,21 +85,15 @@ class Process:
     def __init__(self, command: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env={**os.environ, "PATH": SBIN_PATH})
+        self.proc = reaper.popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PATH": SBIN_PATH})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session, started above
-                self.proc.wait(timeout=15)
+        # SIGTERM to `buildah run` alone ends what it runs; then the rest of its session.
+        reaper.end(self.proc, grace=15, group=False)
         self._log.close()
 
 

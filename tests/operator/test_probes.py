@@ -4,8 +4,9 @@ operator's or a viewer's address blacklisted.
 TigerVNC counts every connection from an address that does not log in, and at
 `-BlacklistThreshold` (default 5) answers that address with "Too many security failures" for
 `-BlacklistTimeout` seconds (default 10, doubling). Every test here starts its own Xvnc, so each
-begins with a clean blacklist. A relay and the operator share the source address 127.0.0.1,
-as they do in a cluster where traffic to a console is SNATed to the node's address.
+begins with a clean blacklist (XvncServer finds its server ready without connecting to it). A
+relay and the operator share the source address 127.0.0.1, as they do in a cluster where
+traffic to a console is SNATed to the node's address.
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ from tests.operator.conftest import (
     vnc_target,
 )
 from vncgate.common.model import Route
-from vncgate.operator.probe import ProbeResult, probe_rfb
+from vncgate.operator.probe import SECURITY_TYPES_READ, ProbeResult, probe_rfb
+from vncgate.relay.rfb.security import vnc_auth_response
 from vncgate.relay.web.server import RelayServer
 
 PROBE_CYCLES = 100
+PASSWORD = "probe-secret"
 
 
 @pytest.fixture
 def password_file(tmp_path: Path) -> Path:
     path = tmp_path / "passwd"
-    result = subprocess.run(["vncpasswd", "-f"], input=b"probe-secret\n", capture_output=True,
-                            check=True, timeout=10)
+    result = subprocess.run(["vncpasswd", "-f"], input=PASSWORD.encode() + b"\n",
+                            capture_output=True, check=True, timeout=10)
     path.write_bytes(result.stdout)
     return path
 
@@ -63,6 +66,59 @@ def greeting_only(port: int) -> bytes:
     """What the old probe did: read the greeting and hang up. TigerVNC counts it as a failure."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         return conn.recv(12)
+
+
+def _read(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = conn.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+def connect_only(port: int) -> None:
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def security_types_read(port: int) -> None:
+    """What the probe does with a password server: version exchange, security types, hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        _read(conn, 12)
+        conn.sendall(b"RFB 003.008\n")
+        _read(conn, _read(conn, 1)[0])
+
+
+def vnc_login(port: int, password: str = PASSWORD) -> str:
+    """A viewer's VNC Authentication (RFB 3.8): "ok", or the server's refusal."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        if _read(conn, 12) == b"RFB 003.003\n":  # how TigerVNC answers a blacklisted address
+            _read(conn, 4)
+            return _read(conn, struct.unpack("!I", _read(conn, 4))[0]).decode()
+        conn.sendall(b"RFB 003.008\n")
+        count = _read(conn, 1)[0]
+        assert 2 in _read(conn, count)
+        conn.sendall(b"\x02")
+        conn.sendall(vnc_auth_response(password, _read(conn, 16)))
+        (result,) = struct.unpack("!I", _read(conn, 4))
+        return "ok" if result == 0 else f"SecurityResult {result}"
+
+
+@pytest.mark.parametrize("leave", [connect_only, greeting_only, security_types_read],
+                         ids=["connect", "greeting", "security-types"])
+def test_tigervnc_counts_every_connection_that_does_not_log_in(
+        leave: Any, tmp_path: Path, password_file: Path) -> None:
+    # The measurement behind the probe's design, at Xvnc's default blacklist settings: however
+    # early a connection without a login ends, it is a mark, and only a login clears them.
+    with XvncServer(log_path=tmp_path / "xvnc.log", extra_args=(
+            "-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file))) as server:
+        for _ in range(4):
+            leave(server.port)
+        assert vnc_login(server.port) == "ok"  # clears the four marks
+        for _ in range(5):
+            leave(server.port)
+        assert vnc_login(server.port) == "Too many security failures"
 
 
 async def viewer_reaches_server_init(relay: RelayServer, name: str) -> tuple[int, int]:
@@ -153,14 +209,58 @@ async def test_password_server_is_reachable_without_logging_in(
         assert "AuthFailure" not in xvnc_log(server)  # it never tried a password
 
 
+async def test_the_operator_never_locks_out_a_password_server(
+        k8s: Any, relay: RelayServer, tmp_path: Path, password_file: Path) -> None:
+    # Every connection that does not log in is a mark (above), and the operator has no
+    # password: it probes a password server once, and looks at it many more times without a
+    # connection. A viewer's login still succeeds afterwards, at Xvnc's default settings.
+    probes: list[ProbeResult] = []
+
+    async def counting_prober(host: str, port: int, timeout: float) -> ProbeResult:
+        probes.append(await probe_rfb(host, port, timeout))
+        return probes[-1]
+
+    with XvncServer(log_path=tmp_path / "xvnc.log", extra_args=(
+            "-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file))) as server:
+        cluster = Cluster(k8s)
+        config = operator_settings(relay_urls=(relay.internal_url,), probe_interval=0.1)
+        async with running_operator(k8s, config, prober=counting_prober) as runtime:
+            await cluster.create(TARGETS, vnc_target("lab", "bmc", {
+                "address": {"host": "127.0.0.1", "port": server.port}}))
+            status = await eventually(
+                lambda: ((s := cluster.status("lab", "bmc")).get("phase") == "Ready" and s),
+                "phase Ready", timeout=30)
+            await eventually(lambda: runtime.scheduler.evaluations["lab/bmc"] >= 25,
+                             "25 evaluations of the target (a probe interval of 0.1 s)",
+                             timeout=60)
+        assert len(probes) == 1, probes
+        reachable = conditions(status)["Reachable"]
+        assert (reachable["status"], reachable["reason"]) == ("True", SECURITY_TYPES_READ)
+        assert "asks for authentication (VncAuth(2))" in reachable["message"]
+        assert "greeting and security types read, no login attempted" in reachable["message"]
+        assert status["serverVersion"] == "RFB 003.008"
+        log = xvnc_log(server)
+        assert log.count("accepted:") == 1, log
+        assert vnc_login(server.port) == "ok", log
+
+        # A restarted operator reads the verdict from status and does not probe again.
+        async with running_operator(k8s, config, prober=counting_prober) as runtime:
+            await eventually(lambda: runtime.scheduler.evaluations["lab/bmc"] >= 10,
+                             "10 evaluations after the restart", timeout=60)
+        assert len(probes) == 1, probes
+        assert conditions(cluster.status("lab", "bmc"))["Reachable"]["reason"] == (
+            SECURITY_TYPES_READ)
+
+
 async def test_operator_shows_a_blocking_server_as_blacklisted(
         k8s: Any, relay: RelayServer, tmp_path: Path, password_file: Path) -> None:
-    # Without a password the probe cannot log in, so TigerVNC counts each probe of a
-    # password-protected server; with a threshold of 2 and an hour's block, the operator's own
-    # probes get it blocked, and status must say so instead of staying Ready.
+    # Something else (a client with a wrong password, a scanner) got the address blocked for
+    # an hour: status must say so instead of Ready.
     with XvncServer(log_path=tmp_path / "xvnc.log", extra_args=(
             "-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file),
             "-BlacklistThreshold", "2", "-BlacklistTimeout", "3600")) as server:
+        for _ in range(3):
+            greeting_only(server.port)
         cluster = Cluster(k8s)
         config = operator_settings(relay_urls=(relay.internal_url,), probe_interval=0.5)
         async with running_operator(k8s, config):

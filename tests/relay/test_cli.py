@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import reaper
 from harness.waiting import wait_until
 from tests.conftest import ROOT
 from vncgate.common.addresses import Address
@@ -139,7 +140,7 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
 
 def test_relay_serves_and_stops_cleanly_on_sigterm(xvnc: object) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*RELAY, "--listen", "127.0.0.1:0", "--internal-listen",
+    proc = reaper.popen([*RELAY, "--listen", "127.0.0.1:0", "--internal-listen",
                              "127.0.0.1:0", "--target", "lab/desk=127.0.0.1:5999",
                              "--log-format", "json"],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -160,6 +161,4 @@ def test_relay_serves_and_stops_cleanly_on_sigterm(xvnc: object) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reaper.end(proc)

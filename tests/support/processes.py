@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from harness import reaper
 from harness.waiting import wait_until
 
 BIN = Path(sys.executable).parent
@@ -82,11 +82,14 @@ class ConsoleScript:
                 *program], env
 
     def start(self) -> ConsoleScript:
+        if self.running():
+            # A second process would replace the first in `self.proc`, and nothing would stop
+            # the first (kubectl-vnc proxies outlived whole test runs this way).
+            raise RuntimeError(f"{self.name} is already running (pid {self.proc.pid})"
+                               if self.proc else f"{self.name} is already running")
         argv, env = self._argv()
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
+            self.proc = reaper.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def log(self) -> str:
@@ -124,19 +127,13 @@ class ConsoleScript:
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            # The whole session: the unshare wrapper and the program it execs are one process,
-            # but a program may have children of its own.
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        # The whole session: the unshare wrapper and the program it execs are one process,
+        # but a program may have children of its own.
+        return reaper.end(self.proc, grace=timeout)
 
     def __enter__(self) -> ConsoleScript:
-        return self.start()
+        """Starts the script unless it runs already (`with script.start():` is fine too)."""
+        return self if self.running() else self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
