@@ -13,8 +13,11 @@ from typing import Any
 
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
+from vncgate.common.reach import ReachDenied, ReachPolicy
 from vncgate.common.spec import KubeVirtRef, ServiceRef, SpecError, VncTargetSpec, parse_spec
 from vncgate.operator.policy import AddressDenied, AddressPolicy
+
+UNENFORCED = ReachPolicy()  # no grants file: every namespace as before grants
 
 
 class TargetInvalid(Exception):
@@ -131,7 +134,8 @@ def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None
 
 
 def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: ServiceInfo | None,
-                  policy: AddressPolicy, cluster_domain: str) -> Route:
+                  policy: AddressPolicy, cluster_domain: str,
+                  reach: ReachPolicy = UNENFORCED) -> Route:
     """The route for a parsed spec; `service` is the one it names (None: absent or not needed)."""
     endpoint = spec.endpoint
     if isinstance(endpoint, Address):
@@ -139,6 +143,11 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
             policy.check(endpoint.host)
         except AddressDenied as exc:
             raise TargetInvalid("AddressDenied", f"spec.endpoint.address.host: {exc}") from None
+        try:
+            # Also here, not only at admission: targets made before the webhook or the grants.
+            reach.check(namespace, endpoint.host, endpoint.port)
+        except ReachDenied as exc:
+            raise TargetInvalid("AddressNotGranted", f"spec.endpoint.address: {exc}") from None
         host, port = endpoint.host, endpoint.port
     elif isinstance(endpoint, KubeVirtRef):
         # The relay opens the VMI's vnc subresource through the API server: a VM's instance
@@ -181,7 +190,8 @@ ServiceLookup = Callable[[str, str], "ServiceInfo | None"]
 
 def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | VncTargetSpec | TargetInvalid
              | None, lookup: ServiceLookup, policy: AddressPolicy,
-             cluster_domain: str) -> tuple[str, Route | TargetInvalid]:
+             cluster_domain: str, reach: ReachPolicy = UNENFORCED
+             ) -> tuple[str, Route | TargetInvalid]:
     """The endpoint as status shows it, and the route or why there is none.
 
     `spec` is the object's spec, or what `parse_target_spec` made of it already."""
@@ -198,7 +208,7 @@ def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | VncTargetSpec 
     service = (lookup(namespace, parsed.endpoint.name)
                if isinstance(parsed.endpoint, ServiceRef) else None)
     try:
-        route = resolve_route(namespace, name, parsed, service, policy, cluster_domain)
+        route = resolve_route(namespace, name, parsed, service, policy, cluster_domain, reach)
     except TargetInvalid as exc:
         return endpoint, exc
     return route.address, route
