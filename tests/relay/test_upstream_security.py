@@ -8,8 +8,10 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import ssl
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import pytest
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
 from tests.support.rfbclient import viewer_handshake
+from tests.support.servers import GREETING, Behaviour, TcpServer
 from tests.support.xvnc import XvncServer
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
@@ -318,3 +321,45 @@ async def test_a_recorded_target_the_relay_logs_in_to_is_refused_not_opened_unre
         code, reason = await close_of(relay.public_url, "desk")
     assert code == 4500 and "cannot record" in reason, (code, reason)
     assert not os.listdir(tmp_path), "nothing may be recorded"
+
+
+def plain_only_vencrypt(tls: ssl.SSLContext) -> Behaviour:
+    """A VeNCrypt server that offers only Plain (X509Plain and VeNCrypt Plain) and keeps every
+    byte it is sent, the credentials inside TLS included: what a server of the target's author
+    would see."""
+    async def behaviour(server: TcpServer, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        writer.write(GREETING)
+        server.received += await reader.readexactly(12)
+        writer.write(bytes([1, 19]))  # one security type: VeNCrypt
+        server.received += await reader.readexactly(1)
+        writer.write(b"\x00\x02")
+        server.received += await reader.readexactly(2)
+        writer.write(b"\x00\x02" + struct.pack("!II", 262, 256))  # X509Plain, VeNCrypt Plain
+        subtype = await reader.readexactly(4)
+        server.received += subtype
+        writer.write(b"\x01")
+        await writer.drain()
+        if struct.unpack("!I", subtype)[0] == 262:
+            await writer.start_tls(tls)
+        await server.read_into_received(reader)
+    return behaviour
+
+
+async def test_plain_is_never_sent_to_an_unverified_server(
+        make_relay: RelayFactory, secrets_dir: Path) -> None:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(secrets_dir / "server.crt", secrets_dir / "server.key")
+    async with TcpServer(plain_only_vencrypt(tls)) as server:
+        route = Route("lab", "bmc", "127.0.0.1", server.port,
+                      credentials=Credentials(password_file=str(secrets_dir / "password"),
+                                              username="dbadmin"),
+                      tls=TlsSpec(insecure_skip_verify=True))
+        async with make_relay(routes=[route]) as relay:
+            code, reason = await close_of(relay.public_url, "bmc")
+        await server.closed.wait()
+    assert code == closecodes.BAD_UPSTREAM and "Plain sends the password" in reason, reason
+    assert "insecureSkipVerify" in reason
+    # The relay read the offer and said nothing more: no subtype chosen, no user, no password.
+    assert bytes(server.received) == b"RFB 003.008\n\x13\x00\x02", bytes(server.received)
+    assert PASSWORD.encode() not in server.received and b"dbadmin" not in server.received
