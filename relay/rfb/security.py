@@ -242,9 +242,8 @@ def _choose_subtype(offered: list[int], creds: UpstreamLogin, target: str) -> in
     if creds.insecure and any(t in offered for t in PLAIN_SUBTYPES):
         raise SecurityRefused(
             closecodes.BAD_UPSTREAM,
-            f"the VNC server of {target} offers {names}; Plain sends the password itself, and "
-            "the relay sends it only to a verified server: set tls.caSecret or tls.caConfigMap "
-            "instead of insecureSkipVerify")
+            "Plain sends the password itself, so only to a verified server, never under "
+            f"insecureSkipVerify: set tls.caSecret or caConfigMap ({target} offers {names})")
     if not creds.insecure and any(t in offered for t in ANON_TLS_SUBTYPES):
         raise SecurityRefused(
             closecodes.BAD_UPSTREAM,

@@ -336,7 +336,11 @@ def plain_only_vencrypt(tls: ssl.SSLContext) -> Behaviour:
         writer.write(b"\x00\x02")
         server.received += await reader.readexactly(2)
         writer.write(b"\x00\x02" + struct.pack("!II", 262, 256))  # X509Plain, VeNCrypt Plain
-        subtype = await reader.readexactly(4)
+        try:
+            subtype = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as exc:  # the relay hung up: it chose nothing
+            server.received += exc.partial
+            return
         server.received += subtype
         writer.write(b"\x01")
         await writer.drain()
@@ -358,8 +362,9 @@ async def test_plain_is_never_sent_to_an_unverified_server(
         async with make_relay(routes=[route]) as relay:
             code, reason = await close_of(relay.public_url, "bmc")
         await server.closed.wait()
-    assert code == closecodes.BAD_UPSTREAM and "Plain sends the password" in reason, reason
-    assert "insecureSkipVerify" in reason
+    assert code == closecodes.BAD_UPSTREAM, (code, reason)
+    assert reason.startswith("Plain sends the password itself, so only to a verified server, "
+                             "never under insecureSkipVerify"), reason
     # The relay read the offer and said nothing more: no subtype chosen, no user, no password.
     assert bytes(server.received) == b"RFB 003.008\n\x13\x00\x02", bytes(server.received)
     assert PASSWORD.encode() not in server.received and b"dbadmin" not in server.received
