@@ -120,7 +120,9 @@ class ReachPolicy:
         for text in addresses:
             address = _ip(text)
             if address is None or not any(_in(address, g.cidrs) for g in grants):
-                raise self._refusal(namespace, f"{host} (now resolving to {text})")
+                # Short first: this becomes a WebSocket close reason (123 bytes).
+                raise ReachDenied(f"{host} now resolves to {text}, outside the network grant "
+                                  f"of namespace {namespace}")
 
 
 def _ports(value: object, where: str) -> tuple[tuple[int, int], ...]:

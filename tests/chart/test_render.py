@@ -754,10 +754,11 @@ def test_network_reach_grants_reach_the_operator() -> None:
     grants = yaml.safe_load(rendered.one("ConfigMap", "vncgate-network-reach")["data"][
         "grants.yaml"])
     assert grants == {"grants": [{"namespaces": ["lab"], "cidrs": ["10.20.0.0/16"]}]}
-    pod = rendered.one("Deployment", OPERATOR)["spec"]["template"]
-    assert "--address-grants=/etc/vncgate/network-reach/grants.yaml" in pod["spec"][
-        "containers"][0]["args"]
-    assert "checksum/network-reach" in pod["metadata"]["annotations"]
+    for component in (OPERATOR, RELAY):
+        pod = rendered.one("Deployment", component)["spec"]["template"]
+        assert "--address-grants=/etc/vncgate/network-reach/grants.yaml" in pod["spec"][
+            "containers"][0]["args"]
+        assert "checksum/network-reach" in pod["metadata"]["annotations"]
     # The upgrade value that keeps the behaviour before grants: no file, no flag.
     kept = render(sets=["ingress.host=vnc.example.com", "networkReach.enforced=false"])
     assert not [c for c in kept.of_kind("ConfigMap")

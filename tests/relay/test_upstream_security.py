@@ -23,10 +23,11 @@ import pytest
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
 from tests.support.rfbclient import viewer_handshake
-from tests.support.servers import GREETING, Behaviour, TcpServer
+from tests.support.servers import GREETING, Behaviour, TcpServer, passwordless_vnc
 from tests.support.xvnc import XvncServer
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
+from vncgate.common.reach import ReachPolicy, parse_grants
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
 from vncgate.relay.recording.store import RecordingSettings
@@ -368,3 +369,29 @@ async def test_plain_is_never_sent_to_an_unverified_server(
     # The relay read the offer and said nothing more: no subtype chosen, no user, no password.
     assert bytes(server.received) == b"RFB 003.008\n\x13\x00\x02", bytes(server.received)
     assert PASSWORD.encode() not in server.received and b"dbadmin" not in server.received
+
+
+async def test_a_granted_name_resolving_outside_its_grant_is_refused_at_dial(
+        make_relay: RelayFactory) -> None:
+    """The webhook judged the name as written; the relay judges what it resolves to now.
+    `localhost` (the machine's hosts file) stands for a name whose address changed."""
+    async with TcpServer(passwordless_vnc) as server:
+        def grant(*cidrs: str) -> ReachPolicy:
+            return parse_grants({"grants": [{"namespaces": ["lab"], "hosts": ["localhost"],
+                                             "cidrs": list(cidrs)}]})
+        route = Route("lab", "desk", "localhost", server.port)
+        # Its networks hold where the name resolves: the session opens (the RFB greeting).
+        async with make_relay(routes=[route], reach=grant("127.0.0.0/8", "::1/128")) as relay, \
+                aiohttp.ClientSession() as http, http.ws_connect(
+                    f"{relay.public_url}/t/lab/desk/websockify", protocols=("binary",)) as ws:
+            first = await ws.receive(timeout=10)
+            assert first.type is aiohttp.WSMsgType.BINARY and first.data == GREETING, first
+        dialled = server.connections
+        assert dialled >= 1
+        # The name now resolves outside them: refused before any connection.
+        async with make_relay(routes=[route], reach=grant("10.20.0.0/16")) as relay:
+            code, reason = await close_of(relay.public_url, "desk")
+        assert code == closecodes.FORBIDDEN, (code, reason)
+        assert reason.startswith("localhost now resolves to ") and \
+            "outside the network grant of namespace lab" in reason, reason
+        assert server.connections == dialled
