@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from vncgate.common.networks import IPAddress, Network, parse_cidr
+from vncgate.common.networks import IPAddress, Network, NetworkError, parse_cidr
 
 
 class ReachError(ValueError):
@@ -170,8 +170,11 @@ def parse_grants(document: object) -> ReachPolicy:
         namespaces = _strings(item.get("namespaces"), f"{where}.namespaces")
         if not namespaces:
             raise ReachError(f"{where}.namespaces is empty: name the namespaces it grants to")
-        cidrs = tuple(parse_cidr(c, f"{where}.cidrs") for c in _strings(item.get("cidrs"),
-                                                                          f"{where}.cidrs"))
+        try:
+            cidrs = tuple(parse_cidr(c, f"{where}.cidrs")
+                          for c in _strings(item.get("cidrs"), f"{where}.cidrs"))
+        except NetworkError as exc:
+            raise ReachError(str(exc)) from None
         hosts = tuple(h.rstrip(".").lower() for h in _strings(item.get("hosts"),
                                                              f"{where}.hosts"))
         if hosts and not cidrs:
