@@ -40,6 +40,13 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 MAX_RESPONSE_HEAD = 16 * 1024  # the upgrade response's status line and headers
 MAX_ERROR_BODY = 2048  # of a refusal's body, for its message
 MAX_CONTROL = 125  # RFC 6455 5.5: control frames carry at most 125 bytes
+# KubeVirt gives a VMI's console to the newest client and drops the one before, unless the new
+# one asks to preserve the session: then KubeVirt refuses it (503) while another client (virtctl
+# vnc, a web console) holds the console, instead of silently taking it from that person.
+# KubeVirt versions before the option ignore it.
+PRESERVE_SESSION = "preserveSession=true"
+# The aggregation layer's own 503 when KubeVirt's API is not served (no virt-api endpoint).
+_API_UNAVAILABLE = ("service unavailable", "currently unable to handle")
 
 
 class DialRefused(Exception):
@@ -98,8 +105,13 @@ def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
         return DialRefused(closecodes.BAD_UPSTREAM,
                            f"virtualmachineinstance {name} does not exist; is the VM running?")
     if status == 503:
-        return DialRefused(closecodes.BAD_UPSTREAM,
-                           f"KubeVirt's API ({GROUP}) is not available now; try again later")
+        if not body.strip() or any(mark in body.lower() for mark in _API_UNAVAILABLE):
+            return DialRefused(closecodes.BAD_UPSTREAM,
+                               f"KubeVirt's API ({GROUP}) is not available now; try again later")
+        # KubeVirt does not say who: the relay's own viewers of a VM are one exclusive session.
+        return DialRefused(closecodes.CONFLICT,
+                           f"in use by another console client (virtctl vnc or a web console) "
+                           f"of VM {name}; KubeVirt keeps it for them")
     detail = " ".join(body.split())[:200]
     return DialRefused(closecodes.BAD_UPSTREAM,
                        f"KubeVirt refused the console of {name} (HTTP {status}"
@@ -485,7 +497,8 @@ class KubeVirtDialer:
         port = url.port or (443 if url.scheme == "https" else 80)
         key = base64.b64encode(os.urandom(16))
         host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
-        lines = [f"GET {url.path.rstrip('/')}{vnc_path(namespace, name)} HTTP/1.1",
+        lines = [f"GET {url.path.rstrip('/')}{vnc_path(namespace, name)}?{PRESERVE_SESSION} "
+                 "HTTP/1.1",
                  f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
                  f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13",
                  f"Sec-WebSocket-Protocol: {SUBPROTOCOL}", "User-Agent: vncgate-relay"]

@@ -278,6 +278,9 @@ async def test_protocol_errors_end_the_stream(frame: bytes, words: str) -> None:
     (404, b'{"kind":"Status","message":"virtualmachineinstance \\"vm-1\\" not found"}',
      closecodes.BAD_UPSTREAM, "virtualmachineinstance vm-1 does not exist"),
     (503, b"", closecodes.BAD_UPSTREAM, "not available now"),
+    (503, b"service unavailable\n", closecodes.BAD_UPSTREAM, "not available now"),
+    (503, b'{"kind":"Status","code":503,"message":"Active VNC connection. Request denied."}',
+     closecodes.CONFLICT, "in use by another console client"),
 ])
 async def test_refusals_say_what_to_do(status: int, body: bytes, code: int, words: str) -> None:
     inner, outer = Inner(), Outer()
