@@ -100,7 +100,8 @@ def _service_port(service: ServiceInfo, ref: ServiceRef) -> ServicePort:
 
 
 def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None,
-                    policy: AddressPolicy, cluster_domain: str) -> tuple[str, int]:
+                    policy: AddressPolicy, cluster_domain: str,
+                    reach: ReachPolicy = UNENFORCED) -> tuple[str, int]:
     if service is None:
         raise TargetInvalid(
             "ServiceNotFound",
@@ -117,6 +118,16 @@ def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None
             raise TargetInvalid("AddressDenied",
                                 f"Service {namespace}/{ref.name} is an ExternalName for "
                                 f"{service.external_name}: {exc}") from None
+        if reach.enforced:
+            # With network grants, the alias is an address like endpoint.address: granted by
+            # its name, and dialled by it (the relay checks what that resolves to).
+            try:
+                reach.check(namespace, service.external_name, port.port)
+            except ReachDenied as exc:
+                raise TargetInvalid("AddressNotGranted",
+                                    f"Service {namespace}/{ref.name} is an ExternalName for "
+                                    f"{service.external_name}: {exc}") from None
+            return service.external_name, port.port
         return host, port.port
     if service.headless:
         # No cluster IP, so no kube-proxy to map the Service port: the relay reaches the pod
@@ -154,11 +165,14 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
         # has the VM's name, and it is in the target's namespace (the CRD allows no other).
         host, port = "", 0
     else:
-        host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain)
+        host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain, reach)
     check_cluster_credentials(spec)
     # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
                  kubevirt=endpoint.name if isinstance(endpoint, KubeVirtRef) else None,
+                 # A Service's own address (not an ExternalName alias) needs no network grant.
+                 service=isinstance(endpoint, ServiceRef) and not (
+                     service is not None and service.external_name is not None),
                  display_name=spec.display_name, view_only=spec.view_only,
                  sessions=spec.sessions, recording=spec.recording,
                  credentials=spec.credentials, tls=spec.tls)

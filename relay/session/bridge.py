@@ -506,10 +506,12 @@ class Session:
                     closecodes.FORBIDDEN,
                     f"{self.route.key} resolves to {address}, which this relay may not reach")
         # The namespace's network-reach grant, again: the name was judged as written when the
-        # target was admitted; what it resolves to now must lie in the grant's networks.
+        # target was admitted; what it resolves to now must lie in the grant's networks. (A
+        # Service's own name needs no grant: the operator resolved it in the namespace.)
         try:
-            self.settings.reach.check_resolved(self.route.namespace, self.route.host,
-                                               self.route.port, addresses)
+            if not self.route.service:
+                self.settings.reach.check_resolved(self.route.namespace, self.route.host,
+                                                   self.route.port, addresses)
         except ReachDenied as exc:
             raise SessionRefused(closecodes.FORBIDDEN, str(exc)) from None
         return addresses[0]
