@@ -40,6 +40,18 @@ class Webhook:
     operator: ConsoleScript
     workdir: Path
     port: int
+    ca: Path
+
+
+def point_at_operator(plane: ControlPlane, port: int, ca: Path) -> None:
+    """The chart's own configuration (rules, failurePolicy, name), reached by URL."""
+    configuration = plane.get("validatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
+    path = configuration["webhooks"][0]["clientConfig"]["service"]["path"]
+    plane.kubectl("patch", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION,
+                  "--type=json", "-p", yaml.safe_dump([{
+                      "op": "replace", "path": "/webhooks/0/clientConfig",
+                      "value": {"url": f"https://127.0.0.1:{port}{path}",
+                                "caBundle": base64.b64encode(ca.read_bytes()).decode()}}]))
 
 
 def serving(operator: ConsoleScript, port: int) -> None:
@@ -73,16 +85,9 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
         ca = make_ca(workdir / "ca")
         server = make_server_cert(ca, workdir / "webhook", "vncgate-operator-webhook")
         port = free_port()
-        # The chart's own configuration (rules, failurePolicy, name), reached by URL.
         configuration = plane.get("validatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
         assert configuration["webhooks"][0]["failurePolicy"] == "Fail"
-        path = configuration["webhooks"][0]["clientConfig"]["service"]["path"]
-        plane.kubectl("patch", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION,
-                      "--type=json", "-p", yaml.safe_dump([{
-                          "op": "replace", "path": "/webhooks/0/clientConfig",
-                          "value": {"url": f"https://127.0.0.1:{port}{path}",
-                                    "caBundle": base64.b64encode(
-                                        ca.cert.read_bytes()).decode()}}]))
+        point_at_operator(plane, port, ca.cert)
         token = workdir / "token"
         token.write_text("admission-test-registration-token")
         grants = workdir / "grants.yaml"
@@ -99,7 +104,7 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
             workdir, env={"KUBECONFIG": str(kubeconfig)})
         with operator:
             serving(operator, port)
-            yield Webhook(plane, operator, workdir, port)
+            yield Webhook(plane, operator, workdir, port, ca.cert)
     finally:
         helm(plane, workdir, "uninstall", "vncgate", "--namespace", NAMESPACE)
         plane.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
@@ -226,3 +231,26 @@ def test_webhook_down_refuses_writes(webhook: Webhook, namespace: str, editor: P
     finally:
         webhook.operator.start()
         serving(webhook.operator, webhook.port)
+
+
+def test_upgrade_keeps_the_webhook_certificate(webhook: Webhook) -> None:
+    """The chart's CA and serving certificate survive `helm upgrade` (lookup), and the
+    configuration's caBundle is that CA."""
+    plane = webhook.plane
+
+    def pair() -> tuple[str, str]:
+        data = plane.get("secret", "vncgate-operator-webhook-tls", "-n", NAMESPACE)["data"]
+        return data["tls.crt"], data["ca.crt"]
+
+    before = pair()
+    # The configuration as this test patched it (a URL) would not merge with the chart's
+    # (a Service): the upgrade makes it anew, as it has it.
+    plane.kubectl("delete", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
+    helm(plane, webhook.workdir, "upgrade", "vncgate", str(CHART), "--namespace", NAMESPACE,
+         "--reset-then-reuse-values", "--set", "relay.replicas=2")
+    try:
+        assert pair() == before
+        configuration = plane.get("validatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
+        assert configuration["webhooks"][0]["clientConfig"]["caBundle"] == before[1]
+    finally:
+        point_at_operator(plane, webhook.port, webhook.ca)
