@@ -58,6 +58,9 @@ class Route:
     # endpoint.kubevirt: the VirtualMachineInstance (in `namespace`) whose vnc subresource the
     # relay opens through the API server; host and port are then unused ("", 0).
     kubevirt: str | None = None
+    # Resolved from endpoint.service (a Service of the namespace with a cluster IP, or
+    # headless): the network-reach grants do not apply, as they do to endpoint.address.
+    service: bool = False
 
     @property
     def key(self) -> str:
@@ -73,6 +76,8 @@ class Route:
     def endpoint_json(self) -> dict[str, Any]:
         if self.kubevirt is not None:
             return {"kubevirt": {"namespace": self.namespace, "name": self.kubevirt}}
+        if self.service:
+            return {"host": self.host, "port": self.port, "service": True}
         return {"host": self.host, "port": self.port}
 
     def to_json(self) -> dict[str, Any]:
@@ -123,12 +128,16 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         raise SpecError("viewOnly", "must be true or false")
     namespace = check_namespace(ns, "namespace")
     kubevirt = _kubevirt(endpoint, namespace)
+    service = endpoint.get("service", False)
+    if not isinstance(service, bool):
+        raise SpecError("endpoint.service", "must be true or false")
     return Route(
         namespace=namespace,
         name=check_name(nm, "name"),
         host="" if kubevirt else check_host(endpoint.get("host"), "endpoint.host"),
         port=0 if kubevirt else check_port(endpoint.get("port"), "endpoint.port"),
         kubevirt=kubevirt,
+        service=service and not kubevirt,
         display_name=display_name,
         view_only=view_only,
         access=parse_access(body.get("access"), "access"),

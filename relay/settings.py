@@ -16,6 +16,7 @@ from vncgate.common.envflags import FlagParser, env_flag, env_list
 from vncgate.common.envflags import env as _env
 from vncgate.common.model import Route
 from vncgate.common.networks import Network
+from vncgate.common.reach import ReachError, ReachPolicy, load_grants
 from vncgate.common.spec import (
     SUBDOMAIN_RE,
     SpecError,
@@ -81,6 +82,9 @@ class RelaySettings:
     wait_for_sync: bool = False
     # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).
     deny_networks: tuple[Network, ...] = ()
+    # Which namespaces may reach which networks (--address-grants; vncgate.common.reach): the
+    # resolved address of an endpoint.address is checked against it at dial time.
+    reach: ReachPolicy = field(default_factory=ReachPolicy)
     # On SIGTERM: sessions are closed with 1001 at once; handlers get this long to finish.
     shutdown_grace: float = 5.0
     # Host names the public port answers to, beside localhost, IP addresses, --public-url's
@@ -213,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deny-cidr", action="append", default=None, metavar="CIDR",
                         help="never dial addresses in this range, checked after DNS resolution "
                              "(repeatable; the chart denies loopback, link-local and metadata)")
+    parser.add_argument("--address-grants", default=_env("ADDRESS_GRANTS"), metavar="FILE",
+                        help="the network-reach grants (the operator's file): a route's "
+                             "resolved address must lie in its namespace's grant at dial time; "
+                             "default: not enforced")
     parser.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                         help="a host name browsers use to reach the public port (repeatable); "
                              "other names are refused (DNS rebinding). localhost, IP addresses "
@@ -335,6 +343,15 @@ def _deny_networks(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(str(exc))
 
 
+def _reach(parser: argparse.ArgumentParser, path: str | None) -> ReachPolicy:
+    if not path:
+        return ReachPolicy()
+    try:
+        return load_grants(path)
+    except ReachError as exc:
+        parser.error(str(exc))
+
+
 def _check_identity(parser: argparse.ArgumentParser, identity: str) -> str:
     if not identity or len(identity) > 200 or not SUBDOMAIN_RE.match(identity):
         parser.error(f"--identity {identity!r}: lower-case letters, digits, '-' and '.'")
@@ -448,6 +465,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,
         deny_networks=_deny_networks(parser, args),
+        reach=_reach(parser, args.address_grants),
         connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
         max_sessions_per_target=args.max_sessions_per_target, wait_for_sync=args.wait_for_sync,
         allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),

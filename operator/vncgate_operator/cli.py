@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import kopf
 
 from vncgate.operator import metrics
-from vncgate.operator.handlers import build_registry
+from vncgate.operator.handlers import WEBHOOK_ID, build_registry
 from vncgate.operator.settings import OperatorSettings, parse_args
 
 
@@ -22,6 +22,11 @@ class KopfNoise(logging.Filter):
     DEBUG: shown with --verbose only. The operator's own lines name the object they are about."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("kopf.objects") and record.levelno == logging.ERROR and \
+                str(record.msg).startswith(f"Webhook '{WEBHOOK_ID}' failed"):
+            # An admission refusal is the webhook doing its job, not an operator error.
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
         if record.name.startswith("kopf.objects") and record.levelno <= logging.INFO:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)

@@ -28,6 +28,7 @@ object), and would touch asyncio's primitives off the loop's thread.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ import kopf
 
 from vncgate.common.kube import KubeClient, KubeConnection
 from vncgate.common.spec import API_GROUP, API_VERSION, PLURAL
+from vncgate.operator.admission import Refused, check_target
 from vncgate.operator.kubeapi import OLD_FINALIZER, TargetApi, operator_connection
 from vncgate.operator.probe import probe_rfb
 from vncgate.operator.relayendpoints import relay_urls_from_slice
@@ -45,6 +47,10 @@ from vncgate.operator.settings import OperatorSettings
 
 Connect = Callable[[], KubeConnection]
 TARGETS = (API_GROUP, API_VERSION, PLURAL)
+# The webhook's path on its server (kopf serves each admission handler at /<handler id>).
+WEBHOOK_ID = "validate-vnctarget"
+ADMISSION_MEMO_KEY = "vncgate-admission"
+logger = logging.getLogger("vncgate.operator.admission")
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -92,13 +98,59 @@ def make_startup(config: OperatorSettings, prober: Prober,
                       targets_by_kubevirt: kopf.Index[ObjectKey, str] | None = None,
                       **_: Any) -> None:
         tune(settings, config)
+        if config.webhook_listen is not None:
+            host, port = config.webhook_listen
+            settings.admission.server = kopf.WebhookServer(
+                addr=host, port=port, certfile=config.webhook_cert_file,
+                pkeyfile=config.webhook_key_file)
         api = TargetApi(KubeClient(connect(), timeout=config.api_timeout))
+        if config.webhook_listen is not None:
+            memo[ADMISSION_MEMO_KEY] = await own_username(api.client)
         runtime = Runtime(config, aiohttp.ClientSession(), prober, api, targets=vnctargets,
                           services=services, by_service=targets_by_service,
                           relay_slices=relay_slices, by_kubevirt=targets_by_kubevirt)
         memo[MEMO_KEY] = runtime
         runtime.start()
     return startup
+
+
+async def own_username(client: KubeClient) -> str | None:
+    """Who the operator is to the API server (a SelfSubjectReview): its own writes (discovered
+    KubeVirt targets) are admitted without asking for rights it does not use itself."""
+    try:
+        reply = await client.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                                     {"apiVersion": "authentication.k8s.io/v1",
+                                      "kind": "SelfSubjectReview"})
+    except Exception as exc:
+        logger.warning("could not learn the operator's own user name (%s); its own VncTarget "
+                       "writes are checked like anyone's", exc)
+        return None
+    name = ((reply.get("status") or {}).get("userInfo") or {}).get("username")
+    return str(name) if name else None
+
+
+def make_validate(config: OperatorSettings) -> Callable[..., Any]:
+    async def validate_target(*, namespace: str | None, spec: kopf.Spec, old: kopf.Body | None,
+                              userinfo: Mapping[str, Any], memo: kopf.Memo,
+                              **_: Any) -> None:
+        if userinfo.get("username") and userinfo.get("username") == memo.get(ADMISSION_MEMO_KEY):
+            return
+        client = Runtime.of(memo).api.client
+        ns = namespace or ""
+
+        async def ask(where: str, review: dict[str, Any]) -> Mapping[str, Any]:
+            reply = await client.request(
+                "POST", f"/apis/authorization.k8s.io/v1/namespaces/{where}/"
+                        "localsubjectaccessreviews", review)
+            return (reply.get("status") or {}) if isinstance(reply, Mapping) else {}
+
+        old_spec = old.get("spec") if old is not None else None
+        try:
+            await check_target(ask, userinfo, ns, dict(spec), old_spec, reach=config.reach,
+                               policy=config.policy)
+        except Refused as exc:
+            raise kopf.AdmissionError(str(exc), code=403) from None
+    return validate_target
 
 
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
@@ -212,4 +264,8 @@ def build_registry(config: OperatorSettings, *, prober: Prober = probe_rfb,
         kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry,
                       id="relay_slice_changed", **slices)(relay_slice_changed)
     kopf.on.event(*TARGETS, registry=registry)(target_event)
+    if config.webhook_listen is not None:
+        # Only with a server: kopf refuses to run admission handlers without one.
+        kopf.on.validate(*TARGETS, registry=registry, id=WEBHOOK_ID,
+                         operations=["CREATE", "UPDATE"])(make_validate(config))
     return registry

@@ -13,8 +13,11 @@ from typing import Any
 
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
+from vncgate.common.reach import ReachDenied, ReachPolicy
 from vncgate.common.spec import KubeVirtRef, ServiceRef, SpecError, VncTargetSpec, parse_spec
 from vncgate.operator.policy import AddressDenied, AddressPolicy
+
+UNENFORCED = ReachPolicy()  # no grants file: every namespace as before grants
 
 
 class TargetInvalid(Exception):
@@ -97,7 +100,8 @@ def _service_port(service: ServiceInfo, ref: ServiceRef) -> ServicePort:
 
 
 def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None,
-                    policy: AddressPolicy, cluster_domain: str) -> tuple[str, int]:
+                    policy: AddressPolicy, cluster_domain: str,
+                    reach: ReachPolicy = UNENFORCED) -> tuple[str, int]:
     if service is None:
         raise TargetInvalid(
             "ServiceNotFound",
@@ -114,6 +118,16 @@ def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None
             raise TargetInvalid("AddressDenied",
                                 f"Service {namespace}/{ref.name} is an ExternalName for "
                                 f"{service.external_name}: {exc}") from None
+        if reach.enforced:
+            # With network grants, the alias is an address like endpoint.address: granted by
+            # its name, and dialled by it (the relay checks what that resolves to).
+            try:
+                reach.check(namespace, service.external_name, port.port)
+            except ReachDenied as exc:
+                raise TargetInvalid("AddressNotGranted",
+                                    f"Service {namespace}/{ref.name} is an ExternalName for "
+                                    f"{service.external_name}: {exc}") from None
+            return service.external_name, port.port
         return host, port.port
     if service.headless:
         # No cluster IP, so no kube-proxy to map the Service port: the relay reaches the pod
@@ -131,7 +145,8 @@ def resolve_service(namespace: str, ref: ServiceRef, service: ServiceInfo | None
 
 
 def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: ServiceInfo | None,
-                  policy: AddressPolicy, cluster_domain: str) -> Route:
+                  policy: AddressPolicy, cluster_domain: str,
+                  reach: ReachPolicy = UNENFORCED) -> Route:
     """The route for a parsed spec; `service` is the one it names (None: absent or not needed)."""
     endpoint = spec.endpoint
     if isinstance(endpoint, Address):
@@ -139,17 +154,25 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
             policy.check(endpoint.host)
         except AddressDenied as exc:
             raise TargetInvalid("AddressDenied", f"spec.endpoint.address.host: {exc}") from None
+        try:
+            # Also here, not only at admission: targets made before the webhook or the grants.
+            reach.check(namespace, endpoint.host, endpoint.port)
+        except ReachDenied as exc:
+            raise TargetInvalid("AddressNotGranted", f"spec.endpoint.address: {exc}") from None
         host, port = endpoint.host, endpoint.port
     elif isinstance(endpoint, KubeVirtRef):
         # The relay opens the VMI's vnc subresource through the API server: a VM's instance
         # has the VM's name, and it is in the target's namespace (the CRD allows no other).
         host, port = "", 0
     else:
-        host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain)
+        host, port = resolve_service(namespace, endpoint, service, policy, cluster_domain, reach)
     check_cluster_credentials(spec)
     # spec.access is not sent: in a cluster RBAC (SubjectAccessReview) decides who may connect.
     return Route(namespace=namespace, name=name, host=host, port=port,
                  kubevirt=endpoint.name if isinstance(endpoint, KubeVirtRef) else None,
+                 # A Service's own address (not an ExternalName alias) needs no network grant.
+                 service=isinstance(endpoint, ServiceRef) and not (
+                     service is not None and service.external_name is not None),
                  display_name=spec.display_name, view_only=spec.view_only,
                  sessions=spec.sessions, recording=spec.recording,
                  credentials=spec.credentials, tls=spec.tls)
@@ -181,7 +204,8 @@ ServiceLookup = Callable[[str, str], "ServiceInfo | None"]
 
 def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | VncTargetSpec | TargetInvalid
              | None, lookup: ServiceLookup, policy: AddressPolicy,
-             cluster_domain: str) -> tuple[str, Route | TargetInvalid]:
+             cluster_domain: str, reach: ReachPolicy = UNENFORCED
+             ) -> tuple[str, Route | TargetInvalid]:
     """The endpoint as status shows it, and the route or why there is none.
 
     `spec` is the object's spec, or what `parse_target_spec` made of it already."""
@@ -198,7 +222,7 @@ def evaluate(namespace: str, name: str, spec: Mapping[str, Any] | VncTargetSpec 
     service = (lookup(namespace, parsed.endpoint.name)
                if isinstance(parsed.endpoint, ServiceRef) else None)
     try:
-        route = resolve_route(namespace, name, parsed, service, policy, cluster_domain)
+        route = resolve_route(namespace, name, parsed, service, policy, cluster_domain, reach)
     except TargetInvalid as exc:
         return endpoint, exc
     return route.address, route

@@ -190,7 +190,7 @@ class Runtime:
 
     def evaluate(self, namespace: str, name: str, spec: Any) -> tuple[str, Route | TargetInvalid]:
         return evaluate(namespace, name, spec, self.lookup_service, self.config.policy,
-                        self.config.cluster_domain)
+                        self.config.cluster_domain, self.config.reach)
 
     def route_of(self, key: str) -> Route | None:
         """The route `key` should have now; None if deleted, leaving or invalid."""

@@ -18,6 +18,7 @@ from vncgate.common.addresses import split_host_port
 from vncgate.common.durations import parse_duration as _parse_duration
 from vncgate.common.envflags import FlagParser, split_list, truthy
 from vncgate.common.networks import parse_cidr
+from vncgate.common.reach import ReachPolicy, load_grants
 from vncgate.common.spec import LABEL_RE, SUBDOMAIN_RE
 from vncgate.operator.policy import AddressPolicy, parse_host_pattern
 
@@ -92,6 +93,14 @@ class OperatorSettings:
     # with a SubjectAccessReview (may it read their Secret?); None: not checked.
     relay_service_account: tuple[str, str] | None = None
     relay_credentials_role: str = "vncgate-relay-credentials"
+    # Which namespaces may name which networks in endpoint.address (--address-grants FILE);
+    # not enforced without the file.
+    reach: ReachPolicy = field(default_factory=ReachPolicy)
+    # The validating admission webhook (the deputy rule, admission.py): where it listens, and
+    # its certificate and key (PEM files, re-read when they change); None: not served.
+    webhook_listen: tuple[str, int] | None = None
+    webhook_cert_file: str | None = None
+    webhook_key_file: str | None = None
 
     def target_url(self, namespace: str, name: str) -> str | None:
         """`status.url`: where a browser opens this target, if the public URL is known."""
@@ -132,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-host", action="append", metavar="PATTERN",
         help="allow endpoint.address host names matching this glob, e.g. *.bmc.lab.example "
              "(repeatable; replaces the default policy)")
+    add("--address-grants", metavar="FILE",
+        help="the network-reach policy: a YAML file of grants (namespaces -> cidrs, hosts, "
+             "ports) that endpoint.address must fall within; default: not enforced")
+    add("--webhook-listen", metavar="HOST:PORT",
+        help="serve the validating admission webhook for VncTargets (HTTPS) on this address, "
+             "e.g. 0.0.0.0:8443; default: not served")
+    add("--webhook-cert-file", metavar="PATH",
+        help="the webhook's TLS certificate (PEM); without it and --webhook-key-file kopf makes "
+             "a self-signed one (development only; needs the certbuilder package)")
+    add("--webhook-key-file", metavar="PATH", help="the webhook's TLS private key (PEM)")
     add("--resync-interval", metavar="DURATION",
         help="how often every replica's table is compared and repaired (default 60s)")
     add("--probe-interval", metavar="DURATION",
@@ -210,6 +229,15 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
     relay_port = int(pick(args.relay_port, "RELAY_PORT") or DEFAULT_RELAY_PORT)
     if not 1 <= relay_port <= 65535:
         raise ValueError(f"--relay-port {relay_port} is not a TCP port")
+    grants = pick(args.address_grants, "ADDRESS_GRANTS")
+    webhook = pick(args.webhook_listen, "WEBHOOK_LISTEN")
+    cert_file = pick(args.webhook_cert_file, "WEBHOOK_CERT_FILE")
+    key_file = pick(args.webhook_key_file, "WEBHOOK_KEY_FILE")
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("give both --webhook-cert-file and --webhook-key-file, or neither")
+    for path in (cert_file, key_file):
+        if path and not Path(path).is_file():
+            raise ValueError(f"webhook certificate or key {path}: no such file")
     return OperatorSettings(
         namespaces=namespaces,
         relay_service=relay_service,
@@ -242,4 +270,8 @@ def _build(args: argparse.Namespace, pick: _Pick, many: _Many) -> OperatorSettin
             args.relay_service_account, "RELAY_SERVICE_ACCOUNT")) else None,
         relay_credentials_role=pick(args.relay_credentials_role,
                                     "RELAY_CREDENTIALS_ROLE") or "vncgate-relay-credentials",
+        reach=load_grants(grants) if grants else ReachPolicy(),
+        webhook_listen=parse_listen(webhook, "--webhook-listen") if webhook else None,
+        webhook_cert_file=cert_file or None,
+        webhook_key_file=key_file or None,
     )

@@ -35,6 +35,7 @@ TLS_NONE, TLS_VNC, TLS_PLAIN = 257, 258, 259
 X509_NONE, X509_VNC, X509_PLAIN = 260, 261, 262
 X509_SUBTYPES = (X509_VNC, X509_PLAIN, X509_NONE)
 ANON_TLS_SUBTYPES = (TLS_VNC, TLS_PLAIN, TLS_NONE)
+PLAIN_SUBTYPES = (X509_PLAIN, TLS_PLAIN, VENCRYPT_PLAIN)
 
 TYPE_NAMES = {
     SEC_NONE: "None", SEC_VNC: "VNC Authentication", 5: "RA2", 6: "RA2ne", 16: "Tight",
@@ -67,7 +68,8 @@ class UpstreamLogin:
     # VeNCrypt: a context that verifies the server (CA, or skip) and the name to check.
     tls: ssl.SSLContext | None = None
     server_name: str | None = None
-    insecure: bool = False  # insecureSkipVerify: also accept anonymous TLS (TLSNone/Vnc/Plain)
+    # insecureSkipVerify: also accept anonymous TLS (TLSNone/TLSVnc), and never send Plain.
+    insecure: bool = False
 
     def __repr__(self) -> str:  # never show the secret, even in a traceback
         return (f"UpstreamLogin(password={'set' if self.password else None}, "
@@ -228,11 +230,20 @@ def _choose_subtype(offered: list[int], creds: UpstreamLogin, target: str) -> in
     for subtype in preference:
         if subtype not in offered:
             continue
-        if subtype in (X509_PLAIN, TLS_PLAIN) and not (creds.username and creds.password):
+        # Plain sends the password itself: only to a server whose certificate was verified.
+        # Under insecureSkipVerify anyone on the path (or whoever wrote the target's address)
+        # could be that server.
+        if subtype in PLAIN_SUBTYPES and (creds.insecure or not (creds.username and
+                                                                 creds.password)):
             continue
         if subtype in (X509_VNC, TLS_VNC) and not creds.password:
             continue
         return subtype
+    if creds.insecure and any(t in offered for t in PLAIN_SUBTYPES):
+        raise SecurityRefused(
+            closecodes.BAD_UPSTREAM,
+            "Plain sends the password itself, so only to a verified server, never under "
+            f"insecureSkipVerify: set tls.caSecret or caConfigMap ({target} offers {names})")
     if not creds.insecure and any(t in offered for t in ANON_TLS_SUBTYPES):
         raise SecurityRefused(
             closecodes.BAD_UPSTREAM,

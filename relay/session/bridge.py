@@ -26,6 +26,7 @@ from typing import Any, cast
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from vncgate.common.model import Route
+from vncgate.common.reach import ReachDenied
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
 from vncgate.relay.access.proxies import UNSPECIFIED_NETWORKS, address_in
@@ -494,6 +495,15 @@ class Session:
                 raise SessionRefused(
                     closecodes.FORBIDDEN,
                     f"{self.route.key} resolves to {address}, which this relay may not reach")
+        # The namespace's network-reach grant, again: the name was judged as written when the
+        # target was admitted; what it resolves to now must lie in the grant's networks. (A
+        # Service's own name needs no grant: the operator resolved it in the namespace.)
+        try:
+            if not self.route.service:
+                self.settings.reach.check_resolved(self.route.namespace, self.route.host,
+                                                   self.route.port, addresses)
+        except ReachDenied as exc:
+            raise SessionRefused(closecodes.FORBIDDEN, str(exc)) from None
         return addresses[0]
 
     async def _dialer(self) -> Dial:

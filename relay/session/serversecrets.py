@@ -8,7 +8,10 @@ session without a restart, and a password lives in the relay only while a login 
   the API server's TLS connection (so the password never crosses the network in the clear; the
   registration API carries only the names). It may read them only where the namespace opted in
   with a RoleBinding to the chart's ClusterRole `<release>-relay-credentials`
-  (docs/KUBERNETES.md). Nothing grants the relay Secrets cluster-wide.
+  (docs/KUBERNETES.md). Nothing grants the relay Secrets cluster-wide. A credentials Secret must
+  also consent (`check_consent`): type `vncgate.io/credentials`, or the annotation
+  `vncgate.io/allowed-targets` naming the target. CA Secrets need no consent: a CA certificate
+  is public, and the relay only verifies with it.
 - Standalone, the manifests (written by the relay's own admin) give `passwordFile` /
   `passwordEnv` and `caFile`; the registration API refuses those (relay.model).
 """
@@ -36,6 +39,9 @@ from vncgate.relay.rfb.security import SecurityRefused, UpstreamLogin
 from vncgate.relay.settings import RelaySettings
 
 CREDENTIALS_ROLE = "vncgate-relay-credentials"  # the chart's ClusterRole (a fixed name)
+# A Secret's consent to be used as a VNC credential (check_consent).
+CREDENTIALS_TYPE = "vncgate.io/credentials"
+ALLOWED_TARGETS = "vncgate.io/allowed-targets"
 
 
 def _read_text(path: str) -> str:
@@ -45,6 +51,26 @@ def _read_text(path: str) -> str:
 
 def _refused(reason: str) -> SecurityRefused:
     return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason)
+
+
+def check_consent(route: Route, name: str, secret: dict[str, Any]) -> None:
+    """A Secret gives the relay its password only if it says it is for VNC: its type is
+    `vncgate.io/credentials`, or its annotation `vncgate.io/allowed-targets` lists this target
+    (comma-separated names of VncTargets in its namespace) or is `*`.
+
+    The second lock beside the admission webhook: it holds for VncTargets written before the
+    webhook, or past it, and it is the Secret's owner who decides, not the target's author."""
+    if secret.get("type") == CREDENTIALS_TYPE:
+        return
+    meta = secret.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    allowed = annotations.get(ALLOWED_TARGETS) if isinstance(annotations, dict) else None
+    names = {n.strip() for n in str(allowed or "").split(",") if n.strip()}
+    if "*" in names or route.name in names:
+        return
+    # Short, the fix first: a close frame holds 123 bytes.
+    raise _refused(f"Secret {route.namespace}/{name} is not for VNC: annotate it "
+                   f"{ALLOWED_TARGETS}={route.name}")
 
 
 class CredentialStore:
@@ -90,6 +116,10 @@ class CredentialStore:
         return self._kube
 
     async def _object_data(self, route: Route, kind: str, name: str) -> dict[str, Any]:
+        data = (await self._object(route, kind, name)).get("data")
+        return data if isinstance(data, dict) else {}
+
+    async def _object(self, route: Route, kind: str, name: str) -> dict[str, Any]:
         resource = "secrets" if kind == "Secret" else "configmaps"
         try:
             body = await self._client().request(
@@ -107,12 +137,16 @@ class CredentialStore:
                            f"HTTP {exc.status}") from None
         except OSError as exc:
             raise _refused(f"the Kubernetes API cannot be reached: {exc}") from None
-        data = body.get("data") if isinstance(body, dict) else None
-        return data if isinstance(data, dict) else {}
+        return body if isinstance(body, dict) else {}
 
     async def _secret_value(self, route: Route, name: str, key: str,
                             required: bool = True) -> str | None:
-        data = await self._object_data(route, "Secret", name)
+        return self._decoded(route, name, await self._object_data(route, "Secret", name), key,
+                             required)
+
+    @staticmethod
+    def _decoded(route: Route, name: str, data: dict[str, Any], key: str,
+                 required: bool = True) -> str | None:
         raw = data.get(key)
         if raw is None:
             if required:
@@ -131,9 +165,13 @@ class CredentialStore:
         if creds is not None:
             username = creds.username
             if creds.secret_name is not None:
-                password = await self._secret_value(route, creds.secret_name, "password")
-                username = await self._secret_value(route, creds.secret_name, "username",
-                                                    required=False)
+                secret = await self._object(route, "Secret", creds.secret_name)
+                check_consent(route, creds.secret_name, secret)
+                data = secret.get("data")
+                data = data if isinstance(data, dict) else {}
+                password = self._decoded(route, creds.secret_name, data, "password")
+                username = self._decoded(route, creds.secret_name, data, "username",
+                                         required=False)
             elif creds.password_file is not None:
                 try:
                     password = _read_text(creds.password_file).rstrip("\r\n")

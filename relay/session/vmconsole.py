@@ -55,6 +55,13 @@ SUBPROTOCOL = "plain.kubevirt.io"
 GROUP = "subresources.kubevirt.io"
 MAX_ERROR_BODY = 2048  # of a refusal's body, for its message
 NORMAL_CLOSURE = 1000
+# KubeVirt gives a VMI's console to the newest client and drops the one before, unless the new
+# one asks to preserve the session: then KubeVirt refuses it (503) while another client (virtctl
+# vnc, a web console) holds the console, instead of silently taking it from that person.
+# KubeVirt versions before the option ignore it.
+PRESERVE_SESSION = "preserveSession=true"
+# The aggregation layer's own 503 when KubeVirt's API is not served (no virt-api endpoint).
+_API_UNAVAILABLE = ("service unavailable", "currently unable to handle")
 
 
 class DialRefused(Exception):
@@ -98,8 +105,13 @@ def _refusal(status: int, body: str, namespace: str, name: str) -> DialRefused:
         return DialRefused(closecodes.BAD_UPSTREAM,
                            f"virtualmachineinstance {name} does not exist; is the VM running?")
     if status == 503:
-        return DialRefused(closecodes.BAD_UPSTREAM,
-                           f"KubeVirt's API ({GROUP}) is not available now; try again later")
+        if not body.strip() or any(mark in body.lower() for mark in _API_UNAVAILABLE):
+            return DialRefused(closecodes.BAD_UPSTREAM,
+                               f"KubeVirt's API ({GROUP}) is not available now; try again later")
+        # KubeVirt does not say who: the relay's own viewers of a VM are one exclusive session.
+        return DialRefused(closecodes.CONFLICT,
+                           f"in use by another console client (virtctl vnc or a web console) "
+                           f"of VM {name}; KubeVirt keeps it for them")
     detail = " ".join(body.split())[:200]
     return DialRefused(closecodes.BAD_UPSTREAM,
                        f"KubeVirt refused the console of {name} (HTTP {status}"
@@ -433,7 +445,8 @@ class KubeVirtDialer:
         port = url.port or (443 if url.scheme == "https" else 80)
         host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
         request = console_request(f"{host}:{port}",
-                                  f"{url.path.rstrip('/')}{vnc_path(namespace, name)}",
+                                  f"{url.path.rstrip('/')}{vnc_path(namespace, name)}"
+                                  f"?{PRESERVE_SESSION}",
                                   connection.headers())
         inner = factory()
         try:

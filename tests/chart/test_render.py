@@ -156,8 +156,8 @@ def test_operator_is_one_pod_that_finds_the_relays() -> None:
                      "--standalone", "--log-format=json"):
         assert expected in args
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
-    assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {"liveness": 8082,
-                                                                          "metrics": 8083}
+    assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {
+        "liveness": 8082, "metrics": 8083, "webhook": 8443}
     assert "--metrics-listen=0.0.0.0:8083" in args
 
 
@@ -403,13 +403,15 @@ def test_network_policy_admits_internal_port_only_from_operator_and_metrics(valu
         assert "ports" in other, "a rule without ports would open every port"
         if other is not rule:
             assert [p["port"] for p in other["ports"]] == [8080]
-    # The operator: nothing but Prometheus (metricsFrom), on the metrics port only.
+    # The operator: Prometheus (metricsFrom) on the metrics port, and the API server (from an
+    # address no selector names) on the admission webhook's port; nothing else.
     operator_policy = rendered.one("NetworkPolicy", OPERATOR)
+    webhook = [{"ports": [{"port": 8443, "protocol": "TCP"}]}]
     if metrics_from:
         assert operator_policy["spec"]["ingress"] == [
-            {"ports": [{"port": 8083, "protocol": "TCP"}], "from": metrics_from}]
+            {"ports": [{"port": 8083, "protocol": "TCP"}], "from": metrics_from}, *webhook]
     else:
-        assert operator_policy["spec"]["ingress"] == []
+        assert operator_policy["spec"]["ingress"] == webhook
 
 
 @ci_values
@@ -466,7 +468,9 @@ def test_generated_token_secret_is_kept_and_mounted() -> None:
 
 def test_existing_secret_is_used_and_none_is_generated() -> None:
     rendered = render([CHART / "ci" / "existing-secret-values.yaml"])
-    assert not rendered.of_kind("Secret")
+    # The only Secret is the admission webhook's certificate, which is not a registration token.
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == [
+        "vncgate-operator-webhook-tls"]
     for deployment in rendered.of_kind("Deployment"):
         pod = deployment["spec"]["template"]
         volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "registration-token")
@@ -688,3 +692,76 @@ def test_kubevirt_discovery_needs_kubevirt_enabled() -> None:
     result = helm("template", RELEASE, CHART, "--set", "kubevirt.discovery=true", check=False)
     assert result.returncode != 0
     assert "kubevirt.discovery=true needs kubevirt.enabled=true" in result.stderr
+
+
+# --- the admission webhook and the network-reach grants ------------------------------------------
+
+def webhook_configuration(rendered: Rendered) -> dict[str, Any]:
+    (configuration,) = rendered.of_kind("ValidatingWebhookConfiguration")
+    return configuration
+
+
+def test_webhook_fails_closed_for_vnctarget_writes_with_its_ca_wired() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com"])
+    (hook,) = webhook_configuration(rendered)["webhooks"]
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["rules"] == [{"apiGroups": ["vncgate.io"], "apiVersions": ["*"],
+                              "resources": ["vnctargets"], "operations": ["CREATE", "UPDATE"],
+                              "scope": "Namespaced"}]
+    service = hook["clientConfig"]["service"]
+    assert service == {"name": "vncgate-operator-webhook", "namespace": "vncgate-system",
+                       "port": 443, "path": "/validate-vnctarget"}
+    assert rendered.one("Service", "vncgate-operator-webhook")["spec"]["ports"][0][
+        "targetPort"] == "webhook"
+    # The CA in the configuration signed the certificate the operator serves.
+    secret = rendered.one("Secret", "vncgate-operator-webhook-tls")
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    args = rendered.one("Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0][
+        "args"]
+    assert "--webhook-listen=0.0.0.0:8443" in args
+    assert "--webhook-cert-file=/etc/vncgate/webhook/tls.crt" in args
+    # The operator asks its reviews with LocalSubjectAccessReviews, nothing wider.
+    verbs = [rule for _, rule in rules_of(rendered)
+             if "localsubjectaccessreviews" in rule.get("resources", [])]
+    assert verbs and all(rule["verbs"] == ["create"] for rule in verbs)
+
+
+def test_webhook_with_cert_manager_makes_no_certificate_of_its_own() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com", "webhook.certManager.enabled=true"])
+    configuration = webhook_configuration(rendered)
+    assert configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+        "vncgate-system/vncgate-operator-webhook"
+    assert "caBundle" not in configuration["webhooks"][0]["clientConfig"]
+    assert not [s for s in rendered.of_kind("Secret")
+                if s["metadata"]["name"] == "vncgate-operator-webhook-tls"]
+    (certificate,) = rendered.of_kind("Certificate")
+    assert certificate["spec"]["secretName"] == "vncgate-operator-webhook-tls"
+    assert "vncgate-operator-webhook.vncgate-system.svc" in certificate["spec"]["dnsNames"]
+
+
+def test_webhook_off_renders_none_of_it() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com", "webhook.enabled=false"])
+    assert not rendered.of_kind("ValidatingWebhookConfiguration")
+    args = rendered.one("Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0][
+        "args"]
+    assert not [a for a in args if a.startswith("--webhook-")]
+
+
+def test_network_reach_grants_reach_the_operator() -> None:
+    rendered = render(sets=["ingress.host=vnc.example.com",
+                            "networkReach.grants[0].namespaces={lab}",
+                            "networkReach.grants[0].cidrs={10.20.0.0/16}"])
+    grants = yaml.safe_load(rendered.one("ConfigMap", "vncgate-network-reach")["data"][
+        "grants.yaml"])
+    assert grants == {"grants": [{"namespaces": ["lab"], "cidrs": ["10.20.0.0/16"]}]}
+    for component in (OPERATOR, RELAY):
+        pod = rendered.one("Deployment", component)["spec"]["template"]
+        assert "--address-grants=/etc/vncgate/network-reach/grants.yaml" in pod["spec"][
+            "containers"][0]["args"]
+        assert "checksum/network-reach" in pod["metadata"]["annotations"]
+    # The upgrade value that keeps the behaviour before grants: no file, no flag.
+    kept = render(sets=["ingress.host=vnc.example.com", "networkReach.enforced=false"])
+    assert not [c for c in kept.of_kind("ConfigMap")
+                if c["metadata"]["name"] == "vncgate-network-reach"]
+    assert not [a for a in kept.one("Deployment", OPERATOR)["spec"]["template"]["spec"][
+        "containers"][0]["args"] if a.startswith("--address-grants")]

@@ -113,9 +113,20 @@ def test_a_duration_as_a_number() -> None:
     ("relay.leases=true", "/relay/leases"),
     ("rbac.viewerClusterRole.name=Viewer", "/rbac/viewerClusterRole/name"),
     ("ingress.hashByTarget=yes", "/ingress/hashByTarget"),
+    ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
+    ("webhook.certManager.issuerRef.kind=Vault", "/webhook/certManager/issuerRef/kind"),
+    ("networkReach.grants[0].cidrs={10.0.0.0/8}", "/networkReach/grants/0"),
+    ("networkReach.grants[0].namespaces={Lab}", "/networkReach/grants/0/namespaces/0"),
+    ("networkReach.grants[0].ports={59x}", "/networkReach/grants/0/ports/0"),
 ])
 def test_values_that_would_not_work(setting: str, where: str) -> None:
     assert f"at '{where}'" in template_error(setting)
+
+
+def test_a_grant_of_host_names_needs_networks_for_them() -> None:
+    message = template_error("networkReach.grants[0].namespaces={lab}",
+                             "networkReach.grants[0].hosts={*.bmc.example}")
+    assert "at '/networkReach/grants/0'" in message and "cidrs" in message
 
 
 def test_every_value_in_values_yaml_is_in_the_schema() -> None:

@@ -80,6 +80,11 @@ def workdir(tmp_path: Path) -> Path:
 
 
 HELM = ROOT / ".tools" / "helm" / "helm"
+# The chart's admission webhook is a Service in front of the operator pod, and no pod runs here:
+# with it installed, the API server would refuse every VncTarget write ("failed calling
+# webhook"). Tests that install the chart leave it out; test_admission wires the webhook to an
+# operator process by URL instead.
+NO_POD_WEBHOOK = ("--set", "webhook.enabled=false")
 CHART = ROOT / "charts" / "vncgate"
 
 
@@ -124,7 +129,7 @@ def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
         "test_").replace("_", "-")
     home = tmp_path_factory.mktemp("helm-home")
     helm(plane, home, "install", "vncgate", str(CHART), "--namespace", namespace,
-         "--create-namespace", "--set", "ingress.host=vnc.example.com")
+         "--create-namespace", "--set", "ingress.host=vnc.example.com", *NO_POD_WEBHOOK)
     try:
         yield Release(plane, namespace, home)
     finally:

@@ -7,10 +7,14 @@ what the next session logs in with. The VNC server is a real Xvnc with VNC Authe
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import yaml
 
+from harness.cluster import free_port
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_relay import open_console, relay_process
@@ -19,17 +23,22 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped f
     secrets_dir,
     vncauth_xvnc,
 )
+from vncgate.common.client import RelayClient
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
 from vncgate.common.spec import Credentials
-from vncgate.operator.secretaccess import unreadable
+from vncgate.operator.secretaccess import NOT_READABLE, binding_hint, login_verdict, unreadable
 
 ROLE = "vncgate-relay-credentials"
 
 
-def put_secret(release: Release, namespace: str, password: str) -> None:
-    release.plane.apply({"apiVersion": "v1", "kind": "Secret",
-                         "metadata": {"name": "desk-vnc", "namespace": namespace},
+def put_secret(release: Release, namespace: str, password: str, name: str = "desk-vnc",
+               consent: bool = True) -> None:
+    """The Secret, consenting (by annotation) to serve the VncTarget `desk` unless told not to."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if consent:
+        meta["annotations"] = {"vncgate.io/allowed-targets": "desk"}
+    release.plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": meta,
                          "stringData": {"password": password}})
 
 
@@ -94,3 +103,68 @@ def test_opt_in_rolebinding_and_secret_rotation(
                           f"--as=system:serviceaccount:{release.namespace}:{release.relay_account}",
                           check=False)
     assert other.stdout.strip() == "no", other.stdout
+
+
+async def reported_verdict(internal: int, token: str, route: Route) -> tuple[str, str] | None:
+    """What the operator's status says from the relay's reported logins (login_verdict)."""
+    async with aiohttp.ClientSession() as http:
+        logins = (await RelayClient(http, f"http://127.0.0.1:{internal}", token)
+                  .get_summary()).logins
+    verdict = login_verdict(route, logins.get(route.key))
+    return None if verdict is None else (verdict.reason, verdict.message)
+
+
+def test_a_secret_that_does_not_consent_is_not_used(
+        release: Release, namespace: str, vncauth_xvnc: XvncServer,  # noqa: F811
+        tmp_path: Path) -> None:
+    """Even with the namespace opted in and the right password inside, a Secret that does not
+    say it is for VNC (its type, or the annotation naming the target) gives the relay nothing:
+    the VncTarget's author may have named someone else's Secret past the webhook."""
+    plane = release.plane
+    account = (release.namespace, release.relay_account)
+    plane.kubectl(*binding_hint(namespace, account, ROLE).split()[1:])
+    put_secret(release, namespace, PASSWORD, name="db-password", consent=False)
+    manifest = tmp_path / "desk.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {"name": "desk", "namespace": namespace},
+        "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": vncauth_xvnc.port}},
+                 "credentials": {"secretName": "db-password"}}}))
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(32))
+    internal = free_port()
+    script, port = relay_process(release, tmp_path / "relay", "--auth=none",
+                                 "--authorization=manifest", f"--targets={manifest}",
+                                 f"--internal-listen=127.0.0.1:{internal}",
+                                 f"--api-token-file={token}")
+    route = Route(namespace, "desk", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(secret_name="db-password"))
+    with script:
+        script.wait_for_log("relay listening")
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk"))
+        assert data is None and code == 4424, (code, reason, script.log()[-2000:])
+        assert reason == (f"Secret {namespace}/db-password is not for VNC: annotate it "
+                          "vncgate.io/allowed-targets=desk"), reason
+        # The operator's status says the same (from the relays' reported logins).
+        said = asyncio.run(reported_verdict(internal, token.read_text(), route))
+        assert said is not None and said[0] == NOT_READABLE and reason in said[1], said
+
+        # Another target's name does not do; the Secret's owner names this one: it logs in.
+        plane.kubectl("-n", namespace, "annotate", "secret", "db-password",
+                      "vncgate.io/allowed-targets=other")
+        assert asyncio.run(open_console(port, f"{namespace}/desk"))[1] == 4424
+        plane.kubectl("-n", namespace, "annotate", "--overwrite", "secret", "db-password",
+                      "vncgate.io/allowed-targets=other,desk")
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk"))
+        assert data == b"RFB 003.008\n", (code, reason, script.log()[-2000:])
+
+    # The Secret type says it for every target of the namespace.
+    plane.kubectl("-n", namespace, "create", "secret", "generic", "typed",
+                  "--type=vncgate.io/credentials", f"--from-literal=password={PASSWORD}")
+    manifest.write_text(manifest.read_text().replace("db-password", "typed"))
+    script, port = relay_process(release, tmp_path / "relay2", "--auth=none",
+                                 "--authorization=manifest", f"--targets={manifest}")
+    with script:
+        script.wait_for_log("relay listening")
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk"))
+        assert data == b"RFB 003.008\n", (code, reason)

@@ -113,6 +113,13 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
     ingress = plane.get("ingress", "-n", "vncgate")["items"][0]
     assert ingress["spec"]["rules"][0]["host"] == "vnc.example.com"
     token_before = secret_value(plane, "vncgate", "vncgate-registration-token", "token")
+    def drop_webhook() -> None:
+        # The API server reaches the admission webhook through its Service, which has no pod
+        # here: left in place, it would refuse the doc's VncTarget writes ("failed calling
+        # webhook"). test_admission tests it. Each install and upgrade puts it back.
+        plane.kubectl("delete", "validatingwebhookconfiguration", "vncgate-operator-vncgate")
+
+    drop_webhook()
 
     # The desktop pod's Service, which the doc's VncTarget names, in the team's namespace.
     plane.kubectl("create", "namespace", "lab")
@@ -134,6 +141,9 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
     def operator_args(args: list[str]) -> list[str]:
         # Without pods there are no EndpointSlices to find the relay by: name it directly.
         args = replace_flag(args, "--relay-service", None)
+        # The webhook's Service has no pod behind it here (test_admission tests the webhook).
+        for flag in ("--webhook-listen", "--webhook-cert-file", "--webhook-key-file"):
+            args = replace_flag(args, flag, None)
         args = replace_flag(args, "--relay-url", f"http://127.0.0.1:{internal}")
         return replace_flag(args, "--liveness", "off")
 
@@ -182,6 +192,7 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
                         "--namespace", "vncgate", "--reset-then-reuse-values",
                         "--set", "relay.replicas=3"], cwd=ROOT, env=run_block_env,
                        check=True, capture_output=True, timeout=120)
+        drop_webhook()
         relay_deployment = plane.get("deployment", "vncgate-relay", "-n", "vncgate")
         assert relay_deployment["spec"]["replicas"] == 3
         assert plane.get("ingress", "-n", "vncgate")["items"][0]["spec"]["rules"][0][

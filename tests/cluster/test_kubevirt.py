@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,34 @@ async def test_relay_opens_a_vmi_console_through_the_api_server(
     # The API server proxied it as the relay's ServiceAccount (its own token, its CA).
     assert (f"system:serviceaccount:{namespace}:relay", namespace, "vm-1") in \
         kubevirt_api.requests
+
+
+async def test_a_console_held_outside_vncgate_is_not_taken(
+        kubevirt_api: KubeVirtBackend, control_plane: ControlPlane, namespace: str,
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """The relay asks KubeVirt to preserve an open console (preserveSession=true): a person on
+    `virtctl vnc` keeps the VM, and the viewer is told that someone else holds it."""
+    kubevirt_api.consoles[(namespace, "vm-1")] = xvnc.port
+    kubeconfig = relay_account(control_plane, namespace, tmp_path, may_open=True)
+    plane = control_plane
+    admin = ssl.create_default_context(cafile=str(plane.certs.ca_crt))
+    admin.load_cert_chain(*map(str, plane.certs.admin))
+    console = (f"{plane.url}/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/"
+               "virtualmachineinstances/vm-1/vnc")
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            console, protocols=("plain.kubevirt.io",), ssl=admin) as outside:
+        greeting = await outside.receive(timeout=20)  # virtctl's connection is live
+        assert greeting.data == b"RFB 003.008\n", greeting
+        async with make_relay(routes=[kubevirt_route(namespace, "vm-1")],
+                              kubeconfig=kubeconfig) as relay, http.ws_connect(
+                f"{relay.public_url}/t/{namespace}/vm-1/websockify",
+                protocols=("binary",)) as ws:
+            code, reason = await closed_with(ws)
+        assert code == closecodes.CONFLICT, (code, reason)
+        assert reason.startswith("in use by another console client (virtctl vnc or a web "
+                                 "console) of VM vm-1"), reason
+        assert kubevirt_api.queries[-1] == {"preserveSession": "true"}
+        assert kubevirt_api.replaced == 0 and not outside.closed
 
 
 async def test_relay_without_the_rbac_rule_is_refused(

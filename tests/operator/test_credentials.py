@@ -57,7 +57,7 @@ current-context: emu
 
 
 def secret(password: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret",
+    return {"apiVersion": "v1", "kind": "Secret", "type": "vncgate.io/credentials",
             "metadata": {"namespace": "lab", "name": "bmc-login"},
             "data": {"password": base64.b64encode(password.encode()).decode()}}
 

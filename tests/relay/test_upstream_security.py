@@ -8,7 +8,9 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.servers import GREETING, Behaviour, TcpServer, passwordless_vnc
 from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
 from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
@@ -23,6 +26,7 @@ from tests.relay.test_sessions import move_pointer_through_relay, pointer_positi
 from tests.support.rfbclient import viewer_handshake
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
+from vncgate.common.reach import ReachPolicy, parse_grants
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
 from vncgate.relay.recording.store import RecordingSettings
@@ -296,3 +300,76 @@ async def test_a_recorded_target_the_relay_logs_in_to_is_refused_not_opened_unre
         code, reason = await close_of(relay.public_url, "desk")
     assert code == 4500 and "cannot record" in reason, (code, reason)
     assert not os.listdir(tmp_path), "nothing may be recorded"
+
+
+def plain_only_vencrypt(tls: ssl.SSLContext) -> Behaviour:
+    """A VeNCrypt server that offers only Plain (X509Plain and VeNCrypt Plain) and keeps every
+    byte it is sent, the credentials inside TLS included: what a server of the target's author
+    would see."""
+    async def behaviour(server: TcpServer, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        writer.write(GREETING)
+        server.received += await reader.readexactly(12)
+        writer.write(bytes([1, 19]))  # one security type: VeNCrypt
+        server.received += await reader.readexactly(1)
+        writer.write(b"\x00\x02")
+        server.received += await reader.readexactly(2)
+        writer.write(b"\x00\x02" + struct.pack("!II", 262, 256))  # X509Plain, VeNCrypt Plain
+        try:
+            subtype = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as exc:  # the relay hung up: it chose nothing
+            server.received += exc.partial
+            return
+        server.received += subtype
+        writer.write(b"\x01")
+        await writer.drain()
+        if struct.unpack("!I", subtype)[0] == 262:
+            await writer.start_tls(tls)
+        await server.read_into_received(reader)
+    return behaviour
+
+
+async def test_plain_is_never_sent_to_an_unverified_server(
+        make_relay: RelayFactory, secrets_dir: Path) -> None:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(secrets_dir / "server.crt", secrets_dir / "server.key")
+    async with TcpServer(plain_only_vencrypt(tls)) as server:
+        route = Route("lab", "bmc", "127.0.0.1", server.port,
+                      credentials=Credentials(password_file=str(secrets_dir / "password"),
+                                              username="dbadmin"),
+                      tls=TlsSpec(insecure_skip_verify=True))
+        async with make_relay(routes=[route]) as relay:
+            code, reason = await close_of(relay.public_url, "bmc")
+        await server.closed.wait()
+    assert code == closecodes.BAD_UPSTREAM, (code, reason)
+    assert reason.startswith("Plain sends the password itself, so only to a verified server, "
+                             "never under insecureSkipVerify"), reason
+    # The relay read the offer and said nothing more: no subtype chosen, no user, no password.
+    assert bytes(server.received) == b"RFB 003.008\n\x13\x00\x02", bytes(server.received)
+    assert PASSWORD.encode() not in server.received and b"dbadmin" not in server.received
+
+
+async def test_a_granted_name_resolving_outside_its_grant_is_refused_at_dial(
+        make_relay: RelayFactory) -> None:
+    """The webhook judged the name as written; the relay judges what it resolves to now.
+    `localhost` (the machine's hosts file) stands for a name whose address changed."""
+    async with TcpServer(passwordless_vnc) as server:
+        def grant(*cidrs: str) -> ReachPolicy:
+            return parse_grants({"grants": [{"namespaces": ["lab"], "hosts": ["localhost"],
+                                             "cidrs": list(cidrs)}]})
+        route = Route("lab", "desk", "localhost", server.port)
+        # Its networks hold where the name resolves: the session opens (the RFB greeting).
+        async with make_relay(routes=[route], reach=grant("127.0.0.0/8", "::1/128")) as relay, \
+                aiohttp.ClientSession() as http, http.ws_connect(
+                    f"{relay.public_url}/t/lab/desk/websockify", protocols=("binary",)) as ws:
+            first = await ws.receive(timeout=10)
+            assert first.type is aiohttp.WSMsgType.BINARY and first.data == GREETING, first
+        dialled = server.connections
+        assert dialled >= 1
+        # The name now resolves outside them: refused before any connection.
+        async with make_relay(routes=[route], reach=grant("10.20.0.0/16")) as relay:
+            code, reason = await close_of(relay.public_url, "desk")
+        assert code == closecodes.FORBIDDEN, (code, reason)
+        assert reason.startswith("localhost now resolves to ") and \
+            "outside the network grant of namespace lab" in reason, reason
+        assert server.connections == dialled

@@ -4,11 +4,13 @@ No KubeVirt runs here. What the relay depends on is KubeVirt's contract, and tha
 `GET /apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachineinstances/{name}/vnc` on
 the Kubernetes API server, which the aggregation layer proxies to virt-api; a WebSocket with the
 subprotocol `plain.kubevirt.io` whose binary messages carry the raw RFB stream of the VM's VNC
-server; one connection per VMI (a new one replaces the old). `KubeVirtBackend` implements that
-contract in front of a real Xvnc, and `install_api_service` registers it with the API server as
-the `v1.subresources.kubevirt.io` APIService, so requests take the real path: authentication and
-RBAC (`get` on `virtualmachineinstances/vnc`) by kube-apiserver, then its proxy to the backend
-with the front-proxy client certificate and the X-Remote-User header.
+server; one connection per VMI (a new one replaces the old, unless it asks
+`preserveSession=true`: then it is refused with 503 while another holds the console).
+`KubeVirtBackend` implements that contract in front of a real Xvnc, and `install_api_service`
+registers it with the API server as the `v1.subresources.kubevirt.io` APIService, so requests
+take the real path: authentication and RBAC (`get` on `virtualmachineinstances/vnc`) by
+kube-apiserver, then its proxy to the backend with the front-proxy client certificate and the
+X-Remote-User header.
 
 The aggregator dials a Service's endpoint, which may not be a loopback address. So the backend
 listens in a network namespace that the test creates (`NetworkNamespace`): a veth pair with a
@@ -146,6 +148,7 @@ class KubeVirtBackend:
         self.context.verify_mode = ssl.CERT_REQUIRED
         self.consoles: dict[tuple[str, str], int] = {}
         self.requests: list[tuple[str, str, str]] = []
+        self.queries: list[dict[str, str]] = []  # each console request's query parameters
         self.replaced = 0
         self._open: dict[tuple[str, str], web.WebSocketResponse] = {}
         self._loop = asyncio.new_event_loop()
@@ -205,7 +208,13 @@ class KubeVirtBackend:
     async def _vnc(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         self.requests.append((request.headers.get("X-Remote-User", ""), namespace, name))
+        self.queries.append(dict(request.query))
         port = self.consoles.get((namespace, name))
+        if request.query.get("preserveSession") == "true" and (namespace, name) in self._open:
+            # KubeVirt's answer under preserveSession while another client holds the console.
+            return web.json_response(
+                {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                 "message": "Active VNC connection. Request denied."}, status=503)
         if port is None:
             return web.json_response(
                 {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,

@@ -44,7 +44,7 @@ class LocalPod:
         self._volumes = {volume["name"]: volume for volume in spec.get("volumes") or []}
 
     def _materialise(self) -> dict[str, str]:
-        """Each Secret volume's items as files; mount path -> local folder."""
+        """Each Secret and ConfigMap volume's items as files; mount path -> local folder."""
         mounts: dict[str, str] = {}
         for mount in self.container.get("volumeMounts") or []:
             volume = self._volumes[mount["name"]]
@@ -59,8 +59,14 @@ class LocalPod:
                     target = local / item["path"]
                     target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
                     target.chmod(0o400)
+            elif "configMap" in volume:
+                config_map = self.plane.get("configmap", volume["configMap"]["name"],
+                                            "-n", self.namespace)
+                for key, text in (config_map.get("data") or {}).items():
+                    (local / key).write_text(text)
             elif "emptyDir" not in volume:
-                raise NotImplementedError(f"volume {mount['name']}: only Secret and emptyDir")
+                raise NotImplementedError(
+                    f"volume {mount['name']}: only Secret, ConfigMap and emptyDir")
             mounts[mount["mountPath"].rstrip("/")] = str(local)
         return mounts
 

@@ -369,6 +369,9 @@ def refused_with(stream: KubeVirtStream, inner: Inner) -> DialRefused:
      closecodes.BAD_UPSTREAM, "virtualmachineinstance vm-1 does not exist"),
     (503, b"", closecodes.BAD_UPSTREAM, "not available now"),
     (500, b"etcd is on fire", closecodes.BAD_UPSTREAM, "(HTTP 500: etcd is on fire)"),
+    (503, b"service unavailable\n", closecodes.BAD_UPSTREAM, "not available now"),
+    (503, b'{"kind":"Status","code":503,"message":"Active VNC connection. Request denied."}',
+     closecodes.CONFLICT, "in use by another console client"),
 ])
 async def test_refusals_say_what_to_do(status: int, body: bytes, code: int, words: str) -> None:
     stream, inner, outer, _ = new_stream()

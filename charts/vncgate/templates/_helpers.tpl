@@ -298,3 +298,28 @@ true
 {{- define "vncgate.keysDir" -}}
 /etc/vncgate/keys
 {{- end }}
+
+{{/* --- the validating admission webhook and the network-reach grants ---------------------- */}}
+{{- define "vncgate.webhookCertDir" -}}
+/etc/vncgate/webhook
+{{- end }}
+
+{{- define "vncgate.reachConfigMap" -}}
+{{- printf "%s-network-reach" (include "vncgate.fullname" .) }}
+{{- end }}
+
+{{- define "vncgate.reachPath" -}}
+/etc/vncgate/network-reach/grants.yaml
+{{- end }}
+
+{{/* The grants as the operator and the relay read them (their file format: vncgate.common.reach). */}}
+{{- define "vncgate.reachGrants" -}}
+{{- dict "grants" (.Values.networkReach.grants | default list) | toYaml }}
+{{- end }}
+
+{{/* Both components read the grants at start: a change restarts them. */}}
+{{- define "vncgate.reachChecksum" -}}
+{{- if .Values.networkReach.enforced }}
+checksum/network-reach: {{ include "vncgate.reachGrants" . | sha256sum }}
+{{- end }}
+{{- end }}

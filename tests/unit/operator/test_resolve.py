@@ -4,7 +4,9 @@ from typing import Any
 
 import pytest
 
+from vncgate.common.model import route_from_json
 from vncgate.common.networks import parse_cidr
+from vncgate.common.reach import parse_grants
 from vncgate.common.spec import ServiceRef
 from vncgate.operator.policy import AddressPolicy
 from vncgate.operator.resolve import (
@@ -126,3 +128,35 @@ def test_service_info_tolerates_odd_bodies() -> None:
                          "spec": {"ports": [{"name": "a"}, "junk", {"port": 1}]}})
     assert [p.port for p in info.ports] == [1]
     assert info.type == "ClusterIP" and not info.headless
+
+
+GRANTS = parse_grants({"grants": [{"namespaces": ["lab"], "cidrs": ["10.20.0.0/16"],
+                                   "hosts": ["*.bmc.lab.example"], "ports": [5900]}]})
+
+
+def test_network_grants_hold_addresses_and_external_names_not_services() -> None:
+    def route(spec: dict[str, Any], service: ServiceInfo | None = None) -> Any:
+        return resolve_route("lab", "desk-1", parse_target_spec(spec), service, DEFAULT,
+                             "cluster.local", GRANTS)
+
+    granted = route({"endpoint": {"address": {"host": "10.20.0.15", "port": 5900}}})
+    assert not granted.service
+    with pytest.raises(TargetInvalid) as exc:
+        route({"endpoint": {"address": {"host": "10.30.0.15", "port": 5900}}})
+    assert exc.value.reason == "AddressNotGranted"
+    assert "10.30.0.15:5900 is outside what namespace lab is granted" in exc.value.message
+    # A Service's own name needs no grant, and the relay is told so.
+    plain = route({"endpoint": {"service": {"name": "desk", "port": 5900}}},
+                  svc([{"name": "vnc", "port": 5900}]))
+    assert plain.service and plain.host == "desk.lab.svc.cluster.local"
+    assert route_from_json(plain.to_json()).service
+    # An ExternalName is an alias for an address: granted by its name, dialled by it.
+    alias = route({"endpoint": {"service": {"name": "desk", "port": 5900}}},
+                  svc([{"name": "vnc", "port": 5900}], type="ExternalName",
+                      externalName="bmc1.bmc.lab.example"))
+    assert (alias.host, alias.service) == ("bmc1.bmc.lab.example", False)
+    with pytest.raises(TargetInvalid) as exc:
+        route({"endpoint": {"service": {"name": "desk", "port": 5900}}},
+              svc([{"name": "vnc", "port": 5900}], type="ExternalName",
+                  externalName="db.corp.example"))
+    assert exc.value.reason == "AddressNotGranted" and "ExternalName" in exc.value.message
