@@ -20,10 +20,11 @@ from vncgate.relay.session.bridge import Session
 from vncgate.relay.session.consoles import Holder
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
+from vncgate.relay.web.browsercookies import secure_cookies
 from vncgate.relay.web.control import add_routes as add_control_routes
 from vncgate.relay.web.control import all_sessions
 from vncgate.relay.web.csrf import csrf_token, set_csrf_cookie
-from vncgate.relay.web.login import exchange_link, login, login_form, logout, secure_cookies
+from vncgate.relay.web.login import exchange_link, login, login_form, logout
 from vncgate.relay.web.origin import check_host, origin_allowed
 from vncgate.relay.web.pages import render_page, setup_templates
 from vncgate.relay.web.playback import add_routes as add_playback_routes
