@@ -26,11 +26,10 @@ from vncgate.relay.web.bodies import read_form, read_json
 from vncgate.relay.web.browsercookies import (
     cookie_name,
     delete_cookie,
-    secure_cookies,
     set_cookie,
 )
 from vncgate.relay.web.csrf import (
-    csrf_token,
+    csrf_for_page,
     form_from_our_page,
     script_from_our_page,
     set_csrf_cookie,
@@ -50,14 +49,14 @@ _VIEWER_NEXT = re.compile(r"^t/([^/]+)/([^/]+)/$")
 
 def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
                headers: dict[str, str] | None = None, user: str = "") -> web.Response:
-    csrf = csrf_token(request)
+    csrf = csrf_for_page(request, None)
     viewer = _VIEWER_NEXT.match(next_path)
     response = render_page(request, "login.html",
-                           {"message": message, "next": next_path, "csrf": csrf,
+                           {"message": message, "next": next_path, "csrf": csrf.token,
                             "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
                             "user": user[:256]},
                            status=status, headers=headers)
-    set_csrf_cookie(response, csrf, secure=secure_cookies(request, request.app[STATE]))
+    set_csrf_cookie(response, request, csrf)
     return response
 
 
@@ -83,7 +82,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     client = client_address(request, state)
     form = await read_form(request)
-    if not form_from_our_page(request, form):
+    if not form_from_our_page(request, form, None):
         audit_event("login", request, state, result="refused: not from our login page")
         raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
     next_path = safe_next(str(form.get("next", "")))
@@ -135,9 +134,10 @@ DEVICE_PREFIX = "device:"
 async def logout(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if not form_from_our_page(request, await read_form(request)):
-        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
+    form = await read_form(request)
     identity = await identify(request)
+    if not form_from_our_page(request, form, identity, state_changing=True):
+        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
     if identity is not None and identity.credential_id and identity.expires is not None:
         # The cookie stops working here even if it is replayed, and its consoles close.
         state.revoked.revoke(identity.credential_id, identity.expires)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import aiohttp
 
 from tests.conftest import API_TOKEN, RelayFactory
+from tests.relay.test_auth import csrf_from
 from tests.support.cluster import free_port
 from tests.support.servers import TcpServer
 from vncgate.common.model import Route
@@ -80,8 +81,7 @@ async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
             assert resp.status == 401
             assert "Authorization: Bearer" in (await resp.json())["error"]
         # A signed-in browser's cookie does not count: a foreign page could make it send one.
-        async with http.get(f"{relay.public_url}/login") as resp:
-            csrf = resp.cookies["vncgate_csrf"].value
+        csrf = await csrf_from(http, f"{relay.public_url}/login")
         async with http.post(f"{relay.public_url}/login", allow_redirects=False, data={
                 "user": "alice", "password": secret, "csrf": csrf}) as resp:
             assert resp.status == 303

@@ -7,11 +7,14 @@ Xvnc where a VNC server is involved. docs/SECURITY.md names each test in its thr
 from __future__ import annotations
 
 import hashlib
+import re
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import (
@@ -23,6 +26,7 @@ from tests.relay.test_auth import (
     jar_session,
     targets,
 )
+from tests.support.certs import make_ca, make_server_cert
 from tests.support.haproxy import HttpProxy
 from tests.support.servers import TcpServer
 from vncgate.relay.access import links
@@ -142,3 +146,81 @@ async def test_guessing_behind_the_ingress_keeps_no_one_else_out(
             assert await sign_in_at(alice, url, "alice", ALICE_PASSWORD) == 303
             # Guesses at another account from alice's browser are not exempt.
             assert await sign_in_at(alice, url, "carol", "a guess!") == 401
+
+
+# --- 5. CSRF: the token hangs on the sign-in, not on a cookie a sibling host can plant --------
+
+async def list_csrf(http: aiohttp.ClientSession, url: str) -> str:
+    """The token of the list page's forms (sign-out, End session), as the page carries it."""
+    async with http.get(f"{url}/") as page:
+        assert page.status == 200
+        assert page.headers["Referrer-Policy"] == "same-origin"
+        match = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert match is not None
+    return match.group(1)
+
+
+async def still_signed_in(http: aiohttp.ClientSession, url: str) -> bool:
+    async with http.get(f"{url}/", allow_redirects=False) as page:
+        return page.status == 200
+
+
+async def test_a_planted_csrf_cookie_and_origin_null_sign_nobody_out(relay: RelayServer) -> None:
+    url = relay.public_url
+    async with jar_session() as http:
+        assert await sign_in_at(http, url, "alice", ALICE_PASSWORD) == 303
+        # evil.example.test set `vncgate_csrf=known; Domain=example.test`: the browser sends it
+        # here, and the page posts the same value with Referrer-Policy: no-referrer.
+        http.cookie_jar.update_cookies({"vncgate_csrf": "known-value"}, URL(url))
+        for end in ("logout", "sessions/end"):
+            async with http.post(f"{url}/{end}", allow_redirects=False,
+                                 headers={"Origin": "null"},
+                                 data={"csrf": "known-value", "namespace": "lab",
+                                       "name": "open"}) as resp:
+                assert resp.status == 403, end
+        assert await still_signed_in(http, url)
+        token = await list_csrf(http, url)
+        # The page's own token, but from a page that hides its origin: refused.
+        async with http.post(f"{url}/logout", allow_redirects=False, data={"csrf": token},
+                             headers={"Origin": "null"}) as resp:
+            assert resp.status == 403
+        # Another sign-in's token (the attacker's own, from their account) does not fit.
+        async with jar_session() as other:
+            assert await sign_in_at(other, url, "bob", BOB_TOKEN) == 303
+            foreign_token = await list_csrf(other, url)
+        async with http.post(f"{url}/logout", allow_redirects=False,
+                             data={"csrf": foreign_token}, headers={"Origin": url}) as resp:
+            assert resp.status == 403
+        assert await still_signed_in(http, url)
+        # The relay's own form, as a browser posts it: signs out.
+        async with http.post(f"{url}/logout", allow_redirects=False, data={"csrf": token},
+                             headers={"Origin": url}) as resp:
+            assert resp.status == 303
+        assert not await still_signed_in(http, url)
+
+
+async def test_cookies_are_host_only_under_tls(make_relay: RelayFactory, backend: TcpServer,
+                                               tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    pem = make_server_cert(ca, tmp_path / "server", "relay")
+    context = ssl.create_default_context(cafile=ca.cert)
+    async with make_relay(routes=targets(backend.port), auth=AUTH, tls_cert=pem.cert,
+                          tls_key=pem.key) as relay, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context),
+            cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        url = relay.public_url
+        async with http.get(f"{url}/login") as page:
+            set_cookies = page.headers.getall("Set-Cookie")
+        assert [c.split("=")[0] for c in set_cookies] == ["__Host-vncgate_csrf"]
+        # A plain-named cookie (as a sibling host can plant) is not read at all.
+        http.cookie_jar.update_cookies({"vncgate_csrf": "known-value"}, URL(url))
+        csrf = await csrf_from(http, f"{url}/login")
+        async with http.post(f"{url}/login", allow_redirects=False, headers={"Origin": url},
+                             data={"user": "alice", "password": ALICE_PASSWORD,
+                                   "csrf": csrf}) as resp:
+            assert resp.status == 303
+            names = {c.split("=")[0]: c for c in resp.headers.getall("Set-Cookie")}
+        assert set(names) == {"__Host-vncgate_session", "__Host-vncgate_device"}
+        for cookie in names.values():
+            assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie
+        assert await still_signed_in(http, url)

@@ -414,7 +414,8 @@ async def test_sign_out_revokes_the_cookie_and_ends_its_sessions(relay: RelaySer
         assert await ws.receive_bytes(timeout=5) == GREETING
         csrf = await csrf_from(http, f"{relay.public_url}/")
         async with http.post(f"{relay.public_url}/logout", data={"csrf": csrf},
-                             headers={"Origin": "null"}, allow_redirects=False) as resp:
+                             headers={"Origin": relay.public_url},
+                             allow_redirects=False) as resp:
             assert resp.status == 303
         msg = await ws.receive(timeout=10)
         assert (msg.data, msg.extra) == (closecodes.UNAUTHENTICATED, "you signed out")
