@@ -104,27 +104,53 @@ class FormatError(ValueError):
     """The file is not a recording this relay can read."""
 
 
-def read_records(path: Path) -> Iterator[Record]:
-    """The records of a recording file, in order. A file cut short (a crash, a full disk) yields
-    the records before the cut: the writer flushes whole records."""
+# Reading is bounded whatever the file holds: a small file can inflate to gigabytes (a
+# black screen in Raw is all zeros and compresses about 1000 to 1), so the file is inflated
+# in steps of at most _INFLATE_STEP bytes, and a record longer than MAX_RECORD is damage.
+# Records are at most one read from the server (relay/session/bridge.py), far below the cap.
+MAX_RECORD = 16 << 20
+_INFLATE_STEP = 1 << 20
+_READ_STEP = 64 * 1024
+
+
+def _inflate(path: Path) -> Iterator[bytes]:
+    """The file's decompressed bytes, in pieces of at most _INFLATE_STEP (raises zlib.error)."""
     decompressor = zlib.decompressobj(wbits=31)
+    with path.open("rb") as file:
+        while not decompressor.eof:
+            data = file.read(_READ_STEP)
+            if not data:
+                return
+            while True:
+                out = decompressor.decompress(data, _INFLATE_STEP)
+                if out:
+                    yield out
+                data = decompressor.unconsumed_tail
+                # A full step may leave output inside zlib even with no input left.
+                if decompressor.eof or (not data and len(out) < _INFLATE_STEP):
+                    break
+
+
+def read_records(path: Path, kinds: frozenset[bytes] | None = None) -> Iterator[Record]:
+    """The records of a recording file, in order; with `kinds`, only those (the others are
+    skipped without being kept: listing a file needs its header, keyframes and end, never its
+    screen). A file cut short (a crash, a full disk) yields the records before the cut: the
+    writer flushes whole records. Memory stays bounded (MAX_RECORD plus one step) whatever the
+    file inflates to."""
     buffer = bytearray()
     started = False
-    with path.open("rb") as file:
-        while True:
-            chunk = file.read(256 * 1024)
-            if chunk:
-                try:
-                    buffer += decompressor.decompress(chunk)
-                except zlib.error as exc:
-                    if not started:
-                        raise FormatError(f"{path} is not a vncgate recording") from exc
-                    return  # a damaged tail: keep what was read
+    skip = 0  # bytes of a skipped record's payload still to come
+    try:
+        for piece in _inflate(path):
+            view = memoryview(piece)
+            if skip:
+                dropped = min(skip, len(view))
+                skip -= dropped
+                view = view[dropped:]
+            buffer += view
             if not started:
                 if len(buffer) < len(MAGIC) + 1:
-                    if chunk:
-                        continue
-                    return  # nothing written yet
+                    continue
                 if bytes(buffer[:len(MAGIC)]) != MAGIC:
                     raise FormatError(f"{path} is not a vncgate recording")
                 if buffer[len(MAGIC)] != FORMAT_VERSION:
@@ -135,14 +161,25 @@ def read_records(path: Path) -> Iterator[Record]:
             offset = 0
             while len(buffer) - offset >= _RECORD.size:
                 kind, millis, length = _RECORD.unpack_from(buffer, offset)
+                if length > MAX_RECORD:
+                    return  # damage, not a record: keep what was read
                 end = offset + _RECORD.size + length
+                if kinds is not None and kind not in kinds:
+                    if end > len(buffer):
+                        skip = end - len(buffer)
+                        offset = len(buffer)
+                        break
+                    offset = end
+                    continue
                 if end > len(buffer):
                     break
                 yield Record(kind, millis, bytes(buffer[offset + _RECORD.size:end]))
                 offset = end
             del buffer[:offset]
-            if not chunk:
-                return
+    except zlib.error as exc:
+        if not started:
+            raise FormatError(f"{path} is not a vncgate recording") from exc
+        return  # a damaged tail: keep what was read
 
 
 # --- following the RFB stream ------------------------------------------------------------------
@@ -445,6 +482,10 @@ class Recording:
     failed: str = ""  # set by the writer thread: why writing stopped
     written: int = 0  # uncompressed bytes handed to the writer
     on_incomplete: Callable[[str], None] | None = None
+    # What the summary beside the file says (kept by the writer thread as records pass).
+    summary_header: bytes = b""
+    summary_end: bytes = b""
+    keyframes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, kind: bytes, payload: bytes) -> None:
@@ -559,6 +600,13 @@ class RecordingWriter:
         out = compressor.compress(record)
         if out:
             file.write(out)
+        kind = record[:1]
+        if kind == HEADER:
+            recording.summary_header = record[_RECORD.size:]
+        elif kind == KEYFRAME:
+            recording.keyframes += 1
+        elif kind == END:
+            recording.summary_end = record[_RECORD.size:]
         self._dirty.add(recording)
         if last:
             self._finish(recording)
@@ -583,6 +631,7 @@ class RecordingWriter:
             file.write(compressor.flush(zlib.Z_FINISH))
         finally:
             file.close()
+        write_summary(recording)
 
     def _fail(self, recording: Recording, exc: Exception) -> None:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -595,6 +644,38 @@ class RecordingWriter:
         if self._on_failure is not None:
             with contextlib.suppress(Exception):
                 self._on_failure(recording, recording.failed)
+
+
+# Each finished recording's summary sits beside it (`<file>.summary.json`): listing
+# recordings reads these few hundred bytes instead of inflating every file.
+SUMMARY_SUFFIX = ".summary.json"
+MAX_SUMMARY = 64 * 1024
+
+
+def summary_path(path: Path) -> Path:
+    return path.with_name(path.name + SUMMARY_SUFFIX)
+
+
+def write_summary(recording: Recording) -> None:
+    """The summary of a finished file (writer thread; a failure leaves none: the listing then
+    reads the file itself, in bounded steps)."""
+    path = recording.path
+    target = summary_path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        header = json.loads(recording.summary_header) if recording.summary_header else {}
+        end = json.loads(recording.summary_end) if recording.summary_end else None
+        body = json.dumps({"format": FORMAT_VERSION, "size": path.stat().st_size,
+                           "header": header, "end": end,
+                           "keyframes": recording.keyframes}).encode()
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "wb") as file:
+            file.write(body)
+        os.replace(temporary, target)
+    except (OSError, ValueError) as exc:
+        log.warning("could not write the summary of %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def _iso(epoch: float) -> str:

@@ -6,10 +6,15 @@ Xvnc where a VNC server is involved. docs/SECURITY.md names each test in its thr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import json
 import re
 import ssl
-from collections.abc import AsyncIterator
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -29,11 +34,24 @@ from tests.relay.test_auth import (
 from tests.support.certs import make_ca, make_server_cert
 from tests.support.haproxy import HttpProxy
 from tests.support.servers import TcpServer
+from tests.support.xvnc import XvncServer
+from vncgate.common.spec import RecordingPolicy
 from vncgate.relay.access import links
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.access.users import User
+from vncgate.relay.recording.capture import (
+    END,
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    SERVER,
+    SUFFIX,
+    encode_record,
+    summary_path,
+)
+from vncgate.relay.recording.store import RecordingSettings, summarize
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.server import RelayServer
 
@@ -224,3 +242,114 @@ async def test_cookies_are_host_only_under_tls(make_relay: RelayFactory, backend
         for cookie in names.values():
             assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie
         assert await still_signed_in(http, url)
+
+
+# --- 1. a small recording cannot exhaust the relay's memory -----------------------------------
+
+ZEROS_MIB = 320
+
+
+def craft_zero_recording(directory: Path) -> tuple[str, Path]:
+    """What a viewer with `connect` on a recorded black screen gets Xvnc to send in Raw:
+    hundreds of MiB of zeros, which compress to well under 1 MiB. Written as the relay writes
+    (relay/recording/capture.py), but with no summary beside it, as for a session still open
+    or cut by a crash."""
+    recording_id = "lab/open/20260101T000000Z-0123abcd"
+    path = directory / f"{recording_id}{SUFFIX}"
+    path.parent.mkdir(parents=True)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    header = json.dumps({"format": FORMAT_VERSION, "namespace": "lab", "name": "open",
+                         "user": "viewer", "started": "2026-01-01T00:00:00Z",
+                         "startedEpoch": 1767225600}).encode()
+    chunk = encode_record(SERVER, 1, bytes(64 * 1024))
+    with path.open("wb") as file:
+        file.write(compressor.compress(MAGIC + bytes([FORMAT_VERSION])))
+        file.write(compressor.compress(encode_record(HEADER, 0, header)))
+        for _ in range(ZEROS_MIB * 16):
+            file.write(compressor.compress(chunk))
+        file.write(compressor.compress(encode_record(END, 2, json.dumps(
+            {"code": 1000, "reason": "", "complete": True}).encode())))
+        file.write(compressor.flush())
+    assert path.stat().st_size < 1 << 20
+    return recording_id, path
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """The peak of Python's allocations (bytes objects included) within the block."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        yield peak
+        peak.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+
+
+BOUND = 48 << 20  # the old code peaked at hundreds of MiB per listing
+
+
+async def test_listing_a_recording_of_zeros_keeps_memory_bounded(
+        make_relay: RelayFactory, backend: TcpServer, tmp_path: Path) -> None:
+    recording_id, _ = craft_zero_recording(tmp_path)
+    async with make_relay(routes=targets(backend.port),
+                          recording=RecordingSettings(directory=tmp_path)) as relay, \
+            aiohttp.ClientSession() as http:
+        async def listing() -> str:
+            async with http.get(f"{relay.public_url}/recordings/") as page:
+                assert page.status == 200
+                return await page.text()
+
+        async def player() -> int:
+            async with http.get(f"{relay.public_url}/recordings/{recording_id}/") as page:
+                return page.status
+
+        with peak_memory() as peak:
+            pages = await asyncio.gather(*(listing() for _ in range(4)), player())
+        assert peak[0] < BOUND, f"listing peaked at {peak[0] >> 20} MiB"
+        assert all(recording_id in page for page in pages[:4]) and pages[4] == 200
+        assert "complete" in pages[0]
+
+
+def test_recordings_command_keeps_memory_bounded(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from vncgate.relay.cli import main
+
+    recording_id, path = craft_zero_recording(tmp_path / "recordings")
+    directory = str(tmp_path / "recordings")
+    with peak_memory() as peak:
+        assert main(["recordings", "--recording-dir", directory, "list", "--json"]) == 0
+        assert main(["recordings", "--recording-dir", directory, "export", recording_id,
+                     "-o", str(tmp_path / "copy")]) == 0
+    assert peak[0] < BOUND, f"list and export peaked at {peak[0] >> 20} MiB"
+    assert json.loads(capsys.readouterr().out)["state"] == "complete"
+    assert (tmp_path / "copy").read_bytes() == path.read_bytes()
+
+
+async def test_a_finished_recording_has_its_summary_beside_it(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    from tests.relay.test_recording import record_session
+
+    await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
+    check_summary_beside(tmp_path)
+
+
+def check_summary_beside(directory: Path) -> None:
+    [path] = directory.rglob(f"*{SUFFIX}")
+    tmp_path = directory
+    beside = json.loads(summary_path(path).read_text())
+    assert beside["size"] == path.stat().st_size and beside["end"]["complete"] is True
+    assert beside["header"]["name"] == "xvnc" and beside["keyframes"] >= 1
+    assert summarize(tmp_path, path, NoInflating()).state == "complete"  # type: ignore[arg-type]
+
+
+class NoInflating:
+    """In place of the semaphore that bounds inflating files: fails if one is inflated."""
+
+    def __enter__(self) -> None:
+        raise AssertionError("a file with its summary beside it was inflated")
+
+    def __exit__(self, *exc: object) -> None:
+        pass
