@@ -7,9 +7,11 @@ record (close code and reason, complete or not).
 
 The live session never waits for the disk. The event loop only appends records to a per-session
 byte budget and hands them to one writer thread, which compresses and writes. When a session's
-queued bytes pass the budget (the disk does not keep up) the recording stops there, is marked
-incomplete, and an audit line and `vncgate_recordings_incomplete` say so; a write error (a full
-disk) does the same. Nothing the disk does reaches the session or the relay.
+queued bytes pass the budget (the disk does not keep up) the session stops reading the server
+and the viewer until the writer caught up, as for a slow browser: a viewer cannot switch its
+recording off by asking for large updates. A disk that stalls for the stall timeout, or a write
+error (a full disk), cuts the recording: it is marked incomplete, and an audit line and
+`vncgate_recordings_incomplete` say so; the session goes on, or, with `required`, ends (4507).
 
 Keyframes: playback must be able to start anywhere without feeding noVNC every earlier byte. A
 recorded session negotiates only encodings whose decoders carry no state between updates (Raw,
@@ -26,6 +28,7 @@ viewer's messages only after ClientInit, and only input messages, only when aske
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -76,6 +79,8 @@ EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING = -308, -307, -2
 EXTENDED_CLIPBOARD = 0xC0A1E5CE - (1 << 32)
 QUALITY_LEVELS = range(-32, -22)  # JPEG quality and compression level: no data of their own
 COMPRESS_LEVELS = range(-256, -246)
+# (ExtendedMouseButtons is not among them: with it, servers read 7-byte PointerEvents, which the
+# relay's parser does not; relay/rfb/viewerstream.py.)
 ALLOWED_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_RECT, CURSOR,
                                EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING,
                                EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
@@ -470,11 +475,18 @@ def restrict_encodings(message: bytes) -> bytes:
 
 @dataclass(eq=False)
 class Recording:
-    """One session's recording: the event loop adds records, the writer thread writes them."""
+    """One session's recording: the event loop adds records, the writer thread writes them.
+
+    Over its budget of bytes waiting for the disk (`limit`) a recording is not cut: the session
+    stops reading the VNC server (and the viewer) until the writer has caught up (`drained`),
+    as it does for a browser that does not keep up. Otherwise a viewer could switch its own
+    recording off by asking for large updates. Only a disk that stalls for the session's stall
+    timeout, or a failed write, ends a recording early (`cut`).
+    """
 
     writer: RecordingWriter
     path: Path
-    limit: int  # bytes that may wait for the disk before the recording is cut
+    limit: int  # bytes that may wait for the disk before the session waits for it
     started: float = field(default_factory=time.monotonic)
     pending: int = 0
     complete: bool = True
@@ -487,28 +499,48 @@ class Recording:
     summary_end: bytes = b""
     keyframes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def over_budget(self) -> bool:
+        return not self.stopped and self.pending > self.limit
 
     def add(self, kind: bytes, payload: bytes) -> None:
-        """Queue one record (event loop); never blocks, never raises."""
+        """Queue one record (event loop); never blocks, never raises. The caller holds its
+        source back while `over_budget` (see `drained`)."""
         if self.stopped:
             return
         if self.failed:
-            self._cut(f"writing failed: {self.failed}")
+            self.cut(f"writing failed: {self.failed}")
             return
         record = encode_record(kind, int((time.monotonic() - self.started) * 1000), payload)
         with self._lock:
-            if self.pending + len(record) > self.limit:
-                over = True
-            else:
-                over = False
-                self.pending += len(record)
-        if over:
-            self._cut(f"the disk did not keep up ({self.limit} bytes waiting)")
-            return
+            self.pending += len(record)
         self.written += len(record)
         self.writer.submit(self, record)
 
-    def _cut(self, why: str) -> None:
+    def check(self) -> None:
+        """Cut the recording now if the writer failed (event loop)."""
+        if self.failed and not self.stopped:
+            self.cut(f"writing failed: {self.failed}")
+
+    async def drained(self) -> None:
+        """Until the writer has brought the waiting bytes down to half the budget, or failed
+        (event loop)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.pending <= self.limit // 2 or self.failed:
+                return
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def cut(self, why: str) -> None:
         self.stopped = True
         self.complete = False
         if self.on_incomplete is not None:
@@ -517,7 +549,7 @@ class Recording:
     def close(self, code: int | None, reason: str) -> None:
         """The end record (exempt from the budget: it is small) and the file's end."""
         if self.failed and not self.stopped:
-            self._cut(f"writing failed: {self.failed}")
+            self.cut(f"writing failed: {self.failed}")
         self.stopped = True
         end = {"code": code, "reason": reason, "complete": self.complete,
                "ended": _iso(time.time()),
@@ -529,8 +561,20 @@ class Recording:
         self.writer.submit(self, record, last=True)
 
     def done_writing(self, size: int) -> None:
+        """The writer thread wrote (or dropped) `size` bytes: wake a session that waits."""
         with self._lock:
             self.pending -= size
+            if not self._waiters or (self.pending > self.limit // 2 and not self.failed):
+                return
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class RecordingWriter:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import ssl
+import struct
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -31,17 +32,23 @@ from tests.relay.test_auth import (
     jar_session,
     targets,
 )
+from tests.relay.test_recording import tiny_tmpfs as tiny_tmpfs  # a fixture
 from tests.support.certs import make_ca, make_server_cert
 from tests.support.haproxy import HttpProxy
+from tests.support.rfbclient import viewer_handshake
 from tests.support.servers import TcpServer
+from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
-from vncgate.common.spec import RecordingPolicy
+from vncgate.common.model import Route
+from vncgate.common.spec import RecordingPolicy, SpecError, parse_recording
+from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.access.users import User
 from vncgate.relay.recording.capture import (
+    CLIENT,
     END,
     FORMAT_VERSION,
     HEADER,
@@ -49,9 +56,11 @@ from vncgate.relay.recording.capture import (
     SERVER,
     SUFFIX,
     encode_record,
+    read_records,
     summary_path,
 )
 from vncgate.relay.recording.store import RecordingSettings, summarize
+from vncgate.relay.rfb.viewerstream import ClientFilter
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.server import RelayServer
 
@@ -353,3 +362,124 @@ class NoInflating:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+# --- 2. the recorded viewer cannot switch its recording off -----------------------------------
+
+KEY_DOWN_UP = struct.pack("!BBxxI", 4, 1, 0x61) + struct.pack("!BBxxI", 4, 0, 0x61)
+RAW_ONLY = struct.pack("!BxHi", 2, 1, 0)
+
+
+async def drain(ws: aiohttp.ClientWebSocketResponse, received: list[int]) -> None:
+    """Read everything the relay sends, as a browser that keeps up does."""
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            received[0] += len(msg.data)
+
+
+async def test_large_updates_wait_for_the_disk_and_the_keys_after_them_are_recorded(
+        make_relay: RelayFactory, tmp_path: Path) -> None:
+    """The reviewer's attack, scaled: four non-incremental full-screen Raw updates, far over
+    the recording's queue, then keys. Before, the recording was cut ("the disk did not keep
+    up", complete=false) and the keys typed afterwards went unrecorded."""
+    width, height = 1920, 1080
+    queue = 1 << 20  # each update is 8 MiB
+    with XvncServer(geometry=f"{width}x{height}") as big:
+        route = Route("lab", "big", "127.0.0.1", big.port,
+                      recording=RecordingPolicy(enabled=True, input=True))
+        async with make_relay(routes=[route], recording=RecordingSettings(
+                directory=tmp_path, queue_bytes=queue)) as relay, \
+                aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{relay.public_url}/t/lab/big/websockify",
+                                protocols=("binary",)) as ws:
+            stream, _ = await viewer_handshake(ws)
+            received = [len(stream.buffer)]
+            reader = asyncio.create_task(drain(ws, received))
+            full = struct.pack("!BBHHHH", 3, 0, 0, 0, width, height)
+            await ws.send_bytes(RAW_ONLY)
+            for n in range(1, 5):  # one at a time: Xvnc answers requests that wait together once
+                await ws.send_bytes(full)
+                await eventually(lambda n=n: received[0] >= n * width * height * 4,
+                                 f"full-screen update {n} relayed", timeout=60,
+                                 context=lambda: received[0])
+            await ws.send_bytes(KEY_DOWN_UP * 12)
+            before = received[0]
+            await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, 8, 8))  # after the keys
+            await eventually(lambda: received[0] > before, "the server answered after the keys")
+            await ws.close()
+            await reader
+            assert not relay.state.metrics.registry.get_sample_value(
+                "vncgate_recordings_incomplete_total", {"reason": "queue"})
+    [path] = await asyncio.to_thread(lambda: list(tmp_path.rglob(f"*{SUFFIX}")))
+    records = await asyncio.to_thread(lambda: list(read_records(path)))
+    assert records[-1].kind == END and records[-1].json()["complete"] is True
+    keys = [r.payload for r in records if r.kind == CLIENT and r.payload[0] == 4]
+    assert len(keys) == 24, f"{len(keys)} of 24 keystrokes recorded"
+
+
+async def test_a_required_recording_that_cannot_go_on_ends_the_session(
+        make_relay: RelayFactory, xvnc: XvncServer, tiny_tmpfs: Path) -> None:
+    route = Route("lab", "xvnc", "127.0.0.1", xvnc.port,
+                  recording=RecordingPolicy(enabled=True, input=True, required=True))
+    async with make_relay(routes=[route], recording=RecordingSettings(directory=tiny_tmpfs)) \
+            as relay, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                            protocols=("binary",)) as ws:
+        # The header cannot be written: the session ends during its handshake already.
+        await ws.send_bytes(b"RFB 003.008\n\x01\x01" + RAW_ONLY
+                            + struct.pack("!BBHHHH", 3, 0, 0, 0, 800, 600))
+
+        async def closed() -> aiohttp.WSMessage | None:
+            msg = await ws.receive(timeout=10)
+            return msg if msg.type is aiohttp.WSMsgType.CLOSE else None
+
+        msg = await eventually(closed, "the session closed", timeout=20, interval=0)
+    assert msg.data == closecodes.RECORDING_FAILED
+    assert "must be recorded" in msg.extra
+
+
+def test_required_recording_needs_it_enabled() -> None:
+    assert parse_recording({"enabled": True, "required": True}) == RecordingPolicy(
+        enabled=True, required=True)
+    with pytest.raises(SpecError, match="needs enabled: true"):
+        parse_recording({"required": True})
+
+
+async def test_a_pointer_with_the_0x80_bit_smuggles_no_set_encodings(
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """TigerVNC reads a PointerEvent as 6 bytes unless the viewer announced
+    ExtendedMouseButtons; the relay read 7 when the 0x80 bit was set, one byte off from the
+    server from there on: a SetEncodings after it went past the recording's encoding filter
+    (or the session stalled)."""
+    route = Route("lab", "xvnc", "127.0.0.1", xvnc.port, recording=RecordingPolicy(enabled=True))
+    async with make_relay(routes=[route], recording=RecordingSettings(directory=tmp_path)) \
+            as relay, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{relay.public_url}/t/lab/xvnc/websockify",
+                            protocols=("binary",)) as ws:
+        stream, _ = await viewer_handshake(ws)
+        zrle_and_mouse = struct.pack("!BxH2i", 2, 2, 16, -316)
+        await ws.send_bytes(struct.pack("!BBHH", 5, 0x80, 10, 10) + zrle_and_mouse
+                            + struct.pack("!BBHHHH", 3, 0, 0, 0, 800, 600))
+        assert await stream.read(1) == b"\x00"  # a FramebufferUpdate: the relay kept step
+        (count,) = struct.unpack("!xH", await stream.read(3))
+        encodings = set()
+        for _ in range(count):
+            _x, _y, w, h, encoding = struct.unpack("!HHHHi", await stream.read(12))
+            encodings.add(encoding)
+            if encoding == 0:
+                await stream.read(w * h * 4)
+            else:
+                break  # anything but Raw: the SetEncodings was not filtered
+        assert encodings == {0}, f"the server used encodings {encodings}"
+
+
+async def test_view_only_and_idle_sessions_take_extended_mouse_buttons_out() -> None:
+    """The view-only filter removes ExtendedMouseButtons from SetEncodings, so no server reads
+    7-byte PointerEvents where the relay reads 6."""
+    flt = ClientFilter(view_only=False)
+    flt.server_greeting(b"RFB 003.008\n")
+    handshake = b"RFB 003.008\n" + b"\x01" + b"\x01"
+    sent = flt.feed(handshake + struct.pack("!BxH3i", 2, 3, 16, -316, 0)
+                    + struct.pack("!BBHH", 5, 0x80, 1, 1) + struct.pack("!BBxxI", 4, 1, 0x61))
+    assert sent == handshake + struct.pack("!BxH2i", 2, 2, 16, 0) \
+        + struct.pack("!BBHH", 5, 0x80, 1, 1) + struct.pack("!BBxxI", 4, 1, 0x61)
