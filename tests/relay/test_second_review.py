@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
 import ssl
 import struct
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -36,11 +39,13 @@ from tests.relay.test_recording import tiny_tmpfs as tiny_tmpfs  # a fixture
 from tests.support.certs import make_ca, make_server_cert
 from tests.support.haproxy import HttpProxy
 from tests.support.rfbclient import viewer_handshake
-from tests.support.servers import TcpServer
+from tests.support.servers import GREETING, TcpServer
 from tests.support.waiting import eventually
 from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy, SpecError, parse_recording
+from vncgate.kubectl import localpeer
+from vncgate.kubectl.proxy import Tunnel, serve
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.identity import AuthMode
@@ -483,3 +488,62 @@ async def test_view_only_and_idle_sessions_take_extended_mouse_buttons_out() -> 
                     + struct.pack("!BBHH", 5, 0x80, 1, 1) + struct.pack("!BBxxI", 4, 1, 0x61))
     assert sent == handshake + struct.pack("!BxH2i", 2, 2, 16, 0) \
         + struct.pack("!BBHH", 5, 0x80, 1, 1) + struct.pack("!BBxxI", 4, 1, 0x61)
+
+
+# --- 4. kubectl vnc proxy lends its user's identity to that user's processes only ------------
+
+CLIENT_AS = """
+import encodings.idna, os, socket, sys  # imported before setuid: root's files are private
+os.setuid(int(sys.argv[2]))
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as conn:
+    data = b""
+    while len(data) < 12:
+        chunk = conn.recv(12 - len(data))
+        if not chunk:
+            break
+        data += chunk
+print(data.hex())
+"""
+
+
+async def first_bytes_as(uid: int, port: int) -> bytes:
+    """The first bytes a viewer run by `uid` (a child process) gets from the local port."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT_AS, str(port), str(uid), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    return bytes.fromhex(out.decode().strip())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root (setuid)")
+async def test_the_local_proxy_refuses_other_users(make_relay: RelayFactory,
+                                                   backend: TcpServer) -> None:
+    reports: list[str] = []
+    async with make_relay(routes=targets(backend.port)) as relay:
+        tunnel = Tunnel(f"{relay.public_url.replace('http', 'ws', 1)}/t/lab/open/websockify",
+                        lambda: "Bearer unused", report=reports.append)
+        ports: list[int] = []
+        server = asyncio.create_task(serve(tunnel, "127.0.0.1", 0, ports.append))
+        try:
+            await eventually(lambda: ports, "the proxy listening")
+            # Another user of the machine (nobody, 65534): no console, and the user is told.
+            assert await first_bytes_as(65534, ports[0]) == b""
+            assert tunnel.refused == 1 and "uid 65534" in reports[-1]
+            # The proxy's own user gets the console.
+            assert await first_bytes_as(os.getuid(), ports[0]) == GREETING
+            assert tunnel.sessions == 1
+        finally:
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
+
+
+def test_the_owner_of_a_loopback_connection_is_read() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as client:
+        accepted, peer = listener.accept()
+        with accepted:
+            assert localpeer.peer_uid(accepted.getsockname(), peer) == os.getuid()
+            assert localpeer.peer_uid(accepted.getsockname(), ("127.0.0.1", 1)) is None
+        assert client.getsockname()[1] == peer[1]
