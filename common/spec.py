@@ -148,21 +148,31 @@ class RecordingPolicy:
 
     enabled: bool = False
     input: bool = False
+    # The session ends (4507) when its recording cannot go on (a full disk, a failed write,
+    # a disk that stalls); without it, the recording is cut and the session goes on.
+    required: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {"enabled": self.enabled, "input": self.input}
+        body: dict[str, object] = {"enabled": self.enabled, "input": self.input}
+        if self.required:
+            body["required"] = True
+        return body
 
 
 def parse_recording(value: object, field: str = "spec.recording") -> RecordingPolicy | None:
     if value is None:
         return None
     policy = _mapping(value, field)
-    _no_unknown(policy, {"enabled", "input"}, field)
+    _no_unknown(policy, {"enabled", "input", "required"}, field)
     enabled, record_input = policy.get("enabled", False), policy.get("input", False)
-    for key, flag in (("enabled", enabled), ("input", record_input)):
+    required = policy.get("required", False)
+    for key, flag in (("enabled", enabled), ("input", record_input), ("required", required)):
         if not isinstance(flag, bool):
             raise SpecError(f"{field}.{key}", f"must be true or false, not {flag!r}")
-    return RecordingPolicy(enabled=enabled, input=record_input)
+    if required and not enabled:
+        raise SpecError(f"{field}.required", "needs enabled: true (a recording that is off "
+                                             "cannot be required)")
+    return RecordingPolicy(enabled=enabled, input=record_input, required=required)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,9 @@ from vncgate.common import installed_version
 from vncgate.common.envflags import FlagParser
 from vncgate.common.kube import KubeConfigError
 from vncgate.common.spec import API_GROUP, PLURAL, SpecError, check_key, parse_duration
-from vncgate.kubectl import kubeconfig
+from vncgate.kubectl import kubeconfig, localpeer
 from vncgate.kubectl.kubeconfig import NoToken, UserConfig
-from vncgate.kubectl.proxy import Tunnel, serve
+from vncgate.kubectl.proxy import Tunnel, own_user_only, serve
 
 VERSION = "v1alpha1"
 
@@ -250,7 +250,15 @@ async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
     user.bearer()  # fail now, not at the viewer's first connection, without a token
     ws_url = "ws" + base.removeprefix("http") + f"/t/{user.namespace}/{args.name}/websockify"
-    tunnel = Tunnel(ws_url, user.bearer)
+    if args.any_local_user:
+        print("kubectl vnc proxy: --any-local-user: every process on this machine that reaches "
+              f"the port opens {user.namespace}/{args.name} as you", file=sys.stderr)
+    elif not localpeer.can_check():
+        print("kubectl vnc proxy: this system cannot tell which user connects to a local port "
+              "(no /proc/net/tcp), so the proxy would open the console as you for any local "
+              "user; on a machine of your own, add --any-local-user", file=sys.stderr)
+        return 2
+    tunnel = Tunnel(ws_url, user.bearer, allowed=None if args.any_local_user else own_user_only)
 
     def started(port: int) -> None:
         print(f"Forwarding 127.0.0.1:{port} -> {user.namespace}/{args.name} through "
@@ -306,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "0: any free one)")
     proxy.add_argument("--address", default="127.0.0.1",
                        help="local address to listen on (default 127.0.0.1)")
+    proxy.add_argument("--any-local-user", action="store_true",
+                       help="accept viewers of every user of this machine, not only yours "
+                            "(needed where the owner of a connection cannot be read: not Linux)")
     sessions = commands.add_parser("sessions", parents=[common],
                                    help="who is connected (RBAC: sessions on vnctargets)")
     sessions.add_argument("name", nargs="?", help="only this target's sessions")

@@ -6,30 +6,59 @@ Each TCP connection to the local port (127.0.0.1 by default) becomes one WebSock
 they come, with back-pressure: a slow side slows the reads from the other (the WebSocket's and
 the socket's flow control), so memory stays bounded. When the relay ends the session, its close
 code and reason are printed and the viewer's connection is closed.
+
+The local port is private to the user who runs the proxy: a connection is accepted only when
+its other end is a socket of the same uid (kubectl/localpeer.py reads the owner from
+/proc/net/tcp), since every session opens with that user's token and, with
+`spec.credentials`, no VNC password stands in the way. Where the system cannot say (not
+Linux), the proxy does not start unless told `--any-local-user`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import sys
 from collections.abc import Callable
 
 import aiohttp
 
+from vncgate.kubectl import localpeer
+
 READ_SIZE = 64 * 1024
 
 
+def own_user_only(ours: tuple[str, int], peer: tuple[str, int]) -> str:
+    """Why a connection is refused ("" when it is one of this user's own processes)."""
+    uid = localpeer.peer_uid(ours, peer)
+    if uid == os.getuid():
+        return ""
+    if uid is None:
+        return (f"refused a connection from {peer[0]}:{peer[1]}: not from a process of this "
+                "machine's user (the proxy lends your identity to its own user's viewers only)")
+    return (f"refused a connection from {peer[0]}:{peer[1]}: it belongs to uid {uid}, not to "
+            f"you (uid {os.getuid()}); the proxy lends your identity to your own viewers only")
+
+
 class Tunnel:
+    """`allowed(ours, peer)` says why a local connection is refused ("" to accept it):
+    `own_user_only` by default, so that another user of the machine cannot open a console
+    with this user's identity through the local port."""
+
     def __init__(self, ws_url: str, authorization: Callable[[], str],
                  ssl_context: ssl.SSLContext | bool = True,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None,
+                 allowed: Callable[[tuple[str, int], tuple[str, int]], str] | None
+                 = own_user_only) -> None:
         self.ws_url = ws_url
         self.authorization = authorization
         self.ssl_context = ssl_context
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.allowed = allowed
         self.sessions = 0
+        self.refused = 0
         self._http: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -44,6 +73,15 @@ class Tunnel:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         who = f"viewer {peer[0]}:{peer[1]}"
+        if self.allowed is not None:
+            refusal = self.allowed(writer.get_extra_info("sockname"), peer)
+            if refusal:
+                self.refused += 1
+                self.report(refusal)
+                writer.close()
+                with contextlib.suppress(OSError, ConnectionError):
+                    await writer.wait_closed()
+                return
         self.sessions += 1
         try:
             async with self._client().ws_connect(

@@ -23,6 +23,9 @@ INTERNAL_ERROR = 4500
 BAD_UPSTREAM = 4502
 OVER_CAPACITY = 4503
 UPSTREAM_TIMEOUT = 4504
+# HTTP 507 Insufficient Storage: the console must be recorded (spec.recording.required) and its
+# recording cannot go on. Final: the administrator must free or fix the disk first.
+RECORDING_FAILED = 4507
 
 # A close frame carries at most 125 bytes: 2 for the code, 123 for the reason.
 MAX_REASON_BYTES = 123

@@ -73,18 +73,22 @@ class RelayState:
     shutting_down: bool = False
     authorizer: Authorizer = field(init=False)
     session_key: bytes = field(init=False)
-    # Failed sign-ins, bearer tokens and share links per client address; sign-ins per account.
+    # Failed sign-ins, bearer tokens and share links per client address; sign-ins per account;
+    # bearer tokens and share links overall; sign-ins per device cookie (a browser that signed
+    # in as that user before, counted apart so guesses from elsewhere never keep it out).
     login_failures: FailureLimiter = field(default_factory=FailureLimiter)
     account_failures: FailureLimiter = field(
         default_factory=lambda: FailureLimiter(limit=10, window=300.0))
+    bearer_failures: FailureLimiter = field(
+        default_factory=lambda: FailureLimiter(limit=100, window=60.0))
+    device_failures: FailureLimiter = field(
+        default_factory=lambda: FailureLimiter(limit=5, window=300.0))
     # scrypt runs here, off the event loop.
     derivations: KeyDerivations = field(default_factory=KeyDerivations)
     # Sign-in cookies signed out of before their expiry.
     revoked: Revoked = field(default_factory=Revoked)
     used_links: UsedLinks = field(default_factory=UsedLinks)
     consoles: Consoles = field(init=False)
-    # sha256(bearer token) -> (user, valid until): scrypt is too slow to run per request.
-    bearer_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
     # Session recordings (relay/recording/service.py): the writer thread and its metrics.

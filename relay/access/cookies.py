@@ -85,3 +85,35 @@ class Revoked:
 
     def __contains__(self, credential_id: str) -> bool:
         return credential_id in self._until
+
+
+# A browser that signed in as a user before: its failed sign-ins are counted on their own, so
+# that guesses at the account from elsewhere (or from the same Ingress address) never keep
+# that person out. The OWASP "device cookie" defence against account lock-out.
+DEVICE_COOKIE = "vncgate_device"
+DEVICE_TTL = 90 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceClaim:
+    user: str
+    device: str
+
+
+def device_cookie(key: bytes, user: str, now: float | None = None) -> str:
+    issued = int(now if now is not None else time.time())
+    return sign(key, {"typ": "device", "u": user, "exp": issued + DEVICE_TTL,
+                      "dev": secrets.token_hex(8)})
+
+
+def read_device_cookie(key: bytes, value: str, now: float | None = None) -> DeviceClaim | None:
+    """A device cookie's claim if this key signed it, it is one, and it has not expired."""
+    payload = unsign((key,), value)
+    if payload is None or payload.get("typ") != "device":
+        return None
+    expires, user, device = payload.get("exp"), payload.get("u"), payload.get("dev")
+    if not isinstance(expires, int) or not isinstance(user, str) or not isinstance(device, str):
+        return None
+    if expires <= (now if now is not None else time.time()):
+        return None
+    return DeviceClaim(user=user, device=device)

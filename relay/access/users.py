@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,13 @@ class User:
     name: str
     secret: str  # a hash (scrypt$..., sha256$...) or the plain secret
     groups: tuple[str, ...] = ()
+    # A token entry (`sha256$...`, or a plain value under `token:`): a bearer token for scripts.
+    # Passwords never are (see find_bearer).
+    token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.secret.startswith("sha256$"):
+            object.__setattr__(self, "token", True)
 
 
 def load_users(path: Path) -> dict[str, User]:
@@ -38,7 +47,12 @@ def load_users(path: Path) -> dict[str, User]:
         if not isinstance(name, str) or not name or ":" in name:
             raise AuthConfigError(f"{where}: a user name is a non-empty string without ':'")
         groups: list[str] = []
+        token = False
         if isinstance(entry, Mapping):
+            if "token" in entry and ("secret" in entry or "password" in entry):
+                raise AuthConfigError(f"{where}: give either a token or a secret (password), "
+                                      "not both")
+            token = "token" in entry
             secret = entry.get("secret", entry.get("password", entry.get("token")))
             groups = entry.get("groups", [])
             if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
@@ -51,7 +65,10 @@ def load_users(path: Path) -> dict[str, User]:
         if not secret.startswith(("scrypt$", "sha256$")) and len(secret) < 12:
             raise AuthConfigError(f"{where}: a plain secret must have at least 12 characters; "
                                   "better, store its hash (vncgate-relay hash-password)")
-        users[name] = User(name=name, secret=secret, groups=tuple(groups))
+        if token and secret.startswith("scrypt$"):
+            raise AuthConfigError(f"{where}: a token is stored plain or as sha256$<hex>; "
+                                  "scrypt$ hashes are for passwords (`secret:`)")
+        users[name] = User(name=name, secret=secret, groups=tuple(groups), token=token)
     return users
 
 
@@ -68,10 +85,23 @@ def check_login(users: Mapping[str, User], name: str, secret: str) -> User | Non
 
 
 def find_bearer(users: Mapping[str, User], token: str) -> User | None:
-    """The user whose secret `token` is (a bearer names no user: each entry is tried). Slow:
-    one scrypt derivation per scrypt entry; run it in `KeyDerivations`."""
+    """The user whose token entry `token` is, or None.
+
+    Only token entries (`sha256$...`, or a plain value under `token:`): a bearer names no user
+    and so is not limited per account the way a sign-in is; a password accepted as a bearer
+    let guesses at one person's password skip that limit. A token is a long random value
+    (guessing it is hopeless), so this is one SHA-256 and constant-time compares, fast enough
+    for the event loop.
+    """
+    digest = hashlib.sha256(token.encode()).hexdigest()
     found = None
     for user in users.values():
-        if verify_secret(token, user.secret) and found is None:
+        if not user.token:
+            continue
+        if user.secret.startswith("sha256$"):
+            match = hmac.compare_digest(digest, user.secret.removeprefix("sha256$"))
+        else:
+            match = hmac.compare_digest(token.encode(), user.secret.encode())
+        if match and found is None:
             found = user
     return found

@@ -7,9 +7,11 @@ record (close code and reason, complete or not).
 
 The live session never waits for the disk. The event loop only appends records to a per-session
 byte budget and hands them to one writer thread, which compresses and writes. When a session's
-queued bytes pass the budget (the disk does not keep up) the recording stops there, is marked
-incomplete, and an audit line and `vncgate_recordings_incomplete` say so; a write error (a full
-disk) does the same. Nothing the disk does reaches the session or the relay.
+queued bytes pass the budget (the disk does not keep up) the session stops reading the server
+and the viewer until the writer caught up, as for a slow browser: a viewer cannot switch its
+recording off by asking for large updates. A disk that stalls for the stall timeout, or a write
+error (a full disk), cuts the recording: it is marked incomplete, and an audit line and
+`vncgate_recordings_incomplete` say so; the session goes on, or, with `required`, ends (4507).
 
 Keyframes: playback must be able to start anywhere without feeding noVNC every earlier byte. A
 recorded session negotiates only encodings whose decoders carry no state between updates (Raw,
@@ -26,6 +28,7 @@ viewer's messages only after ClientInit, and only input messages, only when aske
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -76,6 +79,8 @@ EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING = -308, -307, -2
 EXTENDED_CLIPBOARD = 0xC0A1E5CE - (1 << 32)
 QUALITY_LEVELS = range(-32, -22)  # JPEG quality and compression level: no data of their own
 COMPRESS_LEVELS = range(-256, -246)
+# (ExtendedMouseButtons is not among them: with it, servers read 7-byte PointerEvents, which the
+# relay's parser does not; relay/rfb/viewerstream.py.)
 ALLOWED_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_RECT, CURSOR,
                                EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING,
                                EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
@@ -104,27 +109,53 @@ class FormatError(ValueError):
     """The file is not a recording this relay can read."""
 
 
-def read_records(path: Path) -> Iterator[Record]:
-    """The records of a recording file, in order. A file cut short (a crash, a full disk) yields
-    the records before the cut: the writer flushes whole records."""
+# Reading is bounded whatever the file holds: a small file can inflate to gigabytes (a
+# black screen in Raw is all zeros and compresses about 1000 to 1), so the file is inflated
+# in steps of at most _INFLATE_STEP bytes, and a record longer than MAX_RECORD is damage.
+# Records are at most one read from the server (relay/session/bridge.py), far below the cap.
+MAX_RECORD = 16 << 20
+_INFLATE_STEP = 1 << 20
+_READ_STEP = 64 * 1024
+
+
+def _inflate(path: Path) -> Iterator[bytes]:
+    """The file's decompressed bytes, in pieces of at most _INFLATE_STEP (raises zlib.error)."""
     decompressor = zlib.decompressobj(wbits=31)
+    with path.open("rb") as file:
+        while not decompressor.eof:
+            data = file.read(_READ_STEP)
+            if not data:
+                return
+            while True:
+                out = decompressor.decompress(data, _INFLATE_STEP)
+                if out:
+                    yield out
+                data = decompressor.unconsumed_tail
+                # A full step may leave output inside zlib even with no input left.
+                if decompressor.eof or (not data and len(out) < _INFLATE_STEP):
+                    break
+
+
+def read_records(path: Path, kinds: frozenset[bytes] | None = None) -> Iterator[Record]:
+    """The records of a recording file, in order; with `kinds`, only those (the others are
+    skipped without being kept: listing a file needs its header, keyframes and end, never its
+    screen). A file cut short (a crash, a full disk) yields the records before the cut: the
+    writer flushes whole records. Memory stays bounded (MAX_RECORD plus one step) whatever the
+    file inflates to."""
     buffer = bytearray()
     started = False
-    with path.open("rb") as file:
-        while True:
-            chunk = file.read(256 * 1024)
-            if chunk:
-                try:
-                    buffer += decompressor.decompress(chunk)
-                except zlib.error as exc:
-                    if not started:
-                        raise FormatError(f"{path} is not a vncgate recording") from exc
-                    return  # a damaged tail: keep what was read
+    skip = 0  # bytes of a skipped record's payload still to come
+    try:
+        for piece in _inflate(path):
+            view = memoryview(piece)
+            if skip:
+                dropped = min(skip, len(view))
+                skip -= dropped
+                view = view[dropped:]
+            buffer += view
             if not started:
                 if len(buffer) < len(MAGIC) + 1:
-                    if chunk:
-                        continue
-                    return  # nothing written yet
+                    continue
                 if bytes(buffer[:len(MAGIC)]) != MAGIC:
                     raise FormatError(f"{path} is not a vncgate recording")
                 if buffer[len(MAGIC)] != FORMAT_VERSION:
@@ -135,14 +166,25 @@ def read_records(path: Path) -> Iterator[Record]:
             offset = 0
             while len(buffer) - offset >= _RECORD.size:
                 kind, millis, length = _RECORD.unpack_from(buffer, offset)
+                if length > MAX_RECORD:
+                    return  # damage, not a record: keep what was read
                 end = offset + _RECORD.size + length
+                if kinds is not None and kind not in kinds:
+                    if end > len(buffer):
+                        skip = end - len(buffer)
+                        offset = len(buffer)
+                        break
+                    offset = end
+                    continue
                 if end > len(buffer):
                     break
                 yield Record(kind, millis, bytes(buffer[offset + _RECORD.size:end]))
                 offset = end
             del buffer[:offset]
-            if not chunk:
-                return
+    except zlib.error as exc:
+        if not started:
+            raise FormatError(f"{path} is not a vncgate recording") from exc
+        return  # a damaged tail: keep what was read
 
 
 # --- following the RFB stream ------------------------------------------------------------------
@@ -433,11 +475,18 @@ def restrict_encodings(message: bytes) -> bytes:
 
 @dataclass(eq=False)
 class Recording:
-    """One session's recording: the event loop adds records, the writer thread writes them."""
+    """One session's recording: the event loop adds records, the writer thread writes them.
+
+    Over its budget of bytes waiting for the disk (`limit`) a recording is not cut: the session
+    stops reading the VNC server (and the viewer) until the writer has caught up (`drained`),
+    as it does for a browser that does not keep up. Otherwise a viewer could switch its own
+    recording off by asking for large updates. Only a disk that stalls for the session's stall
+    timeout, or a failed write, ends a recording early (`cut`).
+    """
 
     writer: RecordingWriter
     path: Path
-    limit: int  # bytes that may wait for the disk before the recording is cut
+    limit: int  # bytes that may wait for the disk before the session waits for it
     started: float = field(default_factory=time.monotonic)
     pending: int = 0
     complete: bool = True
@@ -445,29 +494,53 @@ class Recording:
     failed: str = ""  # set by the writer thread: why writing stopped
     written: int = 0  # uncompressed bytes handed to the writer
     on_incomplete: Callable[[str], None] | None = None
+    # What the summary beside the file says (kept by the writer thread as records pass).
+    summary_header: bytes = b""
+    summary_end: bytes = b""
+    keyframes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def over_budget(self) -> bool:
+        return not self.stopped and self.pending > self.limit
 
     def add(self, kind: bytes, payload: bytes) -> None:
-        """Queue one record (event loop); never blocks, never raises."""
+        """Queue one record (event loop); never blocks, never raises. The caller holds its
+        source back while `over_budget` (see `drained`)."""
         if self.stopped:
             return
         if self.failed:
-            self._cut(f"writing failed: {self.failed}")
+            self.cut(f"writing failed: {self.failed}")
             return
         record = encode_record(kind, int((time.monotonic() - self.started) * 1000), payload)
         with self._lock:
-            if self.pending + len(record) > self.limit:
-                over = True
-            else:
-                over = False
-                self.pending += len(record)
-        if over:
-            self._cut(f"the disk did not keep up ({self.limit} bytes waiting)")
-            return
+            self.pending += len(record)
         self.written += len(record)
         self.writer.submit(self, record)
 
-    def _cut(self, why: str) -> None:
+    def check(self) -> None:
+        """Cut the recording now if the writer failed (event loop)."""
+        if self.failed and not self.stopped:
+            self.cut(f"writing failed: {self.failed}")
+
+    async def drained(self) -> None:
+        """Until the writer has brought the waiting bytes down to half the budget, or failed
+        (event loop)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.pending <= self.limit // 2 or self.failed:
+                return
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def cut(self, why: str) -> None:
         self.stopped = True
         self.complete = False
         if self.on_incomplete is not None:
@@ -476,7 +549,7 @@ class Recording:
     def close(self, code: int | None, reason: str) -> None:
         """The end record (exempt from the budget: it is small) and the file's end."""
         if self.failed and not self.stopped:
-            self._cut(f"writing failed: {self.failed}")
+            self.cut(f"writing failed: {self.failed}")
         self.stopped = True
         end = {"code": code, "reason": reason, "complete": self.complete,
                "ended": _iso(time.time()),
@@ -488,8 +561,20 @@ class Recording:
         self.writer.submit(self, record, last=True)
 
     def done_writing(self, size: int) -> None:
+        """The writer thread wrote (or dropped) `size` bytes: wake a session that waits."""
         with self._lock:
             self.pending -= size
+            if not self._waiters or (self.pending > self.limit // 2 and not self.failed):
+                return
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class RecordingWriter:
@@ -559,6 +644,13 @@ class RecordingWriter:
         out = compressor.compress(record)
         if out:
             file.write(out)
+        kind = record[:1]
+        if kind == HEADER:
+            recording.summary_header = record[_RECORD.size:]
+        elif kind == KEYFRAME:
+            recording.keyframes += 1
+        elif kind == END:
+            recording.summary_end = record[_RECORD.size:]
         self._dirty.add(recording)
         if last:
             self._finish(recording)
@@ -583,6 +675,7 @@ class RecordingWriter:
             file.write(compressor.flush(zlib.Z_FINISH))
         finally:
             file.close()
+        write_summary(recording)
 
     def _fail(self, recording: Recording, exc: Exception) -> None:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -595,6 +688,38 @@ class RecordingWriter:
         if self._on_failure is not None:
             with contextlib.suppress(Exception):
                 self._on_failure(recording, recording.failed)
+
+
+# Each finished recording's summary sits beside it (`<file>.summary.json`): listing
+# recordings reads these few hundred bytes instead of inflating every file.
+SUMMARY_SUFFIX = ".summary.json"
+MAX_SUMMARY = 64 * 1024
+
+
+def summary_path(path: Path) -> Path:
+    return path.with_name(path.name + SUMMARY_SUFFIX)
+
+
+def write_summary(recording: Recording) -> None:
+    """The summary of a finished file (writer thread; a failure leaves none: the listing then
+    reads the file itself, in bounded steps)."""
+    path = recording.path
+    target = summary_path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        header = json.loads(recording.summary_header) if recording.summary_header else {}
+        end = json.loads(recording.summary_end) if recording.summary_end else None
+        body = json.dumps({"format": FORMAT_VERSION, "size": path.stat().st_size,
+                           "header": header, "end": end,
+                           "keyframes": recording.keyframes}).encode()
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "wb") as file:
+            file.write(body)
+        os.replace(temporary, target)
+    except (OSError, ValueError) as exc:
+        log.warning("could not write the summary of %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def _iso(epoch: float) -> str:

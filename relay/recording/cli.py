@@ -15,10 +15,11 @@ from vncgate.common.spec import SpecError, parse_duration
 from vncgate.relay.recording.capture import FormatError
 from vncgate.relay.recording.store import (
     apply_retention,
+    check_recording,
     list_recordings,
     parse_size,
     path_of,
-    summarize,
+    remove_recording,
 )
 
 
@@ -69,7 +70,7 @@ def recordings_main(argv: Sequence[str]) -> int:
     if args.command == "export":
         path = paths[0]
         try:
-            summarize(directory, path)
+            check_recording(path)  # its start only: never the whole file in memory
         except FileNotFoundError:
             print(f"vncgate-relay recordings: no recording {args.id}", file=sys.stderr)
             return 1
@@ -87,7 +88,7 @@ def recordings_main(argv: Sequence[str]) -> int:
         missing = 0
         for path in paths:
             try:
-                path.unlink()
+                remove_recording(path)
                 print(f"deleted {path}")
             except FileNotFoundError:
                 print(f"vncgate-relay recordings: no recording at {path}", file=sys.stderr)

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
+from vncgate.relay import closecodes
 from vncgate.relay.recording.capture import (
     FORMAT_VERSION,
     HEADER,
@@ -52,6 +53,9 @@ class RecordedSession(Protocol):
 
     @property
     def settings(self) -> RelayIdentity: ...
+
+    def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
+        """End the session (a recording that must go on cannot)."""
 
 
 class RecordingUnavailable(Exception):
@@ -157,6 +161,24 @@ class SessionRecorder:
         if not self.recording.stopped:
             self.tap.server_data(data)
 
+    @property
+    def over_budget(self) -> bool:
+        """More bytes wait for the disk than the budget: the session holds its sides back."""
+        return self.recording.over_budget
+
+    async def caught_up(self, stall: float) -> bool:
+        """Wait until the writer has caught up; False, with the recording cut, when the disk
+        stalled `stall` seconds or a write failed (a required recording ends its session)."""
+        try:
+            async with asyncio.timeout(stall):
+                await self.recording.drained()
+        except TimeoutError:
+            self.recording.cut(f"the disk did not keep up for {stall:g}s "
+                               f"({self.recording.pending} bytes waiting)")
+            return False
+        self.recording.check()
+        return not self.recording.stopped
+
     def client_data(self, data: bytes) -> bytes:
         return self.tap.client_data(data)
 
@@ -171,6 +193,11 @@ class SessionRecorder:
     def _incomplete(self, why: str) -> None:
         session = self.session
         reason = "error" if why.startswith("writing failed") else "queue"
+        if self.policy.required:
+            # Fail closed: a console that must be recorded is not used unrecorded.
+            session.stop(closecodes.RECORDING_FAILED,
+                         "this console must be recorded and its recording stopped; "
+                         "ask the administrator")
         self.recorder.incomplete.labels(reason).inc()
         audit.warning("recording-incomplete", extra={"fields": {
             "event": "recording-incomplete", "target": session.route.key, "user": session.user,

@@ -8,6 +8,7 @@ target it belongs to, and so who may see it, is in its id.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from vncgate.common.spec import SpecError, check_name, check_namespace, parse_duration
-from vncgate.relay.recording.capture import END, HEADER, KEYFRAME, SUFFIX, FormatError, read_records
+from vncgate.relay.recording.capture import (
+    END,
+    FORMAT_VERSION,
+    HEADER,
+    KEYFRAME,
+    MAX_SUMMARY,
+    SUFFIX,
+    FormatError,
+    read_records,
+    summary_path,
+)
 
 _FILE_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{1,64}$")
 _SIZE_RE = re.compile(r"^([0-9]+)(|Ki|Mi|Gi|Ti)$")
@@ -136,20 +147,70 @@ class Summary:
                 "keyframes": self.keyframes}
 
 
-def summarize(directory: Path, path: Path) -> Summary:
+_SUMMARY_KINDS = frozenset({HEADER, END, KEYFRAME})
+
+
+def _object(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def read_summary_file(path: Path, size: int) -> tuple[dict[str, Any], dict[str, Any] | None,
+                                                      int] | None:
+    """Header, end and keyframe count from the summary beside a finished file; None when there
+    is none, it is not one, or it was written for another size of the file."""
+    try:
+        with summary_path(path).open("rb") as file:
+            body = file.read(MAX_SUMMARY + 1)
+        data = json.loads(body) if len(body) <= MAX_SUMMARY else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or \
+            data.get("size") != size:
+        return None
+    header, end, keyframes = _object(data.get("header")), data.get("end"), data.get("keyframes")
+    if header is None or (end is not None and _object(end) is None) or \
+            not isinstance(keyframes, int):
+        return None
+    return header, _object(end), keyframes
+
+
+def summarize(directory: Path, path: Path, inflations: threading.Semaphore | None = None
+              ) -> Summary:
+    """A file's summary: from the summary written beside it when it was finished, else read
+    from the file (an open recording, one cut by a crash): its header, keyframes and end only,
+    inflated in bounded steps, one file at a time per slot of `inflations`."""
+    recording_id = id_of(directory, path)
+    namespace, name, _ = recording_id.split("/")
+    size = path.stat().st_size
+    beside = read_summary_file(path, size)
+    if beside is not None:
+        return Summary(recording_id, namespace, name, size, *beside)
     header: dict[str, Any] = {}
     end: dict[str, Any] | None = None
     keyframes = 0
-    for record in read_records(path):
-        if record.kind == HEADER:
-            header = record.json()
-        elif record.kind == END:
-            end = record.json()
-        elif record.kind == KEYFRAME:
-            keyframes += 1
-    recording_id = id_of(directory, path)
-    namespace, name, _ = recording_id.split("/")
-    return Summary(recording_id, namespace, name, path.stat().st_size, header, end, keyframes)
+    with inflations if inflations is not None else contextlib.nullcontext():
+        for record in read_records(path, _SUMMARY_KINDS):
+            if record.kind == HEADER:
+                header = record.json()
+            elif record.kind == END:
+                end = record.json()
+            elif record.kind == KEYFRAME:
+                keyframes += 1
+    return Summary(recording_id, namespace, name, size, header, end, keyframes)
+
+
+def check_recording(path: Path) -> None:
+    """Raise FormatError (or OSError) unless `path` starts as a recording of ours; reads only
+    the file's beginning."""
+    for _ in read_records(path, frozenset({HEADER})):
+        return
+
+
+def remove_recording(path: Path) -> None:
+    """Delete a recording and its summary (FileNotFoundError when the recording is gone)."""
+    path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        summary_path(path).unlink()
 
 
 class SummaryCache:
@@ -160,8 +221,11 @@ class SummaryCache:
     finished recording never changes; one being written changes size, and is read again.
     Thread-safe (the page summarizes in a worker thread); at most `max_entries` files."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, max_inflating: int = 2) -> None:
         self.max_entries = max_entries
+        # Files without a summary beside them are read one step at a time, and only this many
+        # at once over every request, so parallel listings cannot multiply the cost.
+        self.inflations = threading.BoundedSemaphore(max_inflating)
         self._lock = threading.Lock()
         self._entries: dict[Path, tuple[tuple[int, int], Summary]] = {}
         self.reads = 0  # files summarized from disk (the tests read it)
@@ -174,7 +238,7 @@ class SummaryCache:
             hit = self._entries.get(path)
             if hit is not None and hit[0] == version:
                 return hit[1]
-        found = summarize(directory, path)
+        found = summarize(directory, path, self.inflations)
         with self._lock:
             self.reads += 1
             self._entries.pop(path, None)
@@ -224,7 +288,7 @@ def apply_retention(directory: Path, max_age: int | None, max_total: int | None,
         if not (too_old or too_big):
             continue
         try:
-            path.unlink()
+            remove_recording(path)
         except FileNotFoundError:
             pass
         except OSError:

@@ -8,7 +8,8 @@ The filter is used only for sessions that need it (view-only, or an idle timeout
 viewer's key, pointer, clipboard, power (xvp) and resize messages are dropped here, at the
 protocol level, so a modified client cannot type into a console the page shows as view-only.
 Whole messages are dropped, never parts, so the stream the server sees stays well-formed.
-Nothing is buffered but a handshake part or message header of at most 16 bytes; message bodies
+Nothing is buffered but a handshake part or message header of at most 16 bytes, and a
+SetEncodings (at most 256 KiB) to remove ExtendedMouseButtons from it; other message bodies
 pass through or are skipped as they come.
 
 The handshake is followed for the security types whose client side is known: None (1) and VNC
@@ -69,8 +70,12 @@ def message_length(header: bytes | bytearray) -> int | None:
         return 8
     if kind == XVP:
         return 4
-    if kind == POINTER_EVENT:  # the marker bit announces one more byte of buttons
-        return None if len(header) < 2 else (7 if header[1] & 0x80 else 6)
+    if kind == POINTER_EVENT:
+        # Always 6: a server reads a seventh byte of buttons (the 0x80 marker) only from a
+        # viewer that announced the ExtendedMouseButtons pseudo-encoding (TigerVNC's
+        # SMsgReader::readPointerEvent), and the relay removes that one from every SetEncodings
+        # it follows (`without_extended_mouse`), so no server reads 7 where the relay reads 6.
+        return 6
     if kind == SET_ENCODINGS:
         return None if len(header) < 4 else 4 + 4 * int.from_bytes(header[2:4], "big")
     if kind == CLIENT_CUT_TEXT:  # a negative length is the extended clipboard's
@@ -91,6 +96,20 @@ def message_length(header: bytes | bytearray) -> int | None:
                 return None
             return 10 if int.from_bytes(header[2:4], "big") == 2 else 4
     raise FilterError(f"client message type {kind} is not one the relay can check")
+
+
+# The pseudo-encoding that makes a server read PointerEvents of 7 bytes when their button mask
+# has the 0x80 marker (TigerVNC 1.15 and later; noVNC announces it).
+EXTENDED_MOUSE_BUTTONS = -316
+
+
+def without_extended_mouse(message: bytes | bytearray) -> bytes:
+    """A whole SetEncodings message without ExtendedMouseButtons, in the viewer's order."""
+    count = int.from_bytes(message[2:4], "big")
+    kept = [message[4 + 4 * i:8 + 4 * i] for i in range(count)
+            if int.from_bytes(message[4 + 4 * i:8 + 4 * i], "big", signed=True)
+            != EXTENDED_MOUSE_BUTTONS]
+    return bytes([SET_ENCODINGS, 0]) + len(kept).to_bytes(2, "big") + b"".join(kept)
 
 
 def is_input(header: bytes | bytearray | memoryview) -> bool:
@@ -222,6 +241,7 @@ class ClientFilter:
         self.dropped = 0
         self.stream = ViewerStream("view-only and idle timeouts need")
         self._forward = True
+        self._encodings: bytearray | None = None  # a SetEncodings, kept whole to be rewritten
 
     def server_greeting(self, greeting: bytes) -> None:
         """The server's 12-byte ProtocolVersion, before any of the viewer's bytes are fed."""
@@ -239,6 +259,16 @@ class ClientFilter:
     def feed(self, data: bytes) -> bytes:
         out = bytearray()
         for piece, chunk, _total in self.stream.split(data):
+            if self._encodings is not None:
+                if piece == MESSAGE_BODY:
+                    self._encodings += chunk
+                else:  # its end
+                    out += without_extended_mouse(self._encodings)
+                    self._encodings = None
+                continue
+            if piece == MESSAGE_HEADER and chunk[0] == SET_ENCODINGS:
+                self._encodings = bytearray(chunk)
+                continue
             if piece == MESSAGE_HEADER:
                 if is_input(chunk):
                     self.last_input = time.monotonic()

@@ -240,6 +240,7 @@ class Session:
     _browser_drain: asyncio.Task[None] | None = None
     # How frames reach the browser (relay/internals.py); set when the session runs.
     _viewer: ViewerLink | None = None
+    _recording_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
     # Loads what the relay answers the server's security with (routes with credentials/tls).
     logins: CredentialStore | None = None
@@ -312,9 +313,10 @@ class Session:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        if self._browser_drain is not None:
-            self._browser_drain.cancel()
-            self._browser_drain = None
+        for drain in (self._browser_drain, self._recording_drain):
+            if drain is not None:
+                drain.cancel()
+        self._browser_drain = self._recording_drain = None
         if self._viewer is not None:
             self._viewer.close()
         upstream, self.upstream = self.upstream, None
@@ -432,6 +434,8 @@ class Session:
         """A chunk from the VNC server (called by Upstream)."""
         if self.recorder is not None:
             self.recorder.server_data(data)
+            if self.code is not None:  # a required recording stopped: nothing more goes on
+                return
         if self.filter is not None and self.filter.needs_server_bytes:
             self.filter.server_data(data)
         try:
@@ -441,12 +445,31 @@ class Session:
             return
         self.to_client += len(data)
         viewer = self._viewer
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            return
         if viewer is not None and viewer.paused and self._browser_drain is None:
             # The browser is not keeping up: stop reading the server until it has drained.
-            upstream = self.upstream
-            if upstream is not None and upstream.transport is not None:
-                upstream.transport.pause_reading()
-                self._browser_drain = asyncio.create_task(self._wait_for_browser(upstream))
+            upstream.transport.pause_reading()
+            self._browser_drain = asyncio.create_task(self._wait_for_browser(upstream))
+        if self.recorder is not None and self.recorder.over_budget and \
+                self._recording_drain is None:
+            # Nor is the recording's disk: the same, so that no update (however large the
+            # viewer asked for) goes unrecorded.
+            upstream.transport.pause_reading()
+            self._recording_drain = asyncio.create_task(self._wait_for_recording(upstream))
+
+    async def _wait_for_recording(self, upstream: Upstream) -> None:
+        assert self.recorder is not None
+        await self.recorder.caught_up(self.settings.stall_timeout)  # or cut: see there
+        self._recording_drain = None
+        self._resume_server(upstream)
+
+    def _resume_server(self, upstream: Upstream) -> None:
+        """Read the server again once neither the browser nor the recording holds it back."""
+        if self._browser_drain is None and self._recording_drain is None and \
+                upstream.transport is not None and not upstream.closed:
+            upstream.transport.resume_reading()
 
     async def _wait_for_browser(self, upstream: Upstream) -> None:
         stall = self.settings.stall_timeout
@@ -465,8 +488,7 @@ class Session:
             self.stop(closecodes.ABNORMAL, "the viewer's connection was lost")
             return
         self._browser_drain = None
-        if upstream.transport is not None and not upstream.closed:
-            upstream.transport.resume_reading()
+        self._resume_server(upstream)
 
     def server_closed(self, exc: Exception | None) -> None:
         """The VNC server ended the connection (called by Upstream)."""
@@ -598,6 +620,12 @@ class Session:
                         except FilterError as exc:
                             self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
                             return
+                        if self.code is not None:  # a required recording stopped
+                            return
+                        if self.recorder.over_budget:  # the viewer waits for the disk too
+                            await self.recorder.caught_up(self.settings.stall_timeout)
+                            if self.code is not None:
+                                return
                     if upstream.closed:
                         self._finish(closecodes.BAD_UPSTREAM,
                                      "connection to the VNC server lost")

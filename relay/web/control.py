@@ -214,11 +214,11 @@ async def end_session_form(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
     form = await read_form(request)
-    if not form_from_our_page(request, form):
-        raise web.HTTPForbidden(text="end sessions from this relay's own list page\n")
     identity = await identify(request)
     if identity is None:
         raise web.HTTPUnauthorized(text="sign in first\n")
+    if not form_from_our_page(request, form, identity, state_changing=True):
+        raise web.HTTPForbidden(text="end sessions from this relay's own list page\n")
     try:
         namespace, name = check_key(str(form.get("namespace", "")), str(form.get("name", "")))
     except SpecError as exc:

@@ -9,36 +9,37 @@ from aiohttp import web
 
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
-from vncgate.relay.access.cookies import SESSION_COOKIE, session_cookie
+from vncgate.relay.access.cookies import (
+    DEVICE_COOKIE,
+    DEVICE_TTL,
+    SESSION_COOKIE,
+    device_cookie,
+    read_device_cookie,
+    session_cookie,
+)
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.passwords import DerivationsBusy
-from vncgate.relay.access.proxies import address_in
 from vncgate.relay.access.users import check_login
-from vncgate.relay.state import STATE, RelayState
+from vncgate.relay.state import STATE
 from vncgate.relay.web.audit import audit_event, client_address
 from vncgate.relay.web.bodies import read_form, read_json
+from vncgate.relay.web.browsercookies import (
+    cookie_name,
+    delete_cookie,
+    set_cookie,
+)
 from vncgate.relay.web.csrf import (
-    csrf_token,
+    csrf_for_page,
     form_from_our_page,
     script_from_our_page,
     set_csrf_cookie,
 )
 from vncgate.relay.web.origin import check_host
 from vncgate.relay.web.pages import render_page
-from vncgate.relay.web.requester import busy, identify
+from vncgate.relay.web.requester import busy, identify, refuse_failure
 
 # A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
-
-
-def secure_cookies(request: web.Request, state: RelayState) -> bool:
-    """Cookies get Secure when the browser reached the relay over https (its own TLS, or a
-    trusted proxy's), or the public URL is https."""
-    proto = request.headers.get("X-Forwarded-Proto", "")
-    behind_tls_proxy = proto == "https" and address_in(request.remote,
-                                                       state.settings.auth.trusted_proxies)
-    return request.secure or behind_tls_proxy or state.settings.auth.public_url.startswith(
-        "https://")
 
 
 # `next` of a viewer: the console the page names (as the address bar does; its display name is
@@ -48,14 +49,14 @@ _VIEWER_NEXT = re.compile(r"^t/([^/]+)/([^/]+)/$")
 
 def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
                headers: dict[str, str] | None = None, user: str = "") -> web.Response:
-    csrf = csrf_token(request)
+    csrf = csrf_for_page(request, None)
     viewer = _VIEWER_NEXT.match(next_path)
     response = render_page(request, "login.html",
-                           {"message": message, "next": next_path, "csrf": csrf,
+                           {"message": message, "next": next_path, "csrf": csrf.token,
                             "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
                             "user": user[:256]},
                            status=status, headers=headers)
-    set_csrf_cookie(response, csrf, secure=secure_cookies(request, request.app[STATE]))
+    set_csrf_cookie(response, request, csrf)
     return response
 
 
@@ -81,16 +82,25 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     client = client_address(request, state)
     form = await read_form(request)
-    if not form_from_our_page(request, form):
+    if not form_from_our_page(request, form, None):
         audit_event("login", request, state, result="refused: not from our login page")
         raise web.HTTPForbidden(text="sign in from this relay's own login page\n")
     next_path = safe_next(str(form.get("next", "")))
     name, secret = str(form.get("user", "")), str(form.get("password", ""))
     # Per address, and per account whatever the address: a sign-in of one's own resets
-    # neither, so guesses between one's own sign-ins count too.
+    # neither, so guesses between one's own sign-ins count too. A browser that signed in as
+    # this user before (its device cookie) is counted on its own instead: guesses from
+    # elsewhere, or from everyone behind the same Ingress address, never keep it out.
     account = ACCOUNT_PREFIX + name[:256]
-    wait = max(state.login_failures.retry_after(client),
-               state.account_failures.retry_after(account))
+    device = read_device_cookie(
+        state.session_key, request.cookies.get(cookie_name(request, state, DEVICE_COOKIE), ""))
+    known_device = DEVICE_PREFIX + device.device if device is not None and \
+        device.user == name else None
+    if known_device is not None:
+        wait = state.device_failures.retry_after(known_device)
+    else:
+        wait = max(state.login_failures.retry_after(client),
+                   state.account_failures.retry_after(account))
     if wait > 0:
         audit_event("login", request, state, user=name[:64], result="rate limited")
         return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
@@ -103,24 +113,31 @@ async def login(request: web.Request) -> web.StreamResponse:
     if user is None:
         state.login_failures.failed(client)
         state.account_failures.failed(account)
+        if known_device is not None:
+            state.device_failures.failed(known_device)
         audit_event("login", request, state, user=name[:64], result="failed")
         return login_page(request, "Wrong user or password.", next_path, status=401, user=name)
     audit_event("login", request, state, user=user.name, result="ok")
     response = web.HTTPSeeOther(location=next_path)
-    # Path=/ covers every prefix an Ingress may put in front of the relay.
-    response.set_cookie(SESSION_COOKIE, session_cookie(state.session_key, user.name,
-                                                       state.settings.auth.session_ttl),
-                        max_age=state.settings.auth.session_ttl, httponly=True, samesite="Lax",
-                        secure=secure_cookies(request, state))
+    set_cookie(response, request, state, SESSION_COOKIE,
+               session_cookie(state.session_key, user.name, state.settings.auth.session_ttl),
+               max_age=state.settings.auth.session_ttl, samesite="Lax")
+    if known_device is None:
+        set_cookie(response, request, state, DEVICE_COOKIE,
+                   device_cookie(state.session_key, user.name), max_age=DEVICE_TTL)
     raise response
+
+
+DEVICE_PREFIX = "device:"
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if not form_from_our_page(request, await read_form(request)):
-        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
+    form = await read_form(request)
     identity = await identify(request)
+    if not form_from_our_page(request, form, identity, state_changing=True):
+        raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
     if identity is not None and identity.credential_id and identity.expires is not None:
         # The cookie stops working here even if it is replayed, and its consoles close.
         state.revoked.revoke(identity.credential_id, identity.expires)
@@ -128,7 +145,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
                               "you signed out")
     audit_event("logout", request, state, user=identity.label if identity else "")
     response = web.HTTPSeeOther(location="./")
-    response.del_cookie(SESSION_COOKIE)
+    delete_cookie(response, request, state, SESSION_COOKIE, samesite="Lax")
     raise response
 
 
@@ -138,13 +155,8 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
     check_host(request)
     namespace, name = request.match_info["namespace"], request.match_info["name"]
     target = f"{namespace}/{name}"
-    client = client_address(request, state)
     if not script_from_our_page(request):
         raise web.HTTPForbidden(text="open the link in the relay's own viewer\n")
-    wait = state.login_failures.retry_after(client)
-    if wait > 0:
-        return web.json_response({"error": f"too many bad links; try again in {int(wait) + 1} s"},
-                                 status=429, headers={"Retry-After": str(int(wait) + 1)})
     try:
         body = await read_json(request)
     except web.HTTPBadRequest:
@@ -158,16 +170,23 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
             raise links.LinkError("this link was for one use only and has been used; "
                                   "ask for a new link")
     except links.LinkError as exc:
-        state.login_failures.failed(client)
+        # A good link is never refused for others' failures; a bad one counts and, over the
+        # limit, is a 429 (refuse_failure).
         reason = str(exc)
-        audit_event("link use", request, state, target=target, result=f"refused: {reason}")
+        try:
+            refuse_failure(request, state, "link use", result=f"refused: {reason}",
+                           target=target)
+        except web.HTTPTooManyRequests as limited:
+            retry = limited.headers["Retry-After"]
+            return web.json_response({"error": f"too many bad links; try again in {retry} s"},
+                                     status=429, headers={"Retry-After": retry})
         return web.json_response({"error": reason}, status=403)
     audit_event("link use", request, state, target=target, link=grant.link_id, result="ok",
                 view_only=grant.view_only)
     response = web.json_response({"target": target, "viewOnly": grant.view_only,
                                   "expires": grant.expires})
     # Not the token: a credential of its own, made for this exchange (see link_identity).
-    response.set_cookie(links.link_cookie(target), links.exchanged(state.session_key, grant),
-                        max_age=max(1, grant.expires - int(time.time())), httponly=True,
-                        samesite="Strict", secure=secure_cookies(request, state))
+    set_cookie(response, request, state, links.link_cookie(target),
+               links.exchanged(state.session_key, grant),
+               max_age=max(1, grant.expires - int(time.time())))
     return response

@@ -91,8 +91,9 @@ def public_origin(url: str) -> str:
 
 
 def origin_not_foreign(request: web.Request) -> bool:
-    # With `Referrer-Policy: no-referrer` browsers send `Origin: null` on their own posts, so
-    # "null" proves nothing either way; a real foreign origin is refused.
+    # "null" (a page that hides its origin, a sandboxed frame, a redirect) proves nothing
+    # either way; a real foreign origin is refused. Forms that change state refuse "null" too
+    # (relay/web/csrf.py).
     if request.headers.get("Origin") == "null":
         return True
     return origin_allowed(request, request.app[STATE].settings.allowed_origins)

@@ -21,8 +21,8 @@ from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
 from vncgate.relay.web.control import add_routes as add_control_routes
 from vncgate.relay.web.control import all_sessions
-from vncgate.relay.web.csrf import csrf_token, set_csrf_cookie
-from vncgate.relay.web.login import exchange_link, login, login_form, logout, secure_cookies
+from vncgate.relay.web.csrf import csrf_for_page, set_csrf_cookie
+from vncgate.relay.web.login import exchange_link, login, login_form, logout
 from vncgate.relay.web.origin import check_host, origin_allowed
 from vncgate.relay.web.pages import render_page, setup_templates
 from vncgate.relay.web.playback import add_routes as add_playback_routes
@@ -40,7 +40,9 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Our own form posts then carry our Origin (no-referrer made browsers send `Origin: null`,
+    # which a foreign page can send too); other sites get no referrer at all.
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "SAMEORIGIN",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
@@ -178,11 +180,11 @@ async def index(request: web.Request) -> web.StreamResponse:
              else state.sessions.count_for(route.key),
              "live": live.get(route.key), "can_end": route.key in can_end}
             for route in allowed]
-    csrf = csrf_token(request)
+    csrf = csrf_for_page(request, identity)
     response = render_page(request, "list.html", {
-        "rows": rows, "user": identity.user, "csrf": csrf,
+        "rows": rows, "user": identity.user, "csrf": csrf.token,
         "signed_in_by_cookie": identity.method == "cookie"})
-    set_csrf_cookie(response, csrf, secure=secure_cookies(request, state))
+    set_csrf_cookie(response, request, csrf)
     return response
 
 

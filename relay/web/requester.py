@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import time
-
 from aiohttp import web
 
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie
 from vncgate.relay.access.identity import ANONYMOUS, AuthMode, Identity
-from vncgate.relay.access.passwords import DerivationsBusy
 from vncgate.relay.access.proxies import address_in
 from vncgate.relay.access.tokenreview import TokenReviewUnavailable, looks_like_jwt
 from vncgate.relay.access.users import find_bearer
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
-
-BEARER_CACHE_TTL = 60.0
+from vncgate.relay.web.browsercookies import cookie_name
 
 
 def too_many(wait: float, what: str) -> web.HTTPTooManyRequests:
@@ -54,7 +49,7 @@ async def identify(request: web.Request) -> Identity | None:
         if state.token_reviewer is not None and looks_like_jwt(bearer):
             return await kubernetes_identity(request, state, bearer)
         return await _bearer_identity(request, state, bearer)
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = request.cookies.get(cookie_name(request, state, SESSION_COOKIE))
     if cookie:
         claim = read_session_cookie(state.session_key, cookie)
         known = state.settings.auth.users.get(claim.user) if claim else None
@@ -95,32 +90,37 @@ def proxy_identity(request: web.Request, state: RelayState) -> Identity | None:
                     method="proxy")
 
 
+def refuse_failure(request: web.Request, state: RelayState, event: str,
+                   result: str = "failed", **fields: str) -> None:
+    """Count a failed credential (a bearer token, a share link) of this client and, over its
+    limit or the overall one, refuse it with 429 rather than 401.
+
+    Only failures are refused: the credential was checked first, and a good one is never
+    turned away because someone else (behind the same Ingress address, or anywhere) failed.
+    These credentials are long random values, so answering the right one does not help a
+    guesser; the limit slows and flags the failing source.
+    """
+    client = client_address(request, state)
+    wait = max(state.login_failures.retry_after(client),
+               state.bearer_failures.retry_after(ALL_BEARERS))
+    state.login_failures.failed(client)
+    state.bearer_failures.failed(ALL_BEARERS)
+    if wait > 0:
+        audit_event(event, request, state, result="rate limited", **fields)
+        raise too_many(wait, "sign-ins")
+    audit_event(event, request, state, result=result, **fields)
+
+
+ALL_BEARERS = "*"
+
+
 async def _bearer_identity(request: web.Request, state: RelayState, token: str
                            ) -> Identity | None:
-    # Verifying against scrypt hashes is slow on purpose; remember good tokens for a minute.
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    cached = state.bearer_cache.get(digest)
-    now = time.monotonic()
-    users = state.settings.auth.users
-    if cached is not None and cached[1] > now and cached[0] in users:
-        user = users[cached[0]]
-        return Identity(user=user.name, groups=user.groups, method="token")
-    client = client_address(request, state)
-    wait = state.login_failures.retry_after(client)
-    if wait > 0:
-        audit_event("bearer", request, state, result="rate limited")
-        raise too_many(wait, "sign-ins")
-    try:
-        found = await state.derivations.run(find_bearer, users, token)
-    except DerivationsBusy:
-        raise busy() from None
+    # Token entries of the users file only (never a password): one SHA-256, no derivation.
+    found = find_bearer(state.settings.auth.users, token)
     if found is None:
-        state.login_failures.failed(client)
-        audit_event("bearer", request, state, result="failed")
+        refuse_failure(request, state, "bearer")
         return None
-    if len(state.bearer_cache) > 10_000:
-        state.bearer_cache.clear()
-    state.bearer_cache[digest] = (found.name, time.monotonic() + BEARER_CACHE_TTL)
     return Identity(user=found.name, groups=found.groups, method="token")
 
 
@@ -130,19 +130,13 @@ async def kubernetes_identity(request: web.Request, state: RelayState, token: st
     HTTPServiceUnavailable: nobody is let in while the API server cannot be asked."""
     reviewer = state.token_reviewer
     assert reviewer is not None
-    client = client_address(request, state)
-    wait = state.login_failures.retry_after(client)
-    if wait > 0:
-        audit_event("bearer", request, state, result="rate limited", kind="kubernetes")
-        raise too_many(wait, "sign-ins")
     try:
         found = await reviewer.review(token)
     except TokenReviewUnavailable as exc:
         audit_event("bearer", request, state, result="token review failed", kind="kubernetes")
         raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None
     if found is None:
-        state.login_failures.failed(client)
-        audit_event("bearer", request, state, result="failed", kind="kubernetes")
+        refuse_failure(request, state, "bearer", kind="kubernetes")
         return None
     return found
 
@@ -154,7 +148,7 @@ def link_identity(request: web.Request, target: str) -> Identity | None:
     token presented as the cookie is not one, so a single-use link cannot skip its exchange.
     """
     state = request.app[STATE]
-    value = request.cookies.get(links.link_cookie(target))
+    value = request.cookies.get(cookie_name(request, state, links.link_cookie(target)))
     if not value or not state.settings.auth.link_keys:
         return None
     try:

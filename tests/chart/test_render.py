@@ -12,7 +12,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART, CI_VALUES, RELEASE, Rendered, ci_id, helm, render
+from tests.chart.conftest import (
+    CHART,
+    CI_VALUES,
+    RELEASE,
+    Rendered,
+    ci_id,
+    helm,
+    install_dry_run,
+    render,
+)
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBERNETES_VERSIONS = ("1.29", "1.35")
@@ -502,7 +511,7 @@ def test_generated_users_and_keys_are_kept_and_mounted_read_only() -> None:
     users_file = yaml.safe_load(base64.b64decode(users["data"]["users.yaml"]))
     assert set(users_file) == {"admin"}
     assert users_file["admin"]["groups"] == []
-    secret = users_file["admin"]["secret"]
+    secret = users_file["admin"]["token"]
     assert isinstance(secret, str) and len(secret) == 32 and secret.isalnum()
     assert set(keys["data"]) == {"session-secret", "link-key"}
     decoded = {k: base64.b64decode(v).decode() for k, v in keys["data"].items()}
@@ -765,3 +774,24 @@ def test_network_reach_grants_reach_the_operator() -> None:
                 if c["metadata"]["name"] == "vncgate-network-reach"]
     assert not [a for a in kept.one("Deployment", OPERATOR)["spec"]["template"]["spec"][
         "containers"][0]["args"] if a.startswith("--address-grants")]
+
+
+def test_trusted_proxies_are_rendered_in_every_auth_mode() -> None:
+    """Behind an Ingress every browser arrives from its controller: with relay.trustedProxies
+    the relay takes the browser's address from X-Forwarded-For, in each mode."""
+    for mode, extra in (("token", ()), ("none", ()),
+                        ("proxy", ("relay.auth.trustedProxies={10.9.0.0/16}",))):
+        rendered = render(sets=(f"relay.auth.mode={mode}", "ingress.host=vnc.example.com",
+                                "relay.trustedProxies={10.42.0.0/16,fd00:42::/64}", *extra))
+        args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"][
+            "containers"][0]["args"]
+        proxies = [a for a in args if a.startswith("--trusted-proxy=")]
+        expected = ["--trusted-proxy=10.42.0.0/16", "--trusted-proxy=fd00:42::/64"]
+        if mode == "proxy":
+            expected.append("--trusted-proxy=10.9.0.0/16")
+        assert proxies == expected, mode
+    assert "relay.trustedProxies is empty" in install_dry_run(
+        sets=("ingress.host=vnc.example.com",))["info"]["notes"]
+    assert "relay.trustedProxies is empty" not in install_dry_run(
+        sets=("ingress.host=vnc.example.com", "relay.trustedProxies={10.42.0.0/16}",
+              ))["info"]["notes"]

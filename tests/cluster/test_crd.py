@@ -91,6 +91,8 @@ INVALID = [
     ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
       "tls": {"caSecret": {"name": "ca"}, "insecureSkipVerify": True}},
      "insecureSkipVerify contradicts a CA"),
+    ({"endpoint": {"address": {"host": "10.0.0.1", "port": 5900}},
+      "recording": {"required": True}}, "recording.required needs recording.enabled true"),
 ]
 
 

@@ -178,7 +178,7 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
         # The URL opens the desktop: the generated admin, as the notes say, through the relay
         # (its SubjectAccessReview goes to the real API server with the relay's own token).
         users = yaml.safe_load(secret_value(plane, "vncgate", "vncgate-users", "users.yaml"))
-        admin_secret = users["admin"]["secret"]
+        admin_secret = users["admin"]["token"]
         greeting = asyncio.run(first_bytes(
             f"http://127.0.0.1:{public}/t/lab/desk-1/websockify", admin_secret,
             "https://vnc.example.com"))

@@ -38,9 +38,9 @@ from vncgate.relay.recording.capture import (
 from vncgate.relay.session.consoles import Holder, KubeConsoles
 
 USERS = {
-    "alice": {"secret": "alice-secret-0123456789", "groups": ["lab-team"]},
-    "bob": {"secret": "bob-secret-0123456789", "groups": []},
-    "carol": {"secret": "carol-secret-0123456789", "groups": ["lab-team"]},
+    "alice": {"token": "alice-secret-0123456789", "groups": ["lab-team"]},
+    "bob": {"token": "bob-secret-0123456789", "groups": []},
+    "carol": {"token": "carol-secret-0123456789", "groups": ["lab-team"]},
 }
 
 

@@ -54,8 +54,10 @@ async def test_https_viewer_over_wss_with_hsts_and_a_secure_cookie(
                 await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
                 await wait_for_pixel(page, (255, 0, 0))  # over wss://
                 cookies = {c["name"]: c for c in await context.cookies()}
-                assert cookies["vncgate_session"]["secure"] is True
-                assert cookies["vncgate_csrf"]["secure"] is True
+                # Host-only names under https: a sibling host cannot plant them.
+                assert cookies["__Host-vncgate_session"]["secure"] is True
+                assert cookies["__Host-vncgate_csrf"]["secure"] is True
+                assert not any(name.startswith("vncgate_") for name in cookies)
                 await page.screenshot(path=str(ARTIFACTS / "viewer-https.png"))
             finally:
                 await trusting.close()

@@ -106,7 +106,7 @@ def host_files(tmp_path: Path, xvnc: XvncServer) -> dict[str, Path]:
           endpoint: {{address: {{host: 127.0.0.1, port: {xvnc.port}}}}}
         """))
     users = tmp_path / "users.yaml"
-    users.write_text(f"ci-bot: {TOKEN}\n")
+    users.write_text(f"ci-bot: {{token: {TOKEN}}}\n")
     for path in (tmp_path, targets, targets / "desk.yaml", users):
         path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the image's user 10001
     return {"$PWD/examples": targets, "$PWD/users.yaml": users}

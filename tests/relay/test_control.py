@@ -13,10 +13,10 @@ import aiohttp
 from harness.cluster import free_port
 from harness.servers import TcpServer
 from tests.conftest import API_TOKEN, RelayFactory
+from tests.relay.test_auth import csrf_from
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode
-from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User
 from vncgate.relay.settings import AuthSettings
 
@@ -70,9 +70,9 @@ async def test_a_session_on_one_replica_is_listed_and_ended_through_another(
 async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
         make_relay: RelayFactory, sink_backend: TcpServer) -> None:
     route = Route("lab", "desk", "127.0.0.1", sink_backend.port)
-    secret = "alice-secret-0123456789"
+    secret = "alice-secret-0123456789"  # a token entry: a bearer token, and a sign-in too
     auth = AuthSettings(mode=AuthMode.TOKEN, session_secret=b"s" * 32,
-                        users={"alice": User("alice", hash_secret(secret))})
+                        users={"alice": User("alice", secret, token=True)})
     # A cookie jar that keeps cookies of IP addresses, as a browser does.
     async with make_relay(routes=[route], auth=auth) as relay, aiohttp.ClientSession(
             cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
@@ -81,8 +81,7 @@ async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
             assert resp.status == 401
             assert "Authorization: Bearer" in (await resp.json())["error"]
         # A signed-in browser's cookie does not count: a foreign page could make it send one.
-        async with http.get(f"{relay.public_url}/login") as resp:
-            csrf = resp.cookies["vncgate_csrf"].value
+        csrf = await csrf_from(http, f"{relay.public_url}/login")
         async with http.post(f"{relay.public_url}/login", allow_redirects=False, data={
                 "user": "alice", "password": secret, "csrf": csrf}) as resp:
             assert resp.status == 303

@@ -94,7 +94,7 @@ async def test_security_headers_on_pages(relay: RelayServer,
             csp = resp.headers.get("Content-Security-Policy", "")
             assert "frame-ancestors 'self'" in csp and "script-src 'self'" in csp, path
             assert resp.headers["X-Content-Type-Options"] == "nosniff"
-            assert resp.headers["Referrer-Policy"] == "no-referrer"
+            assert resp.headers["Referrer-Policy"] == "same-origin"
 
 
 async def test_invalid_names_are_404(relay: RelayServer, http: aiohttp.ClientSession) -> None:

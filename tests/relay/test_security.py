@@ -185,8 +185,11 @@ async def test_bad_bearer_tokens_are_rate_limited_and_audited(
                                 headers=bearer(f"guess-{attempt}", "192.0.2.7")) as resp:
                 assert resp.status == 302  # not signed in: to the login page
         async with http.get(f"{relay.public_url}/",
-                            headers=bearer(BOB_TOKEN, "192.0.2.7")) as resp:
+                            headers=bearer("guess-5", "192.0.2.7")) as resp:
             assert resp.status == 429 and int(resp.headers["Retry-After"]) > 0
+        async with http.get(f"{relay.public_url}/",  # a good token is never refused
+                            headers=bearer(BOB_TOKEN, "192.0.2.7")) as resp:
+            assert resp.status == 200
         code, reason = await open_console(http, relay, "open",
                                           headers=bearer("another", "192.0.2.7"))
         assert code == closecodes.TOO_MANY_REQUESTS and "try again in" in reason
@@ -200,19 +203,25 @@ async def test_bad_bearer_tokens_are_rate_limited_and_audited(
     assert "guess-0" not in caplog.text and BOB_TOKEN not in caplog.text
 
 
+async def post_sign_in(http: aiohttp.ClientSession, relay: RelayServer, password: str,
+                       client: str) -> int:
+    """A sign-in form post from `client` (the relay trusts 127.0.0.1 as its proxy)."""
+    csrf = await csrf_from(http, f"{relay.public_url}/login")
+    async with http.post(f"{relay.public_url}/login", allow_redirects=False,
+                         data={"user": "alice", "password": password, "csrf": csrf},
+                         headers={"Origin": "null", "X-Forwarded-For": client}) as resp:
+        return resp.status
+
+
 async def test_key_derivation_never_blocks_the_event_loop(relay: RelayServer) -> None:
-    # Hold both derivation threads: bearer checks queue behind them, and the relay still
-    # answers /healthz meanwhile (before the fix, each check ran scrypt on the event loop).
+    # Hold both derivation threads: sign-ins queue behind them, and the relay still answers
+    # /healthz meanwhile (before the fix, each check ran scrypt on the event loop).
     gate = threading.Event()
     derivations = relay.state.derivations
     holders = [asyncio.create_task(derivations.run(gate.wait, 30)) for _ in range(2)]
-    async with aiohttp.ClientSession() as http:
-        async def guess(n: int) -> int:
-            async with http.get(f"{relay.public_url}/", allow_redirects=False,
-                                headers=bearer(f"guess-{n}", f"192.0.2.{n}")) as resp:
-                return resp.status
-
-        guesses = [asyncio.create_task(guess(n)) for n in range(1, 9)]
+    async with jar_session() as http:
+        guesses = [asyncio.create_task(post_sign_in(http, relay, f"guess-{n}", f"192.0.2.{n}"))
+                   for n in range(1, 9)]
         try:
             await eventually(lambda: derivations.pending == 10, "10 derivations pending")
             async with http.get(f"{relay.public_url}/healthz") as resp:
@@ -220,7 +229,7 @@ async def test_key_derivation_never_blocks_the_event_loop(relay: RelayServer) ->
             assert not any(g.done() for g in guesses)  # still waiting for a derivation
         finally:
             gate.set()
-        assert await asyncio.gather(*guesses) == [302] * 8  # not signed in: to the login page
+        assert await asyncio.gather(*guesses) == [401] * 8
     await asyncio.gather(*holders)
 
 
@@ -232,9 +241,13 @@ async def test_derivations_are_bounded_and_refuse_past_the_bound(relay: RelaySer
     try:
         await eventually(lambda: derivations.pending == derivations.max_pending,
                          "the derivation queue full")
-        async with aiohttp.ClientSession() as http, http.get(
-                f"{relay.public_url}/", headers=bearer("a-guess", "192.0.2.9")) as resp:
-            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        async with jar_session() as http:
+            csrf = await csrf_from(http, f"{relay.public_url}/login")
+            async with http.post(f"{relay.public_url}/login",
+                                 data={"user": "alice", "password": "a-guess", "csrf": csrf},
+                                 headers={"Origin": "null", "X-Forwarded-For": "192.0.2.9"}
+                                 ) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
     finally:
         gate.set()
     await asyncio.gather(*holders)
@@ -401,7 +414,8 @@ async def test_sign_out_revokes_the_cookie_and_ends_its_sessions(relay: RelaySer
         assert await ws.receive_bytes(timeout=5) == GREETING
         csrf = await csrf_from(http, f"{relay.public_url}/")
         async with http.post(f"{relay.public_url}/logout", data={"csrf": csrf},
-                             headers={"Origin": "null"}, allow_redirects=False) as resp:
+                             headers={"Origin": relay.public_url},
+                             allow_redirects=False) as resp:
             assert resp.status == 303
         msg = await ws.receive(timeout=10)
         assert (msg.data, msg.extra) == (closecodes.UNAUTHENTICATED, "you signed out")
@@ -445,7 +459,10 @@ async def test_own_sign_ins_do_not_reset_the_failure_count(relay: RelayServer) -
             assert (await sign_in(http, relay, "alice", "wrong password!")).status == 401
         assert (await sign_in(http, relay, "alice", ALICE_PASSWORD)).status == 303
         assert (await sign_in(http, relay, "alice", "wrong password!")).status == 401
-        assert (await sign_in(http, relay, "alice", ALICE_PASSWORD)).status == 429
+        # This browser signed in as alice (its device cookie): alice is not kept out of it,
+        # but guesses at another account from here are, as from any address over its limit.
+        assert (await sign_in(http, relay, "alice", ALICE_PASSWORD)).status == 303
+        assert (await sign_in(http, relay, "bob", BOB_TOKEN)).status == 429
 
 
 async def test_guesses_at_one_account_are_limited_across_addresses(relay: RelayServer) -> None:

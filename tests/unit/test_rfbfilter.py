@@ -13,7 +13,9 @@ SET_ENCODINGS = struct.pack("!BxH3i", 2, 3, 0, 7, -223)
 UPDATE = struct.pack("!BBHHHH", 3, 1, 0, 0, 800, 600)
 KEY = struct.pack("!BBxxI", 4, 1, 0x61)
 POINTER = struct.pack("!BBHH", 5, 1, 100, 200)
-POINTER_EXTENDED = struct.pack("!BBHHB", 5, 0x81, 100, 200, 1)
+# The 0x80 marker of ExtendedMouseButtons: still 6 bytes, as servers read it when the viewer did
+# not announce that pseudo-encoding (the relay takes it out of every SetEncodings it follows).
+POINTER_EXTENDED = struct.pack("!BBHH", 5, 0x81, 100, 200)
 CUT = struct.pack("!Bxxxi", 6, 5) + b"hello"
 CUT_EXTENDED = struct.pack("!Bxxxi", 6, -4) + b"\x01\x00\x00\x01"
 FENCE = struct.pack("!BxxxIB", 248, 0, 3) + b"abc"

@@ -217,8 +217,9 @@ true
 {{- end }}
 
 {{/* The generated users.yaml, base64-encoded: the one in the cluster when the Secret exists
-(lookup; users added to it stay), else the initial user with 32 random characters. Computed
-once per render, like the registration token. */}}
+(lookup; users added to it stay), else the initial user with a token of 32 random characters
+(a token entry: a password for the sign-in page and a bearer token for scripts). Computed once
+per render, like the registration token. */}}
 {{- define "vncgate.generatedUsers" -}}
 {{- if not (hasKey $ "vncgateGeneratedUsers") }}
 {{- $users := "" }}
@@ -227,7 +228,7 @@ once per render, like the registration token. */}}
 {{- $users = index $secret.data "users.yaml" | default "" }}
 {{- end }}
 {{- if not $users }}
-{{- $entry := dict "secret" (randAlphaNum 32) "groups" (list) }}
+{{- $entry := dict "token" (randAlphaNum 32) "groups" (list) }}
 {{- $users = dict .Values.relay.auth.token.initialUser $entry | toYaml | b64enc }}
 {{- end }}
 {{- $_ := set $ "vncgateGeneratedUsers" $users }}
@@ -322,4 +323,19 @@ true
 {{- if .Values.networkReach.enforced }}
 checksum/network-reach: {{ include "vncgate.reachGrants" . | sha256sum }}
 {{- end }}
+{{- end }}
+
+{{/* The relay's --trusted-proxy CIDRs as a JSON list: relay.trustedProxies (the Ingress or
+Gateway in front, in every auth mode), and in proxy mode the authenticating proxy's too. */}}
+{{- define "vncgate.relay.trustedProxies" -}}
+{{- $proxies := list }}
+{{- range .Values.relay.trustedProxies }}
+{{- $proxies = append $proxies . }}
+{{- end }}
+{{- if eq .Values.relay.auth.mode "proxy" }}
+{{- range .Values.relay.auth.trustedProxies }}
+{{- $proxies = append $proxies . }}
+{{- end }}
+{{- end }}
+{{- $proxies | uniq | toJson }}
 {{- end }}

@@ -12,7 +12,7 @@ const statusEl = $('status');
 const screen = $('screen');
 
 // Close codes after which reconnecting cannot help: show the reason and wait for the user.
-const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4408, 4409, 4424]);
+const FINAL_CODES = new Set([1002, 1003, 1008, 1009, 4401, 4403, 4404, 4408, 4409, 4424, 4507]);
 const UNAUTHENTICATED = 4401;
 const CONFLICT = 4409;
 const IDLE_WARNING = 60;  // seconds before the relay's idle timeout
