@@ -35,8 +35,6 @@ from vncgate.relay import closecodes
 from vncgate.relay.rfb.security import SecurityRefused, UpstreamLogin
 from vncgate.relay.settings import RelaySettings
 
-CREDENTIALS_ROLE = "vncgate-relay-credentials"  # the chart's ClusterRole (a fixed name)
-
 
 def _read_text(path: str) -> str:
     # A small local file (a mounted Secret): reading it does not hold up the event loop.
@@ -99,8 +97,8 @@ class CredentialStore:
                 # Short: it must fit a close frame (123 bytes) with the names.
                 # (what to do first: a close frame clips long names at the end)
                 raise _refused(
-                    f"needs a RoleBinding to ClusterRole {CREDENTIALS_ROLE}: the relay may not "
-                    f"read {kind} {route.namespace}/{name}") from None
+                    f"needs a RoleBinding to ClusterRole {self._settings.roles.credentials}: "
+                    f"the relay may not read {kind} {route.namespace}/{name}") from None
             if exc.status == 404:
                 raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
             raise _refused(f"reading {kind} {route.namespace}/{name} failed: "
