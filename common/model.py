@@ -203,8 +203,11 @@ def table_revision(routes: Iterable[Route]) -> str:
 # The outcomes of a relay's logins to a target's VNC server (spec.credentials / spec.tls), as
 # its table summary reports them: the operator's status shows a refused stored credential
 # without ever reading the Secret (docs/ARCHITECTURE.md, "Credentials and TLS").
+# `forbidden`: the relay could not read the credential because RBAC denied it (403), the one
+# cause an access review also sees; `unreadable`: any other (a missing Secret or key, the API).
 LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE = "ok", "refused", "unreadable"
-_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE)
+LOGIN_FORBIDDEN = "forbidden"
+_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LOGIN_FORBIDDEN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from vncgate.common.kube import KubeClient, KubeConfigError, KubeError, kube_connection
 from vncgate.common.model import (
+    LOGIN_FORBIDDEN,
     LOGIN_OK,
     LOGIN_REFUSED,
     LOGIN_UNREADABLE,
@@ -41,8 +42,8 @@ def _read_text(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
-def _refused(reason: str) -> SecurityRefused:
-    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason)
+def _refused(reason: str, *, forbidden: bool = False) -> SecurityRefused:
+    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason, forbidden=forbidden)
 
 
 class CredentialStore:
@@ -63,6 +64,8 @@ class CredentialStore:
         the relay could not read it. (An unreachable server is the probe's business.)"""
         if refused.credential_refused:
             result = LOGIN_REFUSED
+        elif refused.forbidden:
+            result = LOGIN_FORBIDDEN
         elif refused.code == closecodes.CREDENTIAL_REFUSED:
             result = LOGIN_UNREADABLE
         else:
@@ -98,7 +101,8 @@ class CredentialStore:
                 # (what to do first: a close frame clips long names at the end)
                 raise _refused(
                     f"needs a RoleBinding to ClusterRole {self._settings.roles.credentials}: "
-                    f"the relay may not read {kind} {route.namespace}/{name}") from None
+                    f"the relay may not read {kind} {route.namespace}/{name}",
+                    forbidden=True) from None
             if exc.status == 404:
                 raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
             raise _refused(f"reading {kind} {route.namespace}/{name} failed: "
