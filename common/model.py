@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, TypeVar
 
 from vncgate.common.addresses import host_port
@@ -45,6 +45,9 @@ class Route:
     name: str
     host: str
     port: int
+    # The rest by keyword only: a value given by position cannot land in the wrong field (the
+    # fields grow; docs/EMBEDDING.md shows a subset).
+    _: KW_ONLY
     display_name: str = ""
     view_only: bool = False
     # Who may open it when the relay authorizes from manifests (standalone); None: anyone
