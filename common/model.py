@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, TypeVar
 
 from vncgate.common.addresses import host_port
@@ -45,6 +45,9 @@ class Route:
     name: str
     host: str
     port: int
+    # The rest by keyword only: a value given by position cannot land in the wrong field (the
+    # fields grow; docs/EMBEDDING.md shows a subset).
+    _: KW_ONLY
     display_name: str = ""
     view_only: bool = False
     # Who may open it when the relay authorizes from manifests (standalone); None: anyone
@@ -212,8 +215,11 @@ def table_revision(routes: Iterable[Route]) -> str:
 # The outcomes of a relay's logins to a target's VNC server (spec.credentials / spec.tls), as
 # its table summary reports them: the operator's status shows a refused stored credential
 # without ever reading the Secret (docs/ARCHITECTURE.md, "Credentials and TLS").
+# `forbidden`: the relay could not read the credential because RBAC denied it (403), the one
+# cause an access review also sees; `unreadable`: any other (a missing Secret or key, the API).
 LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE = "ok", "refused", "unreadable"
-_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE)
+LOGIN_FORBIDDEN = "forbidden"
+_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LOGIN_FORBIDDEN)
 
 
 @dataclass(frozen=True, slots=True)

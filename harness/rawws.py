@@ -7,6 +7,7 @@ import asyncio
 import base64
 import os
 import socket
+import ssl
 import struct
 
 from harness.servers import GREETING
@@ -47,14 +48,19 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 class RawWebSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self._unread = b""  # payload read past what read_exactly returned
 
     @classmethod
-    async def open(cls, url: str, extra: bytes = b"", greeting: bool = True) -> RawWebSocket:
+    async def open(cls, url: str, extra: bytes = b"", greeting: bool = True,
+                   context: ssl.SSLContext | None = None) -> RawWebSocket:
         """`url`: the relay's public URL plus the WebSocket path; `extra`: bytes sent in the
-        same write as the upgrade request."""
-        host_port, path = url.removeprefix("http://").split("/", 1)
+        same write as the upgrade request; `context`: TLS for an https:// URL."""
+        scheme, rest = url.split("://", 1)
+        if (scheme == "https") != (context is not None):
+            raise ValueError(f"{url}: give a TLS context for https:// URLs, and only for those")
+        host_port, path = rest.split("/", 1)
         port = int(host_port.rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
         writer.write(upgrade_request(port, "/" + path) + extra)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101"), head
@@ -73,6 +79,27 @@ class RawWebSocket:
             if opcode == 0x2:
                 got += payload
         return bytes(got)
+
+    async def read_exactly(self, n: int) -> bytes:
+        """The next `n` bytes of the binary stream, wherever the frames split it."""
+        while len(self._unread) < n:
+            opcode, payload = await self.read_frame()
+            if opcode == 0x2:
+                self._unread += payload
+        data, self._unread = self._unread[:n], self._unread[n:]
+        return data
+
+    async def rfb_handshake(self) -> None:
+        """What noVNC does after the greeting: RFB 3.8, security None, a shared ClientInit;
+        reads ServerInit."""
+        self.writer.write(frame(GREETING))
+        (count,) = await self.read_exactly(1)
+        assert 1 in await self.read_exactly(count), "security type None not offered"
+        self.writer.write(frame(b"\x01"))
+        assert await self.read_exactly(4) == bytes(4)  # SecurityResult: OK
+        self.writer.write(frame(b"\x01"))
+        head = await self.read_exactly(24)
+        await self.read_exactly(struct.unpack_from("!I", head, 20)[0])
 
     async def close_frame(self, timeout: float = 10) -> tuple[int, str]:
         """Reads (skipping data) until the relay's close frame: its code and reason."""
@@ -94,6 +121,18 @@ class RawWebSocket:
             except TimeoutError:
                 break
         return sent
+
+    def write_eof(self) -> None:
+        """Leave with a FIN, and nothing after it (over TLS: without a close_notify, as a
+        process that exits does)."""
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        else:
+            self.writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+
+    def close_tls(self) -> None:
+        """Close the connection at once, the polite way: over TLS a close_notify, then a FIN."""
+        self.writer.close()
 
     def reset(self) -> None:
         """Leave with an RST."""

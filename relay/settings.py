@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from vncgate.common.spec import (
 from vncgate.relay.access.identity import AUTH_MODES, AuthConfigError, AuthMode
 from vncgate.relay.access.links import load_keys
 from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.access.roles import ROLE_FLAGS, RoleNames
 from vncgate.relay.access.users import User, load_users
 from vncgate.relay.recording.store import RecordingSettings
 from vncgate.relay.recording.store import add_arguments as add_recording_arguments
@@ -116,6 +118,8 @@ class RelaySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_reload_interval: float = 10.0
+    # The ClusterRoles that messages name (relay/access/roles.py): the chart passes its own.
+    roles: RoleNames = field(default_factory=RoleNames)
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", compared
@@ -285,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--kubeconfig", type=Path,
                       default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
                       help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
+    roles = parser.add_argument_group(
+        "role names", "the ClusterRoles that refusals tell people to ask for (the chart passes "
+        "the names it created)")
+    defaults = RoleNames()
+    for attribute, flag, what in ROLE_FLAGS:
+        roles.add_argument(flag, metavar="NAME",
+                           default=_env(flag[2:].upper().replace("-", "_"))
+                           or getattr(defaults, attribute),
+                           help=f"the ClusterRole for {what} "
+                                f"(default {getattr(defaults, attribute)})")
     sessions = parser.add_argument_group("sessions across replicas")
     sessions.add_argument("--lease-namespace", default=_env("LEASE_NAMESPACE"),
                           help="hold exclusive consoles as Leases in this namespace (in a "
@@ -471,4 +485,18 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
         http_read_timeout=args.http_read_timeout,
         stall_timeout=stall_timeout, shutdown_grace=shutdown_grace,
-        recording=recording_settings_from_args(parser, args))
+        recording=recording_settings_from_args(parser, args), roles=_roles(parser, args))
+
+
+_ROLE_NAME = re.compile(r"[^\s/%]{1,253}")
+
+
+def _roles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RoleNames:
+    names = {}
+    for attribute, flag, _ in ROLE_FLAGS:
+        name = getattr(args, flag[2:].replace("-", "_"))
+        if not _ROLE_NAME.fullmatch(name):  # Kubernetes' path segment names
+            parser.error(f"{flag} {name!r}: the name of a ClusterRole, e.g. "
+                         f"{getattr(RoleNames(), attribute)}")
+        names[attribute] = name
+    return RoleNames(**names)

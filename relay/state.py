@@ -39,7 +39,8 @@ def make_authorizer(settings: RelaySettings) -> Authorizer:
     if settings.auth.mode == AuthMode.NONE:
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
-        return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)))
+        return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)),
+                                    roles=settings.roles)
     return ManifestAuthorizer()
 
 

@@ -296,6 +296,9 @@ class RelayFleet:
                        if snapshot.logins.get(key) != replica.logins.get(key)}
             replica.logins = snapshot.logins
             for key in sorted(changed):
+                outcome = snapshot.logins.get(key)
+                logger.debug("%s: relay %s reports its last login: %s", key, url,
+                             outcome.result if outcome is not None else "none")
                 self.on_login(key)
         restarted = replica.boot is not None and snapshot.boot != replica.boot
         replica.boot = snapshot.boot

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,9 @@ class Runtime:
         self.fleet.on_login = lambda key: self.scheduler.schedule(key, 0.0, probe=False)
         self._prober = prober
         self._probe_slots = asyncio.Semaphore(config.probe_concurrency)
+        # Since when (Unix time) the access reviews have said the relay may read a target's
+        # Secrets, per target whose reviews say so (secretaccess.login_verdict).
+        self._readable_since: dict[str, float] = {}
         # Status this operator wrote that the watch has not brought back yet: (rv, status).
         self._written: dict[str, tuple[int, dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -260,8 +264,10 @@ class Runtime:
             result = proven_by_sessions(sessions, current.get("serverVersion"))
         elif probe and not asks_for_password(current, endpoint):
             result = await self.probe(route)
-        result = (await self.credentials_check(route)
-                  or secretaccess.login_verdict(route, self.fleet.last_login(key)) or result)
+        result = (await self.credentials_check(key, route)
+                  or secretaccess.login_verdict(route, self.fleet.last_login(key),
+                                                self._readable_since.get(key))
+                  or result)
         await self.write_status(key, entry, current, Observation(
             endpoint, registration=registration, probe=result, sessions=sessions,
             viewers=self.fleet.viewers(key),
@@ -321,11 +327,14 @@ class Runtime:
             for name in names:
                 self.scheduler.schedule(f"{namespace}/{name}", 0.0)
 
-    async def credentials_check(self, route: Route) -> ProbeResult | None:
+    async def credentials_check(self, key: str, route: Route) -> ProbeResult | None:
         """Not Reachable (reason CredentialsNotReadable) while the relay may not read the
-        route's Secret; None when it may, or when nothing is to be checked."""
+        route's Secret; None when it may, or when nothing is to be checked. Keeps since when
+        the reviews have said it may (a fresh review outranks an older `forbidden` of the
+        relays)."""
         account = self.config.relay_service_account
         if account is None or not secretaccess.references(route):
+            self._readable_since.pop(key, None)
             return None
         try:
             problem = await secretaccess.unreadable(self.api.client, account,
@@ -334,7 +343,9 @@ class Runtime:
             logger.warning("%s: cannot check the relay's access to its Secret: %s", route.key, exc)
             return None
         if problem is None:
+            self._readable_since.setdefault(key, time.time())
             return None
+        self._readable_since.pop(key, None)
         return ProbeResult(False, secretaccess.NOT_READABLE, problem, None)
 
     async def write_status(self, key: str, entry: IndexedTarget, current: Mapping[str, Any],
@@ -383,6 +394,7 @@ class Runtime:
         if event_type == "DELETED" or meta.get("deletionTimestamp"):
             self.scheduler.forget(key)
             self._written.pop(key, None)
+            self._readable_since.pop(key, None)
             await self.fleet.remove(key, gone=event_type == "DELETED")
             return
         if event_type is None:  # the listing at start

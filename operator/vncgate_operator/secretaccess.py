@@ -18,7 +18,13 @@ import datetime
 from typing import Any
 
 from vncgate.common.kube import KubeClient
-from vncgate.common.model import LOGIN_REFUSED, LOGIN_UNREADABLE, LoginOutcome, Route
+from vncgate.common.model import (
+    LOGIN_FORBIDDEN,
+    LOGIN_REFUSED,
+    LOGIN_UNREADABLE,
+    LoginOutcome,
+    Route,
+)
 from vncgate.operator.probe import ProbeResult, printable
 
 NOT_READABLE = "CredentialsNotReadable"
@@ -74,19 +80,31 @@ async def unreadable(client: KubeClient, account: tuple[str, str], role: str,
     return None
 
 
-def login_verdict(route: Route, outcome: LoginOutcome | None) -> ProbeResult | None:
+def login_verdict(route: Route, outcome: LoginOutcome | None,
+                  readable_since: float | None = None) -> ProbeResult | None:
     """Not Reachable while the relays' latest login for this route failed on its credential.
 
     The relay logs in at each session (the operator never reads the Secret), and the operator
     polls what the relays report: the latest login over every replica decides. A refused
     credential stays the verdict until a later session logs in (a session after the Secret
     was corrected clears it) or the route's endpoint or credentials change.
+
+    `readable_since`: since when (Unix time) the operator's access reviews have said that the
+    relay may read the route's objects; None if they do not say so. A relay's `forbidden`
+    from before then is stale (a RoleBinding was made since) and does not count: the review
+    answers that very question, and more recently. A later one counts (the relay and the
+    review disagree: the relay's experience wins). Other failures are beyond a review's sight
+    (a missing Secret) and stand.
     """
-    if outcome is None or outcome.result not in (LOGIN_REFUSED, LOGIN_UNREADABLE):
+    if outcome is None or outcome.result not in (LOGIN_REFUSED, LOGIN_UNREADABLE,
+                                                 LOGIN_FORBIDDEN):
+        return None
+    if (outcome.result == LOGIN_FORBIDDEN and readable_since is not None
+            and outcome.at <= readable_since):
         return None
     at = datetime.datetime.fromtimestamp(outcome.at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     said = printable(outcome.reason) or "no reason given"
-    if outcome.result == LOGIN_UNREADABLE:
+    if outcome.result in (LOGIN_UNREADABLE, LOGIN_FORBIDDEN):
         return ProbeResult(False, NOT_READABLE,
                            f"the relay could not read the credential of {route.key} for a "
                            f"session at {at}: {said}")

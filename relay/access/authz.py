@@ -25,6 +25,7 @@ from vncgate.common.kube import KubeClient
 from vncgate.common.model import Route
 from vncgate.common.spec import API_GROUP, PLURAL
 from vncgate.relay.access.identity import Identity
+from vncgate.relay.access.roles import RoleNames
 
 log = logging.getLogger("vncgate.authz")
 
@@ -39,13 +40,13 @@ class Decision:
     reason: str = ""
 
 
-# What the admin actions are called in RBAC (verbs on vnctargets), what they are in words, and
-# the ClusterRole of the chart that grants them (named in refusals).
+# What the actions are called in RBAC (verbs on vnctargets) and in words; the ClusterRole that
+# grants each (named in refusals) is configured (roles.RoleNames.for_verb).
 ACTIONS = {
-    "connect": ("connect to", "vncgate-viewer"),
-    "share": ("make share links for", "vncgate-editor"),
-    "sessions": ("see the sessions of", "vncgate-admin"),
-    "disconnect": ("end sessions of", "vncgate-admin"),
+    "connect": "connect to",
+    "share": "make share links for",
+    "sessions": "see the sessions of",
+    "disconnect": "end sessions of",
 }
 
 
@@ -108,7 +109,7 @@ class ManifestAuthorizer:
     async def decide_action(self, identity: Identity, namespace: str, name: str,
                             verb: str) -> Decision:
         # spec.access says who may open a console, not who may administer it: only RBAC does.
-        return Decision(False, f"{ACTIONS[verb][0]} consoles needs Kubernetes RBAC (the relay "
+        return Decision(False, f"{ACTIONS[verb]} consoles needs Kubernetes RBAC (the relay "
                                "with --authorization kubernetes); standalone, use "
                                "vncgate-relay link on the relay's machine")
 
@@ -136,8 +137,10 @@ class ManifestAuthorizer:
 class KubernetesAuthorizer:
     """SubjectAccessReview per (user, groups, target), cached: allowed 30 s, denied 10 s."""
 
-    def __init__(self, client: KubeClient, max_cached: int = 10_000) -> None:
+    def __init__(self, client: KubeClient, max_cached: int = 10_000,
+                 roles: RoleNames | None = None) -> None:
         self.client = client
+        self.roles = roles or RoleNames()
         self.max_cached = max_cached
         self._cache: OrderedDict[tuple[str, tuple[str, ...], str, str],
                                  tuple[Decision, float]] = OrderedDict()
@@ -209,9 +212,8 @@ class KubernetesAuthorizer:
         why = status.get("reason") or status.get("evaluationError") or ""
         if subresource:
             ask = (f"{identity.label} may not see the recordings of {target}; ask for a "
-                   f"RoleBinding to vncgate-recordings-viewer in {namespace}")
+                   f"RoleBinding to {self.roles.recordings_viewer} in {namespace}")
         else:
-            words, role = ACTIONS.get(verb, (verb, "vncgate-admin"))
-            ask = (f"{identity.label} may not {words} {target}; ask for a "
-                   f"RoleBinding to {role} in {namespace}")
+            ask = (f"{identity.label} may not {ACTIONS.get(verb, verb)} {target}; ask for a "
+                   f"RoleBinding to {self.roles.for_verb(verb)} in {namespace}")
         return Decision(False, ask + (f" ({why})" if why else "")), True

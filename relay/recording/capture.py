@@ -65,11 +65,17 @@ log = logging.getLogger("vncgate.recording")
 audit = logging.getLogger("vncgate.audit")
 
 MAGIC = b"VNCGREC"
-FORMAT_VERSION = 1
+# 2: `P` records (the viewer's pixel format). Version 1 files (without them: noVNC's format)
+# are still read and played.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".vncrec"
 _RECORD = struct.Struct("!cII")  # type, milliseconds since the start, payload length
 
 HEADER, SERVER, CLIENT, KEYFRAME, END = b"H", b"S", b"C", b"K", b"E"
+PIXEL_FORMAT = b"P"
+# RFC 6143 7.4: the PIXEL_FORMAT of ServerInit and SetPixelFormat.
+_PIXEL_FORMAT = struct.Struct("!BBBBHHHBBBxxx")
 
 # Encodings a recorded session may negotiate: decoders without state across updates, and
 # pseudo-encodings whose data the relay can measure. Everything else is dropped from SetEncodings.
@@ -86,6 +92,19 @@ ALLOWED_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_R
                                EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
 _RECORDED_INPUT = frozenset({KEY_EVENT, POINTER_EVENT, CLIENT_CUT_TEXT})
 _MAX_INPUT_RECORD = 64 * 1024  # a longer clipboard message is recorded cut to this
+
+
+def pixel_format_json(pixel_format: bytes, offset: int) -> bytes:
+    """The `P` record of a SetPixelFormat's 16-byte PIXEL_FORMAT: the server encodes every
+    FramebufferUpdate that starts at or after `offset` of the recorded server stream with it
+    (the player converts what is not noVNC's own format)."""
+    (bits, depth, big_endian, true_colour, red_max, green_max, blue_max, red_shift,
+     green_shift, blue_shift) = _PIXEL_FORMAT.unpack(pixel_format)
+    return json.dumps({
+        "offset": offset, "bitsPerPixel": bits, "depth": depth, "bigEndian": bool(big_endian),
+        "trueColour": bool(true_colour), "redMax": red_max, "greenMax": green_max,
+        "blueMax": blue_max, "redShift": red_shift, "greenShift": green_shift,
+        "blueShift": blue_shift}).encode()
 
 
 def encode_record(kind: bytes, millis: int, payload: bytes) -> bytes:
@@ -158,9 +177,9 @@ def read_records(path: Path, kinds: frozenset[bytes] | None = None) -> Iterator[
                     continue
                 if bytes(buffer[:len(MAGIC)]) != MAGIC:
                     raise FormatError(f"{path} is not a vncgate recording")
-                if buffer[len(MAGIC)] != FORMAT_VERSION:
+                if buffer[len(MAGIC)] not in READABLE_VERSIONS:
                     raise FormatError(f"{path} is recording format {buffer[len(MAGIC)]}; this "
-                                      f"relay reads format {FORMAT_VERSION}")
+                                      f"relay reads formats {READABLE_VERSIONS}")
                 del buffer[:len(MAGIC) + 1]
                 started = True
             offset = 0
@@ -217,7 +236,8 @@ class RfbTap:
         self._last_request = clock()
         # server side
         self.recording = False  # ServerInit seen: server bytes are recorded from there
-        self.offset = 0  # bytes of the recorded server stream so far
+        self.offset = 0  # bytes of the recorded server stream the parser has taken
+        self.recorded = 0  # bytes of the recorded server stream written (SERVER records)
         self.width = 0
         self.height = 0
         self.bpp = 4
@@ -278,6 +298,9 @@ class RfbTap:
             out += restrict_encodings(bytes(message))
         elif kind == SET_PIXEL_FORMAT:
             self.bpp = max(1, message[4] // 8)
+            # The whole format, not only its size: a player must know how to read the pixels
+            # (TigerVNC's vncviewer asks for blue in the lowest byte; noVNC for red).
+            self._emit(PIXEL_FORMAT, pixel_format_json(bytes(message[4:20]), self.recorded))
             out += message
         else:
             self._emit(CLIENT, bytes(message))
@@ -328,6 +351,7 @@ class RfbTap:
                 start = i  # ServerInit begins at the next byte
         if start is not None and start < end:
             self._emit(SERVER, bytes(view[start:]))
+            self.recorded += end - start
 
     def _advance(self, value: bytes | None) -> None:
         assert self._parser is not None

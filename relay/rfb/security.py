@@ -52,11 +52,14 @@ MAX_NAME = 1 << 16  # the desktop name in ServerInit
 class SecurityRefused(Exception):
     """The relay could not log in to the server; `code` and `reason` go to the viewer."""
 
-    def __init__(self, code: int, reason: str, *, credential_refused: bool = False) -> None:
+    def __init__(self, code: int, reason: str, *, credential_refused: bool = False,
+                 forbidden: bool = False) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.credential_refused = credential_refused
+        # The relay may not read the credential (RBAC said no), as opposed to its absence.
+        self.forbidden = forbidden
 
 
 @dataclass(frozen=True, slots=True)

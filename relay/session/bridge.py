@@ -283,29 +283,41 @@ class Session:
                 max(0.0, self.expires_at - time.time()), self.stop, self.expiry_code,
                 self.expiry_reason or "your sign-in expired; sign in again"))
         try:
-            if self.code is None:  # not stopped before it began
-                await self._relay()
-        except asyncio.CancelledError:
-            # Ours (an ending from outside), unless someone else also cancelled the task.
-            if not self._cancelled or (self._task is not None and self._task.uncancel() > 0):
-                self._finish(closecodes.GOING_AWAY, "the relay is shutting down")
-                self._abort_viewer = True
-                self._shut()
-                raise
-        except SessionRefused as refused:
-            self._finish(refused.code, refused.reason)
-        except ConnectionError:  # writing to the browser: connect errors are SessionRefused
-            self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
-        except Exception:
-            log.exception("session %s failed", self.route.key)
-            self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
-        self._shut()
-        await self._close_ws()
-        self.phase = Phase.CLOSED
-        if self.recorder is not None:
-            self.recorder.close(self.code, self.reason)
-        self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
-        self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
+            try:
+                if self.code is None:  # not stopped before it began
+                    await self._relay()
+            except asyncio.CancelledError:
+                # Ours (an ending from outside), unless someone else also cancelled the task.
+                if not self._cancelled or (self._task is not None and self._task.uncancel() > 0):
+                    self._finish(closecodes.GOING_AWAY, "the relay is shutting down")
+                    self._abort_viewer = True
+                    raise
+            except SessionRefused as refused:
+                self._finish(refused.code, refused.reason)
+            except ConnectionError:  # writing to the browser: connect errors are SessionRefused
+                self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
+            except Exception:
+                log.exception("session %s failed", self.route.key)
+                self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
+            self._shut()
+            await self._close_ws()
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        """The steps every ending takes, whatever went before (a cancelled handler, a close
+        that failed): nothing is relayed any more, the recording is closed with the code and
+        reason, and the session's bytes are counted. Each step runs even if one before fails."""
+        try:
+            self._shut()
+        finally:
+            self.phase = Phase.CLOSED
+            try:
+                if self.recorder is not None:
+                    self.recorder.close(self.code, self.reason)
+            finally:
+                self.metrics.bytes_relayed.labels("to_server").inc(self.to_server)
+                self.metrics.bytes_relayed.labels("to_client").inc(self.to_client)
 
     def _shut(self) -> None:
         """Past this point nothing is relayed and nothing cancels the handler."""
@@ -737,12 +749,28 @@ class Session:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=closecodes.clip_reason(self.reason).encode())
-        except TimeoutError:
-            pass
+        except (TimeoutError, ConnectionError):
+            pass  # the browser is gone or not reading: its connection is dropped below
         transport = self.request.transport
-        if transport is not None and transport.get_write_buffer_size() > 0:
+        if transport is not None and _unsent_bytes(transport) > 0:
             # Unsent bytes after the close: a graceful close would wait for them forever.
             transport.abort()
+
+
+def _unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """What a transport still holds to send to its peer.
+
+    asyncio's TLS transport lets go of its TLS protocol when it is closed a second time (the
+    browser's close_notify and aiohttp's own close race at the end of a session), and then
+    fails on every question but `is_closing` and `abort`: such a transport has nothing left to
+    send.
+    """
+    try:
+        return cast(asyncio.WriteTransport, transport).get_write_buffer_size()
+    except AttributeError:  # 'NoneType' object has no attribute '_get_write_buffer_size'
+        if transport.is_closing():
+            return 0
+        raise
 
 
 def _duration(seconds: int) -> str:

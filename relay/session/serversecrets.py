@@ -28,6 +28,7 @@ from typing import Any
 
 from vncgate.common.kube import KubeClient, KubeConfigError, KubeError, kube_connection
 from vncgate.common.model import (
+    LOGIN_FORBIDDEN,
     LOGIN_OK,
     LOGIN_REFUSED,
     LOGIN_UNREADABLE,
@@ -38,7 +39,6 @@ from vncgate.relay import closecodes
 from vncgate.relay.rfb.security import SecurityRefused, UpstreamLogin
 from vncgate.relay.settings import RelaySettings
 
-CREDENTIALS_ROLE = "vncgate-relay-credentials"  # the chart's ClusterRole (a fixed name)
 # A Secret's consent to be used as a VNC credential (check_consent).
 CREDENTIALS_TYPE = "vncgate.io/credentials"
 ALLOWED_TARGETS = "vncgate.io/allowed-targets"
@@ -49,8 +49,8 @@ def _read_text(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
-def _refused(reason: str) -> SecurityRefused:
-    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason)
+def _refused(reason: str, *, forbidden: bool = False) -> SecurityRefused:
+    return SecurityRefused(closecodes.CREDENTIAL_REFUSED, reason, forbidden=forbidden)
 
 
 def check_consent(route: Route, name: str, secret: dict[str, Any]) -> None:
@@ -91,6 +91,8 @@ class CredentialStore:
         the relay could not read it. (An unreachable server is the probe's business.)"""
         if refused.credential_refused:
             result = LOGIN_REFUSED
+        elif refused.forbidden:
+            result = LOGIN_FORBIDDEN
         elif refused.code == closecodes.CREDENTIAL_REFUSED:
             result = LOGIN_UNREADABLE
         else:
@@ -129,8 +131,9 @@ class CredentialStore:
                 # Short: it must fit a close frame (123 bytes) with the names.
                 # (what to do first: a close frame clips long names at the end)
                 raise _refused(
-                    f"needs a RoleBinding to ClusterRole {CREDENTIALS_ROLE}: the relay may not "
-                    f"read {kind} {route.namespace}/{name}") from None
+                    f"needs a RoleBinding to ClusterRole {self._settings.roles.credentials}: "
+                    f"the relay may not read {kind} {route.namespace}/{name}",
+                    forbidden=True) from None
             if exc.status == 404:
                 raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
             raise _refused(f"reading {kind} {route.namespace}/{name} failed: "

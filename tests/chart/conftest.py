@@ -71,15 +71,17 @@ class Rendered:
 
 
 @cache
-def render_cached(values_files: tuple[Path, ...] = (), sets: tuple[str, ...] = ()) -> Rendered:
-    result = helm("template", RELEASE, CHART, "--namespace", NAMESPACE, "--include-crds",
+def render_cached(values_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
+                  release: str = RELEASE) -> Rendered:
+    result = helm("template", release, CHART, "--namespace", NAMESPACE, "--include-crds",
                   *value_args(values_files, sets))
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     return Rendered(tuple(docs))
 
 
-def render(values_files: Sequence[Path] = (), sets: Sequence[str] = ()) -> Rendered:
-    return render_cached(tuple(values_files), tuple(sets))
+def render(values_files: Sequence[Path] = (), sets: Sequence[str] = (),
+           release: str = RELEASE) -> Rendered:
+    return render_cached(tuple(values_files), tuple(sets), release)
 
 
 def install_dry_run(sets: Sequence[str] = (), values_files: Sequence[Path] = ()) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.chart.conftest import CI_VALUES, ci_id, render
+from tests.chart.conftest import CI_VALUES, Rendered, ci_id, render
 from vncgate.common.addresses import Address
 from vncgate.operator.settings import parse_args
+from vncgate.relay.access.roles import RoleNames
 from vncgate.relay.settings import settings_from_args
 
 TOKEN_PATH = "/etc/vncgate/registration-token/token"
@@ -23,8 +24,9 @@ KEYS_DIR = "/etc/vncgate/keys"
 T = TypeVar("T")
 
 
-def command_of(values: list[Path], deployment: str, sets: tuple[str, ...] = ()) -> list[str]:
-    rendered = render(values, sets)
+def command_of(values: list[Path], deployment: str, sets: tuple[str, ...] = (),
+               release: str = "vncgate") -> list[str]:
+    rendered = render(values, sets, release)
     (container,) = rendered.one("Deployment", deployment)["spec"]["template"]["spec"]["containers"]
     return [*container["command"], *container["args"]]
 
@@ -187,3 +189,47 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path)
     if ci_id(values) == "ingress-tls":
         assert len(settings.policy.allow_cidrs) == 1
         assert len(settings.policy.allow_hosts) == 1
+
+
+def granting(rendered: Rendered, resource: str, verb: str) -> set[str]:
+    """The ClusterRoles the release renders that grant `verb` on `resource` (no aggregates)."""
+    return {role["metadata"]["name"] for role in rendered.of_kind("ClusterRole")
+            for rule in role.get("rules") or ()
+            if resource in rule.get("resources", ()) and verb in rule.get("verbs", ())}
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["default-names", "renamed"])
+def test_every_role_a_message_names_is_one_the_release_created(
+        renamed: bool, token_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's refusals and 4424, and the operator's CredentialsNotReadable advice, name
+    ClusterRoles: each name is one this release renders, whatever the release is called and
+    whatever the values call the roles."""
+    for name in ("VIEWER_ROLE", "EDITOR_ROLE", "ADMIN_ROLE", "RECORDINGS_VIEWER_ROLE",
+                 "CREDENTIALS_ROLE"):
+        monkeypatch.delenv(f"VNCGATE_{name}", raising=False)
+    release = "consoles" if renamed else "vncgate"
+    fullname = "consoles-vncgate" if renamed else "vncgate"  # helm's fullname rule
+    sets = ("relay.credentials.enabled=true",)
+    if renamed:
+        sets += ("rbac.viewerClusterRole.name=lab-console-viewer",
+                 "rbac.editorClusterRole.name=lab-console-editor",
+                 "rbac.adminClusterRole.name=lab-console-admin",
+                 "rbac.recordingsViewerClusterRole.name=lab-recordings-viewer")
+    rendered = render([], sets, release)
+    relay = command_of([], f"{fullname}-relay", sets, release)
+    roles = parse(settings_from_args, relay[1:], token_file, relay_files([], tmp_path)).roles
+    assert roles.viewer in granting(rendered, "vnctargets", "connect")
+    assert roles.editor in granting(rendered, "vnctargets", "share")
+    assert roles.admin in granting(rendered, "vnctargets", "sessions")
+    assert roles.admin in granting(rendered, "vnctargets", "disconnect")
+    assert roles.recordings_viewer in granting(rendered, "vnctargets/recordings", "get")
+    assert roles.credentials in granting(rendered, "secrets", "get")
+    operator = command_of([], f"{fullname}-operator", sets, release)
+    settings = parse(lambda args: parse_args(args, environ={}), operator[1:], token_file)
+    assert settings.relay_credentials_role == roles.credentials
+    if renamed:  # not today's names by accident
+        assert roles.viewer == "lab-console-viewer"
+        assert roles.credentials == "consoles-vncgate-relay-credentials"
+    else:
+        assert roles == RoleNames()

@@ -24,7 +24,7 @@ def test_off_by_default_no_claim_no_flag() -> None:
     rendered = render()
     assert not rendered.of_kind("PersistentVolumeClaim")
     pod = relay_pod(rendered)
-    assert not [a for a in pod["containers"][0]["args"] if a.startswith("--recording")]
+    assert not [a for a in pod["containers"][0]["args"] if a.startswith("--recording-")]
     assert "recordings" not in [v["name"] for v in pod["volumes"]]
 
 

@@ -7,6 +7,7 @@ what the next session logs in with. The VNC server is a real Xvnc with VNC Authe
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import aiohttp
 import yaml
 
 from harness.cluster import free_port
+from harness.waiting import wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_relay import open_console, relay_process
@@ -23,6 +25,7 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped f
     secrets_dir,
     vncauth_xvnc,
 )
+from tests.support.processes import ConsoleScript
 from vncgate.common.client import RelayClient
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.common.model import Route
@@ -168,3 +171,70 @@ def test_a_secret_that_does_not_consent_is_not_used(
         script.wait_for_log("relay listening")
         data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk"))
         assert data == b"RFB 003.008\n", (code, reason)
+
+
+def ready_condition(release: Release, namespace: str, name: str) -> str:
+    """`Reason: message` of the target's Ready condition, or ''."""
+    status = release.plane.get("vnc", name, "-n", namespace).get("status") or {}
+    for condition in status.get("conditions") or ():
+        if condition["type"] == "Ready":
+            return f"{condition['reason']}: {condition['message']}"
+    return ""
+
+
+def test_credentials_not_readable_clears_once_the_namespace_opts_in(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    """The relay's own `may not read` (from a viewer's attempt) is older than the RoleBinding
+    the condition advised: the operator's next access review outranks it, and the target turns
+    Ready without anyone logging in."""
+    plane = release.plane
+    put_secret(release, namespace, PASSWORD)
+    plane.apply({"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+                 "metadata": {"name": "desk", "namespace": namespace},
+                 "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+                          "credentials": {"secretName": "desk-vnc"}}})
+    token_file = tmp_path / "registration-token"
+    token_file.write_text(secrets.token_urlsafe(32))
+    internal = free_port()
+    relay, port = relay_process(release, tmp_path / "relay", "--auth=none",
+                                "--authorization=manifest", f"--api-token-file={token_file}",
+                                f"--internal-listen=127.0.0.1:{internal}")
+    operator_dir = tmp_path / "operator"
+    operator_dir.mkdir()
+    kubeconfig = plane.service_account_kubeconfig(
+        operator_dir / "kubeconfig", release.namespace, release.operator_account)
+    operator = ConsoleScript("vncgate-operator", [
+        f"--relay-url=http://127.0.0.1:{internal}", f"--api-token-file={token_file}",
+        "--public-url=https://vnc.example.com", "--allow-cidr=127.0.0.0/8",
+        "--probe-interval=2s", "--resync-interval=3s", "--liveness=off", "--standalone",
+        f"--namespace={namespace}", "--verbose",
+        f"--relay-service-account={release.namespace}/{release.relay_account}",
+        f"--relay-credentials-role={ROLE}"], operator_dir, env={"KUBECONFIG": str(kubeconfig)})
+    target = f"{namespace}/desk"
+
+    def logs() -> str:
+        return relay.log()[-3000:] + operator.log()[-3000:]
+
+    with relay, operator:
+        relay.wait_for_log("relay listening")
+        wait_until(lambda: ready_condition(release, namespace, "desk").startswith(
+            "CredentialsNotReadable"), "CredentialsNotReadable from the access review",
+            timeout=60)
+        # A viewer tries: the relay may not read the Secret, and reports so.
+        data, code, reason = asyncio.run(open_console(port, target))
+        assert data is None and code == 4424 and ROLE in reason, (code, reason, logs())
+        # The operator has that report before the namespace opts in.
+        operator.wait_for_log(re.escape(f"{target}: relay http://127.0.0.1:{internal} reports "
+                                        "its last login: forbidden"), timeout=30)
+        command = ready_condition(release, namespace, "desk").split(
+            "opt this namespace in: ", 1)[1].split()
+        plane.kubectl(*command[1:])
+        try:
+            wait_until(lambda: ready_condition(release, namespace, "desk").startswith(
+                "Ready") or not operator.running(), "Ready once the namespace opted in",
+                timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"still {ready_condition(release, namespace, 'desk')!r}\n"
+                                 f"{logs()}") from None
+        status = plane.get("vnc", "desk", "-n", namespace)["status"]
+        assert status["phase"] == "Ready", (status, logs())

@@ -100,6 +100,37 @@ def test_subject_access_reviews_decide(release: Release, namespace: str,
     assert "vncgate-viewer" in reason and namespace in reason
 
 
+def test_refusals_name_the_roles_the_relay_is_given(release: Release, namespace: str,
+                                                    xvnc: XvncServer, tmp_path: Path) -> None:
+    """A release whose values renamed the roles passes the names to the relay (the chart
+    test checks the rendering): the relay's 4403 and 4424 name those, not its defaults."""
+    users = tmp_path / "users.yaml"
+    users.write_text(yaml.safe_dump(USERS))
+    release.plane.kubectl("create", "rolebinding", "lab-team-viewers", "-n", namespace,
+                          "--clusterrole=vncgate-viewer", "--group=lab-team")
+    manifest = tmp_path / "targets.yaml"
+    manifest.write_text(yaml.safe_dump_all([{
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}}, **extra}}
+        for name, extra in (("desk", {}), ("locked", {"credentials": {"secretName": "vnc"}}))]))
+    script, port = relay_process(
+        release, tmp_path / "relay", "--auth=token", f"--users-file={users}",
+        "--authorization=kubernetes", f"--targets={manifest}",
+        "--viewer-role=lab-console-viewer", "--credentials-role=consoles-relay-credentials")
+    with script:
+        script.wait_for_log("relay listening")
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
+                                                      USERS["bob"]["secret"]))
+        assert data is None and code == 4403, (code, reason)
+        assert "lab-console-viewer" in reason and "vncgate-viewer" not in reason, reason
+        # alice may open it; the relay may not read its Secret in this namespace.
+        data, code, reason = asyncio.run(open_console(port, f"{namespace}/locked",
+                                                      USERS["alice"]["secret"]))
+        assert data is None and code == 4424, (code, reason, script.log()[-2000:])
+        assert "consoles-relay-credentials" in reason, reason
+
+
 def test_an_api_server_that_is_down_denies(release: Release, namespace: str,
                                            sar_relay: tuple[ConsoleScript, int]) -> None:
     script, port = sar_relay

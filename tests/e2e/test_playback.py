@@ -5,10 +5,15 @@ recordings hidden from who may not see them."""
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 from playwright.async_api import Browser, Page
 from Xlib import X
 from Xlib import display as xdisplay
@@ -16,11 +21,22 @@ from Xlib import display as xdisplay
 from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
+from tests.support.rfbclient import viewer_handshake
 from vncgate.common.model import Route
 from vncgate.common.spec import Access, RecordingPolicy
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User
-from vncgate.relay.recording.capture import END, KEYFRAME, SERVER, Record, read_records
+from vncgate.relay.recording.capture import (
+    END,
+    HEADER,
+    KEYFRAME,
+    MAGIC,
+    PIXEL_FORMAT,
+    SERVER,
+    Record,
+    encode_record,
+    read_records,
+)
 from vncgate.relay.recording.store import RecordingSettings, list_recordings
 from vncgate.relay.settings import AuthSettings
 
@@ -210,3 +226,94 @@ async def test_record_then_play_back_seek_and_hide_from_others(
         finally:
             await alice.close()
             await bob.close()
+
+
+# RFC 6143 7.4 PIXEL_FORMAT: 32 bits, depth 24, little-endian, true colour, 8 bits a channel,
+# with red at `shifts[0]`: TigerVNC's vncviewer asks for red 16, green 8, blue 0 (its rgb888);
+# noVNC for 0, 8, 16.
+def set_pixel_format(shifts: tuple[int, int, int]) -> bytes:
+    return struct.pack("!BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255, *shifts)
+
+
+async def record_a_native_viewer(relay_url: str, directory: Path, xvnc: XvncServer,
+                                 shifts: tuple[int, int, int]) -> bytes:
+    """A scripted viewer through the relay: its SetPixelFormat, a whole screen of red in Raw,
+    then of blue in Hextile (Xvnc sends solid tiles: one background pixel each); returns the
+    centre pixel's 4 bytes of the red screen as the server sent them."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{relay_url}/t/lab/native/websockify", protocols=("binary",)) as ws:
+        stream, init = await viewer_handshake(ws)
+        whole = struct.pack("!BBHHHH", 3, 0, 0, 0, init.width, init.height)
+        await ws.send_bytes(set_pixel_format(shifts) + struct.pack("!BxHi", 2, 1, 0) + whole)
+        kind, _, count = struct.unpack("!BBH", await stream.read(4))
+        assert kind == 0
+        cx, cy, centre = init.width // 2, init.height // 2, b""
+        for _ in range(count):  # Raw rectangles (Xvnc sends the screen in several)
+            x, y, w, h, encoding = struct.unpack("!HHHHi", await stream.read(12))
+            assert encoding == 0
+            pixels = await stream.read(w * h * 4)
+            if x <= cx < x + w and y <= cy < y + h:
+                at = ((cy - y) * w + cx - x) * 4
+                centre = pixels[at:at + 4]
+        await wait_records(directory, lambda f: len(keyframe_ms(f)) >= 1, "a red keyframe")
+        xvnc.paint("#0000ff")
+        await ws.send_bytes(struct.pack("!BxHi", 2, 1, 5) + whole)  # Hextile
+        await wait_records(directory, lambda f: len(keyframe_ms(f)) >= 2, "a blue keyframe")
+        return centre
+
+
+def as_format_1(path: Path) -> None:
+    """The file as a relay before pixel formats were recorded wrote it: version 1, no `P`."""
+    kept = [r for r in read_records(path) if r.kind != PIXEL_FORMAT]
+    header = {**kept[0].json(), "format": 1}
+    kept[0] = Record(HEADER, kept[0].millis, json.dumps(header).encode())
+    path.write_bytes(gzip.compress(MAGIC + bytes([1]) + b"".join(
+        encode_record(r.kind, r.millis, r.payload) for r in kept)))
+
+
+@pytest.mark.parametrize(("viewer", "shifts", "red_bytes"), [
+    ("tigervnc", (16, 8, 0), b"\x00\x00\xff\x00"),
+    ("novnc-format-1", (0, 8, 16), b"\xff\x00\x00\x00"),
+])
+async def test_a_recording_plays_in_the_colours_of_its_viewers_pixel_format(
+        make_relay: RelayFactory, xvnc: XvncServer, browser: Browser, tmp_path: Path,
+        viewer: str, shifts: tuple[int, int, int], red_bytes: bytes) -> None:
+    """A native viewer's pixel format (TigerVNC's rgb888: blue in the lowest byte) is recorded
+    and the player converts it: red plays red, blue blue, from Raw and from Hextile, from a
+    keyframe. A file of format 1 (noVNC's format, nothing recorded about it) still plays."""
+    xvnc.paint("#ff0000")
+    route = Route("lab", "native", "127.0.0.1", xvnc.port,
+                  recording=RecordingPolicy(enabled=True))
+    try:
+        async with make_relay(routes=[route],
+                              recording=RecordingSettings(directory=tmp_path)) as relay:
+            assert await record_a_native_viewer(relay.public_url, tmp_path, xvnc,
+                                                shifts) == red_bytes
+            found = await wait_records(tmp_path, lambda f: f[-1].kind == END, "its end")
+            (pixel_format,) = [r.json() for r in found if r.kind == PIXEL_FORMAT]
+            assert (pixel_format["redShift"], pixel_format["blueShift"]) == (shifts[0],
+                                                                             shifts[2])
+            red_at, blue_at = keyframe_ms(found)[:2]
+            (path,) = await asyncio.to_thread(lambda: list(tmp_path.rglob("*.vncrec")))
+            if viewer == "novnc-format-1":
+                await asyncio.to_thread(as_format_1, path)
+            (listed,) = await asyncio.to_thread(lambda: [s.to_json() for s in
+                                                         list_recordings(tmp_path)])
+            page = await browser.new_page()
+            try:
+                await page.goto(f"{relay.public_url}/recordings/{listed['id']}/")
+                await page.wait_for_function("() => window.vncgatePlayback?.ready",
+                                             timeout=15_000)
+                stats = await seek(page, red_at)
+                await wait_for_pixel(page, RED)
+                stats = await seek(page, stats["duration"])
+                await wait_for_pixel(page, BLUE)
+                assert stats["startedFrom"] == "keyframe" and stats["keyframe"] >= 1, stats
+                assert blue_at <= stats["position"]
+                assert stats["converted"] is (viewer == "tigervnc"), stats
+                assert stats["conversion"] == "", stats
+                await page.screenshot(path=str(ARTIFACTS / f"playback-{viewer}.png"))
+            finally:
+                await page.close()
+    finally:
+        xvnc.paint("#ff0000")

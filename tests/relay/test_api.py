@@ -53,14 +53,16 @@ async def test_put_get_delete_one_route(relay: RelayServer, http: aiohttp.Client
     url = f"{relay.internal_url}/api/v1/targets/lab/desk"
     status, body = await call(http, "PUT", url, body=DESK)
     assert status == 200 and body["changed"] is True
-    assert relay.registry.get("lab", "desk") == Route("lab", "desk", "10.0.0.5", 5900, "Desk")
+    assert relay.registry.get("lab", "desk") == Route("lab", "desk", "10.0.0.5", 5900,
+                                                      display_name="Desk")
     status, body = await call(http, "PUT", url, body=DESK)
     assert body["changed"] is False  # idempotent
     status, table = await call(http, "GET", f"{relay.internal_url}/api/v1/targets")
     assert status == 200
     assert table["targets"] == [{"namespace": "lab", "name": "desk", **DESK, "activeSessions": 0,
                                  "viewers": []}]
-    assert table["revision"] == table_revision([Route("lab", "desk", "10.0.0.5", 5900, "Desk")])
+    assert table["revision"] == table_revision([Route("lab", "desk", "10.0.0.5", 5900,
+                                                      display_name="Desk")])
     status, body = await call(http, "DELETE", url)
     assert status == 200 and body["deleted"] is True
     status, body = await call(http, "DELETE", url)
@@ -129,7 +131,7 @@ async def test_replace_table_rejects_duplicates_and_names_the_index(
 
 async def test_client_round_trip(relay: RelayServer, http: aiohttp.ClientSession) -> None:
     client = RelayClient(http, relay.internal_url, API_TOKEN)
-    desk = Route("lab", "desk", "10.0.0.5", 5900, "Desk", view_only=True)
+    desk = Route("lab", "desk", "10.0.0.5", 5900, display_name="Desk", view_only=True)
     await client.put_route(desk)
     snapshot = await client.get_table()
     assert snapshot.routes == {"lab/desk": desk} and snapshot.sessions == {"lab/desk": 0}

@@ -43,7 +43,7 @@ def test_manifests_load_addresses_and_skip_service_targets(
     (tmp_path / "targets.yaml").write_text(GOOD)
     (tmp_path / "notes.txt").write_text("not a manifest")
     routes = load_routes([tmp_path], [Route("lab", "cli", "127.0.0.1", 5902)])
-    assert routes == [Route("lab", "bmc-1", "127.0.0.1", 5901, "BMC 1"),
+    assert routes == [Route("lab", "bmc-1", "127.0.0.1", 5901, display_name="BMC 1"),
                       Route("lab", "cli", "127.0.0.1", 5902)]
     assert "default/desk" in caplog.text and "needs the operator" in caplog.text
 

@@ -3,10 +3,12 @@ guarantees inside someone else's aiohttp app (examples/embed_app.py), over real 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType, SimpleNamespace
 from typing import cast
@@ -68,7 +70,78 @@ def test_public_surface_is_unchanged() -> None:
     for cls_name, fields in FIELDS.items():
         cls = getattr(embed, cls_name)
         assert [(f.name, f.type, f.default) for f in dataclasses.fields(cls)] == fields, cls_name
+    # Route's options by keyword only (a positional SessionPolicy once landed in `access`).
+    assert [f.name for f in dataclasses.fields(Route) if not f.kw_only] == [
+        "namespace", "name", "host", "port"]
     assert (ROOT / "relay" / "py.typed").exists()  # typed for the embedding app's mypy
+
+
+EMBEDDING = ROOT / "docs" / "EMBEDDING.md"
+
+
+def documented_signatures() -> dict[str, ast.arguments]:
+    """The call forms of the table in docs/EMBEDDING.md (`| `Route(namespace, ...)` | ...`),
+    parsed as the parameters of a function of that name."""
+    found = {}
+    for name, params in re.findall(r"^\| `(\w+)\((.*?)\)` \|", EMBEDDING.read_text(),
+                                   re.MULTILINE):
+        if params == "...":
+            continue
+        tree = ast.parse(f"def {name}({params}): pass")
+        function = tree.body[0]
+        assert isinstance(function, ast.FunctionDef)
+        found[name] = function.args
+    return found
+
+
+@pytest.mark.parametrize("name", ["Bridge", "Viewer", "Denied", "Route", "SessionPolicy"])
+def test_the_documented_signatures_are_the_real_ones(name: str) -> None:
+    """What a reader of the table may write is what the code takes: the positional parameters
+    by name and order, the keyword-only ones as keyword-only, each shown default as it is."""
+    documented = documented_signatures()[name]
+    real = inspect.signature(getattr(embed, name)).parameters
+    positional = [p for p in real.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [a.arg for a in documented.args] == [p.name for p in positional], \
+        f"docs/EMBEDDING.md: {name}'s positional parameters"
+    for argument in documented.kwonlyargs:
+        assert real[argument.arg].kind is inspect.Parameter.KEYWORD_ONLY, argument.arg
+    shown = list(zip(documented.args[len(documented.args) - len(documented.defaults):],
+                     documented.defaults, strict=True))
+    shown += [(a, d) for a, d in zip(documented.kwonlyargs, documented.kw_defaults, strict=True)
+              if d is not None]
+    for argument, default in shown:
+        value = eval(compile(ast.Expression(default), "EMBEDDING.md", "eval"),  # noqa: S307
+                     vars(embed))
+        assert real[argument.arg].default == value, f"{name}({argument.arg}=...)"
+
+
+def test_route_takes_its_options_by_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Route("app", "desk", "127.0.0.1", 5900, "Desk")  # type: ignore[misc]
+    route = Route("app", "desk", "127.0.0.1", 5900, sessions=SessionPolicy(max_viewers=2))
+    assert route.sessions.max_viewers == 2 and route.access is None
+
+
+async def test_the_documented_example_runs() -> None:
+    """The example of docs/EMBEDDING.md, with the app's own parts it leaves to the reader."""
+    (code,) = re.findall(r"^```python\n(.*?)^```", EMBEDDING.read_text(),
+                         re.MULTILINE | re.DOTALL)
+
+    async def my_app_user(request: object) -> str | None:
+        return getattr(request, "user", None)
+
+    scope = {"app": web.Application(), "my_app_user": my_app_user,
+             "may_open": lambda user, route: user == "alice"}
+    exec(compile(code, "EMBEDDING.md", "exec"), scope)  # noqa: S102 - the docs' own example
+    route = await scope["lookup"](None)
+    assert isinstance(route, Route) and route.key == "app/desk"
+    assert await scope["authorize"](SimpleNamespace(user="alice"), route) == Viewer("alice")
+    refused = await scope["authorize"](SimpleNamespace(user="bob"), route)
+    assert isinstance(refused, Denied) and "bob may not open desk" in refused.reason
+    assert await scope["authorize"](SimpleNamespace(), route) == Denied("sign in first",
+                                                                       signed_in=False)
+    assert isinstance(scope["bridge"], Bridge)
+    assert [r.canonical for r in scope["app"].router.resources()] == ["/vnc/{name}"]
 
 
 def load_example() -> ModuleType:

@@ -30,12 +30,14 @@ from vncgate.relay.recording.capture import (
     Record,
     read_records,
 )
+from vncgate.relay.recording.capture import PIXEL_FORMAT as PIXEL_FORMAT_RECORD
 from vncgate.relay.recording.store import RecordingSettings
 
 KEY_A_DOWN = struct.pack("!BBxxI", 4, 1, 0x61)
 KEY_A_UP = struct.pack("!BBxxI", 4, 0, 0x61)
 TIGHT, ZRLE, RAW, COPYRECT, HEXTILE = 7, 16, 0, 1, 5
-# noVNC's pixel format: 32 bits per pixel, depth 24, little-endian true colour.
+# TigerVNC vncviewer's pixel format: 32 bits per pixel, depth 24, little-endian true colour,
+# blue in the lowest byte (noVNC's has red there).
 PIXEL_FORMAT = struct.pack("!BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
 
 
@@ -95,7 +97,7 @@ async def test_recording_has_header_stream_keyframe_and_end_without_input(
     assert records[0].kind == HEADER
     header = records[0].json()
     assert header["namespace"] == "lab" and header["name"] == "xvnc"
-    assert header["format"] == 1 and header["input"] is False
+    assert header["format"] == 2 and header["input"] is False
     assert header["serverVersion"] == "RFB 003.008" and header["started"]
     stream = stream_of(records)
     # Recorded from ServerInit: no greeting, no security handshake.
@@ -103,6 +105,13 @@ async def test_recording_has_header_stream_keyframe_and_end_without_input(
     keyframes = [r.json() for r in records if r.kind == KEYFRAME]
     assert keyframes and keyframes[0]["width"] == 800
     assert stream[keyframes[0]["offset"]] == 0  # a FramebufferUpdate starts there
+    # The viewer's whole pixel format, and where in the stream it took effect (before any
+    # update: the viewer sent it before asking for one).
+    (pixel_format,) = [r.json() for r in records if r.kind == PIXEL_FORMAT_RECORD]
+    assert pixel_format == {
+        "offset": 24 + struct.unpack_from("!I", stream, 20)[0], "bitsPerPixel": 32,
+        "depth": 24, "bigEndian": False, "trueColour": True, "redMax": 255, "greenMax": 255,
+        "blueMax": 255, "redShift": 16, "greenShift": 8, "blueShift": 0}
     # Input off: no client records, and the typed key is nowhere in the file.
     assert not [r for r in records if r.kind == CLIENT]
     assert KEY_A_DOWN not in b"".join(r.payload for r in records)

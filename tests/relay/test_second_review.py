@@ -25,6 +25,10 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from harness.certs import make_ca, make_server_cert
+from harness.servers import GREETING, TcpServer
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import (
     ALICE_PASSWORD,
@@ -36,12 +40,8 @@ from tests.relay.test_auth import (
     targets,
 )
 from tests.relay.test_recording import tiny_tmpfs as tiny_tmpfs  # a fixture
-from tests.support.certs import make_ca, make_server_cert
 from tests.support.haproxy import HttpProxy
 from tests.support.rfbclient import viewer_handshake
-from tests.support.servers import GREETING, TcpServer
-from tests.support.waiting import eventually
-from tests.support.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy, SpecError, parse_recording
 from vncgate.kubectl import localpeer

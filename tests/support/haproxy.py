@@ -17,8 +17,8 @@ from types import TracebackType
 
 import pytest
 
-from tests.support.cluster import free_port
-from tests.support.waiting import wait_until
+from harness.cluster import free_port
+from harness.waiting import wait_until
 
 _CONFIG = """global
     maxconn 256

@@ -17,7 +17,7 @@ from vncgate.relay.closecodes import MAX_REASON_BYTES, clip_reason
 from vncgate.relay.session.registry import Registry
 
 A = Route("lab", "a", "10.0.0.1", 5900)
-B = Route("lab", "b", "10.0.0.2", 5900, "B", view_only=True)
+B = Route("lab", "b", "10.0.0.2", 5900, display_name="B", view_only=True)
 
 
 def test_revision_is_order_independent_and_tracks_changes() -> None:

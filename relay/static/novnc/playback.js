@@ -1,4 +1,4 @@
-// The vncgate player: a recording (docs/RECORDING.md, format 1) replayed by noVNC itself.
+// The vncgate player: a recording (docs/RECORDING.md, formats 1 and 2) replayed by noVNC itself.
 //
 // The page fetches the recording file (gzip, as the relay wrote it), decompresses it with the
 // browser's DecompressionStream and parses its records. noVNC's RFB gets a channel object in
@@ -10,7 +10,12 @@
 // the relay marked, with the screen size then) with a ServerInit of that size, and feeds the
 // records from there; it never replays from the start when a keyframe is nearer. Forward seeks
 // with no keyframe in between just feed on. window.vncgatePlayback shows what was fed.
+//
+// A recording whose viewer asked for another pixel format than noVNC's (format 2 says which:
+// `P` records; a native viewer through kubectl vnc proxy) is rewritten into noVNC's once, at
+// load (pixelformat.js): otherwise noVNC would read its pixels with the colours swapped.
 import RFB from './core/rfb.js';
+import { convertStream, describe, novncFormat, samePixels } from './pixelformat.js';
 
 const config = JSON.parse(document.body.dataset.config);
 const $ = (id) => document.getElementById(id);
@@ -22,11 +27,14 @@ const timeEl = $('time');
 const speedSelect = $('speed');
 
 const MAGIC = 'VNCGREC';
-const FORMAT_VERSION = 1;
+const FORMAT_VERSIONS = [1, 2];
 const TICK_MS = 40;
 
 // The recording, parsed: server chunks with their times and places in the server stream.
-const rec = { header: {}, end: null, server: [], keyframes: [], duration: 0, initLength: 0, cut: false };
+const rec = {
+  header: {}, end: null, server: [], keyframes: [], formats: [], duration: 0, initLength: 0,
+  cut: false,
+};
 // The player: which noVNC instance, how far it has been fed, the clock.
 const player = {
   rfb: null, box: null, channel: null, next: 0, position: 0, playing: false, speed: 1,
@@ -35,7 +43,8 @@ const player = {
 // What tests and curious people can read: records fed since the last (re)start and where from.
 const stats = window.vncgatePlayback = {
   ready: false, fed: 0, fedBytes: 0, startedFrom: '', keyframe: -1, keyframes: 0, records: 0,
-  restarts: 0, position: 0, duration: 0, seek: (ms) => seek(ms),
+  restarts: 0, position: 0, duration: 0, pixelFormat: '', converted: false, conversion: '',
+  seek: (ms) => seek(ms),
 };
 
 function setState(state, text) {
@@ -89,8 +98,8 @@ async function load() {
 function parse(data) {
   const magic = new TextDecoder().decode(data.subarray(0, 7));
   if (magic !== MAGIC) throw new Error('not a vncgate recording');
-  if (data[7] !== FORMAT_VERSION) {
-    throw new Error(`recording format ${data[7]}; this player reads format ${FORMAT_VERSION}`);
+  if (!FORMAT_VERSIONS.includes(data[7])) {
+    throw new Error(`recording format ${data[7]}; this player reads formats ${FORMAT_VERSIONS.join(', ')}`);
   }
   const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
   const text = new TextDecoder();
@@ -115,6 +124,9 @@ function parse(data) {
       rec.header = JSON.parse(text.decode(payload));
     } else if (kind === 'E') {
       rec.end = JSON.parse(text.decode(payload));
+    } else if (kind === 'P') {
+      const format = JSON.parse(text.decode(payload));
+      rec.formats.push({ offset: format.offset, format });
     }
     // 'C' (the viewer's input) is not replayed: the screen shows its effect.
   }
@@ -123,10 +135,31 @@ function parse(data) {
   if (init.length < 24) throw new Error('the recording ends inside its ServerInit');
   const nameLength = new DataView(init.buffer, init.byteOffset, 24).getUint32(20);
   rec.initLength = 24 + nameLength;
+  toNoVncFormat(offset);
   rec.duration = Math.max(last, rec.end && Number.isInteger(rec.end.durationMs) ? rec.end.durationMs : 0);
   stats.keyframes = rec.keyframes.length;
   stats.records = rec.server.length;
   stats.duration = rec.duration;
+}
+
+// Rewrite the pixels of a recording made in another format than the one noVNC will ask for
+// (noVNC asks for 8 bits a pixel from a server named "Intel(r) AMT KVM", else for 24 in 32).
+function toNoVncFormat(total) {
+  if (rec.formats.length) stats.pixelFormat = describe(rec.formats[rec.formats.length - 1].format);
+  const name = new TextDecoder().decode(serverBytes(24, rec.initLength - 24));
+  const target = novncFormat(name === 'Intel(r) AMT KVM' ? 8 : 24);
+  if (rec.formats.every(({ format }) => samePixels(format, target))) return;
+  const converted = convertStream(serverBytes(0, total), rec.initLength, rec.formats, target);
+  const ends = rec.server.map((chunk, k) => (k + 1 < rec.server.length ? rec.server[k + 1].offset : total));
+  rec.server = rec.server.map((chunk, k) => {
+    const from = converted.map(chunk.offset);
+    const to = k + 1 < rec.server.length ? converted.map(ends[k]) : converted.stream.length;
+    return { t: chunk.t, offset: from, bytes: converted.stream.subarray(from, Math.max(from, to)) };
+  });
+  rec.keyframes = rec.keyframes.map((k) => ({ ...k, offset: converted.map(k.offset) }));
+  stats.converted = true;
+  stats.conversion = converted.stoppedAt >= 0
+    ? `colours from byte ${converted.stoppedAt} on are not converted: ${converted.why}` : '';
 }
 
 // The server chunk holding byte `offset` of the server stream (binary search).
@@ -248,6 +281,7 @@ async function restart(k) {
 }
 
 function feedBytes(bytes) {
+  if (!bytes.length) return;  // a converted chunk whose message is in the one before
   player.channel.deliver(bytes);
   stats.fed += 1;
   stats.fedBytes += bytes.length;

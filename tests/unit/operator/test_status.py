@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LoginOutcome, Route
+from vncgate.common.model import (
+    LOGIN_FORBIDDEN,
+    LOGIN_OK,
+    LOGIN_REFUSED,
+    LOGIN_UNREADABLE,
+    LoginOutcome,
+    Route,
+)
 from vncgate.common.spec import Credentials
 from vncgate.operator.probe import ProbeResult
 from vncgate.operator.resolve import TargetInvalid
@@ -168,3 +175,18 @@ def test_a_refused_credential_from_the_relays_is_not_ready() -> None:
                                                    "Secret lab/bmc-login does not exist"))
     assert unreadable is not None and unreadable.reason == "CredentialsNotReadable"
     assert "does not exist" in unreadable.message
+
+
+def test_a_relays_forbidden_older_than_the_access_reviews_yes_is_stale() -> None:
+    route = Route("lab", "bmc", "10.0.0.5", 5900, credentials=Credentials(secret_name="bmc-login"))
+    forbidden = LoginOutcome(LOGIN_FORBIDDEN, 100.0, "needs a RoleBinding to ClusterRole x")
+    # No review says the relay may read it: the relay's word stands.
+    said = login_verdict(route, forbidden, None)
+    assert said is not None and said.reason == "CredentialsNotReadable"
+    # The reviews have said so since after it: a RoleBinding was made since; stale.
+    assert login_verdict(route, forbidden, 150.0) is None
+    # The relay was refused after the reviews began to allow: they disagree; the relay wins.
+    assert login_verdict(route, forbidden, 50.0) is not None
+    # A missing Secret is beyond an access review's sight: it stands.
+    missing = LoginOutcome(LOGIN_UNREADABLE, 100.0, "Secret lab/bmc-login does not exist")
+    assert login_verdict(route, missing, 150.0) is not None
