@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -22,7 +22,7 @@ READ_SIZE = 64 * 1024
 
 
 class Tunnel:
-    def __init__(self, ws_url: str, authorization: Callable[[], str],
+    def __init__(self, ws_url: str, authorization: Callable[[], Awaitable[str]],
                  ssl_context: ssl.SSLContext | bool = True,
                  report: Callable[[str], None] | None = None) -> None:
         self.ws_url = ws_url
@@ -46,10 +46,15 @@ class Tunnel:
         who = f"viewer {peer[0]}:{peer[1]}"
         self.sessions += 1
         try:
+            try:
+                authorization = await self.authorization()
+            except Exception as exc:  # the kubeconfig's exec plugin failed, a token expired
+                self.report(f"{who}: no credentials for the relay: {exc}")
+                return
             async with self._client().ws_connect(
                     self.ws_url, protocols=("binary",), heartbeat=None, max_msg_size=0,
                     compress=0, ssl=self.ssl_context,
-                    headers={"Authorization": self.authorization()}) as ws:
+                    headers={"Authorization": authorization}) as ws:
                 self.report(f"{who} connected")
                 ending = await self._pump(reader, writer, ws)
                 self.report(f"{who} disconnected" + (f": {ending}" if ending else ""))
