@@ -8,8 +8,11 @@ __version__ = "0.1.0"
 
 
 def installed_version() -> str:
-    """The version of the installed `vncgate` distribution (the source's, when run uninstalled)."""
-    try:
-        return version("vncgate")
-    except PackageNotFoundError:
-        return __version__
+    """The version of the installed `vncgate` distribution, else of `vncgate-kubectl` (the plugin
+    alone), else the source's (run uninstalled, or from the plugin's zipapp)."""
+    for distribution in ("vncgate", "vncgate-kubectl"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return __version__

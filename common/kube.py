@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 
+from vncgate.common.kubetls import KubeConfigError, ssl_context_for
 
-class KubeConfigError(Exception):
-    """No usable credentials for the Kubernetes API (no kubeconfig, not in a pod)."""
+__all__ = ["KubeClient", "KubeConfigError", "KubeConnection", "KubeError", "kube_connection"]
 
 
 # The most one watch event (one object, as JSON) may be. The API server stores objects of at
@@ -104,17 +104,8 @@ def kube_connection(kubeconfig: Path | None, context_name: str | None = None) ->
                 client_configuration=configuration)
     except (ConfigException, OSError) as exc:
         raise KubeConfigError(str(exc)) from None
-    context: ssl.SSLContext | bool = False
-    if configuration.host.startswith("https"):
-        if configuration.verify_ssl:
-            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        else:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if configuration.cert_file:
-            context.load_cert_chain(configuration.cert_file, configuration.key_file)
-    return KubeConnection(server=configuration.host.rstrip("/"), ssl_context=context,
+    return KubeConnection(server=configuration.host.rstrip("/"),
+                          ssl_context=ssl_context_for(configuration),
                           configuration=configuration)
 
 

@@ -25,7 +25,7 @@ import aiohttp
 
 from vncgate.common import installed_version
 from vncgate.common.envflags import FlagParser
-from vncgate.common.kube import KubeConfigError
+from vncgate.common.kubetls import KubeConfigError
 from vncgate.common.spec import API_GROUP, PLURAL, SpecError, check_key, parse_duration
 from vncgate.kubectl import kubeconfig, localpeer
 from vncgate.kubectl.kubeconfig import NoToken, UserConfig
@@ -53,7 +53,7 @@ async def _get(user: UserConfig, path: str) -> Any:
     connection = user.connection
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
-                http.get(f"{connection.server}{path}", headers=connection.headers(),
+                http.get(f"{connection.server}{path}", headers=await connection.headers(),
                          ssl=connection.ssl_context) as resp:
             text = await resp.text()
             if resp.status >= 400:
@@ -106,7 +106,7 @@ async def _base_for(args: argparse.Namespace, user: UserConfig, name: str) -> st
 # -- the relay -------------------------------------------------------------------------------------
 
 async def _relay(user: UserConfig, method: str, url: str, body: Any = None) -> Any:
-    headers = {"Authorization": user.bearer(), "Content-Type": "application/json"}
+    headers = {"Authorization": await user.bearer(), "Content-Type": "application/json"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
                 http.request(method, url, headers=headers,
@@ -248,7 +248,7 @@ async def cmd_kill(args: argparse.Namespace, user: UserConfig) -> int:
 
 async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
-    user.bearer()  # fail now, not at the viewer's first connection, without a token
+    await user.bearer()  # fail now, not at the viewer's first connection, without a token
     ws_url = "ws" + base.removeprefix("http") + f"/t/{user.namespace}/{args.name}/websockify"
     if args.any_local_user:
         print("kubectl vnc proxy: --any-local-user: every process on this machine that reaches "
@@ -328,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _run(args: argparse.Namespace) -> int:
+    user = await kubeconfig.load(args.kubeconfig, args.context, args.namespace, args.token)
+    return await COMMANDS[args.command](args, user)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -339,8 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "proxy" and not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: 0-65535")
     try:
-        user = kubeconfig.load(args.kubeconfig, args.context, args.namespace, args.token)
-        return asyncio.run(COMMANDS[args.command](args, user))
+        return asyncio.run(_run(args))
     except KubeConfigError as exc:
         path = kubeconfig.kubeconfig_path(args.kubeconfig)
         print(f"kubectl vnc: cannot use the kubeconfig {path}: {exc}", file=sys.stderr)

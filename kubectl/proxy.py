@@ -21,7 +21,7 @@ import contextlib
 import os
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -47,7 +47,7 @@ class Tunnel:
     `own_user_only` by default, so that another user of the machine cannot open a console
     with this user's identity through the local port."""
 
-    def __init__(self, ws_url: str, authorization: Callable[[], str],
+    def __init__(self, ws_url: str, authorization: Callable[[], Awaitable[str]],
                  ssl_context: ssl.SSLContext | bool = True,
                  report: Callable[[str], None] | None = None,
                  allowed: Callable[[tuple[str, int], tuple[str, int]], str] | None
@@ -84,10 +84,15 @@ class Tunnel:
                 return
         self.sessions += 1
         try:
+            try:
+                authorization = await self.authorization()
+            except Exception as exc:  # the kubeconfig's exec plugin failed, a token expired
+                self.report(f"{who}: no credentials for the relay: {exc}")
+                return
             async with self._client().ws_connect(
                     self.ws_url, protocols=("binary",), heartbeat=None, max_msg_size=0,
                     compress=0, ssl=self.ssl_context,
-                    headers={"Authorization": self.authorization()}) as ws:
+                    headers={"Authorization": authorization}) as ws:
                 self.report(f"{who} connected")
                 ending = await self._pump(reader, writer, ws)
                 self.report(f"{who} disconnected" + (f": {ending}" if ending else ""))

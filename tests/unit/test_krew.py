@@ -1,11 +1,10 @@
-"""The krew manifest (packaging/krew/vnc.yaml) and the launcher it installs."""
+"""The krew manifest template (packaging/krew/vnc.yaml) as krew-release-bot renders it; the
+manifest scripts/release fills, and the plugin installed from it, are tested in
+tests/release/test_release.py."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -43,22 +42,4 @@ def test_manifest_has_what_krew_requires() -> None:
         assert re.fullmatch(r"[0-9a-f]{64}", platform["sha256"])
         sources = {item["from"] for item in platform["files"]}
         assert sources == {"kubectl-vnc", "LICENSE"}
-        assert (KREW / "kubectl-vnc").exists() and (ROOT / "LICENSE").exists()
-
-
-def test_the_launcher_runs_the_installed_plugin_or_says_what_to_install(tmp_path: Path) -> None:
-    launcher = KREW / "kubectl-vnc"
-    assert os.access(launcher, os.X_OK)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VNCGATE_PYTHON": sys.executable}
-    result = subprocess.run([str(launcher), "--help"], env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "usage: kubectl vnc" in result.stdout
-    # No Python with vncgate on this PATH (an empty folder): the launcher says what to do.
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    result = subprocess.run(["/bin/sh", str(launcher), "list"],
-                            env={"PATH": str(empty), "HOME": str(tmp_path)},
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 1
-    assert "pip install vncgate" in result.stderr
+        assert (ROOT / "LICENSE").exists()
