@@ -49,7 +49,7 @@ def test_the_product_imports_no_harness() -> None:
     assert importers(PRODUCT, ("harness", "bench", "scripts")) == []
 
 
-@pytest.mark.parametrize("source", ["from harness.xvnc import XvncServer",
+@pytest.mark.parametrize("source", ["from tests.support.xvnc import XvncServer",
                                     "import tests.conftest",
                                     "def f():\n    from tests import conftest"])
 def test_the_check_sees_every_form_of_import(source: str, tmp_path: Path) -> None:
