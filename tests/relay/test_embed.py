@@ -54,7 +54,7 @@ FIELDS = {
         ("access", "Access | None", None), ("sessions", "SessionPolicy", SessionPolicy()),
         ("recording", "RecordingPolicy | None", None),
         ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None),
-        ("kubevirt", "str | None", None)],
+        ("kubevirt", "str | None", None), ("service", "bool", False)],
 }
 
 

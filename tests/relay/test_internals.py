@@ -25,7 +25,7 @@ from harness.rawws import RawWebSocket, frame, read_frame, upgrade_request
 from harness.servers import echo_rfb, serving
 from harness.waiting import eventually
 from tests.conftest import RelayFactory
-from tests.relay.test_endings import one_session, relay_before
+from tests.relay.test_endings import Listener, one_session, relay_before
 from vncgate.relay import internals
 from vncgate.relay.internals import ViewerLink, start_tls_capable, viewer_link
 from vncgate.relay.web.websocket import RelayWebSocket
@@ -218,7 +218,7 @@ async def test_paused_follows_the_transport_and_drain_waits_for_the_reader(path:
 async def test_the_relay_relays_on_the_public_fallback(make_relay: RelayFactory) -> None:
     data = os.urandom(3 * 1024 * 1024)
     with internals.public_api_only():
-        async with relay_before(make_relay, echo_rfb) as (_, relay):
+        async with relay_before(make_relay, Listener(), echo_rfb) as (_, relay):
             ws = await RawWebSocket.open(relay.public_url + WS)
             for start in range(0, len(data), 65536):
                 ws.writer.write(frame(data[start:start + 65536]))
@@ -229,7 +229,7 @@ async def test_the_relay_relays_on_the_public_fallback(make_relay: RelayFactory)
 async def test_the_relay_refuses_unmasked_frames_on_the_public_fallback(
         make_relay: RelayFactory) -> None:
     with internals.public_api_only():
-        async with relay_before(make_relay, echo_rfb) as (server, relay):
+        async with relay_before(make_relay, Listener(), echo_rfb) as (server, relay):
             ws = await RawWebSocket.open(relay.public_url + WS)
             session = await one_session(relay)
             ws.writer.write(frame(b"fine"))

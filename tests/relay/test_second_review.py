@@ -516,13 +516,17 @@ async def first_bytes_as(uid: int, port: int) -> bytes:
     return bytes.fromhex(out.decode().strip())
 
 
+async def unused_bearer() -> str:
+    return "Bearer unused"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root (setuid)")
 async def test_the_local_proxy_refuses_other_users(make_relay: RelayFactory,
                                                    backend: TcpServer) -> None:
     reports: list[str] = []
     async with make_relay(routes=targets(backend.port)) as relay:
         tunnel = Tunnel(f"{relay.public_url.replace('http', 'ws', 1)}/t/lab/open/websockify",
-                        lambda: "Bearer unused", report=reports.append)
+                        unused_bearer, report=reports.append)
         ports: list[int] = []
         server = asyncio.create_task(serve(tunnel, "127.0.0.1", 0, ports.append))
         try:
