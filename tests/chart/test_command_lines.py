@@ -21,6 +21,8 @@ from vncgate.relay.settings import settings_from_args
 TOKEN_PATH = "/etc/vncgate/registration-token/token"
 USERS_PATH = "/etc/vncgate/users/users.yaml"
 KEYS_DIR = "/etc/vncgate/keys"
+GRANTS_PATH = "/etc/vncgate/network-reach/grants.yaml"
+WEBHOOK_DIR = "/etc/vncgate/webhook"
 T = TypeVar("T")
 
 
@@ -54,8 +56,9 @@ def token_file(tmp_path: Path) -> Path:
 
 
 def relay_files(values: list[Path], tmp_path: Path) -> dict[str, Path]:
-    """The users file and keys the relay pod would mount: from the Secrets the chart generates,
-    or stand-ins for the Secrets of your own that the values name."""
+    """The files the pods would mount (users file, keys, network-reach grants, the webhook's
+    certificate): from the Secrets and ConfigMaps the chart generates, or stand-ins for the
+    Secrets of your own that the values name."""
     rendered = render(values)
     secrets = {s["metadata"]["name"]: s["data"] for s in rendered.of_kind("Secret")}
     contents = {
@@ -65,6 +68,14 @@ def relay_files(values: list[Path], tmp_path: Path) -> dict[str, Path]:
     }
     if "vncgate-users" in secrets:
         contents[USERS_PATH] = base64.b64decode(secrets["vncgate-users"]["users.yaml"]).decode()
+    grants = [c["data"]["grants.yaml"] for c in rendered.of_kind("ConfigMap")
+              if c["metadata"]["name"] == "vncgate-network-reach"]
+    if grants:  # the network-reach grants, mounted into the relay and the operator
+        contents[GRANTS_PATH] = grants[0]
+    if "vncgate-operator-webhook-tls" in secrets:  # the webhook's certificate (genCA)
+        for key in ("tls.crt", "tls.key"):
+            contents[f"{WEBHOOK_DIR}/{key}"] = base64.b64decode(
+                secrets["vncgate-operator-webhook-tls"][key]).decode()
     if "vncgate-keys" in secrets:
         for key in ("session-secret", "link-key"):
             contents[f"{KEYS_DIR}/{key}"] = base64.b64decode(secrets["vncgate-keys"][key]).decode()
@@ -157,10 +168,12 @@ def test_relay_without_sign_in_or_leases(token_file: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
-def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path) -> None:
+def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path,
+                                                 tmp_path: Path) -> None:
     command = command_of([values], "vncgate-operator")
     assert command[0] == "vncgate-operator"
-    settings = parse(lambda args: parse_args(args, environ={}), command[1:], token_file)
+    settings = parse(lambda args: parse_args(args, environ={}), command[1:], token_file,
+                     relay_files([values], tmp_path))
     assert settings.relay_service == ("vncgate-system", "vncgate-relay-headless")
     assert settings.relay_urls == ()
     assert settings.liveness_endpoint == "http://0.0.0.0:8082/healthz"
@@ -218,7 +231,8 @@ def test_every_role_a_message_names_is_one_the_release_created(
                  "rbac.recordingsViewerClusterRole.name=lab-recordings-viewer")
     rendered = render([], sets, release)
     relay = command_of([], f"{fullname}-relay", sets, release)
-    roles = parse(settings_from_args, relay[1:], token_file, relay_files([], tmp_path)).roles
+    files = relay_files([], tmp_path)  # same content whatever the release's name
+    roles = parse(settings_from_args, relay[1:], token_file, files).roles
     assert roles.viewer in granting(rendered, "vnctargets", "connect")
     assert roles.editor in granting(rendered, "vnctargets", "share")
     assert roles.admin in granting(rendered, "vnctargets", "sessions")
@@ -226,7 +240,7 @@ def test_every_role_a_message_names_is_one_the_release_created(
     assert roles.recordings_viewer in granting(rendered, "vnctargets/recordings", "get")
     assert roles.credentials in granting(rendered, "secrets", "get")
     operator = command_of([], f"{fullname}-operator", sets, release)
-    settings = parse(lambda args: parse_args(args, environ={}), operator[1:], token_file)
+    settings = parse(lambda args: parse_args(args, environ={}), operator[1:], token_file, files)
     assert settings.relay_credentials_role == roles.credentials
     if renamed:  # not today's names by accident
         assert roles.viewer == "lab-console-viewer"

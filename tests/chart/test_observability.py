@@ -239,8 +239,11 @@ def test_operator_metrics_can_be_turned_off() -> None:
     (operator,) = rendered.one("Deployment", "vncgate-operator")["spec"]["template"]["spec"][
         "containers"]
     assert not [a for a in operator["args"] if a.startswith("--metrics-listen")]
-    assert rendered.one("NetworkPolicy", "vncgate-operator")["spec"]["ingress"] == []
-    assert not [s for s in rendered.of_kind("Service") if "operator" in s["metadata"]["name"]]
+    # Only the admission webhook's port stays open (the API server calls it), not metrics.
+    assert rendered.one("NetworkPolicy", "vncgate-operator")["spec"]["ingress"] == [
+        {"ports": [{"port": 8443, "protocol": "TCP"}]}]
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Service")
+            if "operator" in s["metadata"]["name"]] == ["vncgate-operator-webhook"]
     alerts = [r.get("alert") for r in rendered.of_kind("PrometheusRule")[0]["spec"]["groups"][0][
         "rules"]]
     assert "VncgateOperatorDown" not in alerts
@@ -287,7 +290,8 @@ def test_alerts_query_exported_metrics_of_the_scraped_jobs() -> None:
 
 def test_dashboard_queries_exported_metrics() -> None:
     rendered = render([MONITORING])
-    (config_map,) = rendered.of_kind("ConfigMap")
+    (config_map,) = [c for c in rendered.of_kind("ConfigMap")
+                     if "grafana_dashboard" in c["metadata"].get("labels", {})]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Consoles"}
     shipped = (CHART / "dashboards" / "vncgate.json").read_text()
