@@ -185,7 +185,11 @@ class KubeVirtWatch:
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
                     if event.get("type") == "ERROR":
-                        version = None  # e.g. 410 Gone: start again from now
+                        # e.g. 410 Gone: start again from now. Said, since a cause that stays
+                        # (a 504 from a watch cache that lags) would otherwise go unseen.
+                        logger.warning("the watch of KubeVirt's %s ended with an error: %s",
+                                       plural, str(obj.get("message") or obj)[:300])
+                        version = None
                         break
                     version = meta.get("resourceVersion") or version
                     if event.get("type") != "BOOKMARK" and meta.get("name"):
@@ -207,5 +211,9 @@ class KubeVirtWatch:
                 version = None
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 logger.debug("the watch of KubeVirt's %s ended: %r", plural, exc)
+            except Exception:  # never let the watch die silently: say why and go on
+                logger.exception("the watch of KubeVirt's %s failed; trying again in %gs",
+                                 plural, delay)
+                version = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_LONGEST)

@@ -25,7 +25,7 @@ from tests.support.processes import ConsoleScript
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.access.tokenreview import TokenReviewer, TokenReviewUnavailable
 
-USERS = {"browser": {"secret": "browser-secret-0123456789", "groups": []}}
+USERS = {"browser": {"token": "browser-secret-0123456789", "groups": []}}
 
 
 def _forged(token: str) -> str:
@@ -76,7 +76,7 @@ def test_a_service_account_token_opens_what_rbac_allows(
 
     # The users file still works beside Kubernetes tokens.
     data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
-                                                  USERS["browser"]["secret"]))
+                                                  USERS["browser"]["token"]))
     assert data is None and code == 4403, (code, reason)  # signed in, but no RoleBinding
     assert "browser may not connect" in reason
 

@@ -194,7 +194,7 @@ def test_discovery_makes_a_target_per_labelled_vm(
         return {item["metadata"]["name"] for item in listing}
 
     wait_until(lambda: targets() == {"vm-1", "vm-2"}, "VncTargets for the labelled VMs",
-               context=targets)
+               context=lambda: f"{targets()}; the operator's log:\n{operator.log()[-3000:]}")
     target = plane.get("vnc", "vm-1", "-n", namespace)
     owner = plane.get("vm", "vm-1", "-n", namespace)["metadata"]["uid"]
     assert target["spec"] == {"endpoint": {"kubevirt": {"name": "vm-1"}},

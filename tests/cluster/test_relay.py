@@ -91,11 +91,11 @@ def test_subject_access_reviews_decide(release: Release, namespace: str,
                                        sar_relay: tuple[ConsoleScript, int]) -> None:
     script, port = sar_relay
     data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
-                                                  USERS["alice"]["secret"]))
+                                                  USERS["alice"]["token"]))
     assert data is not None and data.startswith(b"RFB 003.00"), (code, reason, script.log())
 
     data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
-                                                  USERS["bob"]["secret"]))
+                                                  USERS["bob"]["token"]))
     assert data is None and code == 4403, (code, reason)
     assert "vncgate-viewer" in reason and namespace in reason
 
@@ -121,12 +121,12 @@ def test_refusals_name_the_roles_the_relay_is_given(release: Release, namespace:
     with script:
         script.wait_for_log("relay listening")
         data, code, reason = asyncio.run(open_console(port, f"{namespace}/desk",
-                                                      USERS["bob"]["secret"]))
+                                                      USERS["bob"]["token"]))
         assert data is None and code == 4403, (code, reason)
         assert "lab-console-viewer" in reason and "vncgate-viewer" not in reason, reason
         # alice may open it; the relay may not read its Secret in this namespace.
         data, code, reason = asyncio.run(open_console(port, f"{namespace}/locked",
-                                                      USERS["alice"]["secret"]))
+                                                      USERS["alice"]["token"]))
         assert data is None and code == 4424, (code, reason, script.log()[-2000:])
         assert "consoles-relay-credentials" in reason, reason
 
@@ -139,13 +139,13 @@ def test_an_api_server_that_is_down_denies(release: Release, namespace: str,
     try:
         # carol is allowed by RBAC, but nothing about her is cached: the relay cannot ask.
         data, code, reason = asyncio.run(open_console(port, f"{namespace}/other",
-                                                      USERS["carol"]["secret"]))
+                                                      USERS["carol"]["token"]))
         assert data is None and code == 4403, (code, reason)
         assert "could not check your access" in reason
     finally:
         plane.start_apiserver()
     data, code, reason = asyncio.run(open_console(port, f"{namespace}/other",
-                                                  USERS["carol"]["secret"]))
+                                                  USERS["carol"]["token"]))
     assert data is not None, (code, reason, script.log()[-2000:])
 
 
@@ -295,7 +295,7 @@ def test_recordings_are_decided_by_get_on_the_subresource(
         f"--target={namespace}/desk=127.0.0.1:{xvnc.port}")
     with script:
         script.wait_for_log("relay listening")
-        alice, carol = USERS["alice"]["secret"], USERS["carol"]["secret"]
+        alice, carol = USERS["alice"]["token"], USERS["carol"]["token"]
         status, text = asyncio.run(get_page(port, "/recordings/", alice))
         assert status == 200 and recording_id in text, (status, text[:500], script.log()[-2000:])
         status, _ = asyncio.run(get_page(port, f"/recordings/{recording_id}/file", alice))
