@@ -31,15 +31,15 @@ async def test_login_then_console_and_a_forbidden_target_says_why(
             xvnc.paint("#ff0000")
             await page.goto(f"{relay.public_url}/t/lab/mine/")
             # Not signed in: the viewer's 4401 sends the browser to the login page.
-            await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/mine/", timeout=15_000)
+            await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/mine/", timeout=60_000)
             await page.fill("input[name=user]", "alice")
             await page.fill("input[name=password]", PASSWORD)
             await page.click("button[type=submit]")
-            await page.wait_for_url(f"{relay.public_url}/t/lab/mine/", timeout=15_000)
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_url(f"{relay.public_url}/t/lab/mine/", timeout=60_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await wait_for_pixel(page, (255, 0, 0))
             await page.goto(f"{relay.public_url}/t/lab/theirs/")
-            await page.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=failed]", timeout=60_000)
             status = await page.text_content("#status")
             assert status is not None
             assert "alice is not in the access list of lab/theirs" in status
@@ -59,13 +59,13 @@ async def test_share_link_opens_a_view_only_console_without_signing_in(
         try:
             xvnc.paint("#ff0000")
             await page.goto(f"{relay.public_url}/t/lab/shared/#link={token}")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert await page.text_content("#status") == "Connected (view only)"
             assert "#link=" not in page.url  # the token left the address bar
             await wait_for_pixel(page, (255, 0, 0))
             expired, _ = links.mint(KEY, "lab/shared", 60, now=1_000_000)
             await page.goto(f"{relay.public_url}/t/lab/shared/?again#link={expired}")
-            await page.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=failed]", timeout=60_000)
             assert "expired" in (await page.text_content("#status") or "")
         finally:
             await page.close()

@@ -26,7 +26,7 @@ async def test_password_server_shows_red_desktop_without_a_prompt(
         page = await browser.new_page(viewport={"width": 1000, "height": 760})
         try:
             await page.goto(f"{relay.public_url}/t/lab/desk/")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await wait_for_pixel(page, (255, 0, 0))
             assert await page.is_hidden("#credentials")  # no password prompt, ever
             await page.screenshot(path=str(ARTIFACTS / "viewer-vncauth-red.png"))
@@ -43,7 +43,7 @@ async def test_a_wrong_stored_password_shows_its_reason(
         page = await browser.new_page()
         try:
             await page.goto(f"{relay.public_url}/t/lab/desk/")
-            await page.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=failed]", timeout=60_000)
             status = await page.text_content("#status") or ""
             assert "refused the stored credential" in status, status
             assert "not-it" not in (await page.content())

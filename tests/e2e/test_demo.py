@@ -45,7 +45,7 @@ async def test_demo_prints_a_url_that_shows_the_desktop(browser: Browser) -> Non
         page = await browser.new_page()
         try:
             await page.goto(url)
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await wait_for_pixel(page, DEMO_BLUE)
             # Something alive: the clock and the terminal change the picture every second.
             first = await page.evaluate(CANVAS_DIGEST)

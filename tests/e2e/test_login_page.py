@@ -35,7 +35,7 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
         try:
             await page.goto(f"{relay.public_url}/t/lab/desk/")
             await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/desk/",
-                                    timeout=15_000)
+                                    timeout=60_000)
             assert await page.text_content("#title") == "vncgate"
             assert await page.is_visible("#title")
             assert await page.text_content("#target") == "lab/desk"
@@ -61,7 +61,7 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
             await page.fill("#user", "alice")
             await page.fill("#password", "not the password")
             await page.click("button[type=submit]")
-            await page.wait_for_selector("#message:not([hidden])", timeout=15_000)
+            await page.wait_for_selector("#message:not([hidden])", timeout=60_000)
             assert await page.text_content("#message") == "Wrong user or password."
             assert await page.input_value("#user") == "alice"  # kept; the password is not
             assert await page.input_value("#password") == ""
@@ -71,8 +71,8 @@ async def test_sign_in_page_names_product_and_console_and_keeps_the_user_after_a
 
             await page.fill("#password", PASSWORD)
             await page.click("button[type=submit]")
-            await page.wait_for_url(f"{relay.public_url}/t/lab/desk/", timeout=15_000)
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_url(f"{relay.public_url}/t/lab/desk/", timeout=60_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert await page.evaluate(BAR_STYLE) == login_look  # the viewer's bar and type
             await page.goto(f"{relay.public_url}/")
             assert await page.text_content("#title") == "vncgate"

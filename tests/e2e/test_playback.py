@@ -92,7 +92,7 @@ async def wait_records(directory: Path, done: Any, what: str, timeout: float = 3
 
 
 async def wait_pixel_at(page: Page, xy: tuple[int, int], rgb: tuple[int, int, int],
-                        timeout: float = 15) -> None:
+                        timeout: float = 60) -> None:
     last = None
     try:
         async with asyncio.timeout(timeout):
@@ -107,7 +107,7 @@ async def sign_in(page: Page, base: str, user: str, next_path: str) -> None:
     await page.fill("input[name=user]", user)
     await page.fill("input[name=password]", PASSWORD)
     await page.click("button[type=submit]")
-    await page.wait_for_url(f"{base}/{next_path}", timeout=15_000)
+    await page.wait_for_url(f"{base}/{next_path}", timeout=60_000)
 
 
 async def seek(page: Page, millis: int) -> dict[str, Any]:
@@ -138,7 +138,7 @@ async def test_record_then_play_back_seek_and_hide_from_others(
             xvnc.paint("#ff0000")
             live = await alice.new_page()
             await sign_in(live, base, "alice", "t/lab/rec/")
-            await live.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await live.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await wait_for_pixel(live, RED)
             # Every time below is read from the recording, in its own clock: the test's clock
             # and the recording's differ by however long the session took to start (seconds,
@@ -174,8 +174,8 @@ async def test_record_then_play_back_seek_and_hide_from_others(
             page = await alice.new_page()
             await page.goto(f"{base}/recordings/")
             await page.click(f"tr[data-id='{recording_id}'] a")
-            await page.wait_for_url(f"{base}/recordings/{recording_id}/", timeout=15_000)
-            await page.wait_for_function("() => window.vncgatePlayback?.ready", timeout=15_000)
+            await page.wait_for_url(f"{base}/recordings/{recording_id}/", timeout=60_000)
+            await page.wait_for_function("() => window.vncgatePlayback?.ready", timeout=60_000)
             assert await page.text_content("#who") == "alice"
             stats = await seek(page, before_green)
             await wait_for_pixel(page, RED)
@@ -303,7 +303,7 @@ async def test_a_recording_plays_in_the_colours_of_its_viewers_pixel_format(
             try:
                 await page.goto(f"{relay.public_url}/recordings/{listed['id']}/")
                 await page.wait_for_function("() => window.vncgatePlayback?.ready",
-                                             timeout=15_000)
+                                             timeout=60_000)
                 stats = await seek(page, red_at)
                 await wait_for_pixel(page, RED)
                 stats = await seek(page, stats["duration"])

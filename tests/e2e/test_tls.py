@@ -50,8 +50,8 @@ async def test_https_viewer_over_wss_with_hsts_and_a_secure_cookie(
                 await page.fill("input[name=user]", "alice")
                 await page.fill("input[name=password]", PASSWORD)
                 await page.click("button[type=submit]")
-                await page.wait_for_url(f"{url}/t/lab/desk/", timeout=15_000)
-                await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await page.wait_for_url(f"{url}/t/lab/desk/", timeout=60_000)
+                await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
                 await wait_for_pixel(page, (255, 0, 0))  # over wss://
                 cookies = {c["name"]: c for c in await context.cookies()}
                 # Host-only names under https: a sibling host cannot plant them.

@@ -17,7 +17,7 @@ CENTRE_PIXEL = """() => {
 }"""
 
 
-async def wait_for_pixel(page: Page, rgb: tuple[int, int, int], timeout: float = 15) -> None:
+async def wait_for_pixel(page: Page, rgb: tuple[int, int, int], timeout: float = 60) -> None:
     seen: list[object] = [None]
 
     async def centre() -> bool:
@@ -42,7 +42,7 @@ async def test_viewer_shows_the_desktop_and_follows_changes(
         try:
             xvnc.paint("#ff0000")
             await page.goto(f"{relay.public_url}/t/lab/xvnc/")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert await page.text_content("#status") == "Connected"
             assert await page.text_content("#title") == "Lab <desk>"  # shown as text, not HTML
             await wait_for_pixel(page, (255, 0, 0))
@@ -66,7 +66,7 @@ async def test_unknown_target_shows_its_close_reason(make_relay: RelayFactory,
         page = await browser.new_page()
         try:
             await page.goto(f"{relay.public_url}/t/lab/nope/")
-            await page.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=failed]", timeout=60_000)
             status = await page.text_content("#status")
             assert status is not None
             assert "no console lab/nope here" in status
@@ -83,7 +83,7 @@ async def test_view_only_target_is_marked_and_hides_ctrl_alt_del(
         page = await browser.new_page()
         try:
             await page.goto(f"{relay.public_url}/t/lab/watch/")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert await page.text_content("#status") == "Connected (view only)"
             assert await page.evaluate("window.vncgate.rfb.viewOnly") is True
             assert not await page.is_visible("#cad")
@@ -99,7 +99,7 @@ async def test_list_page_links_to_the_viewer(make_relay: RelayFactory, xvnc: Xvn
         try:
             await page.goto(f"{relay.public_url}/")
             await page.click("text=Lab desk")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert page.url == f"{relay.public_url}/t/lab/xvnc/"
         finally:
             await page.close()

@@ -82,7 +82,7 @@ def x_screen_size(display_number: int) -> tuple[int, int]:
         connection.close()
 
 
-async def until(page: Page, check: str, what: str, timeout: float = 15) -> dict[str, list[int]]:
+async def until(page: Page, check: str, what: str, timeout: float = 60) -> dict[str, list[int]]:
     seen: list[dict[str, list[int]]] = [{}]
 
     async def sizes() -> dict[str, list[int]] | None:
@@ -99,7 +99,7 @@ async def test_view_modes(make_relay: RelayFactory, desktop: XvncServer,
     async with make_relay(routes=[route]) as relay:
         page = await browser.new_page(viewport={"width": 900, "height": 700})
         await page.goto(f"{relay.public_url}/t/lab/desk/")
-        await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+        await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
         # Scale to fit (the default): the 1280x1024 screen is drawn smaller than its box.
         sizes = await until(page, "fb == [1280, 1024] and shown[0] <= box[0] and "
                             "shown[1] <= box[1] and shown[0] < 1280", "scaled to fit")
@@ -125,7 +125,7 @@ async def test_keys_menu_sends_combinations(make_relay: RelayFactory, desktop: X
         async with make_relay(routes=[route]) as relay:
             page = await browser.new_page(viewport={"width": 900, "height": 700})
             await page.goto(f"{relay.public_url}/t/lab/desk/")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             expected = {
                 "ctrl-alt-f3": ["Control_L", "Alt_L", "F3"],
                 "ctrl-alt-f12": ["Control_L", "Alt_L", "F12"],
