@@ -32,6 +32,7 @@ SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
 NOVNC = ("relay/static/novnc/core", "relay/static/novnc/vendor")
 KUBECTL = ROOT / "packaging" / "kubectl"
 SBIN_PATH = f"{os.environ.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin"
+IMAGE_TOOLS = ("buildah", "debootstrap")
 
 
 class ReleaseError(Exception):
@@ -181,14 +182,15 @@ def build_krew(zipapp: Path, out: Path, version: str) -> None:
     (out / "vnc.yaml").write_text(text)
 
 
-def build_image(source: Path, stage: Path, out: Path, version: str) -> tuple[str, Path]:
-    """The image from the release's source, as an OCI archive; its manifest digest."""
+def build_image(source: Path, stage: Path, out: Path, version: str,
+                install_tools: bool) -> tuple[str, Path]:
+    """The image from the release's source, as an OCI archive; its manifest digest and the pins
+    of its Python packages."""
     say("building the image (scripts/build-image) and saving it as an OCI archive")
-    tag = f"localhost/vncgate-release:{version}"
-    in_ci = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+    tag = f"localhost/vncgate-release:{version}-{os.getpid()}"  # one per build
     env = {"PATH": SBIN_PATH}
-    run(source / "scripts/build-image", "--tag", tag, *(["--install-tools"] if in_ci else []),
-        cwd=source, env=env)
+    run(source / "scripts/build-image", "--tag", tag,
+        *(["--install-tools"] if install_tools else []), cwd=source, env=env)
     archive = out / f"vncgate-image-{version}.oci.tar"
     digest_file = stage / "image-digest"
     run("buildah", "push", "--quiet", "--digestfile", digest_file, tag,
@@ -206,16 +208,20 @@ def build_image(source: Path, stage: Path, out: Path, version: str) -> tuple[str
                        env={**os.environ, **env})
         subprocess.run(["buildah", "rmi", tag], capture_output=True, check=False,
                        env={**os.environ, **env})
+    # vncgate itself (`vncgate @ file:///dist/...`) is the SBOM's root component, not a part.
+    parts = [line for line in frozen.splitlines()
+             if re.split(r"[ =@<>!~;\[]", line.strip(), maxsplit=1)[0].lower() != "vncgate"]
     requirements = stage / "image-requirements.txt"
-    requirements.write_text(frozen)
+    requirements.write_text("".join(f"{line}\n" for line in parts))
     return digest, requirements
 
 
-def resolved_requirements(wheel: Path, stage: Path) -> Path:
-    """What installing the wheel resolves to today (pip's dry-run report), as pins."""
+def resolved_requirements(wheel: Path, source: Path, stage: Path) -> Path:
+    """What installing the wheel as the image does (with constraints.txt) resolves to (pip's
+    dry-run report), as pins."""
     report = stage / "resolve.json"
     run(PYTHON, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-        "--report", report, wheel)
+        "--report", report, "-c", source / "constraints.txt", wheel)
     installs = json.loads(report.read_text())["install"]
     pins = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
                   for item in installs if item["metadata"]["name"] != "vncgate")
@@ -260,11 +266,32 @@ def write_checksums(out: Path) -> None:
     (out / "SHA256SUMS").write_text("".join(f"{sha256(path)}  {path.name}\n" for path in files))
 
 
-def release(version: str, image: bool) -> Path:
+def image_prerequisites(install_tools: bool) -> None:
+    """Stop before the slow parts when this machine cannot build the image."""
+    if os.geteuid() != 0:
+        raise ReleaseError(
+            "building the image needs root (debootstrap and buildah's storage): run "
+            "`sudo scripts/release VERSION`, or `scripts/release VERSION --no-image` for every "
+            "other artifact (no OCI archive, no digest in the chart, the SBOM from the wheel's "
+            "resolved requirements)")
+    missing = [tool for tool in IMAGE_TOOLS if shutil.which(tool, path=SBIN_PATH) is None]
+    if missing and not install_tools:
+        raise ReleaseError(
+            f"building the image needs {' and '.join(missing)}: `apt-get install "
+            f"{' '.join(missing)}`, or rerun with --install-tools (the default when CI=true), "
+            "or --no-image for every other artifact")
+
+
+def release(version: str, image: bool, install_tools: bool = False,
+            out: Path | None = None) -> Path:
     pyversion = python_version(version)
-    out = ROOT / "dist" / version
-    if out.exists():
-        shutil.rmtree(out)
+    if image:
+        image_prerequisites(install_tools)
+    out = (out or ROOT / "dist" / version).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not out.is_relative_to(ROOT / "dist"):
+            raise ReleaseError(f"{out} is not empty: give an empty or new folder to --out")
+        shutil.rmtree(out)  # an earlier build of this version under dist/
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix=f"vncgate-release-{version}-") as tmp:
         stage = Path(tmp)
@@ -276,9 +303,9 @@ def release(version: str, image: bool) -> Path:
         build_krew(build_zipapp(plugin_wheel, stage, out), out, version)
         digest = None
         if image:
-            digest, requirements = build_image(source, stage, out, version)
+            digest, requirements = build_image(source, stage, out, version, install_tools)
         else:
-            requirements = resolved_requirements(wheel, stage)
+            requirements = resolved_requirements(wheel, source, stage)
         build_sbom(requirements, source, out, version)
         build_chart(source, stage, out, version, digest)
     write_checksums(out)
@@ -297,13 +324,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the image (slow; needs root and buildah): no OCI archive, no "
                              "digest in the chart, the SBOM from the wheel's resolved "
                              "requirements instead of the image's packages")
+    parser.add_argument("--install-tools", action="store_true",
+                        default=os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"),
+                        help="let scripts/build-image install buildah and debootstrap with "
+                             "apt-get when missing (the default when CI=true)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="an empty or new folder for the artifacts (default dist/VERSION, "
+                             "emptied first)")
     args = parser.parse_args(argv)
     try:
-        out = release(args.version, image=not args.no_image)
+        out = release(args.version, image=not args.no_image, install_tools=args.install_tools,
+                      out=args.out)
     except ReleaseError as exc:
         print(f"release: {exc}", file=sys.stderr)
         return 1
-    say(f"done: {out.relative_to(ROOT)}")
+    say(f"done: {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}")
     return 0

@@ -51,8 +51,9 @@ exec "$@"
 class ConsoleScript:
     def __init__(self, name: str, args: Sequence[str], workdir: Path, *,
                  env: Mapping[str, str] | None = None, hosts: Mapping[str, str] | None = None,
-                 service_account: Path | None = None) -> None:
+                 service_account: Path | None = None, bin_dir: Path | None = None) -> None:
         self.name = name
+        self.bin_dir = bin_dir or BIN  # another environment's scripts, e.g. a fresh venv's
         self.args = list(args)
         self.workdir = workdir
         self.log_path = workdir / f"{name}-{os.getpid()}-{id(self)}.log"
@@ -62,7 +63,7 @@ class ConsoleScript:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _argv(self) -> tuple[list[str], dict[str, str]]:
-        program = [str(BIN / self.name), *self.args]
+        program = [str(self.bin_dir / self.name), *self.args]
         env = {key: value for key, value in os.environ.items()
                if not key.startswith(("VNCGATE_", "KUBERNETES_")) and key != "KUBECONFIG"}
         env["HOME"] = str(self.workdir)  # no ~/.kube/config of the machine's user

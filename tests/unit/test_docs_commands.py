@@ -38,6 +38,8 @@ CHECKED: dict[str, tuple[str, str, str]] = {
                      "scripts/demo", "runs the demo and opens its URL in chromium"),
     "scripts/test": ("tests/unit/test_docs_commands.py::test_scripts_test_runs_every_check",
                      "scripts/test", "it runs the tests: its content is checked"),
+    "scripts/release ": ("tests/cluster/test_release.py::dist", "RELEASE_SCRIPT",
+                         "builds every artifact of a release (with a test version, in a test)"),
     "vncgate-relay hash-password": ("tests/relay/test_auth.py::test_hash_password_command",
                                     '"hash-password"', "prompts for a password"),
     "cat > users.yaml": ("tests/relay/test_auth.py::test_users_file_problems_are_named",

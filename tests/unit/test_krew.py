@@ -1,6 +1,6 @@
 """The krew manifest template (packaging/krew/vnc.yaml) as krew-release-bot renders it; the
 manifest scripts/release fills, and the plugin installed from it, are tested in
-tests/release/test_release.py."""
+tests/cluster/test_release.py."""
 
 from __future__ import annotations
 
