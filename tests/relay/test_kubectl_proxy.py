@@ -15,13 +15,10 @@ from harness.cluster import free_port
 from harness.servers import GREETING, TcpServer
 from harness.waiting import eventually
 from tests.conftest import RelayFactory
+from tests.relay.test_second_review import unused_bearer
 from tests.support.rfbclient import VERSION, VERSION_33, security_failure
 from vncgate.common.model import Route
 from vncgate.kubectl.proxy import Tunnel, serve
-
-
-async def _bearer() -> str:
-    return "Bearer unused"  # the relay here runs without sign-in
 
 
 @contextlib.asynccontextmanager
@@ -29,7 +26,7 @@ async def proxy(ws_url: str) -> AsyncIterator[tuple[int, list[str]]]:
     """The proxy's local port for `ws_url`, and what it reported."""
     reports: list[str] = []
     ports: list[int] = []
-    server = asyncio.create_task(serve(Tunnel(ws_url, _bearer, report=reports.append),
+    server = asyncio.create_task(serve(Tunnel(ws_url, unused_bearer, report=reports.append),
                                        "127.0.0.1", 0, ports.append))
     try:
         await eventually(lambda: ports, "the proxy listening")
