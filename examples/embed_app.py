@@ -1,6 +1,7 @@
 """vncgate's bridge in your aiohttp app: `python examples/embed_app.py desk=127.0.0.1:5901`."""
 
-import sys
+import argparse
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -23,7 +24,7 @@ def make_app(targets: dict[str, str]) -> web.Application:
         user = request.cookies.get("user", "")  # stands in for your app's own sign-in
         return Viewer(user) if user == "alice" else Denied("sign in first", signed_in=False)
 
-    async def page(request: web.Request) -> web.Response:  # http://127.0.0.1:8080/desk/
+    async def page(request: web.Request) -> web.Response:  # http://127.0.0.1:PORT/desk/
         if (name := request.match_info["name"]) not in targets:
             raise web.HTTPNotFound()
         return web.Response(text=PAGE.format(name=name), content_type="text/html")
@@ -36,4 +37,10 @@ def make_app(targets: dict[str, str]) -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(make_app(dict(a.split("=", 1) for a in sys.argv[1:])), host="127.0.0.1")
+    cli = argparse.ArgumentParser(description="vncgate's bridge in an aiohttp app")
+    cli.add_argument("targets", nargs="+", metavar="NAME=HOST:PORT")
+    cli.add_argument("--port", type=int, default=os.environ.get("PORT", "8080"),
+                     help="on 127.0.0.1 (default: $PORT, else 8080)")
+    args = cli.parse_args()
+    web.run_app(make_app(dict(t.split("=", 1) for t in args.targets)), host="127.0.0.1",
+                port=args.port)

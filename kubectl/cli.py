@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 import webbrowser
@@ -105,11 +106,29 @@ async def _base_for(args: argparse.Namespace, user: UserConfig, name: str) -> st
 
 # -- the relay -------------------------------------------------------------------------------------
 
-async def _relay(user: UserConfig, method: str, url: str, body: Any = None) -> Any:
+def relay_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """How the relay's https certificate is checked: the system's CAs, --certificate-authority
+    (a relay with a CA of its own), or not at all (--insecure-skip-tls-verify)."""
+    if args.insecure_skip_tls_verify:
+        if args.certificate_authority:
+            raise Failure("--certificate-authority and --insecure-skip-tls-verify exclude each "
+                          "other: give one")
+        return False
+    if not args.certificate_authority:
+        return True
+    try:
+        return ssl.create_default_context(cafile=args.certificate_authority)
+    except (OSError, ssl.SSLError) as exc:
+        raise Failure(f"--certificate-authority {args.certificate_authority}: cannot read a "
+                      f"PEM certificate from it ({exc})") from None
+
+
+async def _relay(args: argparse.Namespace, user: UserConfig, method: str, url: str,
+                 body: Any = None) -> Any:
     headers = {"Authorization": await user.bearer(), "Content-Type": "application/json"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
-                http.request(method, url, headers=headers,
+                http.request(method, url, headers=headers, ssl=relay_tls(args),
                              data=None if body is None else json.dumps(body)) as resp:
             text = await resp.text()
             try:
@@ -120,6 +139,10 @@ async def _relay(user: UserConfig, method: str, url: str, body: Any = None) -> A
                 error = reply.get("error") if isinstance(reply, dict) else None
                 raise Failure(f"the relay refused ({resp.status}): {error or resp.reason}")
             return reply
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise Failure(f"the relay at {urlsplit(url).netloc} has a certificate this machine "
+                      f"does not trust ({exc.certificate_error}): give the CA that signed it "
+                      "with --certificate-authority FILE") from None
     except aiohttp.ClientError as exc:
         raise Failure(f"cannot reach the relay at {urlsplit(url).netloc}: {exc}") from None
 
@@ -180,7 +203,7 @@ async def cmd_link(args: argparse.Namespace, user: UserConfig) -> int:
     except SpecError as exc:
         raise Failure(str(exc)) from None
     base = await _base_for(args, user, args.name)
-    reply = await _relay(user, "POST", f"{base}/api/v1/links/{user.namespace}/{args.name}",
+    reply = await _relay(args, user, "POST", f"{base}/api/v1/links/{user.namespace}/{args.name}",
                          {"ttl": args.ttl, "viewOnly": args.view_only, "once": args.once})
     print(reply["url"])
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(int(reply["expires"])))
@@ -206,14 +229,16 @@ async def cmd_sessions(args: argparse.Namespace, user: UserConfig) -> int:
     namespace = None if args.all_namespaces else user.namespace
     base = await _sessions_base(args, user, namespace)
     query = f"?namespace={quote(namespace)}" if namespace else ""
-    reply = await _relay(user, "GET", f"{base}/api/v1/sessions{query}")
+    if args.name and namespace:
+        query += f"&name={quote(args.name)}"
+    reply = await _relay(args, user, "GET", f"{base}/api/v1/sessions{query}")
     sessions = [s for s in reply.get("sessions") or ()
                 if not args.name or s.get("name") == args.name]
     for missing in reply.get("unreachable") or ():
         print(f"kubectl vnc: warning: no answer from relay replica {missing}; its sessions "
               "are missing", file=sys.stderr)
-    if not sessions:
-        print("No sessions (that you may see).", file=sys.stderr)
+    if not sessions:  # the relay refuses (exit 1) those who may not see any here
+        print("No sessions.", file=sys.stderr)
         return 0
     header = ["NAME", "SESSION", "USER", "CLIENT", "AGE", "MODE", "REPLICA"]
     if namespace is None:
@@ -234,7 +259,7 @@ async def cmd_sessions(args: argparse.Namespace, user: UserConfig) -> int:
 async def cmd_kill(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
     query = f"?session={quote(args.session)}" if args.session else ""
-    reply = await _relay(user, "DELETE",
+    reply = await _relay(args, user, "DELETE",
                          f"{base}/api/v1/sessions/{user.namespace}/{args.name}{query}")
     for missing in reply.get("unreachable") or ():
         print(f"kubectl vnc: warning: no answer from relay replica {missing}", file=sys.stderr)
@@ -258,7 +283,8 @@ async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
               "(no /proc/net/tcp), so the proxy would open the console as you for any local "
               "user; on a machine of your own, add --any-local-user", file=sys.stderr)
         return 2
-    tunnel = Tunnel(ws_url, user.bearer, allowed=None if args.any_local_user else own_user_only)
+    tunnel = Tunnel(ws_url, user.bearer, ssl_context=relay_tls(args),
+                    allowed=None if args.any_local_user else own_user_only)
 
     def started(port: int) -> None:
         print(f"Forwarding 127.0.0.1:{port} -> {user.namespace}/{args.name} through "
@@ -290,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "$(kubectl create token NAME); default $VNCGATE_TOKEN")
     common.add_argument("--relay-url", help="the relay's public address (default: from the "
                                             "target's status.url; $VNCGATE_RELAY_URL)")
+    # kubectl's own names; here they are about the relay (the kubeconfig says how the API
+    # server's certificate is checked).
+    common.add_argument("--certificate-authority", metavar="FILE",
+                        default=os.environ.get("VNCGATE_CERTIFICATE_AUTHORITY"),
+                        help="PEM CA that signed the relay's https certificate (a relay with "
+                             "its own CA); default $VNCGATE_CERTIFICATE_AUTHORITY")
+    common.add_argument("--insecure-skip-tls-verify", action="store_true",
+                        help="do not check the relay's https certificate (insecure: anyone "
+                             "in between sees your token)")
     parser = FlagParser(
         prog="kubectl vnc", description="VNC consoles of the cluster, through vncgate.")
     parser.add_argument("--version", action="version",

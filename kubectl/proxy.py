@@ -12,6 +12,11 @@ its other end is a socket of the same uid (kubectl/localpeer.py reads the owner 
 /proc/net/tcp), since every session opens with that user's token and, with
 `spec.credentials`, no VNC password stands in the way. Where the system cannot say (not
 Linux), the proxy does not start unless told `--any-local-user`.
+
+When the relay refuses before the VNC server has said anything (no right to connect, an unknown
+target, a server that cannot be reached) or cannot be reached at all, the proxy answers the
+viewer's RFB handshake itself with a security failure that carries the reason (RFC 6143
+7.1.2), so a viewer such as TigerVNC's vncviewer shows why instead of a dropped connection.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +34,27 @@ import aiohttp
 from vncgate.kubectl import localpeer
 
 READ_SIZE = 64 * 1024
+# How long a refused viewer may take to send its RFB version before it is dropped.
+REFUSAL_TIMEOUT = 10.0
+_RFB_38 = b"RFB 003.008\n"
+_RFB_33 = b"RFB 003.003\n"
+
+
+async def refuse_viewer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        reason: str) -> None:
+    """Greet as an RFB 3.8 server, and answer the viewer's version with no security types and
+    `reason` (RFB 3.3 viewers: security type 0 and the reason)."""
+    message = reason.encode("utf-8", "replace")[:1024]
+    try:
+        writer.write(_RFB_38)
+        await writer.drain()
+        async with asyncio.timeout(REFUSAL_TIMEOUT):
+            version = await reader.readexactly(12)
+        count = struct.pack("!I", 0) if version == _RFB_33 else b"\x00"
+        writer.write(count + struct.pack("!I", len(message)) + message)
+        await writer.drain()
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+        pass  # the viewer left first
 
 
 def own_user_only(ours: tuple[str, int], peer: tuple[str, int]) -> str:
@@ -84,31 +111,50 @@ class Tunnel:
                 return
         self.sessions += 1
         try:
-            try:
-                authorization = await self.authorization()
-            except Exception as exc:  # the kubeconfig's exec plugin failed, a token expired
-                self.report(f"{who}: no credentials for the relay: {exc}")
-                return
-            async with self._client().ws_connect(
-                    self.ws_url, protocols=("binary",), heartbeat=None, max_msg_size=0,
-                    compress=0, ssl=self.ssl_context,
-                    headers={"Authorization": authorization}) as ws:
-                self.report(f"{who} connected")
-                ending = await self._pump(reader, writer, ws)
-                self.report(f"{who} disconnected" + (f": {ending}" if ending else ""))
-        except aiohttp.WSServerHandshakeError as exc:
-            self.report(f"the relay refused the connection: HTTP {exc.status} {exc.message}")
-        except (aiohttp.ClientError, OSError) as exc:
-            self.report(f"cannot reach the relay: {exc}")
+            refusal = await self._session(who, reader, writer)
+            if refusal:
+                await refuse_viewer(reader, writer, refusal)
         finally:
             writer.close()
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
 
+    async def _session(self, who: str, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> str:
+        """One viewer's session through the relay; why the viewer is refused ("" when the VNC
+        server answered, or the viewer left first)."""
+        try:
+            authorization = await self.authorization()
+        except Exception as exc:  # the kubeconfig's exec plugin failed, a token expired
+            self.report(f"{who}: no credentials for the relay: {exc}")
+            return f"kubectl vnc proxy has no credentials for the relay: {exc}"
+        try:
+            async with self._client().ws_connect(
+                    self.ws_url, protocols=("binary",), heartbeat=None, max_msg_size=0,
+                    compress=0, ssl=self.ssl_context,
+                    headers={"Authorization": authorization}) as ws:
+                self.report(f"{who} connected")
+                ending, relayed = await self._pump(reader, writer, ws)
+                self.report(f"{who} disconnected" + (f": {ending}" if ending else ""))
+                if not relayed and not reader.at_eof():  # the relay ended it, not the viewer
+                    return f"the relay refused: {ending or 'no reason given'}"
+                return ""
+        except aiohttp.WSServerHandshakeError as exc:
+            refusal = f"the relay refused the connection: HTTP {exc.status} {exc.message}"
+        except aiohttp.ClientConnectorCertificateError as exc:
+            refusal = (f"the relay's certificate is not trusted ({exc.certificate_error}): "
+                       "give kubectl vnc proxy --certificate-authority FILE")
+        except (aiohttp.ClientError, OSError) as exc:
+            refusal = f"cannot reach the relay: {exc}"
+        self.report(refusal)
+        return refusal
+
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    ws: aiohttp.ClientWebSocketResponse) -> str:
-        """Both directions until either side ends; the relay's close code and reason."""
+                    ws: aiohttp.ClientWebSocketResponse) -> tuple[str, bool]:
+        """Both directions until either side ends; the relay's close code and reason, and
+        whether any byte of the server's reached the viewer."""
         ending: list[str] = []
+        relayed = False
 
         async def to_relay() -> None:
             while True:
@@ -118,9 +164,11 @@ class Tunnel:
                 await ws.send_bytes(data)  # awaits the transport: back-pressure
 
         async def to_viewer() -> None:
+            nonlocal relayed
             while True:
                 message = await ws.receive()
                 if message.type == aiohttp.WSMsgType.BINARY:
+                    relayed = True
                     writer.write(message.data)
                     await writer.drain()  # a slow viewer slows the reads from the relay
                 elif message.type == aiohttp.WSMsgType.CLOSE:
@@ -141,7 +189,7 @@ class Tunnel:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await ws.close()
-        return ending[0] if ending else ""
+        return (ending[0] if ending else ""), relayed
 
 
 async def serve(tunnel: Tunnel, host: str, port: int,

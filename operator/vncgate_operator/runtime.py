@@ -268,6 +268,9 @@ class Runtime:
                   or secretaccess.login_verdict(route, self.fleet.last_login(key),
                                                 self._readable_since.get(key))
                   or result)
+        # Read again after the probe and the reviews: the relays may have taken the route
+        # meanwhile (None: the first full resync is on its way; keep what was seen before).
+        registration = self.fleet.registration(route) or registration
         await self.write_status(key, entry, current, Observation(
             endpoint, registration=registration, probe=result, sessions=sessions,
             viewers=self.fleet.viewers(key),

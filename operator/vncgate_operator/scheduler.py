@@ -86,8 +86,10 @@ class Scheduler:
             self.schedule_first(key)
 
     def refresh_all(self, within: float = 1.0) -> None:
-        """Look at every target's status soon, without probing (the relays changed)."""
-        for key in list(self._due):
+        """Look at every target's status soon, without probing (the relays changed). A target
+        being looked at now (or waiting for a slot) is looked at once more after that: what it
+        is writing was decided before the change."""
+        for key in sorted(self._due.keys() | self._running):
             self.schedule(key, self._rng.uniform(0.0, within), probe=False)
 
     def quiet(self, within: float) -> bool:

@@ -210,10 +210,14 @@ class KubernetesAuthorizer:
         if status.get("allowed") is True and not status.get("denied"):
             return Decision(True, f"RBAC allows {what}"), True
         why = status.get("reason") or status.get("evaluationError") or ""
+        if not name:  # every VncTarget of the namespace (of any namespace: "")
+            target = f"the VncTargets in {namespace}" if namespace else \
+                "the VncTargets of any namespace"
+        role = self.roles.recordings_viewer if subresource else self.roles.for_verb(verb)
+        binding = (f"a RoleBinding to {role} in {namespace}" if namespace
+                   else f"a ClusterRoleBinding to {role}")
         if subresource:
-            ask = (f"{identity.label} may not see the recordings of {target}; ask for a "
-                   f"RoleBinding to {self.roles.recordings_viewer} in {namespace}")
+            ask = f"{identity.label} may not see the recordings of {target}; ask for {binding}"
         else:
-            ask = (f"{identity.label} may not {ACTIONS.get(verb, verb)} {target}; ask for a "
-                   f"RoleBinding to {self.roles.for_verb(verb)} in {namespace}")
+            ask = f"{identity.label} may not {ACTIONS.get(verb, verb)} {target}; ask for {binding}"
         return Decision(False, ask + (f" ({why})" if why else "")), True

@@ -7,14 +7,15 @@ a SubjectAccessReview with the caller's identity (relay/access/authz.py):
 | route | verb |
 |---|---|
 | `POST /api/v1/links/{ns}/{name}` `{"ttl", "viewOnly", "once"}` | `share` |
-| `GET /api/v1/sessions[?namespace=NS]` | `sessions` (per target) |
+| `GET /api/v1/sessions[?namespace=NS[&name=NAME]]` | `sessions` (per target) |
 | `DELETE /api/v1/sessions/{ns}/{name}[?session=ID]` | `disconnect` |
 | `POST /sessions/end` (form: namespace, name, session, csrf) | `disconnect` |
 
 Sessions are listed and ended on every replica: this one, and its peers over their internal port
 (relay/session/peers.py). The viewer of an ended session is closed with 4409 and "ended by <user>".
-The JSON API takes a bearer token (or a trusted proxy's headers), never the sign-in cookie, so a
-foreign page cannot make a signed-in browser call it.
+A caller who may see the sessions of no target there is refused (403, naming the role to ask
+for), not shown an empty list. The JSON API takes a bearer token (or a trusted proxy's
+headers), never the sign-in cookie, so a foreign page cannot make a signed-in browser call it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -103,16 +105,24 @@ async def end_everywhere(state: RelayState, target: str, session_id: str | None,
     return ended, missing
 
 
+async def targets_allowed(state: RelayState, identity: Identity, verb: str,
+                          targets: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The targets (namespace, name) on which `identity` may `verb` (one check per target)."""
+    ordered = sorted(set(targets))
+    allowed: set[tuple[str, str]] = set()
+    for start in range(0, len(ordered), CHECK_CONCURRENCY):
+        batch = ordered[start:start + CHECK_CONCURRENCY]
+        decisions = await asyncio.gather(*(
+            state.authorizer.decide_action(identity, ns, name, verb) for ns, name in batch))
+        allowed.update(t for t, d in zip(batch, decisions, strict=True) if d.allowed)
+    return allowed
+
+
 async def sessions_visible_to(state: RelayState, identity: Identity,
                               sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The sessions of the targets whose sessions `identity` may see (one check per target)."""
-    targets = sorted({(str(s["namespace"]), str(s["name"])) for s in sessions})
-    allowed: set[tuple[str, str]] = set()
-    for start in range(0, len(targets), CHECK_CONCURRENCY):
-        batch = targets[start:start + CHECK_CONCURRENCY]
-        decisions = await asyncio.gather(*(
-            state.authorizer.decide_action(identity, ns, name, "sessions") for ns, name in batch))
-        allowed.update(t for t, d in zip(batch, decisions, strict=True) if d.allowed)
+    allowed = await targets_allowed(state, identity, "sessions",
+                                    ((str(s["namespace"]), str(s["name"])) for s in sessions))
     return [s for s in sessions if (s["namespace"], s["name"]) in allowed]
 
 
@@ -181,16 +191,35 @@ async def mint_link(request: web.Request) -> web.StreamResponse:
 
 
 async def list_sessions(request: web.Request) -> web.StreamResponse:
+    """The sessions the caller may see (`?namespace=`, `&name=` narrow it). Nothing to show to
+    someone without the right is a refusal that names the role, not an empty list: one target
+    (`name`) is checked first; otherwise, when no session is visible, the namespace (or the
+    cluster) is, and then, for a Role limited to some targets (resourceNames), the targets this
+    relay serves there: an empty list only for a caller who may see the sessions of one."""
     state = request.app[STATE]
     identity = await _caller(request)
     namespace = request.query.get("namespace") or None
+    name = request.query.get("name") or None
+    if name is not None and namespace is None:
+        raise _error(400, "name needs a namespace: ?namespace=NS&name=NAME")
     if namespace is not None:
         try:
-            check_key(namespace, "x")
+            check_key(namespace, name or "x")
         except SpecError as exc:
             raise _error(400, str(exc)) from None
+    if name is not None:
+        assert namespace is not None
+        await _allow(state, identity, namespace, name, "sessions")
     sessions, missing = await all_sessions(state, namespace)
+    if name is not None:
+        sessions = [s for s in sessions if s["name"] == name]
     visible = await sessions_visible_to(state, identity, sessions)
+    if not visible and name is None:
+        scope = await state.authorizer.decide_action(identity, namespace or "", "", "sessions")
+        if not scope.allowed and not await targets_allowed(
+                state, identity, "sessions", ((r.namespace, r.name) for r in state.registry
+                                              if namespace is None or r.namespace == namespace)):
+            raise _error(403, scope.reason)
     return web.json_response({"sessions": visible, "unreachable": missing})
 
 

@@ -10,6 +10,7 @@ vncgate-admin are aggregated into them), `stranger` to nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -26,12 +27,14 @@ import yaml
 from Xlib import display as xdisplay
 
 from harness import reaper
+from harness.certs import make_ca, make_server_cert
 from harness.cluster import ControlPlane, free_port
 from harness.waiting import wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_operator import address_target, wait_phase
 from tests.support.processes import BIN, ConsoleScript
+from tests.support.rfbclient import VERSION_33, security_failure
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.session.peers import Peers
 
@@ -76,7 +79,8 @@ class Fleet:
 
 
 def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
-           token_file: Path, key_file: Path, users: Path) -> tuple[ConsoleScript, int]:
+           token_file: Path, key_file: Path, users: Path, *extra: str
+           ) -> tuple[ConsoleScript, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     kubeconfig = release.plane.service_account_kubeconfig(
         workdir / "kubeconfig", release.namespace, release.relay_account)
@@ -88,7 +92,7 @@ def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
         "--kubernetes-tokens", f"--link-key-file={key_file}", f"--identity={name}",
         f"--peer-url=http://127.0.0.1:{peer}",
         # Every session recorded (screen only): a proxy session is recorded as a browser's.
-        f"--recording-dir={workdir / 'recordings'}", "--record-sessions"], workdir)
+        f"--recording-dir={workdir / 'recordings'}", "--record-sessions", *extra], workdir)
     return script, public
 
 
@@ -321,9 +325,18 @@ def test_sessions_and_kill_reach_every_replica(fleet: Fleet) -> None:
         assert row[5:] == ["interactive", "relay-b"]
         session_id = row[1]
 
-        # Without `sessions` on vnctargets nothing is shown; without `disconnect`, refused.
+        # Without `sessions` on vnctargets, refused with the role to ask for (not "nothing");
+        # without `disconnect`, refused.
         result = await asyncio.to_thread(fleet.kubectl_vnc, "editor", "sessions")
-        assert result.returncode == 0 and result.stdout == "", result.stdout
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+        assert (f"{fleet.user('editor')} may not see the sessions of the VncTargets in "
+                f"{fleet.namespace}; ask for a RoleBinding to vncgate-admin in "
+                f"{fleet.namespace}") in result.stderr, result.stderr
+        result = await asyncio.to_thread(fleet.kubectl_vnc, "editor", "sessions", "desk")
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+        assert (f"{fleet.user('editor')} may not see the sessions of {fleet.namespace}/desk; "
+                f"ask for a RoleBinding to vncgate-admin in {fleet.namespace}") \
+            in result.stderr, result.stderr
         result = await asyncio.to_thread(fleet.kubectl_vnc, "editor", "kill", "desk")
         assert result.returncode == 1
         assert (f"{fleet.user('editor')} may not end sessions of {fleet.namespace}/desk; ask "
@@ -341,9 +354,30 @@ def test_sessions_and_kill_reach_every_replica(fleet: Fleet) -> None:
         assert ending == [(4409, f"ended by {fleet.user('admin')}")]
 
         result = await asyncio.to_thread(fleet.kubectl_vnc, "admin", "sessions")
-        assert result.returncode == 0 and result.stdout == ""
+        assert result.returncode == 0 and result.stdout == ""  # may see them: there are none
+        assert "No sessions." in result.stderr
 
     asyncio.run(scenario())
+
+    # A Role limited to one target (resourceNames) may see that target's sessions: no refusal
+    # for the namespace, an empty list.
+    plane, namespace = fleet.plane, fleet.namespace
+    plane.kubectl("create", "serviceaccount", "desk-watcher", "-n", namespace)
+    plane.kubectl("create", "role", "desk-sessions", "-n", namespace, "--verb=get,sessions",
+                  "--resource=vnctargets.vncgate.io", "--resource-name=desk")
+    plane.kubectl("create", "rolebinding", "desk-watcher", "-n", namespace,
+                  "--role=desk-sessions", f"--serviceaccount={namespace}:desk-watcher")
+    kubeconfig = plane.service_account_kubeconfig(
+        fleet.workdir / "desk-watcher.kubeconfig", namespace, "desk-watcher")
+    result = fleet.kubectl_vnc("", "sessions", "desk", kubeconfig=kubeconfig)
+    assert result.returncode == 0 and "No sessions." in result.stderr, result.stderr
+    result = fleet.kubectl_vnc("", "sessions", kubeconfig=kubeconfig,
+                               VNCGATE_RELAY_URL=fleet.url("relay-a"))
+    assert result.returncode == 0 and "No sessions." in result.stderr, result.stderr
+    result = fleet.kubectl_vnc("", "sessions", "watch", kubeconfig=kubeconfig,
+                               VNCGATE_RELAY_URL=fleet.url("relay-a"))
+    assert result.returncode == 1, result.stderr
+    assert f"may not see the sessions of {namespace}/watch" in result.stderr, result.stderr
 
 
 # -- proxy for native viewers ----------------------------------------------------------------------
@@ -417,43 +451,120 @@ def test_proxy_reaches_xvnc_and_a_view_only_target_keeps_the_pointer(
     assert result.returncode == 1 and 'cannot get resource "vnctargets"' in result.stderr
     script, port = _proxy(fleet, "stranger", "desk", "--relay-url", fleet.url("relay-a"))
     with script:
-        import socket
-
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-            data = sock.recv(100)
-            assert data == b"", (data, script.log())  # closed without a greeting
+        # The viewer is told why, in RFB: a security failure with the relay's reason.
+        reason = security_failure(port)
+        assert reason.startswith("the relay refused: 4403 ") and \
+            f"{fleet.user('stranger')} may not connect to {fleet.namespace}/desk" in reason, \
+            (reason, script.log())
         found = script.wait_for_log(r"disconnected: 4403 ([^\n]*)")
         assert f"{fleet.user('stranger')} may not connect to {fleet.namespace}/desk" in \
             found.group(1)
+    # A relay that cannot be reached: the viewer is told so too.
+    script, port = _proxy(fleet, "viewer", "desk", "--relay-url", f"http://127.0.0.1:{free_port()}")
+    with script:
+        assert security_failure(port, VERSION_33).startswith("cannot reach the relay: ")
 
 
-def test_tigervnc_vncviewer_under_xvfb_through_the_proxy(fleet: Fleet, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def x_display() -> Iterator[int]:
+    """A private X display (Xvfb) for TigerVNC's vncviewer."""
     for program in ("vncviewer", "Xvfb"):
         if not (Path("/usr/bin") / program).exists():
             pytest.skip(f"{program} is not installed (apt-get install tigervnc-viewer xvfb; "
                         "scripts/setup does)")
-    script, port = _proxy(fleet, "viewer", "desk")
     display = next(d for d in range(90, 200) if not Path(f"/tmp/.X11-unix/X{d}").exists())
     xvfb = reaper.popen(["Xvfb", f":{display}", "-screen", "0", "1024x768x24", "-nolisten",
                          "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    viewer: subprocess.Popen[bytes] | None = None
     try:
         wait_until(lambda: Path(f"/tmp/.X11-unix/X{display}").exists(), "Xvfb up")
-        with script:
-            viewer = reaper.popen(
-                ["vncviewer", f"127.0.0.1::{port}", "-ViewOnly"],
-                env={**os.environ, "DISPLAY": f":{display}", "HOME": str(tmp_path)},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # The relay (through kubectl vnc proxy) sees TigerVNC's session, as any other.
-            def listed() -> bool:
-                result = fleet.kubectl_vnc("admin", "sessions", "desk")
-                return bool(re.search(rf"desk\s+\w+\s+{re.escape(fleet.user('viewer'))}",
-                                      result.stdout))
-
-            wait_until(listed, "vncviewer's session listed by kubectl vnc sessions")
-            assert viewer.poll() is None, "vncviewer exited"
+        yield display
     finally:
-        for process in (viewer, xvfb):
-            if process is not None:
-                reaper.end(process)
-        script.stop()
+        reaper.end(xvfb)
+
+
+def test_tigervnc_vncviewer_under_xvfb_through_the_proxy(fleet: Fleet, tmp_path: Path) -> None:
+    with x_display() as display:
+        script, port = _proxy(fleet, "viewer", "desk")
+        viewer: subprocess.Popen[bytes] | None = None
+        try:
+            with script:
+                viewer = reaper.popen(
+                    ["vncviewer", f"127.0.0.1::{port}", "-ViewOnly"],
+                    env={**os.environ, "DISPLAY": f":{display}", "HOME": str(tmp_path)},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                # The relay (through kubectl vnc proxy) sees TigerVNC's session, as any other.
+                def listed() -> bool:
+                    result = fleet.kubectl_vnc("admin", "sessions", "desk")
+                    return bool(re.search(rf"desk\s+\w+\s+{re.escape(fleet.user('viewer'))}",
+                                          result.stdout))
+
+                wait_until(listed, "vncviewer's session listed by kubectl vnc sessions")
+                assert viewer.poll() is None, "vncviewer exited"
+        finally:
+            if viewer is not None:
+                reaper.end(viewer)
+            script.stop()
+
+
+def test_tigervnc_vncviewer_shows_why_the_relay_refused(fleet: Fleet, tmp_path: Path) -> None:
+    """The stranger's viewer is refused by the relay (4403): through the proxy, TigerVNC gets
+    an RFB security failure and shows its reason (in its log, and in its error dialog)."""
+    log = tmp_path / "vncviewer.log"
+    with x_display() as display:
+        script, port = _proxy(fleet, "stranger", "desk", "--relay-url", fleet.url("relay-a"))
+        viewer: subprocess.Popen[bytes] | None = None
+        try:
+            with script, log.open("wb") as output:
+                viewer = reaper.popen(
+                    ["vncviewer", f"127.0.0.1::{port}"],
+                    env={**os.environ, "DISPLAY": f":{display}", "HOME": str(tmp_path)},
+                    stdout=output, stderr=subprocess.STDOUT)
+                expected = (f"{fleet.user('stranger')} may not connect to "
+                            f"{fleet.namespace}/desk")
+
+                def shown() -> bool:
+                    return expected in " ".join(log.read_text(errors="replace").split())
+
+                wait_until(shown, "vncviewer shows the relay's reason",
+                           context=lambda: log.read_text(errors="replace") + script.log())
+        finally:
+            if viewer is not None:
+                reaper.end(viewer)
+            script.stop()
+
+
+def test_a_relay_with_its_own_ca(release: Release, fleet: Fleet, xvnc: XvncServer,
+                                 tmp_path: Path) -> None:
+    """A relay serving https with a certificate of its own CA (--tls-cert): kubectl vnc trusts
+    it with --certificate-authority (kubectl's flag name), or skips the check when told to;
+    a native viewer's session through the proxy ends cleanly on the TLS listener."""
+    ca = make_ca(tmp_path / "ca")
+    pem = make_server_cert(ca, tmp_path / "relay", "relay")
+    workdir = fleet.workdir
+    script, public = _relay(release, tmp_path / "tls-relay", "relay-tls", free_port(),
+                            fleet.relays["relay-a"][2], workdir / "token", workdir / "link-key",
+                            workdir / "users.yaml", f"--tls-cert={pem.cert}",
+                            f"--tls-key={pem.key}",
+                            # Not one the operator fills: the target given on its command line.
+                            f"--target={fleet.namespace}/desk=127.0.0.1:{xvnc.port}")
+    url = f"https://127.0.0.1:{public}"
+    with script:
+        script.wait_for_log("relay listening")
+        untrusted = fleet.kubectl_vnc("admin", "sessions", "--relay-url", url)
+        assert untrusted.returncode == 1, untrusted.stderr
+        assert "does not trust" in untrusted.stderr and "--certificate-authority" in \
+            untrusted.stderr, untrusted.stderr
+        for flags in (("--certificate-authority", str(ca.cert)), ("--insecure-skip-tls-verify",)):
+            result = fleet.kubectl_vnc("admin", "sessions", "--relay-url", url, *flags)
+            assert result.returncode == 0, (flags, result.stderr)
+        proxy, port = _proxy(fleet, "viewer", "desk", "--relay-url", url,
+                             "--certificate-authority", str(ca.cert))
+        with proxy:
+            assert rfb_point(port, 50, 60).startswith(b"RFB 003.00")
+            proxy.wait_for_log("viewer 127.0.0.1:\\d+ disconnected")
+        # The proxy's close frame and the end of its TLS connection end the session whole: its
+        # line with its bytes, no error.
+        ended = script.wait_for_log(r'"message": "session end".*"bytes_to_client": (\d+)')
+        assert int(ended.group(1)) > 0, ended.group(0)
+        log = script.log()
+        assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]

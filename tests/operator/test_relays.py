@@ -3,9 +3,11 @@ through EndpointSlices, and an operator restart that must not redo its work."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
+from harness.cluster import free_port
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.operator.conftest import (
@@ -20,6 +22,7 @@ from tests.operator.conftest import (
     start_relay,
     vnc_target,
 )
+from vncgate.operator.probe import ProbeResult, probe_rfb
 from vncgate.relay.web.server import RelayServer
 
 
@@ -98,6 +101,42 @@ async def test_replicas_found_through_the_endpointslice(
             await cluster.create(SLICES, endpoint_slice("relay-b", ports[two]))
             await eventually(lambda: two.registry.get("lab", "desk-1"), "route on replica two",
                              timeout=3)
+
+
+async def test_a_relay_that_starts_after_the_operator_gets_its_table_and_targets_turn_ready(
+        k8s: Any, xvnc: XvncServer) -> None:
+    """The operator starts before the relay listens (a fresh install: every pod at once). The
+    first table goes out once the relay answers, and the target turns Ready then, also when
+    its probe was in flight at that moment: not at its next look, a probe interval later."""
+    cluster = Cluster(k8s)
+    port = free_port()
+    events: list[str] = []
+    probing, table_taken = asyncio.Event(), asyncio.Event()
+
+    async def prober(host: str, port: int, timeout: float) -> ProbeResult:
+        """The real probe; the first one is still in flight when the relay takes its table."""
+        events.append("probe")
+        if not table_taken.is_set():
+            probing.set()
+            await table_taken.wait()
+        return await probe_rfb(host, port, timeout)
+
+    # A probe interval of a minute: a target that waited for its next look would still be
+    # Pending at the end of the wait below.
+    config = operator_settings(relay_urls=(f"http://127.0.0.1:{port}",), probe_interval=60.0)
+    async with running_operator(k8s, config, prober=prober):
+        await cluster.create(TARGETS, address_target("desk-1", xvnc))
+        await asyncio.wait_for(probing.wait(), 30)  # the relay has not answered yet
+        assert cluster.status("lab", "desk-1").get("phase") in (None, "Pending")
+        async with start_relay(internal_port=port) as relay:
+            await eventually(lambda: relay.registry.get("lab", "desk-1"),
+                             "the first table on the relay")
+            events.append("table")
+            table_taken.set()
+            await eventually(lambda: cluster.status("lab", "desk-1").get("phase") == "Ready",
+                             "desk-1 Ready", timeout=30)
+            events.append("ready")
+    assert events == ["probe", "table", "ready"], events  # Ready without a second probe
 
 
 async def test_operator_restart_resumes_without_redoing_work(

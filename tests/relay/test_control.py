@@ -91,7 +91,12 @@ async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
         async with http.get(f"{relay.public_url}/api/v1/sessions", headers={
                 "Origin": "https://evil.example", "Authorization": f"Bearer {secret}"}) as resp:
             assert resp.status == 403 and "foreign Origin" in (await resp.json())["error"]
-        # Standalone (spec.access, no RBAC): administering consoles is refused, saying why.
+        # Standalone (spec.access, no RBAC): administering consoles is refused, saying why;
+        # listing sessions too, rather than an empty list that looks like "nobody is on".
+        async with http.get(f"{relay.public_url}/api/v1/sessions", headers={
+                "Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 403
+            assert "needs Kubernetes RBAC" in (await resp.json())["error"]
         async with http.post(f"{relay.public_url}/api/v1/links/lab/desk", headers={
                 "Authorization": f"Bearer {secret}"}, json={"ttl": "10m"}) as resp:
             assert resp.status == 403

@@ -534,9 +534,13 @@ async def test_the_local_proxy_refuses_other_users(make_relay: RelayFactory,
             # Another user of the machine (nobody, 65534): no console, and the user is told.
             assert await first_bytes_as(65534, ports[0]) == b""
             assert tunnel.refused == 1 and "uid 65534" in reports[-1]
-            # The proxy's own user gets the console.
+            # The proxy's own user gets the console (the server's greeting, through the relay:
+            # not the proxy's own, which would come with a refusal).
             assert await first_bytes_as(os.getuid(), ports[0]) == GREETING
             assert tunnel.sessions == 1
+            await eventually(lambda: any(r.endswith("connected") for r in reports),
+                             "the tunnel's session through the relay", context=lambda: reports)
+            assert not any("refused" in r or "credentials" in r for r in reports[1:]), reports
         finally:
             server.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,7 @@ machine lacks are given to a process in a private mount namespace (`unshare --mo
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -48,6 +49,9 @@ exec "$@"
 """
 
 
+_SERIALS = itertools.count()
+
+
 class ConsoleScript:
     def __init__(self, name: str, args: Sequence[str], workdir: Path, *,
                  env: Mapping[str, str] | None = None, hosts: Mapping[str, str] | None = None,
@@ -56,7 +60,9 @@ class ConsoleScript:
         self.bin_dir = bin_dir or BIN  # another environment's scripts, e.g. a fresh venv's
         self.args = list(args)
         self.workdir = workdir
-        self.log_path = workdir / f"{name}-{os.getpid()}-{id(self)}.log"
+        # A serial, not id(self): a later object may get a freed one's id, and then its log
+        # (with the old process's lines, which wait_for_log would find first).
+        self.log_path = workdir / f"{name}-{os.getpid()}-{next(_SERIALS)}.log"
         self.env = dict(env or {})
         self.hosts = dict(hosts or {})
         self.service_account = service_account

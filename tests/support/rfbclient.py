@@ -1,14 +1,17 @@
 """A viewer's side of RFB over the relay's WebSocket, for tests that need more than noVNC shows:
-exact byte counts, and the handshake up to ServerInit."""
+exact byte counts, and the handshake up to ServerInit; and a native viewer's side of a refused
+connection on a TCP port."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 
 import aiohttp
 
 VERSION = b"RFB 003.008\n"
+VERSION_33 = b"RFB 003.003\n"
 
 
 class WsStream:
@@ -52,3 +55,21 @@ async def viewer_handshake(ws: aiohttp.ClientWebSocketResponse
     (name_length,) = struct.unpack("!I", await stream.read(4))
     name = (await stream.read(name_length)).decode(errors="replace")
     return stream, ServerInit(offered, width, height, name)
+
+
+def security_failure(port: int, version: bytes = VERSION, timeout: float = 20.0) -> str:
+    """A native viewer on 127.0.0.1:`port` that is refused: it reads the server's version,
+    answers with `version`, and expects no security types (RFB 3.7+: a count of 0; RFB 3.3: the
+    security type 0), then the reason, which it returns (RFC 6143 7.1.2)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        stream = sock.makefile("rwb")
+        greeting = stream.read(12)
+        assert greeting.startswith(b"RFB 003.00"), f"not an RFB greeting: {greeting!r}"
+        stream.write(version)
+        stream.flush()
+        refused = stream.read(4 if version == VERSION_33 else 1)
+        assert refused and not any(refused), f"security types offered: {refused!r}"
+        (length,) = struct.unpack("!I", stream.read(4))
+        reason = stream.read(length)
+        assert len(reason) == length, f"the reason was cut short: {reason!r}"
+        return reason.decode()

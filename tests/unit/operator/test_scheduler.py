@@ -162,3 +162,35 @@ async def test_quiet_and_counted_looks() -> None:
     assert scheduler.quiet(5.0)  # next look in about an hour
     scheduler.forget("lab/a")
     assert "lab/a" not in scheduler.evaluations
+
+
+async def test_a_refresh_reaches_the_targets_being_looked_at() -> None:
+    """The relays changed while a target was being looked at (its probe in flight) or was
+    waiting for a slot: each is looked at once more afterwards, without a probe, rather than at
+    its next turn an interval later (what it was writing was decided before the change)."""
+    seen: list[tuple[str, bool]] = []
+    release = asyncio.Event()
+    done = asyncio.Event()
+
+    async def evaluate(key: str, probe: bool) -> None:
+        seen.append((key, probe))
+        if len(seen) == 1:
+            await release.wait()  # lab/a's probe is in flight; lab/b waits for the one slot
+        if len(seen) == 4:
+            done.set()
+
+    scheduler = Scheduler(evaluate, interval=3600.0, concurrency=1, rng=random.Random(1))  # noqa: S311 - jitter
+    scheduler.schedule("lab/a", 0.0)
+    scheduler.schedule("lab/b", 0.0)
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await eventually(lambda: seen == [("lab/a", True)] and "lab/b" not in scheduler._due,
+                         "lab/a being looked at, lab/b waiting for a slot")
+        scheduler.refresh_all()  # the relays answered
+        release.set()
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert seen[:2] == [("lab/a", True), ("lab/b", True)]
+    assert sorted(seen[2:]) == [("lab/a", False), ("lab/b", False)]
