@@ -92,13 +92,24 @@ def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
     return script, public
 
 
-def relay_endpoint_slice(release: Release, replica: str, address: str) -> dict[str, object]:
-    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service."""
+def relay_endpoint_slice(release: Release, replica: str, address: str, *,
+                         owned: bool = True) -> dict[str, object]:
+    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service
+    (the Service as controlling owner; another managed-by label, so that the controller, which
+    sees no pods here, leaves it alone); `owned=False`: a slice that only carries the
+    service-name label, as anyone who may create EndpointSlices there can write."""
+    service = release.plane.get("service", "vncgate-relay-headless", "-n", release.namespace)
+    metadata: dict[str, object] = {
+        "name": f"vncgate-relay-headless-{replica}", "namespace": release.namespace,
+        "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
+                   "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}}
+    if owned:
+        metadata["ownerReferences"] = [{
+            "apiVersion": "v1", "kind": "Service", "name": "vncgate-relay-headless",
+            "uid": service["metadata"]["uid"], "controller": True,
+            "blockOwnerDeletion": True}]
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"vncgate-relay-headless-{replica}",
-                         "namespace": release.namespace,
-                         "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
-                                    "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}},
+            "metadata": metadata,
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
                       {"name": "internal", "port": 8081, "protocol": "TCP"}],
@@ -168,10 +179,13 @@ def test_peers_are_found_in_the_headless_services_slices(release: Release,
                                                          tmp_path: Path) -> None:
     """--peer-service with the chart's relay account: the other pods' internal URLs from the
     headless Service's EndpointSlices, without this pod. The addresses (TEST-NET-1) are only
-    read, never dialled: the API server refuses loopback addresses in EndpointSlices."""
+    read, never dialled: the API server refuses loopback addresses in EndpointSlices. A slice
+    with the service-name label that the Service does not own names no peer."""
     plane = release.plane
     plane.apply([relay_endpoint_slice(release, "relay-0", "192.0.2.10"),
-                 relay_endpoint_slice(release, "relay-1", "192.0.2.11")])
+                 relay_endpoint_slice(release, "relay-1", "192.0.2.11"),
+                 # Only the label: not the Service's, so never sent the registration token.
+                 relay_endpoint_slice(release, "rogue", "192.0.2.66", owned=False)])
     kubeconfig = plane.service_account_kubeconfig(tmp_path / "relay.kubeconfig",
                                                   release.namespace, release.relay_account)
 
