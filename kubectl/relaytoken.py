@@ -36,7 +36,9 @@ from vncgate.kubectl.kubeconfig import NoToken, UserConfig
 
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 LIFETIME = 3600  # seconds asked for; the API server may give less (never under 10 minutes)
-RENEW_BEFORE = 300  # a proxy's next viewer gets a fresh token when less than this is left
+# A proxy's next viewer gets a fresh token when less than this is left: the relay ends a
+# session when its token expires, so each session has at least half an hour.
+RENEW_BEFORE = LIFETIME // 2
 
 Bearer = Callable[[], Awaitable[str]]
 

@@ -37,6 +37,10 @@ from tests.support.processes import BIN, ConsoleScript
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.session.peers import Peers
 
+# A hang guard, not a speed check: a test here runs the plugin up to seven times, and each run
+# imports kubernetes_asyncio (seconds on a loaded 2-core machine) before it mints its token.
+pytestmark = pytest.mark.timeout(300)
+
 TOKEN = "kubectl-test-registration-token-0123456789"
 ACCOUNTS = {"viewer": ("ClusterRole", "vncgate-viewer"), "editor": ("ClusterRole", "edit"),
             "admin": ("ClusterRole", "admin"), "stranger": None,
