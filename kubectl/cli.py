@@ -2,7 +2,8 @@
 
 `list` and `open` read VncTargets from the API server with the user's kubeconfig. `link`,
 `proxy`, `sessions` and `kill` go to the relay (found in the target's status.url, or
-`--relay-url`) with the user's own token; the relay decides with RBAC (verbs `share`,
+`--relay-url`) with a token for the user's own identity, minted for the relay's audience where
+the relay asks for one (kubectl/relaytoken.py); the relay decides with RBAC (verbs `share`,
 `connect`, `sessions`, `disconnect` on vnctargets) and says why when it refuses.
 """
 
@@ -28,7 +29,7 @@ from vncgate.common import installed_version
 from vncgate.common.envflags import FlagParser
 from vncgate.common.kubetls import KubeConfigError
 from vncgate.common.spec import API_GROUP, PLURAL, SpecError, check_key, parse_duration
-from vncgate.kubectl import kubeconfig, localpeer
+from vncgate.kubectl import kubeconfig, localpeer, relaytoken
 from vncgate.kubectl.kubeconfig import NoToken, UserConfig
 from vncgate.kubectl.proxy import Tunnel, own_user_only, serve
 
@@ -123,9 +124,9 @@ def relay_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
                       f"PEM certificate from it ({exc})") from None
 
 
-async def _relay(args: argparse.Namespace, user: UserConfig, method: str, url: str,
+async def _relay(args: argparse.Namespace, bearer: relaytoken.Bearer, method: str, url: str,
                  body: Any = None) -> Any:
-    headers = {"Authorization": await user.bearer(), "Content-Type": "application/json"}
+    headers = {"Authorization": await bearer(), "Content-Type": "application/json"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
                 http.request(method, url, headers=headers, ssl=relay_tls(args),
@@ -203,7 +204,8 @@ async def cmd_link(args: argparse.Namespace, user: UserConfig) -> int:
     except SpecError as exc:
         raise Failure(str(exc)) from None
     base = await _base_for(args, user, args.name)
-    reply = await _relay(args, user, "POST", f"{base}/api/v1/links/{user.namespace}/{args.name}",
+    bearer = await relaytoken.for_relay(user, base, relay_tls(args))
+    reply = await _relay(args, bearer, "POST", f"{base}/api/v1/links/{user.namespace}/{args.name}",
                          {"ttl": args.ttl, "viewOnly": args.view_only, "once": args.once})
     print(reply["url"])
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(int(reply["expires"])))
@@ -231,7 +233,8 @@ async def cmd_sessions(args: argparse.Namespace, user: UserConfig) -> int:
     query = f"?namespace={quote(namespace)}" if namespace else ""
     if args.name and namespace:
         query += f"&name={quote(args.name)}"
-    reply = await _relay(args, user, "GET", f"{base}/api/v1/sessions{query}")
+    reply = await _relay(args, await relaytoken.for_relay(user, base, relay_tls(args)), "GET",
+                         f"{base}/api/v1/sessions{query}")
     sessions = [s for s in reply.get("sessions") or ()
                 if not args.name or s.get("name") == args.name]
     for missing in reply.get("unreachable") or ():
@@ -259,7 +262,7 @@ async def cmd_sessions(args: argparse.Namespace, user: UserConfig) -> int:
 async def cmd_kill(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
     query = f"?session={quote(args.session)}" if args.session else ""
-    reply = await _relay(args, user, "DELETE",
+    reply = await _relay(args, await relaytoken.for_relay(user, base, relay_tls(args)), "DELETE",
                          f"{base}/api/v1/sessions/{user.namespace}/{args.name}{query}")
     for missing in reply.get("unreachable") or ():
         print(f"kubectl vnc: warning: no answer from relay replica {missing}", file=sys.stderr)
@@ -273,7 +276,8 @@ async def cmd_kill(args: argparse.Namespace, user: UserConfig) -> int:
 
 async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
-    await user.bearer()  # fail now, not at the viewer's first connection, without a token
+    # Now, not at the viewer's first connection: fail without a token that fits the relay.
+    bearer = await relaytoken.for_relay(user, base, relay_tls(args))
     ws_url = "ws" + base.removeprefix("http") + f"/t/{user.namespace}/{args.name}/websockify"
     if args.any_local_user:
         print("kubectl vnc proxy: --any-local-user: every process on this machine that reaches "
@@ -283,7 +287,7 @@ async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
               "(no /proc/net/tcp), so the proxy would open the console as you for any local "
               "user; on a machine of your own, add --any-local-user", file=sys.stderr)
         return 2
-    tunnel = Tunnel(ws_url, user.bearer, ssl_context=relay_tls(args),
+    tunnel = Tunnel(ws_url, bearer, ssl_context=relay_tls(args),
                     allowed=None if args.any_local_user else own_user_only)
 
     def started(port: int) -> None:
@@ -312,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "~/.kube/config)")
     common.add_argument("--context", help="kubeconfig context (default: the current one)")
     common.add_argument("--token", default=os.environ.get("VNCGATE_TOKEN"),
-                        help="bearer token for the relay instead of the kubeconfig's, e.g. "
-                             "$(kubectl create token NAME); default $VNCGATE_TOKEN")
+                        help="bearer token for the relay instead of one minted for it, e.g. "
+                             "$(kubectl create token NAME --audience AUDIENCE); default "
+                             "$VNCGATE_TOKEN")
     common.add_argument("--relay-url", help="the relay's public address (default: from the "
                                             "target's status.url; $VNCGATE_RELAY_URL)")
     # kubectl's own names; here they are about the relay (the kubeconfig says how the API

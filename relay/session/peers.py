@@ -6,8 +6,11 @@ their internal port (the registration token, which every replica already holds),
 
 Peers are the addresses of the relay's headless Service, read from its EndpointSlices
 (`--peer-service NS/NAME`; the chart sets it), or a fixed list (`--peer-url`, for a relay run
-outside a cluster). A replica recognises itself by its pod name (`--identity`) in the slice's
-targetRef, and in any case by the `replica` name in the answer, so nothing is counted twice.
+outside a cluster). Since each peer is sent the registration token, only slices the Service owns
+count (the Service as their controlling owner, as for those the EndpointSlice controller
+writes), never any slice that merely carries the service-name label. A replica recognises
+itself by its pod name (`--identity`) in the slice's targetRef, and in any case by the
+`replica` name in the answer, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ class PeerAnswer:
     body: Any
 
 
+def made_for_service(body: Mapping[str, Any], service: str) -> bool:
+    """Whether an EndpointSlice belongs to the Service: the Service is its controlling owner
+    (as for the slices the EndpointSlice controller writes, and the garbage collector removes
+    them with it).
+
+    The registration token goes to every peer, so a slice that merely carries the label
+    `kubernetes.io/service-name` (anyone who may create EndpointSlices in the namespace can
+    write one, with any address) names no peer.
+    """
+    metadata = body.get("metadata") or {}
+    return any(ref.get("kind") == "Service" and ref.get("apiVersion") == "v1"
+               and ref.get("name") == service and ref.get("controller") is True
+               for ref in metadata.get("ownerReferences") or ())
+
+
 def peer_urls_from_slice(body: Mapping[str, Any], identity: str, default_port: int = 8081
                          ) -> list[str]:
     """Internal URLs of the other replicas in one EndpointSlice (not terminating, not us)."""
@@ -51,7 +69,10 @@ def peer_urls_from_slice(body: Mapping[str, Any], identity: str, default_port: i
     for endpoint in body.get("endpoints") or ():
         if (endpoint.get("conditions") or {}).get("terminating") is True:
             continue
-        if (endpoint.get("targetRef") or {}).get("name") == identity:
+        target = endpoint.get("targetRef") or {}
+        if target.get("kind") != "Pod":  # the chart's relays are pods, nothing else
+            continue
+        if target.get("name") == identity:
             continue
         for address in (endpoint.get("addresses") or ())[:1]:
             urls.append(http_url(address, port))
@@ -93,6 +114,7 @@ class Peers:
                     "GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
                            f"?labelSelector=kubernetes.io%2Fservice-name%3D{name}")
                 cached = sorted({url for item in reply.get("items") or ()
+                                 if made_for_service(item, name)
                                  for url in peer_urls_from_slice(item, self.identity)})
                 self._found = (time.monotonic(), cached)
             found.extend(u for u in cached if u not in found)

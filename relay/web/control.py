@@ -10,6 +10,7 @@ a SubjectAccessReview with the caller's identity (relay/access/authz.py):
 | `GET /api/v1/sessions[?namespace=NS[&name=NAME]]` | `sessions` (per target) |
 | `DELETE /api/v1/sessions/{ns}/{name}[?session=ID]` | `disconnect` |
 | `POST /sessions/end` (form: namespace, name, session, csrf) | `disconnect` |
+| `GET /api/v1/auth` | none: which Kubernetes tokens the relay takes (their audiences) |
 
 Sessions are listed and ended on every replica: this one, and its peers over their internal port
 (relay/session/peers.py). The viewer of an ended session is closed with 4409 and "ended by <user>".
@@ -135,11 +136,23 @@ async def _caller(request: web.Request) -> Identity:
         raise _error(403, "foreign Origin: call this API from a script or kubectl vnc")
     identity = await identify(request)
     if identity is None or identity.method == "cookie":
-        raise _error(401, "send Authorization: Bearer <token> with a Kubernetes token the API "
-                          "server trusts (kubectl create token ...) or a token of the relay's "
-                          "users file")
+        audiences = state.settings.auth.token_audiences
+        minted = (f"minted for the audience {audiences[0]} (kubectl create token NAME "
+                  f"--audience {audiences[0]})" if audiences else "(kubectl create token ...)")
+        raise _error(401, f"send Authorization: Bearer <token> with a Kubernetes token {minted} "
+                          "or a token of the relay's users file")
     audit_event("api", request, state, user=identity.label, path=request.path)
     return identity
+
+
+async def token_audiences(request: web.Request) -> web.StreamResponse:
+    """Which Kubernetes tokens this relay takes, asked by kubectl vnc before it picks one: a
+    token minted for one of `audiences`, or (an empty list) a token for the API server itself,
+    which is then sent only because the relay's operator chose to accept those."""
+    state = request.app[STATE]
+    check_host(request)
+    return web.json_response({"kubernetesTokens": state.token_reviewer is not None,
+                              "audiences": list(state.settings.auth.token_audiences)})
 
 
 def _key(request: web.Request) -> tuple[str, str]:
@@ -265,5 +278,6 @@ async def end_session_form(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/links/{namespace}/{name}", mint_link)
     app.router.add_get("/api/v1/sessions", list_sessions)
+    app.router.add_get("/api/v1/auth", token_audiences)
     app.router.add_delete("/api/v1/sessions/{namespace}/{name}", end_sessions)
     app.router.add_post("/sessions/end", end_session_form)

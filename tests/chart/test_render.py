@@ -310,9 +310,39 @@ def test_kubernetes_tokens_can_be_turned_off_and_narrowed_to_an_audience() -> No
          "verbs": ["create"]}]
     args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--kubernetes-tokens" not in args
+    assert not [a for a in args if a.startswith("--token-audience")]
     rendered = render(sets=("relay.auth.kubernetesTokens.audiences={vncgate}",))
     args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--kubernetes-tokens" in args and "--token-audience=vncgate" in args
+    assert "--kubernetes-tokens" in args
+    assert [a for a in args if a.startswith("--token-audience")] == ["--token-audience=vncgate"]
+
+
+def _token_audiences(rendered: Rendered) -> list[str]:
+    args = rendered.one("Deployment", RELAY)["spec"]["template"]["spec"]["containers"][0]["args"]
+    return [a.partition("=")[2] for a in args if a.startswith("--token-audience")]
+
+
+def test_kubernetes_tokens_are_for_the_releases_own_audience_by_default() -> None:
+    """Without a setting the relay accepts no token minted for the API server itself (which
+    it could replay there), only tokens for this release: vncgate:<namespace>:<release>."""
+    assert _token_audiences(render()) == ["vncgate:vncgate-system:vncgate"]
+    notes = install_dry_run()["info"]["notes"]
+    assert "--audience vncgate:vncgate-system:vncgate" in notes
+    # Tokens for the API server itself only when asked for, with a warning.
+    sets = ("relay.auth.kubernetesTokens.apiServerTokens=true",)
+    args = render(sets=sets).one("Deployment", RELAY)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--kubernetes-tokens" in args and _token_audiences(render(sets=sets)) == []
+    assert "tokens for the API server itself, which it could replay" in \
+        install_dry_run(sets)["info"]["notes"]
+    result = helm("template", RELEASE, CHART, "--set", sets[0], "--set",
+                  "relay.auth.kubernetesTokens.audiences={vncgate}", check=False)
+    assert result.returncode != 0
+    assert ("apiServerTokens=true accepts tokens for the API server itself, audiences names "
+            "others; set one of them") in result.stderr
+    result = helm("template", RELEASE, CHART, "--set-string",
+                  "relay.auth.kubernetesTokens.apiServerTokens=yes", check=False)
+    assert result.returncode != 0 and "apiServerTokens" in result.stderr
 
 
 def test_relay_without_kubernetes_api_has_no_rbac() -> None:

@@ -4,7 +4,9 @@ real operator (status.url) and two relay replicas that ask each other for their 
 
 Who may do what comes from the chart's ClusterRoles as installed by helm: `viewer` is bound to
 vncgate-viewer, `editor` to Kubernetes' own `edit` and `admin` to its `admin` (vncgate-editor and
-vncgate-admin are aggregated into them), `stranger` to nothing.
+vncgate-admin are aggregated into them), `stranger` to nothing. The relays take only tokens for
+their own audience (as the chart's do): each account but `unminted` may mint its own
+(`create` on serviceaccounts/token for its name), which the plugin does.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ from tests.support.rfbclient import VERSION_33, security_failure
 from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.relay.session.peers import Peers
 
+# A hang guard, not a speed check: a test here runs the plugin up to seven times, and each run
+# imports kubernetes_asyncio (seconds on a loaded 2-core machine) before it mints its token.
+pytestmark = pytest.mark.timeout(300)
+
 TOKEN = "kubectl-test-registration-token-0123456789"
 ACCOUNTS = {"viewer": ("ClusterRole", "vncgate-viewer"), "editor": ("ClusterRole", "edit"),
-            "admin": ("ClusterRole", "admin"), "stranger": None}
+            "admin": ("ClusterRole", "admin"), "stranger": None,
+            "unminted": ("ClusterRole", "vncgate-admin")}
+# May not mint its own tokens: the plugin cannot get one for the relays' audience. (Kubernetes'
+# `edit` and `admin` may: they include `create` on serviceaccounts/token.)
+NOT_MINTING = {"unminted"}
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Fleet:
     operator: ConsoleScript
     kubeconfigs: dict[str, Path]
     workdir: Path
+    release: Release
 
     def url(self, relay: str) -> str:
         return f"http://127.0.0.1:{self.relays[relay][1]}"
@@ -58,7 +69,17 @@ class Fleet:
     def user(self, account: str) -> str:
         return f"system:serviceaccount:{self.namespace}:{account}"
 
+    @property
+    def audience(self) -> str:
+        return relay_audience(self.release)
+
     def token(self, account: str) -> str:
+        """A token of `account` for the relays' audience (what kubectl vnc mints)."""
+        return self.plane.kubectl("create", "token", account, "-n", self.namespace,
+                                  "--audience", self.audience).stdout.strip()
+
+    def api_token(self, account: str) -> str:
+        """The kubeconfig's own token: for the API server itself."""
         config = yaml.safe_load(self.kubeconfigs[account].read_text())
         return str(config["users"][0]["user"]["token"])
 
@@ -78,9 +99,14 @@ class Fleet:
                               capture_output=True, text=True, timeout=60, check=False)
 
 
+def relay_audience(release: Release) -> str:
+    """The audience the chart gives its relays: vncgate:<namespace>:<release>."""
+    return f"vncgate:{release.namespace}:vncgate"
+
+
 def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
-           token_file: Path, key_file: Path, users: Path, *extra: str
-           ) -> tuple[ConsoleScript, int]:
+           token_file: Path, key_file: Path, users: Path, *extra: str,
+           audience: bool = True) -> tuple[ConsoleScript, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     kubeconfig = release.plane.service_account_kubeconfig(
         workdir / "kubeconfig", release.namespace, release.relay_account)
@@ -90,19 +116,31 @@ def _relay(release: Release, workdir: Path, name: str, internal: int, peer: int,
         f"--api-token-file={token_file}", f"--kubeconfig={kubeconfig}", "--log-format=json",
         "--auth=token", f"--users-file={users}", "--authorization=kubernetes",
         "--kubernetes-tokens", f"--link-key-file={key_file}", f"--identity={name}",
+        *([f"--token-audience={relay_audience(release)}"] if audience else []),
         f"--peer-url=http://127.0.0.1:{peer}",
         # Every session recorded (screen only): a proxy session is recorded as a browser's.
         f"--recording-dir={workdir / 'recordings'}", "--record-sessions", *extra], workdir)
     return script, public
 
 
-def relay_endpoint_slice(release: Release, replica: str, address: str) -> dict[str, object]:
-    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service."""
+def relay_endpoint_slice(release: Release, replica: str, address: str, *,
+                         owned: bool = True) -> dict[str, object]:
+    """What the EndpointSlice controller writes for a relay pod of the chart's headless Service
+    (the Service as controlling owner; another managed-by label, so that the controller, which
+    sees no pods here, leaves it alone); `owned=False`: a slice that only carries the
+    service-name label, as anyone who may create EndpointSlices there can write."""
+    service = release.plane.get("service", "vncgate-relay-headless", "-n", release.namespace)
+    metadata: dict[str, object] = {
+        "name": f"vncgate-relay-headless-{replica}", "namespace": release.namespace,
+        "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
+                   "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}}
+    if owned:
+        metadata["ownerReferences"] = [{
+            "apiVersion": "v1", "kind": "Service", "name": "vncgate-relay-headless",
+            "uid": service["metadata"]["uid"], "controller": True,
+            "blockOwnerDeletion": True}]
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"vncgate-relay-headless-{replica}",
-                         "namespace": release.namespace,
-                         "labels": {"kubernetes.io/service-name": "vncgate-relay-headless",
-                                    "endpointslice.kubernetes.io/managed-by": "vncgate-tests"}},
+            "metadata": metadata,
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
                       {"name": "internal", "port": 8081, "protocol": "TCP"}],
@@ -126,6 +164,12 @@ def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathF
                           f"--clusterrole={role[1]}", f"--serviceaccount={namespace}:{account}")
         kubeconfigs[account] = plane.service_account_kubeconfig(
             workdir / f"{account}.kubeconfig", namespace, account)
+        if account not in NOT_MINTING:
+            plane.kubectl("create", "role", f"mint-{account}", "-n", namespace,
+                          "--verb=create", "--resource=serviceaccounts/token",
+                          f"--resource-name={account}")
+            plane.kubectl("create", "rolebinding", f"mint-{account}", "-n", namespace,
+                          f"--role=mint-{account}", f"--serviceaccount={namespace}:{account}")
     # The aggregation controller copies vncgate-editor/-admin's rules into edit/admin.
     for account, verb in (("editor", "share"), ("admin", "disconnect")):
         wait_until(lambda account=account, verb=verb: plane.kubectl(  # type: ignore[misc]
@@ -164,7 +208,7 @@ def fleet(release: Release, xvnc: XvncServer, tmp_path_factory: pytest.TempPathF
                 wait_phase(plane, namespace, name, "Ready", operator, relay_a, relay_b)
             yield Fleet(plane, namespace, {"relay-a": (relay_a, public_a, internal_a),
                                            "relay-b": (relay_b, public_b, internal_b)},
-                        operator, kubeconfigs, workdir)
+                        operator, kubeconfigs, workdir, release)
     plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
@@ -172,10 +216,13 @@ def test_peers_are_found_in_the_headless_services_slices(release: Release,
                                                          tmp_path: Path) -> None:
     """--peer-service with the chart's relay account: the other pods' internal URLs from the
     headless Service's EndpointSlices, without this pod. The addresses (TEST-NET-1) are only
-    read, never dialled: the API server refuses loopback addresses in EndpointSlices."""
+    read, never dialled: the API server refuses loopback addresses in EndpointSlices. A slice
+    with the service-name label that the Service does not own names no peer."""
     plane = release.plane
     plane.apply([relay_endpoint_slice(release, "relay-0", "192.0.2.10"),
-                 relay_endpoint_slice(release, "relay-1", "192.0.2.11")])
+                 relay_endpoint_slice(release, "relay-1", "192.0.2.11"),
+                 # Only the label: not the Service's, so never sent the registration token.
+                 relay_endpoint_slice(release, "rogue", "192.0.2.66", owned=False)])
     kubeconfig = plane.service_account_kubeconfig(tmp_path / "relay.kubeconfig",
                                                   release.namespace, release.relay_account)
 
@@ -257,12 +304,17 @@ def test_link_needs_share_and_mints_a_working_link(fleet: Fleet) -> None:
 
 
 def test_a_kubeconfig_without_a_token_says_how_to_get_one(fleet: Fleet) -> None:
+    """A user who is no ServiceAccount (here a client certificate; OIDC and exec-plugin users
+    alike) gets no token for the relay's audience from the API server: the plugin says what
+    works instead."""
     admin = fleet.plane.admin_kubeconfig  # client certificate, no token
     result = fleet.kubectl_vnc("admin", "link", "desk", "-n", fleet.namespace,
                                kubeconfig=admin)
     assert result.returncode == 1
-    assert "has no token (it signs in with a client certificate" in result.stderr
-    assert "kubectl create token" in result.stderr
+    assert (f"takes only tokens minted for its audience {fleet.audience}. The API server mints "
+            "those for ServiceAccounts only, and your kubeconfig signs in as admin, whose token "
+            "(OIDC, an exec plugin, a client certificate) cannot be re-minted") in result.stderr
+    assert f"kubectl create token NAME -n NAMESPACE --audience {fleet.audience}" in result.stderr
     # The API server takes the certificate: list works; --token supplies the relay's token.
     assert fleet.kubectl_vnc("admin", "list", "-n", fleet.namespace,
                              kubeconfig=admin).returncode == 0
@@ -271,13 +323,73 @@ def test_a_kubeconfig_without_a_token_says_how_to_get_one(fleet: Fleet) -> None:
     assert result.returncode == 0 and "#link=" in result.stdout, result.stderr
 
 
+async def _relay_status(url: str, token: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{url}/api/v1/sessions", headers={"Authorization": f"Bearer {token}"}) as reply:
+        return reply.status
+
+
+def test_the_relay_gets_a_token_for_its_audience_never_the_kubeconfigs(fleet: Fleet) -> None:
+    """The kubeconfig's token is for the API server, and the relay (with its own audience)
+    refuses it; the plugin mints one for the relay's audience instead (TokenRequest), which
+    the API server in turn refuses, so neither side can replay what it was given."""
+    api_token = fleet.api_token("admin")
+    assert asyncio.run(_relay_status(fleet.url("relay-a"), api_token)) == 401
+    result = fleet.kubectl_vnc("admin", "sessions")
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
+    minted = fleet.token("admin")
+    assert asyncio.run(_relay_status(fleet.url("relay-a"), minted)) == 200
+    # What the relay takes is no credential at the API server.
+    refused = subprocess.run(
+        [str(fleet.plane.bin / "kubectl"), "--kubeconfig", os.devnull, "--server", fleet.plane.url,
+         "--certificate-authority", str(fleet.plane.certs.ca_crt), "--token", minted,
+         "get", "vnctargets.vncgate.io", "-n", fleet.namespace],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert "You must be logged in to the server" in refused.stderr, refused.stderr
+
+    # An account that may not mint its own tokens is told which right, or which --token.
+    result = fleet.kubectl_vnc("unminted", "sessions")
+    assert result.returncode == 1
+    assert (f"the relay takes only tokens minted for its audience {fleet.audience}, and your "
+            f"ServiceAccount {fleet.namespace}/unminted may not mint its own (RBAC: create on "
+            f"serviceaccounts/token with resourceNames [unminted] in {fleet.namespace})"
+            ) in result.stderr
+    assert (f'--token "$(kubectl create token unminted -n {fleet.namespace} --audience '
+            f'{fleet.audience})"') in result.stderr
+    result = fleet.kubectl_vnc("unminted", "sessions", "--token", fleet.token("unminted"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_relay_that_takes_api_server_tokens_is_sent_the_kubeconfigs_with_a_note(
+        fleet: Fleet) -> None:
+    """relay.auth.kubernetesTokens.apiServerTokens: no audience of the relay's own; then, and
+    only then, the kubeconfig's token goes to the relay, and the user is told."""
+    workdir = fleet.workdir / "api-tokens"
+    script, public = _relay(fleet.release, workdir, "relay-api", free_port(), free_port(),
+                            fleet.workdir / "token", fleet.workdir / "link-key",
+                            fleet.workdir / "users.yaml", audience=False)
+    with script:
+        script.wait_for_log("relay listening")
+        url = f"http://127.0.0.1:{public}"
+        result = fleet.kubectl_vnc("admin", "sessions", "--relay-url", url)
+        assert result.returncode == 0, result.stderr
+        assert (f"note: the relay at 127.0.0.1:{public} takes tokens minted for the API server "
+                "itself, so it is sent your kubeconfig's token, which it could use against the "
+                "API server as you") in result.stderr
+        # Such a relay refuses a token for another audience (the chart's relays' one).
+        assert asyncio.run(_relay_status(url, fleet.token("admin"))) == 401
+
+
 def test_an_exec_credential_plugin_gives_the_token(fleet: Fleet) -> None:
     """A kubeconfig whose user runs a command for its token (as kubelogin does for OIDC): the
-    plugin runs it, as kubectl does, and sends that token to the relay."""
+    plugin runs it, as kubectl does; the token it gives is a ServiceAccount's, so the plugin
+    mints one for the relay's audience with it."""
     plugin = fleet.workdir / "credential-plugin"
     ran = fleet.workdir / "credential-plugin-ran"
     credential = json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
-                             "kind": "ExecCredential", "status": {"token": fleet.token("editor")}})
+                             "kind": "ExecCredential",
+                             "status": {"token": fleet.api_token("editor")}})
     plugin.write_text(f"#!/bin/sh\ntouch '{ran}'\ncat <<'EOF'\n{credential}\nEOF\n")
     plugin.chmod(0o755)
     config = yaml.safe_load(fleet.kubeconfigs["editor"].read_text())

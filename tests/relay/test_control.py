@@ -9,12 +9,14 @@ the API refuses what a browser page could forge.
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from harness.cluster import free_port
 from harness.servers import TcpServer
 from tests.conftest import API_TOKEN, RelayFactory
 from tests.relay.test_auth import csrf_from
 from vncgate.common.model import Route
+from vncgate.kubectl.relaytoken import RelayTokenError, accepted_audiences
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.users import User
@@ -105,3 +107,23 @@ async def test_the_api_takes_a_bearer_token_not_the_sign_in_cookie(
         async with http.post(f"{relay.public_url}/sessions/end", data={
                 "namespace": "lab", "name": "desk", "csrf": "forged"}) as resp:
             assert resp.status == 403
+
+
+async def test_kubectl_vnc_is_told_when_the_relay_takes_no_kubernetes_tokens(
+        make_relay: RelayFactory, http: aiohttp.ClientSession) -> None:
+    """`GET /api/v1/auth` (no credentials) says which Kubernetes tokens the relay takes; a
+    relay without --kubernetes-tokens takes none, and the plugin says so before it sends any
+    token. (Audiences, minting and the fallback: tests/cluster/test_kubectl_vnc.py.)"""
+    auth = AuthSettings(mode=AuthMode.TOKEN, session_secret=b"s" * 32)
+    async with make_relay(auth=auth) as relay:
+        async with http.get(f"{relay.public_url}/api/v1/auth") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"kubernetesTokens": False, "audiences": []}
+        with pytest.raises(RelayTokenError, match=r"takes no Kubernetes tokens \(it runs "
+                                                  r"without --kubernetes-tokens"):
+            await accepted_audiences(relay.public_url)
+        # Where the relay does not answer the question (another server, an old relay): no
+        # token is chosen, and the user is told to give one.
+        with pytest.raises(RelayTokenError, match=r"does not say which tokens it takes \(GET "
+                                                  r"/api/v1/auth: HTTP 401\)"):
+            await accepted_audiences(relay.internal_url)

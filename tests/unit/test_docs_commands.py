@@ -75,6 +75,12 @@ CHECKED: dict[str, tuple[str, str, str]] = {
     "kubectl create rolebinding lab-editors": (
         "tests/cluster/test_kubectl_vnc.py::fleet", '"rolebinding"',
         "the plugin's tests bind the chart's roles (and edit/admin) the same way"),
+    "kubectl create role mint-own-token": (
+        "tests/cluster/test_kubectl_vnc.py::fleet", '"--resource=serviceaccounts/token"',
+        "the plugin's tests grant each account the right to mint its own tokens the same way"),
+    "kubectl create rolebinding ci-mint-own-token": (
+        "tests/cluster/test_kubectl_vnc.py::fleet", '--role=mint-',
+        "the plugin's tests bind that Role to each account the same way"),
     "vncviewer 127.0.0.1::": (
         "tests/cluster/test_kubectl_vnc.py::test_tigervnc_vncviewer_under_xvfb_through_the_proxy",
         '"vncviewer"', "a desktop program: the test runs it under Xvfb through kubectl vnc proxy"),

@@ -284,6 +284,23 @@ true
 {{- end }}
 {{- end }}
 
+{{/* The audiences the relay accepts Kubernetes tokens for, as a JSON list: relay.auth.
+kubernetesTokens.audiences, else one of this release's own; [] (tokens for the API server
+itself) only with apiServerTokens. */}}
+{{- define "vncgate.relay.tokenAudiences" -}}
+{{- $tokens := .Values.relay.auth.kubernetesTokens }}
+{{- if $tokens.apiServerTokens }}
+{{- if $tokens.audiences }}
+{{- fail "relay.auth.kubernetesTokens: apiServerTokens=true accepts tokens for the API server itself, audiences names others; set one of them" }}
+{{- end }}
+{{- list | toJson }}
+{{- else if $tokens.audiences }}
+{{- $tokens.audiences | toJson }}
+{{- else }}
+{{- list (printf "vncgate:%s:%s" .Release.Namespace .Release.Name) | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* "true" when the relay pod needs its ServiceAccount token: SubjectAccessReviews, Leases,
 or the Secrets of VncTargets' spec.credentials, or KubeVirt consoles. */}}
 {{- define "vncgate.relay.usesKubernetesApi" -}}
