@@ -299,3 +299,39 @@ class Revocations:
                 except (KubeError, OSError, TimeoutError) as exc:
                     log.warning("deleting expired link and sign-out Leases failed",
                                 extra={"fields": {"error": str(exc)}})
+
+
+VIEWERS_PATH = "/api/v1/viewers"
+
+
+class ViewerCounts:
+    """The sessions the other replicas hold, asked of them when a count decides something.
+
+    A peer that does not answer counts as none (fail open): what a count decides is whether
+    one more viewer may watch, or may type, never who may open the console at all.
+    """
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+
+    async def of_target(self, namespace: str, name: str) -> int:
+        answers, missing = await self.peers.ask("GET", f"{VIEWERS_PATH}/{namespace}/{name}")
+        if missing:
+            log.warning("counting viewers without the replicas that did not answer",
+                        extra={"fields": {"target": f"{namespace}/{name}", "peers": missing}})
+        return sum(_count(answer.body.get("sessions")) for answer in answers
+                   if isinstance(answer.body, dict))
+
+    async def by_target(self) -> dict[str, int]:
+        """Every target's sessions on the other replicas (the list page's column)."""
+        answers, _ = await self.peers.ask("GET", "/api/v1/targets?view=summary")
+        total: dict[str, int] = {}
+        for answer in answers:
+            sessions = answer.body.get("sessions") if isinstance(answer.body, dict) else None
+            for key, count in (sessions or {}).items() if isinstance(sessions, dict) else ():
+                total[str(key)] = total.get(str(key), 0) + _count(count)
+        return total
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

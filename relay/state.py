@@ -30,6 +30,7 @@ from vncgate.relay.replicas import (
     LinkClaims,
     LocalLinkClaims,
     Revocations,
+    ViewerCounts,
 )
 from vncgate.relay.session.admission import Admission
 from vncgate.relay.session.bridge import Sessions
@@ -106,6 +107,8 @@ class RelayState:
     link_claims: LinkClaims = field(init=False)
     # Sign-outs told to the peers and kept in the API server (relay/replicas.py).
     revocations: Revocations = field(init=False)
+    # Viewers of a target on the other replicas (maxViewers, interactive: first, the list).
+    viewer_counts: ViewerCounts = field(init=False)
     # The Leases behind both (None standalone: they live in this process).
     marks: KubeMarks | None = field(init=False)
     consoles: Consoles = field(init=False)
@@ -143,12 +146,14 @@ class RelayState:
             self.revoked, self.peers, self.marks,
             lambda key: self.end_sessions_of_key(key, closecodes.UNAUTHENTICATED,
                                                  "you signed out"))
+        self.viewer_counts = ViewerCounts(self.peers)
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
         self.admission = Admission(
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,
             replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
-            kubevirt=self.kubevirt)
+            kubevirt=self.kubevirt,
+            elsewhere=lambda route: self.viewer_counts.of_target(route.namespace, route.name))
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""

@@ -218,6 +218,15 @@ async def end_replica_sessions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"replica": state.settings.identity, "ended": ended})
 
 
+async def target_viewers(request: web.Request) -> web.StreamResponse:
+    """`GET /api/v1/viewers/{namespace}/{name}`: this replica's sessions of one target, for a
+    peer that counts them all (maxViewers, interactive: first)."""
+    state = request.app[STATE]
+    namespace, name = _path_key(request)
+    return web.json_response({"replica": state.settings.identity,
+                              "sessions": state.sessions.count_for(f"{namespace}/{name}")})
+
+
 async def learn_revocation(request: web.Request) -> web.StreamResponse:
     """`POST /api/v1/revocations` `{"key", "expires"}`: a peer's sign-out, refused here too
     (its consoles here close with 4401) until it would have expired."""
@@ -251,5 +260,6 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_get("/api/v1/sessions", replica_sessions)
     app.router.add_post("/api/v1/sessions/end", end_replica_sessions)
     app.router.add_post("/api/v1/revocations", learn_revocation)
+    app.router.add_get("/api/v1/viewers/{namespace}/{name}", target_viewers)
     app.router.add_get("/metrics", metrics)
     return app
