@@ -22,7 +22,7 @@ from yarl import URL
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
-from tests.support.replicas import LINK_KEY, Replicas
+from tests.support.replicas import LINK_KEY, Replica, Replicas
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import SESSION_COOKIE
@@ -30,12 +30,14 @@ from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.replicas import KIND_LINK, mark_name
 
 PASSWORD = "correct horse battery staple"
+TOKEN = "alice-token-0123456789abcdef"
 
 
 def write_files(workdir: Path, namespace: str, port: int, sessions: dict[str, object]) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "users.yaml").write_text(yaml.safe_dump(
-        {"alice": {"secret": hash_secret(PASSWORD), "groups": ["lab"]}}))
+        {"alice": {"secret": hash_secret(PASSWORD), "groups": ["lab"]},
+         "alice-script": {"token": TOKEN}}))
     targets = workdir / "targets.yaml"
     targets.write_text(yaml.safe_dump({
         "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
@@ -45,13 +47,27 @@ def write_files(workdir: Path, namespace: str, port: int, sessions: dict[str, ob
     return targets
 
 
+def replicas_of(count: int, release: Release, namespace: str, xvnc: XvncServer,
+                tmp_path: Path, sessions: dict[str, object]) -> Replicas:
+    targets = write_files(tmp_path, namespace, xvnc.port, sessions)
+    return Replicas(release.plane, release.namespace, release.relay_account, tmp_path / "relays",
+                    count, "--auth=token", f"--users-file={tmp_path / 'users.yaml'}",
+                    "--authorization=manifest", f"--targets={targets}")
+
+
 @pytest.fixture(params=[3, 1], ids=["three-replicas", "one-replica"])
 def replicas(request: pytest.FixtureRequest, release: Release, namespace: str,
              xvnc: XvncServer, tmp_path: Path) -> Iterator[Replicas]:
-    targets = write_files(tmp_path, namespace, xvnc.port, {"mode": "shared"})
-    with Replicas(release.plane, release.namespace, release.relay_account, tmp_path / "relays",
-                  request.param, "--auth=token", f"--users-file={tmp_path / 'users.yaml'}",
-                  "--authorization=manifest", f"--targets={targets}") as relays:
+    with replicas_of(request.param, release, namespace, xvnc, tmp_path,
+                     {"mode": "shared"}) as relays:
+        yield relays
+
+
+@pytest.fixture(params=[3, 1], ids=["three-replicas", "one-replica"])
+def limited(request: pytest.FixtureRequest, release: Release, namespace: str,
+            xvnc: XvncServer, tmp_path: Path) -> Iterator[Replicas]:
+    with replicas_of(request.param, release, namespace, xvnc, tmp_path,
+                     {"mode": "shared", "maxViewers": 2, "interactive": "first"}) as relays:
         yield relays
 
 
@@ -188,3 +204,83 @@ async def page_csrf(http: aiohttp.ClientSession, url: str) -> str:
         return match.group(1) if match else None
 
     return await eventually(loaded, f"a CSRF token on {url}", timeout=10)
+
+
+async def viewer(url: str) -> tuple[aiohttp.ClientWebSocketResponse | None, int | None, str]:
+    """A viewer with a bearer token: its open WebSocket (after the RFB greeting), or the close
+    code and reason."""
+    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
+    ws = await http.ws_connect(f"{url}/websockify", protocols=("binary",),
+                               origin=url.split("/t/")[0])
+    first = await ws.receive(timeout=20)
+    if first.type == aiohttp.WSMsgType.BINARY:
+        ws._vncgate_http = http  # type: ignore[attr-defined]  # closed with the socket
+        return ws, None, ""
+    await http.close()
+    return None, ws.close_code, str(first.extra or "")
+
+
+async def close_viewer(ws: aiohttp.ClientWebSocketResponse) -> None:
+    await ws.close()
+    await ws._vncgate_http.close()  # type: ignore[attr-defined]
+
+
+def view_only_of(member: Replica) -> list[bool]:
+    return sorted(s["viewOnly"] for s in member.api("GET", "/api/v1/sessions")["sessions"])
+
+
+def test_max_viewers_and_the_first_viewers_control_hold_across_replicas(
+        limited: Replicas, namespace: str) -> None:
+    members, count = limited.members, len(limited.members)
+
+    def on(index: int) -> str:
+        return f"{members[index % count].url}/t/{namespace}/desk"
+
+    async def scenario() -> None:
+        first, _, _ = await viewer(on(0))
+        second, _, _ = await viewer(on(1))
+        assert first is not None and second is not None, limited.logs()
+        try:
+            # The second viewer, on another replica, only watches: the first one types.
+            assert view_only_of(members[0]) == ([False] if count > 1 else [False, True])
+            if count > 1:
+                assert view_only_of(members[1]) == [True]
+            # maxViewers: 2 holds for the relay as a whole: on the third replica, and through
+            # the balancer (whichever replica it deals the viewer to).
+            for url in (on(2), f"{limited.url}/t/{namespace}/desk"):
+                refused, code, reason = await viewer(url)
+                assert refused is None and code == 4409, (code, reason, limited.logs())
+                assert "already has 2 viewers" in reason, reason
+            # The list page counts every replica's viewers.
+            async with aiohttp.ClientSession(
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as http, http.get(
+                    f"{members[2 % count].url}/") as page:
+                row = re.search(rf"<td>{namespace}</td><td>desk</td><td>[^<]*</td><td>(\d+)</td>",
+                                await page.text())
+            assert row is not None and row.group(1) == "2"
+            if count > 1:
+                # The replica of the second viewer dies (SIGKILL): its viewer is gone, and a
+                # count it cannot give is none (fail open), so one more viewer gets in, and
+                # only watches (the first viewer is still there).
+                members[1].kill()
+                third, _, _ = await viewer(on(2))
+                assert third is not None, limited.logs()
+                assert view_only_of(members[2]) == [True]
+                await close_viewer(third)
+        finally:
+            await close_viewer(second)
+            await close_viewer(first)
+
+        # The first viewer left: the next one types.
+        async def typing() -> bool:
+            ws, _, _ = await viewer(on(2))
+            if ws is None:
+                return False
+            try:
+                return view_only_of(members[2 % count]) == [False]
+            finally:
+                await close_viewer(ws)
+
+        await eventually(typing, "a viewer that types after the first left", timeout=30)
+
+    asyncio.run(scenario())
