@@ -37,6 +37,7 @@ from urllib.parse import quote
 from vncgate.common.kube import KubeClient, KubeError
 from vncgate.relay.access.cookies import Revoked
 from vncgate.relay.access.links import LinkGrant, UsedLinks
+from vncgate.relay.access.ratelimit import FailureLimiter, retry_after_ages
 from vncgate.relay.session.consoles import LABEL_KIND
 from vncgate.relay.session.peers import Peers
 
@@ -335,3 +336,43 @@ class ViewerCounts:
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+FAILURES_PATH = "/api/v1/failures"
+
+
+class SignInLimits:
+    """The failed sign-ins of a key (an address, an account, a device) counted on every
+    replica: each replica keeps its own failures, and the one that checks a sign-in asks every
+    peer for the ages of theirs. A peer that does not answer refuses the check (fail closed:
+    a limit that a dead or partitioned replica could lift is no limit).
+    """
+
+    def __init__(self, peers: Peers, limiters: dict[str, FailureLimiter]) -> None:
+        self.peers = peers
+        self.limiters = limiters
+
+    def local_ages(self, checks: dict[str, str]) -> dict[str, list[float]]:
+        return {name: self.limiters[name].ages(key) for name, key in checks.items()
+                if name in self.limiters}
+
+    async def retry_after(self, checks: dict[str, str]) -> float:
+        """Seconds until the sign-in may be tried (0: now); `checks`: limiter name -> key.
+
+        SharedStateUnavailable when a peer could not be asked."""
+        ages = self.local_ages(checks)
+        if self.peers.enabled:
+            answers, missing = await self.peers.ask("POST", FAILURES_PATH, {"checks": checks})
+            if missing:
+                raise SharedStateUnavailable(
+                    "the failed sign-ins on " + ", ".join(missing) + " could not be counted")
+            for answer in answers:
+                theirs = answer.body.get("ages") if isinstance(answer.body, dict) else None
+                for name in ages:
+                    values = theirs.get(name) if isinstance(theirs, dict) else None
+                    ages[name].extend(float(v) for v in values or ()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and v >= 0)
+        return max((retry_after_ages(found, self.limiters[name].limit,
+                                     self.limiters[name].window)
+                    for name, found in ages.items()), default=0.0)

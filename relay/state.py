@@ -30,6 +30,7 @@ from vncgate.relay.replicas import (
     LinkClaims,
     LocalLinkClaims,
     Revocations,
+    SignInLimits,
     ViewerCounts,
 )
 from vncgate.relay.session.admission import Admission
@@ -107,6 +108,8 @@ class RelayState:
     link_claims: LinkClaims = field(init=False)
     # Sign-outs told to the peers and kept in the API server (relay/replicas.py).
     revocations: Revocations = field(init=False)
+    # The failed sign-ins above, counted with every replica's (relay/replicas.py).
+    sign_in_limits: SignInLimits = field(init=False)
     # Viewers of a target on the other replicas (maxViewers, interactive: first, the list).
     viewer_counts: ViewerCounts = field(init=False)
     # The Leases behind both (None standalone: they live in this process).
@@ -147,6 +150,9 @@ class RelayState:
             lambda key: self.end_sessions_of_key(key, closecodes.UNAUTHENTICATED,
                                                  "you signed out"))
         self.viewer_counts = ViewerCounts(self.peers)
+        self.sign_in_limits = SignInLimits(self.peers, {
+            "login": self.login_failures, "account": self.account_failures,
+            "device": self.device_failures})
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
         self.admission = Admission(
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,

@@ -227,6 +227,22 @@ async def target_viewers(request: web.Request) -> web.StreamResponse:
                               "sessions": state.sessions.count_for(f"{namespace}/{name}")})
 
 
+async def failure_ages(request: web.Request) -> web.StreamResponse:
+    """`POST /api/v1/failures` `{"checks": {"login"|"account"|"device": key}}`: the ages of
+    this replica's failed sign-ins of each key, for the peer that checks a sign-in."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    checks = body.get("checks") if isinstance(body, dict) else None
+    limiters = state.sign_in_limits.limiters
+    if not isinstance(checks, dict) or not checks or not all(
+            name in limiters and isinstance(key, str) and len(key) <= 1024
+            for name, key in checks.items()):
+        return _error(400, "checks: an object of " + ", ".join(sorted(limiters))
+                      + " to a key (a string)")
+    return web.json_response({"replica": state.settings.identity,
+                              "ages": state.sign_in_limits.local_ages(checks)})
+
+
 async def learn_revocation(request: web.Request) -> web.StreamResponse:
     """`POST /api/v1/revocations` `{"key", "expires"}`: a peer's sign-out, refused here too
     (its consoles here close with 4401) until it would have expired."""
@@ -261,5 +277,6 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_post("/api/v1/sessions/end", end_replica_sessions)
     app.router.add_post("/api/v1/revocations", learn_revocation)
     app.router.add_get("/api/v1/viewers/{namespace}/{name}", target_viewers)
+    app.router.add_post("/api/v1/failures", failure_ages)
     app.router.add_get("/metrics", metrics)
     return app

@@ -99,11 +99,18 @@ async def login(request: web.Request) -> web.StreamResponse:
         state.session_key, request.cookies.get(cookie_name(request, state, DEVICE_COOKIE), ""))
     known_device = DEVICE_PREFIX + device.device if device is not None and \
         device.user == name else None
-    if known_device is not None:
-        wait = state.device_failures.retry_after(known_device)
-    else:
-        wait = max(state.login_failures.retry_after(client),
-                   state.account_failures.retry_after(account))
+    # Counted on every replica (relay/replicas.py): a replica that cannot be asked refuses.
+    checks = {"device": known_device} if known_device is not None else {
+        "login": client, "account": account}
+    try:
+        wait = await state.sign_in_limits.retry_after(checks)
+    except SharedStateUnavailable as exc:
+        log.error("could not count failed sign-ins on every replica",
+                  extra={"fields": {"error": str(exc)}})
+        audit_event("login", request, state, user=name[:64], result="refused: uncounted")
+        return login_page(request, "Sign-in cannot be checked right now; try again in a "
+                          "moment.", next_path, status=503, headers={"Retry-After": "5"},
+                          user=name)
     if wait > 0:
         audit_event("login", request, state, user=name[:64], result="rate limited")
         return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
