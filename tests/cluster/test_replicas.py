@@ -22,6 +22,7 @@ from yarl import URL
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
+from tests.relay.test_second_review import from_address, sign_in_at
 from tests.support.replicas import LINK_KEY, Replica, Replicas
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
@@ -37,7 +38,7 @@ def write_files(workdir: Path, namespace: str, port: int, sessions: dict[str, ob
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "users.yaml").write_text(yaml.safe_dump(
         {"alice": {"secret": hash_secret(PASSWORD), "groups": ["lab"]},
-         "alice-script": {"token": TOKEN}}))
+         "carol": {"secret": hash_secret(PASSWORD)}, "alice-script": {"token": TOKEN}}))
     targets = workdir / "targets.yaml"
     targets.write_text(yaml.safe_dump({
         "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
@@ -282,5 +283,37 @@ def test_max_viewers_and_the_first_viewers_control_hold_across_replicas(
                 await close_viewer(ws)
 
         await eventually(typing, "a viewer that types after the first left", timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_sign_in_limits_count_every_replicas_failures(replicas: Replicas) -> None:
+    members, count = replicas.members, len(replicas.members)
+
+    async def scenario() -> None:
+        # Per address (5 a minute): one address guessing through the balancer, each request
+        # on a new connection, so on the next replica.
+        async with browser() as http:
+            statuses = [await sign_in_at(http, replicas.url, "mallory", "wrong")
+                        for _ in range(7)]
+        assert statuses == [401] * 5 + [429] * 2, (statuses, replicas.logs())
+        # Per account (10 in 5 minutes), whatever the address: six addresses, two guesses each,
+        # every guess on the next replica.
+        statuses = []
+        for n in range(6):
+            async with from_address(f"127.0.0.{10 + n}") as http:
+                for guess in range(2):
+                    member = members[(2 * n + guess) % count]
+                    statuses.append(await sign_in_at(http, member.url, "alice", "wrong"))
+        assert statuses == [401] * 10 + [429] * 2, (statuses, replicas.logs())
+        if count > 1:
+            # A replica dies (SIGKILL): its failures cannot be counted, so sign-ins are
+            # refused (fail closed) until it is back.
+            members[1].kill()
+            async with from_address("127.0.0.50") as http:
+                assert await sign_in_at(http, members[0].url, "carol", PASSWORD) == 503
+            members[1].start()
+        async with from_address("127.0.0.51") as http:
+            assert await sign_in_at(http, members[0].url, "carol", PASSWORD) == 303
 
     asyncio.run(scenario())

@@ -30,6 +30,7 @@ from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie, revocation_key
 from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.ratelimit import retry_after_ages
 from vncgate.relay.replicas import KubeLinkClaims, KubeMarks
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.server import RelayServer
@@ -101,3 +102,27 @@ async def test_the_internal_port_checks_what_a_peer_says(relay: RelayServer) -> 
                 assert resp.status == 400, body
                 assert "40 lower-case hex digits" in (await resp.json())["error"]
     assert len(relay.state.revoked) == 0
+
+
+def test_failures_counted_together_wait_for_the_limit_th_newest() -> None:
+    # Ages in seconds, from two replicas; 5 a minute.
+    assert retry_after_ages([1.0, 2.0, 3.0, 4.0], 5, 60.0) == 0.0
+    assert retry_after_ages([1.0, 2.0, 3.0, 4.0, 50.0], 5, 60.0) == 10.0
+    assert retry_after_ages([1.0, 2.0, 3.0, 4.0, 5.0, 59.0], 5, 60.0) == 55.0
+    assert retry_after_ages([1.0, 2.0, 3.0, 4.0, 60.0], 5, 60.0) == 0.0  # out of the window
+
+
+async def test_the_internal_port_gives_failure_ages_and_checks_the_question(
+        relay: RelayServer) -> None:
+    relay.state.account_failures.failed("user:alice")
+    url = f"{relay.internal_url}/api/v1/failures"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_TOKEN}"}) as api:
+        async with api.post(url, json={"checks": {"account": "user:alice",
+                                                  "login": "127.0.0.9"}}) as resp:
+            reply = await resp.json()
+        assert len(reply["ages"]["account"]) == 1 and reply["ages"]["login"] == []
+        for body in ({"checks": {"bearer": "x"}}, {"checks": {}}, {"checks": {"login": 1}},
+                     {"login": "x"}):
+            async with api.post(url, json=body) as resp:
+                assert resp.status == 400, body
+                assert "account, device, login" in (await resp.json())["error"]
