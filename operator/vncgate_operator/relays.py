@@ -113,6 +113,8 @@ class RelayFleet:
         self.on_upheaval: Callable[[], None] = lambda: None
         # Called with a target's key when a replica reports a new login outcome for it.
         self.on_login: Callable[[str], None] = lambda key: None
+        # Called with a target whose sessions (count or viewers) changed on a replica.
+        self.on_sessions: Callable[[str], None] = lambda key: None
         self._kick = asyncio.Event()
         # Set once kopf's indexes hold every VncTarget and Service: before that, the desired
         # table may be partial, and a full PUT of it would remove live routes from the relays.
@@ -289,8 +291,17 @@ class RelayFleet:
 
     def _note_summary(self, url: str, replica: _Replica, snapshot: TableSnapshot) -> bool:
         """Record sessions and boot id; True if the replica restarted since the last look."""
+        before, before_viewers = replica.sessions or {}, replica.viewers
         replica.sessions = snapshot.sessions
         replica.viewers = snapshot.viewers
+        # A viewer came or went: its target's status (activeSessions, viewers) is written now,
+        # not at the target's next look.
+        now = snapshot.sessions or {}
+        for key in sorted({key for key in before.keys() | now.keys()
+                           if before.get(key) != now.get(key)}
+                          | {key for key in before_viewers.keys() | snapshot.viewers.keys()
+                             if before_viewers.get(key) != snapshot.viewers.get(key)}):
+            self.on_sessions(key)
         if snapshot.logins != replica.logins:
             changed = {key for key in snapshot.logins.keys() | replica.logins.keys()
                        if snapshot.logins.get(key) != replica.logins.get(key)}
