@@ -345,7 +345,10 @@ class SignInLimits:
     """The failed sign-ins of a key (an address, an account, a device) counted on every
     replica: each replica keeps its own failures, and the one that checks a sign-in asks every
     peer for the ages of theirs. A peer that does not answer refuses the check (fail closed:
-    a limit that a dead or partitioned replica could lift is no limit).
+    a limit that a dead or partitioned replica could lift is no limit). A replica whose
+    EndpointSlice says it is not ready is not asked: the Service sends it nobody, and a crashed
+    one lost its failures with its memory; so a pod in CrashLoopBackOff does not keep everyone
+    out.
     """
 
     def __init__(self, peers: Peers, limiters: dict[str, FailureLimiter]) -> None:
@@ -362,7 +365,8 @@ class SignInLimits:
         SharedStateUnavailable when a peer could not be asked."""
         ages = self.local_ages(checks)
         if self.peers.enabled:
-            answers, missing = await self.peers.ask("POST", FAILURES_PATH, {"checks": checks})
+            answers, missing = await self.peers.ask("POST", FAILURES_PATH, {"checks": checks},
+                                                    ready_only=True)
             if missing:
                 raise SharedStateUnavailable(
                     "the failed sign-ins on " + ", ".join(missing) + " could not be counted")

@@ -32,6 +32,7 @@ from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie, re
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.ratelimit import retry_after_ages
 from vncgate.relay.replicas import KubeLinkClaims, KubeMarks
+from vncgate.relay.session.peers import peer_urls_from_slice
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.server import RelayServer
 
@@ -126,3 +127,17 @@ async def test_the_internal_port_gives_failure_ages_and_checks_the_question(
             async with api.post(url, json=body) as resp:
                 assert resp.status == 400, body
                 assert "account, device, login" in (await resp.json())["error"]
+
+
+def test_sign_in_counts_leave_out_peers_the_slice_says_are_not_ready() -> None:
+    body = {"addressType": "IPv4", "ports": [{"name": "internal", "port": 8081}], "endpoints": [
+        {"addresses": ["10.0.0.1"], "targetRef": {"name": "me"}, "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.2"], "targetRef": {"name": "b"}, "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.3"], "targetRef": {"name": "c"}, "conditions": {"ready": False}},
+        {"addresses": ["10.0.0.4"], "targetRef": {"name": "d"},
+         "conditions": {"terminating": True}},
+        {"addresses": ["10.0.0.5"], "targetRef": {"name": "e"}}]}
+    assert peer_urls_from_slice(body, "me") == [
+        "http://10.0.0.2:8081", "http://10.0.0.3:8081", "http://10.0.0.5:8081"]
+    assert peer_urls_from_slice(body, "me", ready_only=True) == [
+        "http://10.0.0.2:8081", "http://10.0.0.5:8081"]
