@@ -53,6 +53,9 @@ frontend public
     default_backend relays
 backend relays
     balance roundrobin
+    # A connection refused by a relay that died since its last check goes to the next one.
+    option redispatch
+    retries 3
     option httpchk GET /readyz
     default-server inter 1s fall 1 rise 1
 {servers}"""
