@@ -289,6 +289,16 @@ class RelayFleet:
 
     # -- the full resync ----------------------------------------------------------------------
 
+    def _forget_sessions(self, replica: _Replica) -> None:
+        """A replica that does not answer holds no sessions that status may count: a dead
+        one's viewers are gone, and a live one's come back with its next summary."""
+        if replica.sessions is None:
+            return
+        keys = set(replica.sessions) | set(replica.viewers)
+        replica.sessions, replica.viewers = None, {}
+        for key in sorted(keys):
+            self.on_sessions(key)
+
     def _note_summary(self, url: str, replica: _Replica, snapshot: TableSnapshot) -> bool:
         """Record sessions and boot id; True if the replica restarted since the last look."""
         before, before_viewers = replica.sessions or {}, replica.viewers
@@ -358,6 +368,7 @@ class RelayFleet:
                 self.kick()
             else:
                 logger.warning("resync of relay %s failed: %s", url, exc)
+                self._forget_sessions(replica)
             return False
         self.failures.pop(url, None)
         return True
@@ -385,6 +396,7 @@ class RelayFleet:
                     logger.warning("relay %s does not answer: %s", url, exc)
                     self.on_upheaval()
                 self.failures[url] = str(exc)
+                self._forget_sessions(replica)
                 return
             recovered = self.failures.pop(url, None) is not None
             restarted = self._note_summary(url, replica, snapshot)
