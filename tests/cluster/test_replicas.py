@@ -19,10 +19,11 @@ import pytest
 import yaml
 from yarl import URL
 
-from harness.waiting import eventually
+from harness.waiting import eventually, wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.relay.test_second_review import from_address, sign_in_at
+from tests.support.processes import ConsoleScript
 from tests.support.replicas import LINK_KEY, Replica, Replicas
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
@@ -325,3 +326,67 @@ def test_sign_in_limits_count_every_replicas_failures(replicas: Replicas) -> Non
             assert await sign_in_at(http, members[0].url, "carol", PASSWORD) == 303
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(300)  # three relays, the operator, and a replica's death to notice
+def test_the_operator_counts_every_replicas_viewers_in_status(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    """Three replicas filled by the operator (no manifests): a viewer on each, and the
+    VncTarget's status.activeSessions says 3, then 2 after a replica is SIGKILLed."""
+    plane = release.plane
+    with Replicas(plane, release.namespace, release.relay_account, tmp_path / "relays", 3,
+                  "--auth=none") as relays:
+        kubeconfig = plane.service_account_kubeconfig(
+            tmp_path / "operator-kubeconfig", release.namespace, release.operator_account)
+        operator = ConsoleScript("vncgate-operator", [
+            *(f"--relay-url={m.internal_url}" for m in relays.members),
+            f"--api-token-file={tmp_path / 'relays' / 'api-token'}",
+            "--public-url=https://vnc.example.com", "--allow-cidr=127.0.0.0/8",
+            "--probe-interval=1h", "--resync-interval=1h", "--liveness=off", "--standalone"],
+            tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+        with operator:
+            plane.apply({"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+                         "metadata": {"name": "desk", "namespace": namespace},
+                         "spec": {"endpoint": {"address": {"host": "127.0.0.1",
+                                                           "port": xvnc.port}}}})
+
+            def status() -> dict[str, object]:
+                operator.check_running()
+                return plane.get("vnc", "desk", "-n", namespace).get("status") or {}
+
+            wait_until(lambda: status().get("phase") == "Ready", "desk Ready", timeout=90)
+
+            async def scenario() -> None:
+                sockets = []
+                try:
+                    for member in relays.members:
+                        ws, code, reason = await viewer_without_sign_in(
+                            f"{member.url}/t/{namespace}/desk")
+                        assert ws is not None, (code, reason, relays.logs())
+                        sockets.append(ws)
+                    await asyncio.to_thread(
+                        wait_until, lambda: status().get("activeSessions") == 3,
+                        "activeSessions 3", timeout=60)
+                    relays.members[2].kill()
+                    await asyncio.to_thread(
+                        wait_until, lambda: status().get("activeSessions") == 2,
+                        "activeSessions 2 after a replica died", timeout=60)
+                finally:
+                    for ws in sockets:
+                        await close_viewer(ws)
+
+            asyncio.run(scenario())
+
+
+async def viewer_without_sign_in(url: str
+                                 ) -> tuple[aiohttp.ClientWebSocketResponse | None, int | None,
+                                            str]:
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(f"{url}/websockify", protocols=("binary",),
+                               origin=url.split("/t/")[0])
+    first = await ws.receive(timeout=20)
+    if first.type == aiohttp.WSMsgType.BINARY:
+        ws._vncgate_http = http  # type: ignore[attr-defined]  # closed with the socket
+        return ws, None, ""
+    await http.close()
+    return None, ws.close_code, str(first.extra or "")
