@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import aiohttp
+
 from vncgate.common.kube import KubeClient, KubeError
 from vncgate.relay.access.cookies import Revoked
 from vncgate.relay.access.links import LinkGrant, UsedLinks
@@ -106,7 +108,7 @@ class KubeMarks:
             if exc.status == 409:
                 return False
             raise SharedStateUnavailable(f"the API server refused: {exc}") from None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise SharedStateUnavailable(
                 f"the API server could not be reached: {type(exc).__name__}") from None
         return True
@@ -271,11 +273,12 @@ class Revocations:
                         self._version = str(version)
                     if event.get("type") in ("ADDED", "MODIFIED"):
                         self._learn_lease(lease)
-            except (KubeError, OSError, TimeoutError, ValueError) as exc:
+            except (KubeError, OSError, TimeoutError, ValueError, aiohttp.ClientError) as exc:
                 log.warning("watching sign-outs failed; reading them again",
                             extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(self.retry_seconds)
-                with contextlib.suppress(KubeError, OSError, TimeoutError, ValueError):
+                with contextlib.suppress(KubeError, OSError, TimeoutError, ValueError,
+                                         aiohttp.ClientError):
                     await self._load()
 
     async def _upkeep_loop(self) -> None:
@@ -297,7 +300,7 @@ class Revocations:
                 collected = time.monotonic()
                 try:
                     await self.marks.collect((KIND_LINK, KIND_SIGNOUT))
-                except (KubeError, OSError, TimeoutError) as exc:
+                except (KubeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
                     log.warning("deleting expired link and sign-out Leases failed",
                                 extra={"fields": {"error": str(exc)}})
 

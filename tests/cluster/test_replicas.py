@@ -24,10 +24,10 @@ from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.relay.test_second_review import from_address, sign_in_at
 from tests.support.processes import ConsoleScript
-from tests.support.replicas import LINK_KEY, Replica, Replicas
+from tests.support.replicas import LINK_KEY, SESSION_KEY, Replica, Replicas
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
-from vncgate.relay.access.cookies import SESSION_COOKIE
+from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie, revocation_key
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.replicas import KIND_LINK, mark_name
 
@@ -390,3 +390,44 @@ async def viewer_without_sign_in(url: str
         return ws, None, ""
     await http.close()
     return None, ws.close_code, str(first.extra or "")
+
+
+def test_a_sign_out_kept_by_another_replica_reaches_a_running_one_by_its_watch(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    """A replica the broadcast did not reach (not in the signing-out replica's peers) learns
+    the sign-out from the Lease that keeps it, by its watch, and closes the console."""
+    with replicas_of(1, release, namespace, xvnc, tmp_path, {"mode": "shared"}) as relays:
+        member = relays.members[0]
+
+        async def scenario() -> None:
+            async with browser() as http:
+                csrf = await page_csrf(http, f"{member.url}/login")
+                async with http.post(f"{member.url}/login", allow_redirects=False,
+                                     headers={"Origin": member.url},
+                                     data={"user": "alice", "password": PASSWORD,
+                                           "csrf": csrf}) as resp:
+                    assert resp.status == 303
+                cookie = http.cookie_jar.filter_cookies(URL(member.url))[SESSION_COOKIE].value
+                claim = read_session_cookie(SESSION_KEY.encode(), cookie)
+                assert claim is not None
+                async with http.ws_connect(f"{member.url}/t/{namespace}/desk/websockify",
+                                           protocols=("binary",), origin=member.url) as ws:
+                    first = await ws.receive(timeout=20)
+                    assert first.type == aiohttp.WSMsgType.BINARY
+                    # The Lease another replica writes when it takes the sign-out.
+                    key = revocation_key(claim.sid)
+                    await asyncio.to_thread(release.plane.apply, {
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": f"vncgate-signout-{key}",
+                                     "namespace": release.namespace,
+                                     "labels": {"vncgate.io/lease": "signout"},
+                                     "annotations": {"vncgate.io/expires":
+                                                     str(claim.expires + 60)}},
+                        "spec": {"holderIdentity": "relay-elsewhere"}})
+                    closed = await ws.receive(timeout=30)
+                    assert (closed.data, closed.extra) == (closecodes.UNAUTHENTICATED,
+                                                           "you signed out"), closed
+                async with http.get(f"{member.url}/", allow_redirects=False) as page:
+                    assert page.status == 302
+
+        asyncio.run(scenario())
