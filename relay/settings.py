@@ -301,14 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 f"(default {getattr(defaults, attribute)})")
     sessions = parser.add_argument_group("sessions across replicas")
     sessions.add_argument("--lease-namespace", default=_env("LEASE_NAMESPACE"),
-                          help="hold exclusive consoles as Leases in this namespace (in a "
-                               "cluster: the relay's own); without it, within this process")
+                          help="hold exclusive consoles, used single-use links and sign-outs "
+                               "as Leases in this namespace (in a cluster: the relay's own); "
+                               "without it, within this process")
     sessions.add_argument("--identity", default=_env("IDENTITY") or os.environ.get(
                               "POD_NAME") or socket.gethostname(),
                           help="this replica's name in Leases (default: the pod or host name)")
     sessions.add_argument("--peer-service", default=_env("PEER_SERVICE"), metavar="NS/NAME",
                           help="the relay's headless Service: its EndpointSlices list the other "
-                               "replicas, asked for their sessions (kubectl vnc sessions, kill)")
+                               "replicas, asked for their sessions (kubectl vnc sessions, kill), "
+                               "viewer counts and failed sign-ins, and told of sign-outs")
     sessions.add_argument("--peer-url", action="append", default=None, metavar="URL",
                           help="the internal URL of another replica (repeatable), instead of "
                                "--peer-service")

@@ -17,14 +17,22 @@ from vncgate.relay.access.authz import (
     ManifestAuthorizer,
     OpenAuthorizer,
 )
-from vncgate.relay.access.cookies import Revoked
+from vncgate.relay.access.cookies import Revoked, revocation_key
 from vncgate.relay.access.identity import AuthMode
-from vncgate.relay.access.links import UsedLinks
 from vncgate.relay.access.passwords import KeyDerivations
 from vncgate.relay.access.ratelimit import FailureLimiter
 from vncgate.relay.access.tokenreview import TokenReviewer
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import Recorder
+from vncgate.relay.replicas import (
+    KubeLinkClaims,
+    KubeMarks,
+    LinkClaims,
+    LocalLinkClaims,
+    Revocations,
+    SignInLimits,
+    ViewerCounts,
+)
 from vncgate.relay.session.admission import Admission
 from vncgate.relay.session.bridge import Sessions
 from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
@@ -58,6 +66,14 @@ def make_peers(settings: RelaySettings) -> Peers:
                  settings.peer_service, kube)
 
 
+def make_marks(settings: RelaySettings) -> KubeMarks | None:
+    """The Leases that keep used links and sign-outs across replicas (with --lease-namespace)."""
+    if not settings.lease_namespace:
+        return None
+    return KubeMarks(KubeClient(kube_connection(settings.kubeconfig)),
+                     settings.lease_namespace, settings.identity)
+
+
 def make_consoles(settings: RelaySettings) -> Consoles:
     if settings.lease_namespace:
         return KubeConsoles(KubeClient(kube_connection(settings.kubeconfig)),
@@ -88,7 +104,16 @@ class RelayState:
     derivations: KeyDerivations = field(default_factory=KeyDerivations)
     # Sign-in cookies signed out of before their expiry.
     revoked: Revoked = field(default_factory=Revoked)
-    used_links: UsedLinks = field(default_factory=UsedLinks)
+    # Single-use links already exchanged, on any replica (relay/replicas.py).
+    link_claims: LinkClaims = field(init=False)
+    # Sign-outs told to the peers and kept in the API server (relay/replicas.py).
+    revocations: Revocations = field(init=False)
+    # The failed sign-ins above, counted with every replica's (relay/replicas.py).
+    sign_in_limits: SignInLimits = field(init=False)
+    # Viewers of a target on the other replicas (maxViewers, interactive: first, the list).
+    viewer_counts: ViewerCounts = field(init=False)
+    # The Leases behind both (None standalone: they live in this process).
+    marks: KubeMarks | None = field(init=False)
     consoles: Consoles = field(init=False)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
@@ -117,12 +142,24 @@ class RelayState:
         self.logins = CredentialStore(self.settings)
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
+        self.marks = make_marks(self.settings)
+        self.link_claims = (KubeLinkClaims(self.marks) if self.marks is not None
+                            else LocalLinkClaims())
+        self.revocations = Revocations(
+            self.revoked, self.peers, self.marks,
+            lambda key: self.end_sessions_of_key(key, closecodes.UNAUTHENTICATED,
+                                                 "you signed out"))
+        self.viewer_counts = ViewerCounts(self.peers)
+        self.sign_in_limits = SignInLimits(self.peers, {
+            "login": self.login_failures, "account": self.account_failures,
+            "device": self.device_failures})
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
         self.admission = Admission(
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,
             replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
-            kubevirt=self.kubevirt)
+            kubevirt=self.kubevirt,
+            elsewhere=lambda route: self.viewer_counts.of_target(route.namespace, route.name))
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
@@ -130,9 +167,22 @@ class RelayState:
 
     def end_sessions_of(self, credential_id: str, code: int, reason: str) -> None:
         """Close the sessions opened with one credential (a signed-out cookie)."""
+        self.end_sessions_of_key(revocation_key(credential_id), code, reason)
+
+    def end_sessions_of_key(self, key: str, code: int, reason: str) -> None:
+        """Close the sessions whose credential has this revocation key (from any replica)."""
         for session in self.sessions:
-            if session.credential_id == credential_id:
+            if session.credential_id and revocation_key(session.credential_id) == key:
                 session.stop(code, reason)
+
+    async def start_shared(self) -> None:
+        """Read what the replicas share (before serving: a failure stops the start)."""
+        await self.revocations.start()
+
+    async def close_shared(self) -> None:
+        await self.revocations.close()
+        if self.marks is not None:
+            await self.marks.client.close()
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""

@@ -113,6 +113,8 @@ class RelayFleet:
         self.on_upheaval: Callable[[], None] = lambda: None
         # Called with a target's key when a replica reports a new login outcome for it.
         self.on_login: Callable[[str], None] = lambda key: None
+        # Called with a target whose sessions (count or viewers) changed on a replica.
+        self.on_sessions: Callable[[str], None] = lambda key: None
         self._kick = asyncio.Event()
         # Set once kopf's indexes hold every VncTarget and Service: before that, the desired
         # table may be partial, and a full PUT of it would remove live routes from the relays.
@@ -287,10 +289,29 @@ class RelayFleet:
 
     # -- the full resync ----------------------------------------------------------------------
 
+    def _forget_sessions(self, replica: _Replica) -> None:
+        """A replica that does not answer holds no sessions that status may count: a dead
+        one's viewers are gone, and a live one's come back with its next summary."""
+        if replica.sessions is None:
+            return
+        keys = set(replica.sessions) | set(replica.viewers)
+        replica.sessions, replica.viewers = None, {}
+        for key in sorted(keys):
+            self.on_sessions(key)
+
     def _note_summary(self, url: str, replica: _Replica, snapshot: TableSnapshot) -> bool:
         """Record sessions and boot id; True if the replica restarted since the last look."""
+        before, before_viewers = replica.sessions or {}, replica.viewers
         replica.sessions = snapshot.sessions
         replica.viewers = snapshot.viewers
+        # A viewer came or went: its target's status (activeSessions, viewers) is written now,
+        # not at the target's next look.
+        now = snapshot.sessions or {}
+        for key in sorted({key for key in before.keys() | now.keys()
+                           if before.get(key) != now.get(key)}
+                          | {key for key in before_viewers.keys() | snapshot.viewers.keys()
+                             if before_viewers.get(key) != snapshot.viewers.get(key)}):
+            self.on_sessions(key)
         if snapshot.logins != replica.logins:
             changed = {key for key in snapshot.logins.keys() | replica.logins.keys()
                        if snapshot.logins.get(key) != replica.logins.get(key)}
@@ -347,6 +368,7 @@ class RelayFleet:
                 self.kick()
             else:
                 logger.warning("resync of relay %s failed: %s", url, exc)
+                self._forget_sessions(replica)
             return False
         self.failures.pop(url, None)
         return True
@@ -374,6 +396,7 @@ class RelayFleet:
                     logger.warning("relay %s does not answer: %s", url, exc)
                     self.on_upheaval()
                 self.failures[url] = str(exc)
+                self._forget_sessions(replica)
                 return
             recovered = self.failures.pop(url, None) is not None
             restarted = self._note_summary(url, replica, snapshot)

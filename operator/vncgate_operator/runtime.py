@@ -161,6 +161,7 @@ class Runtime:
                                    config.probe_concurrency, exists=self.exists)
         self.fleet.on_upheaval = self.scheduler.refresh_all
         self.fleet.on_login = lambda key: self.scheduler.schedule(key, 0.0, probe=False)
+        self.fleet.on_sessions = lambda key: self.scheduler.schedule(key, 0.0, probe=False)
         self._prober = prober
         self._probe_slots = asyncio.Semaphore(config.probe_concurrency)
         # Since when (Unix time) the access reviews have said the relay may read a target's

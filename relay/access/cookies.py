@@ -68,23 +68,45 @@ def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | 
     return claim.user if claim is not None else None
 
 
+def revocation_key(credential_id: str) -> str:
+    """The name a revoked credential goes by outside this process (Lease names, peers): a
+    digest, so that neither the API server nor a peer ever holds a cookie's id."""
+    return hashlib.sha256(f"vncgate-signout\0{credential_id}".encode()).hexdigest()[:40]
+
+
 class Revoked:
-    """Credentials ended before their expiry (signed-out cookies), remembered until then."""
+    """Credentials ended before their expiry (signed-out cookies), remembered until then.
+
+    Kept by `revocation_key`, so that a revocation learned from a peer or from the API server
+    (which know only the key) counts the same as one made here."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
         self._until: dict[str, float] = {}
 
-    def revoke(self, credential_id: str, expires: float, now: float | None = None) -> None:
+    def revoke(self, credential_id: str, expires: float, now: float | None = None) -> str:
+        """Revoke one credential; returns its key."""
+        key = revocation_key(credential_id)
+        self.add(key, expires, now)
+        return key
+
+    def add(self, key: str, expires: float, now: float | None = None) -> None:
+        """Remember a revocation by its key (learned from a peer or the API server)."""
         moment = now if now is not None else time.time()
-        if len(self._until) >= self.max_entries:
+        if key not in self._until and len(self._until) >= self.max_entries:
             self._until = {k: exp for k, exp in self._until.items() if exp > moment}
             while len(self._until) >= self.max_entries:  # still full: forget the oldest
                 del self._until[next(iter(self._until))]
-        self._until[credential_id] = expires
+        self._until[key] = max(expires, self._until.get(key, 0.0))
+
+    def has_key(self, key: str) -> bool:
+        return key in self._until
 
     def __contains__(self, credential_id: str) -> bool:
-        return credential_id in self._until
+        return revocation_key(credential_id) in self._until
+
+    def __len__(self) -> int:
+        return len(self._until)
 
 
 # A browser that signed in as a user before: its failed sign-ins are counted on their own, so

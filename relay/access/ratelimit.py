@@ -33,6 +33,12 @@ class FailureLimiter:
             return 0.0
         return max(0.0, failures[0] + self.window - now)
 
+    def ages(self, client: str, now: float | None = None) -> list[float]:
+        """How long ago (seconds) each of this client's failures in the window was, newest
+        first: comparable between processes, whose monotonic clocks are not."""
+        now = now if now is not None else time.monotonic()
+        return sorted(now - moment for moment in self._recent(client, now))
+
     def failed(self, client: str, now: float | None = None) -> None:
         now = now if now is not None else time.monotonic()
         failures = self._failures.setdefault(client, deque())
@@ -42,3 +48,12 @@ class FailureLimiter:
             failures.popleft()
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
+
+
+def retry_after_ages(ages: list[float], limit: int, window: float) -> float:
+    """Seconds until one more try is allowed, given the ages of a client's failures counted
+    together (on every replica): 0 while fewer than `limit` are in the window."""
+    recent = sorted(age for age in ages if age < window)
+    if len(recent) < limit:
+        return 0.0
+    return max(0.0, window - recent[limit - 1])

@@ -54,6 +54,16 @@ class Applicant:
 
 # The caller's authorization decision for a route: the applicant, or a refusal.
 Decide = Callable[[Route], Awaitable[Applicant | Refusal]]
+# The sessions of a route on the other replicas (relay/replicas.py); 0 for those not known.
+Elsewhere = Callable[[Route], Awaitable[int]]
+
+
+def counted_across_replicas(route: Route) -> bool:
+    """Whether admitting to `route` depends on the viewers of every replica: `maxViewers`
+    and `interactive: first` (an exclusive console has its Lease instead)."""
+    policy = route.sessions
+    return not policy.exclusive and (policy.max_viewers is not None
+                                     or policy.interactive == "first")
 
 
 class Admission:
@@ -67,8 +77,10 @@ class Admission:
                  settings: RelaySettings, closing: Callable[[], bool], server: str = "relay",
                  replica: str = "", recorder: Recorder | None = None,
                  logins: CredentialStore | None = None,
-                 kubevirt: KubeVirtDialer | None = None) -> None:
+                 kubevirt: KubeVirtDialer | None = None,
+                 elsewhere: Elsewhere | None = None) -> None:
         self.sessions = sessions
+        self.elsewhere = elsewhere
         self.consoles = consoles
         self.metrics = metrics
         self.settings = settings
@@ -105,7 +117,8 @@ class Admission:
         """
         started = time.monotonic()
         labels = (route.namespace, route.name) if route is not None else ("", "")
-        outcome = refused or await self._decision(route, decide, signed_out, unknown)
+        outcome, elsewhere = (refused, 0) if refused else await self._decision(
+            route, decide, signed_out, unknown)
         if not isinstance(outcome, Applicant):
             code, reason = outcome
             if on_refusal is not None:
@@ -113,10 +126,24 @@ class Admission:
             await self._refuse(ws, code, reason, target, client, user, labels, started)
             return
         assert route is not None
-        await self._run(request, ws, route, outcome, client, on_takeover)
+        await self._run(request, ws, route, outcome, client, on_takeover, elsewhere)
 
     async def _decision(self, route: Route | None, decide: Decide, signed_out: Refusal | None,
-                        unknown: str) -> Applicant | Refusal:
+                        unknown: str) -> tuple[Applicant | Refusal, int]:
+        """The applicant or the refusal, and the route's sessions on the other replicas."""
+        outcome = await self._applicant(route, decide, signed_out, unknown)
+        if not isinstance(outcome, Applicant):
+            return outcome, 0
+        assert route is not None
+        elsewhere = 0
+        if self.elsewhere is not None and counted_across_replicas(route):
+            # Asked before this replica's own count is read, and nothing awaits between that
+            # read and the session's start: concurrent viewers on this replica count each other.
+            elsewhere = await self.elsewhere(route)
+        return self.over_limit(route, elsewhere) or outcome, elsewhere
+
+    async def _applicant(self, route: Route | None, decide: Decide, signed_out: Refusal | None,
+                         unknown: str) -> Applicant | Refusal:
         if self.closing():
             return closecodes.GOING_AWAY, self.going_away()
         if signed_out is not None:
@@ -128,19 +155,19 @@ class Admission:
         except Exception:  # the decision failed: refuse, and say where to look
             log.exception("deciding whether to admit a viewer to %s failed", route.key)
             return closecodes.INTERNAL_ERROR, f"internal error in the {self.server}; see its log"
-        if not isinstance(outcome, Applicant):
-            return outcome
-        return self.over_limit(route) or outcome
+        return outcome
 
-    def over_limit(self, route: Route) -> Refusal | None:
-        """Whether one more session on `route` would break a limit, and which."""
+    def over_limit(self, route: Route, elsewhere: int = 0) -> Refusal | None:
+        """Whether one more session on `route` would break a limit, and which; `elsewhere`:
+        its sessions on the other replicas (`maxViewers` is the relay's, not a replica's)."""
         settings, key = self.settings, route.key
         if self.sessions.count >= settings.max_sessions:
             return (closecodes.OVER_CAPACITY, f"the {self.server} is at its limit of "
                     f"{settings.max_sessions} sessions; try again later")
         count = self.sessions.count_for(key)
         viewers = route.sessions.max_viewers
-        if viewers is not None and not route.sessions.exclusive and count >= viewers:
+        if viewers is not None and not route.sessions.exclusive and \
+                count + elsewhere >= viewers:
             return closecodes.CONFLICT, f"{key} already has {viewers} viewers, its most"
         if count >= settings.max_sessions_per_target:
             return (closecodes.OVER_CAPACITY,
@@ -149,10 +176,10 @@ class Admission:
 
     async def _run(self, request: web.BaseRequest, ws: web.WebSocketResponse, route: Route,
                    applicant: Applicant, client: str,
-                   on_takeover: Callable[[Holder], None] | None) -> None:
+                   on_takeover: Callable[[Holder], None] | None, elsewhere: int = 0) -> None:
         policy, labels = route.sessions, (route.namespace, route.name)
         view_only = route.view_only or applicant.view_only or (
-            policy.interactive == "first" and self.sessions.count_for(route.key) > 0)
+            policy.interactive == "first" and self.sessions.count_for(route.key) + elsewhere > 0)
         session = Session(route=route, ws=ws, client=client, settings=self.settings,
                           metrics=self.metrics, request=request, user=applicant.label,
                           view_only=view_only,

@@ -56,9 +56,10 @@ def made_for_service(body: Mapping[str, Any], service: str) -> bool:
                for ref in metadata.get("ownerReferences") or ())
 
 
-def peer_urls_from_slice(body: Mapping[str, Any], identity: str, default_port: int = 8081
-                         ) -> list[str]:
-    """Internal URLs of the other replicas in one EndpointSlice (not terminating, not us)."""
+def peer_urls_from_slice(body: Mapping[str, Any], identity: str, default_port: int = 8081,
+                         *, ready_only: bool = False) -> list[str]:
+    """Internal URLs of the other replicas in one EndpointSlice (not terminating, not us;
+    `ready_only`: nor those whose readiness is false)."""
     if body.get("addressType") not in ("IPv4", "IPv6"):
         return []
     port = default_port
@@ -67,7 +68,9 @@ def peer_urls_from_slice(body: Mapping[str, Any], identity: str, default_port: i
             port = item["port"]
     urls = []
     for endpoint in body.get("endpoints") or ():
-        if (endpoint.get("conditions") or {}).get("terminating") is True:
+        conditions = endpoint.get("conditions") or {}
+        if conditions.get("terminating") is True or (
+                ready_only and conditions.get("ready") is False):
             continue
         target = endpoint.get("targetRef") or {}
         if target.get("kind") != "Pod":  # the chart's relays are pods, nothing else
@@ -90,6 +93,7 @@ class Peers:
         self.service = service
         self.kube = kube
         self._found: tuple[float, list[str]] = (0.0, [])
+        self._not_ready: frozenset[str] = frozenset()
         self._http: aiohttp.ClientSession | None = None
 
     @property
@@ -113,10 +117,14 @@ class Peers:
                 reply = await self.kube.request(
                     "GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
                            f"?labelSelector=kubernetes.io%2Fservice-name%3D{name}")
-                cached = sorted({url for item in reply.get("items") or ()
-                                 if made_for_service(item, name)
+                items = [item for item in reply.get("items") or ()
+                         if made_for_service(item, name)]
+                cached = sorted({url for item in items
                                  for url in peer_urls_from_slice(item, self.identity)})
+                ready = {url for item in items
+                         for url in peer_urls_from_slice(item, self.identity, ready_only=True)}
                 self._found = (time.monotonic(), cached)
+                self._not_ready = frozenset(cached) - ready
             found.extend(u for u in cached if u not in found)
         return found
 
@@ -127,13 +135,18 @@ class Peers:
                 headers={"Authorization": f"Bearer {self.api_token or ''}"})
         return self._http
 
-    async def ask(self, method: str, path: str, body: Any = None
+    async def ask(self, method: str, path: str, body: Any = None, *, ready_only: bool = False
                   ) -> tuple[list[PeerAnswer], list[str]]:
-        """Every peer's JSON answer to one internal request, and the peers that gave none."""
+        """Every peer's JSON answer to one internal request, and the peers that gave none.
+
+        `ready_only`: leave out the replicas whose EndpointSlice says they are not ready (a
+        crashed pod, whose memory is gone with it, that the Service sends nobody to)."""
         if not self.enabled:
             return [], []
         try:
             urls = await self.urls()
+            if ready_only:
+                urls = [url for url in urls if url not in self._not_ready]
         except Exception as exc:  # the answer says that the other replicas are missing
             log.warning("could not list the relay's peers", extra={"fields": {"error": str(exc)}})
             return [], ["the other relay replicas (could not list them: " + str(exc)[:100] + ")"]

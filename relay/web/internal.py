@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -217,6 +218,45 @@ async def end_replica_sessions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"replica": state.settings.identity, "ended": ended})
 
 
+async def target_viewers(request: web.Request) -> web.StreamResponse:
+    """`GET /api/v1/viewers/{namespace}/{name}`: this replica's sessions of one target, for a
+    peer that counts them all (maxViewers, interactive: first)."""
+    state = request.app[STATE]
+    namespace, name = _path_key(request)
+    return web.json_response({"replica": state.settings.identity,
+                              "sessions": state.sessions.count_for(f"{namespace}/{name}")})
+
+
+async def failure_ages(request: web.Request) -> web.StreamResponse:
+    """`POST /api/v1/failures` `{"checks": {"login"|"account"|"device": key}}`: the ages of
+    this replica's failed sign-ins of each key, for the peer that checks a sign-in."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    checks = body.get("checks") if isinstance(body, dict) else None
+    limiters = state.sign_in_limits.limiters
+    if not isinstance(checks, dict) or not checks or not all(
+            name in limiters and isinstance(key, str) and len(key) <= 1024
+            for name, key in checks.items()):
+        return _error(400, "checks: an object of " + ", ".join(sorted(limiters))
+                      + " to a key (a string)")
+    return web.json_response({"replica": state.settings.identity,
+                              "ages": state.sign_in_limits.local_ages(checks)})
+
+
+async def learn_revocation(request: web.Request) -> web.StreamResponse:
+    """`POST /api/v1/revocations` `{"key", "expires"}`: a peer's sign-out, refused here too
+    (its consoles here close with 4401) until it would have expired."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    key = body.get("key") if isinstance(body, dict) else None
+    expires = body.get("expires") if isinstance(body, dict) else None
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{40}", key) or \
+            not isinstance(expires, int) or isinstance(expires, bool):
+        return _error(400, "key: 40 lower-case hex digits; expires: Unix seconds")
+    state.revocations.learn(key, float(expires))
+    return web.json_response({"replica": state.settings.identity, "revoked": True})
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.metrics.routes.set(len(state.registry))
@@ -235,5 +275,8 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_post("/api/v1/links", mint_link)
     app.router.add_get("/api/v1/sessions", replica_sessions)
     app.router.add_post("/api/v1/sessions/end", end_replica_sessions)
+    app.router.add_post("/api/v1/revocations", learn_revocation)
+    app.router.add_get("/api/v1/viewers/{namespace}/{name}", target_viewers)
+    app.router.add_post("/api/v1/failures", failure_ages)
     app.router.add_get("/metrics", metrics)
     return app

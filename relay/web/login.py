@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
 from aiohttp import web
 
-from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import (
     DEVICE_COOKIE,
@@ -20,6 +20,7 @@ from vncgate.relay.access.cookies import (
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.passwords import DerivationsBusy
 from vncgate.relay.access.users import check_login
+from vncgate.relay.replicas import SharedStateUnavailable
 from vncgate.relay.state import STATE
 from vncgate.relay.web.audit import audit_event, client_address
 from vncgate.relay.web.bodies import read_form, read_json
@@ -37,6 +38,8 @@ from vncgate.relay.web.csrf import (
 from vncgate.relay.web.origin import check_host
 from vncgate.relay.web.pages import render_page
 from vncgate.relay.web.requester import busy, identify, refuse_failure
+
+log = logging.getLogger("vncgate.login")
 
 # A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
 _SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
@@ -96,11 +99,18 @@ async def login(request: web.Request) -> web.StreamResponse:
         state.session_key, request.cookies.get(cookie_name(request, state, DEVICE_COOKIE), ""))
     known_device = DEVICE_PREFIX + device.device if device is not None and \
         device.user == name else None
-    if known_device is not None:
-        wait = state.device_failures.retry_after(known_device)
-    else:
-        wait = max(state.login_failures.retry_after(client),
-                   state.account_failures.retry_after(account))
+    # Counted on every replica (relay/replicas.py): a replica that cannot be asked refuses.
+    checks = {"device": known_device} if known_device is not None else {
+        "login": client, "account": account}
+    try:
+        wait = await state.sign_in_limits.retry_after(checks)
+    except SharedStateUnavailable as exc:
+        log.error("could not count failed sign-ins on every replica",
+                  extra={"fields": {"error": str(exc)}})
+        audit_event("login", request, state, user=name[:64], result="refused: uncounted")
+        return login_page(request, "Sign-in cannot be checked right now; try again in a "
+                          "moment.", next_path, status=503, headers={"Retry-After": "5"},
+                          user=name)
     if wait > 0:
         audit_event("login", request, state, user=name[:64], result="rate limited")
         return login_page(request, f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
@@ -139,10 +149,13 @@ async def logout(request: web.Request) -> web.StreamResponse:
     if not form_from_our_page(request, form, identity, state_changing=True):
         raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
     if identity is not None and identity.credential_id and identity.expires is not None:
-        # The cookie stops working here even if it is replayed, and its consoles close.
-        state.revoked.revoke(identity.credential_id, identity.expires)
-        state.end_sessions_of(identity.credential_id, closecodes.UNAUTHENTICATED,
-                              "you signed out")
+        # The cookie stops working even if it is replayed, and its consoles close: here at
+        # once, on the peers when they are told, on every replica (restarted ones too) from
+        # the Lease that keeps the sign-out until the cookie would have expired.
+        missing = await state.revocations.revoke(identity.credential_id, identity.expires)
+        if missing:
+            log.warning("a sign-out could not be told to every replica; they learn it from "
+                        "the API server", extra={"fields": {"peers": missing}})
     audit_event("logout", request, state, user=identity.label if identity else "")
     response = web.HTTPSeeOther(location="./")
     delete_cookie(response, request, state, SESSION_COOKIE, samesite="Lax")
@@ -166,9 +179,16 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
         if not isinstance(token, str):
             raise links.LinkError("this link is not valid; ask for a new link")
         grant = links.verify(state.settings.auth.link_keys, token, target)
-        if grant.once and not state.used_links.claim(grant):
+        if grant.once and not await state.link_claims.claim(grant):
             raise links.LinkError("this link was for one use only and has been used; "
                                   "ask for a new link")
+    except SharedStateUnavailable as exc:
+        # Whether the link was used cannot be known: refuse it (fail closed), uncounted.
+        log.error("could not check a single-use link", extra={"fields": {"error": str(exc)}})
+        audit_event("link use", request, state, target=target, result="refused: unchecked")
+        return web.json_response(
+            {"error": "this single-use link cannot be checked right now; try again in a "
+                      "moment"}, status=503, headers={"Retry-After": "5"})
     except links.LinkError as exc:
         # A good link is never refused for others' failures; a bad one counts and, over the
         # limit, is a 429 (refuse_failure).

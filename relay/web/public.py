@@ -174,10 +174,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
     allowed = await _allowed_routes(state, identity, routes)
     live, can_end = await _sessions_for_admins(state, identity, allowed)
+    # Counts of the other replicas for the rows whose sessions are not listed (fail open: a
+    # replica that does not answer is left out of the count).
+    elsewhere = await state.viewer_counts.by_target() if any(
+        route.key not in live for route in allowed) else {}
     rows = [{"namespace": route.namespace, "name": route.name,
              "label": route.display_name or route.name, "view_only": route.view_only,
              "sessions": len(live[route.key]) if route.key in live
-             else state.sessions.count_for(route.key),
+             else state.sessions.count_for(route.key) + elsewhere.get(route.key, 0),
              "live": live.get(route.key), "can_end": route.key in can_end}
             for route in allowed]
     csrf = csrf_for_page(request, identity)

@@ -70,6 +70,7 @@ class RelayServer:
                 self._tls_watch = asyncio.create_task(
                     self.tls.watch(settings.tls_reload_interval))
             await self.state.consoles.start(self.state.console_taken)
+            await self.state.start_shared()
             self.public_url = await self._serve(make_public_app(self.state),
                                                 self.state.settings.listen, self.tls)
             self.internal_url = await self._serve(make_internal_app(self.state),
@@ -87,6 +88,7 @@ class RelayServer:
             await runner.cleanup()
         self._runners.clear()
         await self.state.consoles.close()
+        await self.state.close_shared()
         await self.state.logins.close()
 
     async def __aenter__(self) -> RelayServer:

@@ -91,8 +91,10 @@ def test_notes_warn_loudly_without_sign_in() -> None:
     assert "RoleBinding" not in notes and "Sign in as" not in notes
 
 
-def test_notes_name_the_per_pod_limits_with_several_relays() -> None:
+def test_notes_need_no_affinity_with_several_relays_and_warn_without_leases() -> None:
     notes = install_dry_run(sets=["relay.replicas=3"])["info"]["notes"]
-    assert "ingress.hashByTarget=true" in notes
+    assert "hashByTarget" not in notes and "per pod" not in notes
     hashed = install_dry_run(values_files=[CHART / "ci" / "ha-hpa-values.yaml"])["info"]["notes"]
-    assert "ingress.hashByTarget" not in hashed
+    assert "hashByTarget" not in hashed
+    alone = install_dry_run(sets=["relay.replicas=3", "relay.leases.enabled=false"])
+    assert "hold per pod only" in alone["info"]["notes"]

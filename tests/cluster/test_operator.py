@@ -8,6 +8,7 @@ real `vncgate-relay` process in front of a real Xvnc.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from harness.cluster import ControlPlane, free_port
@@ -227,3 +229,32 @@ def test_deletion_is_never_blocked(release: Release, namespace: str, relay: Rela
                            timeout=90)
     assert result.returncode == 0, result.stderr
     assert plane.kubectl("get", "namespace", namespace, check=False).returncode != 0
+
+
+def test_active_sessions_follow_a_viewer_without_waiting_for_the_next_look(
+        release: Release, namespace: str, relay: Relay, xvnc: XvncServer,
+        start_operator: OperatorFactory) -> None:
+    """status.activeSessions (and `kubectl vnc list`, which prints it) changes when a viewer
+    comes or goes, not at the target's next look: here the next look is an hour away."""
+    plane = release.plane
+    operator = start_operator("--probe-interval=1h", "--resync-interval=1h")
+    plane.apply(address_target(namespace, "desk", "127.0.0.1", xvnc.port))
+    status = wait_phase(plane, namespace, "desk", "Ready", operator, relay.script)
+    assert status["activeSessions"] == 0
+
+    def sessions_are(count: int) -> Callable[[], bool]:
+        return lambda: operator.check_running() and \
+            status_of(plane, namespace, "desk").get("activeSessions") == count
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{relay.public}"
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"{url}/t/{namespace}/desk/websockify", protocols=("binary",),
+                origin=url) as ws:
+            first = await ws.receive(timeout=20)
+            assert first.type == aiohttp.WSMsgType.BINARY, first
+            await asyncio.to_thread(wait_until, sessions_are(1), "activeSessions 1",
+                                    timeout=30)
+        await asyncio.to_thread(wait_until, sessions_are(0), "activeSessions 0", timeout=30)
+
+    asyncio.run(scenario())

@@ -9,14 +9,15 @@ in `mode http`, adding `X-Forwarded-For` (the client's address, as ingress-nginx
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import pytest
 
+from harness import reaper
 from harness.cluster import free_port
 from harness.waiting import wait_until
 
@@ -34,8 +35,30 @@ frontend public
     http-request set-header X-Forwarded-Proto http
     default_backend relay
 backend relay
-    server relay {backend}
-"""
+{servers}"""
+
+# Several relays behind one address as a Gateway or a cloud balancer without affinity puts
+# them: TCP, each new connection to the next relay in turn, no stickiness; a relay whose
+# /readyz fails (or that is gone) is skipped once its health check says so.
+_BALANCER = """global
+    maxconn 256
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend public
+    bind 127.0.0.1:{port}
+    default_backend relays
+backend relays
+    balance roundrobin
+    # A connection refused by a relay that died since its last check goes to the next one.
+    option redispatch
+    retries 3
+    option httpchk GET /readyz
+    default-server inter 1s fall 1 rise 1
+{servers}"""
 
 
 def need_haproxy() -> None:
@@ -44,13 +67,22 @@ def need_haproxy() -> None:
 
 
 class HttpProxy:
-    """`with HttpProxy(tmp_path, "127.0.0.1:8080") as proxy:` then use `proxy.url`."""
+    """`with HttpProxy(tmp_path, "127.0.0.1:8080") as proxy:` then use `proxy.url`.
 
-    def __init__(self, workdir: Path, backend: str) -> None:
+    `balanced=True`: `mode tcp`, `balance roundrobin` over every backend (host:port each), with
+    health checks on /readyz (see `_BALANCER`)."""
+
+    def __init__(self, workdir: Path, backend: str | Sequence[str], *,
+                 balanced: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"haproxy-{self.port}.cfg"
-        self.config.write_text(_CONFIG.format(port=self.port, backend=backend))
+        backends = [backend] if isinstance(backend, str) else list(backend)
+        check = " check" if balanced else ""
+        servers = "".join(f"    server relay{n} {address}{check}\n"
+                          for n, address in enumerate(backends))
+        template = _BALANCER if balanced else _CONFIG
+        self.config.write_text(template.format(port=self.port, servers=servers))
         self.log = workdir / f"haproxy-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -64,17 +96,12 @@ class HttpProxy:
     def __enter__(self) -> HttpProxy:
         need_haproxy()
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = reaper.popen(["haproxy", "-db", "-f", str(self.config)],
+                                        stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._listening, "haproxy listening", timeout=20)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            reaper.end(self.process, grace=10)

@@ -1,0 +1,136 @@
+"""Session set-up with the state the replicas share, against one replica alone.
+
+One real Xvnc; a console with `maxViewers` and `interactive: first` (the routes whose admission
+asks the peers for their viewers); `vncgate-relay` processes on loopback: one alone, and three
+that know each other (`--peer-url`). A client opens the viewer's WebSocket and times it until
+ServerInit has arrived (bench/security_setup.py's `one_session`), sequential sessions dealt
+round-robin over the replicas, the two set-ups interleaved round by round so that a shared
+machine's noise falls on both. Prints median and p99 side by side, and the ratio.
+
+    .venv/bin/python -m bench.replicas_setup --sessions 300 --rounds 3
+
+Not measured here: the single-use link exchange and the sign-out, which write a Lease to the
+API server once per link or sign-out, not per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from bench.security_setup import one_session
+from harness import reaper
+from harness.cluster import free_port
+from harness.xvnc import XvncServer
+
+BIN = Path(sys.executable).parent
+TOKEN = "bench-registration-token-0123456789"  # noqa: S105 - the throw-away relays'
+
+
+class Relays:
+    """`count` relay processes that know each other; `urls`: their public addresses."""
+
+    def __init__(self, workdir: Path, targets: Path, count: int) -> None:
+        ports = [(free_port(), free_port()) for _ in range(count)]
+        (workdir / "token").write_text(TOKEN)
+        self.urls = [f"http://127.0.0.1:{public}" for public, _ in ports]
+        self.argvs = []
+        for index, (public, internal) in enumerate(ports):
+            peers = [f"--peer-url=http://127.0.0.1:{other}"
+                     for n, (_, other) in enumerate(ports) if n != index]
+            self.argvs.append([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{public}",
+                               f"--internal-listen=127.0.0.1:{internal}", "--auth=none",
+                               f"--targets={targets}", f"--api-token-file={workdir / 'token'}",
+                               f"--identity=bench-{count}-{index}", "--log-level=WARNING",
+                               *peers])
+        self.logs = [workdir / f"relay-{index}.log" for index in range(count)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    async def __aenter__(self) -> Relays:
+        self.procs = [reaper.popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+                      for argv, log in zip(self.argvs, self.logs, strict=True)]
+        async with aiohttp.ClientSession() as http:
+            for url in self.urls:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        async with http.get(f"{url}/readyz") as reply:
+                            if reply.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    if time.monotonic() > deadline:
+                        logs = "".join(log.read_text()[-2000:] for log in self.logs)
+                        raise RuntimeError(f"the relay at {url} did not turn ready:\n{logs}")
+                    await asyncio.sleep(0.1)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for proc in self.procs:
+            reaper.end(proc)
+
+
+async def batch(relays: Relays, sessions: int) -> list[float]:
+    times = []
+    for n in range(sessions):
+        url = relays.urls[n % len(relays.urls)]
+        times.append(await one_session(f"{url}/t/bench/desk/websockify"))
+    return times
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=300, help="per set-up and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, XvncServer() as xvnc:
+        folder = Path(tmp)
+        targets = folder / "targets.yaml"
+        targets.write_text(yaml.safe_dump({
+            "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+            "metadata": {"name": "desk", "namespace": "bench"},
+            "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+                     "sessions": {"mode": "shared", "maxViewers": 1000,
+                                  "interactive": "first"}}}))
+        (folder / "one").mkdir()
+        (folder / "three").mkdir()
+
+        async def run() -> dict[str, list[float]]:
+            results: dict[str, list[float]] = {"one": [], "three": []}
+            async with Relays(folder / "one", targets, 1) as one, \
+                    Relays(folder / "three", targets, 3) as three:
+                await batch(one, 5)  # warm-up
+                await batch(three, 5)
+                for round_ in range(args.rounds):
+                    order = [("one", one), ("three", three)]
+                    for name, relays in order if round_ % 2 == 0 else order[::-1]:
+                        results[name] += await batch(relays, args.sessions)
+            return results
+
+        results = asyncio.run(run())
+    labels = {"one": "one replica alone", "three": "three replicas, shared state"}
+    base_median, base_p99 = statistics.median(results["one"]), p99(results["one"])
+    print(f"| session set-up to ServerInit ({len(results['one'])} sessions each) "
+          "| median ms | p99 ms | median vs one | p99 vs one |")
+    print("|---|---|---|---|---|")
+    for name, times in results.items():
+        print(f"| {labels[name]} | {statistics.median(times) * 1000:.2f} | "
+              f"{p99(times) * 1000:.2f} | {statistics.median(times) / base_median:.2f}x | "
+              f"{p99(times) / base_p99:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""What the relay's replicas share, so that several of them behave as one relay.
+
+Each piece of state picks the mechanism its promise needs (docs/ARCHITECTURE.md, "State that
+spans replicas", says why):
+
+- A single-use link is used once across every replica and restart: its exchange creates a Lease
+  named from the link's id in the relay's namespace; the API server lets exactly one create of a
+  name succeed (409 Conflict for every other), and the Lease stays until the link would expire.
+  When the API server cannot be asked, the exchange is refused (fail closed).
+- A sign-out is refused everywhere and survives restarts: the replica that took it tells every
+  peer over the internal port (they close that sign-in's consoles with 4401 at once) and writes
+  a Lease per revoked sign-in until its cookie would have expired; every replica reads these at
+  start (before it serves) and watches them, which also reaches a replica the broadcast missed.
+- Viewer counts (`maxViewers`, `interactive: first`, the list page) are the sum over the peers,
+  asked over the internal port when a route needs them; a peer that does not answer counts as
+  none (fail open: only availability depends on a count, never who may see what).
+- Failed sign-ins are counted on every replica and summed when one is checked: a peer that does
+  not answer refuses the sign-in (fail closed), so a limit cannot be escaped by making a replica
+  unreachable.
+
+Standalone (no `--lease-namespace`) the link and revocation stores are this process's memory,
+with the same interface; peers (`--peer-url`) still get sign-outs and give counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+
+from vncgate.common.kube import KubeClient, KubeError
+from vncgate.relay.access.cookies import Revoked
+from vncgate.relay.access.links import LinkGrant, UsedLinks
+from vncgate.relay.access.ratelimit import FailureLimiter, retry_after_ages
+from vncgate.relay.session.consoles import LABEL_KIND
+from vncgate.relay.session.peers import Peers
+
+log = logging.getLogger("vncgate.replicas")
+
+ANNOTATION_EXPIRES = "vncgate.io/expires"
+KIND_LINK = "link"
+KIND_SIGNOUT = "signout"
+# How often each replica deletes the marks whose time has passed (any replica may; a 404 is
+# someone else having been first).
+COLLECT_SECONDS = 600.0
+# A mark outlives what it marks by this much, for clocks a little apart.
+CLOCK_SLACK = 60
+
+
+class SharedStateUnavailable(Exception):
+    """The shared store could not be asked; the message says what failed."""
+
+
+def mark_name(kind: str, value: str) -> str:
+    """`vncgate-<kind>-<digest>`: a valid Lease name, whatever `value` holds."""
+    return f"vncgate-{kind}-{hashlib.sha256(value.encode()).hexdigest()[:40]}"
+
+
+def _rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def expiry_of(lease: dict[str, Any]) -> float | None:
+    notes = (lease.get("metadata") or {}).get("annotations") or {}
+    try:
+        return float(notes[ANNOTATION_EXPIRES])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class KubeMarks:
+    """Leases that state a fact until a time: "this link was used", "this sign-in ended".
+
+    Written once each (create; a 409 means the fact was already stated), read at start and
+    watched, deleted after their time by whichever replica collects first.
+    """
+
+    def __init__(self, client: KubeClient, namespace: str, identity: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.identity = identity
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+    async def create(self, kind: str, name: str, expires: float, now: float | None = None
+                     ) -> bool:
+        """True if this call stated the fact, False if it was stated before (409).
+
+        SharedStateUnavailable when the API server could not be asked."""
+        moment = now if now is not None else time.time()
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": self.namespace,
+                             "labels": {LABEL_KIND: kind},
+                             "annotations": {ANNOTATION_EXPIRES: str(int(expires))}},
+                "spec": {"holderIdentity": self.identity, "acquireTime": _rfc3339(moment),
+                         "leaseDurationSeconds": max(1, min(2**31 - 1,
+                                                            int(expires - moment)))}}
+        try:
+            await self.client.request("POST", self.path, body)
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise SharedStateUnavailable(f"the API server refused: {exc}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise SharedStateUnavailable(
+                f"the API server could not be reached: {type(exc).__name__}") from None
+        return True
+
+    async def list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
+        """Every mark of `kind`, and the resourceVersion to watch from."""
+        reply = await self.client.request(
+            "GET", f"{self.path}?labelSelector={quote(f'{LABEL_KIND}={kind}', safe='')}")
+        return list(reply.get("items") or ()), str(
+            (reply.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch_path(self, kind: str, version: str) -> str:
+        selector = quote(f"{LABEL_KIND}={kind}", safe="")
+        return f"{self.path}?labelSelector={selector}&resourceVersion={quote(version)}"
+
+    async def collect(self, kinds: tuple[str, ...], now: float | None = None) -> int:
+        """Delete the marks of `kinds` whose time (and the slack) has passed; how many."""
+        moment = now if now is not None else time.time()
+        deleted = 0
+        for kind in kinds:
+            items, _ = await self.list(kind)
+            for item in items:
+                expires = expiry_of(item)
+                if expires is None or expires + CLOCK_SLACK > moment:
+                    continue
+                name = (item.get("metadata") or {}).get("name", "")
+                try:
+                    await self.client.request("DELETE", f"{self.path}/{name}")
+                    deleted += 1
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
+        return deleted
+
+
+class LinkClaims(Protocol):
+    async def claim(self, grant: LinkGrant) -> bool:
+        """True the first time a single-use link is exchanged, on any replica; False after.
+        SharedStateUnavailable when that cannot be known (the exchange is refused)."""
+        ...
+
+
+class LocalLinkClaims:
+    """One process: the used links in memory (the standalone relay)."""
+
+    def __init__(self) -> None:
+        self.used = UsedLinks()
+
+    async def claim(self, grant: LinkGrant) -> bool:
+        return self.used.claim(grant)
+
+
+class KubeLinkClaims:
+    """Across replicas and restarts: a Lease `vncgate-link-<digest of the link id>`."""
+
+    def __init__(self, marks: KubeMarks) -> None:
+        self.marks = marks
+
+    async def claim(self, grant: LinkGrant) -> bool:
+        if not grant.link_id:
+            raise SharedStateUnavailable("this link carries no id")
+        return await self.marks.create(KIND_LINK, mark_name(KIND_LINK, grant.link_id),
+                                       grant.expires + CLOCK_SLACK)
+
+
+# Called with a revocation key: close the sessions of that sign-in on this replica.
+OnRevoked = Callable[[str], None]
+REVOCATIONS_PATH = "/api/v1/revocations"
+
+
+class Revocations:
+    """Sign-outs: known to this replica, told to its peers, and (with Kubernetes) kept as
+    Leases that every replica reads at start and watches."""
+
+    def __init__(self, revoked: Revoked, peers: Peers, marks: KubeMarks | None,
+                 on_revoked: OnRevoked, retry_seconds: float = 5.0) -> None:
+        self.revoked = revoked
+        self.peers = peers
+        self.marks = marks
+        self.on_revoked = on_revoked
+        self.retry_seconds = retry_seconds
+        self._unwritten: dict[str, float] = {}  # key -> expiry, for the API server
+        self._tasks: list[asyncio.Task[None]] = []
+        self._version = ""
+
+    def __contains__(self, credential_id: str) -> bool:
+        return credential_id in self.revoked
+
+    async def start(self) -> None:
+        """Read every revocation kept (before the replica serves: a failure stops the start)."""
+        if self.marks is None:
+            return
+        await self._load()
+        self._tasks = [asyncio.create_task(self._watch_loop()),
+                       asyncio.create_task(self._upkeep_loop())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def revoke(self, credential_id: str, expires: float) -> list[str]:
+        """End one sign-in everywhere; returns the peers that could not be told (the Lease,
+        once written, still reaches them)."""
+        key = self.revoked.revoke(credential_id, expires)
+        self.on_revoked(key)
+        _, missing = await asyncio.gather(self._keep(key, expires), self._tell_peers(key, expires))
+        return missing
+
+    def learn(self, key: str, expires: float) -> None:
+        """A revocation made on another replica."""
+        if expires <= time.time():
+            return
+        self.revoked.add(key, expires)
+        self.on_revoked(key)
+
+    async def _tell_peers(self, key: str, expires: float) -> list[str]:
+        _, missing = await self.peers.ask("POST", REVOCATIONS_PATH,
+                                          {"key": key, "expires": int(expires)})
+        return missing
+
+    async def _keep(self, key: str, expires: float) -> None:
+        if self.marks is None:
+            return
+        try:
+            await self.marks.create(KIND_SIGNOUT, f"vncgate-{KIND_SIGNOUT}-{key}",
+                                    expires + CLOCK_SLACK)
+        except SharedStateUnavailable as exc:
+            log.error("could not keep a sign-out in the API server; retrying",
+                      extra={"fields": {"error": str(exc)}})
+            self._unwritten[key] = expires
+
+    def _learn_lease(self, lease: dict[str, Any]) -> None:
+        name = str((lease.get("metadata") or {}).get("name") or "")
+        expires = expiry_of(lease)
+        prefix = f"vncgate-{KIND_SIGNOUT}-"
+        if name.startswith(prefix) and expires is not None:
+            key = name.removeprefix(prefix)
+            if not self.revoked.has_key(key):
+                self.learn(key, expires)
+
+    async def _load(self) -> None:
+        assert self.marks is not None
+        items, self._version = await self.marks.list(KIND_SIGNOUT)
+        for item in items:
+            self._learn_lease(item)
+
+    async def _watch_loop(self) -> None:
+        assert self.marks is not None
+        while True:
+            try:
+                async for event in self.marks.client.watch(
+                        self.marks.watch_path(KIND_SIGNOUT, self._version)):
+                    lease = event.get("object") or {}
+                    if event.get("type") == "ERROR":  # e.g. 410 Gone: read them all again
+                        raise KubeError(int(lease.get("code") or 410), str(lease)[:200])
+                    version = (lease.get("metadata") or {}).get("resourceVersion")
+                    if version:
+                        self._version = str(version)
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self._learn_lease(lease)
+            except (KubeError, OSError, TimeoutError, ValueError, aiohttp.ClientError) as exc:
+                log.warning("watching sign-outs failed; reading them again",
+                            extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(self.retry_seconds)
+                with contextlib.suppress(KubeError, OSError, TimeoutError, ValueError,
+                                         aiohttp.ClientError):
+                    await self._load()
+
+    async def _upkeep_loop(self) -> None:
+        assert self.marks is not None
+        collected = time.monotonic()
+        while True:
+            await asyncio.sleep(self.retry_seconds)
+            for key, expires in list(self._unwritten.items()):
+                if expires <= time.time():
+                    del self._unwritten[key]
+                    continue
+                try:
+                    await self.marks.create(KIND_SIGNOUT, f"vncgate-{KIND_SIGNOUT}-{key}",
+                                            expires + CLOCK_SLACK)
+                except SharedStateUnavailable:
+                    break
+                del self._unwritten[key]
+            if time.monotonic() - collected > COLLECT_SECONDS:
+                collected = time.monotonic()
+                try:
+                    await self.marks.collect((KIND_LINK, KIND_SIGNOUT))
+                except (KubeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
+                    log.warning("deleting expired link and sign-out Leases failed",
+                                extra={"fields": {"error": str(exc)}})
+
+
+VIEWERS_PATH = "/api/v1/viewers"
+
+
+class ViewerCounts:
+    """The sessions the other replicas hold, asked of them when a count decides something.
+
+    A peer that does not answer counts as none (fail open): what a count decides is whether
+    one more viewer may watch, or may type, never who may open the console at all.
+    """
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+
+    async def of_target(self, namespace: str, name: str) -> int:
+        answers, missing = await self.peers.ask("GET", f"{VIEWERS_PATH}/{namespace}/{name}")
+        if missing:
+            log.warning("counting viewers without the replicas that did not answer",
+                        extra={"fields": {"target": f"{namespace}/{name}", "peers": missing}})
+        return sum(_count(answer.body.get("sessions")) for answer in answers
+                   if isinstance(answer.body, dict))
+
+    async def by_target(self) -> dict[str, int]:
+        """Every target's sessions on the other replicas (the list page's column)."""
+        answers, _ = await self.peers.ask("GET", "/api/v1/targets?view=summary")
+        total: dict[str, int] = {}
+        for answer in answers:
+            sessions = answer.body.get("sessions") if isinstance(answer.body, dict) else None
+            for key, count in (sessions or {}).items() if isinstance(sessions, dict) else ():
+                total[str(key)] = total.get(str(key), 0) + _count(count)
+        return total
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+FAILURES_PATH = "/api/v1/failures"
+
+
+class SignInLimits:
+    """The failed sign-ins of a key (an address, an account, a device) counted on every
+    replica: each replica keeps its own failures, and the one that checks a sign-in asks every
+    peer for the ages of theirs. A peer that does not answer refuses the check (fail closed:
+    a limit that a dead or partitioned replica could lift is no limit). A replica whose
+    EndpointSlice says it is not ready is not asked: the Service sends it nobody, and a crashed
+    one lost its failures with its memory; so a pod in CrashLoopBackOff does not keep everyone
+    out.
+    """
+
+    def __init__(self, peers: Peers, limiters: dict[str, FailureLimiter]) -> None:
+        self.peers = peers
+        self.limiters = limiters
+
+    def local_ages(self, checks: dict[str, str]) -> dict[str, list[float]]:
+        return {name: self.limiters[name].ages(key) for name, key in checks.items()
+                if name in self.limiters}
+
+    async def retry_after(self, checks: dict[str, str]) -> float:
+        """Seconds until the sign-in may be tried (0: now); `checks`: limiter name -> key.
+
+        SharedStateUnavailable when a peer could not be asked."""
+        ages = self.local_ages(checks)
+        if self.peers.enabled:
+            answers, missing = await self.peers.ask("POST", FAILURES_PATH, {"checks": checks},
+                                                    ready_only=True)
+            if missing:
+                raise SharedStateUnavailable(
+                    "the failed sign-ins on " + ", ".join(missing) + " could not be counted")
+            for answer in answers:
+                theirs = answer.body.get("ages") if isinstance(answer.body, dict) else None
+                for name in ages:
+                    values = theirs.get(name) if isinstance(theirs, dict) else None
+                    ages[name].extend(float(v) for v in values or ()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and v >= 0)
+        return max((retry_after_ages(found, self.limiters[name].limit,
+                                     self.limiters[name].window)
+                    for name, found in ages.items()), default=0.0)

@@ -1,0 +1,433 @@
+"""Several relay replicas behave as one relay behind a round-robin balancer with no affinity.
+
+Three (and, to show nothing depends on there being several, one) `vncgate-relay` processes
+with the chart's relay ServiceAccount against the real API server, behind HAProxy from Debian
+(`mode tcp`, `balance roundrobin`), with a real Xvnc: a single-use link is exchanged once in all,
+also after restarts; a sign-out closes the sign-in's consoles on every replica with 4401 and its
+cookie is refused everywhere, also by a replica started after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from yarl import URL
+
+from harness.waiting import eventually, wait_until
+from harness.xvnc import XvncServer
+from tests.cluster.conftest import Release
+from tests.relay.test_second_review import from_address, sign_in_at
+from tests.support.processes import ConsoleScript
+from tests.support.replicas import LINK_KEY, SESSION_KEY, Replica, Replicas
+from vncgate.relay import closecodes
+from vncgate.relay.access import links
+from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie, revocation_key
+from vncgate.relay.access.passwords import hash_secret
+from vncgate.relay.replicas import KIND_LINK, mark_name
+
+PASSWORD = "correct horse battery staple"
+TOKEN = "alice-token-0123456789abcdef"
+
+
+def write_files(workdir: Path, namespace: str, port: int, sessions: dict[str, object]) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "users.yaml").write_text(yaml.safe_dump(
+        {"alice": {"secret": hash_secret(PASSWORD), "groups": ["lab"]},
+         "carol": {"secret": hash_secret(PASSWORD)}, "alice-script": {"token": TOKEN}}))
+    targets = workdir / "targets.yaml"
+    targets.write_text(yaml.safe_dump({
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {"name": "desk", "namespace": namespace},
+        "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": port}},
+                 "sessions": sessions}}))
+    return targets
+
+
+def replicas_of(count: int, release: Release, namespace: str, xvnc: XvncServer,
+                tmp_path: Path, sessions: dict[str, object]) -> Replicas:
+    targets = write_files(tmp_path, namespace, xvnc.port, sessions)
+    return Replicas(release.plane, release.namespace, release.relay_account, tmp_path / "relays",
+                    count, "--auth=token", f"--users-file={tmp_path / 'users.yaml'}",
+                    "--authorization=manifest", f"--targets={targets}")
+
+
+@pytest.fixture(params=[3, 1], ids=["three-replicas", "one-replica"])
+def replicas(request: pytest.FixtureRequest, release: Release, namespace: str,
+             xvnc: XvncServer, tmp_path: Path) -> Iterator[Replicas]:
+    with replicas_of(request.param, release, namespace, xvnc, tmp_path,
+                     {"mode": "shared"}) as relays:
+        yield relays
+
+
+@pytest.fixture(params=[3, 1], ids=["three-replicas", "one-replica"])
+def limited(request: pytest.FixtureRequest, release: Release, namespace: str,
+            xvnc: XvncServer, tmp_path: Path) -> Iterator[Replicas]:
+    with replicas_of(request.param, release, namespace, xvnc, tmp_path,
+                     {"mode": "shared", "maxViewers": 2, "interactive": "first"}) as relays:
+        yield relays
+
+
+def browser() -> aiohttp.ClientSession:
+    # A fresh connection per request (force_close), so that the balancer deals each request
+    # to the next replica, as a browser's new connections are.
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                 connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def exchange(http: aiohttp.ClientSession, url: str, target: str, token: str
+                   ) -> tuple[int, str]:
+    async with http.post(f"{url}/t/{target}/link", json={"token": token},
+                         headers={"Origin": url, "X-Requested-With": "vncgate"}) as resp:
+        return resp.status, str((await resp.json()).get("error", ""))
+
+
+async def greeting_or_close(http: aiohttp.ClientSession, url: str, target: str
+                            ) -> tuple[bytes | None, int | None, str]:
+    async with http.ws_connect(f"{url}/t/{target}/websockify", protocols=("binary",),
+                               origin=url) as ws:
+        message = await ws.receive(timeout=20)
+        if message.type == aiohttp.WSMsgType.BINARY:
+            return bytes(message.data), None, ""
+        return None, ws.close_code, str(message.extra or "")
+
+
+def test_a_single_use_link_opens_once_across_replicas_and_restarts(
+        replicas: Replicas, release: Release, namespace: str) -> None:
+    target = f"{namespace}/desk"
+    minted = replicas.members[0].api("POST", "/api/v1/links", {
+        "namespace": namespace, "name": "desk", "ttl": "10m", "once": True})
+    grant = links.verify((LINK_KEY.encode(),), minted["token"], target)
+
+    async def scenario() -> list[tuple[int, str]]:
+        results = []
+        # Each exchange from its own browser and connection: round robin gives each replica
+        # (at least) one go.
+        for _ in range(2 * len(replicas.members) + 1):
+            async with browser() as http:
+                results.append(await exchange(http, replicas.url, target, minted["token"]))
+        return results
+
+    results = asyncio.run(scenario())
+    assert [status for status, _ in results].count(200) == 1, (results, replicas.logs())
+    assert all("one use only" in reason for status, reason in results if status != 200), results
+    # The Lease that makes it so, named from the link's id (a digest: the id is not in it).
+    lease = release.plane.get("lease", mark_name(KIND_LINK, grant.link_id),
+                              "-n", release.namespace)
+    assert lease["metadata"]["labels"]["vncgate.io/lease"] == KIND_LINK
+    assert grant.link_id not in lease["metadata"]["name"]
+
+    # Every replica restarted (a rollout; the first one SIGKILLed, as a node that dies): the
+    # link stays used, asked of each one directly.
+    for index, member in enumerate(replicas.members):
+        if index == 0:
+            member.kill()
+        else:
+            member.script.stop()
+        member.start()
+
+    async def again() -> list[int]:
+        statuses = []
+        for member in replicas.members:
+            async with browser() as http:
+                statuses.append((await exchange(http, member.url, target, minted["token"]))[0])
+        return statuses
+
+    assert asyncio.run(again()) == [403] * len(replicas.members)
+
+
+def test_a_link_lease_is_named_from_the_link_id() -> None:
+    name = mark_name(KIND_LINK, "0123456789abcdef")
+    assert re.fullmatch(r"vncgate-link-[0-9a-f]{40}", name) and "0123456789abcdef" not in name
+
+
+def test_sign_out_closes_every_replicas_consoles_and_the_cookie_stays_refused(
+        replicas: Replicas, namespace: str) -> None:
+    target = f"{namespace}/desk"
+    count = len(replicas.members)
+
+    async def scenario() -> str:
+        async with browser() as http:
+            csrf = await page_csrf(http, f"{replicas.url}/login")
+            async with http.post(f"{replicas.url}/login", allow_redirects=False,
+                                 headers={"Origin": replicas.url},
+                                 data={"user": "alice", "password": PASSWORD,
+                                       "csrf": csrf}) as resp:
+                assert resp.status == 303, await resp.text()
+            cookie = http.cookie_jar.filter_cookies(URL(replicas.url))[SESSION_COOKIE].value
+            # One console on each replica.
+            sockets = []
+            for member in replicas.members:
+                ws = await http.ws_connect(f"{member.url}/t/{target}/websockify",
+                                           protocols=("binary",), origin=member.url)
+                first = await ws.receive(timeout=20)
+                assert first.type == aiohttp.WSMsgType.BINARY, (first, replicas.logs())
+                sockets.append(ws)
+            if count > 1:
+                # A replica dies (SIGKILL) before the sign-out: the broadcast cannot reach it.
+                replicas.members[-1].kill()
+                await sockets.pop().close()
+            csrf = await page_csrf(http, f"{replicas.url}/")
+            async with http.post(f"{replicas.url}/logout", allow_redirects=False,
+                                 headers={"Origin": replicas.url}, data={"csrf": csrf}) as resp:
+                assert resp.status == 303
+            for ws in sockets:
+                closed = await ws.receive(timeout=20)
+                assert (closed.type, closed.data, closed.extra) == (
+                    aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED, "you signed out"), \
+                    (closed, replicas.logs())
+                await ws.close()
+            return cookie
+
+    cookie = asyncio.run(scenario())
+    # The replica that was down at the sign-out (started after it) refuses it too: it read the
+    # sign-out's Lease before serving. With one replica: it dies after the sign-out.
+    if count == 1:
+        assert_refused_everywhere(replicas, cookie, target)
+        replicas.members[-1].kill()
+    replicas.members[-1].start()
+    assert_refused_everywhere(replicas, cookie, target)
+
+
+def assert_refused_everywhere(replicas: Replicas, cookie: str, target: str) -> None:
+    async def check() -> None:
+        for member in replicas.members:
+            async with aiohttp.ClientSession(cookies={SESSION_COOKIE: cookie}) as replay:
+                async with replay.get(f"{member.url}/", allow_redirects=False) as resp:
+                    assert resp.status == 302 and resp.headers["Location"] == "login", \
+                        member.identity
+                data, code, _ = await greeting_or_close(replay, member.url, target)
+                assert data is None and code == closecodes.UNAUTHENTICATED, member.identity
+
+    asyncio.run(check())
+
+
+async def page_csrf(http: aiohttp.ClientSession, url: str) -> str:
+    async def loaded() -> str | None:
+        async with http.get(url) as page:
+            match = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+        return match.group(1) if match else None
+
+    return await eventually(loaded, f"a CSRF token on {url}", timeout=10)
+
+
+async def viewer(url: str) -> tuple[aiohttp.ClientWebSocketResponse | None, int | None, str]:
+    """A viewer with a bearer token: its open WebSocket (after the RFB greeting), or the close
+    code and reason."""
+    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
+    ws = await http.ws_connect(f"{url}/websockify", protocols=("binary",),
+                               origin=url.split("/t/")[0])
+    first = await ws.receive(timeout=20)
+    if first.type == aiohttp.WSMsgType.BINARY:
+        ws._vncgate_http = http  # type: ignore[attr-defined]  # closed with the socket
+        return ws, None, ""
+    await http.close()
+    return None, ws.close_code, str(first.extra or "")
+
+
+async def close_viewer(ws: aiohttp.ClientWebSocketResponse) -> None:
+    await ws.close()
+    await ws._vncgate_http.close()  # type: ignore[attr-defined]
+
+
+def view_only_of(member: Replica) -> list[bool]:
+    return sorted(s["viewOnly"] for s in member.api("GET", "/api/v1/sessions")["sessions"])
+
+
+def test_max_viewers_and_the_first_viewers_control_hold_across_replicas(
+        limited: Replicas, namespace: str) -> None:
+    members, count = limited.members, len(limited.members)
+
+    def on(index: int) -> str:
+        return f"{members[index % count].url}/t/{namespace}/desk"
+
+    async def scenario() -> None:
+        first, _, _ = await viewer(on(0))
+        second, _, _ = await viewer(on(1))
+        assert first is not None and second is not None, limited.logs()
+        try:
+            # The second viewer, on another replica, only watches: the first one types.
+            assert view_only_of(members[0]) == ([False] if count > 1 else [False, True])
+            if count > 1:
+                assert view_only_of(members[1]) == [True]
+            # maxViewers: 2 holds for the relay as a whole: on the third replica, and through
+            # the balancer (whichever replica it deals the viewer to).
+            for url in (on(2), f"{limited.url}/t/{namespace}/desk"):
+                refused, code, reason = await viewer(url)
+                assert refused is None and code == 4409, (code, reason, limited.logs())
+                assert "already has 2 viewers" in reason, reason
+            # The list page counts every replica's viewers.
+            async with aiohttp.ClientSession(
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as http, http.get(
+                    f"{members[2 % count].url}/") as page:
+                row = re.search(rf"<td>{namespace}</td><td>desk</td><td>[^<]*</td><td>(\d+)</td>",
+                                await page.text())
+            assert row is not None and row.group(1) == "2"
+            if count > 1:
+                # The replica of the second viewer dies (SIGKILL): its viewer is gone, and a
+                # count it cannot give is none (fail open), so one more viewer gets in, and
+                # only watches (the first viewer is still there).
+                members[1].kill()
+                third, _, _ = await viewer(on(2))
+                assert third is not None, limited.logs()
+                assert view_only_of(members[2]) == [True]
+                await close_viewer(third)
+        finally:
+            await close_viewer(second)
+            await close_viewer(first)
+
+        # The first viewer left: the next one types.
+        async def typing() -> bool:
+            ws, _, _ = await viewer(on(2))
+            if ws is None:
+                return False
+            try:
+                return view_only_of(members[2 % count]) == [False]
+            finally:
+                await close_viewer(ws)
+
+        await eventually(typing, "a viewer that types after the first left", timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_sign_in_limits_count_every_replicas_failures(replicas: Replicas) -> None:
+    members, count = replicas.members, len(replicas.members)
+
+    async def scenario() -> None:
+        # Per address (5 a minute): one address guessing through the balancer, each request
+        # on a new connection, so on the next replica.
+        async with browser() as http:
+            statuses = [await sign_in_at(http, replicas.url, "mallory", "wrong")
+                        for _ in range(7)]
+        assert statuses == [401] * 5 + [429] * 2, (statuses, replicas.logs())
+        # Per account (10 in 5 minutes), whatever the address: six addresses, two guesses each,
+        # every guess on the next replica.
+        statuses = []
+        for n in range(6):
+            async with from_address(f"127.0.0.{10 + n}") as http:
+                for guess in range(2):
+                    member = members[(2 * n + guess) % count]
+                    statuses.append(await sign_in_at(http, member.url, "alice", "wrong"))
+        assert statuses == [401] * 10 + [429] * 2, (statuses, replicas.logs())
+        if count > 1:
+            # A replica dies (SIGKILL): its failures cannot be counted, so sign-ins are
+            # refused (fail closed) until it is back.
+            members[1].kill()
+            async with from_address("127.0.0.50") as http:
+                assert await sign_in_at(http, members[0].url, "carol", PASSWORD) == 503
+            members[1].start()
+        async with from_address("127.0.0.51") as http:
+            assert await sign_in_at(http, members[0].url, "carol", PASSWORD) == 303
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(300)  # three relays, the operator, and a replica's death to notice
+def test_the_operator_counts_every_replicas_viewers_in_status(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    """Three replicas filled by the operator (no manifests): a viewer on each, and the
+    VncTarget's status.activeSessions says 3, then 2 after a replica is SIGKILLed."""
+    plane = release.plane
+    with Replicas(plane, release.namespace, release.relay_account, tmp_path / "relays", 3,
+                  "--auth=none") as relays:
+        kubeconfig = plane.service_account_kubeconfig(
+            tmp_path / "operator-kubeconfig", release.namespace, release.operator_account)
+        operator = ConsoleScript("vncgate-operator", [
+            *(f"--relay-url={m.internal_url}" for m in relays.members),
+            f"--api-token-file={tmp_path / 'relays' / 'api-token'}",
+            "--public-url=https://vnc.example.com", "--allow-cidr=127.0.0.0/8",
+            "--probe-interval=1h", "--resync-interval=1h", "--liveness=off", "--standalone"],
+            tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+        with operator:
+            plane.apply({"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+                         "metadata": {"name": "desk", "namespace": namespace},
+                         "spec": {"endpoint": {"address": {"host": "127.0.0.1",
+                                                           "port": xvnc.port}}}})
+
+            def status() -> dict[str, object]:
+                operator.check_running()
+                return plane.get("vnc", "desk", "-n", namespace).get("status") or {}
+
+            wait_until(lambda: status().get("phase") == "Ready", "desk Ready", timeout=90)
+
+            async def scenario() -> None:
+                sockets = []
+                try:
+                    for member in relays.members:
+                        ws, code, reason = await viewer_without_sign_in(
+                            f"{member.url}/t/{namespace}/desk")
+                        assert ws is not None, (code, reason, relays.logs())
+                        sockets.append(ws)
+                    await asyncio.to_thread(
+                        wait_until, lambda: status().get("activeSessions") == 3,
+                        "activeSessions 3", timeout=60)
+                    relays.members[2].kill()
+                    await asyncio.to_thread(
+                        wait_until, lambda: status().get("activeSessions") == 2,
+                        "activeSessions 2 after a replica died", timeout=60)
+                finally:
+                    for ws in sockets:
+                        await close_viewer(ws)
+
+            asyncio.run(scenario())
+
+
+async def viewer_without_sign_in(url: str
+                                 ) -> tuple[aiohttp.ClientWebSocketResponse | None, int | None,
+                                            str]:
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(f"{url}/websockify", protocols=("binary",),
+                               origin=url.split("/t/")[0])
+    first = await ws.receive(timeout=20)
+    if first.type == aiohttp.WSMsgType.BINARY:
+        ws._vncgate_http = http  # type: ignore[attr-defined]  # closed with the socket
+        return ws, None, ""
+    await http.close()
+    return None, ws.close_code, str(first.extra or "")
+
+
+def test_a_sign_out_kept_by_another_replica_reaches_a_running_one_by_its_watch(
+        release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
+    """A replica the broadcast did not reach (not in the signing-out replica's peers) learns
+    the sign-out from the Lease that keeps it, by its watch, and closes the console."""
+    with replicas_of(1, release, namespace, xvnc, tmp_path, {"mode": "shared"}) as relays:
+        member = relays.members[0]
+
+        async def scenario() -> None:
+            async with browser() as http:
+                csrf = await page_csrf(http, f"{member.url}/login")
+                async with http.post(f"{member.url}/login", allow_redirects=False,
+                                     headers={"Origin": member.url},
+                                     data={"user": "alice", "password": PASSWORD,
+                                           "csrf": csrf}) as resp:
+                    assert resp.status == 303
+                cookie = http.cookie_jar.filter_cookies(URL(member.url))[SESSION_COOKIE].value
+                claim = read_session_cookie(SESSION_KEY.encode(), cookie)
+                assert claim is not None
+                async with http.ws_connect(f"{member.url}/t/{namespace}/desk/websockify",
+                                           protocols=("binary",), origin=member.url) as ws:
+                    first = await ws.receive(timeout=20)
+                    assert first.type == aiohttp.WSMsgType.BINARY
+                    # The Lease another replica writes when it takes the sign-out.
+                    key = revocation_key(claim.sid)
+                    await asyncio.to_thread(release.plane.apply, {
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": f"vncgate-signout-{key}",
+                                     "namespace": release.namespace,
+                                     "labels": {"vncgate.io/lease": "signout"},
+                                     "annotations": {"vncgate.io/expires":
+                                                     str(claim.expires + 60)}},
+                        "spec": {"holderIdentity": "relay-elsewhere"}})
+                    closed = await ws.receive(timeout=30)
+                    assert (closed.data, closed.extra) == (closecodes.UNAUTHENTICATED,
+                                                           "you signed out"), closed
+                async with http.get(f"{member.url}/", allow_redirects=False) as page:
+                    assert page.status == 302
+
+        asyncio.run(scenario())
