@@ -277,7 +277,14 @@ async def cmd_kill(args: argparse.Namespace, user: UserConfig) -> int:
 async def cmd_proxy(args: argparse.Namespace, user: UserConfig) -> int:
     base = await _base_for(args, user, args.name)
     # Now, not at the viewer's first connection: fail without a token that fits the relay.
-    bearer = await relaytoken.for_relay(user, base, relay_tls(args))
+    # A relay that cannot be reached yet is asked again at each viewer, who is told why.
+    bearer: relaytoken.Bearer
+    try:
+        bearer = await relaytoken.for_relay(user, base, relay_tls(args))
+    except relaytoken.Unreachable as exc:
+        print(f"kubectl vnc proxy: {exc}; viewers are told so until it answers",
+              file=sys.stderr)
+        bearer = relaytoken.Deferred(user, base, relay_tls(args))
     ws_url = "ws" + base.removeprefix("http") + f"/t/{user.namespace}/{args.name}/websockify"
     if args.any_local_user:
         print("kubectl vnc proxy: --any-local-user: every process on this machine that reaches "

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from vncgate.kubectl import localpeer
+from vncgate.kubectl import localpeer, relaytoken
 
 READ_SIZE = 64 * 1024
 # How long a refused viewer may take to send its RFB version before it is dropped.
@@ -125,6 +125,10 @@ class Tunnel:
         server answered, or the viewer left first)."""
         try:
             authorization = await self.authorization()
+        except relaytoken.Unreachable as exc:  # asked the relay which token it takes
+            refusal = f"cannot reach the relay: {exc.reason}"
+            self.report(f"{who}: {refusal}")
+            return refusal
         except Exception as exc:  # the kubeconfig's exec plugin failed, a token expired
             self.report(f"{who}: no credentials for the relay: {exc}")
             return f"kubectl vnc proxy has no credentials for the relay: {exc}"

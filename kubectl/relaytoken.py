@@ -47,6 +47,15 @@ class RelayTokenError(NoToken):
     """No token fit for this relay; the message says why and what works instead."""
 
 
+class Unreachable(RelayTokenError):
+    """The relay or the API server could not be asked (not listening, or an untrusted
+    certificate): `reason` is what went wrong, without the address."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 async def _call(session: aiohttp.ClientSession, method: str, url: str, what: str, *,
                 headers: dict[str, str] | None = None, body: Any = None,
                 ssl: Any = True) -> tuple[int, Any]:
@@ -54,8 +63,15 @@ async def _call(session: aiohttp.ClientSession, method: str, url: str, what: str
         async with session.request(method, url, headers=headers, ssl=ssl,
                                    data=None if body is None else json.dumps(body)) as resp:
             text = await resp.text()
+    except aiohttp.ClientConnectorCertificateError as exc:
+        reason = (f"its certificate is not trusted ({exc.certificate_error}): give the CA that "
+                  "signed it with --certificate-authority FILE")
+        raise Unreachable(f"{what} {urlsplit(url).netloc} has a certificate this machine does "
+                          f"not trust ({exc.certificate_error}): give the CA that signed it "
+                          "with --certificate-authority FILE", reason) from None
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise RelayTokenError(f"cannot reach {what} {urlsplit(url).netloc}: {exc}") from None
+        raise Unreachable(f"cannot reach {what} {urlsplit(url).netloc}: {exc}",
+                          str(exc)) from None
     try:
         return resp.status, json.loads(text)
     except ValueError:
@@ -154,6 +170,20 @@ async def who_am_i(user: UserConfig) -> str:
             f"(SelfSubjectReview: {_message(reply) or 'no user'}, HTTP {status}); pass a token "
             "with --token")
     return name
+
+
+class Deferred:
+    """A bearer found at first use, and again after a relay that could not be reached: for a
+    proxy started while its relay is down (its viewers are told so until it is up)."""
+
+    def __init__(self, user: UserConfig, base: str, ssl: Any = True) -> None:
+        self.user, self.base, self.ssl = user, base, ssl
+        self._bearer: Bearer | None = None
+
+    async def __call__(self) -> str:
+        if self._bearer is None:
+            self._bearer = await for_relay(self.user, self.base, self.ssl)
+        return await self._bearer()
 
 
 async def for_relay(user: UserConfig, base: str, ssl: Any = True) -> Bearer:

@@ -479,6 +479,11 @@ def test_sessions_and_kill_reach_every_replica(fleet: Fleet) -> None:
                   "--resource=vnctargets.vncgate.io", "--resource-name=desk")
     plane.kubectl("create", "rolebinding", "desk-watcher", "-n", namespace,
                   "--role=desk-sessions", f"--serviceaccount={namespace}:desk-watcher")
+    # And the right to mint its own token for the relay's audience, as every account here.
+    plane.kubectl("create", "role", "mint-desk-watcher", "-n", namespace, "--verb=create",
+                  "--resource=serviceaccounts/token", "--resource-name=desk-watcher")
+    plane.kubectl("create", "rolebinding", "mint-desk-watcher", "-n", namespace,
+                  "--role=mint-desk-watcher", f"--serviceaccount={namespace}:desk-watcher")
     kubeconfig = plane.service_account_kubeconfig(
         fleet.workdir / "desk-watcher.kubeconfig", namespace, "desk-watcher")
     result = fleet.kubectl_vnc("", "sessions", "desk", kubeconfig=kubeconfig)
