@@ -28,6 +28,7 @@ from vncgate.relay.recording.service import Recorder
 from vncgate.relay.session.admission import Admission
 from vncgate.relay.session.bridge import Sessions
 from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.peers import Peers
 from vncgate.relay.session.registry import Registry
 from vncgate.relay.session.serversecrets import CredentialStore
@@ -102,6 +103,8 @@ class RelayState:
     peers: Peers = field(init=False)
     # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
     kubevirt: KubeVirtDialer = field(init=False)
+    # What this replica's sessions found when they connected: the console list's status.
+    health: TargetHealth = field(default_factory=TargetHealth)
     # Who may start a session, and each session's life around the bridge.
     admission: Admission = field(init=False)
 
@@ -122,7 +125,7 @@ class RelayState:
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,
             replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
-            kubevirt=self.kubevirt)
+            kubevirt=self.kubevirt, health=self.health)
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
@@ -139,6 +142,7 @@ class RelayState:
         if new is None or (old.host, old.port, old.kubevirt, old.credentials, old.tls) != (
                 new.host, new.port, new.kubevirt, new.credentials, new.tls):
             self.logins.forget(old.key)  # said of another server or credential
+            self.health.forget(old.key)
         if new is None:
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")

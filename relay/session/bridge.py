@@ -36,6 +36,7 @@ from vncgate.relay.recording.service import SessionRecorder
 from vncgate.relay.rfb import security as rfbsecurity
 from vncgate.relay.rfb.security import Dial
 from vncgate.relay.rfb.viewerstream import ClientFilter, FilterError
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.session.vmconsole import DialRefused, KubeVirtDialer
 from vncgate.relay.settings import RelaySettings
@@ -246,6 +247,8 @@ class Session:
     logins: CredentialStore | None = None
     # Opens endpoint.kubevirt consoles through the Kubernetes API (relay.kubevirt).
     kubevirt: KubeVirtDialer | None = None
+    # What connecting found (the console list's status); None: not kept.
+    health: TargetHealth | None = None
 
     def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
         """End the session from anywhere (shutdown, route removed, a stall); the first reason
@@ -294,6 +297,8 @@ class Session:
                     raise
             except SessionRefused as refused:
                 self._finish(refused.code, refused.reason)
+                if self.health is not None:
+                    self.health.failed(self.route.key, refused.code, refused.reason)
             except ConnectionError:  # writing to the browser: connect errors are SessionRefused
                 self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
             except Exception:
@@ -348,6 +353,8 @@ class Session:
             await self._relay_logged_in()
             return
         greeting = await self._connect()
+        if self.health is not None:
+            self.health.connected(self.route.key, self.server_version)
         if self.filter is not None:  # it follows the version the server greets with
             self.filter.server_greeting(greeting)
         if self.recorder is not None:
@@ -394,6 +401,8 @@ class Session:
         self.logins.logged_in(route.key)
         self.metrics.connect_seconds.observe(time.monotonic() - started)
         self.server_version = opened.greeting[:-1].decode("ascii", "replace")
+        if self.health is not None:
+            self.health.connected(route.key, self.server_version)
         upstream = self.upstream = Upstream(self)
         upstream.greeted.set_result(opened.greeting)
         opened.transport.set_protocol(upstream)

@@ -17,8 +17,17 @@ from vncgate.relay import closecodes
 from vncgate.relay.access.identity import Identity
 from vncgate.relay.session.admission import Applicant
 from vncgate.relay.session.consoles import Holder
+from vncgate.relay.session.health import PHASES
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
+from vncgate.relay.web.consolelist import (
+    PER_PAGE,
+    ConsolePage,
+    ListQuery,
+    ListQueryError,
+    build_page,
+    viewers_by_target,
+)
 from vncgate.relay.web.control import add_routes as add_control_routes
 from vncgate.relay.web.control import all_sessions
 from vncgate.relay.web.csrf import csrf_for_page, set_csrf_cookie
@@ -162,8 +171,23 @@ async def viewer_redirect(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound(location=f"{request.match_info['name']}/")
 
 
+async def _console_page(request: web.Request, identity: Identity
+                        ) -> tuple[ConsolePage, list[dict[str, Any]]]:
+    """The page of consoles `identity` may open that the URL's query asks for, and the
+    sessions on every replica (one fan-out per request)."""
+    state = request.app[STATE]
+    try:
+        query = ListQuery.parse(request.query)
+    except ListQueryError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    allowed = await _allowed_routes(state, identity, list(state.registry))
+    sessions, _ = await all_sessions(state, None)
+    return build_page(query, allowed, state.health, viewers_by_target(sessions)), sessions
+
+
 async def index(request: web.Request) -> web.StreamResponse:
-    """The targets this viewer may open; nobody signed in: the way to sign in."""
+    """The consoles this viewer may open, searched, filtered and paged by the URL's query;
+    nobody signed in: the way to sign in."""
     state = request.app[STATE]
     check_host(request)
     identity = await identify(request)
@@ -171,28 +195,44 @@ async def index(request: web.Request) -> web.StreamResponse:
         if state.settings.auth.mode == "token":
             raise web.HTTPFound(location="login")
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
-    routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
-    allowed = await _allowed_routes(state, identity, routes)
-    live, can_end = await _sessions_for_admins(state, identity, allowed)
-    rows = [{"namespace": route.namespace, "name": route.name,
-             "label": route.display_name or route.name, "view_only": route.view_only,
-             "sessions": len(live[route.key]) if route.key in live
-             else state.sessions.count_for(route.key),
-             "live": live.get(route.key), "can_end": route.key in can_end}
-            for route in allowed]
+    listing, sessions = await _console_page(request, identity)
+    # The session records and the End buttons only for the rows shown, and only where RBAC
+    # lets this user see them: O(page) checks, not O(consoles).
+    live, can_end = await _sessions_for_admins(state, identity,
+                                               [row.route for row in listing.rows], sessions)
+    for row in listing.rows:
+        row.live = live.get(row.route.key) or None
+        row.can_end = row.route.key in can_end
     csrf = csrf_for_page(request, identity)
     response = render_page(request, "list.html", {
-        "rows": rows, "user": identity.user, "csrf": csrf.token,
+        "listing": listing, "query": listing.query, "phases": PHASES,
+        "per_page": PER_PAGE, "user": identity.user, "csrf": csrf.token,
         "signed_in_by_cookie": identity.method == "cookie"})
     set_csrf_cookie(response, request, csrf)
     return response
 
 
-async def _sessions_for_admins(state: RelayState, identity: Identity, routes: list[Route]
+async def consoles_json(request: web.Request) -> web.StreamResponse:
+    """`GET /api/v1/consoles?q=&namespace=&phase=&label=&page=&per=`: the list page's rows as
+    JSON (the page refreshes its status from it; scripts may use it too)."""
+    check_host(request)
+    identity = await identify(request)
+    if identity is None:
+        return web.json_response({"error": "sign in first"}, status=401,
+                                 headers={"Cache-Control": "no-store"})
+    try:
+        listing, _ = await _console_page(request, identity)
+    except web.HTTPBadRequest as exc:
+        return web.json_response({"error": (exc.text or "").strip()}, status=400)
+    return web.json_response(listing.to_json(), headers={"Cache-Control": "no-store"})
+
+
+async def _sessions_for_admins(state: RelayState, identity: Identity, routes: list[Route],
+                               sessions: list[dict[str, Any]]
                                ) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
     """The sessions (on every replica) of the routes whose sessions `identity` may see (RBAC
     `sessions`), by target; and the targets among them whose sessions it may end
-    (`disconnect`). Nothing is asked of the other replicas for those who may see none."""
+    (`disconnect`)."""
     may_see: list[Route] = []
     for start in range(0, len(routes), LIST_CONCURRENCY):
         batch = routes[start:start + LIST_CONCURRENCY]
@@ -201,7 +241,6 @@ async def _sessions_for_admins(state: RelayState, identity: Identity, routes: li
         may_see.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
     if not may_see:
         return {}, set()
-    sessions, _ = await all_sessions(state, None)
     live: dict[str, list[dict[str, Any]]] = {route.key: [] for route in may_see}
     for item in sessions:
         key = f"{item.get('namespace')}/{item.get('name')}"
@@ -264,6 +303,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app[STATE] = state
     setup_templates(app)
     app.router.add_get("/", index)
+    app.router.add_get("/api/v1/consoles", consoles_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/t/{namespace}/{name}", viewer_redirect)
