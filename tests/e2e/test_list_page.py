@@ -1,0 +1,122 @@
+"""The console list in a real browser against real Xvnc servers: the status follows what the
+relay's connections find (and changes on the open page when an Xvnc stops), it says who is on
+a console and how, search and filters live in the URL, consoles are grouped by namespace and
+paged, and the keyboard gets around."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from playwright.async_api import Browser, Page
+
+from harness.cluster import free_port
+from harness.xvnc import XvncServer
+from tests.conftest import ARTIFACTS, RelayFactory
+from vncgate.common.model import Route
+
+
+async def row_state(page: Page, key: str) -> tuple[str, str]:
+    row = page.locator(f'tr.console[data-key="{key}"]')
+    return (await row.locator(".phase").inner_text(), await row.locator(".reason").inner_text())
+
+
+async def test_status_and_viewers_follow_the_servers(make_relay: RelayFactory,
+                                                     browser: Browser) -> None:
+    desk = XvncServer(colour="#336699").start()
+    routes = [Route("lab", "desk", "127.0.0.1", desk.port, display_name="Lab desk"),
+              Route("lab", "bmc", "127.0.0.1", free_port(), display_name="Lab BMC"),
+              Route("ops", "vm", "127.0.0.1", desk.port, display_name="Ops VM")]
+    try:
+        async with make_relay(routes=routes) as relay:
+            base = relay.public_url
+            viewer = await browser.new_page()
+            bmc = await browser.new_page()
+            listing = await browser.new_page()
+            try:
+                await viewer.goto(f"{base}/t/lab/desk/")
+                await viewer.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await bmc.goto(f"{base}/t/lab/bmc/")
+                await bmc.wait_for_selector("body[data-state=disconnected]", timeout=15_000)
+                await bmc.close()
+
+                await listing.goto(f"{base}/")
+                assert await row_state(listing, "lab/desk") == ("Ready", "InUse")
+                assert await row_state(listing, "lab/bmc") == ("Unreachable",
+                                                               "ConnectionRefused")
+                assert await row_state(listing, "ops/vm") == ("Unknown", "NotOpenedYet")
+                viewers = listing.locator('tr.console[data-key="lab/desk"] .viewers')
+                assert await viewers.inner_text() == "anonymous (control)"
+                groups = await listing.locator("tbody.group").evaluate_all(
+                    "gs => gs.map(g => g.dataset.namespace)")
+                assert groups == ["lab", "ops"]
+                await listing.screenshot(path=str(ARTIFACTS / "list-status.png"))
+
+                # The Xvnc stops: the viewer's reconnects are refused, and the open list page
+                # shows it by itself (it refreshes from /api/v1/consoles).
+                desk.stop()
+                await listing.wait_for_selector(
+                    'tr.console[data-key="lab/desk"][data-phase=Unreachable]', timeout=60_000)
+                assert await row_state(listing, "lab/desk") == ("Unreachable",
+                                                                "ConnectionRefused")
+                assert await viewers.inner_text() == ""
+                await listing.screenshot(path=str(ARTIFACTS / "list-unreachable.png"))
+            finally:
+                await viewer.close()
+                await listing.close()
+    finally:
+        desk.stop()
+
+
+async def test_search_filters_pages_and_keys(make_relay: RelayFactory, xvnc: XvncServer,
+                                             browser: Browser) -> None:
+    routes = [Route(f"team-{i % 2}", f"desk-{i:03}", "127.0.0.1", xvnc.port)
+              for i in range(120)]
+    routes.append(Route("lab", "special", "127.0.0.1", xvnc.port, display_name="Special desk"))
+    async with make_relay(routes=routes) as relay:
+        base = relay.public_url
+        page = await browser.new_page(viewport={"width": 1100, "height": 800})
+        try:
+            await page.goto(f"{base}/")
+            assert await page.locator("tr.console").count() == 50
+            summary = await page.inner_text("#summary")
+            assert summary.startswith("Consoles 1\u201350 of 121 (page 1 of 3)."), summary
+            # "]" goes to the next page; the page number is in the URL.
+            await page.keyboard.press("]")
+            await page.wait_for_url("**/?page=2")
+            assert (await page.inner_text("#summary")).startswith("Consoles 51\u2013100 of 121")
+
+            # "/" focuses the search; Enter searches; the search is in the URL.
+            await page.keyboard.press("/")
+            assert await page.evaluate("document.activeElement.id") == "search"
+            await page.keyboard.type("special")
+            await page.keyboard.press("Enter")
+            await page.wait_for_url("**/?q=special*")
+            assert parse_qs(urlsplit(page.url).query)["q"] == ["special"]
+            assert await page.locator("tr.console").count() == 1
+            assert await page.locator("tr.console a.open").inner_text() == "Special desk"
+
+            # Filters from the URL alone (a bookmark): a namespace, and a status.
+            await page.goto(f"{base}/?namespace=team-1&per=25")
+            keys = await page.locator("tr.console").evaluate_all(
+                "rs => rs.map(r => r.dataset.key)")
+            assert len(keys) == 25 and all(k.startswith("team-1/") for k in keys)
+            assert await page.input_value("#namespace") == "team-1"
+            await page.select_option("#phase", "Ready")  # applies at once
+            await page.wait_for_url("**phase=Ready*")
+            assert await page.locator("tr.console").count() == 0
+            assert "No console matches" in await page.inner_text("#summary")
+            await page.click("#clear")  # the filters go, the page size stays
+            await page.wait_for_url(f"{base}/?per=25")
+            assert await page.locator("tr.console").count() == 25
+
+            # Arrow keys move between consoles; Enter opens the one with the focus.
+            await page.keyboard.press("ArrowDown")
+            await page.keyboard.press("ArrowDown")
+            focused = await page.evaluate("document.activeElement.getAttribute('href')")
+            second = await page.locator("tr.console a.open").nth(1).get_attribute("href")
+            assert focused == second
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            assert page.url == f"{base}/{second}"
+        finally:
+            await page.close()
