@@ -61,6 +61,11 @@ class Authorizer(Protocol):
     async def decide_recordings(self, identity: Identity, namespace: str, name: str,
                                 route: Route | None) -> Decision: ...
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        """Whether `identity` may open every console of `namespace` (one question instead of
+        one per console, for the list); False: ask per console."""
+        ...
+
 
 def _no_link(identity: Identity) -> Decision | None:
     if identity.link_target is not None:
@@ -96,6 +101,9 @@ class OpenAuthorizer:
                                 route: Route | None) -> Decision:
         return _no_link(identity) or Decision(True, "authentication is off")
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        return identity.link_target is None
+
     async def close(self) -> None:
         return None
 
@@ -112,6 +120,9 @@ class ManifestAuthorizer:
         return Decision(False, f"{ACTIONS[verb]} consoles needs Kubernetes RBAC (the relay "
                                "with --authorization kubernetes); standalone, use "
                                "vncgate-relay link on the relay's machine")
+
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        return False  # each target has its own access list
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
         linked = _link_decision(identity, route)
@@ -159,6 +170,13 @@ class KubernetesAuthorizer:
         return _no_link(identity) or await self._decide(identity, namespace, name, "get",
                                                         "recordings")
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        """A review without a name: RBAC allows it only by a rule that covers every
+        vnctarget of the namespace (no resourceNames), so a yes holds for each of them."""
+        if identity.link_target is not None:
+            return False
+        return (await self._decide(identity, namespace, "", "connect", "")).allowed
+
     async def decide_action(self, identity: Identity, namespace: str, name: str,
                             verb: str) -> Decision:
         return _no_action_by_link(identity) or await self._decide(identity, namespace, name,
@@ -186,7 +204,9 @@ class KubernetesAuthorizer:
                       subresource: str) -> tuple[Decision, bool]:
         target = f"{namespace}/{name}"
         attributes = {"group": API_GROUP, "resource": PLURAL, "verb": verb,
-                      "namespace": namespace, "name": name}
+                      "namespace": namespace}
+        if name:  # none: every vnctarget of the namespace
+            attributes["name"] = name
         if subresource:
             attributes["subresource"] = subresource
         body = {

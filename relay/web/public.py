@@ -256,10 +256,20 @@ async def _sessions_for_admins(state: RelayState, identity: Identity, routes: li
 
 async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]
                           ) -> list[Route]:
-    # Authorization may ask the Kubernetes API per target: a few at a time, answers cached.
-    allowed: list[Route] = []
-    for start in range(0, len(routes), LIST_CONCURRENCY):
-        batch = routes[start:start + LIST_CONCURRENCY]
+    """The routes `identity` may open. First one question per namespace (may they open all of
+    it?), then one per console only in the namespaces where the answer was no; a few at a
+    time, answers cached (with RBAC each question may be a SubjectAccessReview)."""
+    namespaces = sorted({route.namespace for route in routes})
+    whole: set[str] = set()
+    for start in range(0, len(namespaces), LIST_CONCURRENCY):
+        names = namespaces[start:start + LIST_CONCURRENCY]
+        answers = await asyncio.gather(*(state.authorizer.may_open_all(identity, ns)
+                                         for ns in names))
+        whole.update(ns for ns, yes in zip(names, answers, strict=True) if yes)
+    allowed = [route for route in routes if route.namespace in whole]
+    rest = [route for route in routes if route.namespace not in whole]
+    for start in range(0, len(rest), LIST_CONCURRENCY):
+        batch = rest[start:start + LIST_CONCURRENCY]
         decisions = await asyncio.gather(*(state.authorizer.decide(identity, r) for r in batch))
         allowed.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
     return allowed
