@@ -36,6 +36,10 @@ MAX_DISPLAY_NAME = 256
 _SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording",
                 "credentials", "tls"}
 MAX_SESSION_SECONDS = 30 * 86400
+# Kubernetes label syntax: a key `[prefix/]name`, a value of at most 63 characters.
+_LABEL_PART = r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)"
+LABEL_NAME_RE = re.compile(rf"^{_LABEL_PART}$")
+MAX_LABELS = 64
 MAX_ACCESS_ENTRIES = 256
 
 
@@ -284,6 +288,27 @@ def parse_access(value: object, field: str = "spec.access") -> Access | None:
                                               "non-empty names")
         lists[key] = tuple(items)
     return Access(users=lists["users"], groups=lists["groups"])
+
+
+def parse_labels(value: object, field: str = "metadata.labels") -> tuple[tuple[str, str], ...]:
+    """Kubernetes labels as sorted (key, value) pairs; None or {}: none."""
+    if value is None:
+        return ()
+    labels = _mapping(value, field)
+    if len(labels) > MAX_LABELS:
+        raise SpecError(field, f"at most {MAX_LABELS} labels")
+    pairs = []
+    for key, text in labels.items():
+        prefix, slash, name = str(key).rpartition("/")
+        if not isinstance(key, str) or len(name) > 63 or not LABEL_NAME_RE.match(name) or (
+                slash and (len(prefix) > 253 or not SUBDOMAIN_RE.match(prefix))):
+            raise SpecError(f"{field}.{key}", "not a label key: write [prefix/]name, the name "
+                                              "1-63 letters, digits, '-', '_' or '.'")
+        if not isinstance(text, str) or len(text) > 63 or (text and not LABEL_NAME_RE.match(text)):
+            raise SpecError(f"{field}.{key}", "a label value is a string of at most 63 letters, "
+                                              "digits, '-', '_' or '.'")
+        pairs.append((key, text))
+    return tuple(sorted(pairs))
 
 
 def parse_duration(value: object, field: str) -> int:

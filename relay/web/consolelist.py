@@ -167,7 +167,7 @@ class ConsolePage:
 
 
 def route_labels(route: Route) -> Mapping[str, str]:
-    return dict(getattr(route, "labels", ()) or ())
+    return dict(route.labels)
 
 
 def status_of(route: Route, health: TargetHealth, open_sessions: int

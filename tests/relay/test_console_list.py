@@ -5,6 +5,7 @@ that live in the URL query."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,10 +14,11 @@ from harness.cluster import free_port
 from harness.servers import TcpServer
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import ALICE_PASSWORD, BOB_TOKEN, USERS, jar_session, sign_in
-from vncgate.common.model import Route
-from vncgate.common.spec import Access
+from vncgate.common.model import Route, route_from_json
+from vncgate.common.spec import Access, SpecError
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.manifests import load_routes
 from vncgate.relay.session.health import TargetHealth, classify
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.consolelist import ListQuery, ListQueryError, build_page
@@ -161,3 +163,50 @@ async def test_json_lists_only_what_the_user_may_open_with_status_and_viewers(
         body = await consoles(http, relay,
                               headers={"Authorization": f"Bearer {BOB_TOKEN}"})
         assert sorted(c["name"] for c in body["consoles"]) == ["bobs", "down", "open"]  # type: ignore[attr-defined]
+
+
+def test_labels_from_manifests_filter_the_list(tmp_path: Path) -> None:
+    (tmp_path / "targets.yaml").write_text("""
+apiVersion: vncgate.io/v1alpha1
+kind: VncTarget
+metadata: {name: bmc-1, namespace: lab, labels: {rack: r12, vncgate.io/kind: bmc}}
+spec: {endpoint: {address: {host: 10.20.0.15, port: 5900}}}
+---
+apiVersion: vncgate.io/v1alpha1
+kind: VncTarget
+metadata: {name: desk-1, namespace: lab, labels: {rack: r7}}
+spec: {endpoint: {address: {host: 10.20.0.16, port: 5900}}}
+---
+apiVersion: vncgate.io/v1alpha1
+kind: VncTarget
+metadata: {name: plain, namespace: lab}
+spec: {endpoint: {address: {host: 10.20.0.17, port: 5900}}}
+""")
+    table = load_routes([tmp_path])
+    health = TargetHealth()
+
+    def names(query: ListQuery) -> list[str]:
+        return [row.route.name for row in build_page(query, table, health, {}).rows]
+
+    assert names(ListQuery(label="rack")) == ["bmc-1", "desk-1"]
+    assert names(ListQuery(label="rack=r12")) == ["bmc-1"]
+    assert names(ListQuery(label="vncgate.io/kind=bmc")) == ["bmc-1"]
+    assert names(ListQuery(q="r7")) == ["desk-1"]  # the search sees labels too
+    # The wire form carries them (absent when there are none, so old digests hold).
+    assert route_from_json(table[0].to_json()).labels == (("rack", "r12"),
+                                                          ("vncgate.io/kind", "bmc"))
+    assert "labels" not in table[2].to_json()
+
+
+@pytest.mark.parametrize(("labels", "words"), [
+    ({"-bad": "x"}, "not a label key"),
+    ({"a/b/c": "x"}, "not a label key"),
+    ({"rack": "has space"}, "a label value is a string of at most 63"),
+    ({"rack": 7}, "a label value is a string"),
+    ([["rack", "r1"]], "must be"),
+])
+def test_bad_labels_are_named(labels: object, words: str) -> None:
+    body = {"namespace": "lab", "name": "x", "endpoint": {"host": "10.0.0.5", "port": 5900},
+            "labels": labels}
+    with pytest.raises(SpecError, match=words):
+        route_from_json(body)
