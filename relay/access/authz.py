@@ -66,6 +66,10 @@ class Authorizer(Protocol):
         one per console, for the list); False: ask per console."""
         ...
 
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        """`decide`'s answer if it needs no I/O (in memory, or cached); None: await `decide`."""
+        ...
+
 
 def _no_link(identity: Identity) -> Decision | None:
     if identity.link_target is not None:
@@ -104,6 +108,9 @@ class OpenAuthorizer:
     async def may_open_all(self, identity: Identity, namespace: str) -> bool:
         return identity.link_target is None
 
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        return _link_decision(identity, route) or Decision(True, "authentication is off")
+
     async def close(self) -> None:
         return None
 
@@ -125,6 +132,9 @@ class ManifestAuthorizer:
         return False  # each target has its own access list
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
+        return self.decide_now(identity, route)
+
+    def decide_now(self, identity: Identity, route: Route) -> Decision:
         linked = _link_decision(identity, route)
         if linked is not None:
             return linked
@@ -170,6 +180,21 @@ class KubernetesAuthorizer:
         return _no_link(identity) or await self._decide(identity, namespace, name, "get",
                                                         "recordings")
 
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        linked = _link_decision(identity, route)
+        if linked is not None:
+            return linked
+        if not identity.user:
+            return Decision(False, "sign in first")
+        cached = self._cache.get(self._key(identity, route.namespace, route.name, "connect", ""))
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+    @staticmethod
+    def _key(identity: Identity, namespace: str, name: str, verb: str, subresource: str
+             ) -> tuple[str, tuple[str, ...], str, str]:
+        return (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
+                f"{verb} {subresource}")
+
     async def may_open_all(self, identity: Identity, namespace: str) -> bool:
         """A review without a name: RBAC allows it only by a rule that covers every
         vnctarget of the namespace (no resourceNames), so a yes holds for each of them."""
@@ -186,8 +211,7 @@ class KubernetesAuthorizer:
                       subresource: str) -> Decision:
         if not identity.user:
             return Decision(False, "sign in first")
-        key = (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
-               f"{verb} {subresource}")
+        key = self._key(identity, namespace, name, verb, subresource)
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[1] > now:

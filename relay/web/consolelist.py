@@ -196,23 +196,27 @@ def build_page(query: ListQuery, routes: list[Route], health: TargetHealth,
                viewers: Mapping[str, list[dict[str, str]]]) -> ConsolePage:
     """The page of `routes` (those the user may open) that `query` asks for."""
     namespaces = sorted({route.namespace for route in routes})
-    rows: list[ConsoleRow] = []
+    matches: list[tuple[str, str, Route, tuple[str, str, str, float | None]]] = []
     phases = dict.fromkeys(PHASES, 0)
+    no_viewers: list[dict[str, str]] = []
     for route in routes:
         if query.namespace and route.namespace != query.namespace:
             continue
-        labels = route_labels(route)
-        if not query.matches_label(labels) or not query.matches_text(route, labels):
+        if query.q or query.label:
+            labels = route_labels(route)
+            if not query.matches_label(labels) or not query.matches_text(route, labels):
+                continue
+        status = status_of(route, health, len(viewers.get(route.key, no_viewers)))
+        phases[status[0]] += 1
+        if query.phase and status[0] != query.phase:
             continue
-        on_it = viewers.get(route.key, [])
-        phase, reason, message, at = status_of(route, health, len(on_it))
-        phases[phase] += 1
-        if query.phase and phase != query.phase:
-            continue
-        rows.append(ConsoleRow(route, phase, reason, message, at, on_it))
-    rows.sort(key=lambda row: (row.route.namespace, row.route.name))
-    pages = max(1, math.ceil(len(rows) / query.per))
+        matches.append((route.namespace, route.name, route, status))
+    matches.sort(key=lambda match: (match[0], match[1]))
+    pages = max(1, math.ceil(len(matches) / query.per))
     page = min(query.page, pages)
     start = (page - 1) * query.per
-    return ConsolePage(query=query, rows=rows[start:start + query.per], total=len(rows),
+    # Rows only for the page shown.
+    rows = [ConsoleRow(route, *status, viewers.get(route.key, []))
+            for _, _, route, status in matches[start:start + query.per]]
+    return ConsolePage(query=query, rows=rows, total=len(matches),
                        page=page, pages=pages, namespaces=namespaces, phases=phases)

@@ -266,8 +266,18 @@ async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Ro
         answers = await asyncio.gather(*(state.authorizer.may_open_all(identity, ns)
                                          for ns in names))
         whole.update(ns for ns, yes in zip(names, answers, strict=True) if yes)
-    allowed = [route for route in routes if route.namespace in whole]
-    rest = [route for route in routes if route.namespace not in whole]
+    allowed: list[Route] = []
+    rest: list[Route] = []
+    decide_now = state.authorizer.decide_now
+    for route in routes:
+        if route.namespace in whole:
+            allowed.append(route)
+            continue
+        known = decide_now(identity, route)  # in memory or cached: no task per console
+        if known is None:
+            rest.append(route)
+        elif known.allowed:
+            allowed.append(route)
     for start in range(0, len(rest), LIST_CONCURRENCY):
         batch = rest[start:start + LIST_CONCURRENCY]
         decisions = await asyncio.gather(*(state.authorizer.decide(identity, r) for r in batch))

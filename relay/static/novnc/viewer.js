@@ -229,6 +229,7 @@ osk.addEventListener('click', (e) => {
     : [...latched.map((b) => b.dataset.mod), button.dataset.key];
   for (const mod of latched) mod.setAttribute('aria-pressed', 'false');
   sendCombo(names);
+  if (rfb) rfb.focus({ preventScroll: true });  // the physical keyboard goes on working
 });
 
 // "Type text": a text as key presses, for screens that have no clipboard. Each character
@@ -263,6 +264,7 @@ function planTyping(text) {
   return { keys, missing: [...missing.values()] };
 }
 
+const MAX_TYPED = 10000;
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 let typing = null;
 
@@ -293,6 +295,11 @@ async function typeText() {
   }
   if (!keys.length) {
     typeStatus('Nothing to type.', 'refused');
+    return;
+  }
+  if (keys.length > MAX_TYPED) {
+    typeStatus(`Nothing was typed: at most ${MAX_TYPED} characters at a time ` +
+               `(this text has ${keys.length}).`, 'refused');
     return;
   }
   const job = typing = { cancelled: false };
