@@ -90,6 +90,7 @@ BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
          ".venv/bin/python -m bench.security_setup": "bench.security_setup",
          ".venv/bin/python -m bench.soak": "bench.soak",
          ".venv/bin/python -m bench.maskscan": "bench.maskscan",
+         ".venv/bin/python -m bench.listpage": "bench.listpage",
          ".venv/bin/python -m bench": "bench"}
 
 
