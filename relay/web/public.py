@@ -164,6 +164,26 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     return render_page(request, "viewer.html", {"title": title, "config": json.dumps(config)})
 
 
+async def viewer_peers(request: web.Request) -> web.StreamResponse:
+    """`GET /t/{ns}/{name}/viewers`: who is on this console and how (control or view), across
+    replicas, for those who may open it; the viewer shows it."""
+    state = request.app[STATE]
+    namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
+    check_host(request)
+    identity = link_identity(request, target) or await identify(request)
+    if identity is None:
+        return web.json_response({"error": "sign in first"}, status=401)
+    route = state.registry.get(namespace, name)
+    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
+        return web.json_response({"error": f"no console {target} that you may open"},
+                                 status=404)
+    sessions, _ = await all_sessions(state, namespace)
+    viewers = viewers_by_target(s for s in sessions if s.get("name") == name)
+    return web.json_response({"viewers": viewers.get(target, [])},
+                             headers={"Cache-Control": "no-store"})
+
+
 async def viewer_redirect(request: web.Request) -> web.StreamResponse:
     check_host(request)
     _target_key(request)
@@ -329,6 +349,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_get("/t/{namespace}/{name}", viewer_redirect)
     app.router.add_get("/t/{namespace}/{name}/", viewer)
     app.router.add_get("/t/{namespace}/{name}/websockify", websocket)
+    app.router.add_get("/t/{namespace}/{name}/viewers", viewer_peers)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)

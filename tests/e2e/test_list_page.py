@@ -1,7 +1,7 @@
 """The console list in a real browser against real Xvnc servers: the status follows what the
 relay's connections find (and changes on the open page when an Xvnc stops), it says who is on
 a console and how, search and filters live in the URL, consoles are grouped by namespace and
-paged, and the keyboard gets around."""
+paged, and the keyboard gets around; the viewer says who is on its console."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from harness.cluster import free_port
 from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from vncgate.common.model import Route
+from vncgate.common.spec import Interactive, SessionPolicy
 
 
 async def row_state(page: Page, key: str) -> tuple[str, str]:
@@ -120,3 +121,24 @@ async def test_search_filters_pages_and_keys(make_relay: RelayFactory, xvnc: Xvn
             assert page.url == f"{base}/{second}"
         finally:
             await page.close()
+
+
+async def test_the_viewer_shows_who_is_on_the_console(make_relay: RelayFactory,
+                                                      xvnc: XvncServer,
+                                                      browser: Browser) -> None:
+    # The first viewer may type, the next ones watch (spec.sessions.interactive: first).
+    route = Route("lab", "desk", "127.0.0.1", xvnc.port,
+                  sessions=SessionPolicy(interactive=Interactive.FIRST))
+    async with make_relay(routes=[route]) as relay:
+        first, second = await browser.new_page(), await browser.new_page()
+        try:
+            await first.goto(f"{relay.public_url}/t/lab/desk/")
+            await first.wait_for_selector("#others[data-count='1']", timeout=15_000)
+            assert await first.inner_text("#others") == "1 on this console: anonymous (control)"
+            await second.goto(f"{relay.public_url}/t/lab/desk/")
+            await second.wait_for_selector("#others[data-count='2']", timeout=15_000)
+            assert await second.inner_text("#others") == (
+                "2 on this console: anonymous (control), anonymous (view)")
+        finally:
+            await first.close()
+            await second.close()

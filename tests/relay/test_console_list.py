@@ -159,10 +159,17 @@ async def test_json_lists_only_what_the_user_may_open_with_status_and_viewers(
             assert 'data-key="lab/open"' in page and 'data-key="lab/down"' not in page
             assert "alice (control)" in page
     # Bob, by bearer token: his own console and the open ones, not the admins'.
+    bob = {"Authorization": f"Bearer {BOB_TOKEN}"}
     async with aiohttp.ClientSession() as http:
-        body = await consoles(http, relay,
-                              headers={"Authorization": f"Bearer {BOB_TOKEN}"})
+        body = await consoles(http, relay, headers=bob)
         assert sorted(c["name"] for c in body["consoles"]) == ["bobs", "down", "open"]  # type: ignore[attr-defined]
+        # Who is on a console, for its viewer page: only for those who may open it.
+        async with http.get(f"{relay.public_url}/t/lab/open/viewers", headers=bob) as resp:
+            assert resp.status == 200 and await resp.json() == {"viewers": []}
+        async with http.get(f"{relay.public_url}/t/ops/admins/viewers", headers=bob) as resp:
+            assert resp.status == 404
+        async with http.get(f"{relay.public_url}/t/lab/open/viewers") as resp:
+            assert resp.status == 401
 
 
 def test_labels_from_manifests_filter_the_list(tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ function connect() {
     rfb.focus();
     lastInput = Date.now();
     watchIdle();
+    watchOthers();
   });
   rfb.addEventListener('disconnect', onDisconnect);
   rfb.addEventListener('desktopname', (e) => { $('desktop-name').textContent = e.detail.name; });
@@ -145,6 +146,32 @@ function onDisconnect(event) {
     countdown = setInterval(tell, 1000);
     retryTimer = setTimeout(connect, delay * 1000);
   }, event.detail.clean ? 0 : 50);
+}
+
+// Who else is on this console (every viewer, this one included), while connected.
+const OTHERS_SECONDS = 15;
+let othersTimer = null;
+
+async function showOthers() {
+  if (!rfb) { clearInterval(othersTimer); $('others').hidden = true; return; }
+  try {
+    const response = await fetch('viewers', { credentials: 'same-origin' });
+    if (!response.ok) return;
+    const { viewers } = await response.json();
+    const others = $('others');
+    others.replaceChildren(`${viewers.length} on this console: ` +
+      viewers.map((v) => `${v.user} (${v.mode})`).join(', '));  // text, never HTML
+    others.dataset.count = String(viewers.length);
+    others.hidden = viewers.length === 0;
+  } catch {
+    // shown again at the next turn
+  }
+}
+
+function watchOthers() {
+  clearInterval(othersTimer);
+  showOthers();
+  othersTimer = setInterval(showOthers, OTHERS_SECONDS * 1000);
 }
 
 $('stop-retry').addEventListener('click', () => {
