@@ -33,6 +33,7 @@ from vncgate.common.spec import (
     parse_labels,
     parse_recording,
     parse_sessions,
+    parse_thumbnail,
     parse_tls,
 )
 
@@ -67,6 +68,8 @@ class Route:
     service: bool = False
     # metadata.labels, sorted (key, value) pairs: the console list filters by them.
     labels: tuple[tuple[str, str], ...] = ()
+    # spec.thumbnail.enabled: the console list shows a small image of the screen.
+    thumbnail: bool = False
 
     @property
     def key(self) -> str:
@@ -108,6 +111,8 @@ class Route:
             body["tls"] = self.tls.to_json()
         if self.labels:  # absent when empty: the digests of routes without labels stay put
             body["labels"] = dict(self.labels)
+        if self.thumbnail:
+            body["thumbnail"] = {"enabled": True}
         return body
 
     def digest(self) -> bytes:
@@ -155,6 +160,7 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         credentials=_cluster_only(parse_credentials(body.get("credentials"), "credentials")),
         tls=_cluster_only(parse_tls(body.get("tls"), "tls")),
         labels=parse_labels(body.get("labels"), "labels"),
+        thumbnail=parse_thumbnail(body.get("thumbnail"), "thumbnail"),
     )
 
 

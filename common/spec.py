@@ -34,7 +34,7 @@ PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
 _SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording",
-                "credentials", "tls"}
+                "credentials", "tls", "thumbnail"}
 MAX_SESSION_SECONDS = 30 * 86400
 # Kubernetes label syntax: a key `[prefix/]name`, a value of at most 63 characters.
 _LABEL_PART = r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)"
@@ -189,6 +189,19 @@ class VncTargetSpec:
     recording: RecordingPolicy | None = None
     credentials: Credentials | None = None
     tls: TlsSpec | None = None
+    thumbnail: bool = False
+
+
+def parse_thumbnail(value: object, field: str = "spec.thumbnail") -> bool:
+    """`spec.thumbnail: {enabled: true}`: the console list shows a small image of the screen."""
+    if value is None:
+        return False
+    thumbnail = _mapping(value, field)
+    _no_unknown(thumbnail, {"enabled"}, field)
+    enabled = thumbnail.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{field}.enabled", f"must be true or false, not {enabled!r}")
+    return enabled
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -389,7 +402,8 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
                          recording=parse_recording(spec.get("recording"), f"{field}.recording"),
                          credentials=parse_credentials(spec.get("credentials"),
                                                        f"{field}.credentials"),
-                         tls=parse_tls(spec.get("tls"), f"{field}.tls"))
+                         tls=parse_tls(spec.get("tls"), f"{field}.tls"),
+                         thumbnail=parse_thumbnail(spec.get("thumbnail"), f"{field}.thumbnail"))
 
 
 # --- spec.credentials and spec.tls: what the relay answers the VNC server's security with ------

@@ -71,7 +71,7 @@ def route_from_manifest(doc: Mapping[str, Any]) -> Route:
                  port=spec.endpoint.port, display_name=spec.display_name, view_only=spec.view_only,
                  access=spec.access, sessions=spec.sessions, recording=spec.recording,
                  credentials=spec.credentials, tls=spec.tls,
-                 labels=parse_labels(metadata.get("labels")))
+                 labels=parse_labels(metadata.get("labels")), thumbnail=spec.thumbnail)
 
 
 def load_routes(paths: Iterable[Path], extra: Iterable[Route] = ()) -> list[Route]:

@@ -32,6 +32,7 @@ from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.peers import Peers
 from vncgate.relay.session.registry import Registry
 from vncgate.relay.session.serversecrets import CredentialStore
+from vncgate.relay.session.thumbnails import Thumbnails
 from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings, host_names
 
@@ -105,6 +106,8 @@ class RelayState:
     kubevirt: KubeVirtDialer = field(init=False)
     # What this replica's sessions found when they connected: the console list's status.
     health: TargetHealth = field(default_factory=TargetHealth)
+    # The console list's thumbnails (spec.thumbnail), made on request and kept 30 s.
+    thumbnails: Thumbnails = field(init=False)
     # Who may start a session, and each session's life around the bridge.
     admission: Admission = field(init=False)
 
@@ -118,6 +121,7 @@ class RelayState:
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
+        self.thumbnails = Thumbnails(self.settings, self.logins)
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
@@ -143,6 +147,8 @@ class RelayState:
                 new.host, new.port, new.kubevirt, new.credentials, new.tls):
             self.logins.forget(old.key)  # said of another server or credential
             self.health.forget(old.key)
+        if new is None or new != old:
+            self.thumbnails.forget(old.key)
         if new is None:
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")

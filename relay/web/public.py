@@ -18,6 +18,7 @@ from vncgate.relay.access.identity import Identity
 from vncgate.relay.session.admission import Applicant
 from vncgate.relay.session.consoles import Holder
 from vncgate.relay.session.health import PHASES
+from vncgate.relay.session.thumbnails import NoThumbnail
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
 from vncgate.relay.web.consolelist import (
@@ -182,6 +183,27 @@ async def viewer_peers(request: web.Request) -> web.StreamResponse:
     viewers = viewers_by_target(s for s in sessions if s.get("name") == name)
     return web.json_response({"viewers": viewers.get(target, [])},
                              headers={"Cache-Control": "no-store"})
+
+
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    """`GET /t/{ns}/{name}/thumbnail`: a small JPEG of the console's screen (spec.thumbnail),
+    for those who may open the console; 404 with the reason otherwise."""
+    state = request.app[STATE]
+    namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
+    check_host(request)
+    identity = link_identity(request, target) or await identify(request)
+    if identity is None:
+        raise web.HTTPUnauthorized(text="sign in first\n")
+    route = state.registry.get(namespace, name)
+    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
+        raise web.HTTPNotFound(text=f"no console {target} that you may open\n")
+    try:
+        image = await state.thumbnails.get(route)
+    except NoThumbnail as exc:
+        raise web.HTTPNotFound(text=f"no thumbnail of {target}: {exc}\n") from None
+    return web.Response(body=image.jpeg, content_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=30"})
 
 
 async def viewer_redirect(request: web.Request) -> web.StreamResponse:
@@ -350,6 +372,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_get("/t/{namespace}/{name}/", viewer)
     app.router.add_get("/t/{namespace}/{name}/websockify", websocket)
     app.router.add_get("/t/{namespace}/{name}/viewers", viewer_peers)
+    app.router.add_get("/t/{namespace}/{name}/thumbnail", thumbnail)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)

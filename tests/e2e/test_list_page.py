@@ -10,10 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 from playwright.async_api import Browser, Page
 
 from harness.cluster import free_port
+from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from vncgate.common.model import Route
-from vncgate.common.spec import Interactive, SessionPolicy
+from vncgate.common.spec import Interactive, SessionMode, SessionPolicy
 
 
 async def row_state(page: Page, key: str) -> tuple[str, str]:
@@ -142,3 +143,51 @@ async def test_the_viewer_shows_who_is_on_the_console(make_relay: RelayFactory,
         finally:
             await first.close()
             await second.close()
+
+
+THUMBNAIL_CENTRE = """(img) => {
+  if (!img.complete || !img.naturalWidth) return null;
+  const canvas = document.createElement('canvas');
+  [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  const [x, y] = [Math.floor(canvas.width / 2), Math.floor(canvas.height / 2)];
+  return Array.from(context.getImageData(x, y, 1, 1).data.slice(0, 3));
+}"""
+
+
+async def test_thumbnails_show_the_desktop_for_consoles_that_opt_in(
+        make_relay: RelayFactory, browser: Browser) -> None:
+    desk = XvncServer(geometry="1024x768", colour="#00c000").start()
+    routes = [Route("lab", "desk", "127.0.0.1", desk.port, thumbnail=True),
+              Route("lab", "held", "127.0.0.1", desk.port, thumbnail=True,
+                    sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE)),
+              Route("lab", "plain", "127.0.0.1", desk.port)]
+    try:
+        async with make_relay(routes=routes) as relay:
+            page = await browser.new_page()
+            try:
+                await page.goto(f"{relay.public_url}/")
+                thumb = page.locator('tr[data-key="lab/desk"] img.thumb')
+                seen: list[object] = [None]
+
+                async def green() -> bool:
+                    seen[0] = await thumb.evaluate(THUMBNAIL_CENTRE)
+                    rgb = seen[0]
+                    return isinstance(rgb, list) and rgb[1] > 150 and rgb[0] < 60 and rgb[2] < 60
+
+                await eventually(green, "the thumbnail shows the desktop's green",
+                                 context=lambda: seen[0])
+                size = await thumb.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+                assert size == [320, 240]  # reduced, in proportion
+                # An exclusive console gets none (its image is hidden), a console that did
+                # not opt in has no image at all.
+                held = page.locator('tr[data-key="lab/held"] img.thumb')
+                await eventually(lambda: held.evaluate("i => i.hidden"), "no thumbnail (held)")
+                assert await page.locator('tr[data-key="lab/plain"] img').count() == 0
+                await page.screenshot(path=str(ARTIFACTS / "list-thumbnails.png"))
+                assert relay.state.thumbnails.grabs == 1  # one look at the desk, none at held
+            finally:
+                await page.close()
+    finally:
+        desk.stop()

@@ -63,7 +63,7 @@ FIELDS = {
         ("recording", "RecordingPolicy | None", None),
         ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None),
         ("kubevirt", "str | None", None), ("service", "bool", False),
-        ("labels", "tuple[tuple[str, str], ...]", ())],
+        ("labels", "tuple[tuple[str, str], ...]", ()), ("thumbnail", "bool", False)],
 }
 
 

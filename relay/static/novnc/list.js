@@ -86,5 +86,21 @@ async function refresh() {
   }
 }
 
+// Thumbnails (spec.thumbnail): the relay keeps each 30 s, so ask again at that pace; one that
+// cannot be made (404 with the reason) is hidden.
+const THUMBNAIL_SECONDS = 30;
+for (const img of document.querySelectorAll('img.thumb')) {
+  img.addEventListener('error', () => { img.hidden = true; });
+  img.addEventListener('load', () => { img.hidden = false; });
+}
+setInterval(() => {
+  if (document.hidden) return;
+  for (const img of document.querySelectorAll('img.thumb')) {
+    const url = new URL(img.src);
+    url.searchParams.set('at', String(Date.now()));
+    img.src = url.href;
+  }
+}, THUMBNAIL_SECONDS * 1000);
+
 setInterval(refresh, REFRESH_SECONDS * 1000);
 document.addEventListener('visibilitychange', refresh);
