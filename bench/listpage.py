@@ -9,6 +9,11 @@ answer's size. Two ways of signing in: `none` (everyone sees every target; no pe
 and `token` (a bearer token; every other route has an access list, so each request decides
 N times who may open what, which is the list's O(N) part besides filtering).
 
+`--thumbnails N`: the cost of one thumbnail (spec.thumbnail), made N times from a real Xvnc
+the way the relay makes it, cache bypassed: wall time, the relay process's CPU time (the
+Xvnc's own is not counted) and the JPEG's size. The screen is 1280x1024 of one colour: Raw
+costs the same whatever it shows, a real screen's JPEG is larger.
+
 Only 127.0.0.1 receives traffic.
 """
 
@@ -27,11 +32,14 @@ from typing import Any
 
 import aiohttp
 
+from harness.xvnc import XvncServer
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.users import User
+from vncgate.relay.rfb.security import UpstreamLogin
+from vncgate.relay.session.thumbnails import grab
 from vncgate.relay.settings import Address, AuthSettings, RelaySettings
 from vncgate.relay.web.server import RelayServer
 
@@ -105,16 +113,39 @@ async def one_size(count: int, mode: str, requests: int) -> dict[str, Any]:
         return figures
 
 
+async def thumbnails(count: int) -> dict[str, Any]:
+    with XvncServer(geometry="1280x1024", colour="#3366aa") as server:
+        route = Route("lab", "desk", "127.0.0.1", server.port, thumbnail=True)
+        walls, cpus, size = [], [], 0
+        for n in range(count + 2):
+            wall, cpu = time.perf_counter(), time.process_time()
+            made = await grab(route, settings("none"), UpstreamLogin())
+            if n >= 2:
+                walls.append((time.perf_counter() - wall) * 1000)
+                cpus.append((time.process_time() - cpu) * 1000)
+            size = len(made.jpeg)
+    return {"median_ms": statistics.median(walls), "cpu_ms": statistics.median(cpus),
+            "jpeg_bytes": size, "screen": "1280x1024"}
+
+
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.listpage", description=__doc__)
     parser.add_argument("--sizes", type=int, action="append", help="targets (repeatable); "
                         "default 500 and 5000")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--thumbnails", type=int, default=0, metavar="N",
+                        help="also make N thumbnails from a real Xvnc and report their cost")
+    parser.add_argument("--no-list", action="store_true", help="skip the list requests")
     args = parser.parse_args(argv)
-    sizes = args.sizes or [500, 5000]
+    sizes = [] if args.no_list else (args.sizes or [500, 5000])
     results: dict[str, Any] = {}
-    for mode in ("none", "token"):
+    if args.thumbnails:
+        figures = await thumbnails(args.thumbnails)
+        results["thumbnail"] = figures
+        print(f"one thumbnail of a {figures['screen']} screen: {figures['median_ms']:.1f} ms, "
+              f"relay CPU {figures['cpu_ms']:.1f} ms, {figures['jpeg_bytes']} bytes of JPEG")
+    for mode in ("none", "token") if sizes else ():
         for count in sizes:
             figures = await one_size(count, mode, args.requests)
             results[f"{mode}/{count}"] = figures
