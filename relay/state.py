@@ -121,7 +121,7 @@ class RelayState:
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
-        self.thumbnails = Thumbnails(self.settings, self.logins)
+        self.thumbnails = Thumbnails(self.settings, self.logins, self.health)
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))

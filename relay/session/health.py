@@ -3,9 +3,10 @@
 The relay never probes on its own: a connection that does not log in counts as a failed login
 on TigerVNC and many BMCs (five lock the address out, see the operator's probe), and the list
 page must not lock out the consoles it lists. So the status is what the relay's own sessions
-found when they connected: the server answered (Ready), could not be reached (Unreachable, with
-why), or refused the relay (Refused: blacklisted, credential refused). A target nobody opened
-through this replica since it started is Unknown; one with open sessions is Ready.
+(and the thumbnails of consoles that opted in to them) found when they connected: the server
+answered (Ready), could not be reached (Unreachable, with why), or refused the relay (Refused:
+blacklisted, credential refused). A target nobody opened through this replica since it started
+is Unknown; one with open sessions is Ready.
 
 One entry per route, dropped when the route goes or changes its endpoint: O(routes) memory.
 """

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vncgate.common.model import Route
+from vncgate.relay import closecodes
 from vncgate.relay.rfb.security import SecurityRefused, UpstreamLogin, login, open_stream
 from vncgate.relay.session.bridge import SessionRefused, tcp_dialer
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.settings import RelaySettings
 
@@ -41,7 +43,12 @@ SET_ENCODINGS_RAW = struct.pack(">BxHi", 2, 1, 0)
 
 
 class NoThumbnail(Exception):
-    """Why a console has no thumbnail, in words for the list."""
+    """Why a console has no thumbnail, in words for the list; `code`: the close code a session
+    would have got, when the reason is about the server (the list's status learns from it)."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,7 @@ class Thumbnail:
     at: float
     width: int  # the screen's size
     height: int
+    server_version: str = ""
 
 
 def refusal(route: Route) -> str | None:
@@ -83,16 +91,21 @@ async def grab(route: Route, settings: RelaySettings, creds: UpstreamLogin) -> T
                          struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
             pixels = await _read_update(reader, width, height)
     except (SecurityRefused, SessionRefused) as exc:
-        raise NoThumbnail(exc.reason) from None
+        raise NoThumbnail(exc.reason, exc.code) from None
     except TimeoutError:
-        raise NoThumbnail("the VNC server did not send its screen in time") from None
+        raise NoThumbnail(f"the VNC server of {route.key} did not answer in time",
+                          closecodes.UPSTREAM_TIMEOUT) from None
+    except ConnectionRefusedError:
+        raise NoThumbnail(f"the VNC server of {route.key} refused the connection; is it "
+                          "running?", closecodes.BAD_UPSTREAM) from None
     except (OSError, asyncio.IncompleteReadError) as exc:
         raise NoThumbnail(f"the connection failed: {exc}") from None
     finally:
         if writer is not None:
             writer.transport.abort()
     jpeg = await asyncio.to_thread(_reduce, pixels, width, height)
-    return Thumbnail(jpeg, time.time(), width, height)
+    return Thumbnail(jpeg, time.time(), width, height,
+                     greeting[:-1].decode("ascii", "replace"))
 
 
 async def _read_update(reader: asyncio.StreamReader, width: int, height: int) -> bytearray:
@@ -140,9 +153,11 @@ class Thumbnails:
     at most two at once; forgotten when the route goes or changes."""
 
     def __init__(self, settings: RelaySettings, logins: CredentialStore,
+                 health: TargetHealth | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.logins = logins
+        self.health = health
         self.clock = clock
         self._kept: dict[str, tuple[float, Thumbnail | NoThumbnail]] = {}
         self._pending: dict[str, asyncio.Future[Thumbnail]] = {}
@@ -182,6 +197,10 @@ class Thumbnails:
                 failure = exc
             else:
                 self._kept[route.key] = (self.clock() + KEEP_SECONDS, thumbnail)
+                if self.health is not None:  # what the grab found is news for the status too
+                    self.health.connected(route.key, thumbnail.server_version)
                 return thumbnail
         self._kept[route.key] = (self.clock() + KEEP_FAILURE_SECONDS, failure)
+        if self.health is not None and failure.code is not None:
+            self.health.failed(route.key, failure.code, str(failure))
         raise failure

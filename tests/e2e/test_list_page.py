@@ -134,10 +134,11 @@ async def test_the_viewer_shows_who_is_on_the_console(make_relay: RelayFactory,
         first, second = await browser.new_page(), await browser.new_page()
         try:
             await first.goto(f"{relay.public_url}/t/lab/desk/")
-            await first.wait_for_selector("#others[data-count='1']", timeout=15_000)
+            # Asked at connect and every 15 s: room for a second turn on a loaded machine.
+            await first.wait_for_selector("#others[data-count='1']", timeout=45_000)
             assert await first.inner_text("#others") == "1 on this console: anonymous (control)"
             await second.goto(f"{relay.public_url}/t/lab/desk/")
-            await second.wait_for_selector("#others[data-count='2']", timeout=15_000)
+            await second.wait_for_selector("#others[data-count='2']", timeout=45_000)
             assert await second.inner_text("#others") == (
                 "2 on this console: anonymous (control), anonymous (view)")
         finally:

@@ -81,6 +81,8 @@ async def test_thumbnails(make_relay: RelayFactory, open_desk: XvncServer,
         red, green, blue = centre(await first.read())
         assert blue > 150 and red < 60 and green < 60, (red, green, blue)
         assert relay.state.thumbnails.grabs == 1  # kept: one connection for both
+        seen = relay.state.health.get("lab/desk")  # and the list's status learnt from it
+        assert seen is not None and seen.phase == "Ready"
 
         locked = await get("locked")
         assert locked.status == 404 and "asks for a password" in await locked.text()
