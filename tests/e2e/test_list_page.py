@@ -36,9 +36,9 @@ async def test_status_and_viewers_follow_the_servers(make_relay: RelayFactory,
             listing = await browser.new_page()
             try:
                 await viewer.goto(f"{base}/t/lab/desk/")
-                await viewer.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await viewer.wait_for_selector("body[data-state=connected]", timeout=60_000)
                 await bmc.goto(f"{base}/t/lab/bmc/")
-                await bmc.wait_for_selector("body[data-state=disconnected]", timeout=15_000)
+                await bmc.wait_for_selector("body[data-state=disconnected]", timeout=60_000)
                 await bmc.close()
 
                 await listing.goto(f"{base}/")
@@ -118,7 +118,7 @@ async def test_search_filters_pages_and_keys(make_relay: RelayFactory, xvnc: Xvn
             second = await page.locator("tr.console a.open").nth(1).get_attribute("href")
             assert focused == second
             await page.keyboard.press("Enter")
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             assert page.url == f"{base}/{second}"
         finally:
             await page.close()

@@ -33,7 +33,7 @@ async def test_type_text_appears_in_an_xterm(make_relay: RelayFactory, desktop: 
             page = await browser.new_page(viewport={"width": 1000, "height": 760})
             try:
                 await page.goto(f"{relay.public_url}/t/lab/bios/")
-                await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
                 await page.click("#type-toggle")
                 # Shifted characters, symbols, Latin-1 and beyond: each goes as its keysym, so
                 # xterm gets the characters whatever this browser's keyboard layout is.
@@ -83,7 +83,7 @@ async def test_on_screen_keys_reach_the_x_client_by_touch(
             page = await context.new_page()
             try:
                 await page.goto(f"{relay.public_url}/t/lab/bios/")
-                await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
                 await page.tap("#osk-toggle")
                 await page.wait_for_selector("#osk:not([hidden])")
                 for key, name in OSK_KEYS.items():

@@ -26,11 +26,11 @@ async def test_reconnects_after_the_vnc_server_restarts(make_relay: RelayFactory
             page = await browser.new_page()
             try:
                 await page.goto(f"{relay.public_url}/t/lab/vm/")
-                await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+                await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
                 await wait_for_pixel(page, (255, 0, 0))
 
                 first.stop()  # the VM "reboots": its VNC server goes away
-                await page.wait_for_selector("body[data-state=disconnected]", timeout=15_000)
+                await page.wait_for_selector("body[data-state=disconnected]", timeout=60_000)
                 status = await page.text_content("#status")
                 assert status is not None and "Reconnecting in" in status, status
                 assert await page.is_visible("#reconnect")  # "Reconnect now"
@@ -69,9 +69,9 @@ async def test_no_retry_after_a_final_refusal(make_relay: RelayFactory, xvnc: Xv
         page = await browser.new_page()
         try:
             await holder.goto(f"{relay.public_url}/t/lab/held/")
-            await holder.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await holder.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await page.goto(f"{relay.public_url}/t/lab/held/")
-            await page.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await page.wait_for_selector("body[data-state=failed]", timeout=60_000)
             assert await page.evaluate("window.vncgate.lastClose.code") == 4409
             assert await page.evaluate("window.vncgate.retries.length") == 0
             assert not await page.is_visible("#stop-retry")
