@@ -30,8 +30,10 @@ from vncgate.common.spec import (
     check_port,
     parse_access,
     parse_credentials,
+    parse_labels,
     parse_recording,
     parse_sessions,
+    parse_thumbnail,
     parse_tls,
 )
 
@@ -64,6 +66,10 @@ class Route:
     # Resolved from endpoint.service (a Service of the namespace with a cluster IP, or
     # headless): the network-reach grants do not apply, as they do to endpoint.address.
     service: bool = False
+    # metadata.labels, sorted (key, value) pairs: the console list filters by them.
+    labels: tuple[tuple[str, str], ...] = ()
+    # spec.thumbnail.enabled: the console list shows a small image of the screen.
+    thumbnail: bool = False
 
     @property
     def key(self) -> str:
@@ -103,6 +109,10 @@ class Route:
             body["credentials"] = self.credentials.to_json()
         if self.tls is not None:
             body["tls"] = self.tls.to_json()
+        if self.labels:  # absent when empty: the digests of routes without labels stay put
+            body["labels"] = dict(self.labels)
+        if self.thumbnail:
+            body["thumbnail"] = {"enabled": True}
         return body
 
     def digest(self) -> bytes:
@@ -149,6 +159,8 @@ def route_from_json(body: object, namespace: str | None = None, name: str | None
         recording=parse_recording(body.get("recording"), "recording"),
         credentials=_cluster_only(parse_credentials(body.get("credentials"), "credentials")),
         tls=_cluster_only(parse_tls(body.get("tls"), "tls")),
+        labels=parse_labels(body.get("labels"), "labels"),
+        thumbnail=parse_thumbnail(body.get("thumbnail"), "thumbnail"),
     )
 
 

@@ -34,8 +34,12 @@ PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 MAX_DISPLAY_NAME = 256
 _SPEC_FIELDS = {"endpoint", "displayName", "viewOnly", "access", "sessions", "recording",
-                "credentials", "tls"}
+                "credentials", "tls", "thumbnail"}
 MAX_SESSION_SECONDS = 30 * 86400
+# Kubernetes label syntax: a key `[prefix/]name`, a value of at most 63 characters.
+_LABEL_PART = r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)"
+LABEL_NAME_RE = re.compile(rf"^{_LABEL_PART}$")
+MAX_LABELS = 64
 MAX_ACCESS_ENTRIES = 256
 
 
@@ -185,6 +189,19 @@ class VncTargetSpec:
     recording: RecordingPolicy | None = None
     credentials: Credentials | None = None
     tls: TlsSpec | None = None
+    thumbnail: bool = False
+
+
+def parse_thumbnail(value: object, field: str = "spec.thumbnail") -> bool:
+    """`spec.thumbnail: {enabled: true}`: the console list shows a small image of the screen."""
+    if value is None:
+        return False
+    thumbnail = _mapping(value, field)
+    _no_unknown(thumbnail, {"enabled"}, field)
+    enabled = thumbnail.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{field}.enabled", f"must be true or false, not {enabled!r}")
+    return enabled
 
 
 def check_namespace(value: object, field: str = "metadata.namespace") -> str:
@@ -286,6 +303,27 @@ def parse_access(value: object, field: str = "spec.access") -> Access | None:
     return Access(users=lists["users"], groups=lists["groups"])
 
 
+def parse_labels(value: object, field: str = "metadata.labels") -> tuple[tuple[str, str], ...]:
+    """Kubernetes labels as sorted (key, value) pairs; None or {}: none."""
+    if value is None:
+        return ()
+    labels = _mapping(value, field)
+    if len(labels) > MAX_LABELS:
+        raise SpecError(field, f"at most {MAX_LABELS} labels")
+    pairs = []
+    for key, text in labels.items():
+        prefix, slash, name = str(key).rpartition("/")
+        if not isinstance(key, str) or len(name) > 63 or not LABEL_NAME_RE.match(name) or (
+                slash and (len(prefix) > 253 or not SUBDOMAIN_RE.match(prefix))):
+            raise SpecError(f"{field}.{key}", "not a label key: write [prefix/]name, the name "
+                                              "1-63 letters, digits, '-', '_' or '.'")
+        if not isinstance(text, str) or len(text) > 63 or (text and not LABEL_NAME_RE.match(text)):
+            raise SpecError(f"{field}.{key}", "a label value is a string of at most 63 letters, "
+                                              "digits, '-', '_' or '.'")
+        pairs.append((key, text))
+    return tuple(sorted(pairs))
+
+
 def parse_duration(value: object, field: str) -> int:
     """Whole seconds from a duration (`90s`, `15m`, `1h30m`, `1d`; vncgate.common.durations)."""
     try:
@@ -364,7 +402,8 @@ def parse_spec(value: object, field: str = "spec") -> VncTargetSpec:
                          recording=parse_recording(spec.get("recording"), f"{field}.recording"),
                          credentials=parse_credentials(spec.get("credentials"),
                                                        f"{field}.credentials"),
-                         tls=parse_tls(spec.get("tls"), f"{field}.tls"))
+                         tls=parse_tls(spec.get("tls"), f"{field}.tls"),
+                         thumbnail=parse_thumbnail(spec.get("thumbnail"), f"{field}.thumbnail"))
 
 
 # --- spec.credentials and spec.tls: what the relay answers the VNC server's security with ------

@@ -24,6 +24,7 @@ from vncgate.common.spec import (
     SpecError,
     check_name,
     check_namespace,
+    parse_labels,
     parse_spec,
 )
 
@@ -69,7 +70,8 @@ def route_from_manifest(doc: Mapping[str, Any]) -> Route:
     return Route(namespace=namespace, name=name, host=spec.endpoint.host,
                  port=spec.endpoint.port, display_name=spec.display_name, view_only=spec.view_only,
                  access=spec.access, sessions=spec.sessions, recording=spec.recording,
-                 credentials=spec.credentials, tls=spec.tls)
+                 credentials=spec.credentials, tls=spec.tls,
+                 labels=parse_labels(metadata.get("labels")), thumbnail=spec.thumbnail)
 
 
 def load_routes(paths: Iterable[Path], extra: Iterable[Route] = ()) -> list[Route]:

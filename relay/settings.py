@@ -82,7 +82,7 @@ class RelaySettings:
     max_sessions_per_target: int = 100
     # In a cluster, /readyz waits for the operator's first full table.
     wait_for_sync: bool = False
-    # Addresses the relay never dials, checked after DNS resolution (see bridge._allowed_address).
+    # Addresses the relay never dials, checked after DNS resolution (see bridge.allowed_address).
     deny_networks: tuple[Network, ...] = ()
     # Which namespaces may reach which networks (--address-grants; vncgate.common.reach): the
     # resolved address of an endpoint.address is checked against it at dial time.

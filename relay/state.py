@@ -36,9 +36,11 @@ from vncgate.relay.replicas import (
 from vncgate.relay.session.admission import Admission
 from vncgate.relay.session.bridge import Sessions
 from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.peers import Peers
 from vncgate.relay.session.registry import Registry
 from vncgate.relay.session.serversecrets import CredentialStore
+from vncgate.relay.session.thumbnails import Thumbnails
 from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings, host_names
 
@@ -127,6 +129,10 @@ class RelayState:
     peers: Peers = field(init=False)
     # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
     kubevirt: KubeVirtDialer = field(init=False)
+    # What this replica's sessions found when they connected: the console list's status.
+    health: TargetHealth = field(default_factory=TargetHealth)
+    # The console list's thumbnails (spec.thumbnail), made on request and kept 30 s.
+    thumbnails: Thumbnails = field(init=False)
     # Who may start a session, and each session's life around the bridge.
     admission: Admission = field(init=False)
 
@@ -140,6 +146,7 @@ class RelayState:
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
+        self.thumbnails = Thumbnails(self.settings, self.logins, self.health)
         self.token_reviewer = make_token_reviewer(self.settings)
         self.peers = make_peers(self.settings)
         self.marks = make_marks(self.settings)
@@ -158,7 +165,7 @@ class RelayState:
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,
             replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
-            kubevirt=self.kubevirt,
+            kubevirt=self.kubevirt, health=self.health,
             elsewhere=lambda route: self.viewer_counts.of_target(route.namespace, route.name))
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
@@ -189,6 +196,9 @@ class RelayState:
         if new is None or (old.host, old.port, old.kubevirt, old.credentials, old.tls) != (
                 new.host, new.port, new.kubevirt, new.credentials, new.tls):
             self.logins.forget(old.key)  # said of another server or credential
+            self.health.forget(old.key)
+        if new is None or new != old:
+            self.thumbnails.forget(old.key)
         if new is None:
             for session in self.sessions.for_target(old.key):
                 session.stop(closecodes.UNKNOWN_TARGET, f"{old.key} was removed")

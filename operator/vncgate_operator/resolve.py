@@ -175,7 +175,7 @@ def resolve_route(namespace: str, name: str, spec: VncTargetSpec, service: Servi
                      service is not None and service.external_name is not None),
                  display_name=spec.display_name, view_only=spec.view_only,
                  sessions=spec.sessions, recording=spec.recording,
-                 credentials=spec.credentials, tls=spec.tls)
+                 credentials=spec.credentials, tls=spec.tls, thumbnail=spec.thumbnail)
 
 
 def check_cluster_credentials(spec: VncTargetSpec) -> None:

@@ -18,14 +18,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 import kopf
 
 from vncgate.common.model import Route
-from vncgate.common.spec import VncTargetSpec
+from vncgate.common.spec import SpecError, VncTargetSpec, parse_labels
 from vncgate.operator import kubevirt, memory, secretaccess
 from vncgate.operator.kubeapi import KubeError, KubeVirtApi, TargetApi
 from vncgate.operator.kubevirt import KubeVirtWatch
@@ -77,6 +77,8 @@ class IndexedTarget:
     uid: str
     resource_version: str
     status: Mapping[str, Any]
+    # metadata.labels, sent with the route (the relays' console list filters by them).
+    labels: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> IndexedTarget:
@@ -85,9 +87,13 @@ class IndexedTarget:
             spec: VncTargetSpec | TargetInvalid = parse_target_spec(body.get("spec"))
         except TargetInvalid as exc:
             spec = TargetInvalid(exc.reason, exc.message)  # without the traceback's frames
+        try:
+            labels = parse_labels(meta.get("labels"))
+        except SpecError:  # the API server checks labels; a list is not worth a refusal
+            labels = ()
         return cls(spec=spec, generation=meta.get("generation"), uid=str(meta.get("uid") or ""),
                    resource_version=str(meta.get("resourceVersion") or ""),
-                   status=_plain(body.get("status") or {}))
+                   status=_plain(body.get("status") or {}), labels=labels)
 
 
 def _plain(value: Any) -> Any:
@@ -193,16 +199,21 @@ class Runtime:
     def exists(self, key: str) -> bool:
         return self.entry(key) is not None
 
-    def evaluate(self, namespace: str, name: str, spec: Any) -> tuple[str, Route | TargetInvalid]:
-        return evaluate(namespace, name, spec, self.lookup_service, self.config.policy,
-                        self.config.cluster_domain, self.config.reach)
+    def evaluate(self, namespace: str, name: str, spec: Any,
+                 labels: tuple[tuple[str, str], ...] = ()) -> tuple[str, Route | TargetInvalid]:
+        endpoint, outcome = evaluate(namespace, name, spec, self.lookup_service,
+                                     self.config.policy, self.config.cluster_domain,
+                                     self.config.reach)
+        if labels and isinstance(outcome, Route):
+            outcome = replace(outcome, labels=labels)
+        return endpoint, outcome
 
     def route_of(self, key: str) -> Route | None:
         """The route `key` should have now; None if deleted, leaving or invalid."""
         entry = self.entry(key)
         if entry is None:
             return None
-        outcome = self.evaluate(*_split(key), entry.spec)[1]
+        outcome = self.evaluate(*_split(key), entry.spec, entry.labels)[1]
         return outcome if isinstance(outcome, Route) else None
 
     def desired_routes(self) -> list[Route]:
@@ -242,7 +253,7 @@ class Runtime:
         if entry is None:
             return  # deleted: target_event removed its route
         current = self.current_status(key, entry)
-        endpoint, outcome = self.evaluate(*_split(key), entry.spec)
+        endpoint, outcome = self.evaluate(*_split(key), entry.spec, entry.labels)
         route = outcome if isinstance(outcome, Route) else None
         await self.fleet.offer(key, route)
         if route is None:

@@ -61,6 +61,15 @@ class Authorizer(Protocol):
     async def decide_recordings(self, identity: Identity, namespace: str, name: str,
                                 route: Route | None) -> Decision: ...
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        """Whether `identity` may open every console of `namespace` (one question instead of
+        one per console, for the list); False: ask per console."""
+        ...
+
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        """`decide`'s answer if it needs no I/O (in memory, or cached); None: await `decide`."""
+        ...
+
 
 def _no_link(identity: Identity) -> Decision | None:
     if identity.link_target is not None:
@@ -96,6 +105,12 @@ class OpenAuthorizer:
                                 route: Route | None) -> Decision:
         return _no_link(identity) or Decision(True, "authentication is off")
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        return identity.link_target is None
+
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        return _link_decision(identity, route) or Decision(True, "authentication is off")
+
     async def close(self) -> None:
         return None
 
@@ -113,7 +128,13 @@ class ManifestAuthorizer:
                                "with --authorization kubernetes); standalone, use "
                                "vncgate-relay link on the relay's machine")
 
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        return False  # each target has its own access list
+
     async def decide(self, identity: Identity, route: Route) -> Decision:
+        return self.decide_now(identity, route)
+
+    def decide_now(self, identity: Identity, route: Route) -> Decision:
         linked = _link_decision(identity, route)
         if linked is not None:
             return linked
@@ -159,6 +180,28 @@ class KubernetesAuthorizer:
         return _no_link(identity) or await self._decide(identity, namespace, name, "get",
                                                         "recordings")
 
+    def decide_now(self, identity: Identity, route: Route) -> Decision | None:
+        linked = _link_decision(identity, route)
+        if linked is not None:
+            return linked
+        if not identity.user:
+            return Decision(False, "sign in first")
+        cached = self._cache.get(self._key(identity, route.namespace, route.name, "connect", ""))
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+    @staticmethod
+    def _key(identity: Identity, namespace: str, name: str, verb: str, subresource: str
+             ) -> tuple[str, tuple[str, ...], str, str]:
+        return (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
+                f"{verb} {subresource}")
+
+    async def may_open_all(self, identity: Identity, namespace: str) -> bool:
+        """A review without a name: RBAC allows it only by a rule that covers every
+        vnctarget of the namespace (no resourceNames), so a yes holds for each of them."""
+        if identity.link_target is not None:
+            return False
+        return (await self._decide(identity, namespace, "", "connect", "")).allowed
+
     async def decide_action(self, identity: Identity, namespace: str, name: str,
                             verb: str) -> Decision:
         return _no_action_by_link(identity) or await self._decide(identity, namespace, name,
@@ -168,8 +211,7 @@ class KubernetesAuthorizer:
                       subresource: str) -> Decision:
         if not identity.user:
             return Decision(False, "sign in first")
-        key = (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
-               f"{verb} {subresource}")
+        key = self._key(identity, namespace, name, verb, subresource)
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
@@ -186,7 +228,9 @@ class KubernetesAuthorizer:
                       subresource: str) -> tuple[Decision, bool]:
         target = f"{namespace}/{name}"
         attributes = {"group": API_GROUP, "resource": PLURAL, "verb": verb,
-                      "namespace": namespace, "name": name}
+                      "namespace": namespace}
+        if name:  # none: every vnctarget of the namespace
+            attributes["name"] = name
         if subresource:
             attributes["subresource"] = subresource
         body = {

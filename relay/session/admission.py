@@ -27,6 +27,7 @@ from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import Recorder, RecordingUnavailable
 from vncgate.relay.session.bridge import Session, Sessions
 from vncgate.relay.session.consoles import Consoles, Holder
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings
@@ -78,7 +79,8 @@ class Admission:
                  replica: str = "", recorder: Recorder | None = None,
                  logins: CredentialStore | None = None,
                  kubevirt: KubeVirtDialer | None = None,
-                 elsewhere: Elsewhere | None = None) -> None:
+                 elsewhere: Elsewhere | None = None,
+                 health: TargetHealth | None = None) -> None:
         self.sessions = sessions
         self.elsewhere = elsewhere
         self.consoles = consoles
@@ -90,6 +92,7 @@ class Admission:
         self.recorder = recorder
         self.logins = logins
         self.kubevirt = kubevirt
+        self.health = health
 
     def going_away(self) -> str:
         return f"the {self.server} is shutting down; reconnect in a moment"
@@ -188,7 +191,7 @@ class Admission:
                           expiry_code=applicant.expiry_code,
                           expiry_reason=applicant.expiry_reason,
                           credential_id=applicant.credential_id, logins=self.logins,
-                          kubevirt=self.kubevirt)
+                          kubevirt=self.kubevirt, health=self.health)
         if self.recorder is not None:
             try:
                 session.recorder = self.recorder.for_session(session)

@@ -36,6 +36,7 @@ from vncgate.relay.recording.service import SessionRecorder
 from vncgate.relay.rfb import security as rfbsecurity
 from vncgate.relay.rfb.security import Dial
 from vncgate.relay.rfb.viewerstream import ClientFilter, FilterError
+from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.session.vmconsole import DialRefused, KubeVirtDialer
 from vncgate.relay.settings import RelaySettings
@@ -246,6 +247,8 @@ class Session:
     logins: CredentialStore | None = None
     # Opens endpoint.kubevirt consoles through the Kubernetes API (relay.kubevirt).
     kubevirt: KubeVirtDialer | None = None
+    # What connecting found (the console list's status); None: not kept.
+    health: TargetHealth | None = None
 
     def stop(self, code: int, reason: str, *, abort_viewer: bool = False) -> None:
         """End the session from anywhere (shutdown, route removed, a stall); the first reason
@@ -294,6 +297,8 @@ class Session:
                     raise
             except SessionRefused as refused:
                 self._finish(refused.code, refused.reason)
+                if self.health is not None:
+                    self.health.failed(self.route.key, refused.code, refused.reason)
             except ConnectionError:  # writing to the browser: connect errors are SessionRefused
                 self._finish(closecodes.ABNORMAL, "the viewer's connection was lost")
             except Exception:
@@ -348,6 +353,8 @@ class Session:
             await self._relay_logged_in()
             return
         greeting = await self._connect()
+        if self.health is not None:
+            self.health.connected(self.route.key, self.server_version)
         if self.filter is not None:  # it follows the version the server greets with
             self.filter.server_greeting(greeting)
         if self.recorder is not None:
@@ -394,6 +401,8 @@ class Session:
         self.logins.logged_in(route.key)
         self.metrics.connect_seconds.observe(time.monotonic() - started)
         self.server_version = opened.greeting[:-1].decode("ascii", "replace")
+        if self.health is not None:
+            self.health.connected(route.key, self.server_version)
         upstream = self.upstream = Upstream(self)
         upstream.greeted.set_result(opened.greeting)
         opened.transport.set_protocol(upstream)
@@ -511,35 +520,6 @@ class Session:
 
     # --- connecting -------------------------------------------------------------------------
 
-    async def _allowed_address(self) -> str:
-        """Resolve the route's host and refuse if any address is in a denied range.
-
-        The operator judges a DNS name as written; what it resolves to is known only here, at
-        dial time (a name can be rebound to a metadata or loopback address). The relay then
-        dials the address it checked, not the name again.
-        """
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            self.route.host, self.route.port, type=socket.SOCK_STREAM)
-        addresses = [str(info[4][0]) for info in infos]
-        # Every spelling of an address counts (address_in folds IPv4-mapped and -compatible
-        # IPv6 forms); "this host" (0.0.0.0/8, ::) is never dialled, denied ranges or not.
-        denied = self.settings.deny_networks + UNSPECIFIED_NETWORKS
-        for address in addresses:
-            if address_in(address, denied):
-                raise SessionRefused(
-                    closecodes.FORBIDDEN,
-                    f"{self.route.key} resolves to {address}, which this relay may not reach")
-        # The namespace's network-reach grant, again: the name was judged as written when the
-        # target was admitted; what it resolves to now must lie in the grant's networks. (A
-        # Service's own name needs no grant: the operator resolved it in the namespace.)
-        try:
-            if not self.route.service:
-                self.settings.reach.check_resolved(self.route.namespace, self.route.host,
-                                                   self.route.port, addresses)
-        except ReachDenied as exc:
-            raise SessionRefused(closecodes.FORBIDDEN, str(exc)) from None
-        return addresses[0]
-
     async def _dialer(self) -> Dial:
         """How this route's upstream byte stream is opened: the one place the endpoint kinds
         differ. A TCP connection to the checked address of host:port, or a KubeVirt VMI's vnc
@@ -552,15 +532,7 @@ class Session:
                 raise SessionRefused(closecodes.INTERNAL_ERROR,
                                      "this relay cannot open KubeVirt consoles")
             return functools.partial(kubevirt.dial, route.namespace, route.kubevirt)
-        async with asyncio.timeout(self.settings.connect_timeout):
-            host = await self._allowed_address()
-        loop = asyncio.get_running_loop()
-
-        async def dial_tcp(factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
-            transport, _ = await loop.create_connection(factory, host, route.port)
-            return transport
-
-        return dial_tcp
+        return await tcp_dialer(route, self.settings)
 
     async def _connect(self) -> bytes:
         route, started = self.route, time.monotonic()
@@ -778,6 +750,49 @@ def _duration(seconds: int) -> str:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+async def allowed_address(route: Route, settings: RelaySettings) -> str:
+    """Resolve the route's host and refuse if any address is in a denied range.
+
+    The operator judges a DNS name as written; what it resolves to is known only here, at
+    dial time (a name can be rebound to a metadata or loopback address). The relay then
+    dials the address it checked, not the name again.
+    """
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        route.host, route.port, type=socket.SOCK_STREAM)
+    addresses = [str(info[4][0]) for info in infos]
+    # Every spelling of an address counts (address_in folds IPv4-mapped and -compatible
+    # IPv6 forms); "this host" (0.0.0.0/8, ::) is never dialled, denied ranges or not.
+    denied = settings.deny_networks + UNSPECIFIED_NETWORKS
+    for address in addresses:
+        if address_in(address, denied):
+            raise SessionRefused(
+                closecodes.FORBIDDEN,
+                f"{route.key} resolves to {address}, which this relay may not reach")
+    # The namespace's network-reach grant, again: the name was judged as written when the
+    # target was admitted; what it resolves to now must lie in the grant's networks. (A
+    # Service's own name needs no grant: the operator resolved it in the namespace.)
+    try:
+        if not route.service:
+            settings.reach.check_resolved(route.namespace, route.host, route.port, addresses)
+    except ReachDenied as exc:
+        raise SessionRefused(closecodes.FORBIDDEN, str(exc)) from None
+    return addresses[0]
+
+
+async def tcp_dialer(route: Route, settings: RelaySettings) -> Dial:
+    """A dial of the checked address of the route's host:port (every TCP upstream: sessions,
+    thumbnails)."""
+    async with asyncio.timeout(settings.connect_timeout):
+        host = await allowed_address(route, settings)
+    loop = asyncio.get_running_loop()
+
+    async def dial_tcp(factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
+        transport, _ = await loop.create_connection(factory, host, route.port)
+        return transport
+
+    return dial_tcp
 
 
 class Sessions:

@@ -17,8 +17,18 @@ from vncgate.relay import closecodes
 from vncgate.relay.access.identity import Identity
 from vncgate.relay.session.admission import Applicant
 from vncgate.relay.session.consoles import Holder
+from vncgate.relay.session.health import PHASES
+from vncgate.relay.session.thumbnails import NoThumbnail
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
+from vncgate.relay.web.consolelist import (
+    PER_PAGE,
+    ConsolePage,
+    ListQuery,
+    ListQueryError,
+    build_page,
+    viewers_by_target,
+)
 from vncgate.relay.web.control import add_routes as add_control_routes
 from vncgate.relay.web.control import all_sessions
 from vncgate.relay.web.csrf import csrf_for_page, set_csrf_cookie
@@ -155,6 +165,47 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     return render_page(request, "viewer.html", {"title": title, "config": json.dumps(config)})
 
 
+async def viewer_peers(request: web.Request) -> web.StreamResponse:
+    """`GET /t/{ns}/{name}/viewers`: who is on this console and how (control or view), across
+    replicas, for those who may open it; the viewer shows it."""
+    state = request.app[STATE]
+    namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
+    check_host(request)
+    identity = link_identity(request, target) or await identify(request)
+    if identity is None:
+        return web.json_response({"error": "sign in first"}, status=401)
+    route = state.registry.get(namespace, name)
+    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
+        return web.json_response({"error": f"no console {target} that you may open"},
+                                 status=404)
+    sessions, _ = await all_sessions(state, namespace)
+    viewers = viewers_by_target(s for s in sessions if s.get("name") == name)
+    return web.json_response({"viewers": viewers.get(target, [])},
+                             headers={"Cache-Control": "no-store"})
+
+
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    """`GET /t/{ns}/{name}/thumbnail`: a small JPEG of the console's screen (spec.thumbnail),
+    for those who may open the console; 404 with the reason otherwise."""
+    state = request.app[STATE]
+    namespace, name = _target_key(request)
+    target = f"{namespace}/{name}"
+    check_host(request)
+    identity = link_identity(request, target) or await identify(request)
+    if identity is None:
+        raise web.HTTPUnauthorized(text="sign in first\n")
+    route = state.registry.get(namespace, name)
+    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
+        raise web.HTTPNotFound(text=f"no console {target} that you may open\n")
+    try:
+        image = await state.thumbnails.get(route)
+    except NoThumbnail as exc:
+        raise web.HTTPNotFound(text=f"no thumbnail of {target}: {exc}\n") from None
+    return web.Response(body=image.jpeg, content_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=30"})
+
+
 async def viewer_redirect(request: web.Request) -> web.StreamResponse:
     check_host(request)
     _target_key(request)
@@ -162,8 +213,23 @@ async def viewer_redirect(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound(location=f"{request.match_info['name']}/")
 
 
+async def _console_page(request: web.Request, identity: Identity
+                        ) -> tuple[ConsolePage, list[dict[str, Any]]]:
+    """The page of consoles `identity` may open that the URL's query asks for, and the
+    sessions on every replica (one fan-out per request)."""
+    state = request.app[STATE]
+    try:
+        query = ListQuery.parse(request.query)
+    except ListQueryError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    allowed = await _allowed_routes(state, identity, list(state.registry))
+    sessions, _ = await all_sessions(state, None)
+    return build_page(query, allowed, state.health, viewers_by_target(sessions)), sessions
+
+
 async def index(request: web.Request) -> web.StreamResponse:
-    """The targets this viewer may open; nobody signed in: the way to sign in."""
+    """The consoles this viewer may open, searched, filtered and paged by the URL's query;
+    nobody signed in: the way to sign in."""
     state = request.app[STATE]
     check_host(request)
     identity = await identify(request)
@@ -171,32 +237,44 @@ async def index(request: web.Request) -> web.StreamResponse:
         if state.settings.auth.mode == "token":
             raise web.HTTPFound(location="login")
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
-    routes = sorted(state.registry, key=lambda r: (r.namespace, r.name))
-    allowed = await _allowed_routes(state, identity, routes)
-    live, can_end = await _sessions_for_admins(state, identity, allowed)
-    # Counts of the other replicas for the rows whose sessions are not listed (fail open: a
-    # replica that does not answer is left out of the count).
-    elsewhere = await state.viewer_counts.by_target() if any(
-        route.key not in live for route in allowed) else {}
-    rows = [{"namespace": route.namespace, "name": route.name,
-             "label": route.display_name or route.name, "view_only": route.view_only,
-             "sessions": len(live[route.key]) if route.key in live
-             else state.sessions.count_for(route.key) + elsewhere.get(route.key, 0),
-             "live": live.get(route.key), "can_end": route.key in can_end}
-            for route in allowed]
+    listing, sessions = await _console_page(request, identity)
+    # The session records and the End buttons only for the rows shown, and only where RBAC
+    # lets this user see them: O(page) checks, not O(consoles).
+    live, can_end = await _sessions_for_admins(state, identity,
+                                               [row.route for row in listing.rows], sessions)
+    for row in listing.rows:
+        row.live = live.get(row.route.key) or None
+        row.can_end = row.route.key in can_end
     csrf = csrf_for_page(request, identity)
     response = render_page(request, "list.html", {
-        "rows": rows, "user": identity.user, "csrf": csrf.token,
+        "listing": listing, "query": listing.query, "phases": PHASES,
+        "per_page": PER_PAGE, "user": identity.user, "csrf": csrf.token,
         "signed_in_by_cookie": identity.method == "cookie"})
     set_csrf_cookie(response, request, csrf)
     return response
 
 
-async def _sessions_for_admins(state: RelayState, identity: Identity, routes: list[Route]
+async def consoles_json(request: web.Request) -> web.StreamResponse:
+    """`GET /api/v1/consoles?q=&namespace=&phase=&label=&page=&per=`: the list page's rows as
+    JSON (the page refreshes its status from it; scripts may use it too)."""
+    check_host(request)
+    identity = await identify(request)
+    if identity is None:
+        return web.json_response({"error": "sign in first"}, status=401,
+                                 headers={"Cache-Control": "no-store"})
+    try:
+        listing, _ = await _console_page(request, identity)
+    except web.HTTPBadRequest as exc:
+        return web.json_response({"error": (exc.text or "").strip()}, status=400)
+    return web.json_response(listing.to_json(), headers={"Cache-Control": "no-store"})
+
+
+async def _sessions_for_admins(state: RelayState, identity: Identity, routes: list[Route],
+                               sessions: list[dict[str, Any]]
                                ) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
     """The sessions (on every replica) of the routes whose sessions `identity` may see (RBAC
     `sessions`), by target; and the targets among them whose sessions it may end
-    (`disconnect`). Nothing is asked of the other replicas for those who may see none."""
+    (`disconnect`)."""
     may_see: list[Route] = []
     for start in range(0, len(routes), LIST_CONCURRENCY):
         batch = routes[start:start + LIST_CONCURRENCY]
@@ -205,7 +283,6 @@ async def _sessions_for_admins(state: RelayState, identity: Identity, routes: li
         may_see.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
     if not may_see:
         return {}, set()
-    sessions, _ = await all_sessions(state, None)
     live: dict[str, list[dict[str, Any]]] = {route.key: [] for route in may_see}
     for item in sessions:
         key = f"{item.get('namespace')}/{item.get('name')}"
@@ -221,10 +298,30 @@ async def _sessions_for_admins(state: RelayState, identity: Identity, routes: li
 
 async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]
                           ) -> list[Route]:
-    # Authorization may ask the Kubernetes API per target: a few at a time, answers cached.
+    """The routes `identity` may open. First one question per namespace (may they open all of
+    it?), then one per console only in the namespaces where the answer was no; a few at a
+    time, answers cached (with RBAC each question may be a SubjectAccessReview)."""
+    namespaces = sorted({route.namespace for route in routes})
+    whole: set[str] = set()
+    for start in range(0, len(namespaces), LIST_CONCURRENCY):
+        names = namespaces[start:start + LIST_CONCURRENCY]
+        answers = await asyncio.gather(*(state.authorizer.may_open_all(identity, ns)
+                                         for ns in names))
+        whole.update(ns for ns, yes in zip(names, answers, strict=True) if yes)
     allowed: list[Route] = []
-    for start in range(0, len(routes), LIST_CONCURRENCY):
-        batch = routes[start:start + LIST_CONCURRENCY]
+    rest: list[Route] = []
+    decide_now = state.authorizer.decide_now
+    for route in routes:
+        if route.namespace in whole:
+            allowed.append(route)
+            continue
+        known = decide_now(identity, route)  # in memory or cached: no task per console
+        if known is None:
+            rest.append(route)
+        elif known.allowed:
+            allowed.append(route)
+    for start in range(0, len(rest), LIST_CONCURRENCY):
+        batch = rest[start:start + LIST_CONCURRENCY]
         decisions = await asyncio.gather(*(state.authorizer.decide(identity, r) for r in batch))
         allowed.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
     return allowed
@@ -268,11 +365,14 @@ def make_public_app(state: RelayState) -> web.Application:
     app[STATE] = state
     setup_templates(app)
     app.router.add_get("/", index)
+    app.router.add_get("/api/v1/consoles", consoles_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/t/{namespace}/{name}", viewer_redirect)
     app.router.add_get("/t/{namespace}/{name}/", viewer)
     app.router.add_get("/t/{namespace}/{name}/websockify", websocket)
+    app.router.add_get("/t/{namespace}/{name}/viewers", viewer_peers)
+    app.router.add_get("/t/{namespace}/{name}/thumbnail", thumbnail)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)

@@ -38,6 +38,11 @@ def test_a_valid_target_is_stored_and_listed_with_columns(control_plane: Control
     control_plane.apply(target(namespace, "desk-1", {
         "endpoint": {"service": {"name": "desk-1", "port": "vnc"}}, "displayName": "Desk 1",
         "sessions": {"mode": "exclusive", "takeover": "owner-only", "idleTimeout": "15m"}}))
+    control_plane.apply(target(namespace, "desk-2", {
+        "endpoint": {"service": {"name": "desk-2", "port": 5900}}, "thumbnail": {"enabled": True}}))
+    stored = control_plane.kubectl("get", "vnc", "desk-2", "-n", namespace, "-o",
+                                   "jsonpath={.spec.thumbnail.enabled}").stdout
+    assert stored == "true"
     table = control_plane.kubectl("get", "vnc", "-n", namespace).stdout
     header = table.splitlines()[0].split()
     assert header[:2] == ["NAME", "ENDPOINT"] and "PHASE" in header and "URL" in header
@@ -45,6 +50,8 @@ def test_a_valid_target_is_stored_and_listed_with_columns(control_plane: Control
 
 
 INVALID = [
+    ({"endpoint": {"service": {"name": "a", "port": 5900}}, "thumbnail": {"enabled": "yes"}},
+     "spec.thumbnail.enabled"),
     ({"endpoint": {}}, ONE_ENDPOINT),
     ({"endpoint": {"service": {"name": "a", "port": 5900},
                    "address": {"host": "10.0.0.1", "port": 5900}}},

@@ -4,17 +4,16 @@ combinations arrive at an X client on the server as key events."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 from playwright.async_api import Browser, Page
-from Xlib import XK, X
 from Xlib import display as xdisplay
 
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
+from tests.support.xdesktop import KeyLog
 from vncgate.common.model import Route
 
 SIZES = """() => {
@@ -23,48 +22,6 @@ SIZES = """() => {
   return {fb: [canvas.width, canvas.height], shown: [canvas.clientWidth, canvas.clientHeight],
           box: [screen.clientWidth, screen.clientHeight]};
 }"""
-
-
-NAMES = {XK.string_to_keysym(name): name
-         for name in ["Control_L", "Alt_L", "Delete", "Super_L", "Tab", "Shift_L",
-                      *(f"F{i}" for i in range(1, 13))]}
-
-
-class KeyLog:
-    """An X client on the VNC server's display holding the keyboard focus; it records the
-    keysyms of the key events the server delivers."""
-
-    def __init__(self, display_number: int) -> None:
-        self.display = xdisplay.Display(f":{display_number}")
-        screen = self.display.screen()
-        self.window = screen.root.create_window(
-            0, 0, 200, 200, 0, screen.root_depth,
-            event_mask=X.KeyPressMask | X.KeyReleaseMask)
-        self.window.map()
-        self.display.sync()
-        self.window.set_input_focus(X.RevertToParent, X.CurrentTime)
-        self.display.sync()
-        self.events: list[tuple[str, str]] = []
-        self.stopped = False
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self.stopped:
-            if not self.display.pending_events():
-                threading.Event().wait(0.02)
-                continue
-            event = self.display.next_event()
-            if event.type in (X.KeyPress, X.KeyRelease):
-                keysym = self.display.keycode_to_keysym(event.detail, 0)
-                name = NAMES.get(keysym, hex(keysym))
-                if name != "Shift_L":  # Xvnc's own fake Shift, to reach a keysym's level
-                    self.events.append(("down" if event.type == X.KeyPress else "up", name))
-
-    def close(self) -> None:
-        self.stopped = True
-        self.thread.join(timeout=5)
-        self.display.close()
 
 
 @pytest.fixture

@@ -31,11 +31,15 @@ async def test_address_target_is_served_updated_and_removed(
         k8s: Any, relay: RelayServer, xvnc: XvncServer) -> None:
     cluster = Cluster(k8s)
     async with running_operator(k8s, settings_for(relay)):
-        await cluster.create(TARGETS, vnc_target("lab", "desk-1", {
-            "address": {"host": "127.0.0.1", "port": xvnc.port}}, displayName="Desk 1"))
+        body = vnc_target("lab", "desk-1", {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+                          displayName="Desk 1", thumbnail={"enabled": True})
+        body["metadata"]["labels"] = {"rack": "r12"}
+        await cluster.create(TARGETS, body)
 
         route = await eventually(lambda: relay.registry.get("lab", "desk-1"), "route registered")
         assert (route.host, route.port, route.display_name) == ("127.0.0.1", xvnc.port, "Desk 1")
+        # The console list's: metadata.labels and spec.thumbnail go with the route.
+        assert (route.labels, route.thumbnail) == ((("rack", "r12"),), True)
         status = await eventually(
             lambda: (s := cluster.status("lab", "desk-1")).get("phase") == "Ready" and s,
             "phase Ready", context=lambda: cluster.get(TARGETS, "lab", "desk-1"))

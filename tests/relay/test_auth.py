@@ -374,7 +374,7 @@ def rbac_policy(request: kmock.Request) -> dict[str, Any]:
     assert attrs["group"] == "vncgate.io" and attrs["resource"] == "vnctargets"
     assert attrs["verb"] == "connect"
     allowed = (spec["user"] == "alice" and attrs["namespace"] == "lab") or (
-        "lab-viewers" in spec.get("groups", []) and attrs["name"] == "open")
+        "lab-viewers" in spec.get("groups", []) and attrs.get("name") == "open")
     return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
             "status": {"allowed": allowed}}
 

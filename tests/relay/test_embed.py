@@ -62,7 +62,8 @@ FIELDS = {
         ("access", "Access | None", None), ("sessions", "SessionPolicy", SessionPolicy()),
         ("recording", "RecordingPolicy | None", None),
         ("credentials", "Credentials | None", None), ("tls", "TlsSpec | None", None),
-        ("kubevirt", "str | None", None), ("service", "bool", False)],
+        ("kubevirt", "str | None", None), ("service", "bool", False),
+        ("labels", "tuple[tuple[str, str], ...]", ()), ("thumbnail", "bool", False)],
 }
 
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NAME = re.compile(r"(?<![/\w])vncgate_[a-z_]+(?![/\w])")
 # Names of the kind that are not metrics: the folder of the operator's package.
 NOT_METRICS = {"vncgate_operator",
-               "vncgate_csrf", "vncgate_device"}  # a logger, cookie names
+               "vncgate_csrf", "vncgate_device",  # cookie names
+               "vncgate_kubectl"}  # the plugin's wheel
 WHERE = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md",
          *sorted((ROOT / "charts/vncgate/dashboards").glob("*.json")),
          ROOT / "charts/vncgate/templates/prometheusrule.yaml"]

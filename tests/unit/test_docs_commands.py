@@ -91,6 +91,7 @@ BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
          ".venv/bin/python -m bench.replicas_setup": "bench.replicas_setup",
          ".venv/bin/python -m bench.soak": "bench.soak",
          ".venv/bin/python -m bench.maskscan": "bench.maskscan",
+         ".venv/bin/python -m bench.listpage": "bench.listpage",
          ".venv/bin/python -m bench": "bench"}
 
 
