@@ -41,6 +41,7 @@ TOKEN_SECRET = "vncgate-registration-token"
 USERS_SECRET = "vncgate-users"
 KEYS_SECRET = "vncgate-keys"
 VIEWER = "vncgate-viewer"
+INITIAL_USER_BINDING = "vncgate-initial-user-" + hashlib.sha256(VIEWER.encode()).hexdigest()[:8]
 OPERATOR_LABELS = {"app.kubernetes.io/name": "vncgate", "app.kubernetes.io/instance": "vncgate",
                    "app.kubernetes.io/component": "operator"}
 
@@ -94,7 +95,7 @@ def test_every_component_is_rendered_by_default() -> None:
     rendered.one("ClusterRole", RELAY)
     rendered.one("Role", RELAY)
     rendered.one("ClusterRole", VIEWER)
-    rendered.one("ClusterRoleBinding", "vncgate-initial-user")
+    rendered.one("ClusterRoleBinding", INITIAL_USER_BINDING)
     assert not rendered.of_kind("Ingress"), "no host, no Ingress"
     assert not rendered.of_kind("PodDisruptionBudget"), "one relay: a PDB would block drains"
     assert not rendered.of_kind("HorizontalPodAutoscaler")
@@ -378,7 +379,8 @@ def test_viewer_cluster_role_is_what_teams_bind() -> None:
     # Only the generated initial user, cluster-wide.
     (binding,) = [b for b in rendered.of_kind("ClusterRoleBinding")
                   if b["roleRef"]["name"] == VIEWER]
-    assert binding["metadata"]["name"] == "vncgate-initial-user"
+    # Named after the role it binds too: roleRef cannot change, a new role needs a new binding.
+    assert binding["metadata"]["name"] == INITIAL_USER_BINDING
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": VIEWER}
     assert binding["subjects"] == [

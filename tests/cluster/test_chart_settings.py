@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cluster import ControlPlane
-from tests.cluster.conftest import CHART, HELM, helm
+from tests.cluster.conftest import CHART, CRD_APPLIED, HELM, helm
 
 VALUES = CHART / "ci" / "pod-settings-values.yaml"
 
@@ -21,7 +21,7 @@ def test_pod_settings_are_accepted(control_plane: ControlPlane, crd: ControlPlan
     namespace = "vncgate-pod-settings"
     helm(control_plane, tmp_path, "install", "vncgate", str(CHART), "--namespace", namespace,
          "--create-namespace", "--values", str(VALUES),
-         "--set", "operator.metrics.enabled=true")
+         "--set", "operator.metrics.enabled=true", *CRD_APPLIED)
     try:
         for component in ("relay", "operator"):
             deployment = control_plane.get("deployment", f"vncgate-{component}", "-n", namespace)

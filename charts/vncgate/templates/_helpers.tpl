@@ -128,6 +128,13 @@ Docker reads references) or is put before it. */}}
 {{- $value.name | default (printf "%s-%s" (include "vncgate.fullname" $root) (index $suffixes $role)) }}
 {{- end }}
 
+{{/* The ClusterRoleBinding of the initial user to the viewer role. roleRef cannot change: a
+binding to another role (renamed by the values, or by the chart as in 0.3) gets another name, so
+an upgrade replaces it instead of failing. */}}
+{{- define "vncgate.initialUserBinding" -}}
+{{- printf "%s-initial-user-%s" (include "vncgate.fullname" .) (include "vncgate.clusterRoleName" (list . "viewer") | sha256sum | trunc 8) }}
+{{- end }}
+
 {{/* The ClusterRole the relay may be bound to, per namespace, to read credentials Secrets. */}}
 {{- define "vncgate.relay.credentialsRole" -}}
 {{- printf "%s-credentials" (include "vncgate.relay.fullname" .) }}
