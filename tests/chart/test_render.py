@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.machinery
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from tests.chart.conftest import (
     ci_id,
     helm,
     install_dry_run,
+    load_script,
     render,
 )
 
@@ -686,12 +685,7 @@ def test_chart_renders_the_crd_of_crds_with_its_labels_and_keep() -> None:
 
 def test_chart_crds_refuses_template_syntax_in_the_crd(tmp_path: Path) -> None:
     """A `{{` in a description would be read by Helm as a template action."""
-    spec = importlib.util.spec_from_loader(
-        "chart_crds", importlib.machinery.SourceFileLoader(
-            "chart_crds", str(ROOT / "scripts" / "chart-crds")))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("chart-crds")
     bad = tmp_path / "bad.yaml"
     bad.write_text(CANONICAL_CRD.read_text().replace(
         "description: The metadata.generation", "description: Use {{ .Values }}, the", 1))
