@@ -1,10 +1,11 @@
 """`helm upgrade` from an earlier chart updates the VncTarget CRD, on the real API server.
 
 The earlier chart is the repository's chart as of just before the last commit that changed the
-spec of crds/vnctargets.vncgate.io.yaml, so its CRD is the previous one. Charts up to 0.2 carried the
-CRD in their crds/ folder, which Helm installs once without making it part of the release; the
-first upgrade to a chart that renders it from a template takes it over (`--take-ownership`, as
-docs/KUBERNETES.md says). From then on every upgrade updates it, and uninstall leaves it.
+spec of crds/vnctargets.vncgate.io.yaml, so its CRD is the previous one. Charts up to 0.2
+carried the CRD in their crds/ folder, which Helm installs once without making it part of the
+release; the first upgrade to a chart that renders it from a template takes it over
+(`--take-ownership`, as docs/KUBERNETES.md says). From then on every upgrade updates it, and
+uninstall leaves it.
 """
 
 from __future__ import annotations
