@@ -121,6 +121,7 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "pod-settings": (),
         "recording": (),
         "kubevirt": (),
+        "conventions": ("https://vnc.example.com", "https://vnc.lab.example.com"),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
     if ci_id(values) == "recording":  # the chart's recording flags, as the relay reads them
@@ -193,6 +194,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path,
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "recording": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "conventions": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "kubevirt": {"public_url": "http://127.0.0.1:8080", "namespaces": (),
                      "kubevirt_discovery": True},
     }

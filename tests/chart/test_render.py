@@ -472,8 +472,11 @@ def test_network_policy_admits_internal_port_only_from_operator_and_relays(value
     metrics_from = given.get("networkPolicy", {}).get("metricsFrom", [])
     policy = rendered.one("NetworkPolicy", RELAY)
     # Ingress only by default: egress stays open (VNC servers, the API for reviews and Leases).
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert "egress" not in policy["spec"]
+    if given.get("networkPolicy", {}).get("relayEgress", {}).get("enabled"):
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    else:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert "egress" not in policy["spec"]
     internal_rules = [rule for rule in policy["spec"]["ingress"]
                       if any(p["port"] in (8081, "internal") for p in rule["ports"])]
     assert len(internal_rules) == 1, "one rule for the internal port"
@@ -494,7 +497,8 @@ def test_network_policy_admits_internal_port_only_from_operator_and_relays(value
     expected: list[tuple[list[int], Any]] = [
         ([8080], given.get("networkPolicy", {}).get("publicFrom"))]
     if metrics_from:
-        expected.append(([9090], metrics_from))
+        port = given.get("relay", {}).get("metrics", {}).get("port", 9090)
+        expected.append(([port], metrics_from))
     assert others == expected
     # The operator: Prometheus (metricsFrom) on the metrics port, and the API server (from an
     # address no selector names) on the admission webhook's port; nothing else.
@@ -513,7 +517,9 @@ def test_headless_service_lists_starting_relays(values: Path) -> None:
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["publishNotReadyAddresses"] is True
     ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
-    assert ports == {"http": 8080, "internal": 8081, "metrics": 9090}
+    given = yaml.safe_load(values.read_text()) or {}
+    metrics = given.get("relay", {}).get("metrics", {}).get("port", 9090)
+    assert ports == {"http": 8080, "internal": 8081, "metrics": metrics}
 
 
 def test_ha_values_add_hpa_pdb_and_service_monitor() -> None:
