@@ -38,6 +38,7 @@ async def serve(settings: RelaySettings) -> None:
     async with RelayServer(settings, routes) as relay:
         log.info("relay listening", extra={"fields": {
             "public": relay.public_url, "internal": relay.internal_url,
+            "metrics": relay.metrics_url or relay.internal_url,
             "routes": len(relay.registry),
             "registration_api": "on" if settings.api_token else "off (no --api-token-file)"}})
         for route in relay.registry:

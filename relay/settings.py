@@ -68,6 +68,9 @@ class AuthSettings:
 class RelaySettings:
     listen: Address = Address("127.0.0.1", 8080)  # noqa: RUF009 - frozen, immutable
     internal_listen: Address = Address("127.0.0.1", 8081)  # noqa: RUF009 - frozen
+    # /metrics on a port of its own (so a scraper admitted there cannot reach the registration
+    # API); None: /metrics is on the internal port.
+    metrics_listen: Address | None = None
     # The bearer token of the registration API. None: the API refuses every request (401).
     api_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
@@ -189,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=parse_host_port(_env("INTERNAL_LISTEN") or "127.0.0.1:8081",
                                                 "--internal-listen"),
                         help="internal address: API, /metrics (default 127.0.0.1:8081)")
+    parser.add_argument("--metrics-listen", type=lambda v: parse_host_port(v, "--metrics-listen"),
+                        default=parse_host_port(m, "--metrics-listen")
+                        if (m := _env("METRICS_LISTEN")) else None,
+                        help="serve /metrics on this address instead of the internal port, so "
+                             "that a scraper need not reach the registration API")
     parser.add_argument("--api-token-file", type=Path,
                         default=Path(p) if (p := _env("API_TOKEN_FILE")) else None,
                         help="file holding the bearer token of the registration API")
@@ -470,6 +478,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    if args.metrics_listen is not None and args.metrics_listen.port and args.metrics_listen in (
+            args.listen, args.internal_listen):
+        parser.error(f"--metrics-listen {args.metrics_listen}: give /metrics a port of its own "
+                     "(not the --listen or --internal-listen one), e.g. 0.0.0.0:9090")
     peer_urls, peer_service = _peers(parser, args)
     return RelaySettings(
         peer_urls=peer_urls, peer_service=peer_service,
@@ -478,6 +490,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
         identity=_check_identity(parser, args.identity),
         listen=args.listen, internal_listen=args.internal_listen, api_token=token,
+        metrics_listen=args.metrics_listen,
         allowed_origins=tuple(o.rstrip("/") for o in origins), targets_paths=tuple(paths),
         targets=tuple(targets), log_format=args.log_format, log_level=args.log_level,
         deny_networks=_deny_networks(parser, args),

@@ -1,4 +1,5 @@
-"""The internal port: the registration API (bearer token) and Prometheus metrics.
+"""The internal port: the registration API (bearer token) and Prometheus metrics (or, with
+--metrics-listen, the metrics on a port of their own).
 
 Never behind the Ingress; in a cluster a NetworkPolicy lets only the operator (and the metrics
 scraper) reach it. Every error is a JSON body `{"error": "..."}` that says what to fix.
@@ -278,5 +279,15 @@ def make_internal_app(state: RelayState) -> web.Application:
     app.router.add_post("/api/v1/revocations", learn_revocation)
     app.router.add_get("/api/v1/viewers/{namespace}/{name}", target_viewers)
     app.router.add_post("/api/v1/failures", failure_ages)
+    if state.settings.metrics_listen is None:
+        app.router.add_get("/metrics", metrics)
+    return app
+
+
+def make_metrics_app(state: RelayState) -> web.Application:
+    """/metrics alone, for --metrics-listen: a scraper admitted to this port reaches nothing
+    else (the registration API stays on the internal port)."""
+    app = web.Application()
+    app[STATE] = state
     app.router.add_get("/metrics", metrics)
     return app

@@ -13,7 +13,7 @@ from vncgate.common.model import Route
 from vncgate.relay.session.registry import Registry
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.state import RelayState
-from vncgate.relay.web.internal import make_internal_app
+from vncgate.relay.web.internal import make_internal_app, make_metrics_app
 from vncgate.relay.web.public import make_public_app
 from vncgate.relay.web.tls import ReloadingTls
 
@@ -39,6 +39,8 @@ class RelayServer:
         self._runners: list[web.AppRunner] = []
         self.public_url = ""
         self.internal_url = ""
+        # With --metrics-listen: where /metrics is served; else "" (on the internal port).
+        self.metrics_url = ""
         self.tls: ReloadingTls | None = None
         self._tls_watch: asyncio.Task[None] | None = None
 
@@ -75,6 +77,9 @@ class RelayServer:
                                                 self.state.settings.listen, self.tls)
             self.internal_url = await self._serve(make_internal_app(self.state),
                                                   self.state.settings.internal_listen)
+            if settings.metrics_listen is not None:
+                self.metrics_url = await self._serve(make_metrics_app(self.state),
+                                                     settings.metrics_listen)
         except BaseException:
             await self.stop()
             raise

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -95,3 +99,17 @@ def install_dry_run(sets: Sequence[str] = (), values_files: Sequence[Path] = ())
 
 def ci_id(path: Path) -> str:
     return path.name.removesuffix("-values.yaml")
+
+
+def load_script(name: str) -> ModuleType:
+    """A Python script of scripts/ (no .py suffix) as a module, for its functions."""
+    module_name = "script_" + name.replace("-", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    loader = importlib.machinery.SourceFileLoader(module_name, str(ROOT / "scripts" / name))
+    spec = importlib.util.spec_from_loader(module_name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
+    loader.exec_module(module)
+    return module

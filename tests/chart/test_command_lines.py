@@ -121,6 +121,7 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "pod-settings": (),
         "recording": (),
         "kubevirt": (),
+        "conventions": ("https://vnc.example.com", "https://vnc.lab.example.com"),
     }
     assert settings.allowed_origins == expected_origins[ci_id(values)]
     if ci_id(values) == "recording":  # the chart's recording flags, as the relay reads them
@@ -193,6 +194,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path,
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "recording": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
+        "conventions": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "kubevirt": {"public_url": "http://127.0.0.1:8080", "namespaces": (),
                      "kubevirt_discovery": True},
     }
@@ -211,9 +213,11 @@ def granting(rendered: Rendered, resource: str, verb: str) -> set[str]:
             if resource in rule.get("resources", ()) and verb in rule.get("verbs", ())}
 
 
-@pytest.mark.parametrize("renamed", [False, True], ids=["default-names", "renamed"])
+@pytest.mark.parametrize(("release", "renamed"), [
+    ("vncgate", False), ("consoles", False), ("consoles", True)],
+    ids=["default-names", "another-release", "renamed"])
 def test_every_role_a_message_names_is_one_the_release_created(
-        renamed: bool, token_file: Path, tmp_path: Path,
+        release: str, renamed: bool, token_file: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The relay's refusals and 4424, and the operator's CredentialsNotReadable advice, name
     ClusterRoles: each name is one this release renders, whatever the release is called and
@@ -221,8 +225,7 @@ def test_every_role_a_message_names_is_one_the_release_created(
     for name in ("VIEWER_ROLE", "EDITOR_ROLE", "ADMIN_ROLE", "RECORDINGS_VIEWER_ROLE",
                  "CREDENTIALS_ROLE"):
         monkeypatch.delenv(f"VNCGATE_{name}", raising=False)
-    release = "consoles" if renamed else "vncgate"
-    fullname = "consoles-vncgate" if renamed else "vncgate"  # helm's fullname rule
+    fullname = "vncgate" if release == "vncgate" else f"{release}-vncgate"  # helm's fullname
     sets = ("relay.credentials.enabled=true",)
     if renamed:
         sets += ("rbac.viewerClusterRole.name=lab-console-viewer",
@@ -245,5 +248,11 @@ def test_every_role_a_message_names_is_one_the_release_created(
     if renamed:  # not today's names by accident
         assert roles.viewer == "lab-console-viewer"
         assert roles.credentials == "consoles-vncgate-relay-credentials"
-    else:
+    elif release == "vncgate":
         assert roles == RoleNames()
+    else:  # the release's own names, which a second release does not collide with
+        assert roles == RoleNames(viewer="consoles-vncgate-viewer",
+                                  editor="consoles-vncgate-editor",
+                                  admin="consoles-vncgate-admin",
+                                  recordings_viewer="consoles-vncgate-recordings-viewer",
+                                  credentials="consoles-vncgate-relay-credentials")

@@ -57,7 +57,7 @@ def test_notes_tell_how_to_read_the_initial_password_and_grant_access() -> None:
             "-o jsonpath='{.data.users\\.yaml}' | base64 -d") in notes
     # The initial user opens every console; say so, and why.
     assert "may open every console in the cluster" in notes
-    assert "vncgate-initial-user" in notes
+    assert "vncgate-initial-user-" in notes
     # Teams grant access with a RoleBinding to the viewer ClusterRole in their namespace.
     assert "kind: RoleBinding" in notes
     assert "kind: ClusterRole\n       name: vncgate-viewer" in notes

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,16 @@ from tests.chart.conftest import (
     CHART,
     CI_VALUES,
     RELEASE,
+    ROOT,
     Rendered,
     ci_id,
     helm,
     install_dry_run,
+    load_script,
     render,
 )
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBERNETES_VERSIONS = ("1.29", "1.35")
 # Custom resources kubernetes-validate has no schema for; checked by the policy tests instead.
@@ -35,6 +40,7 @@ TOKEN_SECRET = "vncgate-registration-token"
 USERS_SECRET = "vncgate-users"
 KEYS_SECRET = "vncgate-keys"
 VIEWER = "vncgate-viewer"
+INITIAL_USER_BINDING = "vncgate-initial-user-" + hashlib.sha256(VIEWER.encode()).hexdigest()[:8]
 OPERATOR_LABELS = {"app.kubernetes.io/name": "vncgate", "app.kubernetes.io/instance": "vncgate",
                    "app.kubernetes.io/component": "operator"}
 
@@ -88,7 +94,7 @@ def test_every_component_is_rendered_by_default() -> None:
     rendered.one("ClusterRole", RELAY)
     rendered.one("Role", RELAY)
     rendered.one("ClusterRole", VIEWER)
-    rendered.one("ClusterRoleBinding", "vncgate-initial-user")
+    rendered.one("ClusterRoleBinding", INITIAL_USER_BINDING)
     assert not rendered.of_kind("Ingress"), "no host, no Ingress"
     assert not rendered.of_kind("PodDisruptionBudget"), "one relay: a PDB would block drains"
     assert not rendered.of_kind("HorizontalPodAutoscaler")
@@ -111,8 +117,11 @@ def test_every_container_is_locked_down(values: Path) -> None:
         assert context.get("capabilities", {}).get("drop") == ["ALL"], where
         assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         resources = container.get("resources", {})
-        for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: {kind}"
+        assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{where}: requests"
+        assert "memory" in resources.get("limits", {}), f"{where}: a memory limit"
+        if container["name"] == "relay":
+            # Latency-sensitive: CFS throttling would stall every session of the pod at once.
+            assert "cpu" not in resources["limits"], f"{where}: no CPU limit by default"
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         assert "/tmp" in mounts, f"{where}: a writable /tmp on a read-only root"
     for manifest in rendered.of_kind("Deployment"):
@@ -130,6 +139,7 @@ def test_relay_runs_as_the_chart_says() -> None:
     assert relay["command"] == ["vncgate-relay"]
     args = relay["args"]
     for expected in ("--listen=0.0.0.0:8080", "--internal-listen=0.0.0.0:8081",
+                     "--metrics-listen=0.0.0.0:9090",
                      "--api-token-file=/etc/vncgate/registration-token/token",
                      "--log-format=json", "--wait-for-sync",
                      "--allowed-origin=https://vnc.example.com", "--auth=token",
@@ -146,7 +156,7 @@ def test_relay_runs_as_the_chart_says() -> None:
     assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
-    assert ports == {"http": 8080, "internal": 8081}
+    assert ports == {"http": 8080, "internal": 8081, "metrics": 9090}
 
 
 def test_operator_is_one_pod_that_finds_the_relays() -> None:
@@ -368,7 +378,8 @@ def test_viewer_cluster_role_is_what_teams_bind() -> None:
     # Only the generated initial user, cluster-wide.
     (binding,) = [b for b in rendered.of_kind("ClusterRoleBinding")
                   if b["roleRef"]["name"] == VIEWER]
-    assert binding["metadata"]["name"] == "vncgate-initial-user"
+    # Named after the role it binds too: roleRef cannot change, a new role needs a new binding.
+    assert binding["metadata"]["name"] == INITIAL_USER_BINDING
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": VIEWER}
     assert binding["subjects"] == [
@@ -396,10 +407,46 @@ def test_viewer_cluster_role_name_and_a_second_release() -> None:
     (binding,) = [b for b in renamed.of_kind("ClusterRoleBinding")
                   if b["roleRef"]["name"] == "consoles-viewer"]
     assert binding["subjects"][0]["name"] == "root"
-    # A second release binds the first one's ClusterRole instead of making its own.
-    second = render(sets=["rbac.viewerClusterRole.create=false"])
+    # A release may bind a ClusterRole made elsewhere instead of making its own.
+    second = render(sets=["rbac.viewerClusterRole.create=false",
+                          f"rbac.viewerClusterRole.name={VIEWER}"], release="second")
     assert not [r for r in second.of_kind("ClusterRole") if r["metadata"]["name"] == VIEWER]
     assert [b for b in second.of_kind("ClusterRoleBinding") if b["roleRef"]["name"] == VIEWER]
+    relay = second.one("Deployment", "second-vncgate-relay")["spec"]["template"]["spec"][
+        "containers"][0]
+    assert f"--viewer-role={VIEWER}" in relay["args"], "refusals name the role that is bound"
+
+
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+
+
+def cluster_scoped(rendered: Rendered) -> set[tuple[str, str]]:
+    return {(m["kind"], m["metadata"]["name"]) for m in rendered.manifests
+            if m["kind"] in CLUSTER_SCOPED}
+
+
+@pytest.mark.parametrize("values", [[], [CHART / "ci" / "kubevirt-values.yaml"]],
+                         ids=["default", "kubevirt"])
+def test_two_releases_make_no_cluster_scoped_object_of_the_same_name(values: list[Path]) -> None:
+    """Two releases in one cluster (the second without the CRD, which a cluster has once):
+    every ClusterRole, binding and webhook configuration carries its release's name, and the
+    relay is told the names its release made."""
+    first = render(values, release="vncgate")
+    second = render(values, ["crds.enabled=false"], release="lab")
+    assert cluster_scoped(first) & cluster_scoped(second) == set()
+    assert ("ClusterRole", "lab-vncgate-viewer") in cluster_scoped(second)
+    for rendered, fullname in ((first, "vncgate"), (second, "lab-vncgate")):
+        made = {name for kind, name in cluster_scoped(rendered) if kind == "ClusterRole"}
+        relay = rendered.one("Deployment", f"{fullname}-relay")["spec"]["template"]["spec"][
+            "containers"][0]
+        named = {a.split("=", 1)[1] for a in relay["args"] if a.split("=", 1)[0] in (
+            "--viewer-role", "--editor-role", "--admin-role", "--recordings-viewer-role",
+            "--credentials-role")}
+        assert len(named) == 5 and named <= made, named - made
+        # Aggregation into Kubernetes' edit/admin is by label, whatever the name.
+        editor = rendered.one("ClusterRole", f"{fullname}-editor")["metadata"]["labels"]
+        assert editor[AGGREGATE + "edit"] == "true" and editor[AGGREGATE + "admin"] == "true"
 
 
 # --- network: the internal port stays internal ----------------------------------------------------
@@ -419,29 +466,40 @@ def test_internal_port_is_never_an_ingress_backend(values: Path) -> None:
 
 
 @ci_values
-def test_network_policy_admits_internal_port_only_from_operator_and_metrics(values: Path) -> None:
+def test_network_policy_admits_internal_port_only_from_operator_and_relays(values: Path) -> None:
     rendered = render([values])
     given = yaml.safe_load(values.read_text()) or {}
     metrics_from = given.get("networkPolicy", {}).get("metricsFrom", [])
     policy = rendered.one("NetworkPolicy", RELAY)
-    # Ingress only: egress stays open (VNC servers, and the API for reviews and Leases).
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert "egress" not in policy["spec"]
+    # Ingress only by default: egress stays open (VNC servers, the API for reviews and Leases).
+    if given.get("networkPolicy", {}).get("relayEgress", {}).get("enabled"):
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    else:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert "egress" not in policy["spec"]
     internal_rules = [rule for rule in policy["spec"]["ingress"]
                       if any(p["port"] in (8081, "internal") for p in rule["ports"])]
     assert len(internal_rules) == 1, "one rule for the internal port"
     (rule,) = internal_rules
     assert [p["port"] for p in rule["ports"]] == [8081], "the internal rule opens nothing else"
-    # The operator, the relay pods themselves (kubectl vnc sessions / kill ask each replica),
-    # and the metrics scraper.
+    # The operator and the relay pods themselves (kubectl vnc sessions / kill ask each
+    # replica); not the metrics scraper, which has a port of its own.
     relay_labels = rendered.one("Deployment", RELAY)["spec"]["selector"]["matchLabels"]
     assert rule["from"] == [{"podSelector": {"matchLabels": OPERATOR_LABELS}},
-                            {"podSelector": {"matchLabels": relay_labels}}, *metrics_from]
-    # Every other rule names the public port only: nothing else reaches 8081.
+                            {"podSelector": {"matchLabels": relay_labels}}]
+    # Every other rule names the public port or the metrics port only: nothing else reaches
+    # 8081, and networkPolicy.metricsFrom reaches /metrics alone.
+    others = []
     for other in policy["spec"]["ingress"]:
         assert "ports" in other, "a rule without ports would open every port"
         if other is not rule:
-            assert [p["port"] for p in other["ports"]] == [8080]
+            others.append(([p["port"] for p in other["ports"]], other.get("from")))
+    expected: list[tuple[list[int], Any]] = [
+        ([8080], given.get("networkPolicy", {}).get("publicFrom"))]
+    if metrics_from:
+        port = given.get("relay", {}).get("metrics", {}).get("port", 9090)
+        expected.append(([port], metrics_from))
+    assert others == expected
     # The operator: Prometheus (metricsFrom) on the metrics port, and the API server (from an
     # address no selector names) on the admission webhook's port; nothing else.
     operator_policy = rendered.one("NetworkPolicy", OPERATOR)
@@ -459,7 +517,9 @@ def test_headless_service_lists_starting_relays(values: Path) -> None:
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["publishNotReadyAddresses"] is True
     ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
-    assert ports == {"http": 8080, "internal": 8081}
+    given = yaml.safe_load(values.read_text()) or {}
+    metrics = given.get("relay", {}).get("metrics", {}).get("port", 9090)
+    assert ports == {"http": 8080, "internal": 8081, "metrics": metrics}
 
 
 def test_ha_values_add_hpa_pdb_and_service_monitor() -> None:
@@ -470,9 +530,9 @@ def test_ha_values_add_hpa_pdb_and_service_monitor() -> None:
     assert rendered.one("PodDisruptionBudget", RELAY)["spec"]["maxUnavailable"] == 1
     monitor = rendered.one("ServiceMonitor", RELAY)
     assert monitor["spec"]["endpoints"] == [
-        {"port": "internal", "path": "/metrics", "scheme": "http", "interval": "30s",
+        {"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "30s",
          "scrapeTimeout": "10s"}]
-    # It selects the headless Service only: the public Service has no internal port.
+    # It selects the headless Service only: the public Service has no metrics port.
     selector = monitor["spec"]["selector"]["matchLabels"]
     labels_of = {svc["metadata"]["name"]: svc["metadata"]["labels"]
                  for svc in rendered.of_kind("Service")}
@@ -604,20 +664,40 @@ def test_ingress_hash_by_target() -> None:
 
 # --- the CRD --------------------------------------------------------------------------------------
 
-def test_crd_copy_is_byte_identical() -> None:
-    canonical = CHART.parents[1] / "crds" / "vnctargets.vncgate.io.yaml"
-    copy = CHART / "crds" / "vnctargets.vncgate.io.yaml"
-    assert canonical.exists(), f"the canonical CRD {canonical} is missing"
-    assert copy.read_bytes() == canonical.read_bytes(), (
-        f"{copy.relative_to(CHART.parents[1])} differs from crds/: "
-        f"cp {canonical.relative_to(CHART.parents[1])} {copy.relative_to(CHART.parents[1])}")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["vnctargets.vncgate.io.yaml"]
+CANONICAL_CRD = ROOT / "crds" / "vnctargets.vncgate.io.yaml"
 
 
-def test_chart_installs_the_crd() -> None:
+def test_crd_template_is_generated_from_crds() -> None:
+    """One CRD is edited (crds/); the chart's template is what scripts/chart-crds makes of it."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart-crds"), "--check"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    # Helm installs a chart's crds/ folder once and never upgrades it: the chart has none.
+    assert not (CHART / "crds").exists()
+
+
+def test_chart_renders_the_crd_of_crds_with_its_labels_and_keep() -> None:
+    canonical = yaml.safe_load(CANONICAL_CRD.read_text())
     crd = render().one("CustomResourceDefinition", "vnctargets.vncgate.io")
-    assert crd["spec"]["group"] == "vncgate.io"
-    assert crd["spec"]["names"]["kind"] == "VncTarget"
+    assert crd["spec"] == canonical["spec"]
+    assert canonical["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    unkept = render(sets=["crds.keep=false"]).one("CustomResourceDefinition",
+                                                  "vnctargets.vncgate.io")
+    assert "annotations" not in unkept["metadata"]
+    assert not render(sets=["crds.enabled=false"]).of_kind("CustomResourceDefinition")
+
+
+def test_chart_crds_refuses_template_syntax_in_the_crd(tmp_path: Path) -> None:
+    """A `{{` in a description would be read by Helm as a template action."""
+    module = load_script("chart-crds")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CANONICAL_CRD.read_text().replace(
+        "description: The metadata.generation", "description: Use {{ .Values }}, the", 1))
+    with pytest.raises(module.CrdError, match="template action"):
+        module.template_of(bad)
+    assert module.template_of(CANONICAL_CRD).endswith("{{- end }}\n")
 
 
 def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
@@ -635,9 +715,6 @@ def test_a_stopping_relay_closes_its_sessions_before_it_is_killed() -> None:
                   check=False)
     assert result.returncode != 0
     assert "must be at least relay.preStopSeconds + relay.shutdownGraceSeconds" in result.stderr
-
-
-AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
 
 
 def test_editor_and_admin_roles_are_aggregated_into_kubernetes_roles() -> None:

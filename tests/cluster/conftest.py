@@ -86,6 +86,9 @@ HELM = ROOT / ".tools" / "helm" / "helm"
 # operator process by URL instead.
 NO_POD_WEBHOOK = ("--set", "webhook.enabled=false")
 CHART = ROOT / "charts" / "vncgate"
+# The fixtures apply crds/ themselves (the CRD is cluster-wide and shared by every test); a
+# release that rendered it too would find it there, not its own, and refuse to install.
+CRD_APPLIED = ("--set", "crds.enabled=false")
 
 
 def helm(plane: ControlPlane, home: Path, *args: str) -> str:
@@ -129,7 +132,8 @@ def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
         "test_").replace("_", "-")
     home = tmp_path_factory.mktemp("helm-home")
     helm(plane, home, "install", "vncgate", str(CHART), "--namespace", namespace,
-         "--create-namespace", "--set", "ingress.host=vnc.example.com", *NO_POD_WEBHOOK)
+         "--create-namespace", "--set", "ingress.host=vnc.example.com", *NO_POD_WEBHOOK,
+         *CRD_APPLIED)
     try:
         yield Release(plane, namespace, home)
     finally:

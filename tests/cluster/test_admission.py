@@ -25,7 +25,7 @@ import yaml
 from harness.certs import make_ca, make_server_cert
 from harness.cluster import ControlPlane, free_port
 from harness.waiting import wait_until
-from tests.cluster.conftest import CHART, CRDS, HELM, helm
+from tests.cluster.conftest import CHART, CRD_APPLIED, CRDS, HELM, helm
 from tests.support.processes import ConsoleScript
 
 NAMESPACE = "vncgate-admission"
@@ -80,7 +80,7 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
                   "crd/vnctargets.vncgate.io")
     workdir = tmp_path_factory.mktemp("admission")
     helm(plane, workdir, "install", "vncgate", str(CHART), "--namespace", NAMESPACE,
-         "--create-namespace", "--set", "ingress.host=vnc.example.com")
+         "--create-namespace", "--set", "ingress.host=vnc.example.com", *CRD_APPLIED)
     try:
         ca = make_ca(workdir / "ca")
         server = make_server_cert(ca, workdir / "webhook", "vncgate-operator-webhook")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cluster import ControlPlane
-from tests.cluster.conftest import CHART, HELM, helm
+from tests.cluster.conftest import CHART, CRD_APPLIED, HELM, helm
 
 VALUES = CHART / "ci" / "pod-settings-values.yaml"
 
@@ -21,7 +21,7 @@ def test_pod_settings_are_accepted(control_plane: ControlPlane, crd: ControlPlan
     namespace = "vncgate-pod-settings"
     helm(control_plane, tmp_path, "install", "vncgate", str(CHART), "--namespace", namespace,
          "--create-namespace", "--values", str(VALUES),
-         "--set", "operator.metrics.enabled=true")
+         "--set", "operator.metrics.enabled=true", *CRD_APPLIED)
     try:
         for component in ("relay", "operator"):
             deployment = control_plane.get("deployment", f"vncgate-{component}", "-n", namespace)
@@ -39,4 +39,34 @@ def test_pod_settings_are_accepted(control_plane: ControlPlane, crd: ControlPlan
         control_plane.get("service", "vncgate-operator-metrics", "-n", namespace)
     finally:
         helm(control_plane, tmp_path, "uninstall", "vncgate", "--namespace", namespace)
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_conventions_are_accepted(control_plane: ControlPlane, crd: ControlPlane,
+                                  tmp_path: Path) -> None:
+    """ci/conventions-values.yaml for real: the relay's egress policy, several Ingress hosts
+    and TLS entries, an extra object through tpl, the mirrored image."""
+    if not HELM.exists():
+        pytest.fail(f"helm is not at {HELM}: run scripts/setup")
+    namespace = "vncgate-conventions"
+    helm(control_plane, tmp_path, "install", "lab", str(CHART), "--namespace", namespace,
+         "--create-namespace", "--values", str(CHART / "ci" / "conventions-values.yaml"),
+         *CRD_APPLIED)
+    try:
+        policy = control_plane.get("networkpolicy", "lab-vncgate-relay", "-n", namespace)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        assert policy["spec"]["egress"][0]["ports"] == [
+            {"port": 5900, "endPort": 5999, "protocol": "TCP"}]
+        ingress = control_plane.get("ingress", "lab-vncgate", "-n", namespace)
+        assert [r["host"] for r in ingress["spec"]["rules"]] == ["vnc.example.com",
+                                                                 "vnc.lab.example.com"]
+        assert len(ingress["spec"]["tls"]) == 2
+        assert control_plane.get("configmap", "lab-site", "-n", namespace)["data"] == {
+            "site": "lab"}
+        relay = control_plane.get("deployment", "lab-vncgate-relay", "-n", namespace)
+        assert relay["spec"]["template"]["spec"]["containers"][0]["image"].startswith(
+            "mirror.example.com/vncgate/vncgate:")
+        control_plane.get("clusterrole", "lab-vncgate-viewer")
+    finally:
+        helm(control_plane, tmp_path, "uninstall", "lab", "--namespace", namespace)
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -105,7 +105,9 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
     home = tmp_path / "home"
     home.mkdir()
 
-    # ## Install
+    # ## Install, on a cluster without vncgate: the chart brings the CRD (other tests applied
+    # crds/ outside any release, which the release would refuse to take over).
+    plane.kubectl("delete", "crd", "vnctargets.vncgate.io", "--ignore-not-found", "--timeout=60s")
     run_block(plane, home, "Install")
     deployments = {d["metadata"]["name"]
                    for d in plane.get("deployments", "-n", "vncgate")["items"]}
@@ -128,13 +130,14 @@ def test_install_first_console_upgrade_uninstall(control_plane: ControlPlane, tm
                  "spec": {"ports": [{"name": "vnc", "port": 5900, "targetPort": 5900}],
                           "selector": {"app": "desk-1"}}})
 
-    public, internal = free_port(), free_port()
+    public, internal, metrics = free_port(), free_port(), free_port()
     relay_pod = LocalPod(plane, "vncgate", "vncgate-relay", tmp_path / "relay")
     operator_pod = LocalPod(plane, "vncgate", "vncgate-operator", tmp_path / "operator")
 
     def relay_args(args: list[str]) -> list[str]:
         args = replace_flag(args, "--listen", f"127.0.0.1:{public}")
         args = replace_flag(args, "--internal-listen", f"127.0.0.1:{internal}")
+        args = replace_flag(args, "--metrics-listen", f"127.0.0.1:{metrics}")
         # The chart denies loopback destinations; here the Service's stand-in is on loopback.
         return [arg for arg in args if arg not in ("--deny-cidr=127.0.0.0/8",)]
 

@@ -18,7 +18,7 @@ import pytest
 
 from harness.cluster import ControlPlane
 from harness.waiting import wait_until
-from tests.cluster.conftest import CHART, CRDS, NO_POD_WEBHOOK, Release, helm
+from tests.cluster.conftest import CHART, CRD_APPLIED, CRDS, NO_POD_WEBHOOK, Release, helm
 from tests.cluster.test_operator import Relay, status_of
 from tests.support.kubevirt import CRDS as KUBEVIRT_CRDS
 from tests.support.processes import ConsoleScript
@@ -41,7 +41,8 @@ def kubevirt_release(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
     namespace, home = "vncgate-kubevirt", tmp_path_factory.mktemp("helm-home")
     helm(plane, home, "install", "vncgate", str(CHART), "--namespace", namespace,
          "--create-namespace", "--set", "ingress.host=vnc.example.com",
-         "--set", "kubevirt.enabled=true", "--set", "kubevirt.discovery=true", *NO_POD_WEBHOOK)
+         "--set", "kubevirt.enabled=true", "--set", "kubevirt.discovery=true", *NO_POD_WEBHOOK,
+         *CRD_APPLIED)
     try:
         yield Release(plane, namespace, home)
     finally:

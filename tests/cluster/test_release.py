@@ -33,7 +33,7 @@ import yaml
 
 from harness.cluster import ControlPlane, free_port
 from harness.waiting import eventually
-from tests.cluster.conftest import HELM, NO_POD_WEBHOOK
+from tests.cluster.conftest import CRD_APPLIED, HELM, NO_POD_WEBHOOK
 from tests.conftest import ROOT
 from tests.image.conftest import IN_CI, SBIN_PATH, cannot_build_reason
 from tests.support.processes import ConsoleScript
@@ -326,7 +326,7 @@ def chart_release(dist: Path, control_plane: ControlPlane,
     # installed, it would refuse the VncTarget writes of the tests that follow.
     helm(plane, home, "install", "vncgate", dist / f"vncgate-{VERSION}.tgz", "--namespace",
          namespace, "--create-namespace", "--set", "ingress.host=vnc.example.com",
-         *NO_POD_WEBHOOK)
+         *NO_POD_WEBHOOK, *CRD_APPLIED)
     try:
         yield plane, namespace, home
     finally:

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import API_TOKEN, RelayFactory
+from vncgate.common.addresses import Address
 from vncgate.common.client import RelayClient, RelayError
 from vncgate.common.model import Route, table_revision
 from vncgate.relay.web.server import RelayServer
@@ -159,6 +160,26 @@ async def test_metrics_and_health(relay: RelayServer, http: aiohttp.ClientSessio
     async with http.put(f"{relay.public_url}/api/v1/targets/lab/desk", json=DESK,
                         headers=AUTH) as resp:
         assert resp.status in (404, 405)
+
+
+async def test_metrics_on_their_own_port_leave_the_api_behind(make_relay: RelayFactory,
+                                                               http: aiohttp.ClientSession
+                                                               ) -> None:
+    """--metrics-listen: /metrics moves to its own port, which serves nothing else, so a
+    scraper admitted there (the chart's networkPolicy.metricsFrom) cannot reach the API."""
+    async with make_relay(metrics_listen=Address("127.0.0.1", 0)) as relay:
+        relay.registry.put(Route("lab", "desk", "10.0.0.5", 5900))
+        assert relay.metrics_url and relay.metrics_url != relay.internal_url
+        async with http.get(f"{relay.metrics_url}/metrics") as resp:
+            assert resp.status == 200
+            assert "vncgate_routes 1.0" in await resp.text()
+        for path in ("/api/v1/targets", "/api/v1/sessions"):
+            async with http.get(f"{relay.metrics_url}{path}", headers=AUTH) as resp:
+                assert resp.status == 404, path
+        async with http.get(f"{relay.internal_url}/metrics") as resp:
+            assert resp.status == 404, "the internal port no longer serves /metrics"
+        status, _ = await call(http, "GET", f"{relay.internal_url}/api/v1/targets")
+        assert status == 200
 
 
 async def test_readyz_waits_for_the_first_full_table(make_relay: RelayFactory,

@@ -96,6 +96,9 @@ def test_relay_refuses_to_start_on_bad_manifests(tmp_path: Path) -> None:
     (["--auth", "proxy", "--trusted-proxy", "127.0.0.1/32", "--authorization", "manifest",
       "--kubernetes-tokens"], "--kubernetes-tokens needs the Kubernetes API"),
     (["--token-audience", "vncgate"], "--token-audience goes with --kubernetes-tokens"),
+    (["--metrics-listen", "9090"], "--metrics-listen: '9090' is not HOST:PORT"),
+    (["--internal-listen", "127.0.0.1:9091", "--metrics-listen", "127.0.0.1:9091"],
+     "give /metrics a port of its own"),
 ])
 def test_bad_flags_say_what_to_write(args: list[str], words: str) -> None:
     result = subprocess.run([*RELAY, *args], capture_output=True, text=True, timeout=30,
@@ -134,6 +137,8 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
     assert (settings_from_args([]).stall_timeout, settings_from_args([]).shutdown_grace) == (
         120, 20)
     assert settings_from_args(["--shutdown-grace", "9s"]).shutdown_grace == 9
+    monkeypatch.setenv("VNCGATE_METRICS_LISTEN", "0.0.0.0:9090")
+    assert settings_from_args([]).metrics_listen == Address("0.0.0.0", 9090)
     # A flag wins over the environment.
     assert settings_from_args(["--listen", "127.0.0.1:1234"]).listen == Address("127.0.0.1", 1234)
 

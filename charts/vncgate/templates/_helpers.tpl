@@ -97,12 +97,47 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/* The image: image.registry (else global.imageRegistry), when set, replaces the registry
+part of image.repository (its first component when that has a "." or ":" or is "localhost", as
+Docker reads references) or is put before it. */}}
 {{- define "vncgate.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := .Values.image.repository }}
+{{- $registry := .Values.image.registry | default ((.Values.global | default dict).imageRegistry) }}
+{{- if $registry }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = rest $parts | join "/" }}
 {{- end }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $registry) $repository }}
+{{- end }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The names of the cluster-scoped ClusterRoles people bind: rbac.<role>ClusterRole.name, or
+"<fullname>-<suffix>", so that two releases never collide. Called with (list $ "viewer"). */}}
+{{- define "vncgate.clusterRoleName" -}}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $suffixes := dict "viewer" "viewer" "editor" "editor" "admin" "admin" "recordingsViewer" "recordings-viewer" }}
+{{- $value := index $root.Values.rbac (printf "%sClusterRole" $role) }}
+{{- $value.name | default (printf "%s-%s" (include "vncgate.fullname" $root) (index $suffixes $role)) }}
+{{- end }}
+
+{{/* The ClusterRoleBinding of the initial user to the viewer role. roleRef cannot change: a
+binding to another role (renamed by the values, or by the chart as in 0.3) gets another name, so
+an upgrade replaces it instead of failing. */}}
+{{- define "vncgate.initialUserBinding" -}}
+{{- printf "%s-initial-user-%s" (include "vncgate.fullname" .) (include "vncgate.clusterRoleName" (list . "viewer") | sha256sum | trunc 8) }}
+{{- end }}
+
+{{/* The ClusterRole the relay may be bound to, per namespace, to read credentials Secrets. */}}
+{{- define "vncgate.relay.credentialsRole" -}}
+{{- printf "%s-credentials" (include "vncgate.relay.fullname" .) }}
 {{- end }}
 
 {{/* "true" when the chart renders an Ingress: ingress.enabled, or unset with a host. */}}
@@ -139,6 +174,11 @@ neither names one. */}}
 {{- $origins := list }}
 {{- if or .Values.publicUrl (include "vncgate.publicHost" .) }}
 {{- $origins = append $origins (include "vncgate.publicUrl" .) }}
+{{- end }}
+{{- if include "vncgate.ingress.enabled" . }}
+{{- range .Values.ingress.extraHosts }}
+{{- $origins = append $origins (printf "https://%s" .) }}
+{{- end }}
 {{- end }}
 {{- range .Values.relay.allowedOrigins }}
 {{- $origins = append $origins (trimSuffix "/" .) }}
