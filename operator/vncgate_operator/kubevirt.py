@@ -21,8 +21,9 @@ from typing import Any
 
 import aiohttp
 
+from vncgate.common.model import LOGIN_HELD, LOGIN_OK, LoginOutcome
 from vncgate.operator.kubeapi import VMIS, VMS, KubeError, KubeVirtAbsent, KubeVirtApi
-from vncgate.operator.probe import ProbeResult
+from vncgate.operator.probe import ProbeResult, printable
 
 logger = logging.getLogger("vncgate.operator.kubevirt")
 
@@ -32,6 +33,9 @@ STOPPED = "VirtualMachineStopped"
 NOT_FOUND = "VirtualMachineNotFound"
 NOT_INSTALLED = "KubeVirtNotInstalled"
 NOT_READABLE = "KubeVirtNotReadable"
+# The ConsoleAvailable condition (status.CONSOLE_AVAILABLE), from the relays' reports.
+CONSOLE_OPENED = "ConsoleOpened"
+HELD_BY_ANOTHER_CLIENT = "HeldByAnotherClient"
 BACKOFF_FIRST, BACKOFF_LONGEST = 1.0, 60.0
 # Discovery (--kubevirt-discovery): a VM with this label gets a VncTarget of its own name,
 # owned by the VM (the garbage collector deletes it with the VM); its display name from the
@@ -80,6 +84,29 @@ def verdict(namespace: str, name: str, vm: Mapping[str, Any] | None,
                            "spec.runStrategy: Always)")
     return ProbeResult(False, NOT_FOUND,
                        f"no VirtualMachine or VirtualMachineInstance {namespace}/{name}; {fix}")
+
+
+def console_verdict(outcome: LoginOutcome | None) -> tuple[bool, str, str] | None:
+    """ConsoleAvailable from the latest attempt any relay made to open the VM's console: None
+    if none reported one (and for failures that are not about who holds it).
+
+    The relay asks with preserveSession, so KubeVirt refuses it while another client (virtctl
+    vnc, a web console) holds the console; KubeVirt does not say who, and the relay cannot
+    know when they leave: the condition stands until a later session opens it. Its message
+    carries no time, so refusals that repeat write no status."""
+    if outcome is None:
+        return None
+    if outcome.result == LOGIN_OK:
+        return (True, CONSOLE_OPENED,
+                "the relay opened the VM's console at the last session through it")
+    if outcome.result == LOGIN_HELD:
+        said = printable(outcome.reason) or "another console client holds it"
+        return (False, HELD_BY_ANOTHER_CLIENT,
+                f"KubeVirt kept the VM's console from the last session through the relay: "
+                f"{said} (the relay asks with preserveSession, so it does not take the console "
+                "from them). It frees when they disconnect; the next session that opens it "
+                "clears this")
+    return None
 
 
 async def check(api: KubeVirtApi, namespace: str, name: str) -> ProbeResult:
