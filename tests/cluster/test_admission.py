@@ -188,6 +188,13 @@ def test_ca_secret_needs_get_on_it(webhook: Webhook, namespace: str, editor: Pat
     run_hint(plane, said)
     ok, said = apply_as(plane, editor, manifest)
     assert ok, said
+    # The same for a CA in a ConfigMap.
+    manifest = target(namespace, "tls-desk-2", tls={"caConfigMap": {"name": "lab-ca-bundle"}})
+    ok, said = apply_as(plane, editor, manifest)
+    assert not ok and f"get configmaps on ConfigMap {namespace}/lab-ca-bundle" in said, said
+    run_hint(plane, said)
+    ok, said = apply_as(plane, editor, manifest)
+    assert ok, said
 
 
 def test_kubevirt_console_needs_get_on_vnc(webhook: Webhook, namespace: str,
