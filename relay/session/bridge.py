@@ -545,6 +545,10 @@ class Session:
         route, started = self.route, time.monotonic()
         upstream = Upstream(self)
         try:
+            if route.kubevirt is not None and self.kubevirt is not None:
+                # The relay's credentials, loaded once (in a thread) before the clock starts:
+                # the connect timeout is the API server's and KubeVirt's time to answer.
+                await self.kubevirt.connection()
             async with asyncio.timeout(self.settings.connect_timeout):
                 dial = await self._dialer()
                 await dial(lambda: upstream)

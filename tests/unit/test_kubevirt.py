@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from wsproto.events import (
     Request,
 )
 
-from vncgate.common.kube import KubeConnection
+from vncgate.common.kube import KubeConfigError, KubeConnection
 from vncgate.common.model import (
     LOGIN_HELD,
     LOGIN_OK,
@@ -459,6 +460,30 @@ async def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -
     assert refused.value.code == closecodes.INTERNAL_ERROR
     assert "cannot be sent as an HTTP header" in refused.value.reason
     assert "secret-part" not in refused.value.reason
+
+
+async def test_the_credentials_load_in_a_thread_once_and_a_failure_is_tried_again() -> None:
+    # Importing the kubernetes package takes seconds on a busy machine: never on the loop.
+    loads: list[int] = []
+
+    def load() -> KubeConnection:
+        loads.append(threading.get_ident())
+        if len(loads) == 1:
+            raise KubeConfigError("no kubeconfig here")
+        return KubeConnection("http://127.0.0.1:9", False, TokenWithALineBreak())
+
+    dialer = KubeVirtDialer(load)
+    dialer.warm()
+    dialer.warm()  # one load at a time
+    with pytest.raises(DialRefused) as refused:
+        await dialer.dial("lab", "vm-1", Inner)
+    assert "no Kubernetes credentials for KubeVirt consoles (no kubeconfig here)" in \
+        refused.value.reason
+    for _ in range(2):  # loaded by the next dial, then kept
+        with pytest.raises(DialRefused) as refused:
+            await dialer.dial("lab", "vm-1", Inner)
+        assert "cannot be sent as an HTTP header" in refused.value.reason
+    assert len(loads) == 2 and threading.get_ident() not in loads
 
 
 # -- the operator's verdict ----------------------------------------------------------------
