@@ -23,7 +23,7 @@ from harness.cluster import ControlPlane
 from harness.waiting import eventually, wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import CHART, CRDS, NO_POD_WEBHOOK, Release, helm
-from tests.cluster.test_kubevirt import closed_with, kubevirt_api  # noqa: F401 - a fixture
+from tests.cluster.test_kubevirt import closed_with
 from tests.cluster.test_operator import Relay, status_of
 from tests.support.kubevirt import CRDS as KUBEVIRT_CRDS
 from tests.support.kubevirt import KubeVirtBackend
@@ -262,7 +262,7 @@ def test_a_virtual_machine_of_one_mebibyte_is_followed(
 
 async def test_a_console_kubevirt_keeps_for_another_client_shows_in_status(
         kubevirt_release: Release, namespace: str, relay: Relay, operator: ConsoleScript,
-        kubevirt_api: KubeVirtBackend, xvnc: XvncServer) -> None:  # noqa: F811
+        kubevirt_api: KubeVirtBackend, xvnc: XvncServer) -> None:
     """KubeVirt refuses the relay a console that someone on `virtctl vnc` holds
     (preserveSession): the viewer is closed with 4409 saying so, and the target's status says
     so too (ConsoleAvailable), without leaving Ready: the VM runs. A later session that opens
