@@ -190,24 +190,40 @@ class KubeVirtWatch:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def _each_vm(self, namespace: str | None) -> str:
+        """Every VM to discovery (as an ADDED event); the list's resourceVersion."""
+        assert self.vm_seen is not None
+        version = ""
+        async for items, page_version in self.api.pages(VMS, namespace):
+            version = version or page_version
+            for vm in items:
+                meta = vm.get("metadata") or {}
+                if meta.get("name"):
+                    self.changed(str(meta.get("namespace") or ""), str(meta["name"]))
+                    await self.vm_seen("ADDED", vm)
+        return version
+
     async def _watch(self, plural: str, namespace: str | None) -> None:
         delay, version = BACKOFF_FIRST, None
         while True:
             try:
-                start_from = version
                 if not version:
                     # List (one object) for where to start: that the API answers is how the
                     # arrival of KubeVirt is seen, even with no VM yet to send an event.
-                    version = await self.api.current_version(plural, namespace)
+                    # Discovery needs every VM once: it lists them all, a page at a time,
+                    # and watches from that list. (Not a watch without a version, which
+                    # begins with an ADDED event per object: kube-apiserver 1.36 answered it
+                    # with "Too large resource version" for as long as no VM changed.)
+                    if plural == VMS and self.vm_seen is not None:
+                        version = await self._each_vm(namespace)
+                    else:
+                        version = await self.api.current_version(plural, namespace)
                     if self.absent:
                         self.absent = False
                         logger.info("KubeVirt's %s are served: watching them", plural)
                         self.appeared()
-                    # Discovery needs every VM once: a watch without a version begins with
-                    # an ADDED event per existing object.
-                    start_from = None if plural == VMS and self.vm_seen is not None else version
                 opened = time.monotonic()
-                async for event in self.api.watch(plural, namespace, start_from):
+                async for event in self.api.watch(plural, namespace, version):
                     delay = BACKOFF_FIRST
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
