@@ -229,9 +229,12 @@ def table_revision(routes: Iterable[Route]) -> str:
 # without ever reading the Secret (docs/ARCHITECTURE.md, "Credentials and TLS").
 # `forbidden`: the relay could not read the credential because RBAC denied it (403), the one
 # cause an access review also sees; `unreadable`: any other (a missing Secret or key, the API).
+# For endpoint.kubevirt routes the relay opens the VM's console through the API server, and
+# `held` says KubeVirt refused it (preserveSession) because another console client holds it;
+# `ok` then means the console was opened.
 LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE = "ok", "refused", "unreadable"
-LOGIN_FORBIDDEN = "forbidden"
-_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LOGIN_FORBIDDEN)
+LOGIN_FORBIDDEN, LOGIN_HELD = "forbidden", "held"
+_LOGIN_RESULTS = (LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, LOGIN_FORBIDDEN, LOGIN_HELD)
 
 
 @dataclass(frozen=True, slots=True)

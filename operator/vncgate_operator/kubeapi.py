@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from vncgate.common.kube import (
     KubeClient,
@@ -195,6 +196,27 @@ class KubeVirtApi:
                 raise KubeVirtAbsent() from None
             raise
         return str(((found or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+    async def pages(self, plural: str, namespace: str | None, limit: int = 100
+                    ) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+        """Every object, a page at a time (memory bounded by a page), with the list's
+        resourceVersion (the same on every page: one snapshot). KubeVirtAbsent if the API is
+        not served."""
+        token = ""
+        while True:
+            query = f"?limit={limit}" + (f"&continue={quote(token)}" if token else "")
+            try:
+                found = await self.client.request("GET", f"{self.path(plural, namespace)}{query}")
+            except KubeError as exc:
+                if exc.status == 404:
+                    raise KubeVirtAbsent() from None
+                raise
+            meta = (found or {}).get("metadata") or {}
+            items = [item for item in (found or {}).get("items") or () if isinstance(item, dict)]
+            yield items, str(meta.get("resourceVersion") or "")
+            token = str(meta.get("continue") or "")
+            if not token:
+                return
 
     async def watch(self, plural: str, namespace: str | None, resource_version: str | None,
                     timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:

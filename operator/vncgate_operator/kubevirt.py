@@ -21,8 +21,9 @@ from typing import Any
 
 import aiohttp
 
+from vncgate.common.model import LOGIN_HELD, LOGIN_OK, LoginOutcome
 from vncgate.operator.kubeapi import VMIS, VMS, KubeError, KubeVirtAbsent, KubeVirtApi
-from vncgate.operator.probe import ProbeResult
+from vncgate.operator.probe import ProbeResult, printable
 
 logger = logging.getLogger("vncgate.operator.kubevirt")
 
@@ -32,6 +33,9 @@ STOPPED = "VirtualMachineStopped"
 NOT_FOUND = "VirtualMachineNotFound"
 NOT_INSTALLED = "KubeVirtNotInstalled"
 NOT_READABLE = "KubeVirtNotReadable"
+# The ConsoleAvailable condition (status.CONSOLE_AVAILABLE), from the relays' reports.
+CONSOLE_OPENED = "ConsoleOpened"
+HELD_BY_ANOTHER_CLIENT = "HeldByAnotherClient"
 BACKOFF_FIRST, BACKOFF_LONGEST = 1.0, 60.0
 # Discovery (--kubevirt-discovery): a VM with this label gets a VncTarget of its own name,
 # owned by the VM (the garbage collector deletes it with the VM); its display name from the
@@ -80,6 +84,29 @@ def verdict(namespace: str, name: str, vm: Mapping[str, Any] | None,
                            "spec.runStrategy: Always)")
     return ProbeResult(False, NOT_FOUND,
                        f"no VirtualMachine or VirtualMachineInstance {namespace}/{name}; {fix}")
+
+
+def console_verdict(outcome: LoginOutcome | None) -> tuple[bool, str, str] | None:
+    """ConsoleAvailable from the latest attempt any relay made to open the VM's console: None
+    if none reported one (and for failures that are not about who holds it).
+
+    The relay asks with preserveSession, so KubeVirt refuses it while another client (virtctl
+    vnc, a web console) holds the console; KubeVirt does not say who, and the relay cannot
+    know when they leave: the condition stands until a later session opens it. Its message
+    carries no time, so refusals that repeat write no status."""
+    if outcome is None:
+        return None
+    if outcome.result == LOGIN_OK:
+        return (True, CONSOLE_OPENED,
+                "the relay opened the VM's console at the last session through it")
+    if outcome.result == LOGIN_HELD:
+        said = printable(outcome.reason) or "another console client holds it"
+        return (False, HELD_BY_ANOTHER_CLIENT,
+                f"KubeVirt kept the VM's console from the last session through the relay: "
+                f"{said} (the relay asks with preserveSession, so it does not take the console "
+                "from them). It frees when they disconnect; the next session that opens it "
+                "clears this")
+    return None
 
 
 async def check(api: KubeVirtApi, namespace: str, name: str) -> ProbeResult:
@@ -163,24 +190,40 @@ class KubeVirtWatch:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def _each_vm(self, namespace: str | None) -> str:
+        """Every VM to discovery (as an ADDED event); the list's resourceVersion."""
+        assert self.vm_seen is not None
+        version = ""
+        async for items, page_version in self.api.pages(VMS, namespace):
+            version = version or page_version
+            for vm in items:
+                meta = vm.get("metadata") or {}
+                if meta.get("name"):
+                    self.changed(str(meta.get("namespace") or ""), str(meta["name"]))
+                    await self.vm_seen("ADDED", vm)
+        return version
+
     async def _watch(self, plural: str, namespace: str | None) -> None:
         delay, version = BACKOFF_FIRST, None
         while True:
             try:
-                start_from = version
                 if not version:
                     # List (one object) for where to start: that the API answers is how the
                     # arrival of KubeVirt is seen, even with no VM yet to send an event.
-                    version = await self.api.current_version(plural, namespace)
+                    # Discovery needs every VM once: it lists them all, a page at a time,
+                    # and watches from that list. (Not a watch without a version, which
+                    # begins with an ADDED event per object: kube-apiserver 1.36 answered it
+                    # with "Too large resource version" for as long as no VM changed.)
+                    if plural == VMS and self.vm_seen is not None:
+                        version = await self._each_vm(namespace)
+                    else:
+                        version = await self.api.current_version(plural, namespace)
                     if self.absent:
                         self.absent = False
                         logger.info("KubeVirt's %s are served: watching them", plural)
                         self.appeared()
-                    # Discovery needs every VM once: a watch without a version begins with
-                    # an ADDED event per existing object.
-                    start_from = None if plural == VMS and self.vm_seen is not None else version
                 opened = time.monotonic()
-                async for event in self.api.watch(plural, namespace, start_from):
+                async for event in self.api.watch(plural, namespace, version):
                     delay = BACKOFF_FIRST
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}

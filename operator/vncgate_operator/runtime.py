@@ -42,10 +42,12 @@ from vncgate.operator.resolve import (
 from vncgate.operator.scheduler import Scheduler
 from vncgate.operator.settings import OperatorSettings
 from vncgate.operator.status import (
+    CONSOLE_AVAILABLE,
     REACHABLE,
     Observation,
     Transition,
     build_status,
+    kept_condition,
     now_precise,
     now_rfc3339,
     record_transition,
@@ -283,10 +285,15 @@ class Runtime:
         # Read again after the probe and the reviews: the relays may have taken the route
         # meanwhile (None: the first full resync is on its way; keep what was seen before).
         registration = self.fleet.registration(route) or registration
+        console = None
+        if route.kubevirt is not None:
+            console = (kubevirt.console_verdict(self.fleet.last_login(key))
+                       or kept_condition(current, CONSOLE_AVAILABLE))
         await self.write_status(key, entry, current, Observation(
             endpoint, registration=registration, probe=result, sessions=sessions,
             viewers=self.fleet.viewers(key),
-            tls_verified=None if route.tls is None else not route.tls.insecure_skip_verify))
+            tls_verified=None if route.tls is None else not route.tls.insecure_skip_verify,
+            console=console))
 
     async def kubevirt_check(self, route: Route) -> ProbeResult | None:
         """Reachable from the VM's state; None (keep what status says) if the API failed."""

@@ -19,7 +19,10 @@ PENDING, READY, UNREACHABLE, INVALID = "Pending", "Ready", "Unreachable", "Inval
 REGISTERED, REACHABLE, READY_CONDITION = "Registered", "Reachable", "Ready"
 # Only for targets with spec.tls: whether the relay checks the server's certificate.
 TLS_VERIFIED = "TLSVerified"
-CONDITION_TYPES = (REGISTERED, REACHABLE, READY_CONDITION, TLS_VERIFIED)
+# Only for endpoint.kubevirt targets, once a relay reported a session's attempt: whether
+# KubeVirt gave the relay the VM's console or kept it for another client (preserveSession).
+CONSOLE_AVAILABLE = "ConsoleAvailable"
+CONDITION_TYPES = (REGISTERED, REACHABLE, READY_CONDITION, TLS_VERIFIED, CONSOLE_AVAILABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,9 @@ class Observation:
     # spec.tls: None without it; else whether the server's certificate is verified (False:
     # insecureSkipVerify, a warning condition that leaves the phase as it is).
     tls_verified: bool | None = None
+    # endpoint.kubevirt: (ok, reason, message) of ConsoleAvailable, a condition that leaves the
+    # phase as it is (the VM runs; its console is busy); None: no such condition.
+    console: tuple[bool | None, str, str] | None = None
 
 
 def tls_condition(verified: bool) -> tuple[bool, str, str]:
@@ -94,6 +100,13 @@ def _kept(previous: Mapping[str, Any] | None) -> tuple[bool | None, str, str]:
         return None, "NotChecked", "not checked yet"
     value = {"True": True, "False": False}.get(str(previous.get("status")))
     return value, str(previous.get("reason") or "NotChecked"), str(previous.get("message") or "")
+
+
+def kept_condition(current: Mapping[str, Any] | None,
+                   type_: str) -> tuple[bool | None, str, str] | None:
+    """A condition as status has it (for one that was not observed this time), or None."""
+    previous = _previous(current or {}).get(type_)
+    return None if previous is None else _kept(previous)
 
 
 def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
@@ -150,6 +163,9 @@ def build_status(current: Mapping[str, Any] | None, obs: Observation, *,
     if obs.invalid is None and obs.tls_verified is not None:
         status["conditions"].append(_condition(TLS_VERIFIED, *tls_condition(obs.tls_verified),
                                                previous.get(TLS_VERIFIED), generation, now))
+    if obs.invalid is None and obs.console is not None:
+        status["conditions"].append(_condition(CONSOLE_AVAILABLE, *obs.console,
+                                               previous.get(CONSOLE_AVAILABLE), generation, now))
     return status
 
 

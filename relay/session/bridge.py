@@ -388,7 +388,7 @@ class Session:
             opened = await rfbsecurity.open_logged_in(dial, login, route.key,
                                                       self.settings.connect_timeout)
         except DialRefused as refused:
-            raise SessionRefused(refused.code, refused.reason) from None
+            raise self._dial_refused(refused) from None
         except rfbsecurity.SecurityRefused as refused:
             self.logins.login_failed(route.key, refused)
             raise SessionRefused(refused.code, refused.reason) from None
@@ -534,17 +534,28 @@ class Session:
             return functools.partial(kubevirt.dial, route.namespace, route.kubevirt)
         return await tcp_dialer(route, self.settings)
 
+    def _dial_refused(self, refused: DialRefused) -> SessionRefused:
+        """The viewer's ending for a console KubeVirt did not open; one it keeps for another
+        client (preserveSession) is reported to the operator's status as well."""
+        if refused.code == closecodes.CONFLICT and self.logins is not None:
+            self.logins.console_held(self.route.key, refused.reason)
+        return SessionRefused(refused.code, refused.reason)
+
     async def _connect(self) -> bytes:
         route, started = self.route, time.monotonic()
         upstream = Upstream(self)
         try:
+            if route.kubevirt is not None and self.kubevirt is not None:
+                # The relay's credentials, loaded once (in a thread) before the clock starts:
+                # the connect timeout is the API server's and KubeVirt's time to answer.
+                await self.kubevirt.connection()
             async with asyncio.timeout(self.settings.connect_timeout):
                 dial = await self._dialer()
                 await dial(lambda: upstream)
                 self.upstream = upstream
                 greeting = await upstream.greeted
         except DialRefused as refused:
-            raise SessionRefused(refused.code, refused.reason) from None
+            raise self._dial_refused(refused) from None
         except TimeoutError:
             raise SessionRefused(
                 closecodes.UPSTREAM_TIMEOUT,
@@ -567,6 +578,8 @@ class Session:
                 closecodes.BAD_UPSTREAM,
                 f"cannot reach the VNC server of {route.key}: {exc.strerror or exc}") from None
         self.metrics.connect_seconds.observe(time.monotonic() - started)
+        if route.kubevirt is not None and self.logins is not None:
+            self.logins.logged_in(route.key)  # the console opened: a `held` before is over
         version = parse_greeting(greeting)
         if version is None:
             raise SessionRefused(

@@ -29,6 +29,7 @@ from typing import Any
 from vncgate.common.kube import KubeClient, KubeConfigError, KubeError, kube_connection
 from vncgate.common.model import (
     LOGIN_FORBIDDEN,
+    LOGIN_HELD,
     LOGIN_OK,
     LOGIN_REFUSED,
     LOGIN_UNREADABLE,
@@ -98,6 +99,11 @@ class CredentialStore:
         else:
             return
         self.outcomes[key] = LoginOutcome(result, time.time(), refused.reason)
+
+    def console_held(self, key: str, reason: str) -> None:
+        """KubeVirt kept the VM's console for another client (preserveSession): status says
+        so until a later session opens it."""
+        self.outcomes[key] = LoginOutcome(LOGIN_HELD, time.time(), reason)
 
     def forget(self, key: str) -> None:
         self.outcomes.pop(key, None)

@@ -133,8 +133,8 @@ async def replace_targets(request: web.Request) -> web.StreamResponse:
 
 async def list_targets(request: web.Request) -> web.StreamResponse:
     """The table; `?view=summary`: only its revision, who views what, and the last login per
-    route that has credentials or TLS (`logins`: result ok/refused/unreadable/forbidden, Unix time,
-    reason).
+    route that has credentials or TLS or a kubevirt endpoint (`logins`: result
+    ok/refused/unreadable/forbidden/held, Unix time, reason).
 
     The operator's periodic resync reads the summary, O(open sessions) instead of O(routes):
     at 100,000 routes the full table is ~18 MB per replica per pass.

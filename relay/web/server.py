@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from types import TracebackType
 
@@ -73,6 +74,8 @@ class RelayServer:
                     self.tls.watch(settings.tls_reload_interval))
             await self.state.consoles.start(self.state.console_taken)
             await self.state.start_shared()
+            if settings.kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+                self.state.kubevirt.warm()  # the first KubeVirt console need not wait for it
             self.public_url = await self._serve(make_public_app(self.state),
                                                 self.state.settings.listen, self.tls)
             self.internal_url = await self._serve(make_internal_app(self.state),

@@ -23,6 +23,14 @@ from harness.cluster import (
     assets_dir,
 )
 from harness.waiting import wait_until
+from tests.support.kubevirt import (
+    BACKEND_PORT,
+    KubeVirtBackend,
+    NetworkNamespace,
+    install_api_service,
+    remove_api_service,
+    serving_certificate,
+)
 
 CRDS = ROOT / "crds"
 _namespaces = itertools.count(1)
@@ -139,3 +147,20 @@ def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     finally:
         helm(plane, home, "uninstall", "vncgate", "--namespace", namespace)
         plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def kubevirt_api(control_plane: ControlPlane) -> Iterator[KubeVirtBackend]:
+    """KubeVirt's console API as an aggregated API of the real API server. Once per session:
+    removed and installed again seconds later (its namespace still terminating), the API
+    server answered 503 for it."""
+    plane = control_plane
+    with NetworkNamespace() as netns:
+        sock = netns.listen(BACKEND_PORT)
+        with KubeVirtBackend(sock, serving_certificate(plane),
+                             plane.certs.front_proxy_ca_crt) as backend:
+            try:
+                install_api_service(plane, netns, plane.certs.ca_crt)
+                yield backend
+            finally:
+                remove_api_service(plane)

@@ -12,6 +12,7 @@ their own tokens through the real kubectl.
 from __future__ import annotations
 
 import base64
+import json
 import shlex
 import socket
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ NAMESPACE = "vncgate-admission"
 WEBHOOK_CONFIGURATION = f"vncgate-operator-{NAMESPACE}"
 WEBHOOK_NAME = "deputy-rule.vnctargets.vncgate.io"
 GRANTED_PORT = 5900
+OPERATOR = "vncgate-operator"
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Webhook:
     workdir: Path
     port: int
     ca: Path
+    operator_kubeconfig: Path
 
 
 def point_at_operator(plane: ControlPlane, port: int, ca: Path) -> None:
@@ -79,8 +82,10 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                   "crd/vnctargets.vncgate.io")
     workdir = tmp_path_factory.mktemp("admission")
+    # kubevirt.discovery: the chart lets the operator create VncTargets itself.
     helm(plane, workdir, "install", "vncgate", str(CHART), "--namespace", NAMESPACE,
-         "--create-namespace", "--set", "ingress.host=vnc.example.com", *CRD_APPLIED)
+         "--create-namespace", "--set", "ingress.host=vnc.example.com",
+         "--set", "kubevirt.enabled=true", "--set", "kubevirt.discovery=true", *CRD_APPLIED)
     try:
         ca = make_ca(workdir / "ca")
         server = make_server_cert(ca, workdir / "webhook", "vncgate-operator-webhook")
@@ -95,7 +100,7 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
             "namespaces": ["t*"], "cidrs": ["127.0.0.1/32"],
             "ports": [GRANTED_PORT]}]}))
         kubeconfig = plane.service_account_kubeconfig(workdir / "operator.kubeconfig",
-                                                      NAMESPACE, "vncgate-operator")
+                                                      NAMESPACE, OPERATOR)
         operator = ConsoleScript("vncgate-operator", [
             f"--relay-url=http://127.0.0.1:{free_port()}", f"--api-token-file={token}",
             "--liveness=off", "--standalone", "--allow-cidr=127.0.0.0/8",
@@ -104,7 +109,7 @@ def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
             workdir, env={"KUBECONFIG": str(kubeconfig)})
         with operator:
             serving(operator, port)
-            yield Webhook(plane, operator, workdir, port, ca.cert)
+            yield Webhook(plane, operator, workdir, port, ca.cert, kubeconfig)
     finally:
         helm(plane, workdir, "uninstall", "vncgate", "--namespace", NAMESPACE)
         plane.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
@@ -183,6 +188,13 @@ def test_ca_secret_needs_get_on_it(webhook: Webhook, namespace: str, editor: Pat
     run_hint(plane, said)
     ok, said = apply_as(plane, editor, manifest)
     assert ok, said
+    # The same for a CA in a ConfigMap.
+    manifest = target(namespace, "tls-desk-2", tls={"caConfigMap": {"name": "lab-ca-bundle"}})
+    ok, said = apply_as(plane, editor, manifest)
+    assert not ok and f"get configmaps on ConfigMap {namespace}/lab-ca-bundle" in said, said
+    run_hint(plane, said)
+    ok, said = apply_as(plane, editor, manifest)
+    assert ok, said
 
 
 def test_kubevirt_console_needs_get_on_vnc(webhook: Webhook, namespace: str,
@@ -203,6 +215,24 @@ def test_kubevirt_console_needs_get_on_vnc(webhook: Webhook, namespace: str,
     plane.kubectl("-n", namespace, "create", "rolebinding", "vm1-console", "--role=vm1-console",
                   f"--serviceaccount={namespace}:alice")
     ok, said = apply_as(plane, editor, manifest)
+    assert ok, said
+
+
+def test_the_operators_own_discovered_targets_are_admitted(webhook: Webhook,
+                                                           namespace: str) -> None:
+    """`--kubevirt-discovery` creates a VncTarget for each labelled VM with the operator's own
+    account, which may not open consoles itself (labelling the VM is the consent): the webhook
+    knows that account (a SelfSubjectReview at start) and admits its writes."""
+    plane = webhook.plane
+    manifest = target(namespace, "vm2", endpoint={"kubevirt": {"name": "vm2"}})
+    review = plane.kubectl("create", "-f", "-", "-o", "json", input=json.dumps({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {
+            "namespace": namespace, "verb": "get", "group": "subresources.kubevirt.io",
+            "resource": "virtualmachineinstances", "subresource": "vnc", "name": "vm2"}}}),
+        kubeconfig_path=webhook.operator_kubeconfig)
+    assert not json.loads(review.stdout)["status"].get("allowed"), review.stdout
+    ok, said = apply_as(plane, webhook.operator_kubeconfig, manifest)
     assert ok, said
 
 

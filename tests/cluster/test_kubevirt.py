@@ -13,11 +13,9 @@ import dataclasses
 import json
 import ssl
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from harness.cluster import ControlPlane
 from harness.waiting import wait_until
@@ -31,12 +29,7 @@ from tests.relay.test_upstream_security import (  # noqa: F401 - fixtures
     x509_xvnc,
 )
 from tests.support.kubevirt import (
-    BACKEND_PORT,
     KubeVirtBackend,
-    NetworkNamespace,
-    install_api_service,
-    remove_api_service,
-    serving_certificate,
 )
 from tests.support.rfbclient import WsStream, viewer_handshake
 from vncgate.common.model import Route
@@ -45,21 +38,6 @@ from vncgate.relay import closecodes
 
 VNC_RULE = {"apiGroups": ["subresources.kubevirt.io"],
             "resources": ["virtualmachineinstances/vnc"], "verbs": ["get"]}
-
-
-@pytest.fixture(scope="module")
-def kubevirt_api(control_plane: ControlPlane) -> Iterator[KubeVirtBackend]:
-    """KubeVirt's console API as an aggregated API of the real API server."""
-    plane = control_plane
-    with NetworkNamespace() as netns:
-        sock = netns.listen(BACKEND_PORT)
-        with KubeVirtBackend(sock, serving_certificate(plane),
-                             plane.certs.front_proxy_ca_crt) as backend:
-            try:
-                install_api_service(plane, netns, plane.certs.ca_crt)
-                yield backend
-            finally:
-                remove_api_service(plane)
 
 
 def relay_account(plane: ControlPlane, namespace: str, folder: Path, *,

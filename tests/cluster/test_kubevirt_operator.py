@@ -9,19 +9,26 @@ first look comes from the operator's watch of VMs and VMIs, not from a periodic 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from harness.cluster import ControlPlane
-from harness.waiting import wait_until
+from harness.waiting import eventually, wait_until
+from harness.xvnc import XvncServer
 from tests.cluster.conftest import CHART, CRD_APPLIED, CRDS, NO_POD_WEBHOOK, Release, helm
+from tests.cluster.test_kubevirt import closed_with
 from tests.cluster.test_operator import Relay, status_of
 from tests.support.kubevirt import CRDS as KUBEVIRT_CRDS
+from tests.support.kubevirt import KubeVirtBackend
 from tests.support.processes import ConsoleScript
+from vncgate.relay import closecodes
 
 
 def remove_kubevirt_crds(plane: ControlPlane) -> None:
@@ -52,8 +59,12 @@ def kubevirt_release(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    with Relay.running(tmp_path) as relay:
+def relay(kubevirt_release: Release, tmp_path: Path) -> Iterator[Relay]:
+    """A relay as the chart's ServiceAccount (kubevirt.enabled: it may open VM consoles)."""
+    kubeconfig = kubevirt_release.plane.service_account_kubeconfig(
+        tmp_path / "relay.kubeconfig", kubevirt_release.namespace,
+        kubevirt_release.relay_account)
+    with Relay.running(tmp_path, f"--kubeconfig={kubeconfig}") as relay:
         yield relay
 
 
@@ -248,3 +259,66 @@ def test_a_virtual_machine_of_one_mebibyte_is_followed(
     plane.kubectl("delete", "vm", "big", "-n", namespace)
     reachable(plane, namespace, "big", "VirtualMachineNotFound", operator)
     assert "the most this reader takes" not in operator.log()  # no event refused on its size
+
+
+async def test_a_console_kubevirt_keeps_for_another_client_shows_in_status(
+        kubevirt_release: Release, namespace: str, relay: Relay, operator: ConsoleScript,
+        kubevirt_api: KubeVirtBackend, xvnc: XvncServer) -> None:
+    """KubeVirt refuses the relay a console that someone on `virtctl vnc` holds
+    (preserveSession): the viewer is closed with 4409 saying so, and the target's status says
+    so too (ConsoleAvailable), without leaving Ready: the VM runs. A later session that opens
+    the console clears it. Real relay and operator processes, the chart's RBAC, KubeVirt's
+    console API aggregated into the real API server."""
+    plane = kubevirt_release.plane
+    plane.kubectl("apply", "-f", str(KUBEVIRT_CRDS))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/virtualmachines.kubevirt.io", "crd/virtualmachineinstances.kubevirt.io")
+    plane.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                 "metadata": {"name": "vm-1", "namespace": namespace}, "spec": {}})
+    set_vmi_phase(plane, namespace, "vm-1", "Running")
+    kubevirt_api.consoles[(namespace, "vm-1")] = xvnc.port
+    plane.apply(kubevirt_target(namespace, "vm-1", "vm-1"))
+    await asyncio.to_thread(wait_until, lambda: status_of(plane, namespace, "vm-1").get(
+        "phase") == "Ready", "the target Ready", context=lambda: status_of(plane, namespace,
+                                                                        "vm-1"))
+    viewer = f"ws://127.0.0.1:{relay.public}/t/{namespace}/vm-1/websockify"
+
+    def console(reason: str) -> dict[str, Any] | None:
+        operator.check_running()
+        status = status_of(plane, namespace, "vm-1")
+        found = {c["type"]: c for c in status.get("conditions") or ()}.get("ConsoleAvailable")
+        return status if found is not None and found["reason"] == reason else None
+
+    admin = ssl.create_default_context(cafile=str(plane.certs.ca_crt))
+    admin.load_cert_chain(*map(str, plane.certs.admin))
+    outside_url = (f"{plane.url}/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/"
+                   "virtualmachineinstances/vm-1/vnc")
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(outside_url, protocols=("plain.kubevirt.io",),
+                                   ssl=admin) as outside:
+            assert (await outside.receive(timeout=20)).data == b"RFB 003.008\n"
+            async with http.ws_connect(viewer, protocols=("binary",)) as ws:
+                code, reason = await closed_with(ws)
+            assert code == closecodes.CONFLICT, (code, reason)
+            status = await asyncio.to_thread(
+                wait_until, lambda: console("HeldByAnotherClient"),
+                "ConsoleAvailable HeldByAnotherClient", timeout=60,
+                context=lambda: status_of(plane, namespace, "vm-1"))
+            held = condition(status, "ConsoleAvailable")
+            assert held["status"] == "False"
+            assert reason in held["message"] and "preserveSession" in held["message"], held
+            assert status["phase"] == "Ready"  # the VM runs; its console is busy
+            assert not outside.closed and kubevirt_api.replaced == 0
+
+        # They leave; the next viewer gets the console, and status follows.
+        async def opened() -> bool:
+            async with http.ws_connect(viewer, protocols=("binary",)) as ws:
+                first = await ws.receive(timeout=20)
+                return first.type is aiohttp.WSMsgType.BINARY
+
+        await eventually(opened, "a viewer opening the console once it is free",
+                         interval=0.5)
+    status = await asyncio.to_thread(
+        wait_until, lambda: console("ConsoleOpened"), "ConsoleAvailable ConsoleOpened",
+        timeout=60, context=lambda: status_of(plane, namespace, "vm-1"))
+    assert condition(status, "ConsoleAvailable")["status"] == "True"

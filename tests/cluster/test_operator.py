@@ -31,19 +31,20 @@ TOKEN = "cluster-test-registration-token-0123456789"
 
 
 class Relay:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
         self.public, self.internal = free_port(), free_port()
         token_file = workdir / "registration-token"
         token_file.write_text(TOKEN)
         self.token_file = token_file
         self.script = ConsoleScript("vncgate-relay", [
             f"--listen=127.0.0.1:{self.public}", f"--internal-listen=127.0.0.1:{self.internal}",
-            f"--api-token-file={token_file}", "--auth=none", "--log-format=json"], workdir)
+            f"--api-token-file={token_file}", "--auth=none", "--log-format=json", *extra],
+            workdir)
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, workdir: Path) -> Iterator[Relay]:
-        relay = cls(workdir)
+    def running(cls, workdir: Path, *extra: str) -> Iterator[Relay]:
+        relay = cls(workdir, *extra)
         with relay.script:
             relay.script.wait_for_log("relay listening")
             yield relay

@@ -13,12 +13,11 @@ from playwright.async_api import Browser
 
 from harness.cluster import ControlPlane
 from harness.xvnc import XvncServer
-from tests.cluster.conftest import control_plane  # noqa: F401 - the real API server (fixture)
-from tests.cluster.test_kubevirt import (  # noqa: F401 - kubevirt_api is a fixture
+from tests.cluster.conftest import (  # noqa: F401 - the real API server, KubeVirt's (fixtures)
+    control_plane,
     kubevirt_api,
-    kubevirt_route,
-    relay_account,
 )
+from tests.cluster.test_kubevirt import kubevirt_route, relay_account
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
 from tests.support.kubevirt import KubeVirtBackend

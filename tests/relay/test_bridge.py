@@ -8,6 +8,7 @@ import logging
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.servers import (
     GREETING,
@@ -46,11 +47,23 @@ async def receive_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10
 
 async def test_unknown_target_closes_4404_with_a_reason(make_relay: RelayFactory,
                                                         http: aiohttp.ClientSession) -> None:
-    async with make_relay(routes=[]) as relay, http.ws_connect(
-            ws_url(relay.public_url, "nope"), protocols=("binary",)) as ws:
-        code, reason = await receive_close(ws)
-    assert code == closecodes.UNKNOWN_TARGET
-    assert "lab/nope" in reason and "kubectl get vnc -n lab" in reason
+    async with make_relay(routes=[]) as relay:
+        async with http.ws_connect(ws_url(relay.public_url, "nope"),
+                                   protocols=("binary",)) as ws:
+            code, reason = await receive_close(ws)
+        assert code == closecodes.UNKNOWN_TARGET
+        assert "lab/nope" in reason and "kubectl get vnc -n lab" in reason
+        # Guessed names add no series to /metrics: they count under empty labels.
+        async with http.ws_connect(ws_url(relay.public_url, "guess", "other"),
+                                   protocols=("binary",)) as ws:
+            assert (await receive_close(ws))[0] == closecodes.UNKNOWN_TARGET
+        async with http.get(f"{relay.internal_url}/metrics") as resp:
+            exposition = await resp.text()
+    ended = {tuple(sorted(sample.labels.items())): sample.value
+             for family in text_string_to_metric_families(exposition)
+             if family.name == "vncgate_sessions" for sample in family.samples
+             if sample.name == "vncgate_sessions_total"}
+    assert ended == {(("code", "4404"), ("name", ""), ("namespace", "")): 2.0}, ended
 
 
 async def test_greeting_is_forwarded_and_bytes_flow_both_ways(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -21,8 +22,16 @@ from wsproto.events import (
     Request,
 )
 
-from vncgate.common.kube import KubeConnection
-from vncgate.common.model import Route, route_from_json
+from vncgate.common.kube import KubeConfigError, KubeConnection
+from vncgate.common.model import (
+    LOGIN_HELD,
+    LOGIN_OK,
+    LOGIN_REFUSED,
+    LoginOutcome,
+    Route,
+    login_outcome_from_json,
+    route_from_json,
+)
 from vncgate.common.spec import (
     KUBEVIRT_SESSIONS,
     KubeVirtRef,
@@ -453,6 +462,30 @@ async def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -
     assert "secret-part" not in refused.value.reason
 
 
+async def test_the_credentials_load_in_a_thread_once_and_a_failure_is_tried_again() -> None:
+    # Importing the kubernetes package takes seconds on a busy machine: never on the loop.
+    loads: list[int] = []
+
+    def load() -> KubeConnection:
+        loads.append(threading.get_ident())
+        if len(loads) == 1:
+            raise KubeConfigError("no kubeconfig here")
+        return KubeConnection("http://127.0.0.1:9", False, TokenWithALineBreak())
+
+    dialer = KubeVirtDialer(load)
+    dialer.warm()
+    dialer.warm()  # one load at a time
+    with pytest.raises(DialRefused) as refused:
+        await dialer.dial("lab", "vm-1", Inner)
+    assert "no Kubernetes credentials for KubeVirt consoles (no kubeconfig here)" in \
+        refused.value.reason
+    for _ in range(2):  # loaded by the next dial, then kept
+        with pytest.raises(DialRefused) as refused:
+            await dialer.dial("lab", "vm-1", Inner)
+        assert "cannot be sent as an HTTP header" in refused.value.reason
+    assert len(loads) == 2 and threading.get_ident() not in loads
+
+
 # -- the operator's verdict ----------------------------------------------------------------
 
 
@@ -469,6 +502,31 @@ def test_the_verdict_on_a_vm(vm: dict[str, Any] | None, vmi: dict[str, Any] | No
     result = verdicts.verdict("lab", "vm-1", vm, vmi)
     assert (result.ok, result.reason) == (ok, reason)
     assert "lab/vm-1" in result.message
+
+
+def test_status_says_when_kubevirt_kept_the_console_for_another_client() -> None:
+    # What the relays report of their last attempt at the VM's console (their table summary).
+    reason = ("in use by another console client (virtctl vnc or a web console) of VM vm-1; "
+              "KubeVirt keeps it for them")
+    held = verdicts.console_verdict(LoginOutcome(LOGIN_HELD, 1_700_000_000.0, reason))
+    assert held is not None
+    ok, why, message = held
+    assert (ok, why) == (False, verdicts.HELD_BY_ANOTHER_CLIENT)
+    assert reason in message and "next session that opens it clears this" in message
+    # Refusals that repeat say the same: no status write each time.
+    assert verdicts.console_verdict(LoginOutcome(LOGIN_HELD, 1_700_000_999.0, reason)) == held
+    assert verdicts.console_verdict(LoginOutcome(LOGIN_OK, 1.0)) == (
+        True, verdicts.CONSOLE_OPENED,
+        "the relay opened the VM's console at the last session through it")
+    # Nothing reported, or a failure that is not about who holds it: no verdict.
+    assert verdicts.console_verdict(None) is None
+    assert verdicts.console_verdict(LoginOutcome(LOGIN_REFUSED, 1.0, "wrong password")) is None
+    # A hostile reason stays one printable line.
+    odd = verdicts.console_verdict(LoginOutcome(LOGIN_HELD, 1.0, "a\x1b[2Jb\nc"))
+    assert odd is not None and "\x1b" not in odd[2] and "\n" not in odd[2]
+    # An older operator ignores `held` from a newer relay; this one reads it back.
+    assert login_outcome_from_json({"result": "held", "at": 1.0, "reason": reason}) == \
+        LoginOutcome(LOGIN_HELD, 1.0, reason)
 
 
 # -- discovery -------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ from vncgate.common.spec import Credentials
 from vncgate.operator.probe import ProbeResult
 from vncgate.operator.resolve import TargetInvalid
 from vncgate.operator.secretaccess import login_verdict
-from vncgate.operator.status import Observation, Registration, build_status, status_changes
+from vncgate.operator.status import (
+    Observation,
+    Registration,
+    build_status,
+    kept_condition,
+    status_changes,
+)
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 OK_REG = Registration(True, "Registered", "route served by 2 relay replicas")
@@ -190,3 +196,25 @@ def test_a_relays_forbidden_older_than_the_access_reviews_yes_is_stale() -> None
     # A missing Secret is beyond an access review's sight: it stands.
     missing = LoginOutcome(LOGIN_UNREADABLE, 100.0, "Secret lab/bmc-login does not exist")
     assert login_verdict(route, missing, 150.0) is not None
+
+
+def test_a_console_kept_for_another_client_is_a_condition_and_the_phase_stays_ready() -> None:
+    held = (False, "HeldByAnotherClient", "KubeVirt kept the VM's console ...")
+    status = build(None, Observation("kubevirt/lab/vm-1", registration=OK_REG, probe=OK_PROBE,
+                                     console=held))
+    assert status["phase"] == "Ready" and by_type(status)["Ready"]["status"] == "True"
+    console = by_type(status)["ConsoleAvailable"]
+    assert (console["status"], console["reason"]) == ("False", "HeldByAnotherClient")
+
+    # Opened later: the condition flips (and moves its transition time).
+    opened = build(status, Observation("kubevirt/lab/vm-1", registration=OK_REG, probe=OK_PROBE,
+                                       console=(True, "ConsoleOpened", "opened")), now=T1)
+    console = by_type(opened)["ConsoleAvailable"]
+    assert (console["status"], console["lastTransitionTime"]) == ("True", T1)
+    # Not known this time: what status said is kept; none at all without it.
+    assert kept_condition(opened, "ConsoleAvailable") == (True, "ConsoleOpened", "opened")
+    assert kept_condition(None, "ConsoleAvailable") is None
+    plain = build(opened, Observation("kubevirt/lab/vm-1", registration=OK_REG, probe=OK_PROBE))
+    assert "ConsoleAvailable" not in by_type(plain)
+    invalid = build(status, Observation("e", invalid=TargetInvalid("X", "fix it"), console=held))
+    assert "ConsoleAvailable" not in by_type(invalid)
