@@ -130,13 +130,14 @@ async def test_the_internal_port_gives_failure_ages_and_checks_the_question(
 
 
 def test_sign_in_counts_leave_out_peers_the_slice_says_are_not_ready() -> None:
+    def pod(name: str, address: str, **conditions: bool) -> dict[str, object]:
+        return {"addresses": [address], "targetRef": {"kind": "Pod", "name": name},
+                **({"conditions": conditions} if conditions else {})}
+
     body = {"addressType": "IPv4", "ports": [{"name": "internal", "port": 8081}], "endpoints": [
-        {"addresses": ["10.0.0.1"], "targetRef": {"name": "me"}, "conditions": {"ready": True}},
-        {"addresses": ["10.0.0.2"], "targetRef": {"name": "b"}, "conditions": {"ready": True}},
-        {"addresses": ["10.0.0.3"], "targetRef": {"name": "c"}, "conditions": {"ready": False}},
-        {"addresses": ["10.0.0.4"], "targetRef": {"name": "d"},
-         "conditions": {"terminating": True}},
-        {"addresses": ["10.0.0.5"], "targetRef": {"name": "e"}}]}
+        pod("me", "10.0.0.1", ready=True), pod("b", "10.0.0.2", ready=True),
+        pod("c", "10.0.0.3", ready=False), pod("d", "10.0.0.4", terminating=True),
+        pod("e", "10.0.0.5")]}
     assert peer_urls_from_slice(body, "me") == [
         "http://10.0.0.2:8081", "http://10.0.0.3:8081", "http://10.0.0.5:8081"]
     assert peer_urls_from_slice(body, "me", ready_only=True) == [
