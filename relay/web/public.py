@@ -165,20 +165,39 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     return render_page(request, "viewer.html", {"title": title, "config": json.dumps(config)})
 
 
-async def viewer_peers(request: web.Request) -> web.StreamResponse:
-    """`GET /t/{ns}/{name}/viewers`: who is on this console and how (control or view), across
-    replicas, for those who may open it; the viewer shows it."""
+class NotOpenable(Exception):
+    """The requester may not open the URL's console: HTTP `status`, and why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+async def openable_route(request: web.Request) -> Route:
+    """The console of `/t/{ns}/{name}/...` if the requester (a share link's, or the signed-in
+    one) may open it; NotOpenable (401 nobody signed in, 404 otherwise) if not."""
     state = request.app[STATE]
     namespace, name = _target_key(request)
     target = f"{namespace}/{name}"
     check_host(request)
     identity = link_identity(request, target) or await identify(request)
     if identity is None:
-        return web.json_response({"error": "sign in first"}, status=401)
+        raise NotOpenable(401, "sign in first")
     route = state.registry.get(namespace, name)
     if route is None or not (await state.authorizer.decide(identity, route)).allowed:
-        return web.json_response({"error": f"no console {target} that you may open"},
-                                 status=404)
+        raise NotOpenable(404, f"no console {target} that you may open")
+    return route
+
+
+async def viewer_peers(request: web.Request) -> web.StreamResponse:
+    """`GET /t/{ns}/{name}/viewers`: who is on this console and how (control or view), across
+    replicas, for those who may open it; the viewer shows it."""
+    state = request.app[STATE]
+    try:
+        route = await openable_route(request)
+    except NotOpenable as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    namespace, name, target = route.namespace, route.name, route.key
     sessions, _ = await all_sessions(state, namespace)
     viewers = viewers_by_target(s for s in sessions if s.get("name") == name)
     return web.json_response({"viewers": viewers.get(target, [])},
@@ -189,15 +208,12 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
     """`GET /t/{ns}/{name}/thumbnail`: a small JPEG of the console's screen (spec.thumbnail),
     for those who may open the console; 404 with the reason otherwise."""
     state = request.app[STATE]
-    namespace, name = _target_key(request)
-    target = f"{namespace}/{name}"
-    check_host(request)
-    identity = link_identity(request, target) or await identify(request)
-    if identity is None:
-        raise web.HTTPUnauthorized(text="sign in first\n")
-    route = state.registry.get(namespace, name)
-    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
-        raise web.HTTPNotFound(text=f"no console {target} that you may open\n")
+    try:
+        route = await openable_route(request)
+    except NotOpenable as exc:
+        error = web.HTTPUnauthorized if exc.status == 401 else web.HTTPNotFound
+        raise error(text=f"{exc}\n") from None
+    target = route.key
     try:
         image = await state.thumbnails.get(route)
     except NoThumbnail as exc:
