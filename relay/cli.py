@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "answers to any host name, so a page on a name rebound to this address "
                     "(DNS rebinding) can reach it; name the relay's host names",
                     settings.listen)
-    if settings.auth.mode == AuthMode.TOKEN and settings.auth.session_secret is None:
+    if settings.auth.mode in (AuthMode.TOKEN, AuthMode.OIDC) and \
+            settings.auth.session_secret is None:
         log.warning("no --session-secret-file: sign-ins end when this process restarts and do "
                     "not carry across replicas")
     try:

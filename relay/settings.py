@@ -29,6 +29,7 @@ from vncgate.common.spec import (
 )
 from vncgate.relay.access.identity import AUTH_MODES, AuthConfigError, AuthMode
 from vncgate.relay.access.links import load_keys
+from vncgate.relay.access.oidc import OidcError, OidcSettings, check_issuer
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.access.roles import ROLE_FLAGS, RoleNames
 from vncgate.relay.access.users import User, load_users
@@ -62,6 +63,8 @@ class AuthSettings:
     # for (none: the API server's).
     kubernetes_tokens: bool = False
     token_audiences: tuple[str, ...] = ()
+    # `--auth oidc`: the OpenID provider (relay/access/oidc.py).
+    oidc: OidcSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     auth = parser.add_argument_group("authentication and authorization")
     auth.add_argument("--auth", choices=AUTH_MODES, default=_env("AUTH"),
                       help="none: no sign-in (default only on a loopback --listen); proxy: trust "
-                           "identity headers from --trusted-proxy; token: --users-file")
+                           "identity headers from --trusted-proxy; token: --users-file; oidc: "
+                           "an OpenID Connect provider (--oidc-*)")
+    oidc = parser.add_argument_group(
+        "OpenID Connect (--auth oidc)", "the --oidc-* names and meanings are the API server's, "
+        "so that the relay names people as kubectl does")
+    oidc.add_argument("--oidc-issuer-url", default=_env("OIDC_ISSUER_URL"), metavar="URL",
+                      help="the provider's issuer (https), e.g. "
+                           "https://keycloak.example.com/realms/lab; discovery is read from it")
+    oidc.add_argument("--oidc-client-id", default=_env("OIDC_CLIENT_ID"), metavar="ID",
+                      help="the relay's client at the provider; ID tokens must be for it (aud)")
+    oidc.add_argument("--oidc-client-secret-file", type=Path, metavar="PATH",
+                      default=Path(p) if (p := _env("OIDC_CLIENT_SECRET_FILE")) else None,
+                      help="file holding the client's secret (the chart mounts a Secret)")
+    oidc.add_argument("--oidc-ca-file", type=Path, metavar="PATH",
+                      default=Path(p) if (p := _env("OIDC_CA_FILE")) else None,
+                      help="CA bundle that signs the provider's certificate (default: system)")
+    oidc.add_argument("--oidc-username-claim", default=_env("OIDC_USERNAME_CLAIM") or "sub",
+                      metavar="CLAIM", help="the ID token claim that names the user (default "
+                                            "sub), as the API server's flag of that name")
+    oidc.add_argument("--oidc-username-prefix", default=_env("OIDC_USERNAME_PREFIX"),
+                      metavar="PREFIX",
+                      help="put before every user name; default as the API server's: the "
+                           "issuer URL and '#' unless the claim is email; '-' for none")
+    oidc.add_argument("--oidc-groups-claim", default=_env("OIDC_GROUPS_CLAIM") or "",
+                      metavar="CLAIM", help="the ID token claim that lists the user's groups")
+    oidc.add_argument("--oidc-groups-prefix", default=_env("OIDC_GROUPS_PREFIX") or "",
+                      metavar="PREFIX", help="put before every group, e.g. 'oidc:'")
+    oidc.add_argument("--oidc-scope", action="append", default=None, metavar="SCOPE",
+                      help="a scope to ask for beside openid, email and profile (repeatable), "
+                           "e.g. groups for Dex")
+    oidc.add_argument("--oidc-provider-name", default=_env("OIDC_PROVIDER_NAME") or "",
+                      metavar="NAME", help="the sign-in button's words: Sign in with NAME")
     auth.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
                       help="addresses of the auth proxy whose identity headers are believed")
     auth.add_argument("--user-header", default=_env("USER_HEADER") or "X-Forwarded-User")
@@ -392,9 +426,9 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
     loopback = listen.host in ("127.0.0.1", "::1", "localhost")
     mode = AuthMode.NONE if args.auth is None else AuthMode(args.auth)
     if args.auth is None and not loopback:
-        parser.error(f"--listen {listen} reaches beyond this machine: choose --auth proxy "
-                     "or --auth token, or --auth none to let anyone who reaches the port "
-                     "open every console")
+        parser.error(f"--listen {listen} reaches beyond this machine: choose --auth proxy, "
+                     "--auth token or --auth oidc, or --auth none to let anyone who reaches "
+                     "the port open every console")
     proxies_raw = args.trusted_proxy if args.trusted_proxy is not None else \
         env_list("TRUSTED_PROXY")
     try:
@@ -411,6 +445,7 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      "whose headers are believed")
     if mode is AuthMode.TOKEN and not users:
         parser.error("--auth token needs --users-file")
+    oidc = _oidc_settings(parser, args, mode)
     secret = (_read_secret(parser, "--session-secret-file", args.session_secret_file, 32)
               if args.session_secret_file is not None else None)
     authorization = args.authorization
@@ -436,7 +471,42 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
         authorization=authorization, kubernetes_tokens=args.kubernetes_tokens,
-        token_audiences=audiences)
+        token_audiences=audiences, oidc=oidc)
+
+
+def _oidc_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   mode: AuthMode) -> OidcSettings | None:
+    scopes = args.oidc_scope if args.oidc_scope is not None else env_list("OIDC_SCOPE")
+    if mode is not AuthMode.OIDC:
+        given = [name for name in ("oidc_issuer_url", "oidc_client_id", "oidc_client_secret_file")
+                 if getattr(args, name)]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} goes with --auth oidc")
+        return None
+    for name in ("oidc_issuer_url", "oidc_client_id", "oidc_client_secret_file"):
+        if not getattr(args, name):
+            parser.error(f"--auth oidc needs --{name.replace('_', '-')}")
+    if not args.public_url:
+        parser.error("--auth oidc needs --public-url: the provider sends browsers back to "
+                     "<public-url>/login/oidc/callback, the redirect URI to register there")
+    try:
+        issuer = check_issuer(args.oidc_issuer_url)
+    except OidcError as exc:
+        parser.error(str(exc))
+    secret = _read_secret(parser, "--oidc-client-secret-file", args.oidc_client_secret_file, 1)
+    if args.oidc_ca_file is not None and not args.oidc_ca_file.is_file():
+        parser.error(f"--oidc-ca-file {args.oidc_ca_file}: no such file")
+    for flag, claim in (("--oidc-username-claim", args.oidc_username_claim),
+                        ("--oidc-groups-claim", args.oidc_groups_claim)):
+        if claim != claim.strip() or (flag == "--oidc-username-claim" and not claim):
+            parser.error(f"{flag} {claim!r}: the name of a claim in the ID token, e.g. sub, "
+                         "email or groups")
+    return OidcSettings(
+        issuer=issuer, client_id=args.oidc_client_id, client_secret=secret.decode(),
+        ca_file=args.oidc_ca_file, username_claim=args.oidc_username_claim,
+        username_prefix=args.oidc_username_prefix, groups_claim=args.oidc_groups_claim,
+        groups_prefix=args.oidc_groups_prefix, extra_scopes=tuple(scopes),
+        provider_name=args.oidc_provider_name)
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:

@@ -19,6 +19,7 @@ from vncgate.relay.access.authz import (
 )
 from vncgate.relay.access.cookies import Revoked, revocation_key
 from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.oidc import OidcClient
 from vncgate.relay.access.passwords import KeyDerivations
 from vncgate.relay.access.ratelimit import FailureLimiter
 from vncgate.relay.access.tokenreview import TokenReviewer
@@ -125,6 +126,8 @@ class RelayState:
     logins: CredentialStore = field(init=False)
     # Kubernetes bearer tokens (--kubernetes-tokens): TokenReviews; None when off.
     token_reviewer: TokenReviewer | None = field(init=False)
+    # The OpenID provider (--auth oidc): discovery, keys, ID token checks; None otherwise.
+    oidc: OidcClient | None = field(init=False)
     # The other replicas, asked for their sessions (kubectl vnc sessions / kill).
     peers: Peers = field(init=False)
     # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
@@ -148,6 +151,9 @@ class RelayState:
         self.logins = CredentialStore(self.settings)
         self.thumbnails = Thumbnails(self.settings, self.logins, self.health)
         self.token_reviewer = make_token_reviewer(self.settings)
+        self.oidc = (OidcClient(self.settings.auth.oidc)
+                     if self.settings.auth.mode == AuthMode.OIDC and self.settings.auth.oidc
+                     else None)
         self.peers = make_peers(self.settings)
         self.marks = make_marks(self.settings)
         self.link_claims = (KubeLinkClaims(self.marks) if self.marks is not None

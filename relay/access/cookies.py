@@ -37,10 +37,18 @@ def unsign(keys: tuple[bytes, ...], value: str) -> dict[str, object] | None:
     return None
 
 
-def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None) -> str:
+def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None,
+                   groups: tuple[str, ...] | None = None, expires: float | None = None) -> str:
+    """A sign-in cookie for `ttl` seconds (or until `expires`, if sooner). `groups` are set by
+    an OpenID provider's sign-in, which the cookie then carries (source "oidc"); without them
+    the user is looked up in the users file on every request."""
     issued = int(now if now is not None else time.time())
-    return sign(key, {"typ": "session", "u": user, "iat": issued, "exp": issued + int(ttl),
-                      "sid": secrets.token_hex(8)})
+    ends = issued + int(ttl) if expires is None else min(issued + int(ttl), int(expires))
+    payload: dict[str, object] = {"typ": "session", "u": user, "iat": issued, "exp": ends,
+                                  "sid": secrets.token_hex(8)}
+    if groups is not None:
+        payload |= {"src": "oidc", "g": list(groups)}
+    return sign(key, payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,9 @@ class SessionClaim:
     user: str
     expires: int
     sid: str
+    # Set for an OpenID provider's sign-in: the groups it named ("" source: the users file).
+    source: str = ""
+    groups: tuple[str, ...] = ()
 
 
 def read_session_cookie(key: bytes, value: str, now: float | None = None) -> SessionClaim | None:
@@ -60,7 +71,11 @@ def read_session_cookie(key: bytes, value: str, now: float | None = None) -> Ses
         return None
     if expires <= (now if now is not None else time.time()):
         return None
-    return SessionClaim(user=user, expires=expires, sid=sid)
+    source, groups = payload.get("src", ""), payload.get("g", [])
+    if not isinstance(source, str) or not isinstance(groups, list) or \
+            not all(isinstance(g, str) for g in groups):
+        return None
+    return SessionClaim(user=user, expires=expires, sid=sid, source=source, groups=tuple(groups))
 
 
 def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:

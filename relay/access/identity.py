@@ -8,6 +8,10 @@ Modes (`--auth`):
 - `token`: users and their secrets from `--users-file` (vncgate.relay.access.users, hashes in
   vncgate.relay.access.passwords); a login page (vncgate.relay.web.login) sets a signed session
   cookie (vncgate.relay.access.cookies); scripts send `Authorization: Bearer <token>`.
+- `oidc`: the organisation's OpenID Connect provider (vncgate.relay.access.oidc): the browser
+  signs in there (vncgate.relay.web.oidclogin), names and groups come from the ID token as the
+  API server derives them; scripts send the provider's ID token as a bearer token. A users file
+  may be given too: its form and tokens then work beside the provider.
 
 Share links (`vncgate.relay.access.links`) admit a viewer to one target in every mode. Who is
 asking is worked out per request in vncgate.relay.web.requester.
@@ -21,11 +25,12 @@ from enum import StrEnum
 
 class AuthMode(StrEnum):
     """`--auth`: who a viewer is. none: nobody is asked; proxy: an auth proxy's headers;
-    token: the relay's own users file (sign-in, bearer tokens)."""
+    token: the relay's own users file (sign-in, bearer tokens); oidc: an OpenID provider."""
 
     NONE = "none"
     PROXY = "proxy"
     TOKEN = "token"  # noqa: S105 (the name of a mode, not a secret)
+    OIDC = "oidc"
 
 
 AUTH_MODES = tuple(mode.value for mode in AuthMode)

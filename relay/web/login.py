@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from vncgate.relay.access.cookies import (
     session_cookie,
 )
 from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.oidc import OidcUnavailable
 from vncgate.relay.access.passwords import DerivationsBusy
 from vncgate.relay.access.users import check_login
 from vncgate.relay.replicas import SharedStateUnavailable
@@ -29,48 +29,18 @@ from vncgate.relay.web.browsercookies import (
     delete_cookie,
     set_cookie,
 )
-from vncgate.relay.web.csrf import (
-    csrf_for_page,
-    form_from_our_page,
-    script_from_our_page,
-    set_csrf_cookie,
-)
+from vncgate.relay.web.csrf import form_from_our_page, script_from_our_page
+from vncgate.relay.web.loginpage import login_page, safe_next
 from vncgate.relay.web.origin import check_host
-from vncgate.relay.web.pages import render_page
 from vncgate.relay.web.requester import busy, identify, refuse_failure
 
 log = logging.getLogger("vncgate.login")
-
-# A `next` after login: a relative path on this site (no scheme, no `//`, no backslash).
-_SAFE_NEXT = re.compile(r"^(?!/)(?!.*//)[A-Za-z0-9._~/-]*$")
-
-
-# `next` of a viewer: the console the page names (as the address bar does; its display name is
-# shown only to those who may open it, so not before sign-in).
-_VIEWER_NEXT = re.compile(r"^t/([^/]+)/([^/]+)/$")
-
-
-def login_page(request: web.Request, message: str = "", next_path: str = "", status: int = 200,
-               headers: dict[str, str] | None = None, user: str = "") -> web.Response:
-    csrf = csrf_for_page(request, None)
-    viewer = _VIEWER_NEXT.match(next_path)
-    response = render_page(request, "login.html",
-                           {"message": message, "next": next_path, "csrf": csrf.token,
-                            "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
-                            "user": user[:256]},
-                           status=status, headers=headers)
-    set_csrf_cookie(response, request, csrf)
-    return response
-
-
-def safe_next(value: str) -> str:
-    return value if value and len(value) < 512 and _SAFE_NEXT.match(value) else "./"
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if state.settings.auth.mode != AuthMode.TOKEN:
+    if state.settings.auth.mode not in (AuthMode.TOKEN, AuthMode.OIDC):
         raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
     return login_page(request, next_path=safe_next(request.query.get("next", "")))
 
@@ -81,8 +51,11 @@ ACCOUNT_PREFIX = "user:"
 async def login(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
-    if state.settings.auth.mode != AuthMode.TOKEN:
-        raise web.HTTPNotFound(text="sign-in is handled by the proxy in front of this relay\n")
+    auth = state.settings.auth
+    if auth.mode != AuthMode.TOKEN and not (auth.mode == AuthMode.OIDC and auth.users):
+        raise web.HTTPNotFound(text="sign in with the button of the sign-in page\n"
+                               if auth.mode == AuthMode.OIDC else
+                               "sign-in is handled by the proxy in front of this relay\n")
     client = client_address(request, state)
     form = await read_form(request)
     if not form_from_our_page(request, form, None):
@@ -157,9 +130,22 @@ async def logout(request: web.Request) -> web.StreamResponse:
             log.warning("a sign-out could not be told to every replica; they learn it from "
                         "the API server", extra={"fields": {"peers": missing}})
     audit_event("logout", request, state, user=identity.label if identity else "")
-    response = web.HTTPSeeOther(location="./")
+    response = web.HTTPSeeOther(location=await provider_logout(request) or "./")
     delete_cookie(response, request, state, SESSION_COOKIE, samesite="Lax")
     raise response
+
+
+async def provider_logout(request: web.Request) -> str | None:
+    """In oidc mode, the provider's end-session URL (RP-initiated logout) that brings the
+    browser back to the relay, if the provider offers one and can be asked."""
+    state = request.app[STATE]
+    if state.oidc is None:
+        return None
+    try:
+        meta = await state.oidc.metadata()
+    except OidcUnavailable:
+        return None  # signed out here; the provider's session outlives an outage of it
+    return state.oidc.logout_url(meta, f"{state.settings.auth.public_url}/")
 
 
 async def exchange_link(request: web.Request) -> web.StreamResponse:

@@ -58,7 +58,7 @@ async def _who(request: web.Request) -> Identity:
     check_host(request)
     identity = await identify(request)
     if identity is None:
-        if state.settings.auth.mode == "token":
+        if state.settings.auth.mode in ("token", "oidc"):
             raise web.HTTPFound(location=_login_path(request))
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
     return identity

@@ -33,6 +33,7 @@ from vncgate.relay.web.control import add_routes as add_control_routes
 from vncgate.relay.web.control import all_sessions
 from vncgate.relay.web.csrf import csrf_for_page, set_csrf_cookie
 from vncgate.relay.web.login import exchange_link, login, login_form, logout
+from vncgate.relay.web.oidclogin import add_routes as add_oidc_routes
 from vncgate.relay.web.origin import check_host, origin_allowed
 from vncgate.relay.web.pages import render_page, setup_templates
 from vncgate.relay.web.playback import add_routes as add_playback_routes
@@ -160,7 +161,7 @@ async def viewer(request: web.Request) -> web.StreamResponse:
               "auth": state.settings.auth.mode,
               "user": identity.label if identity and identity.user else "",
               "login": f"../../../login?next=t/{namespace}/{name}/"
-                       if state.settings.auth.mode == "token" else ""}
+                       if state.settings.auth.mode in ("token", "oidc") else ""}
     title = route.display_name if route and visible and route.display_name else target
     return render_page(request, "viewer.html", {"title": title, "config": json.dumps(config)})
 
@@ -250,7 +251,7 @@ async def index(request: web.Request) -> web.StreamResponse:
     check_host(request)
     identity = await identify(request)
     if identity is None:
-        if state.settings.auth.mode == "token":
+        if state.settings.auth.mode in ("token", "oidc"):
             raise web.HTTPFound(location="login")
         raise web.HTTPUnauthorized(text="sign in through the proxy in front of this relay\n")
     listing, sessions = await _console_page(request, identity)
@@ -393,6 +394,7 @@ def make_public_app(state: RelayState) -> web.Application:
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    add_oidc_routes(app)
     app.router.add_post("/t/{namespace}/{name}/link", exchange_link)
     add_playback_routes(app)  # /recordings/ (relay/web/playback.py)
     add_control_routes(app)  # /api/v1/links, /api/v1/sessions, /sessions/end (relay/web/control.py)

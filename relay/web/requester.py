@@ -7,6 +7,7 @@ from aiohttp import web
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie
 from vncgate.relay.access.identity import ANONYMOUS, AuthMode, Identity
+from vncgate.relay.access.oidc import OidcError, OidcUnavailable, unverified_issuer
 from vncgate.relay.access.proxies import address_in
 from vncgate.relay.access.tokenreview import TokenReviewUnavailable, looks_like_jwt
 from vncgate.relay.access.users import find_bearer
@@ -46,18 +47,48 @@ async def identify(request: web.Request) -> Identity | None:
             return await kubernetes_identity(request, state, bearer)
         return found
     if bearer:
+        if state.oidc is not None and looks_like_jwt(bearer) and \
+                unverified_issuer(bearer) == state.oidc.settings.issuer:
+            return await oidc_identity(request, state, bearer)
         if state.token_reviewer is not None and looks_like_jwt(bearer):
             return await kubernetes_identity(request, state, bearer)
         return await _bearer_identity(request, state, bearer)
     cookie = request.cookies.get(cookie_name(request, state, SESSION_COOKIE))
     if cookie:
         claim = read_session_cookie(state.session_key, cookie)
-        known = state.settings.auth.users.get(claim.user) if claim else None
-        # A user removed from the file is signed out; so is a cookie signed out of.
-        if claim is not None and known is not None and claim.sid not in state.revoked:
+        if claim is None or claim.sid in state.revoked:  # a cookie signed out of
+            return None
+        if claim.source == "oidc":
+            # Names and groups the provider gave at sign-in; believed in oidc mode only.
+            if auth.mode != AuthMode.OIDC:
+                return None
+            return Identity(user=claim.user, groups=claim.groups, method="cookie",
+                            expires=claim.expires, credential_id=claim.sid)
+        known = state.settings.auth.users.get(claim.user)
+        # A user removed from the file is signed out.
+        if known is not None:
             return Identity(user=known.name, groups=known.groups, method="cookie",
                             expires=claim.expires, credential_id=claim.sid)
     return None
+
+
+async def oidc_identity(request: web.Request, state: RelayState, token: str
+                        ) -> Identity | None:
+    """The person an ID token of the `--auth oidc` provider names, after the same checks as at
+    sign-in (signature, issuer, audience, expiry; no nonce: the relay did not start this
+    sign-in); None for a refused token, HTTPServiceUnavailable while the provider cannot be
+    asked for its keys."""
+    assert state.oidc is not None
+    try:
+        person = await state.oidc.person(token)
+    except OidcUnavailable as exc:
+        audit_event("bearer", request, state, result="provider unavailable", kind="oidc")
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None
+    except OidcError as exc:
+        refuse_failure(request, state, "bearer", result=f"refused: {exc}", kind="oidc")
+        return None
+    return Identity(user=person.user, groups=person.groups, method="oidc",
+                    expires=person.expires)
 
 
 def proxy_identity(request: web.Request, state: RelayState) -> Identity | None:

@@ -98,6 +98,8 @@ class RelayServer:
         await self.state.consoles.close()
         await self.state.close_shared()
         await self.state.logins.close()
+        if self.state.oidc is not None:
+            await self.state.oidc.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

@@ -1,0 +1,188 @@
+"""`--auth oidc`: ID tokens checked against a real OpenID provider's discovery and keys.
+
+The provider is panva's oidc-provider under Node (tests/support/oidc.py) on loopback https. Tokens
+are minted here with its own signing key (so the signature is good and one claim is wrong), or
+with keys the test makes (a forger's).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import OctKey, RSAKey
+
+from tests.support.oidc import Account, OidcProvider, need_provider, signing_key
+from vncgate.relay.access.oidc import (
+    OidcClaimError,
+    OidcClient,
+    OidcError,
+    OidcSettings,
+    OidcUnavailable,
+    names,
+)
+
+CLIENT = "vncgate"
+SECRET = "a client secret of the relay"
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    need_provider()
+    server = OidcProvider(tmp_path_factory.mktemp("oidc"), clients=[{
+        "client_id": CLIENT, "client_secret": SECRET,
+        "redirect_uris": ["http://127.0.0.1:9/login/oidc/callback"]}],
+        accounts={"alice": Account("pw", {"email": "alice@example.test"})})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settings(provider: OidcProvider, **overrides: Any) -> OidcSettings:
+    assert provider.ca is not None
+    values: dict[str, Any] = {"issuer": provider.issuer, "client_id": CLIENT,
+                              "client_secret": SECRET, "ca_file": provider.ca.cert,
+                              "username_claim": "email", "groups_claim": "groups",
+                              "groups_prefix": "oidc:"}
+    values.update(overrides)
+    return OidcSettings(**values)
+
+
+def claims(provider: OidcProvider, **overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    values: dict[str, Any] = {"iss": provider.issuer, "aud": CLIENT, "sub": "alice",
+                              "iat": now, "exp": now + 300, "nonce": "n-1",
+                              "email": "alice@example.test", "email_verified": True,
+                              "groups": ["devs", "ops"]}
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def mint(key: dict[str, Any] | RSAKey | OctKey, payload: dict[str, Any],
+         alg: str = "RS256") -> str:
+    signer = key if not isinstance(key, dict) else RSAKey.import_key(key)
+    kid = signer.kid if isinstance(signer, RSAKey) else None
+    header = {"alg": alg, **({"kid": kid} if kid else {})}
+    return jwt.encode(header, payload, signer, algorithms=[alg])
+
+
+async def test_a_good_token_names_the_person_as_the_api_server_would(
+        provider: OidcProvider) -> None:
+    client = OidcClient(settings(provider))
+    try:
+        person = await client.person(mint(provider.keys[0], claims(provider)), nonce="n-1")
+    finally:
+        await client.close()
+    assert person.user == "alice@example.test"  # email: no prefix by default
+    assert person.groups == ("oidc:devs", "oidc:ops")
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"aud": "another-client"}, "'aud' claim"),
+    ({"iss": "https://127.0.0.1:1"}, "'iss' claim"),
+    ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
+    ({"nonce": "someone else's"}, "'nonce' claim"),
+    ({"nonce": None}, "nonce"),
+    ({"iat": int(time.time()) + 3600}, "'iat' claim"),
+    ({"aud": [CLIENT, "other"], "azp": "other"}, "another client (azp)"),
+])
+async def test_a_token_with_a_wrong_claim_is_refused(
+        provider: OidcProvider, change: dict[str, Any], says: str) -> None:
+    client = OidcClient(settings(provider))
+    try:
+        with pytest.raises(OidcError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            await client.person(mint(provider.keys[0], claims(provider, **change)),
+                                nonce="n-1")
+    finally:
+        await client.close()
+
+
+async def test_tampered_forged_and_unsigned_tokens_are_refused(provider: OidcProvider) -> None:
+    client = OidcClient(settings(provider))
+    try:
+        good = mint(provider.keys[0], claims(provider))
+        header, payload, signature = good.split(".")
+        other = mint(provider.keys[0], claims(provider, email="mallory@example.test"))
+        tampered = f"{header}.{other.split('.')[1]}.{signature}"
+        with pytest.raises(OidcError, match="signature does not verify"):
+            await client.person(tampered, nonce="n-1")
+        # A forger's key under the provider's key id.
+        forged = signing_key(str(provider.keys[0]["kid"]))
+        with pytest.raises(OidcError, match="signature does not verify"):
+            await client.person(mint(forged, claims(provider)), nonce="n-1")
+        # A forger's key under a new key id: the relay asks the provider again, in vain.
+        with pytest.raises(OidcError, match="key the provider does not publish"):
+            await client.person(mint(signing_key("made-up"), claims(provider)), nonce="n-1")
+        # HMAC with the client secret (known to the relay, not only to the provider).
+        hmac_key = OctKey.import_key(SECRET.encode().ljust(32, b"."))
+        with pytest.raises(OidcError):
+            await client.person(mint(hmac_key, claims(provider), alg="HS256"), nonce="n-1")
+        unsigned = f"{header.replace(header, 'eyJhbGciOiJub25lIn0')}.{payload}."
+        with pytest.raises(OidcError):
+            await client.person(unsigned, nonce="n-1")
+    finally:
+        await client.close()
+
+
+async def test_a_key_rotation_at_the_provider_is_followed(provider: OidcProvider) -> None:
+    client = OidcClient(settings(provider))
+    try:
+        await client.person(mint(provider.keys[0], claims(provider)), nonce="n-1")
+        old = provider.keys[0]
+        provider.rotate_keys("key-rotated")
+        person = await client.person(mint(provider.keys[0], claims(provider)), nonce="n-1")
+        assert person.user == "alice@example.test"
+        # The retired key is no longer published: once the relay has read the new set, tokens
+        # it signed are refused.
+        with pytest.raises(OidcError, match="key the provider does not publish"):
+            await client.person(mint(old, claims(provider)), nonce="n-1")
+    finally:
+        await client.close()
+
+
+async def test_discovery_of_another_issuer_is_refused(provider: OidcProvider) -> None:
+    client = OidcClient(settings(provider, issuer=provider.issuer + "/"))
+    try:
+        with pytest.raises(OidcUnavailable, match="names the issuer"):
+            await client.metadata()
+    finally:
+        await client.close()
+
+
+def test_names_follow_the_api_servers_claim_mappings(tmp_path: Path) -> None:
+    issuer = "https://idp.example.test"
+    base = OidcSettings(issuer=issuer, client_id=CLIENT)
+    token = {"sub": "1234", "email": "a@example.test", "groups": "admins"}
+    # sub is the default, prefixed with the issuer and '#', as the API server does.
+    assert names(token, base) == (f"{issuer}#1234", ())
+    assert names(token, OidcSettings(issuer=issuer, client_id=CLIENT,
+                                     username_prefix="-")) == ("1234", ())
+    assert names(token, OidcSettings(issuer=issuer, client_id=CLIENT, username_claim="email",
+                                     groups_claim="groups", groups_prefix="idp:")
+                 ) == ("a@example.test", ("idp:admins",))
+    # No groups claim in the token: no groups (the API server too).
+    assert names({"sub": "x"}, OidcSettings(issuer=issuer, client_id=CLIENT,
+                                            groups_claim="groups"))[1] == ()
+
+
+@pytest.mark.parametrize(("token", "mapping", "says"), [
+    ({"sub": "x"}, {"username_claim": "email"}, "no 'email' claim"),
+    ({"sub": "x", "preferred_username": 7}, {"username_claim": "preferred_username"},
+     "'preferred_username' claim is not a non-empty string"),
+    ({"sub": "x", "email": "a@b", "email_verified": False}, {"username_claim": "email"},
+     "email_verified"),
+    ({"sub": "x", "groups": [1, 2]}, {"groups_claim": "groups"}, "'groups' claim"),
+    ({"sub": "x", "groups": {"a": 1}}, {"groups_claim": "groups"}, "'groups' claim"),
+    ({"sub": "system:admin"}, {"username_prefix": "-"}, "Kubernetes keeps"),
+])
+def test_a_missing_or_wrong_typed_claim_refuses_naming_it(
+        token: dict[str, Any], mapping: dict[str, Any], says: str) -> None:
+    with pytest.raises(OidcClaimError, match=says):
+        names(token, OidcSettings(issuer="https://idp.example.test", client_id=CLIENT,
+                                  **mapping))
