@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     oidc.add_argument("--oidc-scope", action="append", default=None, metavar="SCOPE",
                       help="a scope to ask for beside openid, email and profile (repeatable), "
                            "e.g. groups for Dex")
+    oidc.add_argument("--oidc-bearer-audience", action="append", default=None, metavar="CLIENT",
+                      help="also accept bearer ID tokens issued to this client (repeatable): "
+                           "the client id kubectl's exec plugin (kubelogin) signs in with")
     oidc.add_argument("--oidc-provider-name", default=_env("OIDC_PROVIDER_NAME") or "",
                       metavar="NAME", help="the sign-in button's words: Sign in with NAME")
     auth.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
@@ -506,7 +509,9 @@ def _oidc_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         ca_file=args.oidc_ca_file, username_claim=args.oidc_username_claim,
         username_prefix=args.oidc_username_prefix, groups_claim=args.oidc_groups_claim,
         groups_prefix=args.oidc_groups_prefix, extra_scopes=tuple(scopes),
-        provider_name=args.oidc_provider_name)
+        provider_name=args.oidc_provider_name,
+        bearer_audiences=tuple(args.oidc_bearer_audience if args.oidc_bearer_audience is not None
+                               else env_list("OIDC_BEARER_AUDIENCE")))
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:

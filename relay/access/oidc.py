@@ -91,6 +91,9 @@ class OidcSettings:
     extra_scopes: tuple[str, ...] = ()
     # What the sign-in button says ("Sign in with <name>").
     provider_name: str = ""
+    # Bearer ID tokens (kubectl vnc with kubelogin) may be for these clients too: the client id
+    # that kubectl's exec plugin signs in with, usually the API server's audience.
+    bearer_audiences: tuple[str, ...] = ()
 
     @property
     def user_prefix(self) -> str:
@@ -291,6 +294,15 @@ class OidcClient:
         log.info("oidc: read %d signing keys from %s", len(usable), meta.jwks_uri)
         return key_set
 
+    def form_targets(self) -> tuple[str, ...]:
+        """The origins the relay's forms may end up at: the issuer's, and its end-session
+        endpoint's once discovery named it (for the CSP's form-action)."""
+        urls = [self.settings.issuer]
+        if self._metadata is not None and self._metadata.end_session_endpoint:
+            urls.append(self._metadata.end_session_endpoint)
+        origins = (urlsplit(url) for url in urls)
+        return tuple(dict.fromkeys(f"{o.scheme}://{o.netloc}" for o in origins))
+
     def authorization_url(self, meta: ProviderMetadata, redirect_uri: str, state: str,
                           nonce: str, challenge: str) -> str:
         query = urlencode({"response_type": "code", "client_id": self.settings.client_id,
@@ -314,16 +326,17 @@ class OidcClient:
         meta = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
                 "code_verifier": verifier}
-        auth = None
+        headers = {}
         if "client_secret_basic" in meta.token_auth_methods or \
                 "client_secret_post" not in meta.token_auth_methods:
-            auth = aiohttp.BasicAuth(_form_quote(self.settings.client_id),
-                                     _form_quote(self.settings.client_secret))
+            pair = f"{_form_quote(self.settings.client_id)}:" \
+                   f"{_form_quote(self.settings.client_secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         else:
             form |= {"client_id": self.settings.client_id,
                      "client_secret": self.settings.client_secret}
         try:
-            async with self._client().post(meta.token_endpoint, data=form, auth=auth,
+            async with self._client().post(meta.token_endpoint, data=form, headers=headers,
                                            allow_redirects=False) as response:
                 body = await response.json(content_type=None)
                 status = response.status
@@ -341,8 +354,9 @@ class OidcClient:
         return token
 
     async def validate(self, token: str, nonce: str | None = None,
-                       now: float | None = None) -> dict[str, Any]:
-        """The claims of an ID token of this provider for this client, or OidcError."""
+                       now: float | None = None, *, bearer: bool = False) -> dict[str, Any]:
+        """The claims of an ID token of this provider for this client (or, `bearer`, for one
+        of --oidc-bearer-audience too), or OidcError."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise OidcError("the ID token is too long")
         keys = await self._key_set(refresh=False)
@@ -362,9 +376,11 @@ class OidcClient:
         except JoseError as exc:
             raise OidcError(f"the ID token cannot be read ({exc.error})") from None
         claims = decoded.claims
+        audiences = (self.settings.client_id,
+                     *(self.settings.bearer_audiences if bearer else ()))
         expected: dict[str, Any] = {
             "iss": {"essential": True, "value": self.settings.issuer},
-            "aud": {"essential": True, "value": self.settings.client_id},
+            "aud": {"essential": True, "values": list(audiences)},
             "exp": {"essential": True}, "iat": {"essential": True},
             "sub": {"essential": True}}
         if nonce is not None:
@@ -378,16 +394,16 @@ class OidcClient:
         except (InvalidClaimError, MissingClaimError) as exc:
             raise OidcError(f"the ID token's {exc.claim!r} claim is wrong or missing "
                             f"for this relay ({_claim_hint(exc.claim)})") from None
-        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        named = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         azp = claims.get("azp")
-        if (azp is not None or len(audiences) > 1) and azp != self.settings.client_id:
+        if (azp is not None or len(named) > 1) and azp not in audiences:
             raise OidcError("the ID token was issued to another client (azp); it is not for "
                             "this relay")
         return claims
 
     async def person(self, token: str, nonce: str | None = None,
-                     now: float | None = None) -> SignedInPerson:
-        claims = await self.validate(token, nonce, now)
+                     now: float | None = None, *, bearer: bool = False) -> SignedInPerson:
+        claims = await self.validate(token, nonce, now, bearer=bearer)
         user, groups = names(claims, self.settings)
         return SignedInPerson(user=user, groups=groups, expires=float(claims["exp"]),
                               subject=str(claims["sub"]))

@@ -64,6 +64,13 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """On every response, errors included. A signal rather than a middleware: a middleware's
     frame would stay alive for the whole of every WebSocket session."""
     response.headers.update(SECURITY_HEADERS)
+    oidc = request.app[STATE].oidc
+    if oidc is not None:
+        # Signing out is a form post that the relay answers with a redirect to the provider's
+        # end-session page (RP-initiated logout); browsers hold redirects of a form to
+        # form-action too.
+        response.headers["Content-Security-Policy"] = CSP.replace(
+            "form-action 'self'", f"form-action 'self' {' '.join(oidc.form_targets())}")
     if request.secure and request.transport is not None and \
             request.transport.get_extra_info("sslcontext") is not None:
         # This listener's own TLS (--tls-cert); behind an Ingress, HSTS is the Ingress's.

@@ -80,7 +80,7 @@ async def oidc_identity(request: web.Request, state: RelayState, token: str
     asked for its keys."""
     assert state.oidc is not None
     try:
-        person = await state.oidc.person(token)
+        person = await state.oidc.person(token, bearer=True)
     except OidcUnavailable as exc:
         audit_event("bearer", request, state, result="provider unavailable", kind="oidc")
         raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None

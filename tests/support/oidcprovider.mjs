@@ -35,7 +35,20 @@ function makeProvider() {
     },
     scopes: ['openid', 'email', 'profile', 'groups'],
     pkce: { required: () => true },
-    features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true } },
+    features: {
+      devInteractions: { enabled: false },
+      // The provider's own pages load a web font from the internet; these load nothing.
+      rpInitiatedLogout: {
+        enabled: true,
+        async logoutSource(ctx, form) {
+          ctx.body = `<!doctype html><title>Sign out</title><h1>Sign out of the test provider?</h1>${form}`
+            + '<button id="logout-yes" type="submit" form="op.logoutForm" value="yes" name="logout">Yes, sign me out</button>';
+        },
+        async postLogoutSuccessSource(ctx) {
+          ctx.body = '<!doctype html><title>Signed out</title><h1 id="signed-out">Signed out</h1>';
+        },
+      },
+    },
     ttl: { IdToken: config.idTokenTTL || 3600, Session: 3600, Interaction: 600, Grant: 3600 },
     cookies: { keys: ['a test cookie key that is long enough'] },
     interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
