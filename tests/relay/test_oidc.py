@@ -7,6 +7,8 @@ with keys the test makes (a forger's).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from vncgate.relay.access.oidc import (
     OidcUnavailable,
     names,
 )
+from vncgate.relay.settings import settings_from_args
 
 CLIENT = "vncgate"
 SECRET = "a client secret of the relay"
@@ -186,3 +189,44 @@ def test_a_missing_or_wrong_typed_claim_refuses_naming_it(
     with pytest.raises(OidcClaimError, match=says):
         names(token, OidcSettings(issuer="https://idp.example.test", client_id=CLIENT,
                                   **mapping))
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    ([], "--auth oidc needs --oidc-issuer-url"),
+    (["--oidc-issuer-url", "http://idp.example.test", "--oidc-client-id", "vncgate",
+      "--oidc-client-secret-file", "SECRET", "--public-url", "https://vnc.example.test"],
+     "the provider's https URL"),
+    (["--oidc-issuer-url", "https://idp.example.test"], "needs --oidc-client-id"),
+    (["--oidc-issuer-url", "https://idp.example.test", "--oidc-client-id", "vncgate"],
+     "needs --oidc-client-secret-file"),
+    (["--oidc-issuer-url", "https://idp.example.test", "--oidc-client-id", "vncgate",
+      "--oidc-client-secret-file", "SECRET"], "needs --public-url"),
+])
+def test_incomplete_oidc_settings_stop_the_relay(tmp_path: Path, args: list[str],
+                                                 words: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    argv = ["--auth", "oidc", *(str(secret) if a == "SECRET" else a for a in args)]
+    with pytest.raises(SystemExit):
+        settings_from_args(argv)
+    result = subprocess.run([sys.executable, "-m", "vncgate.relay", *argv], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_oidc_flags_make_the_settings(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    settings = settings_from_args([
+        "--listen", "0.0.0.0:8080", "--auth", "oidc", "--public-url", "https://vnc.example.test",
+        "--oidc-issuer-url", "https://idp.example.test/realms/lab", "--oidc-client-id", CLIENT,
+        "--oidc-client-secret-file", str(secret), "--oidc-username-claim", "email",
+        "--oidc-groups-claim", "groups", "--oidc-groups-prefix", "oidc:",
+        "--oidc-scope", "groups", "--oidc-bearer-audience", "kubernetes"])
+    oidc = settings.auth.oidc
+    assert oidc is not None and oidc.client_secret == SECRET
+    assert (oidc.user_prefix, oidc.groups_prefix, oidc.bearer_audiences) == (
+        "", "oidc:", ("kubernetes",))
+    assert oidc.scopes == "openid email profile groups"
+    with pytest.raises(SystemExit):
+        settings_from_args(["--auth", "token", "--oidc-issuer-url", "https://idp.example.test"])

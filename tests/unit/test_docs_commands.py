@@ -204,7 +204,8 @@ def test_documented_command_lines_parse(tmp_path: Path) -> None:
             continue
         args: list[str] = []
         for word in words[1:]:
-            if args and args[-1] in ("--api-token-file", "--users-file", "--session-secret-file"):
+            if args and args[-1] in ("--api-token-file", "--users-file", "--session-secret-file",
+                                     "--oidc-client-secret-file"):
                 made = tmp_path / Path(word).name
                 if not made.exists():
                     made.write_text("0123456789abcdef0123456789abcdef")
