@@ -65,6 +65,9 @@ def relay_files(values: list[Path], tmp_path: Path) -> dict[str, Path]:
         USERS_PATH: "alice:\n  secret: a-long-enough-secret\n  groups: [lab-team]\n",
         f"{KEYS_DIR}/session-secret": "s" * 48,
         f"{KEYS_DIR}/link-key": "k" * 48,
+        # relay.auth.oidc: the client secret and the provider's CA from objects of your own.
+        "/etc/vncgate/oidc/client-secret": "the relay's client secret\n",
+        "/etc/vncgate/oidc-ca/ca.crt": "-----BEGIN CERTIFICATE-----\n",
     }
     if "vncgate-users" in secrets:
         contents[USERS_PATH] = base64.b64decode(secrets["vncgate-users"]["users.yaml"]).decode()
@@ -116,6 +119,7 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         "existing-secret": ("https://consoles.example.org",),
         "restricted-namespaces": ("https://vnc.lab.example.com",),
         "auth-proxy": ("https://vnc.example.com",),
+        "auth-oidc": ("https://vnc.example.com",),
         "gateway-api": ("https://vnc.example.com",),  # the HTTPRoute's first host name
         "monitoring": (),
         "pod-settings": (),
@@ -141,6 +145,19 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
         assert auth.users == {}
         assert auth.authorization == "manifest"
         assert settings.lease_namespace is None
+        return
+    if ci_id(values) == "auth-oidc":
+        # The API server's claim mappings, as the values say them; no users file.
+        assert auth.mode == "oidc" and auth.users == {}
+        oidc = auth.oidc
+        assert oidc is not None
+        assert (oidc.issuer, oidc.client_id, oidc.client_secret) == (
+            "https://keycloak.example.com/realms/lab", "vncgate", "the relay's client secret")
+        assert (oidc.username_claim, oidc.user_prefix, oidc.groups_claim,
+                oidc.groups_prefix) == ("email", "", "groups", "oidc:")
+        assert oidc.bearer_audiences == ("kubernetes",)
+        assert oidc.ca_file is not None and oidc.ca_file.name.endswith("ca.crt")
+        assert auth.authorization == "kubernetes"
         return
     assert auth.mode == "token"
     if ci_id(values) == "existing-secret":
@@ -190,6 +207,7 @@ def test_operator_accepts_the_chart_command_line(values: Path, token_file: Path,
                                   "namespaces": ("lab", "desktops"),
                                   "resync_interval": 300.0, "probe_interval": 45.0},
         "auth-proxy": {"public_url": "https://vnc.example.com", "namespaces": ()},
+        "auth-oidc": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "gateway-api": {"public_url": "https://vnc.example.com", "namespaces": ()},
         "monitoring": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},
         "pod-settings": {"public_url": "http://127.0.0.1:8080", "namespaces": ()},

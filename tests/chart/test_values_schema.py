@@ -57,7 +57,25 @@ def test_proxy_auth_without_trusted_proxies() -> None:
 def test_auth_mode_typo() -> None:
     message = template_error("relay.auth.mode=tokn")
     assert SCHEMA_ERROR in message
-    assert "at '/relay/auth/mode': value must be one of 'none', 'proxy', 'token'" in message
+    assert "at '/relay/auth/mode': value must be one of 'none', 'proxy', 'token', 'oidc'" \
+        in message
+
+
+def test_oidc_mode_says_what_it_needs() -> None:
+    message = template_error("relay.auth.mode=oidc")
+    assert "relay.auth.mode=oidc needs relay.auth.oidc.issuer" in message
+    message = template_error("relay.auth.mode=oidc",
+                             "relay.auth.oidc.issuer=http://idp.example.com")
+    assert "at '/relay/auth/oidc/issuer'" in message
+    base = ("relay.auth.mode=oidc", "relay.auth.oidc.issuer=https://idp.example.com",
+            "relay.auth.oidc.clientID=vncgate")
+    message = template_error(*base)
+    assert "relay.auth.oidc.clientSecret.existingSecret" in message
+    message = template_error(*base, "relay.auth.oidc.clientSecret.existingSecret=vncgate-oidc")
+    assert "needs a public URL" in message
+    message = template_error(*base, "relay.auth.oidc.clientSecret.existingSecret=vncgate-oidc",
+                             "relay.auth.oidc.clientSecret.value=hunter2")
+    assert "at '/relay/auth/oidc/clientSecret': additional properties 'value'" in message
 
 
 def test_token_mode_without_any_user_says_what_to_set() -> None:

@@ -357,6 +357,32 @@ true
 /etc/vncgate/keys
 {{- end }}
 
+{{- define "vncgate.oidcDir" -}}
+/etc/vncgate/oidc
+{{- end }}
+
+{{- define "vncgate.oidcCaDir" -}}
+/etc/vncgate/oidc-ca
+{{- end }}
+
+{{/* relay.auth.oidc, checked: what --auth oidc cannot start without, said in the values' words. */}}
+{{- define "vncgate.relay.oidc" -}}
+{{- $oidc := .Values.relay.auth.oidc }}
+{{- if not $oidc.issuer }}
+{{- fail "relay.auth.mode=oidc needs relay.auth.oidc.issuer: the provider's https issuer URL" }}
+{{- end }}
+{{- if not $oidc.clientID }}
+{{- fail "relay.auth.mode=oidc needs relay.auth.oidc.clientID: the relay's client at the provider" }}
+{{- end }}
+{{- if not $oidc.clientSecret.existingSecret }}
+{{- fail "relay.auth.mode=oidc needs relay.auth.oidc.clientSecret.existingSecret: a Secret holding the client secret (kubectl create secret generic vncgate-oidc --from-literal=client-secret=...)" }}
+{{- end }}
+{{- if not (or .Values.publicUrl (include "vncgate.publicHost" .)) }}
+{{- fail "relay.auth.mode=oidc needs a public URL (ingress.host, httpRoute.hostnames or publicUrl): the provider sends browsers back to <public URL>/login/oidc/callback" }}
+{{- end }}
+{{- toJson $oidc }}
+{{- end }}
+
 {{/* --- the validating admission webhook and the network-reach grants ---------------------- */}}
 {{- define "vncgate.webhookCertDir" -}}
 /etc/vncgate/webhook
