@@ -134,8 +134,11 @@ def kubeconfig(server: str, ca: Path, *, token: str | None = None,
 class ControlPlane:
     """etcd + kube-apiserver (+ kube-controller-manager) for one test session."""
 
-    def __init__(self, workdir: Path, *, controller_manager: bool = True) -> None:
+    def __init__(self, workdir: Path, *, controller_manager: bool = True,
+                 apiserver_args: Sequence[str] = ()) -> None:
         self.bin = assets_dir()
+        # More kube-apiserver flags, e.g. --authentication-config for an OpenID provider.
+        self.apiserver_args = list(apiserver_args)
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,7 @@ class ControlPlane:
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={c.front_proxy[0]}",
             f"--proxy-client-key-file={c.front_proxy[1]}",
-            "--enable-aggregator-routing=true"])
+            "--enable-aggregator-routing=true", *self.apiserver_args])
         wait_until(lambda: self._ready("kube-apiserver"), "kube-apiserver /readyz ok",
                    timeout=90)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import secrets
@@ -18,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs
 
 import aiohttp
 import pytest
@@ -27,7 +26,7 @@ import yaml
 from harness.cluster import free_port
 from tests.conftest import RelayFactory
 from tests.relay.test_oidc import mint
-from tests.support.oidc import Account, OidcProvider, need_provider
+from tests.support.oidc import Account, OidcProvider, kubelogin_token, need_provider
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
@@ -181,39 +180,6 @@ async def test_the_sign_in_page_offers_the_form_only_with_a_users_file(
 
 # -- bearer ID tokens: kubectl vnc with kubelogin --------------------------------------------------
 
-async def kubelogin_token(http: aiohttp.ClientSession, provider: OidcProvider) -> str:
-    """What kubelogin does: the code flow with PKCE for the public client `kubernetes`, as a
-    person signing in at the provider; the ID token it hands to kubectl."""
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(
-        hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    redirect = "http://127.0.0.1:8000"
-    query = urlencode({"client_id": KUBECTL_CLIENT, "response_type": "code",
-                       "scope": "openid email groups", "redirect_uri": redirect,
-                       "code_challenge": challenge, "code_challenge_method": "S256",
-                       "state": "s", "nonce": "n"})
-    async with http.get(f"{provider.issuer}/auth?{query}") as page:
-        interaction = str(page.url)
-    # Follow the provider's redirects by hand: the last one goes to kubelogin's own loopback
-    # listener (not running here), and carries the code.
-    async with http.post(interaction, data={"login": "alice", "password": PASSWORD},
-                         allow_redirects=False) as answer:
-        location = answer.headers.get("Location", "")
-    for _ in range(10):
-        if location.startswith(redirect):
-            break
-        async with http.get(urljoin(provider.issuer, location),
-                            allow_redirects=False) as answer:
-            location = answer.headers.get("Location", "")
-    assert location.startswith(redirect), location
-    code = parse_qs(urlsplit(location).query)["code"][0]
-    async with http.post(f"{provider.issuer}/token", data={
-            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect,
-            "client_id": KUBECTL_CLIENT, "code_verifier": verifier}) as tokens:
-        body = await tokens.json()
-    return str(body["id_token"])
-
-
 def exec_kubeconfig(directory: Path, token: str) -> Path:
     credential = json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
                              "kind": "ExecCredential", "status": {"token": token}})
@@ -242,7 +208,7 @@ def kubectl_vnc(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str
 async def test_kubectl_vnc_with_an_exec_plugin_id_token(
         make_relay: RelayFactory, provider: OidcProvider, relay_port: int, tmp_path: Path,
         browser_like: aiohttp.ClientSession) -> None:
-    token = await kubelogin_token(browser_like, provider)
+    token = await kubelogin_token(browser_like, provider, KUBECTL_CLIENT, "alice", PASSWORD)
     kubeconfig = exec_kubeconfig(tmp_path, token)
     async with make_relay(routes=ROUTES, auth=oidc_auth(provider, relay_port),
                           listen=Address("127.0.0.1", relay_port)) as relay:

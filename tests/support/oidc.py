@@ -6,14 +6,19 @@ sign with a new key from then on.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
+import aiohttp
 import pytest
 from joserfc.jwk import RSAKey
 
@@ -108,3 +113,38 @@ def need_provider() -> None:
     if shutil.which("node") is None or not PACKAGE.is_dir():
         pytest.skip("the OpenID provider needs node and node_modules/oidc-provider: run "
                     "scripts/setup")
+
+
+async def kubelogin_token(http: aiohttp.ClientSession, provider: OidcProvider, client_id: str,
+                          login: str, password: str) -> str:
+    """What kubelogin does: the code flow with PKCE for a public client (`client_id`, with the
+    redirect URI http://127.0.0.1:8000), as a person signing in at the provider's login page;
+    the ID token it hands to kubectl. `http` keeps cookies and trusts the provider's CA."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(
+        hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    redirect = "http://127.0.0.1:8000"
+    query = urlencode({"client_id": client_id, "response_type": "code",
+                       "scope": "openid email groups", "redirect_uri": redirect,
+                       "code_challenge": challenge, "code_challenge_method": "S256",
+                       "state": "s", "nonce": "n"})
+    async with http.get(f"{provider.issuer}/auth?{query}") as page:
+        interaction = str(page.url)
+    # Follow the provider's redirects by hand: the last one goes to kubelogin's own loopback
+    # listener (not running here), and carries the code.
+    async with http.post(interaction, data={"login": login, "password": password},
+                         allow_redirects=False) as answer:
+        location = answer.headers.get("Location", "")
+    for _ in range(10):
+        if location.startswith(redirect):
+            break
+        async with http.get(urljoin(provider.issuer, location),
+                            allow_redirects=False) as answer:
+            location = answer.headers.get("Location", "")
+    assert location.startswith(redirect), location
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    async with http.post(f"{provider.issuer}/token", data={
+            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect,
+            "client_id": client_id, "code_verifier": verifier}) as tokens:
+        body = await tokens.json()
+    return str(body["id_token"])
