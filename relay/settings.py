@@ -51,6 +51,8 @@ class AuthSettings:
     # `system:` groups from a header are dropped unless this is set.
     proxy_system_groups: bool = False
     users: dict[str, User] = field(default_factory=dict)
+    # Where `users` came from: re-read when it changes (relay/access/users.py UsersFile).
+    users_file: Path | None = None
     # Signs login cookies; None: a random key per process (logins end at restart).
     session_secret: bytes | None = None
     session_ttl: int = 8 * 3600
@@ -124,6 +126,8 @@ class RelaySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_reload_interval: float = 10.0
+    # Seconds between looks at --users-file for changes.
+    users_reload_interval: float = 5.0
     # The ClusterRoles that messages name (relay/access/roles.py): the chart passes its own.
     roles: RoleNames = field(default_factory=RoleNames)
 
@@ -470,7 +474,8 @@ def _auth_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         mode=mode, trusted_proxies=proxies, user_header=args.user_header,
         groups_header=args.groups_header, proxy_user_prefix=args.proxy_user_prefix,
         proxy_groups_prefix=args.proxy_groups_prefix,
-        proxy_system_groups=args.proxy_system_groups, users=users, session_secret=secret,
+        proxy_system_groups=args.proxy_system_groups, users=users,
+        users_file=args.users_file, session_secret=secret,
         session_ttl=ttl,
         link_keys=link_keys, public_url=args.public_url.rstrip("/"),
         authorization=authorization, kubernetes_tokens=args.kubernetes_tokens,

@@ -23,6 +23,7 @@ from vncgate.relay.access.oidc import OidcClient
 from vncgate.relay.access.passwords import KeyDerivations
 from vncgate.relay.access.ratelimit import FailureLimiter
 from vncgate.relay.access.tokenreview import TokenReviewer
+from vncgate.relay.access.users import UsersFile
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import Recorder
 from vncgate.relay.replicas import (
@@ -126,6 +127,8 @@ class RelayState:
     logins: CredentialStore = field(init=False)
     # Kubernetes bearer tokens (--kubernetes-tokens): TokenReviews; None when off.
     token_reviewer: TokenReviewer | None = field(init=False)
+    # The users file (--users-file), re-read when it changes.
+    users: UsersFile = field(init=False)
     # The OpenID provider (--auth oidc): discovery, keys, ID token checks; None otherwise.
     oidc: OidcClient | None = field(init=False)
     # The other replicas, asked for their sessions (kubectl vnc sessions / kill).
@@ -151,6 +154,7 @@ class RelayState:
         self.logins = CredentialStore(self.settings)
         self.thumbnails = Thumbnails(self.settings, self.logins, self.health)
         self.token_reviewer = make_token_reviewer(self.settings)
+        self.users = UsersFile(self.settings.auth.users_file, self.settings.auth.users)
         self.oidc = (OidcClient(self.settings.auth.oidc)
                      if self.settings.auth.mode == AuthMode.OIDC and self.settings.auth.oidc
                      else None)
@@ -196,6 +200,15 @@ class RelayState:
         await self.revocations.close()
         if self.marks is not None:
             await self.marks.client.close()
+
+    def reload_users(self) -> None:
+        """Re-read the users file if it changed; the sessions of users removed from it (or
+        given another secret) end. Their cookies and tokens stop working with the new file."""
+        for name in self.users.reload():
+            for session in list(self.sessions):
+                if session.account == name:
+                    session.stop(closecodes.UNAUTHENTICATED,
+                                 "your account was removed or its secret changed; sign in again")
 
     def _route_changed(self, old: Route, new: Route | None) -> None:
         """Sessions follow their route: removed -> closed; endpoint changed -> reconnect."""

@@ -55,6 +55,9 @@ class Identity:
     expires: float | None = None
     # The signed-in cookie's id, so that signing out can revoke it (and end its sessions).
     credential_id: str = ""
+    # The users-file entry it was checked against (a cookie or token of the file), so that its
+    # sessions end when the entry is removed or its secret changes.
+    account: str = ""
 
     @property
     def label(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ import yaml
 
 from vncgate.relay.access.identity import AuthConfigError
 from vncgate.relay.access.passwords import dummy_hash, verify_secret
+
+log = logging.getLogger("vncgate.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +109,45 @@ def find_bearer(users: Mapping[str, User], token: str) -> User | None:
         if match and found is None:
             found = user
     return found
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+class UsersFile:
+    """The users file as the relay holds it, re-read when it changes (its size, mtime or inode,
+    following symlinks: a Secret's volume swaps a link), so that adding or removing someone
+    needs no restart. A file that no longer loads is logged and the users read last stay."""
+
+    def __init__(self, path: Path | None, users: Mapping[str, User]) -> None:
+        self.path = path
+        self.current: dict[str, User] = dict(users)
+        self._stamp = _stamp(path) if path is not None else None
+
+    def reload(self) -> tuple[str, ...]:
+        """Re-read the file if it changed; the users removed or given another secret (whose
+        sign-ins and sessions end), empty when nothing changed or the file does not load."""
+        if self.path is None:
+            return ()
+        stamp = _stamp(self.path)
+        if stamp is None or stamp == self._stamp:
+            return ()
+        try:
+            fresh = load_users(self.path)
+        except AuthConfigError as exc:
+            log.error("users file not re-read, the users read before stay: %s", exc)
+            self._stamp = stamp
+            return ()
+        self._stamp = stamp
+        ended = tuple(name for name, user in self.current.items()
+                      if name not in fresh or fresh[name].secret != user.secret)
+        added = [name for name in fresh if name not in self.current]
+        self.current = fresh
+        log.info("users file re-read: %d users, %d added, %d removed or changed",
+                 len(fresh), len(added), len(ended))
+        return ended

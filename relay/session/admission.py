@@ -49,6 +49,8 @@ class Applicant:
     # and its id (signing out ends the sessions opened with it).
     expires_at: float | None = None
     credential_id: str = ""
+    # The users-file entry behind the credential, if any (its removal ends the session).
+    account: str = ""
     expiry_code: int = closecodes.UNAUTHENTICATED
     expiry_reason: str = ""
 
@@ -190,8 +192,8 @@ class Admission:
                           max_duration=policy.max_duration, expires_at=applicant.expires_at,
                           expiry_code=applicant.expiry_code,
                           expiry_reason=applicant.expiry_reason,
-                          credential_id=applicant.credential_id, logins=self.logins,
-                          kubevirt=self.kubevirt, health=self.health)
+                          credential_id=applicant.credential_id, account=applicant.account,
+                          logins=self.logins, kubevirt=self.kubevirt, health=self.health)
         if self.recorder is not None:
             try:
                 session.recorder = self.recorder.for_session(session)

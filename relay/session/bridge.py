@@ -222,6 +222,8 @@ class Session:
     expiry_code: int = closecodes.UNAUTHENTICATED
     expiry_reason: str = ""
     credential_id: str = ""
+    # The users-file entry it was opened as ("" for other sign-ins).
+    account: str = ""
     started: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.time)
     to_server: int = 0

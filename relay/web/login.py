@@ -52,7 +52,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     check_host(request)
     auth = state.settings.auth
-    if auth.mode != AuthMode.TOKEN and not (auth.mode == AuthMode.OIDC and auth.users):
+    if auth.mode != AuthMode.TOKEN and not (auth.mode == AuthMode.OIDC and state.users.current):
         raise web.HTTPNotFound(text="sign in with the button of the sign-in page\n"
                                if auth.mode == AuthMode.OIDC else
                                "sign-in is handled by the proxy in front of this relay\n")
@@ -90,7 +90,7 @@ async def login(request: web.Request) -> web.StreamResponse:
                           next_path, status=429, headers={"Retry-After": str(int(wait) + 1)},
                           user=name)
     try:
-        user = await state.derivations.run(check_login, state.settings.auth.users, name, secret)
+        user = await state.derivations.run(check_login, state.users.current, name, secret)
     except DerivationsBusy:
         raise busy() from None
     if user is None:

@@ -24,13 +24,14 @@ def login_page(request: web.Request, message: str = "", next_path: str = "", sta
                headers: dict[str, str] | None = None, user: str = "") -> web.Response:
     csrf = csrf_for_page(request, None)
     viewer = _VIEWER_NEXT.match(next_path)
-    auth = request.app[STATE].settings.auth
+    state = request.app[STATE]
+    auth = state.settings.auth
     provider = auth.oidc.button_label if auth.mode == AuthMode.OIDC and auth.oidc else ""
     response = render_page(request, "login.html",
                            {"message": message, "next": next_path, "csrf": csrf.token,
                             "target": f"{viewer[1]}/{viewer[2]}" if viewer else "",
                             "user": user[:256], "provider": provider,
-                            "form": auth.mode == AuthMode.TOKEN or bool(auth.users)},
+                            "form": auth.mode == AuthMode.TOKEN or bool(state.users.current)},
                            status=status, headers=headers)
     set_csrf_cookie(response, request, csrf)
     return response

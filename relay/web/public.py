@@ -112,6 +112,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             return closecodes.FORBIDDEN, decision.reason
         return Applicant(label=identity.label, user=identity.user, view_only=identity.view_only,
                          expires_at=identity.expires, credential_id=identity.credential_id,
+                         account=identity.account,
                          **_expiry(identity))
 
     def audit_refusal(code: int, reason: str) -> None:

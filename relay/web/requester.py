@@ -64,11 +64,12 @@ async def identify(request: web.Request) -> Identity | None:
                 return None
             return Identity(user=claim.user, groups=claim.groups, method="cookie",
                             expires=claim.expires, credential_id=claim.sid)
-        known = state.settings.auth.users.get(claim.user)
+        known = state.users.current.get(claim.user)
         # A user removed from the file is signed out.
         if known is not None:
             return Identity(user=known.name, groups=known.groups, method="cookie",
-                            expires=claim.expires, credential_id=claim.sid)
+                            expires=claim.expires, credential_id=claim.sid,
+                            account=known.name)
     return None
 
 
@@ -148,11 +149,11 @@ ALL_BEARERS = "*"
 async def _bearer_identity(request: web.Request, state: RelayState, token: str
                            ) -> Identity | None:
     # Token entries of the users file only (never a password): one SHA-256, no derivation.
-    found = find_bearer(state.settings.auth.users, token)
+    found = find_bearer(state.users.current, token)
     if found is None:
         refuse_failure(request, state, "bearer")
         return None
-    return Identity(user=found.name, groups=found.groups, method="token")
+    return Identity(user=found.name, groups=found.groups, method="token", account=found.name)
 
 
 async def kubernetes_identity(request: web.Request, state: RelayState, token: str

@@ -44,6 +44,7 @@ class RelayServer:
         self.metrics_url = ""
         self.tls: ReloadingTls | None = None
         self._tls_watch: asyncio.Task[None] | None = None
+        self._users_watch: asyncio.Task[None] | None = None
 
     @property
     def registry(self) -> Registry:
@@ -72,6 +73,8 @@ class RelayServer:
                 self.tls = ReloadingTls(settings.tls_cert, settings.tls_key)
                 self._tls_watch = asyncio.create_task(
                     self.tls.watch(settings.tls_reload_interval))
+            if settings.auth.users_file is not None:
+                self._users_watch = asyncio.create_task(self._watch_users())
             await self.state.consoles.start(self.state.console_taken)
             await self.state.start_shared()
             if settings.kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -87,11 +90,18 @@ class RelayServer:
             await self.stop()
             raise
 
+    async def _watch_users(self) -> None:
+        """Look at --users-file for changes; the users and sessions follow without a restart."""
+        while True:
+            await asyncio.sleep(self.state.settings.users_reload_interval)
+            self.state.reload_users()
+
     async def stop(self) -> None:
         """Close every session with 1001, then both ports."""
-        if self._tls_watch is not None:
-            self._tls_watch.cancel()
-            self._tls_watch = None
+        for watch in (self._tls_watch, self._users_watch):
+            if watch is not None:
+                watch.cancel()
+        self._tls_watch = self._users_watch = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
