@@ -50,6 +50,15 @@ def test_notes_say_how_to_sign_in_through_the_proxy() -> None:
     assert "Secret vncgate-users" not in notes
 
 
+def test_notes_say_how_to_sign_in_at_the_openid_provider() -> None:
+    notes = install_dry_run(values_files=[CHART / "ci" / "auth-oidc-values.yaml"]
+                            )["info"]["notes"]
+    assert "Sign in at Keycloak" in notes
+    assert "https://vnc.example.com/login/oidc/callback" in notes
+    assert 'the prefix "oidc:"' in notes
+    assert "relay.auth.mode=none" not in notes and "Secret vncgate-users" not in notes
+
+
 def test_notes_tell_how_to_read_the_initial_password_and_grant_access() -> None:
     notes = install_dry_run(sets=["ingress.host=vnc.example.com"])["info"]["notes"]
     assert 'Sign in as "admin"' in notes
