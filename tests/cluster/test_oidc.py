@@ -147,7 +147,7 @@ async def test_kubectl_auth_can_i_and_the_relay_agree(
                     f"{relay.public_url}/t/{namespace}/desk/websockify",
                     origin=relay.public_url,
                     headers={"Authorization": f"Bearer {id_token}"}) as ws:
-                message = await ws.receive(timeout=15)
+                message = await ws.receive(timeout=60)
                 decided[namespace] = ("yes" if message.type is aiohttp.WSMsgType.BINARY
                                       else (message.data, message.extra))
     assert decided["lab"] == "yes"

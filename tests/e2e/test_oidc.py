@@ -61,7 +61,7 @@ def oidc_auth(provider: OidcProvider, relay_port: int) -> AuthSettings:
 
 
 async def provider_sign_in(page: Page, password: str) -> None:
-    await page.wait_for_selector("#provider-submit", timeout=15_000)
+    await page.wait_for_selector("#provider-submit", timeout=60_000)
     await page.fill("#login", "alice")
     await page.fill("#password", password)
     await page.click("#provider-submit")
@@ -81,36 +81,36 @@ async def test_sign_in_at_the_provider_open_a_console_and_sign_out(
             xvnc.paint("#ff0000")
             await page.goto(f"{relay.public_url}/t/lab/mine/")
             await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/mine/",
-                                    timeout=15_000)
+                                    timeout=60_000)
             # Only the provider's button: no users file, so no password form of the relay.
             assert await page.locator("form.login").count() == 0
             assert await page.text_content("#provider") == "Sign in with Test IdP"
             await page.screenshot(path=str(ARTIFACTS / "oidc-sign-in.png"))
             await page.click("#provider")
-            await page.wait_for_url(f"{provider.issuer}/interaction/**", timeout=15_000)
+            await page.wait_for_url(f"{provider.issuer}/interaction/**", timeout=60_000)
             await provider_sign_in(page, "a wrong password")
             assert await page.text_content("#provider-message") == "Wrong login or password."
             await provider_sign_in(page, PASSWORD)
-            await page.wait_for_url(f"{relay.public_url}/t/lab/mine/", timeout=15_000)
-            await page.wait_for_selector("body[data-state=connected]", timeout=15_000)
+            await page.wait_for_url(f"{relay.public_url}/t/lab/mine/", timeout=60_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
             await wait_for_pixel(page, (255, 0, 0))
             # The group without the prefix is not the person's group.
             other = await context.new_page()
             await other.goto(f"{relay.public_url}/t/lab/theirs/")
-            await other.wait_for_selector("body[data-state=failed]", timeout=15_000)
+            await other.wait_for_selector("body[data-state=failed]", timeout=60_000)
             assert "alice@example.test" in (await other.text_content("#status") or "")
             # Sign out from the list: the relay's session, the open console, the provider's.
             await other.goto(f"{relay.public_url}/")
             await other.click("form[action=logout] button")
-            await other.wait_for_url(f"{provider.issuer}/session/end**", timeout=15_000)
+            await other.wait_for_url(f"{provider.issuer}/session/end**", timeout=60_000)
             await other.click("#logout-yes")
-            await other.wait_for_url(f"{relay.public_url}/**", timeout=15_000)
+            await other.wait_for_url(f"{relay.public_url}/**", timeout=60_000)
             # The open console ended (4401), and its viewer went to the sign-in page.
             await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/mine/",
-                                    timeout=15_000)
+                                    timeout=60_000)
             # Signed out at the provider too: signing in again asks for the password.
             await other.goto(f"{relay.public_url}/login")
             await other.click("#provider")
-            await other.wait_for_selector("#provider-submit", timeout=15_000)
+            await other.wait_for_selector("#provider-submit", timeout=60_000)
         finally:
             await context.close()
