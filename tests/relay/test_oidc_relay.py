@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import ssl
 import subprocess
 import sys
@@ -24,9 +25,11 @@ import pytest
 import yaml
 
 from harness.cluster import free_port
+from harness.servers import GREETING, TcpServer
 from tests.conftest import RelayFactory
 from tests.relay.test_oidc import mint
 from tests.support.oidc import Account, OidcProvider, kubelogin_token, need_provider
+from tests.support.processes import ConsoleScript
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
@@ -205,20 +208,44 @@ def kubectl_vnc(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str
                           text=True, timeout=60, check=False)
 
 
+def kubectl_vnc_proxy(tmp_path: Path, kubeconfig: Path, relay_url: str
+                      ) -> tuple[ConsoleScript, int]:
+    script = ConsoleScript("kubectl-vnc", ["proxy", "mine", "--port", "0", "--relay-url",
+                                           relay_url], tmp_path,
+                           env={"KUBECONFIG": str(kubeconfig)})
+    script.start()
+    found = script.wait_for_log(r"Forwarding 127\.0\.0\.1:(\d+) ->")
+    return script, int(found.group(1))
+
+
+def first_bytes(port: int) -> bytes:
+    """What a native viewer on the proxy's port is sent first (b"" when the relay refused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.settimeout(60)
+        return sock.recv(12)
+
+
 async def test_kubectl_vnc_with_an_exec_plugin_id_token(
         make_relay: RelayFactory, provider: OidcProvider, relay_port: int, tmp_path: Path,
-        browser_like: aiohttp.ClientSession) -> None:
+        browser_like: aiohttp.ClientSession, backend: TcpServer) -> None:
     token = await kubelogin_token(browser_like, provider, KUBECTL_CLIENT, "alice", PASSWORD)
     kubeconfig = exec_kubeconfig(tmp_path, token)
-    async with make_relay(routes=ROUTES, auth=oidc_auth(provider, relay_port),
+    routes = [Route("lab", "mine", "127.0.0.1", backend.port,
+                    access=Access(groups=("oidc:devs",)))]
+    async with make_relay(routes=routes, auth=oidc_auth(provider, relay_port),
                           listen=Address("127.0.0.1", relay_port)) as relay:
+        # `kubectl vnc proxy`: the relay takes the exec plugin's ID token as alice, whose
+        # prefixed group may open lab/mine, and the VNC server's greeting comes through.
+        script, port = kubectl_vnc_proxy(tmp_path, kubeconfig, relay.public_url)
+        with script:
+            assert await _in_thread(first_bytes, port) == GREETING
+        async with browser_like.get(f"{relay.public_url}/",
+                                    headers={"Authorization": f"Bearer {token}"}) as answer:
+            assert answer.status == 200 and "alice@example.test" in await answer.text()
+        # Signed in but without the `sessions` right (manifest authorization): 403, not 401.
         result = await _in_thread(kubectl_vnc, kubeconfig, "sessions", "--relay-url",
                                   relay.public_url)
-        assert result.returncode == 0, result.stderr
-        # The relay took the token as alice with her prefixed group; refused otherwise.
-        async with browser_like.get(f"{relay.public_url}/api/v1/sessions",
-                                    headers={"Authorization": f"Bearer {token}"}) as answer:
-            assert answer.status == 200
+        assert "(403)" in result.stderr, result.stderr
         header, payload, signature = token.split(".")
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         claims["email"] = "mallory@example.test"
@@ -226,17 +253,17 @@ async def test_kubectl_vnc_with_an_exec_plugin_id_token(
         tampered = f"{header}.{forged_payload.decode()}.{signature}"
         result = await _in_thread(kubectl_vnc, exec_kubeconfig(tmp_path, tampered), "sessions",
                                   "--relay-url", relay.public_url)
-        assert result.returncode != 0 and "401" in result.stderr, result.stderr
+        assert result.returncode != 0 and "(401)" in result.stderr, result.stderr
     # A relay that does not accept the kubectl client's audience refuses the same token.
     narrow = oidc_auth(provider, relay_port)
     assert narrow.oidc is not None
     narrow = oidc_auth(provider, relay_port, oidc=OidcSettings(
         **{**narrow.oidc.__dict__, "bearer_audiences": ()}))
-    async with make_relay(routes=ROUTES, auth=narrow,
+    async with make_relay(routes=routes, auth=narrow,
                           listen=Address("127.0.0.1", relay_port)) as relay:
         result = await _in_thread(kubectl_vnc, kubeconfig, "sessions", "--relay-url",
                                   relay.public_url)
-        assert result.returncode != 0 and "401" in result.stderr, result.stderr
+        assert result.returncode != 0 and "(401)" in result.stderr, result.stderr
 
 
 async def test_bearer_tokens_follow_a_key_rotation(
@@ -247,17 +274,18 @@ async def test_bearer_tokens_follow_a_key_rotation(
               "exp": now + 300, "email": "alice@example.test", "groups": ["devs"]}
     async with make_relay(routes=ROUTES, auth=oidc_auth(provider, relay_port),
                           listen=Address("127.0.0.1", relay_port)) as relay:
-        url = f"{relay.public_url}/api/v1/sessions"
-        before = mint(provider.keys[0], claims)
-        async with http.get(url, headers={"Authorization": f"Bearer {before}"}) as answer:
-            assert answer.status == 200
+        url = f"{relay.public_url}/"  # the list: 200 signed in, else 302 to the sign-in page
+
+        async def status(token: str) -> int:
+            async with http.get(url, headers={"Authorization": f"Bearer {token}"},
+                                allow_redirects=False) as answer:
+                return answer.status
+
+        assert await status(mint(provider.keys[0], claims)) == 200
         provider.rotate_keys(f"key-{secrets.token_hex(4)}")
-        after = mint(provider.keys[0], claims)
-        async with http.get(url, headers={"Authorization": f"Bearer {after}"}) as answer:
-            assert answer.status == 200
+        assert await status(mint(provider.keys[0], claims)) == 200
         expired = mint(provider.keys[0], {**claims, "exp": now - 3600, "iat": now - 7200})
-        async with http.get(url, headers={"Authorization": f"Bearer {expired}"}) as answer:
-            assert answer.status == 401
+        assert await status(expired) == 302
 
 
 async def _in_thread(function: Any, *args: Any) -> Any:
