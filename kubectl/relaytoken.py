@@ -15,12 +15,16 @@ of its own, and the plugin, before its first request to a relay, asks which
   never falls back to sending the kubeconfig's token to such a relay.
 - no audiences (the relay's operator set `relay.auth.kubernetesTokens.apiServerTokens`): the
   kubeconfig's own token, with a note that the relay could use it as you.
+- a relay in `--auth oidc` mode names its provider (`oidc: {issuer, audiences}`): a kubeconfig
+  token that is an ID token of that issuer, for one of those clients (kubelogin's), is sent as
+  it is: the relay checks it itself. Its operator chose those clients (`--oidc-bearer-audience`).
 
 `--token` is sent as given, without asking.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import sys
@@ -83,9 +87,8 @@ def _message(reply: Any) -> str:
         else ""
 
 
-async def accepted_audiences(base: str, ssl: Any = True) -> tuple[str, ...]:
-    """The audiences the relay takes Kubernetes tokens for; () for the API server's own.
-    `ssl`: how the relay's certificate is checked (kubectl vnc --certificate-authority)."""
+async def relay_auth(base: str, ssl: Any = True) -> dict[str, Any]:
+    """What the relay says about the tokens it takes (GET /api/v1/auth)."""
     host = urlsplit(base).netloc
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         status, reply = await _call(http, "GET", f"{base}/api/v1/auth", "the relay at",
@@ -95,6 +98,42 @@ async def accepted_audiences(base: str, ssl: Any = True) -> tuple[str, ...]:
         raise RelayTokenError(
             f"the relay at {host} does not say which tokens it takes (GET /api/v1/auth: HTTP "
             f"{status}): is it a vncgate relay of the same version? Pass a token with --token")
+    return reply
+
+
+def _unverified_claims(header: str) -> dict[str, Any]:
+    """The claims a bearer JWT states, unchecked: only to tell whose token it is (the relay
+    checks the signature)."""
+    token = header.partition(" ")[2]
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def provider_token_fits(claims: dict[str, Any], oidc: Any) -> bool:
+    """Whether an ID token's (unchecked) claims are for the relay's OpenID provider and one of
+    the clients it takes."""
+    if not isinstance(oidc, dict) or not isinstance(oidc.get("audiences"), list):
+        return False
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    return claims.get("iss") == oidc.get("issuer") and any(
+        a in oidc["audiences"] for a in audiences if isinstance(a, str))
+
+
+async def accepted_audiences(base: str, ssl: Any = True) -> tuple[str, ...]:
+    """The audiences the relay takes Kubernetes tokens for; () for the API server's own.
+    `ssl`: how the relay's certificate is checked (kubectl vnc --certificate-authority)."""
+    return _kubernetes_audiences(base, await relay_auth(base, ssl))
+
+
+def _kubernetes_audiences(base: str, reply: dict[str, Any]) -> tuple[str, ...]:
+    host = urlsplit(base).netloc
     if reply.get("kubernetesTokens") is not True:
         raise RelayTokenError(
             f"the relay at {host} takes no Kubernetes tokens (it runs without "
@@ -191,7 +230,21 @@ async def for_relay(user: UserConfig, base: str, ssl: Any = True) -> Bearer:
     says); RelayTokenError (a NoToken) says why there is none that fits."""
     if user.token_flag:
         return user.bearer
-    audiences = await accepted_audiences(base, ssl)
+    reply = await relay_auth(base, ssl)
+    if reply.get("oidc") is not None:
+        # A relay that signs people in at an OpenID provider takes that provider's ID tokens
+        # (kubelogin's) and checks them itself.
+        header = await user.bearer()
+        if provider_token_fits(_unverified_claims(header), reply["oidc"]):
+            return user.bearer
+        if reply.get("kubernetesTokens") is not True:
+            raise RelayTokenError(
+                f"the relay at {urlsplit(base).netloc} takes ID tokens of "
+                f"{reply['oidc'].get('issuer')} for the clients "
+                f"{', '.join(map(str, reply['oidc'].get('audiences', [])))}, and your "
+                "kubeconfig's token is not one; use a kubeconfig that signs in there (kubelogin) "
+                "or open the console in a browser (kubectl vnc open NAME)")
+    audiences = _kubernetes_audiences(base, reply)
     host = urlsplit(base).netloc
     if not audiences:
         await user.bearer()  # no token at all (a client certificate): NoToken says so now

@@ -10,7 +10,7 @@ a SubjectAccessReview with the caller's identity (relay/access/authz.py):
 | `GET /api/v1/sessions[?namespace=NS[&name=NAME]]` | `sessions` (per target) |
 | `DELETE /api/v1/sessions/{ns}/{name}[?session=ID]` | `disconnect` |
 | `POST /sessions/end` (form: namespace, name, session, csrf) | `disconnect` |
-| `GET /api/v1/auth` | none: which Kubernetes tokens the relay takes (their audiences) |
+| `GET /api/v1/auth` | none: the tokens the relay takes (Kubernetes audiences, an OIDC issuer) |
 
 Sessions are listed and ended on every replica: this one, and its peers over their internal port
 (relay/session/peers.py). The viewer of an ended session is closed with 4409 and "ended by <user>".
@@ -151,8 +151,14 @@ async def token_audiences(request: web.Request) -> web.StreamResponse:
     which is then sent only because the relay's operator chose to accept those."""
     state = request.app[STATE]
     check_host(request)
-    return web.json_response({"kubernetesTokens": state.token_reviewer is not None,
-                              "audiences": list(state.settings.auth.token_audiences)})
+    body: dict[str, object] = {"kubernetesTokens": state.token_reviewer is not None,
+                               "audiences": list(state.settings.auth.token_audiences)}
+    if state.oidc is not None:
+        # --auth oidc: the provider's ID tokens for these clients are taken as bearer tokens.
+        oidc = state.oidc.settings
+        body["oidc"] = {"issuer": oidc.issuer,
+                        "audiences": [oidc.client_id, *oidc.bearer_audiences]}
+    return web.json_response(body)
 
 
 def _key(request: web.Request) -> tuple[str, str]:
