@@ -78,6 +78,17 @@ def test_oidc_mode_says_what_it_needs() -> None:
     assert "at '/relay/auth/oidc/clientSecret': additional properties 'value'" in message
 
 
+def test_oidc_mode_with_restricted_egress_names_the_provider_value() -> None:
+    message = template_error(
+        "relay.auth.mode=oidc", "relay.auth.oidc.issuer=https://idp.example.com",
+        "relay.auth.oidc.clientID=vncgate", "ingress.host=vnc.example.com",
+        "relay.auth.oidc.clientSecret.existingSecret=vncgate-oidc", "networkPolicy.enabled=true",
+        "networkPolicy.relayEgress.enabled=true",
+        "networkPolicy.relayEgress.vncTo[0].ipBlock.cidr=10.20.0.0/16",
+        "networkPolicy.relayEgress.apiServerTo[0].ipBlock.cidr=10.0.0.10/32")
+    assert "needs networkPolicy.relayEgress.oidcProviderTo" in message
+
+
 def test_token_mode_without_any_user_says_what_to_set() -> None:
     message = template_error(set_strings=("relay.auth.token.initialUser=",))
     assert "relay.auth.mode=token needs users" in message
