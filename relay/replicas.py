@@ -326,16 +326,6 @@ class ViewerCounts:
         return sum(_count(answer.body.get("sessions")) for answer in answers
                    if isinstance(answer.body, dict))
 
-    async def by_target(self) -> dict[str, int]:
-        """Every target's sessions on the other replicas (the list page's column)."""
-        answers, _ = await self.peers.ask("GET", "/api/v1/targets?view=summary")
-        total: dict[str, int] = {}
-        for answer in answers:
-            sessions = answer.body.get("sessions") if isinstance(answer.body, dict) else None
-            for key, count in (sessions or {}).items() if isinstance(sessions, dict) else ():
-                total[str(key)] = total.get(str(key), 0) + _count(count)
-        return total
-
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
