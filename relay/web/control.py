@@ -62,7 +62,10 @@ def describe(session: Session, replica: str) -> dict[str, Any]:
 
 
 def local_sessions(state: RelayState, namespace: str | None = None) -> list[dict[str, Any]]:
-    return [describe(s, state.settings.identity) for s in state.sessions
+    """This replica's sessions in the order they started (`since` is whole seconds: two
+    sessions of one second keep their order through all_sessions' stable sort)."""
+    return [describe(s, state.settings.identity)
+            for s in sorted(state.sessions, key=lambda s: s.started_at)
             if namespace is None or s.route.namespace == namespace]
 
 
