@@ -13,17 +13,27 @@ recording off by asking for large updates. A disk that stalls for the stall time
 error (a full disk), cuts the recording: it is marked incomplete, and an audit line and
 `vncgate_recordings_incomplete` say so; the session goes on, or, with `required`, ends (4507).
 
-Keyframes: playback must be able to start anywhere without feeding noVNC every earlier byte. A
-recorded session negotiates only encodings whose decoders carry no state between updates (Raw,
-CopyRect, RRE, Hextile and pseudo-encodings): the relay drops Tight, ZRLE, zlib and the rest from
-the viewer's SetEncodings, because their zlib streams run across the whole session. The relay then
-follows the server's messages (it must, to know where a FramebufferUpdate starts) and marks each
-update that repaints the whole screen without CopyRect as a keyframe; every `keyframe_interval`
-it asks the server for one (a non-incremental FramebufferUpdateRequest of the whole screen).
+Encodings and keyframes: the viewer keeps the encodings it asked for (Tight, ZRLE, zlib as well
+as Raw, CopyRect, RRE and Hextile), so a recorded session costs no more bandwidth than another.
+The relay follows the server's messages (it must, to know where a FramebufferUpdate starts:
+Tight and ZRLE data carry their lengths, so it measures them without decoding) and marks each
+update that repaints the whole screen without CopyRect as a keyframe, but only while the stream
+is still stateless: the zlib streams of Tight, ZRLE and zlib run across the whole session, so
+after the first rectangle that feeds one (`stateful`), no later update can be decoded on its
+own, and the relay stops marking and asking for keyframes. A player then seeks by replaying
+from the last keyframe before the stream turned stateful (or from the start), without drawing
+delays (docs/ARCHITECTURE.md, "Recording"). While the stream is stateless the relay asks the
+server for a whole screen every `keyframe_interval` (a non-incremental
+FramebufferUpdateRequest). A viewer whose pixel format the player cannot show as it is (not
+noVNC's) gets only the stateless encodings: the player converts Raw, RRE and Hextile pixels,
+never compressed ones.
 
 No secret reaches the file: server bytes are recorded from ServerInit on, after the security
 handshake (a VNC password's challenge and response are 16 bytes each, before it), and the
-viewer's messages only after ClientInit, and only input messages, only when asked.
+viewer's messages only after ClientInit, and only input messages, only when asked. For a target
+the relay logs in to (spec.credentials, spec.tls) the tap never sees the server's handshake at
+all: it is given the None handshake the relay played toward the viewer (`replay_handshake`), so
+the login, its challenge and response, and TLS stay between the relay and the server.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vncgate.relay.rfb.security import RELAY_GREETING
 from vncgate.relay.rfb.viewerstream import (
     CLIENT_CUT_TEXT,
     KEY_EVENT,
@@ -77,9 +88,11 @@ PIXEL_FORMAT = b"P"
 # RFC 6143 7.4: the PIXEL_FORMAT of ServerInit and SetPixelFormat.
 _PIXEL_FORMAT = struct.Struct("!BBBBHHHBBBxxx")
 
-# Encodings a recorded session may negotiate: decoders without state across updates, and
-# pseudo-encodings whose data the relay can measure. Everything else is dropped from SetEncodings.
+# Encodings a recorded session may negotiate: those whose data the relay can measure (the
+# stateless ones, Tight, TightPNG, ZRLE and zlib) and pseudo-encodings whose data it can measure.
+# Everything else is dropped from SetEncodings.
 RAW, COPYRECT, RRE, HEXTILE = 0, 1, 2, 5
+ZLIB, TIGHT, ZRLE, TIGHT_PNG = 6, 7, 16, -260
 DESKTOP_SIZE, LAST_RECT, CURSOR = -223, -224, -239
 EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING = -308, -307, -258
 EXTENDED_CLIPBOARD = 0xC0A1E5CE - (1 << 32)
@@ -87,9 +100,15 @@ QUALITY_LEVELS = range(-32, -22)  # JPEG quality and compression level: no data 
 COMPRESS_LEVELS = range(-256, -246)
 # (ExtendedMouseButtons is not among them: with it, servers read 7-byte PointerEvents, which the
 # relay's parser does not; relay/rfb/viewerstream.py.)
-ALLOWED_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_RECT, CURSOR,
-                               EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING,
-                               EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
+# Decoders without state across updates: the only ones for a viewer whose pixel format the player
+# converts (relay/static/novnc/pixelformat.js rewrites Raw, RRE and Hextile pixels).
+STATELESS_ENCODINGS = frozenset({RAW, COPYRECT, RRE, HEXTILE, DESKTOP_SIZE, LAST_RECT, CURSOR,
+                                 EXTENDED_DESKTOP_SIZE, DESKTOP_NAME, QEMU_EXTENDED_KEY_ENCODING,
+                                 EXTENDED_CLIPBOARD, *QUALITY_LEVELS, *COMPRESS_LEVELS})
+ALLOWED_ENCODINGS = STATELESS_ENCODINGS | {ZLIB, TIGHT, ZRLE, TIGHT_PNG}
+# noVNC's own pixel format (32 bits, depth 24, little-endian true colour, red in the lowest
+# byte): what the player decodes without converting.
+PLAYABLE_FORMAT = (32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
 _RECORDED_INPUT = frozenset({KEY_EVENT, POINTER_EVENT, CLIENT_CUT_TEXT})
 _MAX_INPUT_RECORD = 64 * 1024  # a longer clipboard message is recorded cut to this
 
@@ -241,7 +260,16 @@ class RfbTap:
         self.width = 0
         self.height = 0
         self.bpp = 4
+        self.depth = 24
         self.following = True  # False once the server sent something the parser cannot measure
+        # True from the first rectangle that feeds a zlib stream (Tight, ZRLE, zlib): no update
+        # after it decodes on its own, so no more keyframes are marked or asked for.
+        self.stateful = False
+        # The viewer's last SetEncodings, and whether its pixel format plays without conversion
+        # (else the server gets only the stateless encodings of it).
+        self._wanted: bytes | None = None
+        self._playable = False
+        self._sent_encodings: bytes | None = None
         self._need = 0
         self._skip = 0
         self._buffer = bytearray()
@@ -295,13 +323,18 @@ class RfbTap:
         assert message is not None
         kind = message[0]
         if kind == SET_ENCODINGS:
-            out += restrict_encodings(bytes(message))
+            self._wanted = bytes(message)
+            self._send_encodings(out, always=True)
         elif kind == SET_PIXEL_FORMAT:
             self.bpp = max(1, message[4] // 8)
+            self.depth = message[5]
+            self._playable = playable_format(bytes(message[4:20]))
             # The whole format, not only its size: a player must know how to read the pixels
             # (TigerVNC's vncviewer asks for blue in the lowest byte; noVNC for red).
             self._emit(PIXEL_FORMAT, pixel_format_json(bytes(message[4:20]), self.recorded))
             out += message
+            if self._wanted is not None:  # the encodings the new format allows
+                self._send_encodings(out)
         else:
             self._emit(CLIENT, bytes(message))
             if len(message) < self._message_total:  # cut: what passes must still be whole
@@ -309,10 +342,22 @@ class RfbTap:
             out += message
         self._at_boundary(out)
 
+    def _send_encodings(self, out: bytearray, *, always: bool = False) -> None:
+        """The viewer's SetEncodings as the server gets it: what the tap can measure and the
+        player decode in this pixel format (unless `always`, nothing when the server already
+        has exactly it)."""
+        assert self._wanted is not None
+        message = restrict_encodings(self._wanted, ALLOWED_ENCODINGS if self._playable
+                                     else STATELESS_ENCODINGS)
+        if always or message != self._sent_encodings:
+            self._sent_encodings = message
+            out += message
+
     def _at_boundary(self, out: bytearray) -> None:
-        """Between two of the viewer's messages: the place to ask for a keyframe."""
-        if (self.recording and self.following and self.width and self._clock() - self._last_request
-                >= self._keyframe_interval):
+        """Between two of the viewer's messages: the place to ask for a keyframe (while the
+        stream is stateless: a later one could not be decoded on its own)."""
+        if (self.recording and self.following and not self.stateful and self.width
+                and self._clock() - self._last_request >= self._keyframe_interval):
             self._last_request = self._clock()
             out += struct.pack("!BBHHHH", 3, 0, 0, 0, self.width, self.height)
 
@@ -394,6 +439,8 @@ class RfbTap:
         init = yield 24
         self.width, self.height = struct.unpack_from("!HH", init)
         self.bpp = max(1, init[4] // 8)
+        self.depth = init[5]
+        self._playable = playable_format(init[4:20])
         (name_length,) = struct.unpack_from("!I", init, 20)
         if name_length:
             yield -name_length
@@ -441,6 +488,15 @@ class RfbTap:
             elif encoding == HEXTILE:
                 yield from self._hextile(w, h)
                 painted += w * h
+            elif encoding in (TIGHT, TIGHT_PNG):
+                if (yield from self._tight(w, h, png=encoding == TIGHT_PNG)):
+                    self.stateful = True
+                painted += w * h
+            elif encoding in (ZRLE, ZLIB):
+                length = yield 4
+                size = struct.unpack("!I", length)[0]
+                self.stateful = True
+                painted += w * h
             elif encoding == CURSOR:
                 size = w * h * self.bpp + (w + 7) // 8 * h
             elif encoding == DESKTOP_SIZE:
@@ -459,9 +515,58 @@ class RfbTap:
                 raise FilterError(f"encoding {encoding} in an update")
             if size:
                 yield -size
-        if painted >= width * height > 0 and not copies:
+        if painted >= width * height > 0 and not copies and not self.stateful:
             self._emit(KEYFRAME, json.dumps({"offset": start, "width": width,
                                              "height": height}).encode())
+
+    def _tight(self, w: int, h: int, *, png: bool) -> Generator[int, bytes, bool]:
+        """Skip one Tight (or TightPNG) rectangle (the RFB community wiki's "Tight Encoding",
+        as noVNC's core/decoders/tight.js reads it); True when it fed a zlib stream."""
+        (control,) = yield 1
+        compression = control >> 4
+        # TPIXEL: 3 bytes for 24-bit true colour in 32 bits, else a whole pixel
+        tpixel = 3 if self.bpp == 4 and self.depth == 24 else self.bpp
+        if compression == 8:  # fill
+            yield -tpixel
+            return False
+        if compression == 9 or (compression == 10 and png):  # JPEG, PNG
+            length = yield from self._compact_length()
+            if length:
+                yield -length
+            return False
+        if compression & 8:
+            raise FilterError(f"Tight compression {compression}")
+        pixels = w * h * tpixel  # the copy and gradient filters
+        if compression & 4:
+            (filter_id,) = yield 1
+            if filter_id == 1:  # palette
+                (count,) = yield 1
+                colours = count + 1
+                yield -(colours * tpixel)
+                pixels = ((w + 7) // 8) * h if colours <= 2 else w * h
+            elif filter_id not in (0, 2):
+                raise FilterError(f"Tight filter {filter_id}")
+        if pixels == 0:
+            return False
+        if pixels < 12:  # sent as they are, not through zlib
+            yield -pixels
+            return False
+        length = yield from self._compact_length()
+        if length:
+            yield -length
+        return True
+
+    @staticmethod
+    def _compact_length() -> Generator[int, bytes, int]:
+        (byte,) = yield 1
+        length = byte & 0x7F
+        if byte & 0x80:
+            (byte,) = yield 1
+            length |= (byte & 0x7F) << 7
+            if byte & 0x80:
+                (byte,) = yield 1
+                length |= byte << 14
+        return length
 
     def _hextile(self, w: int, h: int) -> _Parser:
         bpp = self.bpp
@@ -483,12 +588,38 @@ class RfbTap:
                     yield -size
 
 
-def restrict_encodings(message: bytes) -> bytes:
+def replay_handshake(tap: RfbTap, viewer: bytes, server_init: bytes) -> None:
+    """Give a tap the handshake a viewer had with the relay itself (a target the relay logs in
+    to: relay/rfb/security.py `serve_browser`): RFB 3.8 offered, security None, then the
+    server's ServerInit. `viewer` is the viewer's side of it (version, choice, ClientInit).
+    The tap starts recording at ServerInit, as for any session; what the relay said to the
+    server to log in (a password's challenge and response, TLS) never reaches it."""
+    tap.server_greeting(RELAY_GREETING)
+    tap.client_data(viewer[:12])
+    rest = viewer[12:]
+    if tap.minor == 3:
+        tap.server_data(struct.pack("!I", SECURITY_NONE))
+    else:
+        tap.server_data(bytes([1, SECURITY_NONE]))
+        tap.client_data(rest[:1])
+        rest = rest[1:]
+        if tap.minor == 8:
+            tap.server_data(bytes(4))  # SecurityResult OK
+    tap.client_data(rest)  # ClientInit
+    tap.server_data(server_init)
+
+
+def playable_format(pixel_format: bytes) -> bool:
+    """Whether the player decodes a PIXEL_FORMAT (16 bytes) as it is: noVNC's own."""
+    return _PIXEL_FORMAT.unpack(pixel_format[:16]) == PLAYABLE_FORMAT
+
+
+def restrict_encodings(message: bytes, allowed: frozenset[int] = ALLOWED_ENCODINGS) -> bytes:
     """A SetEncodings message with only the encodings a recording can follow, in the viewer's
     order; Raw is always there (RFC 6143 requires servers to support it)."""
     count = struct.unpack_from("!H", message, 2)[0]
     wanted = struct.unpack_from(f"!{count}i", message, 4)
-    kept = [e for e in wanted if e in ALLOWED_ENCODINGS]
+    kept = [e for e in wanted if e in allowed]
     if RAW not in kept:
         kept.append(RAW)
     return struct.pack(f"!BxH{len(kept)}i", SET_ENCODINGS, len(kept), *kept)

@@ -27,8 +27,10 @@ from vncgate.relay.recording.capture import (
     RecordingWriter,
     RfbTap,
     recording_path,
+    replay_handshake,
 )
 from vncgate.relay.recording.store import RecordingSettings, apply_retention, header_json
+from vncgate.relay.rfb.security import RELAY_GREETING
 
 audit = logging.getLogger("vncgate.audit")
 RETENTION_INTERVAL = 600.0
@@ -156,6 +158,13 @@ class SessionRecorder:
         self.recorder.started.inc()
         self.recorder.active.inc()
         self.recorder.open_recordings.add(self.recording)
+
+    def start_logged_in(self, viewer: bytes, server_init: bytes, server_version: str) -> None:
+        """A session the relay logged in for (spec.credentials, spec.tls): the header, then the
+        None handshake the relay played toward the viewer (`viewer`: the viewer's side of it)
+        and the server's ServerInit. The server's own handshake is never shown to the tap."""
+        self.start(RELAY_GREETING, server_version)
+        replay_handshake(self.tap, viewer, server_init)
 
     def server_data(self, data: bytes | memoryview) -> None:
         if not self.recording.stopped:

@@ -47,6 +47,7 @@ TYPE_NAMES = {
 _VERSIONS = {b"RFB 003.003\n": 3, b"RFB 003.007\n": 7, b"RFB 003.008\n": 8}
 MAX_REASON = 4096  # a server's failure reason; longer is cut, never all read into memory
 MAX_NAME = 1 << 16  # the desktop name in ServerInit
+RELAY_GREETING = b"RFB 003.008\n"  # the relay toward a viewer of a server it logs in to
 
 
 class SecurityRefused(Exception):
@@ -341,14 +342,23 @@ class _Browser:
         return part
 
 
+@dataclass(frozen=True, slots=True)
+class BrowserHandshake:
+    """What the viewer sent in the None handshake the relay played toward it."""
+
+    viewer: bytes  # its version, its choice of security (3.7, 3.8) and its ClientInit
+    rest: bytes  # what it sent after ClientInit (normally nothing), through the filter
+
+
 async def serve_browser(ws: web.WebSocketResponse, server_init: bytes,
-                        client_filter: ClientFilter | None) -> bytes:
+                        client_filter: ClientFilter | None) -> BrowserHandshake:
     """Be the server toward the viewer: RFB 3.8, security None, then the real ServerInit.
 
-    Returns the bytes the viewer sent after its ClientInit (normally none), for the server.
-    The view-only filter sees the same handshake, so it starts at the first message.
+    The bytes the viewer sent after its ClientInit are for the server. The view-only filter
+    sees the same handshake, so it starts at the first message; a recording is given it too
+    (the viewer's part here, the relay's part is fixed: relay/recording/capture.py).
     """
-    greeting = b"RFB 003.008\n"
+    greeting = RELAY_GREETING
     if client_filter is not None:
         client_filter.server_greeting(greeting)
     browser = _Browser(ws)
@@ -378,7 +388,7 @@ async def serve_browser(ws: web.WebSocketResponse, server_init: bytes,
     if client_filter is not None:
         client_filter.feed(bytes(seen))  # the handshake: passes whole, moves it to messages
         rest = client_filter.feed(rest) if rest else rest
-    return rest
+    return BrowserHandshake(bytes(seen), rest)
 
 
 @dataclass(slots=True)

@@ -344,14 +344,6 @@ class Session:
 
     async def _relay(self) -> None:
         if self.route.credentials is not None or self.route.tls is not None:
-            if self.recorder is not None:
-                # The recording tap follows the viewer's own handshake from the greeting on,
-                # which a session the relay logs in for never shows it. Refused rather than
-                # opened unrecorded: a target that must be recorded is never opened without.
-                raise SessionRefused(
-                    closecodes.INTERNAL_ERROR,
-                    f"{self.route.key} is recorded and the relay logs in to it "
-                    "(spec.credentials/spec.tls): this relay cannot record such sessions yet")
             await self._relay_logged_in()
             return
         greeting = await self._connect()
@@ -412,9 +404,19 @@ class Session:
         if opened.leftover:
             upstream.data_received(opened.leftover)
         try:
-            extra = await rfbsecurity.serve_browser(self.ws, opened.server_init, self.filter)
+            handshake = await rfbsecurity.serve_browser(self.ws, opened.server_init, self.filter)
         except rfbsecurity.SecurityRefused as refused:
             raise SessionRefused(refused.code, refused.reason) from None
+        extra = handshake.rest
+        if self.recorder is not None:
+            # Recorded is what the viewer saw: its None handshake with the relay, then the
+            # server's ServerInit and messages; the login stayed between relay and server.
+            try:
+                self.recorder.start_logged_in(handshake.viewer, opened.server_init,
+                                              self.server_version)
+                extra = self.recorder.client_data(extra) if extra else extra
+            except FilterError as exc:
+                raise SessionRefused(closecodes.BAD_UPSTREAM, str(exc)) from None
         if self.request.transport is not None:
             self.request.transport.set_write_buffer_limits(high=BROWSER_HIGH_WATER)
         self.to_client += len(opened.server_init)

@@ -9,10 +9,11 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import gzip
 import ssl
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,7 @@ import pytest
 
 from harness.servers import GREETING, Behaviour, TcpServer, passwordless_vnc
 from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
+from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
@@ -29,6 +31,7 @@ from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Rout
 from vncgate.common.reach import ReachPolicy, parse_grants
 from vncgate.common.spec import Credentials, RecordingPolicy, TlsSpec
 from vncgate.relay import closecodes
+from vncgate.relay.recording.capture import END, HEADER, SERVER, Record, read_records
 from vncgate.relay.recording.store import RecordingSettings
 from vncgate.relay.rfb.security import vnc_auth_response
 
@@ -289,17 +292,86 @@ async def test_secret_routes_need_a_kubernetes_client(
     assert code == closecodes.CREDENTIAL_REFUSED and "Kubernetes credentials" in reason, reason
 
 
-async def test_a_recorded_target_the_relay_logs_in_to_is_refused_not_opened_unrecorded(
-        make_relay: RelayFactory, vncauth_xvnc: XvncServer, secrets_dir: Path,
-        tmp_path: Path) -> None:
-    route = Route("lab", "desk", "127.0.0.1", vncauth_xvnc.port,
-                  credentials=Credentials(password_file=str(secrets_dir / "password")),
-                  recording=RecordingPolicy(enabled=True))
-    async with make_relay(routes=[route], recording=RecordingSettings(directory=tmp_path)
-                          ) as relay:
-        code, reason = await close_of(relay.public_url, "desk")
-    assert code == 4500 and "cannot record" in reason, (code, reason)
-    assert not os.listdir(tmp_path), "nothing may be recorded"
+@contextlib.asynccontextmanager
+async def tapping_proxy(port: int) -> AsyncIterator[tuple[int, bytearray, bytearray]]:
+    """A TCP proxy on 127.0.0.1 in front of a server: its port, and every byte that went
+    server -> relay and relay -> server (one connection), to find the login in."""
+    from_server, to_server = bytearray(), bytearray()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   seen: bytearray) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                seen += data
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(up_reader, writer, from_server),
+                             pipe(reader, up_writer, to_server))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], from_server, to_server
+    finally:
+        server.close()
+
+
+def inflated(directory: Path) -> tuple[bytes, list[Record]]:
+    (path,) = list(directory.rglob("*.vncrec"))
+    return gzip.decompress(path.read_bytes()), list(read_records(path))
+
+
+@pytest.mark.parametrize("target", ["vncauth", "x509"])
+async def test_a_target_the_relay_logs_in_to_is_recorded_without_the_login(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, x509_xvnc: XvncServer,
+        secrets_dir: Path, tmp_path: Path, target: str) -> None:
+    """The recording holds what the viewer saw (ServerInit, then the update) and nothing of
+    the relay's login: not the password, not VncAuth's challenge or response (taken off the
+    wire by a proxy between the relay and Xvnc), not the server's certificate."""
+    server = vncauth_xvnc if target == "vncauth" else x509_xvnc
+    tls = (TlsSpec(ca_file=str(secrets_dir / "ca.crt"), server_name=SERVER_NAME)
+           if target == "x509" else None)
+    async with tapping_proxy(server.port) as (port, from_server, to_server):
+        route = Route("lab", "desk", "127.0.0.1", port, tls=tls,
+                      credentials=Credentials(password_file=str(secrets_dir / "password")),
+                      recording=RecordingPolicy(enabled=True, input=True))
+        async with make_relay(routes=[route], recording=RecordingSettings(directory=tmp_path)
+                              ) as relay:
+            offered, width, _ = await handshake_as_viewer(relay.public_url, "desk")
+            assert offered == [1] and width == 800
+
+            async def ended() -> list[Record] | None:
+                found = await asyncio.to_thread(lambda: list(tmp_path.rglob("*.vncrec")))
+                if not found:
+                    return None
+                records = await asyncio.to_thread(lambda: list(read_records(found[0])))
+                return records if records and records[-1].kind == END else None
+            await eventually(ended, "the recording's end", timeout=20)
+    data, records = inflated(tmp_path)
+    assert records[0].kind == HEADER and records[0].json()["serverVersion"] == "RFB 003.008"
+    stream = b"".join(r.payload for r in records if r.kind == SERVER)
+    assert struct.unpack_from("!HH", stream) == (800, 600)  # from ServerInit on
+    (name_length,) = struct.unpack_from("!I", stream, 20)
+    assert stream[24 + name_length] == 0  # then the update the viewer asked for
+    # Nothing of the login: the greeting and security bytes the relay and the server exchanged
+    assert b"RFB 003.008" not in stream
+    for secret in (PASSWORD.encode(), PASSWORD[:8].encode()):
+        assert secret not in data
+    if target == "vncauth":
+        # server: greeting 12, [count, types...], challenge 16; relay: version 12, choice 1,
+        # response 16
+        count = from_server[12]
+        challenge = bytes(from_server[13 + count:13 + count + 16])
+        response = bytes(to_server[13:29])
+        assert response == vnc_auth_response(PASSWORD, challenge)
+        assert challenge not in data and response not in data
+    else:
+        der = ssl.PEM_cert_to_DER_cert((secrets_dir / "server.crt").read_text())
+        assert der[-64:] not in data  # the certificate's signature, as an example of TLS
+        assert bytes(from_server[-32:]) not in data  # ciphertext is not recorded either
 
 
 def plain_only_vencrypt(tls: ssl.SSLContext) -> Behaviour:
