@@ -48,6 +48,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,8 @@ class RfbTap:
         # True from the first rectangle that feeds a zlib stream (Tight, ZRLE, zlib): no update
         # after it decodes on its own, so no more keyframes are marked or asked for.
         self.stateful = False
+        self.updates = 0  # FramebufferUpdates followed to their end
+        self.rectangles: Counter[int] = Counter()  # by encoding
         # The viewer's last SetEncodings, and whether its pixel format plays without conversion
         # (else the server gets only the stateless encodings of it).
         self._wanted: bytes | None = None
@@ -473,6 +476,7 @@ class RfbTap:
             rect = yield 12
             _x, y, w, h, encoding = struct.unpack("!HHHHi", rect)
             done += 1
+            self.rectangles[encoding] += 1
             if encoding == LAST_RECT:
                 break
             size = 0
@@ -515,6 +519,7 @@ class RfbTap:
                 raise FilterError(f"encoding {encoding} in an update")
             if size:
                 yield -size
+        self.updates += 1
         if painted >= width * height > 0 and not copies and not self.stateful:
             self._emit(KEYFRAME, json.dumps({"offset": start, "width": width,
                                              "height": height}).encode())

@@ -21,9 +21,14 @@ from Xlib import display as xdisplay
 from harness.xvnc import XvncServer
 from tests.conftest import ARTIFACTS, RelayFactory
 from tests.e2e.test_viewer import wait_for_pixel
-from tests.support.rfbclient import viewer_handshake
+from tests.relay.test_upstream_security import PASSWORD as PASSWORD_OF_THE_SERVER
+from tests.relay.test_upstream_security import (  # noqa: F401 - module-scoped fixtures
+    secrets_dir,
+    vncauth_xvnc,
+)
+from tests.support.rfbclient import WsStream, viewer_handshake
 from vncgate.common.model import Route
-from vncgate.common.spec import Access, RecordingPolicy
+from vncgate.common.spec import Access, Credentials, RecordingPolicy
 from vncgate.relay.access.passwords import hash_secret
 from vncgate.relay.access.users import User
 from vncgate.relay.recording.capture import (
@@ -34,8 +39,10 @@ from vncgate.relay.recording.capture import (
     PIXEL_FORMAT,
     SERVER,
     Record,
+    RfbTap,
     encode_record,
     read_records,
+    replay_handshake,
 )
 from vncgate.relay.recording.store import RecordingSettings, list_recordings
 from vncgate.relay.settings import AuthSettings
@@ -44,6 +51,10 @@ PASSWORD = "a browser-typed password"
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 RECT = (100, 100, 200, 150)  # x, y, width, height: away from the centre
 IN_RECT = (200, 175)
+TIGHT, ZRLE = 7, 16
+VIEWER_HANDSHAKE = b"RFB 003.008\n\x01\x01"  # version, security None, ClientInit shared
+# noVNC's pixel format: 32 bits, depth 24, little-endian true colour, red in the lowest byte
+NOVNC_FORMAT = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
 
 PIXEL_AT = """([x, y]) => {
   const canvas = document.querySelector('#screen canvas');
@@ -313,6 +324,142 @@ async def test_a_recording_plays_in_the_colours_of_its_viewers_pixel_format(
                 assert stats["converted"] is (viewer == "tigervnc"), stats
                 assert stats["conversion"] == "", stats
                 await page.screenshot(path=str(ARTIFACTS / f"playback-{viewer}.png"))
+            finally:
+                await page.close()
+    finally:
+        xvnc.paint("#ff0000")
+
+
+def followed(found: list[Record]) -> RfbTap:
+    """The recorded server stream read again by the relay's own parser (what encodings, how
+    many updates)."""
+    tap = RfbTap(lambda kind, payload: None, record_input=False, keyframe_interval=3600.0)
+    replay_handshake(tap, VIEWER_HANDSHAKE, b"".join(r.payload for r in found
+                                                     if r.kind == SERVER))
+    return tap
+
+
+async def open_player(page: Page, base: str, directory: Path) -> dict[str, Any]:
+    (listed,) = await asyncio.to_thread(lambda: [s.to_json() for s in
+                                                 list_recordings(directory)])
+    await page.goto(f"{base}/recordings/{listed['id']}/")
+    await page.wait_for_function("() => window.vncgatePlayback?.ready", timeout=60_000)
+    return await seek(page, 0)
+
+
+async def test_a_credentials_target_recorded_with_tight_plays_back_with_seek(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, secrets_dir: Path,  # noqa: F811
+        browser: Browser, tmp_path: Path) -> None:
+    """The relay logs in to a VncAuth Xvnc for noVNC, which asks for Tight as it always does;
+    the session is recorded and plays back: a seek before the change shows red, the end
+    green. The recording has Tight rectangles and no byte of the password."""
+    route = Route("lab", "bmc", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(password_file=str(secrets_dir / "password")),
+                  recording=RecordingPolicy(enabled=True))
+    recording = RecordingSettings(directory=tmp_path, keyframe_interval=1.0)
+    vncauth_xvnc.paint("#ff0000")
+    try:
+        async with make_relay(routes=[route], recording=recording) as relay:
+            live = await browser.new_page()
+            try:
+                await live.goto(f"{relay.public_url}/t/lab/bmc/")
+                await live.wait_for_selector("body[data-state=connected]", timeout=60_000)
+                await wait_for_pixel(live, RED)
+                found = await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) >= 2,
+                                           "two keyframes", viewer=live)
+                before_green = keyframe_ms(found)[-1]
+                await wait_records(tmp_path, lambda f: any(
+                    r.kind == SERVER and r.millis > before_green for r in f),
+                    "the update after the keyframe", viewer=live)
+                vncauth_xvnc.paint("#00ff00")
+                await wait_for_pixel(live, GREEN)
+                seen = len(keyframe_ms(await asyncio.to_thread(records, tmp_path)))
+                await wait_records(tmp_path, lambda f: len(keyframe_ms(f)) > seen,
+                                   "a keyframe after the viewer saw green", viewer=live)
+            finally:
+                await live.close()
+            found = await wait_records(tmp_path, lambda f: f[-1].kind == END, "its end")
+            assert TIGHT in followed(found).rectangles, followed(found).rectangles
+            (path,) = await asyncio.to_thread(lambda: list(tmp_path.rglob("*.vncrec")))
+            assert PASSWORD_OF_THE_SERVER[:8].encode() not in gzip.decompress(
+                path.read_bytes())
+
+            page = await browser.new_page()
+            try:
+                await open_player(page, relay.public_url, tmp_path)
+                stats = await seek(page, before_green)
+                await wait_for_pixel(page, RED)
+                assert stats["startedFrom"] == "keyframe", stats
+                stats = await seek(page, stats["duration"])
+                await wait_for_pixel(page, GREEN)
+                stats = await seek(page, before_green)  # and back
+                await wait_for_pixel(page, RED)
+                await page.screenshot(path=str(ARTIFACTS / "playback-credentials.png"))
+            finally:
+                await page.close()
+    finally:
+        vncauth_xvnc.paint("#ff0000")
+
+
+async def zrle_viewer_update(ws: aiohttp.ClientWebSocketResponse, stream: WsStream,
+                             tap: RfbTap, width: int, height: int) -> None:
+    """Ask for the whole screen and read until the update is all there (followed by the
+    relay's own parser: ZRLE is measured by its lengths)."""
+    done = tap.updates
+    await ws.send_bytes(struct.pack("!BBHHHH", 3, 0, 0, 0, width, height))
+    while tap.updates == done:
+        data, stream.buffer = stream.buffer, b""
+        tap.server_data(data or await ws.receive_bytes(timeout=20))
+
+
+async def test_a_zrle_recording_seeks_by_replaying_from_the_start(
+        make_relay: RelayFactory, xvnc: XvncServer, browser: Browser, tmp_path: Path) -> None:
+    """A viewer that asks for ZRLE only, in noVNC's pixel format: the relay keeps it, and marks
+    no keyframe (ZRLE's zlib stream runs from the first rectangle). The player seeks anyway,
+    by replaying from the start without delays: backward to red, forward to green."""
+    route = Route("lab", "zrle", "127.0.0.1", xvnc.port, recording=RecordingPolicy(enabled=True))
+    xvnc.paint("#ff0000")
+    try:
+        # (No keyframe request from the relay meanwhile: each update here is the one asked.)
+        async with make_relay(routes=[route], recording=RecordingSettings(
+                directory=tmp_path, keyframe_interval=3600.0)) as relay:
+            async with aiohttp.ClientSession() as http, http.ws_connect(
+                    f"{relay.public_url}/t/lab/zrle/websockify", protocols=("binary",)) as ws:
+                stream, init = await viewer_handshake(ws)
+                name = init.name.encode()
+                tap = RfbTap(lambda kind, payload: None, record_input=False,
+                             keyframe_interval=3600.0)
+                replay_handshake(tap, VIEWER_HANDSHAKE, struct.pack(
+                    "!HH", init.width, init.height) + NOVNC_FORMAT + struct.pack(
+                    "!I", len(name)) + name)
+                await ws.send_bytes(b"\x00\x00\x00\x00" + NOVNC_FORMAT
+                                    + struct.pack("!BxHii", 2, 2, ZRLE, 0))
+                await zrle_viewer_update(ws, stream, tap, init.width, init.height)
+                red = await wait_records(tmp_path, lambda f: sum(
+                    len(r.payload) for r in f if r.kind == SERVER) >= tap.offset,
+                    "the red update")
+                red_at = max(r.millis for r in red if r.kind == SERVER)
+                xvnc.paint("#00ff00")
+                await zrle_viewer_update(ws, stream, tap, init.width, init.height)
+                assert set(tap.rectangles) == {ZRLE}, tap.rectangles
+            found = await wait_records(tmp_path, lambda f: f[-1].kind == END, "its end")
+            assert not keyframe_ms(found)
+            assert set(followed(found).rectangles) == {ZRLE}
+
+            page = await browser.new_page()
+            try:
+                stats = await open_player(page, relay.public_url, tmp_path)
+                assert stats["keyframes"] == 0, stats
+                stats = await seek(page, stats["duration"])
+                await wait_for_pixel(page, GREEN)
+                restarts = stats["restarts"]
+                stats = await seek(page, red_at)  # backward: from the start, fed up to red_at
+                await wait_for_pixel(page, RED)
+                assert stats["startedFrom"] == "start" and stats["restarts"] == restarts + 1
+                stats = await seek(page, stats["duration"])  # forward: fed on
+                await wait_for_pixel(page, GREEN)
+                assert stats["restarts"] == restarts + 1, stats
+                await page.screenshot(path=str(ARTIFACTS / "playback-zrle.png"))
             finally:
                 await page.close()
     finally:
