@@ -7,7 +7,8 @@ up. A thumbnail is kept 30 s: however many lists are open, a console is looked a
 a minute, and only while someone lists it (thumbnails are made on request, never on a timer).
 Never for exclusive consoles (an extra viewer on a console that promises one is not harmless)
 nor KubeVirt consoles (KubeVirt keeps one VNC connection per VM: a second one would take it
-from its viewer); not yet for VeNCrypt (`spec.tls`) consoles. A failure is kept 10 minutes: a
+from its viewer). VeNCrypt (`spec.tls`) consoles log in as a session does (`rfb.security.login`:
+TLS with the target's CA and server name, then the update over it). A failure is kept 10 minutes: a
 server that asks for a password the relay does not have counts each such connection towards
 its lock-out (TigerVNC: five), so it is not asked again soon.
 """
@@ -68,8 +69,6 @@ def refusal(route: Route) -> str | None:
         return "KubeVirt consoles take one viewer at a time: no thumbnail"
     if route.sessions.exclusive:
         return "an exclusive console gets no extra viewer: no thumbnail"
-    if route.tls is not None:
-        return "thumbnails of VeNCrypt (spec.tls) consoles are not supported yet"
     return None
 
 
@@ -188,7 +187,8 @@ class Thumbnails:
         async with self._slots:
             self.grabs += 1
             try:
-                creds = (await self.logins.login_for(route) if route.credentials is not None
+                creds = (await self.logins.login_for(route)
+                         if route.credentials is not None or route.tls is not None
                          else UpstreamLogin())
                 thumbnail = await grab(route, self.settings, creds)
             except SecurityRefused as exc:  # the credential could not be read

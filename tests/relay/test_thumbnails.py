@@ -13,12 +13,12 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from harness.vncsecurity import write_vnc_password
+from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
 from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
 from tests.relay.test_auth import ALICE_PASSWORD, USERS, jar_session, sign_in
 from vncgate.common.model import Route, route_from_json
-from vncgate.common.spec import Access, Credentials, SpecError, parse_spec
+from vncgate.common.spec import Access, Credentials, SpecError, TlsSpec, parse_spec
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.settings import AuthSettings
 
@@ -98,6 +98,35 @@ async def test_thumbnails(make_relay: RelayFactory, open_desk: XvncServer,
         assert bobs.status == 404 and "that you may open" in await bobs.text()
         assert off.status == 404 and "spec.thumbnail.enabled" in await off.text()
         assert relay.state.thumbnails.grabs == 3
+
+
+async def test_a_vencrypt_console_gets_its_thumbnail_over_verified_tls(
+        make_relay: RelayFactory, password_file: Path, tmp_path: Path) -> None:
+    """`spec.tls`: the grab logs in with X509Vnc (the test CA, the server's name) and reads the
+    screen over TLS; with a CA that did not sign the server's certificate, no thumbnail."""
+    make_ca(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    make_ca(other)
+    with XvncServer(colour="#00c000", extra_args=(
+            "-SecurityTypes", "X509Vnc", "-PasswordFile", str(password_file),
+            "-X509Cert", str(tmp_path / "server.crt"),
+            "-X509Key", str(tmp_path / "server.key"))) as server:
+        credentials = Credentials(password_file=str(tmp_path / "plain"))
+        routes = [
+            Route("lab", "bmc", "127.0.0.1", server.port, thumbnail=True, credentials=credentials,
+                  tls=TlsSpec(ca_file=str(tmp_path / "ca.crt"), server_name=SERVER_NAME)),
+            Route("lab", "untrusted", "127.0.0.1", server.port, thumbnail=True,
+                  credentials=credentials,
+                  tls=TlsSpec(ca_file=str(other / "ca.crt"), server_name=SERVER_NAME)),
+        ]
+        async with make_relay(routes=routes) as relay, aiohttp.ClientSession() as http:
+            async with http.get(f"{relay.public_url}/t/lab/bmc/thumbnail") as resp:
+                assert resp.status == 200, await resp.text()
+                red, green, blue = centre(await resp.read())
+            assert green > 150 and red < 60 and blue < 60, (red, green, blue)
+            async with http.get(f"{relay.public_url}/t/lab/untrusted/thumbnail") as resp:
+                assert resp.status == 404 and "not trusted" in await resp.text()
 
 
 @pytest.mark.parametrize(("value", "words"), [
