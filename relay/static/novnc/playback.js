@@ -10,6 +10,10 @@
 // the relay marked, with the screen size then) with a ServerInit of that size, and feeds the
 // records from there; it never replays from the start when a keyframe is nearer. Forward seeks
 // with no keyframe in between just feed on. window.vncgatePlayback shows what was fed.
+// The relay marks keyframes only while the stream is stateless: once Tight or ZRLE fed a zlib
+// stream no update decodes on its own, so a seek past that point with no keyframe after it
+// replays from the start (or the last keyframe before it), every chunk at once, without the
+// clock: noVNC decodes as fast as it can (docs/RECORDING.md, "Seeking").
 //
 // A recording whose viewer asked for another pixel format than noVNC's (format 2 says which:
 // `P` records; a native viewer through kubectl vnc proxy) is rewritten into noVNC's once, at
