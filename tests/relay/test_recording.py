@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import struct
 import subprocess
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from Xlib import X
+from Xlib import display as xdisplay
 
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
@@ -28,7 +31,9 @@ from vncgate.relay.recording.capture import (
     KEYFRAME,
     SERVER,
     Record,
+    RfbTap,
     read_records,
+    replay_handshake,
 )
 from vncgate.relay.recording.capture import PIXEL_FORMAT as PIXEL_FORMAT_RECORD
 from vncgate.relay.recording.store import RecordingSettings
@@ -133,15 +138,91 @@ async def test_recording_with_input_holds_the_typed_keys(
     assert all(payload[0] in (4, 5, 6) for payload in client)
 
 
-async def test_recorded_session_negotiates_only_stateless_encodings(
+async def test_a_viewer_in_a_converted_pixel_format_gets_only_stateless_encodings(
         make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
-    """The viewer asked for Tight and ZRLE first; the relay followed every update, so none
-    came (the tap stops at an encoding it cannot measure, and there would be no keyframe)."""
+    """The viewer (TigerVNC's pixel format, not noVNC's) asked for Tight and ZRLE first; the
+    player converts only Raw, RRE and Hextile pixels, so none came, and keyframes did."""
     records = await record_session(make_relay, xvnc, tmp_path, RecordingPolicy(enabled=True))
     keyframes = [r.json() for r in records if r.kind == KEYFRAME]
     assert keyframes
     encodings = rect_encodings(stream_of(records))
     assert encodings and encodings <= {RAW, COPYRECT, HEXTILE, 2}, encodings
+
+
+def photo(width: int, height: int) -> bytes:
+    """A gradient with noise, 32 bits a pixel (BGRX): what Tight compresses with zlib."""
+    rng = random.Random(31)  # noqa: S311 - the same picture every run, not a secret
+    return bytes(v for y in range(height) for x in range(width)
+                 for v in ((x * 3 + rng.randrange(16)) & 0xFF, (y * 5) & 0xFF,
+                           (x + y + rng.randrange(16)) & 0xFF, 0))
+
+
+def put_photo(display: int) -> None:
+    conn = xdisplay.Display(f":{display}")
+    try:
+        root = conn.screen().root
+        gc = root.create_gc(subwindow_mode=X.IncludeInferiors)
+        root.put_image(gc, 100, 100, 120, 90, X.ZPixmap, 24, 0, photo(120, 90))
+        conn.sync()
+    finally:
+        conn.close()
+
+
+async def test_a_novnc_viewer_keeps_tight_and_keyframes_stop_where_zlib_starts(
+        make_relay: RelayFactory, tmp_path: Path) -> None:
+    """noVNC's pixel format and Tight first: the relay keeps Tight. A solid screen comes as
+    Tight fills, which need nothing earlier: keyframes, and the relay asks for more. A photo
+    comes through Tight's zlib streams: from there no keyframe, and no more asked for."""
+    novnc = struct.pack("!BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+    with XvncServer(colour="#204080") as xvnc:
+        route = Route("lab", "tight", "127.0.0.1", xvnc.port,
+                      recording=RecordingPolicy(enabled=True))
+        async with make_relay(routes=[route], recording=RecordingSettings(
+                directory=tmp_path, keyframe_interval=0.2)) as relay, \
+                aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{relay.public_url}/t/lab/tight/websockify",
+                                protocols=("binary",)) as ws:
+            await viewer_handshake(ws)
+            encodings = (TIGHT, ZRLE, HEXTILE, COPYRECT, RAW)
+            await ws.send_bytes(novnc + struct.pack(f"!BxH{len(encodings)}i", 2,
+                                                    len(encodings), *encodings))
+
+            async def keyframes(count: int) -> list[Record] | None:
+                # an incremental request now and then: a boundary for the relay's own request
+                await ws.send_bytes(struct.pack("!BBHHHH", 3, 1, 0, 0, 800, 600))
+                found = await asyncio.to_thread(_first_records, tmp_path)
+                return found if sum(r.kind == KEYFRAME for r in found) >= count else None
+            await eventually(lambda: keyframes(2), "two keyframes of Tight fills", timeout=20)
+            await asyncio.to_thread(put_photo, xvnc.display)
+
+            async def stateful() -> list[Record] | None:
+                await ws.send_bytes(struct.pack("!BBHHHH", 3, 1, 0, 0, 800, 600))
+                found = await asyncio.to_thread(_first_records, tmp_path)
+                tap = followed(found)
+                return found if tap.stateful else None
+            found = await eventually(stateful, "the photo's zlib-compressed rectangle",
+                                     timeout=20)
+            marked = sum(r.kind == KEYFRAME for r in found)
+            updates = followed(found).updates
+            # Requests go on (a boundary each), the screen changes no more: whole-screen
+            # updates would come every 0.2 s if the relay still asked for them.
+            for _ in range(10):
+                await ws.send_bytes(struct.pack("!BBHHHH", 3, 1, 0, 0, 800, 600))
+                await asyncio.sleep(0.1)
+            await ws.close()
+    _, records = records_of(tmp_path)
+    tap = followed(records)
+    assert set(tap.rectangles) - {-224, -239, -308, -258} == {TIGHT}, tap.rectangles
+    assert tap.following and tap.stateful
+    assert sum(r.kind == KEYFRAME for r in records) == marked
+    assert tap.updates - updates <= 1, (tap.updates, updates)  # at most one asked before
+
+
+def followed(records: list[Record]) -> RfbTap:
+    """A recorded stream read again by the relay's own parser."""
+    tap = RfbTap(lambda kind, payload: None, record_input=False, keyframe_interval=3600.0)
+    replay_handshake(tap, b"RFB 003.008\n\x01\x01", stream_of(records))
+    return tap
 
 
 def rect_encodings(stream: bytes) -> set[int]:
