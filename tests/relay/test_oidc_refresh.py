@@ -306,3 +306,44 @@ async def test_a_tampered_or_transplanted_refresh_grant_is_refused(
         # A grant that cannot be opened ends the sign-in (fail closed): the genuine cookie of
         # the same sign-in is refused from then on too.
         assert await answer_to(cookie) == 302
+
+
+async def test_two_replicas_renew_one_sign_in_and_a_refusal_ends_it_on_both(
+        make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
+        browser_like: aiohttp.ClientSession) -> None:
+    """Replicas share nothing but the session key and each other's internal port: each renews
+    the sign-in of the console it holds and of the cookie it is sent, and once the provider
+    refuses, the sign-in ends on both (the refusing replica revokes it and tells its peers).
+    The provider's refresh tokens are not single-use here, as docs/SECURITY.md asks of
+    providers behind several replicas."""
+    lab = lab_factory(refresh=True)
+    internal_a, internal_b = free_port(), free_port()
+    options = relay_options(lab, xvnc)
+    async with make_relay(**options, internal_listen=Address("127.0.0.1", internal_a),
+                          peer_urls=(f"http://127.0.0.1:{internal_b}",)) as a, \
+            make_relay(**{**options, "listen": Address("127.0.0.1", free_port())},
+                       internal_listen=Address("127.0.0.1", internal_b),
+                       peer_urls=(f"http://127.0.0.1:{internal_a}",)) as b:
+        cookie = await sign_in(browser_like, a)  # at replica a
+        first_expiry, sid = payload(cookie)["ie"], payload(cookie)["sid"]
+        console_a, console_b = await open_console(browser_like, a), \
+            await open_console(browser_like, b)
+        # Each replica renews the sign-in of the console it holds.
+        for replica in (a, b):
+            await eventually(lambda r=replica: renewed_until(r, sid) > first_expiry,
+                             "both replicas to renew the consoles' sign-in", timeout=120)
+        await screen_arrives(console_a)
+        await screen_arrives(console_b)
+        # Replica b takes the browser's cookie (its ID token long expired) and renews it.
+        async with browser_like.get(f"{b.public_url}/", allow_redirects=False) as listing:
+            assert listing.status == 200 and "lab/mine" in await listing.text()
+        # Alice is removed at the provider: whichever replica renews next is refused, ends the
+        # sign-in, and tells the other; both consoles close with 4401.
+        await in_thread(lab.provider.remove_account, "alice")
+        for console in (console_a, console_b):
+            msg = await closed(console)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE,
+                                            closecodes.UNAUTHENTICATED), msg
+        for replica in (a, b):
+            answer = await status_with(browser_like, replica, cookie)
+            assert answer.status == 302 and answer.headers["Location"].startswith("login")
