@@ -16,6 +16,7 @@ from vncgate.common.spec import SpecError, check_key
 from vncgate.relay import closecodes
 from vncgate.relay.access.cookies import seal
 from vncgate.relay.access.identity import Identity
+from vncgate.relay.access.oidc import LEEWAY as OIDC_LEEWAY
 from vncgate.relay.access.oidc import OidcRefused, OidcUnavailable
 from vncgate.relay.session.admission import Applicant
 from vncgate.relay.session.bridge import Renew
@@ -66,6 +67,8 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 LIST_CONCURRENCY = 20
+# How often a console's replica asks a provider that could not be asked to renew its sign-in.
+RENEWAL_RETRY = 5.0
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -151,17 +154,29 @@ def _renewal(request: web.Request, identity: Identity, namespace: str, name: str
     ends = identity.renewable_until
     sealed = [identity.sealed]  # the newest grant: a provider may rotate refresh tokens
 
+    expired = [identity.expires or 0.0]  # the current ID token's expiry
+
     async def renew() -> float | tuple[int, str]:
         if time.time() >= ends:
             return closecodes.UNAUTHENTICATED, "your sign-in expired; sign in again"
-        try:
-            person, grant = await renew_sign_in(request, state, identity.credential_id,
-                                                sealed[0], ends)
-        except OidcRefused:
-            return closecodes.UNAUTHENTICATED, "the provider ended your sign-in; sign in again"
-        except OidcUnavailable:
-            return (closecodes.UNAUTHENTICATED, "your sign-in expired and the provider cannot "
-                                                "be asked to renew it; sign in again")
+        while True:
+            try:
+                person, grant = await renew_sign_in(request, state, identity.credential_id,
+                                                    sealed[0], ends)
+                break
+            except OidcRefused:
+                return (closecodes.UNAUTHENTICATED,
+                        "the provider ended your sign-in; sign in again")
+            except OidcUnavailable:
+                # A provider that is briefly away does not close consoles: ask again for as
+                # long as the expired ID token would still pass its checks (their leeway).
+                left = expired[0] + OIDC_LEEWAY - time.time()
+                if left <= 0:
+                    return (closecodes.UNAUTHENTICATED, "your sign-in expired and the "
+                                                        "provider cannot be asked to renew it; "
+                                                        "sign in again")
+                await asyncio.sleep(min(RENEWAL_RETRY, left))
+        expired[0] = min(person.expires, ends)
         sealed[0] = seal(state.session_key, identity.credential_id, grant.as_dict())
         route = state.registry.get(namespace, name)
         if route is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import ssl
 import struct
 import time
@@ -31,7 +33,7 @@ from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes
-from vncgate.relay.access.cookies import SESSION_COOKIE, seal, sign, unsign
+from vncgate.relay.access.cookies import SESSION_COOKIE, seal, sign, unseal, unsign
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.oidc import OidcSettings
 from vncgate.relay.access.passwords import unb64
@@ -206,7 +208,8 @@ async def test_without_a_refresh_token_the_console_ends_with_the_id_token(
 
 async def test_a_refresh_token_keeps_the_sign_in_and_its_console(
         make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
-        browser_like: aiohttp.ClientSession) -> None:
+        browser_like: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     # Rotated refresh tokens, each usable once (the provider revokes the grant on reuse): the
     # relay must renew with the newest one every time.
     lab = lab_factory(refresh=True, rotate=True)
@@ -239,6 +242,12 @@ async def test_a_refresh_token_keeps_the_sign_in_and_its_console(
         await screen_arrives(ws)
         assert not ws.closed
         await ws.close()
+    # The refresh tokens (the first, and the rotated one in the renewed cookie) were never
+    # logged, by the relay or by aiohttp.
+    tokens = [unseal(KEY, sid, payload(value)["rt"]) for value in (cookie, renewed)]
+    assert all(t is not None and len(t["rt"]) > 20 for t in tokens)
+    assert tokens[0] != tokens[1]  # rotated
+    assert caplog.records and not any(t["rt"] in caplog.text for t in tokens if t)
 
 
 async def test_a_refused_renewal_ends_the_sign_in_and_its_consoles(
@@ -347,3 +356,35 @@ async def test_two_replicas_renew_one_sign_in_and_a_refusal_ends_it_on_both(
         for replica in (a, b):
             answer = await status_with(browser_like, replica, cookie)
             assert answer.status == 302 and answer.headers["Location"].startswith("login")
+
+
+async def test_a_provider_away_at_renewal_time_does_not_close_the_console(
+        make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
+        browser_like: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    """The provider stops answering (SIGSTOP: its port still takes connections, nothing
+    answers) when the console's ID token expires: the relay asks again, for as long as the
+    expired token would still pass its checks, and the console stays open once it answers."""
+    caplog.set_level(logging.INFO)
+    lab = lab_factory(refresh=True)
+    process = lab.provider.process
+    assert process is not None
+
+    def unavailable_renewals() -> int:
+        return sum(1 for r in caplog.records if r.getMessage() == "renewal"
+                   and "unavailable" in getattr(r, "fields", {}).get("result", ""))
+
+    async with make_relay(**relay_options(lab, xvnc)) as relay:
+        cookie = await sign_in(browser_like, relay)
+        first_expiry, sid = payload(cookie)["ie"], payload(cookie)["sid"]
+        ws = await open_console(browser_like, relay)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await eventually(unavailable_renewals, "a renewal to find the provider away",
+                             timeout=120)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        await eventually(lambda: renewed_until(relay, sid) > first_expiry,
+                         "the relay to renew the sign-in once the provider answers", timeout=120)
+        await screen_arrives(ws)
+        assert not ws.closed
+        await ws.close()
