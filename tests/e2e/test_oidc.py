@@ -23,6 +23,7 @@ from tests.support.oidc import Account, OidcProvider, need_provider
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
+from vncgate.relay.access.cookies import revocation_key
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.oidc import OidcSettings
 from vncgate.relay.access.passwords import unb64
@@ -179,6 +180,16 @@ async def test_a_console_outlives_its_id_token_when_the_provider_issues_refresh_
             renewed = await session_claims(context)
             assert renewed["sid"] == sid and renewed["ie"] > first_expiry  # type: ignore[operator]
             assert await page.get_attribute("body", "data-state") == "connected"
+            # Signing out ends the renewable sign-in for as long as its cookie would have
+            # lasted (--session-ttl), not only its current ID token, and closes the console.
+            await other.click("form[action=logout] button")
+            await other.wait_for_url(f"{provider.issuer}/session/end**", timeout=60_000)
+            await other.click("#logout-yes")
+            await other.wait_for_url(f"{relay.public_url}/**", timeout=60_000)
+            await page.wait_for_url(f"{relay.public_url}/login?next=t/lab/mine/",
+                                    timeout=60_000)
+            kept = relay.state.revoked._until[revocation_key(sid)]
+            assert kept >= renewed["exp"] > renewed["ie"]  # type: ignore[operator]
         finally:
             xvnc.paint("#ff0000")  # the session's server, as the other tests expect it
             await context.close()
