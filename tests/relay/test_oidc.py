@@ -7,6 +7,8 @@ with keys the test makes (a forger's).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from vncgate.relay.access.oidc import (
     Tokens,
     names,
 )
+from vncgate.relay.access.renewals import Renewals
 from vncgate.relay.settings import settings_from_args
 
 CLIENT = "vncgate"
@@ -310,5 +313,47 @@ async def test_a_renewal_without_a_new_refresh_token_keeps_the_old_one(
         client.answer = Tokens(mint(provider.keys[0], claims(provider)), None)
         _, following = await client.renew(RefreshGrant("rt-1", "alice", "n-1"))
         assert following.refresh_token == "rt-1"
+    finally:
+        await client.close()
+
+
+class CountingClient(AnsweringClient):
+    """Counts the refresh token grants it makes, and rotates the refresh token each time."""
+
+    def __init__(self, settings: OidcSettings, token: str) -> None:
+        super().__init__(settings)
+        self.token, self.sent = token, []
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        self.sent.append(refresh_token)
+        await asyncio.sleep(0.05)  # the provider takes a moment: callers arrive meanwhile
+        return Tokens(self.token, f"rt-{len(self.sent) + 1}")
+
+
+async def test_renewals_of_one_sign_in_share_one_call_and_the_newest_refresh_token(
+        provider: OidcProvider) -> None:
+    token = mint(provider.keys[0], claims(provider))
+    client = CountingClient(settings(provider), token)
+    renewals = Renewals(client)
+    try:
+        grant = RefreshGrant("rt-1", "alice", "n-1")
+        results = await asyncio.gather(*(renewals.renew("sid-1", grant, time.time() + 3600)
+                                         for _ in range(5)))
+        assert client.sent == ["rt-1"]  # five callers, one call to the provider
+        assert {following.refresh_token for _, following in results} == {"rt-2"}
+        # While the renewed ID token lasts, no call at all.
+        await renewals.renew("sid-1", grant, time.time() + 3600)
+        assert client.sent == ["rt-1"]
+        # Once it has expired, the next renewal sends the newest refresh token this replica
+        # holds, even when the caller still has the one it replaced.
+        client.token = mint(provider.keys[0], claims(provider, exp=int(time.time()) + 300))
+        renewals._latest["sid-1"] = dataclasses.replace(
+            renewals._latest["sid-1"], person=dataclasses.replace(
+                renewals._latest["sid-1"].person, expires=time.time() - 1))
+        await renewals.renew("sid-1", grant, time.time() + 3600)
+        assert client.sent == ["rt-1", "rt-2"]
+        # Another sign-in is its own.
+        await renewals.renew("sid-2", RefreshGrant("rt-9", "alice", "n-1"), time.time() + 3600)
+        assert client.sent == ["rt-1", "rt-2", "rt-9"]
     finally:
         await client.close()
