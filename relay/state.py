@@ -22,6 +22,7 @@ from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.oidc import OidcClient
 from vncgate.relay.access.passwords import KeyDerivations
 from vncgate.relay.access.ratelimit import FailureLimiter
+from vncgate.relay.access.renewals import Renewals
 from vncgate.relay.access.tokenreview import TokenReviewer
 from vncgate.relay.access.users import UsersFile
 from vncgate.relay.metrics import RelayMetrics
@@ -131,6 +132,8 @@ class RelayState:
     users: UsersFile = field(init=False)
     # The OpenID provider (--auth oidc): discovery, keys, ID token checks; None otherwise.
     oidc: OidcClient | None = field(init=False)
+    # Renewals of OpenID sign-ins with refresh tokens (relay/access/renewals.py).
+    renewals: Renewals | None = field(init=False)
     # The other replicas, asked for their sessions (kubectl vnc sessions / kill).
     peers: Peers = field(init=False)
     # Opens endpoint.kubevirt consoles through the API server (credentials loaded on first use).
@@ -158,6 +161,7 @@ class RelayState:
         self.oidc = (OidcClient(self.settings.auth.oidc)
                      if self.settings.auth.mode == AuthMode.OIDC and self.settings.auth.oidc
                      else None)
+        self.renewals = Renewals(self.oidc) if self.oidc is not None else None
         self.peers = make_peers(self.settings)
         self.marks = make_marks(self.settings)
         self.link_claims = (KubeLinkClaims(self.marks) if self.marks is not None

@@ -1,4 +1,9 @@
-"""Signed values: the login cookie, and sign-outs that revoke one before it expires."""
+"""Signed values: the login cookie, and sign-outs that revoke one before it expires.
+
+An OpenID sign-in's refresh token rides in its cookie sealed (`seal`): AES-256-GCM from
+`cryptography`, with a key derived from the session key by HKDF and the cookie's id as
+associated data, so the browser (and whoever reads its cookies) holds only ciphertext, and every
+replica with the session key can renew the sign-in."""
 
 from __future__ import annotations
 
@@ -9,10 +14,18 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vncgate.relay.access.passwords import b64, unb64
 
 SESSION_COOKIE = "vncgate_session"
+# Browsers keep cookies of up to about 4 kB; a sign-in cookie must stay below.
+MAX_COOKIE = 3900
 
 
 def sign(key: bytes, payload: Mapping[str, object]) -> str:
@@ -51,6 +64,43 @@ def session_cookie(key: bytes, user: str, ttl: float, now: float | None = None,
     return sign(key, payload)
 
 
+def _sealing_key(key: bytes) -> AESGCM:
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"vncgate: sealed values in cookies v1").derive(key)
+    return AESGCM(derived)
+
+
+def seal(key: bytes, bound_to: str, value: Mapping[str, Any]) -> str:
+    """`value` encrypted and authenticated for this session key, bound to `bound_to` (a
+    cookie's id): it opens only with the same key and the same id."""
+    nonce = secrets.token_bytes(12)
+    sealed = _sealing_key(key).encrypt(nonce, json.dumps(value, separators=(",", ":")).encode(),
+                                       bound_to.encode())
+    return b64(nonce + sealed)
+
+
+def unseal(key: bytes, bound_to: str, text: str) -> dict[str, Any] | None:
+    """What `seal` sealed, or None if it was made with another key or id, or altered."""
+    try:
+        raw = unb64(text)
+        if len(raw) < 12 + 16:
+            return None
+        value = json.loads(_sealing_key(key).decrypt(raw[:12], raw[12:], bound_to.encode()))
+    except (InvalidTag, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def renewable_session_cookie(key: bytes, user: str, groups: tuple[str, ...], sid: str,
+                             identity_expires: float, ends: float, sealed: str) -> str:
+    """An OpenID sign-in that the relay renews with the provider's refresh token: valid until
+    `ends` (its --session-ttl), its names believed until `identity_expires` (the ID token's
+    `exp`), after which the relay renews them with `sealed` (see `seal`)."""
+    return sign(key, {"typ": "session", "u": user, "iat": int(time.time()), "exp": int(ends),
+                      "ie": int(identity_expires), "sid": sid, "src": "oidc",
+                      "g": list(groups), "rt": sealed})
+
+
 @dataclass(frozen=True, slots=True)
 class SessionClaim:
     user: str
@@ -59,6 +109,15 @@ class SessionClaim:
     # Set for an OpenID provider's sign-in: the groups it named ("" source: the users file).
     source: str = ""
     groups: tuple[str, ...] = ()
+    # A renewable OpenID sign-in: when its names must be renewed (the ID token's expiry), and
+    # the sealed refresh grant (see `seal`). Without: the names last until `expires`.
+    identity_expires: int | None = None
+    sealed: str = ""
+
+    @property
+    def needs_renewal(self) -> bool:
+        return bool(self.sealed) and self.identity_expires is not None and \
+            self.identity_expires <= time.time()
 
 
 def read_session_cookie(key: bytes, value: str, now: float | None = None) -> SessionClaim | None:
@@ -75,7 +134,12 @@ def read_session_cookie(key: bytes, value: str, now: float | None = None) -> Ses
     if not isinstance(source, str) or not isinstance(groups, list) or \
             not all(isinstance(g, str) for g in groups):
         return None
-    return SessionClaim(user=user, expires=expires, sid=sid, source=source, groups=tuple(groups))
+    renew_at, sealed = payload.get("ie"), payload.get("rt", "")
+    if (renew_at is not None and not isinstance(renew_at, int)) or not isinstance(sealed, str) \
+            or bool(sealed) != (renew_at is not None):
+        return None
+    return SessionClaim(user=user, expires=expires, sid=sid, source=source, groups=tuple(groups),
+                        identity_expires=renew_at, sealed=sealed)
 
 
 def user_from_cookie(key: bytes, value: str, now: float | None = None) -> str | None:

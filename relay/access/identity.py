@@ -19,7 +19,7 @@ asking is worked out per request in vncgate.relay.web.requester.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -58,10 +58,20 @@ class Identity:
     # The users-file entry it was checked against (a cookie or token of the file), so that its
     # sessions end when the entry is removed or its secret changes.
     account: str = ""
+    # A renewable OpenID sign-in: `expires` is its ID token's, after which the relay renews
+    # the names with the sealed refresh grant (`sealed`), up to `renewable_until` (the
+    # cookie's own expiry, --session-ttl after the sign-in).
+    renewable_until: float | None = None
+    sealed: str = field(default="", repr=False)
 
     @property
     def label(self) -> str:
         return self.user or "anonymous"
+
+    @property
+    def credential_ends(self) -> float | None:
+        """When the credential itself stops working (a sign-out is kept until then)."""
+        return self.renewable_until if self.renewable_until is not None else self.expires
 
 
 ANONYMOUS = Identity(user="", method="none")

@@ -14,6 +14,11 @@ registered claims); this module decides what the relay asks of them:
   holds the client id (and `azp`, when present, is the client id), `exp` is in the future, `iat`
   not in the future, `sub` present, and, for a sign-in the relay started, `nonce` is the one it
   sent.
+- Renewal (a provider that issues refresh tokens, e.g. for the `offline_access` scope): the
+  refresh token grant at the same token endpoint; the new ID token passes the same checks, has
+  the `sub` of the sign-in (and its `nonce`, if it carries one: OpenID Connect Core 12.2), and
+  its names are derived again. A provider that refuses (the grant revoked, the person disabled)
+  raises OidcRefused: the sign-in is over.
 - Names as the API server's JWT authenticator derives them (`--oidc-username-claim`,
   `--oidc-username-prefix`, `--oidc-groups-claim`, `--oidc-groups-prefix`), so the relay's
   SubjectAccessReviews name the person as `kubectl` would: see `names`.
@@ -75,6 +80,14 @@ class OidcUnavailable(OidcError):
     """The provider could not be asked (down, or answering nonsense): nobody is let in."""
 
 
+class OidcRefused(OidcError):
+    """The provider refused to renew a sign-in (its refresh token): the sign-in is over."""
+
+
+class OidcOverage(OidcClaimError):
+    """The ID token names no groups but says where to fetch them (Entra ID's group overage)."""
+
+
 @dataclass(frozen=True)
 class OidcSettings:
     issuer: str
@@ -128,6 +141,35 @@ class SignedInPerson:
     groups: tuple[str, ...]
     expires: float
     subject: str
+    # The `nonce` the ID token carried ("" for none): a renewed token that carries one must
+    # carry the same.
+    nonce: str = ""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What the token endpoint answered: the ID token, and a refresh token if it issued one."""
+    id_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class RefreshGrant:
+    """What renewing a sign-in takes: the refresh token, and the sign-in's `sub` and `nonce`."""
+    refresh_token: str = field(repr=False)
+    subject: str
+    nonce: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"rt": self.refresh_token, "sub": self.subject, "n": self.nonce}
+
+    @staticmethod
+    def from_dict(value: Mapping[str, Any]) -> RefreshGrant | None:
+        token, subject, nonce = value.get("rt"), value.get("sub"), value.get("n", "")
+        if not isinstance(token, str) or not token or not isinstance(subject, str) \
+                or not isinstance(nonce, str):
+            return None
+        return RefreshGrant(token, subject, nonce)
 
 
 def check_issuer(issuer: str) -> str:
@@ -166,6 +208,18 @@ def names(claims: Mapping[str, Any], settings: OidcSettings) -> tuple[str, tuple
                              "Kubernetes keeps for its own components; set "
                              "--oidc-username-prefix")
     groups: tuple[str, ...] = ()
+    if settings.groups_claim and settings.groups_claim not in claims:
+        sources = claims.get("_claim_names")
+        if isinstance(sources, dict) and settings.groups_claim in sources:
+            # Entra ID's group overage: too many groups for the token, which names a Graph
+            # API call instead. Signing in with no groups would silently grant less (or, with
+            # deny rules, more) than RBAC says: refuse, and say what to do.
+            raise OidcOverage(
+                f"the ID token's {settings.groups_claim!r} claim is not in the token: the "
+                "provider moved it elsewhere (_claim_names; Entra ID does so for people in "
+                "more than 200 groups, the 'group overage'), which the relay does not "
+                "follow. Ask the provider's administrator to send only the groups assigned "
+                "to the application (Entra ID: groupMembershipClaims 'ApplicationGroup')")
     if settings.groups_claim and settings.groups_claim in claims:
         raw = claims[settings.groups_claim]
         if isinstance(raw, str):
@@ -321,11 +375,46 @@ class OidcClient:
         separator = "&" if "?" in meta.end_session_endpoint else "?"
         return f"{meta.end_session_endpoint}{separator}{query}"
 
-    async def exchange(self, code: str, verifier: str, redirect_uri: str) -> str:
-        """The ID token for an authorization code (the token endpoint, with PKCE)."""
+    async def exchange(self, code: str, verifier: str, redirect_uri: str) -> Tokens:
+        """The ID token (and refresh token, if the provider issues one) for an authorization
+        code (the token endpoint, with PKCE)."""
+        body, status = await self._token_request({
+            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+            "code_verifier": verifier})
+        if status != 200:
+            error = body.get("error")
+            raise OidcError(f"the provider refused the sign-in code ({status}"
+                            f"{': ' + str(error)[:100] if error else ''}); sign in again")
+        return self._tokens(body)
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        """A new ID token for a refresh token (RFC 6749 6). OidcRefused when the provider says
+        no (invalid_grant: revoked, expired, the person disabled); OidcUnavailable when it
+        cannot be asked or fails (5xx)."""
+        body, status = await self._token_request({"grant_type": "refresh_token",
+                                                  "refresh_token": refresh_token})
+        if status >= 500 or status == 429:
+            raise OidcUnavailable(f"the provider's token endpoint failed ({status})")
+        if status != 200:
+            error = body.get("error")
+            raise OidcRefused(f"the provider refused to renew the sign-in ({status}"
+                              f"{': ' + str(error)[:100] if error else ''})")
+        try:
+            return self._tokens(body)
+        except OidcError as exc:
+            raise OidcRefused(str(exc)) from None
+
+    @staticmethod
+    def _tokens(body: dict[str, Any]) -> Tokens:
+        token, refresh = body.get("id_token"), body.get("refresh_token")
+        if not isinstance(token, str):
+            raise OidcError("the provider answered without an ID token: the relay's client "
+                            "must be allowed the openid scope")
+        return Tokens(token, refresh if isinstance(refresh, str) and refresh else None)
+
+    async def _token_request(self, form: dict[str, str]) -> tuple[dict[str, Any], int]:
+        """POST to the token endpoint with the client's credentials: the JSON body and status."""
         meta = await self.metadata()
-        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
-                "code_verifier": verifier}
         headers = {}
         if "client_secret_basic" in meta.token_auth_methods or \
                 "client_secret_post" not in meta.token_auth_methods:
@@ -338,20 +427,17 @@ class OidcClient:
         try:
             async with self._client().post(meta.token_endpoint, data=form, headers=headers,
                                            allow_redirects=False) as response:
-                body = await response.json(content_type=None)
                 status = response.status
+                body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise OidcUnavailable(f"the provider's token endpoint could not be asked: "
                                   f"{exc or type(exc).__name__}") from None
-        if status != 200 or not isinstance(body, dict):
-            error = body.get("error") if isinstance(body, dict) else None
-            raise OidcError(f"the provider refused the sign-in code ({status}"
-                            f"{': ' + str(error)[:100] if error else ''}); sign in again")
-        token = body.get("id_token")
-        if not isinstance(token, str):
-            raise OidcError("the provider answered without an ID token: the relay's client "
-                            "must be allowed the openid scope")
-        return token
+        if not isinstance(body, dict):
+            if status >= 500:
+                return {}, status
+            raise OidcUnavailable(f"the provider's token endpoint answered {status} without "
+                                  "a JSON object")
+        return body, status
 
     async def validate(self, token: str, nonce: str | None = None,
                        now: float | None = None, *, bearer: bool = False) -> dict[str, Any]:
@@ -405,8 +491,35 @@ class OidcClient:
                      now: float | None = None, *, bearer: bool = False) -> SignedInPerson:
         claims = await self.validate(token, nonce, now, bearer=bearer)
         user, groups = names(claims, self.settings)
+        nonce_claim = claims.get("nonce")
         return SignedInPerson(user=user, groups=groups, expires=float(claims["exp"]),
-                              subject=str(claims["sub"]))
+                              subject=str(claims["sub"]),
+                              nonce=nonce_claim if isinstance(nonce_claim, str) else "")
+
+    async def renew(self, grant: RefreshGrant, now: float | None = None
+                    ) -> tuple[SignedInPerson, RefreshGrant]:
+        """Renew a sign-in with its refresh token: the person the new ID token names (all the
+        checks of a sign-in; the same `sub`; the same `nonce` if it carries one, none asked
+        for) and the grant for the next renewal (the new refresh token if the provider rotated
+        it). OidcRefused if the provider refuses or its answer is not this sign-in's."""
+        tokens = await self.refresh(grant.refresh_token)
+        try:
+            claims = await self.validate(tokens.id_token, None, now)
+            if str(claims["sub"]) != grant.subject:
+                raise OidcRefused("the renewed ID token names another subject (sub)")
+            if "nonce" in claims and claims["nonce"] != grant.nonce:
+                raise OidcRefused("the renewed ID token carries another sign-in's nonce")
+            user, groups = names(claims, self.settings)
+        except OidcUnavailable:
+            raise
+        except OidcRefused:
+            raise
+        except OidcError as exc:
+            raise OidcRefused(f"the renewed ID token is refused: {exc}") from None
+        person = SignedInPerson(user=user, groups=groups, expires=float(claims["exp"]),
+                                subject=grant.subject, nonce=grant.nonce)
+        return person, RefreshGrant(tokens.refresh_token or grant.refresh_token, grant.subject,
+                                    grant.nonce)
 
 
 def _claim_hint(claim: str) -> str:

@@ -25,7 +25,7 @@ from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import Recorder, RecordingUnavailable
-from vncgate.relay.session.bridge import Session, Sessions
+from vncgate.relay.session.bridge import Renew, Session, Sessions
 from vncgate.relay.session.consoles import Consoles, Holder
 from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.serversecrets import CredentialStore
@@ -53,6 +53,8 @@ class Applicant:
     account: str = ""
     expiry_code: int = closecodes.UNAUTHENTICATED
     expiry_reason: str = ""
+    # Renews the credential at its expiry (an OpenID sign-in with a refresh token).
+    renew: Renew | None = None
 
 
 # The caller's authorization decision for a route: the applicant, or a refusal.
@@ -193,6 +195,7 @@ class Admission:
                           expiry_code=applicant.expiry_code,
                           expiry_reason=applicant.expiry_reason,
                           credential_id=applicant.credential_id, account=applicant.account,
+                          renew=applicant.renew,
                           logins=self.logins, kubevirt=self.kubevirt, health=self.health)
         if self.recorder is not None:
             try:

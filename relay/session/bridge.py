@@ -19,7 +19,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -175,6 +175,11 @@ class Upstream(asyncio.BufferedProtocol):
         return held + (self.transport.get_write_buffer_size() if self.transport else 0)
 
 
+# Renews an expiring credential (an OpenID sign-in with a refresh token): its new expiry, or
+# the code and reason to end the session with (refused, or no longer allowed this console).
+Renew = Callable[[], Awaitable["float | tuple[int, str]"]]
+
+
 class Phase(enum.Enum):
     """Where a session is in its life; every ending goes RELAYING -> CLOSING -> CLOSED."""
 
@@ -222,6 +227,8 @@ class Session:
     expiry_code: int = closecodes.UNAUTHENTICATED
     expiry_reason: str = ""
     credential_id: str = ""
+    # Renews the credential at `expires_at` instead of ending the session (None: it ends).
+    renew: Renew | None = None
     # The users-file entry it was opened as ("" for other sign-ins).
     account: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -245,6 +252,7 @@ class Session:
     _viewer: ViewerLink | None = None
     _recording_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    _renewal: asyncio.Task[None] | None = None
     # Loads what the relay answers the server's security with (routes with credentials/tls).
     logins: CredentialStore | None = None
     # Opens endpoint.kubevirt consoles through the Kubernetes API (relay.kubevirt).
@@ -285,8 +293,7 @@ class Session:
             self._timers.append(loop.call_later(self.idle_timeout, self._check_idle))
         if self.expires_at is not None:
             self._timers.append(loop.call_later(
-                max(0.0, self.expires_at - time.time()), self.stop, self.expiry_code,
-                self.expiry_reason or "your sign-in expired; sign in again"))
+                max(0.0, self.expires_at - time.time()), self._expired))
         try:
             try:
                 if self.code is None:  # not stopped before it began
@@ -311,6 +318,32 @@ class Session:
         finally:
             self._ended()
 
+    def _expired(self) -> None:
+        """The credential's expiry: renew it if it can be, else end the session."""
+        if self.renew is None:
+            self.stop(self.expiry_code, self.expiry_reason or "your sign-in expired; sign in again")
+        elif self._renewal is None and self.phase in (Phase.CONNECTING, Phase.RELAYING):
+            self._renewal = asyncio.ensure_future(self._renewing(self.renew))
+
+    async def _renewing(self, renew: Renew) -> None:
+        try:
+            outcome = await renew()
+        except Exception:
+            log.exception("renewing the sign-in of a session on %s failed", self.route.key)
+            outcome = (self.expiry_code, "your sign-in expired; sign in again")
+        finally:
+            self._renewal = None
+        if self.phase not in (Phase.CONNECTING, Phase.RELAYING):
+            return
+        if isinstance(outcome, tuple):
+            self.stop(*outcome)
+        elif outcome <= time.time():
+            self.stop(self.expiry_code, self.expiry_reason or "your sign-in expired; sign in again")
+        else:
+            self.expires_at = outcome
+            self._timers.append(asyncio.get_running_loop().call_later(
+                outcome - time.time(), self._expired))
+
     def _ended(self) -> None:
         """The steps every ending takes, whatever went before (a cancelled handler, a close
         that failed): nothing is relayed any more, the recording is closed with the code and
@@ -332,6 +365,9 @@ class Session:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
         for drain in (self._browser_drain, self._recording_drain):
             if drain is not None:
                 drain.cancel()

@@ -121,11 +121,14 @@ async def logout(request: web.Request) -> web.StreamResponse:
     identity = await identify(request)
     if not form_from_our_page(request, form, identity, state_changing=True):
         raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
-    if identity is not None and identity.credential_id and identity.expires is not None:
+    ends = identity.credential_ends if identity is not None else None
+    if identity is not None and identity.credential_id and ends is not None:
         # The cookie stops working even if it is replayed, and its consoles close: here at
         # once, on the peers when they are told, on every replica (restarted ones too) from
         # the Lease that keeps the sign-out until the cookie would have expired.
-        missing = await state.revocations.revoke(identity.credential_id, identity.expires)
+        if state.renewals is not None:
+            state.renewals.forget(identity.credential_id)
+        missing = await state.revocations.revoke(identity.credential_id, ends)
         if missing:
             log.warning("a sign-out could not be told to every replica; they learn it from "
                         "the API server", extra={"fields": {"peers": missing}})

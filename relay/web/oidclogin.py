@@ -5,7 +5,9 @@ challenge; the three secrets stay in a short-lived signed cookie of this browser
 so it comes back on the provider's top-level redirect, and only to this relay). `GET
 /login/oidc/callback` takes the code only with the state of that cookie, redeems it with the
 verifier and the client secret, checks the ID token (vncgate.relay.access.oidc, with the nonce),
-and sets the session cookie as the users-file sign-in does, lasting no longer than the ID token.
+and sets the session cookie as the users-file sign-in does, lasting no longer than the ID token;
+or, when the provider issued a refresh token, for --session-ttl with the refresh token sealed in
+it, renewed whenever the ID token's names expire (vncgate.relay.access.renewals).
 """
 
 from __future__ import annotations
@@ -16,9 +18,25 @@ import time
 
 from aiohttp import web
 
-from vncgate.relay.access.cookies import SESSION_COOKIE, session_cookie, sign, unsign
+from vncgate.relay.access.cookies import (
+    MAX_COOKIE,
+    SESSION_COOKIE,
+    renewable_session_cookie,
+    seal,
+    session_cookie,
+    sign,
+    unsign,
+)
 from vncgate.relay.access.identity import AuthMode
-from vncgate.relay.access.oidc import OidcClient, OidcError, OidcUnavailable, pkce_pair
+from vncgate.relay.access.oidc import (
+    OidcClient,
+    OidcError,
+    OidcUnavailable,
+    RefreshGrant,
+    SignedInPerson,
+    Tokens,
+    pkce_pair,
+)
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event
 from vncgate.relay.web.browsercookies import cookie_name, delete_cookie, set_cookie
@@ -29,8 +47,6 @@ FLOW_COOKIE = "vncgate_oidc"
 # How long a browser may spend at the provider's login page.
 FLOW_TTL = 600
 CALLBACK_PATH = "/login/oidc/callback"
-# Browsers keep cookies of up to about 4 kB; a sign-in whose groups do not fit is refused.
-MAX_COOKIE = 3900
 
 
 def _client(state: RelayState) -> OidcClient:
@@ -93,9 +109,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _refused(request, state, f"The provider did not sign you in ({error}).",
                         next_path, 401)
     try:
-        token = await oidc.exchange(request.query.get("code", ""), str(flow.get("v", "")),
-                                    redirect_uri(state))
-        person = await oidc.person(token, nonce=str(flow.get("n", "")))
+        tokens = await oidc.exchange(request.query.get("code", ""), str(flow.get("v", "")),
+                                     redirect_uri(state))
+        person = await oidc.person(tokens.id_token, nonce=str(flow.get("n", "")))
     except OidcUnavailable as exc:
         audit_event("login", request, state, result=f"provider unavailable: {exc}",
                     kind="oidc")
@@ -105,8 +121,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         audit_event("login", request, state, result=f"refused: {exc}", kind="oidc")
         return _refused(request, state, f"Sign-in refused: {exc}.", next_path, 403)
     ttl = state.settings.auth.session_ttl
-    cookie = session_cookie(state.session_key, person.user, ttl, groups=person.groups,
-                            expires=person.expires)
+    cookie, ends = _session_cookie(request, state, person, tokens, ttl)
     if len(cookie) > MAX_COOKIE:
         audit_event("login", request, state, user=person.user[:64],
                     result="refused: too many groups for a cookie", kind="oidc")
@@ -116,11 +131,37 @@ async def callback(request: web.Request) -> web.StreamResponse:
     audit_event("login", request, state, user=person.user, result="ok", kind="oidc")
     response = web.HTTPSeeOther(location=f"{state.settings.auth.public_url}/{next_path}"
                                 if next_path != "./" else f"{state.settings.auth.public_url}/")
-    max_age = max(1, min(ttl, person.expires - time.time()))
+    max_age = max(1, ends - time.time())
     set_cookie(response, request, state, SESSION_COOKIE, cookie, max_age=max_age,
                samesite="Lax")
     delete_cookie(response, request, state, FLOW_COOKIE, samesite="Lax")
     raise response
+
+
+def _session_cookie(request: web.Request, state: RelayState, person: SignedInPerson,
+                    tokens: Tokens, ttl: float) -> tuple[str, float]:
+    """The sign-in cookie and when it ends: with the ID token, or, renewable with the refresh
+    token the provider issued, after --session-ttl."""
+    now = time.time()
+    plain = session_cookie(state.session_key, person.user, ttl, now=now, groups=person.groups,
+                           expires=person.expires)
+    if tokens.refresh_token is None:
+        return plain, min(now + ttl, person.expires)
+    ends = int(now + ttl)
+    if ends <= person.expires:  # the ID token outlasts the sign-in: nothing to renew
+        return plain, min(now + ttl, person.expires)
+    sid = secrets.token_hex(8)
+    grant = RefreshGrant(tokens.refresh_token, person.subject, person.nonce)
+    cookie = renewable_session_cookie(state.session_key, person.user, person.groups, sid,
+                                      person.expires, ends,
+                                      seal(state.session_key, sid, grant.as_dict()))
+    if len(cookie) > MAX_COOKIE and len(plain) <= MAX_COOKIE:
+        # A long refresh token (Entra ID's run to kilobytes) with many groups: sign in
+        # without renewal rather than not at all; the sign-in ends with its ID token.
+        audit_event("login", request, state, user=person.user[:64],
+                    result="refresh token too long for a cookie: not renewable", kind="oidc")
+        return plain, min(now + ttl, person.expires)
+    return cookie, ends
 
 
 def _refused(request: web.Request, state: RelayState, message: str, next_path: str,

@@ -14,8 +14,12 @@ from aiohttp import web
 from vncgate.common.model import Route
 from vncgate.common.spec import SpecError, check_key
 from vncgate.relay import closecodes
+from vncgate.relay.access.cookies import seal
 from vncgate.relay.access.identity import Identity
+from vncgate.relay.access.oidc import LEEWAY as OIDC_LEEWAY
+from vncgate.relay.access.oidc import OidcRefused, OidcUnavailable
 from vncgate.relay.session.admission import Applicant
+from vncgate.relay.session.bridge import Renew
 from vncgate.relay.session.consoles import Holder
 from vncgate.relay.session.health import PHASES
 from vncgate.relay.session.thumbnails import NoThumbnail
@@ -37,7 +41,12 @@ from vncgate.relay.web.oidclogin import add_routes as add_oidc_routes
 from vncgate.relay.web.origin import check_host, origin_allowed
 from vncgate.relay.web.pages import render_page, setup_templates
 from vncgate.relay.web.playback import add_routes as add_playback_routes
-from vncgate.relay.web.requester import identify, link_identity
+from vncgate.relay.web.requester import (
+    identify,
+    link_identity,
+    renew_sign_in,
+    set_renewed_cookie,
+)
 from vncgate.relay.web.tls import HSTS
 from vncgate.relay.web.websocket import RelayWebSocket
 
@@ -58,6 +67,8 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 LIST_CONCURRENCY = 20
+# How often a console's replica asks a provider that could not be asked to renew its sign-in.
+RENEWAL_RETRY = 5.0
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -110,9 +121,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         decision = await state.authorizer.decide(identity, route)
         if not decision.allowed:
             return closecodes.FORBIDDEN, decision.reason
+        renew = _renewal(request, identity, namespace, name) if identity.sealed else None
         return Applicant(label=identity.label, user=identity.user, view_only=identity.view_only,
                          expires_at=identity.expires, credential_id=identity.credential_id,
-                         account=identity.account,
+                         account=identity.account, renew=renew,
                          **_expiry(identity))
 
     def audit_refusal(code: int, reason: str) -> None:
@@ -131,6 +143,56 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         user=identity.label if identity else "", on_refusal=audit_refusal,
         on_takeover=audit_takeover)
     return ws
+
+
+def _renewal(request: web.Request, identity: Identity, namespace: str, name: str) -> Renew:
+    """How a console opened with a renewable OpenID sign-in outlives its ID token: at its
+    expiry this replica renews the sign-in (vncgate.relay.access.renewals) and asks again
+    whether the renewed names may open the console (their groups may have changed)."""
+    state = request.app[STATE]
+    assert identity.renewable_until is not None
+    ends = identity.renewable_until
+    sealed = [identity.sealed]  # the newest grant: a provider may rotate refresh tokens
+
+    expired = [identity.expires or 0.0]  # the current ID token's expiry
+
+    async def renew() -> float | tuple[int, str]:
+        if time.time() >= ends:
+            return closecodes.UNAUTHENTICATED, "your sign-in expired; sign in again"
+        while True:
+            try:
+                person, grant = await renew_sign_in(request, state, identity.credential_id,
+                                                    sealed[0], ends)
+                break
+            except OidcRefused:
+                return (closecodes.UNAUTHENTICATED,
+                        "the provider ended your sign-in; sign in again")
+            except OidcUnavailable:
+                # A provider that is briefly away does not close consoles: ask again for as
+                # long as the expired ID token would still pass its checks (their leeway).
+                left = expired[0] + OIDC_LEEWAY - time.time()
+                if left <= 0:
+                    return (closecodes.UNAUTHENTICATED, "your sign-in expired and the "
+                                                        "provider cannot be asked to renew it; "
+                                                        "sign in again")
+                await asyncio.sleep(min(RENEWAL_RETRY, left))
+        expired[0] = min(person.expires, ends)
+        sealed[0] = seal(state.session_key, identity.credential_id, grant.as_dict())
+        route = state.registry.get(namespace, name)
+        if route is None:
+            return closecodes.FORBIDDEN, f"the console {namespace}/{name} was removed"
+        renewed = Identity(user=person.user, groups=person.groups, method="cookie",
+                           expires=min(person.expires, ends),
+                           credential_id=identity.credential_id, renewable_until=ends,
+                           sealed=sealed[0])
+        decision = await state.authorizer.decide(renewed, route)
+        if not decision.allowed:
+            audit_event("denied", request, state, target=f"{namespace}/{name}",
+                        code=closecodes.FORBIDDEN, reason=decision.reason, user=renewed.label)
+            return closecodes.FORBIDDEN, decision.reason
+        return min(person.expires, ends)
+
+    return renew
 
 
 def _expiry(identity: Identity) -> dict[str, Any]:
@@ -387,6 +449,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def make_public_app(state: RelayState) -> web.Application:
     app = web.Application()
     app.on_response_prepare.append(security_headers)
+    app.on_response_prepare.append(set_renewed_cookie)
     app[STATE] = state
     setup_templates(app)
     app.router.add_get("/", index)

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+import logging
+import time
 
+from aiohttp import hdrs, web
+
+from vncgate.relay import closecodes
 from vncgate.relay.access import links
-from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie
+from vncgate.relay.access.cookies import (
+    MAX_COOKIE,
+    SESSION_COOKIE,
+    SessionClaim,
+    read_session_cookie,
+    renewable_session_cookie,
+    seal,
+    unseal,
+)
 from vncgate.relay.access.identity import ANONYMOUS, AuthMode, Identity
-from vncgate.relay.access.oidc import OidcError, OidcUnavailable, unverified_issuer
+from vncgate.relay.access.oidc import (
+    OidcError,
+    OidcRefused,
+    OidcUnavailable,
+    RefreshGrant,
+    SignedInPerson,
+    unverified_issuer,
+)
 from vncgate.relay.access.proxies import address_in
 from vncgate.relay.access.tokenreview import TokenReviewUnavailable, looks_like_jwt
 from vncgate.relay.access.users import find_bearer
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
-from vncgate.relay.web.browsercookies import cookie_name
+from vncgate.relay.web.browsercookies import cookie_name, set_cookie
+
+log = logging.getLogger("vncgate.auth")
+# Where a request keeps the cookie of a sign-in renewed while answering it (set_renewed_cookie).
+RENEWED_COOKIE = web.RequestKey("vncgate.renewed_session", tuple[str, int])
 
 
 def too_many(wait: float, what: str) -> web.HTTPTooManyRequests:
@@ -62,6 +85,8 @@ async def identify(request: web.Request) -> Identity | None:
             # Names and groups the provider gave at sign-in; believed in oidc mode only.
             if auth.mode != AuthMode.OIDC:
                 return None
+            if claim.sealed:
+                return await renewable_identity(request, state, claim)
             return Identity(user=claim.user, groups=claim.groups, method="cookie",
                             expires=claim.expires, credential_id=claim.sid)
         known = state.users.current.get(claim.user)
@@ -71,6 +96,83 @@ async def identify(request: web.Request) -> Identity | None:
                             expires=claim.expires, credential_id=claim.sid,
                             account=known.name)
     return None
+
+
+async def renewable_identity(request: web.Request, state: RelayState, claim: SessionClaim
+                             ) -> Identity | None:
+    """A sign-in that the provider's refresh token renews: its names while its ID token lasts,
+    then the names of a renewed one (the response sets the renewed cookie). None when the
+    provider refused to renew it (the sign-in is over, everywhere); HTTPServiceUnavailable
+    while the provider cannot be asked."""
+    assert claim.identity_expires is not None
+    if not claim.needs_renewal:
+        return Identity(user=claim.user, groups=claim.groups, method="cookie",
+                        expires=claim.identity_expires, credential_id=claim.sid,
+                        renewable_until=claim.expires, sealed=claim.sealed)
+    try:
+        person, grant = await renew_sign_in(request, state, claim.sid, claim.sealed,
+                                            claim.expires)
+    except OidcUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"your sign-in needs renewing and the provider "
+                                              f"cannot be asked: {exc}\n",
+                                         headers={"Retry-After": "5"}) from None
+    except OidcRefused:
+        return None
+    expires = min(person.expires, claim.expires)
+    sealed = seal(state.session_key, claim.sid, grant.as_dict())
+    cookie = renewable_session_cookie(state.session_key, person.user, person.groups, claim.sid,
+                                      expires, claim.expires, sealed)
+    if len(cookie) <= MAX_COOKIE:
+        request[RENEWED_COOKIE] = (cookie, claim.expires)
+    return Identity(user=person.user, groups=person.groups, method="cookie", expires=expires,
+                    credential_id=claim.sid, renewable_until=claim.expires, sealed=sealed)
+
+
+async def renew_sign_in(request: web.Request, state: RelayState, sid: str, sealed: str,
+                        ends: float) -> tuple[SignedInPerson, RefreshGrant]:
+    """Renew the OpenID sign-in `sid` with its sealed refresh grant. When the provider refuses
+    (OidcRefused), the sign-in ends as a sign-out does: its cookie is refused and its consoles
+    close (4401) on every replica. OidcUnavailable: the provider cannot be asked now."""
+    assert state.renewals is not None
+    opened = unseal(state.session_key, sid, sealed)
+    grant = RefreshGrant.from_dict(opened) if opened is not None else None
+    try:
+        if grant is None:
+            raise OidcRefused("the sign-in's refresh grant cannot be opened")
+        return await state.renewals.renew(sid, grant, ends)
+    except OidcRefused as exc:
+        audit_event("renewal", request, state, result=f"refused: {exc}", kind="oidc")
+        state.end_sessions_of(sid, closecodes.UNAUTHENTICATED,
+                              "the provider ended your sign-in; sign in again")
+        missing = await state.revocations.revoke(sid, max(ends, time.time() + 1))
+        if missing:
+            log.warning("an ended sign-in could not be told to every replica; they learn it "
+                        "from the API server", extra={"fields": {"peers": missing}})
+        raise
+    except OidcUnavailable as exc:
+        audit_event("renewal", request, state, result=f"provider unavailable: {exc}",
+                    kind="oidc")
+        raise
+
+
+async def set_renewed_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response (a signal): the cookie of a sign-in renewed while answering, unless
+    the response sets or deletes the sign-in cookie itself (sign-out)."""
+    renewed = request.get(RENEWED_COOKIE)
+    if renewed is None:
+        return
+    state = request.app[STATE]
+    name = cookie_name(request, state, SESSION_COOKIE)
+    if name in response.cookies or any(
+            value.startswith(f"{name}=") for value in response.headers.getall(hdrs.SET_COOKIE, [])):
+        return
+    cookie, ends = renewed
+    # Headers only: aiohttp has turned the response's cookies into headers by now.
+    made = web.StreamResponse()
+    set_cookie(made, request, state, SESSION_COOKIE, cookie,
+               max_age=max(1, int(ends - time.time())), samesite="Lax")
+    for morsel in made.cookies.values():
+        response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())
 
 
 async def oidc_identity(request: web.Request, state: RelayState, token: str

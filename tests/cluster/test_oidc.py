@@ -8,6 +8,7 @@ its login page as kubelogin would, and the ID token goes to kubectl and to the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -19,10 +20,28 @@ import aiohttp
 import pytest
 import yaml
 
-from harness.cluster import ROOT, ControlPlane, ControlPlaneUnavailable, assets_dir, kubeconfig
+from harness.cluster import (
+    ROOT,
+    ControlPlane,
+    ControlPlaneUnavailable,
+    assets_dir,
+    free_port,
+    kubeconfig,
+)
 from harness.servers import TcpServer
+from harness.waiting import eventually
+from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
+from tests.relay.test_oidc_refresh import (
+    closed,
+    open_console,
+    payload,
+    renewed_until,
+    screen_arrives,
+    sign_in,
+)
 from tests.support.oidc import Account, OidcProvider, kubelogin_token, need_provider
+from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.access.identity import AuthMode
@@ -155,3 +174,65 @@ async def test_kubectl_auth_can_i_and_the_relay_agree(
     assert code == closecodes.FORBIDDEN and "alice@example.test" in reason
 
 
+
+
+@pytest.fixture
+def refreshing_provider(tmp_path: Path) -> Iterator[tuple[OidcProvider, int]]:
+    """A second provider for the relay only: ID tokens of a few seconds and refresh tokens."""
+    need_provider()
+    relay_port = free_port()
+    server = OidcProvider(tmp_path / "oidc", clients=[
+        {"client_id": RELAY_CLIENT, "client_secret": SECRET,
+         "grant_types": ["authorization_code", "refresh_token"],
+         "redirect_uris": [f"http://127.0.0.1:{relay_port}/login/oidc/callback"]}],
+        accounts={"alice": Account(PASSWORD, {"email": "alice@example.test",
+                                              "email_verified": True,
+                                              "groups": ["lab-team"]})},
+        id_token_ttl=6, refresh_tokens=True)
+    server.start()
+    try:
+        yield server, relay_port
+    finally:
+        server.stop()
+
+
+async def test_a_renewed_sign_in_is_asked_of_rbac_again(
+        plane: ControlPlane, refreshing_provider: tuple[OidcProvider, int],
+        make_relay: RelayFactory, xvnc: XvncServer, tmp_path: Path) -> None:
+    """A console opened through the RoleBinding to `oidc:lab-team` stays open while renewals
+    keep the group, and closes (4403) at the first renewal after the person left the group at
+    the provider: the relay's SubjectAccessReview carries the renewed groups."""
+    provider, relay_port = refreshing_provider
+    assert provider.ca is not None
+    relay_kubeconfig = tmp_path / "relay.kubeconfig"
+    relay_kubeconfig.write_text(plane.admin_kubeconfig.read_text())
+    auth = AuthSettings(
+        mode=AuthMode.OIDC, session_secret=b"s" * 32,
+        public_url=f"http://127.0.0.1:{relay_port}", authorization="kubernetes",
+        oidc=OidcSettings(issuer=provider.issuer, client_id=RELAY_CLIENT, client_secret=SECRET,
+                          ca_file=provider.ca.cert, username_claim="email",
+                          groups_claim="groups", groups_prefix=GROUPS_PREFIX,
+                          extra_scopes=("groups",)))
+    routes = [Route("lab", "mine", "127.0.0.1", xvnc.port)]
+    context = ssl.create_default_context(cafile=str(provider.ca.cert))
+    async with make_relay(routes=routes, auth=auth, kubeconfig=relay_kubeconfig,
+                          listen=Address("127.0.0.1", relay_port)) as relay, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                  connector=aiohttp.TCPConnector(ssl=context)) as http:
+        cookie = await sign_in(http, relay)
+        first_expiry, sid = payload(cookie)["ie"], payload(cookie)["sid"]
+        ws = await open_console(http, relay)
+        await eventually(lambda: renewed_until(relay, sid) > first_expiry,
+                         "the relay to renew the sign-in", timeout=120)
+        await screen_arrives(ws)
+        # Alice leaves lab-team at the provider; RBAC grants the console to that group only.
+        provider.accounts["alice"].claims["groups"] = ["elsewhere"]
+        await asyncio.to_thread(provider.reload)
+        msg = await closed(ws)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == closecodes.FORBIDDEN, msg
+        assert "alice@example.test" in msg.extra
+        # Still signed in (the provider renewed the sign-in), without the console.
+        async with http.get(f"{relay.public_url}/", allow_redirects=False) as listing:
+            text = await listing.text()
+        assert listing.status == 200 and "alice@example.test" in text
+        assert "lab/mine" not in text

@@ -7,6 +7,8 @@ with keys the test makes (a forger's).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -19,14 +21,20 @@ from joserfc import jwt
 from joserfc.jwk import OctKey, RSAKey
 
 from tests.support.oidc import Account, OidcProvider, need_provider, signing_key
+from vncgate.relay.access.cookies import seal, unseal
 from vncgate.relay.access.oidc import (
     OidcClaimError,
     OidcClient,
     OidcError,
+    OidcOverage,
+    OidcRefused,
     OidcSettings,
     OidcUnavailable,
+    RefreshGrant,
+    Tokens,
     names,
 )
+from vncgate.relay.access.renewals import Renewals
 from vncgate.relay.settings import settings_from_args
 
 CLIENT = "vncgate"
@@ -183,6 +191,10 @@ def test_names_follow_the_api_servers_claim_mappings(tmp_path: Path) -> None:
     ({"sub": "x", "groups": [1, 2]}, {"groups_claim": "groups"}, "'groups' claim"),
     ({"sub": "x", "groups": {"a": 1}}, {"groups_claim": "groups"}, "'groups' claim"),
     ({"sub": "system:admin"}, {"username_prefix": "-"}, "Kubernetes keeps"),
+    # Entra ID's group overage: no groups claim, but a pointer to where they are.
+    ({"sub": "x", "_claim_names": {"groups": "src1"},
+      "_claim_sources": {"src1": {"endpoint": "https://graph.example.test/me/getMemberObjects"}}},
+     {"groups_claim": "groups"}, "group overage"),
 ])
 def test_a_missing_or_wrong_typed_claim_refuses_naming_it(
         token: dict[str, Any], mapping: dict[str, Any], says: str) -> None:
@@ -230,3 +242,118 @@ def test_oidc_flags_make_the_settings(tmp_path: Path) -> None:
     assert oidc.scopes == "openid email profile groups"
     with pytest.raises(SystemExit):
         settings_from_args(["--auth", "token", "--oidc-issuer-url", "https://idp.example.test"])
+
+
+def test_an_entra_id_group_overage_is_refused_not_taken_for_no_groups() -> None:
+    overage = {"sub": "x", "_claim_names": {"groups": "src1"},
+               "_claim_sources": {"src1": {"endpoint": "https://graph.example.test/"}}}
+    settings = OidcSettings(issuer="https://idp.example.test", client_id=CLIENT,
+                            groups_claim="groups")
+    with pytest.raises(OidcOverage, match="ApplicationGroup"):
+        names(overage, settings)
+    # Without a groups claim configured, the pointer does not matter.
+    assert names(overage, OidcSettings(issuer="https://idp.example.test", client_id=CLIENT,
+                                       username_prefix="-")) == ("x", ())
+
+
+def test_a_sealed_grant_opens_only_with_its_key_and_cookie_id() -> None:
+    key, grant = b"k" * 32, {"rt": "a refresh token", "sub": "alice", "n": "n-1"}
+    sealed = seal(key, "sid-1", grant)
+    assert "a refresh token" not in sealed and unseal(key, "sid-1", sealed) == grant
+    assert seal(key, "sid-1", grant) != sealed  # a fresh nonce every time
+    assert unseal(b"j" * 32, "sid-1", sealed) is None
+    assert unseal(key, "sid-2", sealed) is None
+    flipped = sealed[:20] + ("A" if sealed[20] != "A" else "B") + sealed[21:]
+    for broken in (flipped, sealed[:-3], sealed[:10], "", "!!not base64!!"):
+        assert unseal(key, "sid-1", broken) is None
+
+
+class AnsweringClient(OidcClient):
+    """The real provider's discovery and keys; the token endpoint's answer to a refresh is the
+    test's (an ID token signed with the provider's key), to check what the relay makes of it."""
+
+    answer: Tokens
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        assert refresh_token == "rt-1"
+        return self.answer
+
+
+@pytest.mark.parametrize(("change", "refused"), [
+    ({}, None),
+    ({"nonce": None}, None),  # OpenID Connect Core 12.2: a renewed token need not carry one
+    ({"sub": "mallory"}, "another subject"),
+    ({"nonce": "n-2"}, "another sign-in's nonce"),
+    ({"aud": "another-client"}, "'aud' claim"),
+    ({"exp": int(time.time()) - 3600}, "expired"),
+    ({"groups": 7}, "'groups' claim"),
+])
+async def test_a_renewed_id_token_must_be_the_same_sign_ins(
+        provider: OidcProvider, change: dict[str, Any], refused: str | None) -> None:
+    client = AnsweringClient(settings(provider))
+    try:
+        client.answer = Tokens(mint(provider.keys[0], claims(provider, **change)), "rt-2")
+        grant = RefreshGrant("rt-1", "alice", "n-1")
+        if refused is None:
+            person, following = await client.renew(grant)
+            assert (person.user, person.groups) == ("alice@example.test",
+                                                    ("oidc:devs", "oidc:ops"))
+            assert following == RefreshGrant("rt-2", "alice", "n-1")
+        else:
+            with pytest.raises(OidcRefused, match=refused):
+                await client.renew(grant)
+    finally:
+        await client.close()
+
+
+async def test_a_renewal_without_a_new_refresh_token_keeps_the_old_one(
+        provider: OidcProvider) -> None:
+    client = AnsweringClient(settings(provider))
+    try:
+        client.answer = Tokens(mint(provider.keys[0], claims(provider)), None)
+        _, following = await client.renew(RefreshGrant("rt-1", "alice", "n-1"))
+        assert following.refresh_token == "rt-1"
+    finally:
+        await client.close()
+
+
+class CountingClient(AnsweringClient):
+    """Counts the refresh token grants it makes, and rotates the refresh token each time."""
+
+    def __init__(self, settings: OidcSettings, token: str) -> None:
+        super().__init__(settings)
+        self.token, self.sent = token, []
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        self.sent.append(refresh_token)
+        await asyncio.sleep(0.05)  # the provider takes a moment: callers arrive meanwhile
+        return Tokens(self.token, f"rt-{len(self.sent) + 1}")
+
+
+async def test_renewals_of_one_sign_in_share_one_call_and_the_newest_refresh_token(
+        provider: OidcProvider) -> None:
+    token = mint(provider.keys[0], claims(provider))
+    client = CountingClient(settings(provider), token)
+    renewals = Renewals(client)
+    try:
+        grant = RefreshGrant("rt-1", "alice", "n-1")
+        results = await asyncio.gather(*(renewals.renew("sid-1", grant, time.time() + 3600)
+                                         for _ in range(5)))
+        assert client.sent == ["rt-1"]  # five callers, one call to the provider
+        assert {following.refresh_token for _, following in results} == {"rt-2"}
+        # While the renewed ID token lasts, no call at all.
+        await renewals.renew("sid-1", grant, time.time() + 3600)
+        assert client.sent == ["rt-1"]
+        # Once it has expired, the next renewal sends the newest refresh token this replica
+        # holds, even when the caller still has the one it replaced.
+        client.token = mint(provider.keys[0], claims(provider, exp=int(time.time()) + 300))
+        renewals._latest["sid-1"] = dataclasses.replace(
+            renewals._latest["sid-1"], person=dataclasses.replace(
+                renewals._latest["sid-1"].person, expires=time.time() - 1))
+        await renewals.renew("sid-1", grant, time.time() + 3600)
+        assert client.sent == ["rt-1", "rt-2"]
+        # Another sign-in is its own.
+        await renewals.renew("sid-2", RefreshGrant("rt-9", "alice", "n-1"), time.time() + 3600)
+        assert client.sent == ["rt-1", "rt-2", "rt-9"]
+    finally:
+        await client.close()

@@ -64,7 +64,14 @@ def provider(tmp_path_factory: pytest.TempPathFactory, relay_port: int
          "redirect_uris": ["http://127.0.0.1:8000"]}],
         accounts={"alice": Account(PASSWORD, {"email": "alice@example.test",
                                               "groups": ["devs"]}),
-                  "nameless": Account(PASSWORD, {"groups": ["devs"]})},
+                  "nameless": Account(PASSWORD, {"groups": ["devs"]}),
+                  # Entra ID's group overage: the groups are elsewhere (a distributed claim).
+                  "crowded": Account(PASSWORD, {
+                      "email": "crowded@example.test",
+                      "_claim_names": {"groups": "src1"},
+                      "_claim_sources": {"src1": {
+                          "endpoint": "https://graph.example.test/v1.0/users/1/getMemberObjects"
+                      }}})},
         id_token_ttl=ID_TOKEN_TTL)
     server.start()
     try:
@@ -160,6 +167,19 @@ async def test_a_person_without_the_username_claim_is_refused_naming_it(
                                        login="nameless")
         assert done.status == 403
         assert "no &#39;email&#39; claim" in await done.text()
+        assert "vncgate_session" not in {c.key for c in browser_like.cookie_jar}
+
+
+async def test_a_group_overage_refuses_the_sign_in_naming_it(
+        make_relay: RelayFactory, provider: OidcProvider, relay_port: int,
+        browser_like: aiohttp.ClientSession) -> None:
+    async with make_relay(routes=ROUTES, auth=oidc_auth(provider, relay_port),
+                          listen=Address("127.0.0.1", relay_port)) as relay:
+        _, done = await provider_login(browser_like, f"{relay.public_url}/login/oidc",
+                                       login="crowded")
+        text = await done.text()
+        assert done.status == 403, text
+        assert "group overage" in text and "ApplicationGroup" in text
         assert "vncgate_session" not in {c.key for c in browser_like.cookie_jar}
 
 

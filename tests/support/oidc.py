@@ -1,7 +1,8 @@
 """A real OpenID provider for tests: panva's `oidc-provider` under Node
 (tests/support/oidcprovider.mjs) on https://127.0.0.1:PORT, with a certificate from a test CA,
 and the clients, accounts and signing keys the test gives. `rotate_keys()` makes the provider
-sign with a new key from then on.
+sign with a new key from then on; `remove_account()` disables a person (their sign-ins can no
+longer be renewed).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class OidcProvider:
     clients: list[dict[str, Any]]
     accounts: dict[str, Account]
     id_token_ttl: int = 3600
+    # Refresh tokens for clients allowed the refresh_token grant; rotated on every use.
+    refresh_tokens: bool = False
+    rotate_refresh_tokens: bool = False
     port: int = 0
     ca: Pem | None = None
     keys: list[dict[str, Any]] = field(default_factory=list)
@@ -69,7 +73,8 @@ class OidcProvider:
         self.config_path.write_text(json.dumps({
             "port": self.port, "issuer": self.issuer, "cert": str(tls / "tls.crt"),
             "key": str(tls / "tls.key"), "keys": self.keys, "clients": self.clients,
-            "idTokenTTL": self.id_token_ttl,
+            "idTokenTTL": self.id_token_ttl, "refreshTokens": self.refresh_tokens,
+            "rotateRefreshTokens": self.rotate_refresh_tokens,
             "accounts": {name: {"password": a.password, "claims": a.claims}
                          for name, a in self.accounts.items()}}))
 
@@ -94,8 +99,18 @@ class OidcProvider:
 
     def rotate_keys(self, kid: str) -> None:
         """Sign with a new key from now on; the old one is no longer published."""
-        assert self.process is not None
         self.keys = [signing_key(kid)]
+        self.reload()
+
+    def remove_account(self, name: str) -> None:
+        """The person is gone at the provider (disabled, deleted): refresh tokens of their
+        sign-ins are refused from now on."""
+        del self.accounts[name]
+        self.reload()
+
+    def reload(self) -> None:
+        """Write the configuration and make the provider take it (SIGHUP)."""
+        assert self.process is not None
         self._write_config()
         self._reloads += 1
         self.process.send_signal(signal.SIGHUP)

@@ -4,9 +4,13 @@
 //
 // CONFIG (written by tests/support/oidc.py): {"port", "cert", "key", "issuer", "keys": [private
 // JWKs, the first signs], "clients": [oidc-provider client metadata], "accounts": {"id":
-// {"password", "claims": {...}}}, "idTokenTTL": seconds}. SIGHUP re-reads CONFIG and starts a new
-// provider on the same port (key rotation: the test writes new keys first). Prints "ready PORT"
-// on stdout once listening.
+// {"password", "claims": {...}}}, "idTokenTTL": seconds, "refreshTokens": issue refresh tokens to
+// clients allowed the refresh_token grant (whatever the scope), "rotateRefreshTokens": a new
+// refresh token on every use (the old one is consumed; using it again revokes the grant)}.
+// SIGHUP re-reads CONFIG and starts a new provider on the same port (key rotation: the test
+// writes new keys first; an account removed from CONFIG can no longer renew its sign-ins).
+// Grants, sessions and tokens outlive a reload (SharedAdapter). Prints
+// "ready PORT" on stdout once listening.
 //
 // The login page is this script's own (the provider's dev pages take any password): it checks
 // the account's password and grants the asked scopes without a consent step.
@@ -20,6 +24,51 @@ const configPath = process.argv[2];
 let config;
 let provider;
 
+// Grants, sessions and tokens in one store for the process, so that they outlive a reload (the
+// provider's own memory adapter is per instance): a person removed at a reload is refused for
+// that reason, not because the provider forgot their sign-in.
+const store = new Map();
+class SharedAdapter {
+  constructor(model) { this.model = model; }
+
+  key(id) { return `${this.model}:${id}`; }
+
+  async upsert(id, payload, expiresIn) {
+    store.set(this.key(id), { payload, expires: expiresIn ? Date.now() + expiresIn * 1000 : null });
+    if (payload.grantId) {
+      const grant = `grant:${payload.grantId}`;
+      store.set(grant, [...(store.get(grant) || []), this.key(id)]);
+    }
+    if (payload.uid) store.set(`uid:${payload.uid}`, id);
+    if (payload.userCode) store.set(`userCode:${payload.userCode}`, id);
+  }
+
+  async find(id) {
+    const found = store.get(this.key(id));
+    if (!found || (found.expires && found.expires < Date.now())) return undefined;
+    return found.payload;
+  }
+
+  async findByUid(uid) { const id = store.get(`uid:${uid}`); return id ? this.find(id) : undefined; }
+
+  async findByUserCode(code) {
+    const id = store.get(`userCode:${code}`);
+    return id ? this.find(id) : undefined;
+  }
+
+  async consume(id) {
+    const found = store.get(this.key(id));
+    if (found) found.payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) { store.delete(this.key(id)); }
+
+  async revokeByGrantId(grantId) {
+    for (const key of store.get(`grant:${grantId}`) || []) store.delete(key);
+    store.delete(`grant:${grantId}`);
+  }
+}
+
 const escape = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 function makeProvider() {
@@ -27,6 +76,7 @@ function makeProvider() {
   const accounts = config.accounts;
   const made = new Provider(config.issuer, {
     clients: config.clients,
+    adapter: SharedAdapter,
     jwks: { keys: config.keys },
     // The scope's claims go into the ID token itself, as Keycloak, Entra ID and Dex do.
     conformIdTokenClaims: false,
@@ -35,6 +85,10 @@ function makeProvider() {
     },
     scopes: ['openid', 'email', 'profile', 'groups'],
     pkce: { required: () => true },
+    async issueRefreshToken(ctx, client) {
+      return Boolean(config.refreshTokens) && client.grantTypeAllowed('refresh_token');
+    },
+    rotateRefreshToken: () => Boolean(config.rotateRefreshTokens),
     features: {
       devInteractions: { enabled: false },
       // The provider's own pages load a web font from the internet; these load nothing.
@@ -71,6 +125,10 @@ function makeProvider() {
       ctx.body = `<!doctype html><title>error</title><h1 id="error">${escape(out.error)}</h1>`
         + `<p id="description">${escape(out.error_description || '')}</p>`;
     },
+  });
+  // Why a token request was refused, for the test's log (the answer says only invalid_grant).
+  made.on('grant.error', (ctx, err) => {
+    process.stdout.write(`grant.error ${err.message}: ${err.error_detail || ''}\n`);
   });
   return made;
 }
