@@ -180,8 +180,11 @@ async def latency(candidate: Candidate, count: int, size: int = 100) -> dict[str
 
 
 async def setup(candidate: Candidate, count: int) -> dict[str, float]:
+    """Sequential sessions to the echo backend: TCP connect to the greeting's last byte, and
+    (WebSocket candidates) TCP connect to the 101 response's last byte, the handshake."""
     port, path = candidate.endpoint("echo")
     times = []
+    handshakes = []
     failed = 0
     for _ in range(count):
         try:
@@ -191,8 +194,14 @@ async def setup(candidate: Candidate, count: int) -> dict[str, float]:
             continue
         conn.abort()
         times.append(elapsed)
-    return {"median_ms": statistics.median(times) * 1e3,
-            "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed}
+        if conn.upgraded:
+            handshakes.append(conn.upgraded - conn.created)
+    result = {"median_ms": statistics.median(times) * 1e3,
+              "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed}
+    if handshakes:
+        result["handshake_median_ms"] = statistics.median(handshakes) * 1e3
+        result["handshake_p99_ms"] = percentile(handshakes, 0.99) * 1e3
+    return result
 
 
 async def backpressure(candidate: Candidate, seconds: float) -> dict[str, float]:
