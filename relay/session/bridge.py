@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import ipaddress
 import logging
 import secrets
 import socket
@@ -767,6 +768,20 @@ def _duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def _literal_address(host: str) -> str | None:
+    """`host` if it is an IP address written as getaddrinfo would give it back (canonical
+    IPv4 or IPv6, no zone, not IPv4-mapped); else None (a name, or a spelling for the resolver).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and (
+            address.scope_id is not None or address.ipv4_mapped is not None):
+        return None
+    return host if str(address) == host else None
+
+
 async def allowed_address(route: Route, settings: RelaySettings) -> str:
     """Resolve the route's host and refuse if any address is in a denied range.
 
@@ -774,9 +789,16 @@ async def allowed_address(route: Route, settings: RelaySettings) -> str:
     dial time (a name can be rebound to a metadata or loopback address). The relay then
     dials the address it checked, not the name again.
     """
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        route.host, route.port, type=socket.SOCK_STREAM)
-    addresses = [str(info[4][0]) for info in infos]
+    literal = _literal_address(route.host)
+    if literal is not None:
+        # An address needs no resolver: asyncio's getaddrinfo would run in a worker thread,
+        # and the hop there and back was the longest wait of a session's set-up
+        # (docs/PERFORMANCE.md). The checks below are the same for it.
+        addresses = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            route.host, route.port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]) for info in infos]
     # Every spelling of an address counts (address_in folds IPv4-mapped and -compatible
     # IPv6 forms); "this host" (0.0.0.0/8, ::) is never dialled, denied ranges or not.
     denied = settings.deny_networks + UNSPECIFIED_NETWORKS
