@@ -105,6 +105,7 @@ ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("setup, p99 ms", ("setup", "p99_ms"), LOWER),
     ("WebSocket handshake (to the 101), median ms", ("setup", "handshake_median_ms"), LOWER),
     ("WebSocket handshake, p99 ms", ("setup", "handshake_p99_ms"), LOWER),
+    ("relay CPU ms per session set up and closed", ("setup", "cpu_ms_per_session"), LOWER),
     ("relay CPU s per GiB, server→client", ("s2c_1", "cpu_s_per_GiB"), LOWER),
     ("relay CPU s per GiB, client→server", ("c2s_1", "cpu_s_per_GiB"), LOWER),
     ("relay RSS idle, MiB", ("idle_rss_MiB",), LOWER),

@@ -186,6 +186,7 @@ async def setup(candidate: Candidate, count: int) -> dict[str, float]:
     times = []
     handshakes = []
     failed = 0
+    before = usage(candidate)
     for _ in range(count):
         try:
             conn, elapsed = await connect(port, path, within=10)
@@ -196,8 +197,11 @@ async def setup(candidate: Candidate, count: int) -> dict[str, float]:
         times.append(elapsed)
         if conn.upgraded:
             handshakes.append(conn.upgraded - conn.created)
+    cpu = usage(candidate).cpu - before.cpu
     result = {"median_ms": statistics.median(times) * 1e3,
-              "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed}
+              "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed,
+              # The relay's CPU per session set up and closed (its process; none for direct).
+              "cpu_ms_per_session": cpu / count * 1e3 if candidate.proc else float("nan")}
     if handshakes:
         result["handshake_median_ms"] = statistics.median(handshakes) * 1e3
         result["handshake_p99_ms"] = percentile(handshakes, 0.99) * 1e3
