@@ -10,10 +10,10 @@ command given with `--relay`, e.g. another checkout's relay) and then drives, on
   a non-incremental FramebufferUpdateRequest for one pixel in one frame, waiting for Xvnc's
   FramebufferUpdate (a round trip through the real server, the client->server path included).
 
-`--profile OUT` runs the relay under `py-spy record --native -r 1000 -f raw` (`-o OUT`), so the
-profile covers exactly this load. Every loop is bounded in count and in time; every connection
-goes to 127.0.0.1. Prints the medians of what it timed (on a shared machine: for orientation,
-the A/B figures come from `python -m bench`).
+`--profile OUT` attaches `py-spy record --native -r 1000 -f raw -o OUT` to the relay once it
+listens and stops it when the load is done, so the profile covers this load, not start-up.
+Every loop is bounded in count and in time; every connection goes to 127.0.0.1. Prints the
+medians of what it timed (for orientation only: A/B figures come from `bench.interleaved`).
 """
 
 from __future__ import annotations
