@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import enum
 import functools
-import ipaddress
 import logging
 import secrets
 import socket
@@ -769,17 +768,16 @@ def _duration(seconds: int) -> str:
 
 
 def _literal_address(host: str) -> str | None:
-    """`host` if it is an IP address written as getaddrinfo would give it back (canonical
-    IPv4 or IPv6, no zone, not IPv4-mapped); else None (a name, or a spelling for the resolver).
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and (
-            address.scope_id is not None or address.ipv4_mapped is not None):
-        return None
-    return host if str(address) == host else None
+    """`host` if it is an IP address written exactly as getaddrinfo gives it back (the C
+    library's own formatting, inet_ntop); else None: a name, or a spelling (`127.1`, upper
+    case, `::7f00:1`, a zone) that is the resolver's to read."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return host if socket.inet_ntop(family, packed) == host else None
+    return None
 
 
 async def allowed_address(route: Route, settings: RelaySettings) -> str:

@@ -309,9 +309,9 @@ async def test_denied_ranges_are_checked_after_dns_resolution(
 
 @pytest.mark.parametrize(("host", "skips"), [
     ("127.0.0.1", True), ("10.96.0.10", True), ("0.0.0.0", True), ("::1", True), ("::", True),
-    ("2001:db8::1", True), ("127.1", False), ("0127.0.0.1", False), ("2001:DB8::1", False),
-    ("::ffff:127.0.0.1", False), ("::ffff:7f00:1", False), ("fe80::1%lo", False),
-    ("localhost", False)])
+    ("2001:db8::1", True), ("::ffff:127.0.0.1", True), ("::127.0.0.1", True),
+    ("127.1", False), ("0127.0.0.1", False), ("2001:DB8::1", False), ("::ffff:7f00:1", False),
+    ("::7f00:1", False), ("fe80::1%lo", False), ("localhost", False), ("", False)])
 def test_addresses_skip_the_resolver_only_where_it_would_answer_the_same(
         host: str, skips: bool) -> None:
     """A route's host that is an address is not sent to getaddrinfo (a worker thread): only
