@@ -86,17 +86,26 @@ class Candidate:
 
 
 class Vncgate(Candidate):
-    def __init__(self, uvloop: bool = False, recording: bool = False) -> None:
+    """This checkout's relay; or, with `checkout`, the relay of another checkout (its own
+    `.venv/bin/vncgate-relay`, e.g. a `git worktree` of the commit before a change), named
+    `vncgate@base`, for A/B runs of a change in one run."""
+
+    def __init__(self, uvloop: bool = False, recording: bool = False,
+                 checkout: Path | None = None) -> None:
         super().__init__("vncgate+uvloop" if uvloop else
-                         "vncgate+recording" if recording else "vncgate")
+                         "vncgate+recording" if recording else
+                         "vncgate@base" if checkout is not None else "vncgate")
         self.uvloop = uvloop
         self.recording = recording
+        self.checkout = checkout
         self.recording_dir: Path | None = None  # set by start when recording
 
     async def start(self, backends: dict[str, int], workdir: Path) -> None:
         port = free_port()
+        relay = (self.checkout / ".venv" / "bin" / "vncgate-relay" if self.checkout is not None
+                 else BIN / "vncgate-relay")
         command = ([sys.executable, "-m", "bench.uvloop_relay"] if self.uvloop
-                   else [str(BIN / "vncgate-relay")])
+                   else [str(relay)])
         command += ["--listen", f"127.0.0.1:{port}",
                     "--internal-listen", f"127.0.0.1:{free_port()}",
                     "--max-sessions", "20000", "--max-sessions-per-target", "20000",
@@ -108,7 +117,8 @@ class Vncgate(Candidate):
             command += ["--target", f"bench/{kind}=127.0.0.1:{backend}"]
         log = (workdir / f"{self.name}.log").open("ab")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - starts and returns
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            cwd=self.checkout)
         await wait_listening(port, self.proc)
         self.ports = dict.fromkeys(KINDS, port)
         self.paths = {kind: f"/t/bench/{kind}/websockify" for kind in KINDS}
@@ -147,6 +157,26 @@ class Pipe(Candidate):
         self.paths = dict.fromkeys(KINDS)
 
 
+class AiohttpRelay(Candidate):
+    """bench/aiohttp_relay.py: the least a WebSocket relay on aiohttp does (the handshake's
+    floor)."""
+
+    def __init__(self) -> None:
+        super().__init__("aiohttp relay")
+
+    async def start(self, backends: dict[str, int], workdir: Path) -> None:
+        log = (workdir / "aiohttp-relay.log").open("ab")
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - starts and returns
+            [sys.executable, "-m", "bench.aiohttp_relay",
+             *(f"{k}={p}" for k, p in backends.items())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        assert self.proc.stdout is not None
+        line = await asyncio.get_running_loop().run_in_executor(None, self.proc.stdout.readline)
+        port = json.loads(line)["port"]
+        self.ports = dict.fromkeys(KINDS, port)
+        self.paths = {kind: f"/{kind}" for kind in KINDS}
+
+
 class Direct(Candidate):
     def __init__(self) -> None:
         super().__init__("direct TCP", websocket=False)
@@ -156,8 +186,10 @@ class Direct(Candidate):
         self.paths = dict.fromkeys(KINDS)
 
 
-def all_candidates(uvloop: bool) -> list[Candidate]:
-    found: list[Candidate] = [Vncgate(), Websockify(), Pipe(), Direct()]
+def all_candidates(uvloop: bool, baseline: Path | None = None) -> list[Candidate]:
+    found: list[Candidate] = [Vncgate(), Websockify(), AiohttpRelay(), Pipe(), Direct()]
     if uvloop:
         found.insert(1, Vncgate(uvloop=True))
+    if baseline is not None:
+        found.insert(1, Vncgate(checkout=baseline))
     return found

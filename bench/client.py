@@ -38,6 +38,9 @@ class Conn(asyncio.Protocol):
         self.host_header = host_header
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # handshake done
+        # When the connection was asked for, and when the 101 arrived (perf_counter seconds).
+        self.created = time.perf_counter()
+        self.upgraded = 0.0
         self.closed: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.received = 0  # payload bytes
@@ -78,6 +81,7 @@ class Conn(asyncio.Protocol):
             if not status.startswith(b"HTTP/1.1 101"):
                 self._fail(ConnectionError(f"no upgrade: {status!r}"))
                 return
+            self.upgraded = time.perf_counter()
             self.ready.set_result(None)
             if rest:
                 self._frames(rest)

@@ -180,9 +180,13 @@ async def latency(candidate: Candidate, count: int, size: int = 100) -> dict[str
 
 
 async def setup(candidate: Candidate, count: int) -> dict[str, float]:
+    """Sequential sessions to the echo backend: TCP connect to the greeting's last byte, and
+    (WebSocket candidates) TCP connect to the 101 response's last byte, the handshake."""
     port, path = candidate.endpoint("echo")
     times = []
+    handshakes = []
     failed = 0
+    before = usage(candidate)
     for _ in range(count):
         try:
             conn, elapsed = await connect(port, path, within=10)
@@ -191,8 +195,17 @@ async def setup(candidate: Candidate, count: int) -> dict[str, float]:
             continue
         conn.abort()
         times.append(elapsed)
-    return {"median_ms": statistics.median(times) * 1e3,
-            "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed}
+        if conn.upgraded:
+            handshakes.append(conn.upgraded - conn.created)
+    cpu = usage(candidate).cpu - before.cpu
+    result = {"median_ms": statistics.median(times) * 1e3,
+              "p99_ms": percentile(times, 0.99) * 1e3, "failed": failed,
+              # The relay's CPU per session set up and closed (its process; none for direct).
+              "cpu_ms_per_session": cpu / count * 1e3 if candidate.proc else float("nan")}
+    if handshakes:
+        result["handshake_median_ms"] = statistics.median(handshakes) * 1e3
+        result["handshake_p99_ms"] = percentile(handshakes, 0.99) * 1e3
+    return result
 
 
 async def backpressure(candidate: Candidate, seconds: float) -> dict[str, float]:

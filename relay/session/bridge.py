@@ -805,6 +805,19 @@ def _duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def _literal_address(host: str) -> str | None:
+    """`host` if it is an IP address written exactly as getaddrinfo gives it back (the C
+    library's own formatting, inet_ntop); else None: a name, or a spelling (`127.1`, upper
+    case, `::7f00:1`, a zone) that is the resolver's to read."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return host if socket.inet_ntop(family, packed) == host else None
+    return None
+
+
 async def allowed_address(route: Route, settings: RelaySettings) -> str:
     """Resolve the route's host and refuse if any address is in a denied range.
 
@@ -812,9 +825,16 @@ async def allowed_address(route: Route, settings: RelaySettings) -> str:
     dial time (a name can be rebound to a metadata or loopback address). The relay then
     dials the address it checked, not the name again.
     """
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        route.host, route.port, type=socket.SOCK_STREAM)
-    addresses = [str(info[4][0]) for info in infos]
+    literal = _literal_address(route.host)
+    if literal is not None:
+        # An address needs no resolver: asyncio's getaddrinfo would run in a worker thread,
+        # and the hop there and back was the longest wait of a session's set-up
+        # (docs/PERFORMANCE.md). The checks below are the same for it.
+        addresses = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            route.host, route.port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]) for info in infos]
     # Every spelling of an address counts (address_in folds IPv4-mapped and -compatible
     # IPv6 forms); "this host" (0.0.0.0/8, ::) is never dialled, denied ranges or not.
     denied = settings.deny_networks + UNSPECIFIED_NETWORKS

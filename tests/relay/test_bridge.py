@@ -292,7 +292,7 @@ async def test_one_log_line_per_session_with_bytes_and_code(
     assert json.dumps(fields)  # serialisable for --log-format json
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.1"])
 async def test_denied_ranges_are_checked_after_dns_resolution(
         make_relay: RelayFactory, http: aiohttp.ClientSession, host: str) -> None:
     from vncgate.relay.access.proxies import parse_networks
@@ -305,3 +305,23 @@ async def test_denied_ranges_are_checked_after_dns_resolution(
     assert code == closecodes.FORBIDDEN
     assert "which this relay may not reach" in reason
     assert server.connections == 0
+
+
+@pytest.mark.parametrize(("host", "skips"), [
+    ("127.0.0.1", True), ("10.96.0.10", True), ("0.0.0.0", True), ("::1", True), ("::", True),
+    ("2001:db8::1", True), ("::ffff:127.0.0.1", True), ("::127.0.0.1", True),
+    ("127.1", False), ("0127.0.0.1", False), ("2001:DB8::1", False), ("::ffff:7f00:1", False),
+    ("::7f00:1", False), ("fe80::1%lo", False), ("localhost", False), ("", False)])
+def test_addresses_skip_the_resolver_only_where_it_would_answer_the_same(
+        host: str, skips: bool) -> None:
+    """A route's host that is an address is not sent to getaddrinfo (a worker thread): only
+    where the resolver would give back exactly that address; other spellings still go to it."""
+    import socket
+
+    from vncgate.relay.session.bridge import _literal_address
+
+    literal = _literal_address(host)
+    assert (literal is not None) == skips
+    if literal is not None:
+        resolved = socket.getaddrinfo(host, 5900, type=socket.SOCK_STREAM)
+        assert [str(info[4][0]) for info in resolved] == [literal]

@@ -93,6 +93,8 @@ BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
          ".venv/bin/python -m bench.soak": "bench.soak",
          ".venv/bin/python -m bench.maskscan": "bench.maskscan",
          ".venv/bin/python -m bench.listpage": "bench.listpage",
+         ".venv/bin/python -m bench.interleaved": "bench.interleaved",
+         ".venv/bin/python -m bench.connload": "bench.connload",
          ".venv/bin/python -m bench": "bench"}
 
 
