@@ -42,6 +42,7 @@ from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, Local
 from vncgate.relay.session.health import TargetHealth
 from vncgate.relay.session.peers import Peers
 from vncgate.relay.session.registry import Registry
+from vncgate.relay.session.seats import KubeSeats
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.session.thumbnails import Thumbnails
 from vncgate.relay.session.vmconsole import KubeVirtDialer
@@ -120,6 +121,8 @@ class RelayState:
     # The Leases behind both (None standalone: they live in this process).
     marks: KubeMarks | None = field(init=False)
     consoles: Consoles = field(init=False)
+    # maxViewers slots and interactive: first control as Leases (None standalone).
+    seats: KubeSeats | None = field(init=False)
     # Host names the public port answers to (None: any); see relay.settings.host_names.
     host_names: frozenset[str] | None = field(init=False)
     # Session recordings (relay/recording/service.py): the writer thread and its metrics.
@@ -152,6 +155,8 @@ class RelayState:
         # do not carry across replicas (the CLI warns).
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
+        self.seats = KubeSeats(self.consoles) if isinstance(self.consoles, KubeConsoles) \
+            else None
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
@@ -173,13 +178,13 @@ class RelayState:
         self.viewer_counts = ViewerCounts(self.peers)
         self.sign_in_limits = SignInLimits(self.peers, {
             "login": self.login_failures, "account": self.account_failures,
-            "device": self.device_failures})
+            "device": self.device_failures, "bearer": self.bearer_failures})
         self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
         self.admission = Admission(
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,
             replica=self.settings.identity, recorder=self.recorder, logins=self.logins,
-            kubevirt=self.kubevirt, health=self.health,
+            kubevirt=self.kubevirt, health=self.health, seats=self.seats,
             elsewhere=lambda route: self.viewer_counts.of_target(route.namespace, route.name))
 
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
@@ -199,9 +204,13 @@ class RelayState:
     async def start_shared(self) -> None:
         """Read what the replicas share (before serving: a failure stops the start)."""
         await self.revocations.start()
+        if self.seats is not None:
+            await self.seats.start()
 
     async def close_shared(self) -> None:
         await self.revocations.close()
+        if self.seats is not None:
+            await self.seats.close()
         if self.marks is not None:
             await self.marks.client.close()
 

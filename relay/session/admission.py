@@ -28,6 +28,7 @@ from vncgate.relay.recording.service import Recorder, RecordingUnavailable
 from vncgate.relay.session.bridge import Renew, Session, Sessions
 from vncgate.relay.session.consoles import Consoles, Holder
 from vncgate.relay.session.health import TargetHealth
+from vncgate.relay.session.seats import KIND_CONTROL, KubeSeats, Seat
 from vncgate.relay.session.serversecrets import CredentialStore
 from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings
@@ -84,9 +85,13 @@ class Admission:
                  logins: CredentialStore | None = None,
                  kubevirt: KubeVirtDialer | None = None,
                  elsewhere: Elsewhere | None = None,
-                 health: TargetHealth | None = None) -> None:
+                 health: TargetHealth | None = None,
+                 seats: KubeSeats | None = None) -> None:
         self.sessions = sessions
         self.elsewhere = elsewhere
+        # With Leases (relay/session/seats.py) maxViewers and interactive: first are seats
+        # held across replicas; without, this process's sessions (plus `elsewhere`) decide.
+        self.seats = seats
         self.consoles = consoles
         self.metrics = metrics
         self.settings = settings
@@ -143,7 +148,8 @@ class Admission:
             return outcome, 0
         assert route is not None
         elsewhere = 0
-        if self.elsewhere is not None and counted_across_replicas(route):
+        if self.elsewhere is not None and self.seats is None and \
+                counted_across_replicas(route):
             # Asked before this replica's own count is read, and nothing awaits between that
             # read and the session's start: concurrent viewers on this replica count each other.
             elsewhere = await self.elsewhere(route)
@@ -185,8 +191,10 @@ class Admission:
                    applicant: Applicant, client: str,
                    on_takeover: Callable[[Holder], None] | None, elsewhere: int = 0) -> None:
         policy, labels = route.sessions, (route.namespace, route.name)
+        seated = self.seats is not None and counted_across_replicas(route)
         view_only = route.view_only or applicant.view_only or (
-            policy.interactive == "first" and self.sessions.count_for(route.key) + elsewhere > 0)
+            not seated and policy.interactive == "first"
+            and self.sessions.count_for(route.key) + elsewhere > 0)
         session = Session(route=route, ws=ws, client=client, settings=self.settings,
                           metrics=self.metrics, request=request, user=applicant.label,
                           view_only=view_only,
@@ -212,6 +220,17 @@ class Admission:
                 await self._refuse(ws, closecodes.CONFLICT, conflict, route.key, client,
                                    applicant.label, labels, session.started)
                 return
+        seats: list[Seat] = []
+        if seated:
+            taken = await self._take_seats(route, claimant, may_type=not view_only)
+            if not isinstance(taken, list):
+                await self._refuse(ws, *taken, route.key, client, applicant.label, labels,
+                                   session.started)
+                return
+            seats = taken
+            if policy.interactive == "first" and not any(
+                    seat.kind == KIND_CONTROL for seat in seats):
+                session.view_only, session.idle_timeout = True, None  # another one types
         self.sessions.add(session)
         active = self.metrics.sessions_active.labels(*labels)
         active.inc()
@@ -222,9 +241,45 @@ class Admission:
             active.dec()
             if policy.exclusive:
                 await self._release(route, claimant)
+            for seat in seats:
+                await self._free_seat(seat)
             self._log_end(route.key, client, session.user,
                           session.code or closecodes.INTERNAL_ERROR, session.reason,
                           session.started, labels, session)
+
+    async def _take_seats(self, route: Route, claimant: Holder, may_type: bool
+                          ) -> list[Seat] | Refusal:
+        """The seats a session of `route` holds across replicas: one of its `maxViewers`
+        slots, and its control (`interactive: first`) when the session may type and nobody
+        else has it; or the refusal: full (4409), or the API server cannot be asked (4503,
+        fail closed: a limit that cannot be checked is not passed)."""
+        assert self.seats is not None
+        policy, seats = route.sessions, []
+        try:
+            if policy.max_viewers is not None:
+                slot = await self.seats.take_slot(route, claimant)
+                if slot is None:
+                    return (closecodes.CONFLICT,
+                            f"{route.key} already has {policy.max_viewers} viewers, its most")
+                seats.append(slot)
+            if policy.interactive == "first" and may_type:
+                control = await self.seats.take_control(route, claimant)
+                if control is not None:
+                    seats.append(control)
+        except Exception:  # the API is down: refuse rather than pass a limit unchecked
+            log.exception("could not take a seat on %s", route.key)
+            for seat in seats:
+                await self._free_seat(seat)
+            return (closecodes.OVER_CAPACITY, f"could not check the viewers of {route.key}; "
+                                              "try again in a moment")
+        return seats
+
+    async def _free_seat(self, seat: Seat) -> None:
+        assert self.seats is not None
+        try:
+            await self.seats.release(seat)
+        except Exception:  # retried by the seats' own loop; a dead replica's expire
+            log.exception("could not release the seat %s", seat.name)
 
     async def _claim(self, request: web.BaseRequest, route: Route, claimant: Holder,
                      on_takeover: Callable[[Holder], None] | None) -> str | None:

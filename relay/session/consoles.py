@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ log = logging.getLogger("vncgate.consoles")
 
 LABEL_KIND = "vncgate.io/lease"
 ANNOTATION_PREFIX = "vncgate.io/"
+ANNOTATION_INCARNATION = f"{ANNOTATION_PREFIX}incarnation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,11 @@ class KubeConsoles:
         self._mine: dict[str, tuple[Route, Holder]] = {}  # target -> this replica's hold
         self._on_taken: TakenCallback = lambda target, session, taker: None
         self._tasks: list[asyncio.Task[None]] = []
-        self._alive_cache: dict[str, tuple[bool, float]] = {}
+        # replica -> (renewed in time, the process that renewed it, until when this is kept)
+        self._alive_cache: dict[str, tuple[bool, str, float]] = {}
+        # This process among the replica's restarts (same identity, a new process): a Lease
+        # written by an earlier one is not held by this one.
+        self.incarnation = secrets.token_hex(8)
 
     @property
     def replica_lease(self) -> str:
@@ -173,14 +179,16 @@ class KubeConsoles:
 
     async def _renew(self) -> None:
         now = _rfc3339(_now())
+        notes = {ANNOTATION_INCARNATION: self.incarnation}
         body: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": self.replica_lease, "namespace": self.namespace,
-                             "labels": {LABEL_KIND: "replica"}},
+                             "labels": {LABEL_KIND: "replica"}, "annotations": notes},
                 "spec": {"holderIdentity": self.identity, "renewTime": now,
                          "leaseDurationSeconds": self.lease_seconds}}
         try:
             await self.client.request("PATCH", f"{self._path}/{self.replica_lease}",
-                                      {"spec": body["spec"]})
+                                      {"metadata": {"annotations": notes},
+                                       "spec": body["spec"]})
         except KubeError as exc:
             if exc.status != 404:
                 raise
@@ -198,25 +206,33 @@ class KubeConsoles:
                             extra={"fields": {"error": str(exc)}})
 
     async def _alive(self, replica: str) -> bool:
-        if replica == self.identity:
+        return await self.alive(replica)
+
+    async def alive(self, replica: str, incarnation: str = "") -> bool:
+        """Whether `replica` renewed its Lease in time (and, given `incarnation`, is still the
+        process that wrote it: a restarted replica holds none of its predecessor's Leases)."""
+        if replica == self.identity and (not incarnation or incarnation == self.incarnation):
             return True
         cached = self._alive_cache.get(replica)
         now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        try:
-            lease = await self.client.request("GET", f"{self._path}/vncgate-relay-{replica}")
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
-            alive = False
+        if cached is not None and cached[2] > now:
+            renewed, process = cached[0], cached[1]
         else:
-            spec = lease.get("spec") or {}
-            renewed = _parse_time(spec.get("renewTime"))
-            duration = spec.get("leaseDurationSeconds") or self.lease_seconds
-            alive = renewed is not None and renewed + float(duration) > time.time()
-        self._alive_cache[replica] = (alive, now + 1.0)
-        return alive
+            try:
+                lease = await self.client.request("GET", f"{self._path}/vncgate-relay-{replica}")
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+                renewed, process = False, ""
+            else:
+                spec = lease.get("spec") or {}
+                at = _parse_time(spec.get("renewTime"))
+                duration = spec.get("leaseDurationSeconds") or self.lease_seconds
+                renewed = at is not None and at + float(duration) > time.time()
+                process = str(((lease.get("metadata") or {}).get("annotations") or {}).get(
+                    ANNOTATION_INCARNATION) or "")
+            self._alive_cache[replica] = (renewed, process, now + 1.0)
+        return renewed and (not incarnation or not process or incarnation == process)
 
     # --- holds ----------------------------------------------------------------------------
 

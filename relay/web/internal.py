@@ -229,8 +229,9 @@ async def target_viewers(request: web.Request) -> web.StreamResponse:
 
 
 async def failure_ages(request: web.Request) -> web.StreamResponse:
-    """`POST /api/v1/failures` `{"checks": {"login"|"account"|"device": key}}`: the ages of
-    this replica's failed sign-ins of each key, for the peer that checks a sign-in."""
+    """`POST /api/v1/failures` `{"checks": {"login"|"account"|"device"|"bearer": key}}`: the
+    ages of this replica's failures of each key (sign-ins; bearer tokens and share links), for
+    the peer that checks a sign-in or counts a failed credential."""
     state = request.app[STATE]
     body = await _json_body(request)
     checks = body.get("checks") if isinstance(body, dict) else None

@@ -183,12 +183,16 @@ async def exchange_link(request: web.Request) -> web.StreamResponse:
         # limit, is a 429 (refuse_failure).
         reason = str(exc)
         try:
-            refuse_failure(request, state, "link use", result=f"refused: {reason}",
-                           target=target)
+            await refuse_failure(request, state, "link use", result=f"refused: {reason}",
+                                 target=target)
         except web.HTTPTooManyRequests as limited:
             retry = limited.headers["Retry-After"]
             return web.json_response({"error": f"too many bad links; try again in {retry} s"},
                                      status=429, headers={"Retry-After": retry})
+        except web.HTTPServiceUnavailable as uncounted:
+            return web.json_response(
+                {"error": "this link cannot be checked right now; try again in a moment"},
+                status=503, headers={"Retry-After": uncounted.headers["Retry-After"]})
         return web.json_response({"error": reason}, status=403)
     audit_event("link use", request, state, target=target, link=grant.link_id, result="ok",
                 view_only=grant.view_only)

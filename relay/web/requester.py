@@ -30,6 +30,7 @@ from vncgate.relay.access.oidc import (
 from vncgate.relay.access.proxies import address_in
 from vncgate.relay.access.tokenreview import TokenReviewUnavailable, looks_like_jwt
 from vncgate.relay.access.users import find_bearer
+from vncgate.relay.replicas import SharedStateUnavailable
 from vncgate.relay.state import STATE, RelayState
 from vncgate.relay.web.audit import audit_event, client_address
 from vncgate.relay.web.browsercookies import cookie_name, set_cookie
@@ -188,7 +189,7 @@ async def oidc_identity(request: web.Request, state: RelayState, token: str
         audit_event("bearer", request, state, result="provider unavailable", kind="oidc")
         raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None
     except OidcError as exc:
-        refuse_failure(request, state, "bearer", result=f"refused: {exc}", kind="oidc")
+        await refuse_failure(request, state, "bearer", result=f"refused: {exc}", kind="oidc")
         return None
     return Identity(user=person.user, groups=person.groups, method="oidc",
                     expires=person.expires)
@@ -224,21 +225,33 @@ def proxy_identity(request: web.Request, state: RelayState) -> Identity | None:
                     method="proxy")
 
 
-def refuse_failure(request: web.Request, state: RelayState, event: str,
-                   result: str = "failed", **fields: str) -> None:
+async def refuse_failure(request: web.Request, state: RelayState, event: str,
+                         result: str = "failed", **fields: str) -> None:
     """Count a failed credential (a bearer token, a share link) of this client and, over its
     limit or the overall one, refuse it with 429 rather than 401.
 
     Only failures are refused: the credential was checked first, and a good one is never
     turned away because someone else (behind the same Ingress address, or anywhere) failed.
     These credentials are long random values, so answering the right one does not help a
-    guesser; the limit slows and flags the failing source.
+    guesser; the limit slows and flags the failing source. The limits are the relay's, not a
+    replica's: the failures of every ready replica count (relay/replicas.py), and while one
+    cannot be asked the failure is refused with 503 (fail closed: a limit that a dead or
+    partitioned replica could lift is no limit).
     """
     client = client_address(request, state)
-    wait = max(state.login_failures.retry_after(client),
-               state.bearer_failures.retry_after(ALL_BEARERS))
+    try:
+        wait = await state.sign_in_limits.retry_after({"login": client, "bearer": ALL_BEARERS})
+    except SharedStateUnavailable as exc:
+        wait = None
+        log.error("could not count failed credentials on every replica",
+                  extra={"fields": {"error": str(exc)}})
     state.login_failures.failed(client)
     state.bearer_failures.failed(ALL_BEARERS)
+    if wait is None:
+        audit_event(event, request, state, result="refused: uncounted", **fields)
+        raise web.HTTPServiceUnavailable(
+            text="failed credentials cannot be counted right now; try again in a moment\n",
+            headers={"Retry-After": "5"})
     if wait > 0:
         audit_event(event, request, state, result="rate limited", **fields)
         raise too_many(wait, "sign-ins")
@@ -253,7 +266,7 @@ async def _bearer_identity(request: web.Request, state: RelayState, token: str
     # Token entries of the users file only (never a password): one SHA-256, no derivation.
     found = find_bearer(state.users.current, token)
     if found is None:
-        refuse_failure(request, state, "bearer")
+        await refuse_failure(request, state, "bearer")
         return None
     return Identity(user=found.name, groups=found.groups, method="token", account=found.name)
 
@@ -270,7 +283,7 @@ async def kubernetes_identity(request: web.Request, state: RelayState, token: st
         audit_event("bearer", request, state, result="token review failed", kind="kubernetes")
         raise web.HTTPServiceUnavailable(text=f"{exc}\n", headers={"Retry-After": "5"}) from None
     if found is None:
-        refuse_failure(request, state, "bearer", kind="kubernetes")
+        await refuse_failure(request, state, "bearer", kind="kubernetes")
         return None
     return found
 
