@@ -10,6 +10,7 @@ cookie is refused everywhere, also by a replica started after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from vncgate.relay.replicas import KIND_LINK, mark_name
 
 PASSWORD = "correct horse battery staple"
 TOKEN = "alice-token-0123456789abcdef"
+BAD_TOKEN = "not-a-token-of-anyone"
 
 
 def write_files(workdir: Path, namespace: str, port: int, sessions: dict[str, object]) -> Path:
@@ -235,6 +237,11 @@ async def close_viewer(ws: aiohttp.ClientWebSocketResponse) -> None:
     await ws._vncgate_http.close()  # type: ignore[attr-defined]
 
 
+async def opened(url: str) -> aiohttp.ClientWebSocketResponse | None:
+    ws, _, _ = await viewer(url)
+    return ws
+
+
 def view_only_of(member: Replica) -> list[bool]:
     return sorted(s["viewOnly"] for s in member.api("GET", "/api/v1/sessions")["sessions"])
 
@@ -268,12 +275,14 @@ def test_max_viewers_and_the_first_viewers_control_hold_across_replicas(
                 listed = {c["name"]: c for c in (await page.json())["consoles"]}
             assert len(listed["desk"]["viewers"]) == 2, listed
             if count > 1:
-                # The replica of the second viewer dies (SIGKILL): its viewer is gone, and a
-                # count it cannot give is none (fail open), so one more viewer gets in, and
-                # only watches (the first viewer is still there).
+                # The replica of the second viewer dies (SIGKILL): its viewer is gone, but
+                # the slot it held is free only when that replica's liveness Lease expires
+                # (30 s); then one more viewer gets in, and only watches (the first viewer
+                # still has control).
                 members[1].kill()
-                third, _, _ = await viewer(on(2))
-                assert third is not None, limited.logs()
+                third = await eventually(lambda: opened(on(2)),
+                                         "a slot freed by the dead replica's expiry",
+                                         timeout=90, interval=1)
                 assert view_only_of(members[2]) == [True]
                 await close_viewer(third)
         finally:
@@ -430,3 +439,191 @@ def test_a_sign_out_kept_by_another_replica_reaches_a_running_one_by_its_watch(
                     assert page.status == 302
 
         asyncio.run(scenario())
+
+
+@pytest.fixture(params=[3, 1], ids=["three-replicas", "one-replica"])
+def first_types(request: pytest.FixtureRequest, release: Release, namespace: str,
+                xvnc: XvncServer, tmp_path: Path) -> Iterator[Replicas]:
+    with replicas_of(request.param, release, namespace, xvnc, tmp_path,
+                     {"mode": "shared", "interactive": "first"}) as relays:
+        yield relays
+
+
+def seat_leases(release: Release) -> list[str]:
+    """The names of the slot and control Leases held now."""
+    found = release.plane.get("lease", "-n", release.namespace,
+                              "-l", "vncgate.io/lease in (slot,control)")
+    return [item["metadata"]["name"] for item in found["items"]]
+
+
+async def seats_freed(release: Release) -> None:
+    await eventually(lambda: not seat_leases(release), "every seat released", timeout=30,
+                     interval=0.5)
+
+
+async def at_once(urls: list[str]) -> tuple[list[aiohttp.ClientWebSocketResponse],
+                                            list[tuple[int | None, str]]]:
+    """Viewers that all arrive at the same moment: the open ones and the refusals."""
+    results = await asyncio.gather(*(viewer(url) for url in urls))
+    return ([ws for ws, _, _ in results if ws is not None],
+            [(code, reason) for ws, code, reason in results if ws is None])
+
+
+def modes(members: list[Replica]) -> list[bool]:
+    """Every live replica's sessions: view-only or not."""
+    return sorted(mode for member in members for mode in view_only_of(member))
+
+
+def test_max_viewers_hold_by_construction_for_viewers_at_once_and_a_replica_cut_off(
+        limited: Replicas, release: Release, namespace: str) -> None:
+    """maxViewers: 2 with viewers that all arrive within one round trip on every replica,
+    and with a replica that answers nobody (SIGSTOP, as a network partition) then dies
+    (SIGKILL): its viewers' slots are held until its liveness Lease expires, not counted
+    as none."""
+    members, count = limited.members, len(limited.members)
+
+    def on(index: int) -> str:
+        return f"{members[index % count].url}/t/{namespace}/desk"
+
+    async def scenario() -> None:
+        for _ in range(3):
+            sockets, refusals = await at_once([on(n) for n in range(3 * count)])
+            try:
+                assert len(sockets) == 2, (len(sockets), refusals, limited.logs())
+                assert all(code == closecodes.CONFLICT and "already has 2 viewers" in reason
+                           for code, reason in refusals), refusals
+                # interactive: first: of the two, exactly one types.
+                assert modes(members) == [False, True], limited.logs()
+            finally:
+                for ws in sockets:
+                    await close_viewer(ws)
+            await seats_freed(release)
+        # Two viewers on one replica, which then answers nobody: a viewer elsewhere is
+        # still refused (its slots are held; a count would have left it out).
+        held = [await opened(on(count - 1)) for _ in range(2)]
+        assert all(held), limited.logs()
+        if count > 1:
+            members[-1].freeze()
+            refused, code, reason = await viewer(on(0))
+            assert refused is None and code == closecodes.CONFLICT, (code, reason)
+        # It dies (SIGKILL): its slots are free when its liveness Lease expires (with one
+        # replica: at once, when it is started again, since they name its old process).
+        members[-1].kill()
+        if count == 1:
+            members[-1].start()
+        alive = members[:-1] if count > 1 else members
+
+        def at(index: int) -> str:
+            return f"{alive[index % len(alive)].url}/t/{namespace}/desk"
+
+        first = await eventually(lambda: opened(at(0)), "a slot of the dead replica freed",
+                                 timeout=90, interval=1)
+        second = await opened(at(1))
+        assert second is not None, limited.logs()
+        try:
+            refused, code, reason = await viewer(at(2))
+            assert refused is None and code == closecodes.CONFLICT, (code, reason)
+        finally:
+            for ws in (first, second):
+                await close_viewer(ws)
+            for ws in held:
+                assert ws is not None
+                with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                    await close_viewer(ws)
+
+    asyncio.run(scenario())
+
+
+def test_only_the_first_viewer_types_for_viewers_at_once_and_a_replica_cut_off(
+        first_types: Replicas, release: Release, namespace: str) -> None:
+    """interactive: first with viewers that all arrive at once on every replica, and with
+    the replica of the viewer that types cut off (SIGSTOP) then dead (SIGKILL): a new viewer
+    watches until the dead replica's control Lease expires, then the next one types."""
+    members, count = first_types.members, len(first_types.members)
+
+    def on(index: int) -> str:
+        return f"{members[index % count].url}/t/{namespace}/desk"
+
+    async def scenario() -> None:
+        for _ in range(3):
+            sockets, refusals = await at_once([on(n) for n in range(3 * count)])
+            try:
+                assert not refusals and len(sockets) == 3 * count, refusals
+                assert modes(members) == [False] + [True] * (3 * count - 1), \
+                    first_types.logs()
+            finally:
+                for ws in sockets:
+                    await close_viewer(ws)
+            await seats_freed(release)
+        typist = await opened(on(count - 1))
+        assert typist is not None and view_only_of(members[-1]) == [False]
+        watcher = None
+        if count > 1:
+            members[-1].freeze()
+            watcher = await opened(on(0))
+            assert watcher is not None and view_only_of(members[0]) == [True], \
+                first_types.logs()
+        members[-1].kill()
+        if count == 1:
+            members[-1].start()
+
+        async def types() -> bool:
+            ws = await opened(on(1))
+            if ws is None:
+                return False
+            try:
+                return view_only_of(members[1 % count]).count(False) == 1
+            finally:
+                await close_viewer(ws)
+
+        await eventually(types, "a viewer that types after the typist's replica died",
+                         timeout=90, interval=1)
+        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            await close_viewer(typist)
+        if watcher is not None:
+            assert view_only_of(members[0]) == [True]  # watchers keep watching
+            await close_viewer(watcher)
+
+    asyncio.run(scenario())
+
+
+def test_bad_token_and_link_limits_count_every_replicas_failures(
+        replicas: Replicas, namespace: str) -> None:
+    """The per-address limit of failed bearer tokens and share links (5 a minute) holds for
+    the relay as a whole; while a replica cannot be asked, a failure is refused with 503."""
+    members, count = replicas.members, len(replicas.members)
+    target = f"{namespace}/desk"
+
+    async def bad_token(http: aiohttp.ClientSession, url: str, token: str = BAD_TOKEN) -> int:
+        async with http.get(f"{url}/api/v1/consoles",
+                            headers={"Authorization": f"Bearer {token}"}) as resp:
+            return resp.status
+
+    async def scenario() -> None:
+        # One address through the balancer, each request on a new connection: each on the
+        # next replica.
+        async with browser() as http:
+            statuses = [await bad_token(http, replicas.url) for _ in range(7)]
+        assert statuses == [401] * 5 + [429] * 2, (statuses, replicas.logs())
+        # Bad share links from another address, dealt over the replicas by hand.
+        statuses = []
+        for n in range(7):
+            async with from_address("127.0.0.20") as http:
+                member = members[n % count]
+                status, _ = await exchange(http, member.url, target, "not.a.link")
+                statuses.append(status)
+        assert statuses == [403] * 5 + [429] * 2, (statuses, replicas.logs())
+        if count > 1:
+            # A replica dies (SIGKILL): a failure cannot be counted, so it is refused with
+            # 503 (fail closed); a good token is never refused for that.
+            members[1].kill()
+            async with from_address("127.0.0.21") as http:
+                assert await bad_token(http, members[0].url) == 503
+                status, _ = await exchange(http, members[0].url, target, "not.a.link")
+                assert status == 503
+                assert await bad_token(http, members[0].url, TOKEN) == 200
+            members[1].start()
+        async with from_address("127.0.0.22") as http:
+            assert await bad_token(http, members[0].url) == 401
+
+    asyncio.run(scenario())

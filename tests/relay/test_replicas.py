@@ -122,11 +122,11 @@ async def test_the_internal_port_gives_failure_ages_and_checks_the_question(
                                                   "login": "127.0.0.9"}}) as resp:
             reply = await resp.json()
         assert len(reply["ages"]["account"]) == 1 and reply["ages"]["login"] == []
-        for body in ({"checks": {"bearer": "x"}}, {"checks": {}}, {"checks": {"login": 1}},
+        for body in ({"checks": {"cookie": "x"}}, {"checks": {}}, {"checks": {"login": 1}},
                      {"login": "x"}):
             async with api.post(url, json=body) as resp:
                 assert resp.status == 400, body
-                assert "account, device, login" in (await resp.json())["error"]
+                assert "account, bearer, device, login" in (await resp.json())["error"]
 
 
 def test_sign_in_counts_leave_out_peers_the_slice_says_are_not_ready() -> None:

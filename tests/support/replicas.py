@@ -11,6 +11,8 @@ replica.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,6 +61,12 @@ class Replica:
         assert self.script.proc is not None
         self.script.proc.kill()
         self.script.proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP, as a replica cut off by the network: it answers nobody (peers, the
+        balancer's health checks, the API server), and its open sessions stay open."""
+        assert self.script.proc is not None
+        os.kill(self.script.proc.pid, signal.SIGSTOP)
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         request = urllib.request.Request(  # noqa: S310 - http on loopback
