@@ -18,11 +18,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from playwright.async_api import async_playwright
 from yarl import URL
 
 from harness.waiting import eventually, wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.e2e.test_viewer import wait_for_pixel
 from tests.relay.test_second_review import from_address, sign_in_at
 from tests.support.processes import ConsoleScript
 from tests.support.replicas import LINK_KEY, SESSION_KEY, Replica, Replicas
@@ -627,3 +630,54 @@ def test_bad_token_and_link_limits_count_every_replicas_failures(
             assert await bad_token(http, members[0].url) == 401
 
     asyncio.run(scenario())
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+async def test_a_browser_through_the_balancer_sees_the_console_and_signs_out_everywhere(
+        replicas: Replicas, namespace: str, xvnc: XvncServer) -> None:
+    """Chromium through HAProxy `balance roundrobin` in front of the replicas: it signs in,
+    opens a console and sees the Xvnc's colour; a replica that does not serve the console is
+    SIGKILLed; signing out from the list page closes the console (back to the sign-in page),
+    and the cookie is refused by every replica, the restarted one included."""
+    members, count = replicas.members, len(replicas.members)
+    target = f"{namespace}/desk"
+    url = replicas.url
+    xvnc.paint("#ff0000")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM,
+                                                    args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = await chromium.new_context()
+            page = await context.new_page()
+            await page.goto(f"{url}/t/{target}/")
+            await page.wait_for_url(f"{url}/login?next=t/{target}/", timeout=60_000)
+            await page.fill("input[name=user]", "alice")
+            await page.fill("input[name=password]", PASSWORD)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{url}/t/{target}/", timeout=60_000)
+            await page.wait_for_selector("body[data-state=connected]", timeout=60_000)
+            await wait_for_pixel(page, (255, 0, 0))
+            cookie = next(c["value"] for c in await context.cookies()
+                          if c["name"] == SESSION_COOKIE)
+            serving = [m for m in members if m.api("GET", "/api/v1/sessions")["sessions"]]
+            assert len(serving) == 1, replicas.logs()
+            killed = None
+            if count > 1:
+                # In the middle: a replica that does not serve the console dies.
+                killed = next(m for m in members if m is not serving[0])
+                killed.kill()
+            other = await context.new_page()
+            await other.goto(f"{url}/")
+            await other.click("form[action=logout] button")
+            await other.wait_for_url(f"{url}/login**", timeout=60_000)
+            # The open console ended with 4401: its viewer went to the sign-in page.
+            await page.wait_for_url(f"{url}/login?next=t/{target}/", timeout=60_000)
+            await context.close()
+        finally:
+            await chromium.close()
+    if killed is None:  # one replica: it dies after the sign-out
+        killed = members[0]
+        killed.kill()
+    await asyncio.to_thread(killed.start)
+    await asyncio.to_thread(assert_refused_everywhere, replicas, cookie, target)
