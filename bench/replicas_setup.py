@@ -1,11 +1,14 @@
 """Session set-up with the state the replicas share, against one replica alone.
 
-One real Xvnc; a console with `maxViewers` and `interactive: first` (the routes whose admission
-asks the peers for their viewers); `vncgate-relay` processes on loopback: one alone, and three
-that know each other (`--peer-url`). A client opens the viewer's WebSocket and times it until
-ServerInit has arrived (bench/security_setup.py's `one_session`), sequential sessions dealt
-round-robin over the replicas, the two set-ups interleaved round by round so that a shared
-machine's noise falls on both. Prints median and p99 side by side, and the ratio.
+One real Xvnc; a console with `maxViewers` and `interactive: first` (the routes whose sessions
+take seats: a slot and the control); `vncgate-relay` processes on loopback: one alone (seats in
+its memory), three that know each other (`--peer-url`) and hold seats as Leases in a real
+kube-apiserver (harness/cluster.py: etcd without fsync, so an etcd commit costs less than on
+a cluster's disks), as the chart runs them, and three with `--peer-url` only (no Leases: the
+viewers counted over the peers, fail open). A client opens the viewer's WebSocket and times it
+until ServerInit has arrived (bench/security_setup.py's `one_session`), sequential sessions
+dealt round-robin over the replicas, the set-ups interleaved round by round so that a shared
+machine's noise falls on all. Prints median and p99 side by side, and the ratio.
 
     .venv/bin/python -m bench.replicas_setup --sessions 300 --rounds 3
 
@@ -29,7 +32,7 @@ import yaml
 
 from bench.security_setup import one_session
 from harness import reaper
-from harness.cluster import free_port
+from harness.cluster import ControlPlane, free_port
 from harness.xvnc import XvncServer
 
 BIN = Path(sys.executable).parent
@@ -39,7 +42,8 @@ TOKEN = "bench-registration-token-0123456789"  # noqa: S105 - the throw-away rel
 class Relays:
     """`count` relay processes that know each other; `urls`: their public addresses."""
 
-    def __init__(self, workdir: Path, targets: Path, count: int) -> None:
+    def __init__(self, workdir: Path, targets: Path, count: int,
+                 leases: tuple[Path, str] | None = None) -> None:
         ports = [(free_port(), free_port()) for _ in range(count)]
         (workdir / "token").write_text(TOKEN)
         self.urls = [f"http://127.0.0.1:{public}" for public, _ in ports]
@@ -50,8 +54,10 @@ class Relays:
             self.argvs.append([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{public}",
                                f"--internal-listen=127.0.0.1:{internal}", "--auth=none",
                                f"--targets={targets}", f"--api-token-file={workdir / 'token'}",
-                               f"--identity=bench-{count}-{index}", "--log-level=WARNING",
-                               *peers])
+                               f"--identity=bench-{workdir.name}-{index}",
+                               "--log-level=WARNING", *peers,
+                               *([f"--kubeconfig={leases[0]}", f"--lease-namespace={leases[1]}"]
+                                 if leases is not None else [])])
         self.logs = [workdir / f"relay-{index}.log" for index in range(count)]
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -98,30 +104,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, XvncServer() as xvnc:
         folder = Path(tmp)
-        targets = folder / "targets.yaml"
-        targets.write_text(yaml.safe_dump({
-            "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
-            "metadata": {"name": "desk", "namespace": "bench"},
-            "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
-                     "sessions": {"mode": "shared", "maxViewers": 1000,
-                                  "interactive": "first"}}}))
-        (folder / "one").mkdir()
-        (folder / "three").mkdir()
-
-        async def run() -> dict[str, list[float]]:
-            results: dict[str, list[float]] = {"one": [], "three": []}
-            async with Relays(folder / "one", targets, 1) as one, \
-                    Relays(folder / "three", targets, 3) as three:
-                await batch(one, 5)  # warm-up
-                await batch(three, 5)
-                for round_ in range(args.rounds):
-                    order = [("one", one), ("three", three)]
-                    for name, relays in order if round_ % 2 == 0 else order[::-1]:
-                        results[name] += await batch(relays, args.sessions)
-            return results
-
-        results = asyncio.run(run())
-    labels = {"one": "one replica alone", "three": "three replicas, shared state"}
+        plane = ControlPlane(folder / "control-plane", controller_manager=False).start()
+        try:
+            plane.kubectl("create", "namespace", "vncgate-bench")
+            results = measure(folder, xvnc, (plane.admin_kubeconfig, "vncgate-bench"), args)
+        finally:
+            plane.close()
+    labels = {"one": "one replica alone", "leases": "three replicas, seats as Leases",
+              "peers": "three replicas, peers only (no Leases)"}
     base_median, base_p99 = statistics.median(results["one"]), p99(results["one"])
     print(f"| session set-up to ServerInit ({len(results['one'])} sessions each) "
           "| median ms | p99 ms | median vs one | p99 vs one |")
@@ -130,6 +120,33 @@ def main() -> None:
         print(f"| {labels[name]} | {statistics.median(times) * 1000:.2f} | "
               f"{p99(times) * 1000:.2f} | {statistics.median(times) / base_median:.2f}x | "
               f"{p99(times) / base_p99:.2f}x |")
+
+
+def measure(folder: Path, xvnc: XvncServer, leases: tuple[Path, str],
+            args: argparse.Namespace) -> dict[str, list[float]]:
+    targets = folder / "targets.yaml"
+    targets.write_text(yaml.safe_dump({
+        "apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+        "metadata": {"name": "desk", "namespace": "bench"},
+        "spec": {"endpoint": {"address": {"host": "127.0.0.1", "port": xvnc.port}},
+                 "sessions": {"mode": "shared", "maxViewers": 1000, "interactive": "first"}}}))
+    for name in ("one", "leases", "peers"):
+        (folder / name).mkdir()
+
+    async def run() -> dict[str, list[float]]:
+        results: dict[str, list[float]] = {"one": [], "leases": [], "peers": []}
+        async with Relays(folder / "one", targets, 1) as one, \
+                Relays(folder / "leases", targets, 3, leases) as with_leases, \
+                Relays(folder / "peers", targets, 3) as peers:
+            order = [("one", one), ("leases", with_leases), ("peers", peers)]
+            for _, relays in order:
+                await batch(relays, 5)  # warm-up
+            for round_ in range(args.rounds):
+                for name, relays in order if round_ % 2 == 0 else order[::-1]:
+                    results[name] += await batch(relays, args.sessions)
+        return results
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -254,25 +254,28 @@ class Admission:
         else has it; or the refusal: full (4409), or the API server cannot be asked (4503,
         fail closed: a limit that cannot be checked is not passed)."""
         assert self.seats is not None
-        policy, seats = route.sessions, []
+        seats, policy = self.seats, route.sessions
+        taken: list[Seat] = []
         try:
+            # The slot first: a session refused for a full console must never have held the
+            # control meanwhile (a viewer admitted then would watch with nobody typing).
             if policy.max_viewers is not None:
-                slot = await self.seats.take_slot(route, claimant)
+                slot = await seats.take_slot(route, claimant)
                 if slot is None:
                     return (closecodes.CONFLICT,
                             f"{route.key} already has {policy.max_viewers} viewers, its most")
-                seats.append(slot)
+                taken.append(slot)
             if policy.interactive == "first" and may_type:
-                control = await self.seats.take_control(route, claimant)
+                control = await seats.take_control(route, claimant)
                 if control is not None:
-                    seats.append(control)
-        except Exception:  # the API is down: refuse rather than pass a limit unchecked
-            log.exception("could not take a seat on %s", route.key)
-            for seat in seats:
+                    taken.append(control)
+        except Exception as exc:  # the API is down: refuse rather than pass a limit unchecked
+            log.error("could not take a seat on %s: %s", route.key, exc)
+            for seat in taken:
                 await self._free_seat(seat)
             return (closecodes.OVER_CAPACITY, f"could not check the viewers of {route.key}; "
                                               "try again in a moment")
-        return seats
+        return taken
 
     async def _free_seat(self, seat: Seat) -> None:
         assert self.seats is not None

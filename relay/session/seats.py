@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -119,6 +120,12 @@ class KubeSeats:
         limit = route.sessions.max_viewers
         assert limit is not None
         names = [slot_name(route, index) for index in range(limit)]
+        # First a guess, one create: while the console is far from full, a slot picked at
+        # random is free (no list). Not a secret, only a spread.
+        seat = await self._create(route, holder, KIND_SLOT,
+                                  names[random.randrange(limit)])  # noqa: S311
+        if seat is not None:
+            return seat
         selector = quote(f"{LABEL_KIND}={KIND_SLOT},{LABEL_SEAT_OF}={target_digest(route)}",
                          safe="")
         for _ in range(self.rounds):
@@ -149,15 +156,20 @@ class KubeSeats:
         """The route's control for `holder`'s session, or None when another session has it.
         SeatsUnavailable when the API server cannot be asked."""
         name = control_name(route)
-        try:
-            lease = await self._ask("GET", f"{self._path}/{name}")
-        except KubeError as exc:
-            if exc.status != 404:
-                raise SeatsUnavailable(f"the API server refused: {exc}") from None
-            return await self._create(route, holder, KIND_CONTROL, name)
-        if not await self._free(lease):
-            return None
-        return await self._take(route, holder, KIND_CONTROL, lease)
+        for _ in range(self.rounds):
+            seat = await self._create(route, holder, KIND_CONTROL, name)
+            if seat is not None:
+                return seat
+            try:  # it exists: free if its session is gone
+                lease = await self._ask("GET", f"{self._path}/{name}")
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise SeatsUnavailable(f"the API server refused: {exc}") from None
+                continue  # released meanwhile: create it again
+            if not await self._free(lease):
+                return None
+            return await self._take(route, holder, KIND_CONTROL, lease)
+        return None
 
     async def release(self, seat: Seat) -> None:
         """Free the seat (unless someone took it since); retried later when it fails."""
