@@ -11,12 +11,13 @@ spans replicas", says why):
   peer over the internal port (they close that sign-in's consoles with 4401 at once) and writes
   a Lease per revoked sign-in until its cookie would have expired; every replica reads these at
   start (before it serves) and watches them, which also reaches a replica the broadcast missed.
-- Viewer counts (`maxViewers`, `interactive: first`, the list page) are the sum over the peers,
-  asked over the internal port when a route needs them; a peer that does not answer counts as
-  none (fail open: only availability depends on a count, never who may see what).
-- Failed sign-ins are counted on every replica and summed when one is checked: a peer that does
-  not answer refuses the sign-in (fail closed), so a limit cannot be escaped by making a replica
-  unreachable.
+- `maxViewers` and `interactive: first` are seats held as Leases (relay/session/seats.py), not
+  counts. The list page's viewer counts are the sum over the peers; a peer that does not answer
+  counts as none (fail open: only what a page shows depends on it). Without Leases
+  (`--peer-url` alone) that sum still decides `maxViewers` and `interactive: first`.
+- Failed sign-ins, bearer tokens and share links are counted on every replica and summed when
+  one is checked: a peer that does not answer refuses the sign-in or the failed credential
+  (fail closed), so a limit cannot be escaped by making a replica unreachable.
 
 Standalone (no `--lease-namespace`) the link and revocation stores are this process's memory,
 with the same interface; peers (`--peer-url`) still get sign-outs and give counts.
@@ -309,7 +310,8 @@ VIEWERS_PATH = "/api/v1/viewers"
 
 
 class ViewerCounts:
-    """The sessions the other replicas hold, asked of them when a count decides something.
+    """The sessions the other replicas hold, asked of them when a count decides something
+    (`maxViewers` and `interactive: first` of a relay without Leases: with them, seats).
 
     A peer that does not answer counts as none (fail open): what a count decides is whether
     one more viewer may watch, or may type, never who may open the console at all.
@@ -335,7 +337,8 @@ FAILURES_PATH = "/api/v1/failures"
 
 
 class SignInLimits:
-    """The failed sign-ins of a key (an address, an account, a device) counted on every
+    """The failed sign-ins of a key (an address, an account, a device), and the failed bearer
+    tokens and share links (per address, shared with sign-ins, and overall) counted on every
     replica: each replica keeps its own failures, and the one that checks a sign-in asks every
     peer for the ages of theirs. A peer that does not answer refuses the check (fail closed:
     a limit that a dead or partitioned replica could lift is no limit). A replica whose

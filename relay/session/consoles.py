@@ -7,9 +7,11 @@ the holder and the replica serving the old holder closes that session with 4409.
 Across replicas (`KubeConsoles`) the holder is a Lease `vnc-<namespace>-<name>` in the relay's
 namespace, written on acquire, takeover and release only. Liveness is one Lease per replica,
 renewed on an interval: a target Lease whose holder replica's Lease has expired is free, so a
-replica that dies frees its consoles at expiry without anyone writing per session. Each replica
-watches the Leases of its namespace to learn of takeovers, and checks its own holds on every
-renewal in case a watch event was missed.
+replica that dies frees its consoles at expiry without anyone writing per session. The liveness
+Lease also names the process that renews it (`vncgate.io/incarnation`), so the seats of
+relay/session/seats.py written by a replica's earlier process are free once it restarts. Each
+replica watches the Leases of its namespace to learn of takeovers, and checks its own holds on
+every renewal in case a watch event was missed.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@ Leases, so that they hold by construction, not by a count that two replicas may 
 
 - A route with `maxViewers: N` has N slot Leases per target, `vncgate-slot-<digest>-<i>`
   (i = 0..N-1; the digest is of `namespace/name`). A session holds one while it lives: it
-  creates a missing one, or takes one whose holder is gone with a merge patch that carries the
-  `resourceVersion` it read (the API server refuses a concurrent writer with 409, and the loser
-  tries the next). When none can be had the console has N viewers: 4409.
+  creates one at a random index (one round trip while the console is far from full), else
+  lists them and creates a missing one or takes one whose holder is gone with a merge patch
+  that carries the `resourceVersion` it read (the API server refuses a concurrent writer with
+  409, and the loser tries the next). When none can be had the console has N viewers: 4409.
 - A route with `interactive: first` has one control Lease per target, `vncgate-control-
   <digest>`. The session that holds it may type; every other session watches. It is released
   when its session ends; the next session to open the console takes it (those watching keep

@@ -26,13 +26,17 @@ from tests.relay.test_auth import (
     targets,
 )
 from vncgate.common.kube import KubeClient, KubeConnection
+from vncgate.common.model import Route
+from vncgate.common.spec import Interactive, SessionPolicy
 from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import SESSION_COOKIE, read_session_cookie, revocation_key
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.ratelimit import retry_after_ages
 from vncgate.relay.replicas import KubeLinkClaims, KubeMarks
+from vncgate.relay.session.consoles import KubeConsoles
 from vncgate.relay.session.peers import peer_urls_from_slice
+from vncgate.relay.session.seats import KubeSeats
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.web.server import RelayServer
 
@@ -142,3 +146,35 @@ def test_sign_in_counts_leave_out_peers_the_slice_says_are_not_ready() -> None:
         "http://10.0.0.2:8081", "http://10.0.0.3:8081", "http://10.0.0.5:8081"]
     assert peer_urls_from_slice(body, "me", ready_only=True) == [
         "http://10.0.0.2:8081", "http://10.0.0.5:8081"]
+
+
+async def test_a_seat_that_cannot_be_taken_refuses_the_viewer(
+        make_relay: RelayFactory, backend: TcpServer) -> None:
+    """maxViewers or interactive: first with the API server out of reach: the viewer is
+    refused with 4503 (fail closed), not admitted past a limit nobody checked; other consoles
+    are not affected."""
+    routes = [Route("lab", "limited", "127.0.0.1", backend.port,
+                    sessions=SessionPolicy(max_viewers=2)),
+              Route("lab", "first", "127.0.0.1", backend.port,
+                    sessions=SessionPolicy(interactive=Interactive.FIRST)),
+              Route("lab", "open", "127.0.0.1", backend.port)]
+    async with make_relay(routes=routes) as relay:
+        api = unreachable_api()
+        relay.state.admission.seats = KubeSeats(KubeConsoles(api, "vncgate", "relay-0"))
+        try:
+            async with aiohttp.ClientSession() as http:
+                for name in ("limited", "first"):
+                    async with http.ws_connect(f"{relay.public_url}/t/lab/{name}/websockify",
+                                               origin=relay.public_url) as ws:
+                        closed = await ws.receive(timeout=10)
+                        assert (closed.data, closed.extra) == (
+                            closecodes.OVER_CAPACITY,
+                            f"could not check the viewers of lab/{name}; try again in a "
+                            "moment"), closed
+                async with http.ws_connect(f"{relay.public_url}/t/lab/open/websockify",
+                                           origin=relay.public_url) as ws:
+                    assert await ws.receive_bytes(timeout=5) == GREETING
+            assert relay.state.sessions.count_for("lab/limited") == 0
+            assert relay.state.sessions.count_for("lab/first") == 0
+        finally:
+            await api.close()
