@@ -36,7 +36,7 @@ from vncgate.relay.replicas import (
     SignInLimits,
     ViewerCounts,
 )
-from vncgate.relay.session.admission import Admission
+from vncgate.relay.session.admission import Admission, counted_across_replicas
 from vncgate.relay.session.bridge import Sessions
 from vncgate.relay.session.consoles import Consoles, Holder, KubeConsoles, LocalConsoles
 from vncgate.relay.session.health import TargetHealth
@@ -157,6 +157,8 @@ class RelayState:
         self.consoles = make_consoles(self.settings)
         self.seats = KubeSeats(self.consoles) if isinstance(self.consoles, KubeConsoles) \
             else None
+        if isinstance(self.consoles, KubeConsoles):
+            self.consoles.on_lost = self.end_held_sessions
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
         self.logins = CredentialStore(self.settings)
@@ -190,6 +192,15 @@ class RelayState:
     def console_taken(self, target: str, session_id: str, taker: Holder) -> None:
         """Another viewer took over an exclusive console: end this replica's session on it."""
         self.admission.console_taken(target, session_id, taker)
+
+    def end_held_sessions(self) -> None:
+        """This replica's liveness Lease may have expired: end its sessions on exclusive
+        consoles and on seats (maxViewers, interactive: first), which others may take now."""
+        for session in list(self.sessions):
+            route = session.route
+            if route.sessions.exclusive or counted_across_replicas(route):
+                session.stop(closecodes.OVER_CAPACITY, "this relay lost its hold on the console "
+                                                       "(the Kubernetes API); reconnect")
 
     def end_sessions_of(self, credential_id: str, code: int, reason: str) -> None:
         """Close the sessions opened with one credential (a signed-out cookie)."""

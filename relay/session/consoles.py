@@ -151,6 +151,11 @@ class KubeConsoles:
         # This process among the replica's restarts (same identity, a new process): a Lease
         # written by an earlier one is not held by this one.
         self.incarnation = secrets.token_hex(8)
+        # Called when this replica's liveness Lease may have expired in the others' eyes (not
+        # renewed for longer than `lease_seconds - renew_seconds`): what it holds (exclusive
+        # consoles, seats) may be taken by now, so its sessions on them must end.
+        self.on_lost: Callable[[], None] = lambda: None
+        self._renewed_at = time.monotonic()
 
     @property
     def replica_lease(self) -> str:
@@ -160,7 +165,8 @@ class KubeConsoles:
         self._on_taken = on_taken
         await self._renew()
         self._tasks = [asyncio.create_task(self._renew_loop()),
-                       asyncio.create_task(self._watch_loop())]
+                       asyncio.create_task(self._watch_loop()),
+                       asyncio.create_task(self._fence_loop())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -180,6 +186,7 @@ class KubeConsoles:
     # --- liveness -------------------------------------------------------------------------
 
     async def _renew(self) -> None:
+        started = time.monotonic()
         now = _rfc3339(_now())
         notes = {ANNOTATION_INCARNATION: self.incarnation}
         body: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -196,6 +203,7 @@ class KubeConsoles:
                 raise
             body["spec"]["acquireTime"] = now
             await self.client.request("POST", self._path, body)
+        self._renewed_at = started
 
     async def _renew_loop(self) -> None:
         while True:
@@ -206,6 +214,19 @@ class KubeConsoles:
             except (KubeError, OSError, TimeoutError) as exc:
                 log.warning("renewing this replica's lease failed; retrying",
                             extra={"fields": {"error": str(exc)}})
+
+    async def _fence_loop(self) -> None:
+        """End what this replica holds before the others may count it free: when its
+        liveness Lease went unrenewed for `lease_seconds - renew_seconds` (cut off from the
+        API server), or at once after this process stood still longer (stopped, starved)."""
+        while True:
+            await asyncio.sleep(1.0)
+            late = time.monotonic() - self._renewed_at
+            if late > self.lease_seconds - self.renew_seconds:
+                log.error("this replica's lease was not renewed in time; ending the sessions "
+                          "that hold a console or a seat",
+                          extra={"fields": {"seconds": round(late, 1)}})
+                self.on_lost()
 
     async def _alive(self, replica: str) -> bool:
         return await self.alive(replica)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -682,3 +684,57 @@ async def test_a_browser_through_the_balancer_sees_the_console_and_signs_out_eve
         killed.kill()
     await asyncio.to_thread(killed.start)
     await asyncio.to_thread(assert_refused_everywhere, replicas, cookie, target)
+
+
+def lease_age(release: Release, identity: str) -> float:
+    """Seconds since the replica last renewed its liveness Lease."""
+    lease = release.plane.get("lease", f"vncgate-relay-{identity}", "-n", release.namespace)
+    renewed = datetime.fromisoformat(lease["spec"]["renewTime"].replace("Z", "+00:00"))
+    return time.time() - renewed.timestamp()
+
+
+@pytest.mark.timeout(300)
+def test_a_replica_that_stood_still_past_its_lease_ends_its_seated_viewers(
+        limited: Replicas, release: Release, namespace: str) -> None:
+    """A replica stopped (SIGSTOP) for longer than its liveness Lease: the others count its
+    seats free and let viewers in; when it runs again (SIGCONT) it ends its own seated
+    viewer with 4503 rather than keep it past maxViewers."""
+    members, count = limited.members, len(limited.members)
+    stood = members[-1]
+
+    def on(member: Replica) -> str:
+        return f"{member.url}/t/{namespace}/desk"
+
+    async def scenario() -> None:
+        held = await opened(on(stood))
+        assert held is not None, limited.logs()
+        stood.freeze()
+        others: list[aiohttp.ClientWebSocketResponse] = []
+        try:
+            await asyncio.to_thread(wait_until, lambda: lease_age(release, stood.identity) > 31,
+                                    "the stopped replica's liveness Lease expired",
+                                    timeout=90, interval=1)
+            if count > 1:
+                # Its slot counts free: two viewers get in on the other replicas.
+                others.append(await eventually(lambda: opened(on(members[0])),
+                                               "a viewer in the stopped replica's slot",
+                                               timeout=30, interval=1))
+                second = await opened(on(members[1]))
+                assert second is not None, limited.logs()
+                others.append(second)
+        finally:
+            stood.thaw()
+        closed = await held.receive(timeout=30)
+        assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE,
+                                              closecodes.OVER_CAPACITY), (closed, limited.logs())
+        assert "lost its hold on the console" in str(closed.extra), closed
+        await close_viewer(held)
+        try:
+            if count > 1:  # the relay as a whole has its two viewers, never three
+                refused, code, reason = await viewer(on(members[0]))
+                assert refused is None and code == closecodes.CONFLICT, (code, reason)
+        finally:
+            for ws in others:
+                await close_viewer(ws)
+
+    asyncio.run(scenario())

@@ -68,6 +68,11 @@ class Replica:
         assert self.script.proc is not None
         os.kill(self.script.proc.pid, signal.SIGSTOP)
 
+    def thaw(self) -> None:
+        """SIGCONT after `freeze`."""
+        assert self.script.proc is not None
+        os.kill(self.script.proc.pid, signal.SIGCONT)
+
     def api(self, method: str, path: str, body: Any = None) -> Any:
         request = urllib.request.Request(  # noqa: S310 - http on loopback
             f"{self.internal_url}{path}", method=method,
