@@ -132,6 +132,12 @@ def holder_of(lease: dict[str, Any]) -> Holder | None:
                   since=_parse_time(spec.get("acquireTime")) or time.time(), replica=replica)
 
 
+def incarnation_of(lease: dict[str, Any]) -> str:
+    """The process that wrote `lease` (empty for Leases written before it was recorded)."""
+    notes = (lease.get("metadata") or {}).get("annotations") or {}
+    return str(notes.get(ANNOTATION_INCARNATION) or "")
+
+
 class KubeConsoles:
     """Exclusive holders as Leases in `namespace`; this replica is `identity`."""
 
@@ -228,9 +234,6 @@ class KubeConsoles:
                           extra={"fields": {"seconds": round(late, 1)}})
                 self.on_lost()
 
-    async def _alive(self, replica: str) -> bool:
-        return await self.alive(replica)
-
     async def alive(self, replica: str, incarnation: str = "") -> bool:
         """Whether `replica` renewed its Lease in time (and, given `incarnation`, is still the
         process that wrote it: a restarted replica holds none of its predecessor's Leases)."""
@@ -269,7 +272,8 @@ class KubeConsoles:
                 "annotations": {f"{ANNOTATION_PREFIX}target": route.key,
                                 f"{ANNOTATION_PREFIX}session": claimant.session_id,
                                 f"{ANNOTATION_PREFIX}user": claimant.user,
-                                f"{ANNOTATION_PREFIX}client": claimant.client}},
+                                f"{ANNOTATION_PREFIX}client": claimant.client,
+                                ANNOTATION_INCARNATION: self.incarnation}},
             "spec": {"holderIdentity": self.identity, "acquireTime": now, "renewTime": now,
                      "leaseDurationSeconds": self.lease_seconds,
                      "leaseTransitions": transitions},
@@ -293,7 +297,7 @@ class KubeConsoles:
                 return None
         holder = holder_of(lease)
         if holder is not None and holder.session_id != claimant.session_id and \
-                await self._alive(holder.replica):
+                await self.alive(holder.replica, incarnation_of(lease)):
             if not may_take(holder):
                 return holder
         else:

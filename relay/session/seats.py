@@ -46,6 +46,7 @@ from vncgate.relay.session.consoles import (
     Holder,
     KubeConsoles,
     holder_of,
+    incarnation_of,
 )
 
 log = logging.getLogger("vncgate.seats")
@@ -254,8 +255,7 @@ class KubeSeats:
         holder = holder_of(lease)
         if holder is None:
             return True
-        notes = (lease.get("metadata") or {}).get("annotations") or {}
-        incarnation = str(notes.get(ANNOTATION_INCARNATION) or "")
+        incarnation = incarnation_of(lease)
         consoles = self.consoles
         if holder.replica == consoles.identity and incarnation == consoles.incarnation:
             name = str((lease.get("metadata") or {}).get("name"))

@@ -113,6 +113,55 @@ async def test_a_vanished_replicas_hold_expires(
         await first.close()
 
 
+async def test_a_replica_restarted_in_its_pod_does_not_keep_its_predecessors_hold(
+        make_relay: RelayFactory, sink_backend: TcpServer, cluster: Path,
+        kmock: kmock.KubernetesEmulator) -> None:
+    """Same identity (the pod's name), a new process: the old process's hold is free at once,
+    on the new process and on the other replica, instead of looking alive forever."""
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE))
+    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+        a, b = await replicas(stack, make_relay, route, cluster)
+        first = await connect(http, a, "alice")
+        assert await first.receive_bytes(timeout=5) == GREETING
+        consoles = a.state.consoles
+        assert isinstance(consoles, KubeConsoles)
+        for task in consoles._tasks:  # the process dies: nothing renews or releases
+            task.cancel()
+        consoles._mine.clear()
+        # The container restarts in the same pod: same identity, its own process, its own
+        # renewals of the replica's liveness Lease.
+        restarted = await stack.enter_async_context(make_relay(
+            routes=[route], auth=PROXY, kubeconfig=cluster, lease_namespace=NAMESPACE,
+            identity="relay-a"))
+        old = lease(kmock, "vnc-lab-desk")
+        assert old is not None and old["spec"]["holderIdentity"] == "relay-a"
+        b_consoles = b.state.consoles
+        assert isinstance(b_consoles, KubeConsoles)
+        await eventually(lambda: restarted_renewed(kmock, consoles.incarnation),
+                         "the restarted replica renewed its liveness Lease")
+        b_consoles._alive_cache.clear()
+        second = await connect(http, b, "bob")
+        assert await second.receive_bytes(timeout=5) == GREETING
+        held = lease(kmock, "vnc-lab-desk")
+        assert held is not None and held["spec"]["holderIdentity"] == "relay-b"
+        await second.close()
+        await eventually(lambda: lease(kmock, "vnc-lab-desk") is None, "the Lease released")
+        third = await connect(http, restarted, "carol")
+        assert await third.receive_bytes(timeout=5) == GREETING
+        await third.close()
+        await first.close()
+
+
+def restarted_renewed(kmock: kmock.KubernetesEmulator, old_incarnation: str) -> bool:
+    replica = lease(kmock, "vncgate-relay-relay-a")
+    if replica is None:
+        return False
+    notes = replica["metadata"].get("annotations") or {}
+    return bool(notes.get("vncgate.io/incarnation")) and \
+        notes.get("vncgate.io/incarnation") != old_incarnation
+
+
 def test_lease_names_stay_within_the_limit() -> None:
     assert lease_name(Route("lab", "desk", "h", 1)) == "vnc-lab-desk"
     long = lease_name(Route("n" * 63, "x" * 253, "h", 1))
