@@ -50,6 +50,16 @@ async def replicas(stack: AsyncExitStack, make_relay: RelayFactory, route: Route
     return servers
 
 
+def crash(relay: RelayServer) -> KubeConsoles:
+    """What a killed replica leaves: its Leases, with nothing renewing or releasing them."""
+    consoles = relay.state.consoles
+    assert isinstance(consoles, KubeConsoles)
+    for task in consoles._tasks:
+        task.cancel()
+    consoles._mine.clear()
+    return consoles
+
+
 async def test_exclusive_holds_across_replicas_and_takeover_closes_the_other(
         make_relay: RelayFactory, sink_backend: TcpServer, cluster: Path,
         kmock: kmock.KubernetesEmulator) -> None:
@@ -93,11 +103,7 @@ async def test_a_vanished_replicas_hold_expires(
         first = await connect(http, a, "alice")
         assert await first.receive_bytes(timeout=5) == GREETING
         # Replica A dies without cleaning up: its renewals stop, its Leases stay behind.
-        consoles = a.state.consoles
-        assert isinstance(consoles, KubeConsoles)
-        for task in consoles._tasks:  # simulating a crash
-            task.cancel()
-        consoles._mine.clear()
+        crash(a)
         replica = kmock.objects[LEASES, NAMESPACE, "vncgate-relay-relay-a"]
         expired = {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 30}
         replica.patch({"spec": expired})  # what 30 s without renewal looks like
@@ -124,11 +130,7 @@ async def test_a_replica_restarted_in_its_pod_does_not_keep_its_predecessors_hol
         a, b = await replicas(stack, make_relay, route, cluster)
         first = await connect(http, a, "alice")
         assert await first.receive_bytes(timeout=5) == GREETING
-        consoles = a.state.consoles
-        assert isinstance(consoles, KubeConsoles)
-        for task in consoles._tasks:  # the process dies: nothing renews or releases
-            task.cancel()
-        consoles._mine.clear()
+        consoles = crash(a)
         # The container restarts in the same pod: same identity, its own process, its own
         # renewals of the replica's liveness Lease.
         restarted = await stack.enter_async_context(make_relay(
