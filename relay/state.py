@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -48,6 +50,7 @@ from vncgate.relay.session.thumbnails import Thumbnails
 from vncgate.relay.session.vmconsole import KubeVirtDialer
 from vncgate.relay.settings import RelaySettings, host_names
 
+log = logging.getLogger("vncgate.relay")
 
 def make_authorizer(settings: RelaySettings) -> Authorizer:
     if settings.auth.mode == AuthMode.NONE:
@@ -155,9 +158,9 @@ class RelayState:
         # do not carry across replicas (the CLI warns).
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
         self.consoles = make_consoles(self.settings)
-        self.seats = KubeSeats(self.consoles) if isinstance(self.consoles, KubeConsoles) \
-            else None
+        self.seats = None
         if isinstance(self.consoles, KubeConsoles):
+            self.seats = KubeSeats(self.consoles)
             self.consoles.on_lost = self.end_held_sessions
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
@@ -205,6 +208,19 @@ class RelayState:
     def end_sessions_of(self, credential_id: str, code: int, reason: str) -> None:
         """Close the sessions opened with one credential (a signed-out cookie)."""
         self.end_sessions_of_key(revocation_key(credential_id), code, reason)
+
+    async def end_sign_in(self, credential_id: str, ends: float, reason: str) -> None:
+        """End one sign-in everywhere (a sign-out, or a renewal the provider refused): its
+        cookie is refused even if replayed and its consoles close (4401 with `reason`) here at
+        once, on the peers when they are told, and on every replica (restarted ones too) from
+        the Lease that keeps the revocation until the cookie (valid until `ends`) expires."""
+        if self.renewals is not None:
+            self.renewals.forget(credential_id)
+        self.end_sessions_of(credential_id, closecodes.UNAUTHENTICATED, reason)
+        missing = await self.revocations.revoke(credential_id, max(ends, time.time() + 1))
+        if missing:
+            log.warning("an ended sign-in could not be told to every replica; they learn it "
+                        "from the API server", extra={"fields": {"peers": missing}})
 
     def end_sessions_of_key(self, key: str, code: int, reason: str) -> None:
         """Close the sessions whose credential has this revocation key (from any replica)."""

@@ -123,15 +123,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="sign out from this relay's own pages\n")
     ends = identity.credential_ends if identity is not None else None
     if identity is not None and identity.credential_id and ends is not None:
-        # The cookie stops working even if it is replayed, and its consoles close: here at
-        # once, on the peers when they are told, on every replica (restarted ones too) from
-        # the Lease that keeps the sign-out until the cookie would have expired.
-        if state.renewals is not None:
-            state.renewals.forget(identity.credential_id)
-        missing = await state.revocations.revoke(identity.credential_id, ends)
-        if missing:
-            log.warning("a sign-out could not be told to every replica; they learn it from "
-                        "the API server", extra={"fields": {"peers": missing}})
+        await state.end_sign_in(identity.credential_id, ends, "you signed out")
     audit_event("logout", request, state, user=identity.label if identity else "")
     response = web.HTTPSeeOther(location=await provider_logout(request) or "./")
     delete_cookie(response, request, state, SESSION_COOKIE, samesite="Lax")

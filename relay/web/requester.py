@@ -7,7 +7,6 @@ import time
 
 from aiohttp import hdrs, web
 
-from vncgate.relay import closecodes
 from vncgate.relay.access import links
 from vncgate.relay.access.cookies import (
     MAX_COOKIE,
@@ -143,12 +142,7 @@ async def renew_sign_in(request: web.Request, state: RelayState, sid: str, seale
         return await state.renewals.renew(sid, grant, ends)
     except OidcRefused as exc:
         audit_event("renewal", request, state, result=f"refused: {exc}", kind="oidc")
-        state.end_sessions_of(sid, closecodes.UNAUTHENTICATED,
-                              "the provider ended your sign-in; sign in again")
-        missing = await state.revocations.revoke(sid, max(ends, time.time() + 1))
-        if missing:
-            log.warning("an ended sign-in could not be told to every replica; they learn it "
-                        "from the API server", extra={"fields": {"peers": missing}})
+        await state.end_sign_in(sid, ends, "the provider ended your sign-in; sign in again")
         raise
     except OidcUnavailable as exc:
         audit_event("renewal", request, state, result=f"provider unavailable: {exc}",
