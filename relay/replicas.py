@@ -38,6 +38,7 @@ from urllib.parse import quote
 import aiohttp
 
 from vncgate.common.kube import KubeClient, KubeError
+from vncgate.common.tasks import cancel_and_wait
 from vncgate.relay.access.cookies import Revoked
 from vncgate.relay.access.links import LinkGrant, UsedLinks
 from vncgate.relay.access.ratelimit import FailureLimiter, retry_after_ages
@@ -207,11 +208,7 @@ class Revocations:
                        asyncio.create_task(self._upkeep_loop())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     async def revoke(self, credential_id: str, expires: float) -> list[str]:

@@ -8,7 +8,6 @@ recorded session sits between the bridge and the file (the bridge calls `start`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vncgate.common.model import Route
 from vncgate.common.spec import RecordingPolicy
+from vncgate.common.tasks import cancel_and_wait
 from vncgate.relay import closecodes
 from vncgate.relay.recording.capture import (
     FORMAT_VERSION,
@@ -104,10 +104,7 @@ class Recorder:
         if directory is not None and (settings.max_age or settings.max_total):
             task = asyncio.create_task(self._retention_loop(directory))
         yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _retention_loop(self, directory: Path) -> None:
         while True:

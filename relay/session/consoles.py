@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from vncgate.common.kube import KubeClient, KubeError
 from vncgate.common.model import Route
+from vncgate.common.tasks import cancel_and_wait
 
 log = logging.getLogger("vncgate.consoles")
 
@@ -175,11 +176,7 @@ class KubeConsoles:
                        asyncio.create_task(self._fence_loop())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         # Release this replica's holds and its liveness Lease, so consoles free at once.
         for route, holder in list(self._mine.values()):

@@ -39,6 +39,7 @@ import aiohttp
 
 from vncgate.common.kube import KubeError
 from vncgate.common.model import Route
+from vncgate.common.tasks import cancel_and_wait
 from vncgate.relay.session.consoles import (
     ANNOTATION_INCARNATION,
     ANNOTATION_PREFIX,
@@ -108,11 +109,8 @@ class KubeSeats:
         self._task = asyncio.create_task(self._retry_loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     # --- taking ---------------------------------------------------------------------------
 
