@@ -263,6 +263,36 @@ def test_webhook_down_refuses_writes(webhook: Webhook, namespace: str, editor: P
         serving(webhook.operator, webhook.port)
 
 
+def test_metadata_writes_do_not_need_the_webhook(webhook: Webhook, namespace: str,
+                                                editor: Path) -> None:
+    """The chart's matchCondition asks the webhook about creates and spec updates only: while
+    the operator is down a spec change is still refused, but a label, and the removal of the
+    finalizers of a VncTarget being deleted, go through (failurePolicy Fail would otherwise
+    leave it stuck in deletion until the operator is back)."""
+    plane = webhook.plane
+    held = yaml.safe_load(target(namespace, "held"))
+    held["metadata"]["finalizers"] = ["example.com/hold"]
+    ok, said = apply_as(plane, plane.admin_kubeconfig, yaml.safe_dump(held))
+    assert ok, said
+    webhook.operator.stop()
+    try:
+        ok, said = apply_as(plane, editor, target(namespace, "held", viewOnly=True))
+        assert not ok, said
+        assert f'failed calling webhook "{WEBHOOK_NAME}"' in said, said
+        labelled = plane.kubectl("-n", namespace, "label", "vnctarget", "held", "team=a",
+                                 check=False, kubeconfig_path=editor)
+        assert labelled.returncode == 0, labelled.stdout + labelled.stderr
+        plane.kubectl("-n", namespace, "delete", "vnctarget", "held", "--wait=false")
+        plane.kubectl("-n", namespace, "patch", "vnctarget", "held", "--type=merge",
+                      "-p", '{"metadata": {"finalizers": null}}')
+        wait_until(lambda: plane.kubectl("-n", namespace, "get", "vnctarget", "held",
+                                         check=False).returncode != 0,
+                   "the VncTarget gone once its finalizers were removed")
+    finally:
+        webhook.operator.start()
+        serving(webhook.operator, webhook.port)
+
+
 def test_upgrade_keeps_the_webhook_certificate(webhook: Webhook) -> None:
     """The chart's CA and serving certificate survive `helm upgrade` (lookup), and the
     configuration's caBundle is that CA."""
