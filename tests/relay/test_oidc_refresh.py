@@ -33,7 +33,15 @@ from vncgate.common.addresses import Address
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes
-from vncgate.relay.access.cookies import SESSION_COOKIE, seal, sign, unseal, unsign
+from vncgate.relay.access.cookies import (
+    MAX_COOKIE,
+    SESSION_COOKIE,
+    seal,
+    session_cookie,
+    sign,
+    unseal,
+    unsign,
+)
 from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.oidc import OidcSettings
 from vncgate.relay.access.passwords import unb64
@@ -59,7 +67,8 @@ def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
     need_provider()
     started: list[OidcProvider] = []
 
-    def make(*, refresh: bool, rotate: bool = False) -> Lab:
+    def make(*, refresh: bool, rotate: bool = False, groups: tuple[str, ...] = ("devs",)
+             ) -> Lab:
         relay_port = free_port()
         relay = f"http://127.0.0.1:{relay_port}"
         grants = ["authorization_code", "refresh_token"] if refresh else ["authorization_code"]
@@ -68,7 +77,7 @@ def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
              "redirect_uris": [f"{relay}/login/oidc/callback"],
              "post_logout_redirect_uris": [f"{relay}/"]}],
             accounts={"alice": Account(PASSWORD, {"email": "alice@example.test",
-                                                  "groups": ["devs"]})},
+                                                  "groups": list(groups)})},
             id_token_ttl=ID_TOKEN_TTL, refresh_tokens=refresh, rotate_refresh_tokens=rotate)
         started.append(provider)
         provider.start()
@@ -204,6 +213,34 @@ async def test_without_a_refresh_token_the_console_ends_with_the_id_token(
         # The cookie, replayed after its ID token expired, is no sign-in.
         answer = await status_with(browser_like, relay, cookie)
         assert answer.status == 302 and answer.headers["Location"].startswith("login")
+
+
+async def test_a_refresh_token_too_long_for_the_cookie_signs_in_without_renewal(
+        make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
+        browser_like: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    """So many groups that the cookie holds them but not them and the sealed refresh token
+    too: the sign-in works, without renewal (it ends with its ID token), and the audit log
+    says why, rather than the sign-in being refused or a cookie the browser drops being set."""
+    groups = ["devs"]
+    while len(session_cookie(KEY, "alice@example.test", 3600, groups=tuple(
+            f"oidc:{g}" for g in groups), expires=time.time() + ID_TOKEN_TTL)) < MAX_COOKIE - 80:
+        groups.append(f"team-{len(groups):04d}")
+    caplog.set_level(logging.INFO)
+    lab = lab_factory(refresh=True, groups=tuple(groups))
+    async with make_relay(**relay_options(lab, xvnc)) as relay:
+        cookie = await sign_in(browser_like, relay)
+        claims = payload(cookie)
+        assert len(cookie) <= MAX_COOKIE and len(claims["g"]) == len(groups)
+        assert "rt" not in claims and claims["exp"] <= time.time() + ID_TOKEN_TTL
+        assert any(getattr(r, "fields", {}).get("result") ==
+                   "refresh token too long for a cookie: not renewable"
+                   for r in caplog.records), caplog.text
+        ws = await open_console(browser_like, relay)
+        await screen_arrives(ws)
+        msg = await closed(ws)
+        assert (msg.type, msg.data, msg.extra) == (
+            aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED,
+            "your sign-in expired; sign in again")
 
 
 async def test_a_refresh_token_keeps_the_sign_in_and_its_console(
