@@ -19,6 +19,12 @@ spans replicas", says why):
   one is checked: a peer that does not answer refuses the sign-in or the failed credential
   (fail closed), so a limit cannot be escaped by making a replica unreachable.
 
+- An OpenID sign-in is renewed by one replica at a time: a Lease per sign-in holds whose turn
+  it is and, sealed with the session key, the newest renewal (the person and the next refresh
+  grant), which every other replica that needs it takes instead of spending the same refresh
+  token again (`KubeRenewalLedger`). When the API server cannot be asked, the replica renews on
+  its own (as without Leases): a double spend can end the sign-in, nothing more.
+
 Standalone (no `--lease-namespace`) the link and revocation stores are this process's memory,
 with the same interface; peers (`--peer-url`) still get sign-outs and give counts.
 """
@@ -31,6 +37,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -39,9 +46,11 @@ import aiohttp
 
 from vncgate.common.kube import KubeClient, KubeError
 from vncgate.common.tasks import cancel_and_wait
-from vncgate.relay.access.cookies import Revoked
+from vncgate.relay.access.cookies import Revoked, seal, unseal
 from vncgate.relay.access.links import LinkGrant, UsedLinks
+from vncgate.relay.access.oidc import OidcUnavailable, RefreshGrant, SignedInPerson
 from vncgate.relay.access.ratelimit import FailureLimiter, retry_after_ages
+from vncgate.relay.access.renewals import AskProvider
 from vncgate.relay.session.consoles import LABEL_KIND
 from vncgate.relay.session.peers import Peers
 
@@ -50,6 +59,7 @@ log = logging.getLogger("vncgate.replicas")
 ANNOTATION_EXPIRES = "vncgate.io/expires"
 KIND_LINK = "link"
 KIND_SIGNOUT = "signout"
+KIND_RENEWAL = "renewal"
 # How often each replica deletes the marks whose time has passed (any replica may; a 404 is
 # someone else having been first).
 COLLECT_SECONDS = 600.0
@@ -297,10 +307,201 @@ class Revocations:
             if time.monotonic() - collected > COLLECT_SECONDS:
                 collected = time.monotonic()
                 try:
-                    await self.marks.collect((KIND_LINK, KIND_SIGNOUT))
+                    await self.marks.collect((KIND_LINK, KIND_SIGNOUT, KIND_RENEWAL))
                 except (KubeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
-                    log.warning("deleting expired link and sign-out Leases failed",
+                    log.warning("deleting expired link, sign-out and renewal Leases failed",
                                 extra={"fields": {"error": str(exc)}})
+
+
+# The renewal Lease of a sign-in: its newest renewal, sealed, and whose turn it is until when.
+ANNOTATION_RENEWAL = "vncgate.io/renewal"
+ANNOTATION_RENEWING = "vncgate.io/renewing-until"
+# A replica's turn to ask the provider lasts this long (the provider's HTTP timeout is 10 s);
+# another replica waits for it at most WAIT, asking the API server every POLL.
+RENEWAL_TURN_SECONDS = 30.0
+RENEWAL_WAIT_SECONDS = 40.0
+RENEWAL_POLL_SECONDS = 0.25
+# How many spent refresh tokens (digests) a sign-in's Lease remembers: a replica or a cookie
+# holding one of them takes the newest renewal instead of spending it again.
+SPENT_KEPT = 64
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class NewestRenewal:
+    spent: tuple[str, ...]
+    person: SignedInPerson
+    grant: RefreshGrant
+
+    def knows(self, grant: RefreshGrant) -> bool:
+        """`grant` is this renewal's or one spent before it."""
+        return (grant.refresh_token == self.grant.refresh_token
+                or token_digest(grant.refresh_token) in self.spent)
+
+
+class KubeRenewalLedger:
+    """Renewals of OpenID sign-ins one at a time across replicas, and their results shared:
+    a Lease `vncgate-renewal-<digest of the sign-in's id>` in the relay's namespace.
+
+    A replica that needs a renewal reads the Lease. If the newest renewal recorded there was
+    made with its refresh token or a later one and its ID token still holds, it takes that.
+    Otherwise it takes the turn (create, or a merge patch carrying the `resourceVersion` it
+    read, so that of two replicas one wins and the other reads again), asks the provider with
+    the newest refresh token, and records the result sealed with the session key (bound to the
+    sign-in: it opens nowhere else, and the browser's cookie seal cannot stand in for it). A turn
+    held by another replica is waited for; one not ended within its time is taken over.
+    """
+
+    def __init__(self, marks: KubeMarks, key: bytes,
+                 turn_seconds: float = RENEWAL_TURN_SECONDS,
+                 wait_seconds: float = RENEWAL_WAIT_SECONDS,
+                 poll_seconds: float = RENEWAL_POLL_SECONDS) -> None:
+        self.marks = marks
+        self.key = key
+        self.turn_seconds = turn_seconds
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
+
+    async def spend(self, sid: str, grant: RefreshGrant, ends: float, ask: AskProvider
+                    ) -> tuple[SignedInPerson, RefreshGrant]:
+        name = mark_name(KIND_RENEWAL, sid)
+        deadline = time.monotonic() + self.wait_seconds
+        try:
+            for _ in range(int(self.wait_seconds / self.poll_seconds) + 10):
+                lease = await self._get(name)
+                newest = self._newest(sid, lease)
+                if newest is not None and newest.knows(grant):
+                    if newest.person.expires > time.time():
+                        return newest.person, newest.grant
+                    grant = newest.grant
+                holder, until = _turn(lease)
+                if holder and holder != self.marks.identity and until > time.time():
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(self.poll_seconds)
+                    continue
+                version = await self._take_turn(name, lease, ends)
+                if version is not None:
+                    return await self._spend(sid, name, version, newest, grant, ask)
+                if time.monotonic() > deadline:
+                    break
+        except SharedStateUnavailable as exc:
+            log.warning("the renewal of a sign-in cannot be shared with the other replicas; "
+                        "renewing here alone", extra={"fields": {"error": str(exc)}})
+            return await ask(grant)
+        raise OidcUnavailable("another relay replica is renewing this sign-in and has not "
+                              "finished; try again")
+
+    async def _spend(self, sid: str, name: str, version: str, newest: NewestRenewal | None,
+                     grant: RefreshGrant, ask: AskProvider
+                     ) -> tuple[SignedInPerson, RefreshGrant]:
+        try:
+            person, following = await ask(grant)
+        except BaseException:
+            await self._end_turn(name, version, None)
+            raise
+        spent = (*(newest.spent if newest is not None else ()),
+                 token_digest(grant.refresh_token))[-SPENT_KEPT:]
+        record = seal(self.key, f"renewal/{sid}", {
+            "spent": list(spent), "grant": following.as_dict(),
+            "person": {"u": person.user, "g": list(person.groups), "e": person.expires,
+                       "s": person.subject, "n": person.nonce}})
+        await self._end_turn(name, version, record)
+        return person, following
+
+    def _newest(self, sid: str, lease: dict[str, Any] | None) -> NewestRenewal | None:
+        """The renewal recorded on the Lease, if it opens with this key for this sign-in."""
+        notes = ((lease or {}).get("metadata") or {}).get("annotations") or {}
+        sealed = notes.get(ANNOTATION_RENEWAL)
+        opened = unseal(self.key, f"renewal/{sid}", sealed) if isinstance(sealed, str) else None
+        if opened is None:
+            return None
+        try:
+            who, grant = opened["person"], RefreshGrant.from_dict(opened["grant"])
+            person = SignedInPerson(user=str(who["u"]), groups=tuple(str(g) for g in who["g"]),
+                                    expires=float(who["e"]), subject=str(who["s"]),
+                                    nonce=str(who["n"]))
+            spent = tuple(str(d) for d in opened["spent"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return NewestRenewal(spent, person, grant) if grant is not None else None
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            reply = await self.marks.client.request("GET", f"{self.marks.path}/{name}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise SharedStateUnavailable(f"the API server refused: {exc}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise SharedStateUnavailable(
+                f"the API server could not be reached: {type(exc).__name__}") from None
+        return reply if isinstance(reply, dict) else None
+
+    async def _take_turn(self, name: str, lease: dict[str, Any] | None, ends: float
+                         ) -> str | None:
+        """This replica's turn: the Lease's new resourceVersion, or None if another replica
+        wrote it first (read it again)."""
+        now = time.time()
+        expires = int(ends + CLOCK_SLACK)
+        notes = {ANNOTATION_RENEWING: str(int(now + self.turn_seconds))}
+        spec = {"holderIdentity": self.marks.identity, "acquireTime": _rfc3339(now),
+                "leaseDurationSeconds": int(self.turn_seconds)}
+        if lease is None:
+            body: dict[str, Any] = {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": self.marks.namespace,
+                             "labels": {LABEL_KIND: KIND_RENEWAL},
+                             "annotations": {**notes, ANNOTATION_EXPIRES: str(expires)}},
+                "spec": spec}
+            method, path = "POST", self.marks.path
+        else:
+            known = expiry_of(lease) or 0
+            body = {"metadata": {"resourceVersion": _resource_version(lease), "annotations": {
+                **notes, ANNOTATION_EXPIRES: str(int(max(known, expires)))}}, "spec": spec}
+            method, path = "PATCH", f"{self.marks.path}/{name}"
+        try:
+            reply = await self.marks.client.request(method, path, body)
+        except KubeError as exc:
+            if exc.status in (404, 409):
+                return None
+            raise SharedStateUnavailable(f"the API server refused: {exc}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise SharedStateUnavailable(
+                f"the API server could not be reached: {type(exc).__name__}") from None
+        return _resource_version(reply) or None
+
+    async def _end_turn(self, name: str, version: str, record: str | None) -> None:
+        """Record the renewal (None: none was made) and end the turn, if the Lease is still
+        as this replica wrote it; best effort (a turn not ended runs out)."""
+        notes: dict[str, str | None] = {ANNOTATION_RENEWING: None}
+        if record is not None:
+            notes[ANNOTATION_RENEWAL] = record
+        body = {"metadata": {"resourceVersion": version, "annotations": notes}}
+        try:
+            await self.marks.client.request("PATCH", f"{self.marks.path}/{name}", body)
+        except (KubeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("could not record a sign-in's renewal for the other replicas",
+                        extra={"fields": {"error": str(exc)[:200]}})
+
+
+def _resource_version(lease: Any) -> str:
+    return str(((lease or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _turn(lease: dict[str, Any] | None) -> tuple[str, float]:
+    """Which replica is renewing on this Lease, and until when (epoch seconds; 0: none)."""
+    if lease is None:
+        return "", 0.0
+    notes = (lease.get("metadata") or {}).get("annotations") or {}
+    try:
+        until = float(notes.get(ANNOTATION_RENEWING) or 0)
+    except (TypeError, ValueError):
+        until = 0.0
+    return str((lease.get("spec") or {}).get("holderIdentity") or ""), until
 
 
 VIEWERS_PATH = "/api/v1/viewers"

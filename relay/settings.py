@@ -296,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "the client id kubectl's exec plugin (kubelogin) signs in with")
     oidc.add_argument("--oidc-provider-name", default=_env("OIDC_PROVIDER_NAME") or "",
                       metavar="NAME", help="the sign-in button's words: Sign in with NAME")
+    oidc.add_argument("--oidc-shared-renewals", action=argparse.BooleanOptionalAction,
+                      default=(_env("OIDC_SHARED_RENEWALS") is None
+                               or env_flag("OIDC_SHARED_RENEWALS")),
+                      help="with --lease-namespace, renew each sign-in on one replica at a time "
+                           "and share the result (a Lease per sign-in: three API requests per "
+                           "renewal), so a provider with single-use refresh tokens does not end "
+                           "it (default on)")
     auth.add_argument("--trusted-proxy", action="append", default=None, metavar="CIDR",
                       help="addresses of the auth proxy whose identity headers are believed")
     auth.add_argument("--user-header", default=_env("USER_HEADER") or "X-Forwarded-User")
@@ -514,7 +521,7 @@ def _oidc_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
         ca_file=args.oidc_ca_file, username_claim=args.oidc_username_claim,
         username_prefix=args.oidc_username_prefix, groups_claim=args.oidc_groups_claim,
         groups_prefix=args.oidc_groups_prefix, extra_scopes=tuple(scopes),
-        provider_name=args.oidc_provider_name,
+        provider_name=args.oidc_provider_name, shared_renewals=args.oidc_shared_renewals,
         bearer_audiences=tuple(args.oidc_bearer_audience if args.oidc_bearer_audience is not None
                                else env_list("OIDC_BEARER_AUDIENCE")))
 

@@ -32,6 +32,7 @@ from vncgate.relay.recording.service import Recorder
 from vncgate.relay.replicas import (
     KubeLinkClaims,
     KubeMarks,
+    KubeRenewalLedger,
     LinkClaims,
     LocalLinkClaims,
     Revocations,
@@ -171,9 +172,13 @@ class RelayState:
         self.oidc = (OidcClient(self.settings.auth.oidc)
                      if self.settings.auth.mode == AuthMode.OIDC and self.settings.auth.oidc
                      else None)
-        self.renewals = Renewals(self.oidc) if self.oidc is not None else None
         self.peers = make_peers(self.settings)
         self.marks = make_marks(self.settings)
+        self.renewals = None
+        if self.oidc is not None:
+            shared = self.marks is not None and self.oidc.settings.shared_renewals
+            self.renewals = Renewals(self.oidc, ledger=KubeRenewalLedger(
+                self.marks, self.session_key) if shared and self.marks is not None else None)
         self.link_claims = (KubeLinkClaims(self.marks) if self.marks is not None
                             else LocalLinkClaims())
         self.revocations = Revocations(

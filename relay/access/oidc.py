@@ -107,6 +107,9 @@ class OidcSettings:
     # Bearer ID tokens (kubectl vnc with kubelogin) may be for these clients too: the client id
     # that kubectl's exec plugin signs in with, usually the API server's audience.
     bearer_audiences: tuple[str, ...] = ()
+    # With --lease-namespace: one renewal of a sign-in at a time across replicas, shared
+    # (relay.replicas.KubeRenewalLedger); off: each replica renews on its own.
+    shared_renewals: bool = True
 
     @property
     def user_prefix(self) -> str:

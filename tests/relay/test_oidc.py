@@ -240,8 +240,23 @@ def test_oidc_flags_make_the_settings(tmp_path: Path) -> None:
     assert (oidc.user_prefix, oidc.groups_prefix, oidc.bearer_audiences) == (
         "", "oidc:", ("kubernetes",))
     assert oidc.scopes == "openid email profile groups"
+    assert oidc.shared_renewals  # with --lease-namespace, one renewal at a time (the default)
     with pytest.raises(SystemExit):
         settings_from_args(["--auth", "token", "--oidc-issuer-url", "https://idp.example.test"])
+
+
+def test_shared_renewals_can_be_turned_off(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    argv = ["--auth", "oidc", "--public-url", "https://vnc.example.test",
+            "--oidc-issuer-url", "https://idp.example.test", "--oidc-client-id", CLIENT,
+            "--oidc-client-secret-file", str(secret)]
+    off = settings_from_args([*argv, "--no-oidc-shared-renewals"]).auth.oidc
+    assert off is not None and not off.shared_renewals
+    monkeypatch.setenv("VNCGATE_OIDC_SHARED_RENEWALS", "false")
+    by_env = settings_from_args(argv).auth.oidc
+    assert by_env is not None and not by_env.shared_renewals
 
 
 def test_an_entra_id_group_overage_is_refused_not_taken_for_no_groups() -> None:
