@@ -114,16 +114,22 @@ class KubeMarks:
                 "spec": {"holderIdentity": self.identity, "acquireTime": _rfc3339(moment),
                          "leaseDurationSeconds": max(1, min(2**31 - 1,
                                                             int(expires - moment)))}}
+        return await self.ask("POST", self.path, body, absent=(409,)) is not None
+
+    async def ask(self, method: str, path: str, body: Any = None, *,
+                  absent: tuple[int, ...] = ()) -> Any | None:
+        """The API server's reply; None for a status in `absent` (a 404 or a lost 409);
+        SharedStateUnavailable for any other refusal, or when it could not be reached."""
         try:
-            await self.client.request("POST", self.path, body)
+            reply = await self.client.request(method, path, body)
         except KubeError as exc:
-            if exc.status == 409:
-                return False
+            if exc.status in absent:
+                return None
             raise SharedStateUnavailable(f"the API server refused: {exc}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise SharedStateUnavailable(
                 f"the API server could not be reached: {type(exc).__name__}") from None
-        return True
+        return reply if reply is not None else {}
 
     async def list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
         """Every mark of `kind`, and the resourceVersion to watch from."""
@@ -430,15 +436,7 @@ class KubeRenewalLedger:
         return NewestRenewal(spent, person, grant) if grant is not None else None
 
     async def _get(self, name: str) -> dict[str, Any] | None:
-        try:
-            reply = await self.marks.client.request("GET", f"{self.marks.path}/{name}")
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise SharedStateUnavailable(f"the API server refused: {exc}") from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise SharedStateUnavailable(
-                f"the API server could not be reached: {type(exc).__name__}") from None
+        reply = await self.marks.ask("GET", f"{self.marks.path}/{name}", absent=(404,))
         return reply if isinstance(reply, dict) else None
 
     async def _take_turn(self, name: str, lease: dict[str, Any] | None, ends: float
@@ -463,15 +461,7 @@ class KubeRenewalLedger:
             body = {"metadata": {"resourceVersion": _resource_version(lease), "annotations": {
                 **notes, ANNOTATION_EXPIRES: str(int(max(known, expires)))}}, "spec": spec}
             method, path = "PATCH", f"{self.marks.path}/{name}"
-        try:
-            reply = await self.marks.client.request(method, path, body)
-        except KubeError as exc:
-            if exc.status in (404, 409):
-                return None
-            raise SharedStateUnavailable(f"the API server refused: {exc}") from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise SharedStateUnavailable(
-                f"the API server could not be reached: {type(exc).__name__}") from None
+        reply = await self.marks.ask(method, path, body, absent=(404, 409))
         return _resource_version(reply) or None
 
     async def _end_turn(self, name: str, version: str, record: str | None) -> None:

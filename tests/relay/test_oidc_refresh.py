@@ -196,6 +196,16 @@ async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(function, *args)
 
 
+async def console_ends_with_the_id_token(http: aiohttp.ClientSession, relay: RelayServer
+                                         ) -> None:
+    """A console opened with a sign-in that cannot be renewed relays, then closes (4401)."""
+    ws = await open_console(http, relay)
+    await screen_arrives(ws)
+    msg = await closed(ws)
+    assert (msg.type, msg.data, msg.extra) == (
+        aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED, "your sign-in expired; sign in again")
+
+
 async def test_without_a_refresh_token_the_console_ends_with_the_id_token(
         make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
         browser_like: aiohttp.ClientSession) -> None:
@@ -204,12 +214,7 @@ async def test_without_a_refresh_token_the_console_ends_with_the_id_token(
         cookie = await sign_in(browser_like, relay)
         claims = payload(cookie)
         assert "rt" not in claims and claims["exp"] <= time.time() + ID_TOKEN_TTL
-        ws = await open_console(browser_like, relay)
-        await screen_arrives(ws)
-        msg = await closed(ws)
-        assert (msg.type, msg.data, msg.extra) == (
-            aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED,
-            "your sign-in expired; sign in again")
+        await console_ends_with_the_id_token(browser_like, relay)
         # The cookie, replayed after its ID token expired, is no sign-in.
         answer = await status_with(browser_like, relay, cookie)
         assert answer.status == 302 and answer.headers["Location"].startswith("login")
@@ -235,12 +240,7 @@ async def test_a_refresh_token_too_long_for_the_cookie_signs_in_without_renewal(
         assert any(getattr(r, "fields", {}).get("result") ==
                    "refresh token too long for a cookie: not renewable"
                    for r in caplog.records), caplog.text
-        ws = await open_console(browser_like, relay)
-        await screen_arrives(ws)
-        msg = await closed(ws)
-        assert (msg.type, msg.data, msg.extra) == (
-            aiohttp.WSMsgType.CLOSE, closecodes.UNAUTHENTICATED,
-            "your sign-in expired; sign in again")
+        await console_ends_with_the_id_token(browser_like, relay)
 
 
 async def test_a_refresh_token_keeps_the_sign_in_and_its_console(
