@@ -440,10 +440,11 @@ async def control_plane(workdir: Path) -> AsyncIterator[tuple[ControlPlane, Kube
         plane.close()
 
 
-async def run(size: Size, workdir: Path, logdir: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"size": size.__dict__ | {"sessions": size.sessions},
-                           "load_start": load(), "fd_limit": raise_fd_limit(),
-                           "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> None:
+    """Fills `out` as it goes, so that a run stopped half-way keeps what it measured."""
+    out.update({"size": size.__dict__ | {"sessions": size.sessions},
+                "load_start": load(), "fd_limit": raise_fd_limit(),
+                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
     lanes = max(2, math.ceil(size.sessions / LANE))
     # The relays' peak after the storm: their sessions and a share of the dead one's.
     peak = math.ceil(size.sessions_per_relay * size.relays / max(1, size.relays - 1))
@@ -675,7 +676,8 @@ async def run(size: Size, workdir: Path, logdir: Path) -> dict[str, Any]:
 
             async def all_ready() -> bool:
                 return phases.ready() >= size.targets
-            ready_s = await until(all_ready, "every target Ready again", 600, every=0.5)
+            ready_s = await until(all_ready, "every target Ready again", size.storm_timeout,
+                                  every=0.5)
             await settle(operator_ps, quiet=3.0, within=300)
             after = await api.read()
         out["restart"] = {"not_ready_before": not_ready, "all_ready_s": round(ready_s, 1),
@@ -687,7 +689,6 @@ async def run(size: Size, workdir: Path, logdir: Path) -> dict[str, Any]:
             with contextlib.suppress(RuntimeError, TimeoutError):
                 await child.ask("close", within=120)
         print("scale: stopping everything", flush=True)
-    return out
 
 
 async def window(api: ApiCounter, parts: Parts, seconds: float) -> dict[str, Any]:
@@ -725,8 +726,12 @@ def report(r: dict[str, Any]) -> str:
                      f"{per_target(r, part) if b is not None else '-'} | "
                      f"{round((s1 - s0) * 1024 / sessions, 1) if s0 is not None else '-'} |")
     per_relay = [x for x in r["relay_KiB_per_session"] if x is not None]
-    lines += ["", f"relay RSS per idle session, KiB (each relay): {per_relay}; median "
+    per_route = [round((a - b) * 1024 / size["targets"], 2) for a, b in zip(
+        r["relay_rss_after_targets_MiB"], r["relay_rss_before_targets_MiB"], strict=True)]
+    lines += ["", "(all): the sum over the processes of that part.",
+              f"relay RSS per idle session, KiB (each relay): {per_relay}; median "
               f"{statistics.median(per_relay) if per_relay else '-'}",
+              f"relay RSS per route, KiB (each relay): {per_route}",
               f"sessions per relay: {r['sessions_per_relay']}; fds per relay: "
               f"{r['relay_fds_after_sessions']}",
               f"targets: created in {r['targets_created_s']} s, all Ready after "
@@ -809,11 +814,20 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     logdir = RESULTS / "scale-logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vncgate-scale-") as tmp:
-        result = asyncio.run(run(size, Path(tmp), logdir))
+    for old in logdir.glob("*.log"):
+        old.unlink()
+    result: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="vncgate-scale-") as tmp:
+            asyncio.run(run(size, Path(tmp), logdir, result))
+    except BaseException as exc:
+        result["error"] = repr(exc)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"scale: stopped by {exc!r}; what was measured is in {args.json}", flush=True)
+        raise
     args.json.write_text(json.dumps(result, indent=1))
     print(report(result))
-    print(f"(every figure in {args.json})")
+    print(f"(every figure in {args.json}; logs in {logdir})")
 
 
 if __name__ == "__main__":
