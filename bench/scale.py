@@ -137,6 +137,7 @@ class Size:
     greeter_ports: int
     window: float
     storm_timeout: float
+    auth: str = "proxy"
 
     @property
     def sessions(self) -> int:
@@ -472,7 +473,8 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         (workdir / "relays").mkdir()
         relays = Relays(workdir / "relays", None, size.relays,
                         (plane.admin_kubeconfig, LEASES_NS),
-                        extra=["--auth=proxy", "--trusted-proxy=127.0.0.1/32"])
+                        extra=["--auth=proxy", "--trusted-proxy=127.0.0.1/32"]
+                        if size.auth == "proxy" else ["--auth=none"])
         await stack.enter_async_context(relays)
         relay_ps = [psutil.Process(proc.pid) for proc in relays.procs]
         operator = Operator(plane, relays.internal_urls, workdir / "relays" / "token",
@@ -798,16 +800,19 @@ def main() -> None:
     parser.add_argument("--greeter-ports", type=int, default=40)
     parser.add_argument("--window", type=float, default=30.0, help="quiet windows, seconds")
     parser.add_argument("--storm-timeout", type=float, default=600.0)
+    parser.add_argument("--auth", choices=("proxy", "none"), default="proxy",
+                        help="the relays' --auth: proxy (each viewer a user of its own, each "
+                             "session a SubjectAccessReview), or none (no review: an A/B)")
     parser.add_argument("--json", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     if args.quick:
         size = Size(relays=3, targets=300, sessions_per_relay=200, target_rate=100.0,
                     session_rate=100.0, seat_every=args.seat_every, max_viewers=args.max_viewers,
-                    greeter_ports=4, window=10.0, storm_timeout=120.0)
+                    greeter_ports=4, window=10.0, storm_timeout=120.0, auth=args.auth)
     else:
         size = Size(args.relays, args.targets, args.sessions_per_relay, args.target_rate,
                     args.session_rate, args.seat_every, args.max_viewers, args.greeter_ports,
-                    args.window, args.storm_timeout)
+                    args.window, args.storm_timeout, args.auth)
     if size.relays < 2:
         parser.error("--relays: at least 2 (one is killed)")
     reaper.install()
