@@ -240,6 +240,12 @@ class PhaseWatch:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+def totals(before: tuple[float, Counter[str]], after: tuple[float, Counter[str]]
+           ) -> dict[str, int]:
+    return {kind: after[1][kind] - before[1][kind] for kind in sorted(after[1])
+            if after[1][kind] != before[1][kind]}
+
+
 # -- the processes ---------------------------------------------------------------------------
 
 class Child:
@@ -572,6 +578,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["setup_p50_ms_by_lane"] = [s["setup_p50_ms"] for s in opened]
         out["setup_p99_ms_by_lane"] = [s["setup_p99_ms"] for s in opened]
         out["api_rates_sessions"] = rates(before, after)
+        out["api_totals_sessions"] = totals(before, after)
         out["cpu_pct_sessions"] = cpu_pct(cpu0, parts.cpu(), elapsed)
         out["load_after_sessions"] = load()
         # The operator writes session counts into status every 2 s: let it catch up.
@@ -656,6 +663,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         storm_elapsed = samples[-1][0] - samples[0][0]
         out["storm"]["api_window_s"] = round(storm_elapsed, 1)
         out["api_rates_storm"] = rates(samples[0], samples[-1])
+        out["api_totals_storm"] = totals(samples[0], samples[-1])
         out["cpu_pct_storm"] = cpu_pct(cpu0, parts.cpu(), storm_elapsed)
         out["api_storm_series"] = [
             {"t": round(b[0] - killed_at, 1), **rates(a, b)}
@@ -689,6 +697,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["restart"] = {"not_ready_before": not_ready, "all_ready_s": round(ready_s, 1),
                           "api_window_s": round(after[0] - before[0], 1), "load": load()}
         out["api_rates_restart"] = rates(before, after)
+        out["api_totals_restart"] = totals(before, after)
         out["cpu_pct_restart"] = cpu_pct(cpu0, parts.cpu(), after[0] - before[0])
         out["load_end"] = load()
         for child in clients:
@@ -712,6 +721,10 @@ async def window(api: ApiCounter, parts: Parts, seconds: float) -> dict[str, Any
 def per_target(r: dict[str, Any], part: str) -> float:
     delta = float(r["rss_after_targets_MiB"][part] - r["rss_before_targets_MiB"][part])
     return round(delta * 1024 / int(r["size"]["targets"]), 2)
+
+
+def rate(value: float) -> str:
+    return "0" if not value else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def report(r: dict[str, Any]) -> str:
@@ -755,10 +768,20 @@ def report(r: dict[str, Any]) -> str:
               ("quiet, with sessions", r["window_sessions"]["api_rates"]),
               ("storm", r["api_rates_storm"]), ("relay restarted", r["api_rates_restart"])]
     kinds = sorted({k for _, rs in phases for k in rs})
+    opened = max(1, r["sessions_open"])
+    lines += ["API requests per session opened: " + ", ".join(
+        f"{kind} {count / opened:.2f}" for kind, count in r["api_totals_sessions"].items()),
+        "API requests in the storm window: " + ", ".join(
+        f"{kind} {count}" for kind, count in r["api_totals_storm"].items()),
+        "API requests/s at the storm's busiest sample (~2 s): " + ", ".join(
+        f"{kind} {max(x.get(kind, 0.0) for x in r['api_storm_series']):.1f}"
+        for kind in sorted({k for x in r["api_storm_series"] for k in x if k != "t"})),
+        "API requests after the restart: " + ", ".join(
+        f"{kind} {count}" for kind, count in r["api_totals_restart"].items()), ""]
     lines += ["| API requests/s | " + " | ".join(name for name, _ in phases) + " |",
               "|---|" + "---|" * len(phases)]
     for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(f"{rs.get(kind, 0):g}" for _, rs in phases)
+        lines.append(f"| {kind} | " + " | ".join(rate(rs.get(kind, 0.0)) for _, rs in phases)
                      + " |")
     lines += ["", "| CPU % | quiet, targets only | opening sessions | quiet, with sessions "
               "| storm | relay restarted |", "|---|---|---|---|---|---|"]
