@@ -33,9 +33,11 @@ def ws_frame(payload: bytes, opcode: int = 0x2) -> bytes:
 class Conn(asyncio.Protocol):
     """One benchmark connection. `ws_path` None: raw TCP; else a WebSocket to that path."""
 
-    def __init__(self, ws_path: str | None, host_header: str, greeting: int = 12) -> None:
+    def __init__(self, ws_path: str | None, host_header: str, greeting: int = 12,
+                 headers: str = "") -> None:
         self.ws_path = ws_path
         self.host_header = host_header
+        self.headers = headers  # more request header lines, each ending in \r\n
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # handshake done
         # When the connection was asked for, and when the 101 arrived (perf_counter seconds).
@@ -67,7 +69,8 @@ class Conn(asyncio.Protocol):
         transport.write(
             f"GET {self.ws_path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
             f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n".encode())
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n{self.headers}"
+            "\r\n".encode())
 
     def data_received(self, data: bytes) -> None:
         if self._handshake is not None:

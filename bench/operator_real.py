@@ -25,18 +25,18 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from harness import reaper
 from harness.cluster import ROOT, ControlPlane
 from harness.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
@@ -57,12 +57,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Operator:
-    """`vncgate-operator` in a child process."""
+    """`vncgate-operator` in a child process (harness/reaper.py: ended with this one)."""
 
-    def __init__(self, plane: ControlPlane, relay: RelayServer, token_file: Path,
+    def __init__(self, plane: ControlPlane, relay_urls: Sequence[str], token_file: Path,
                  log: Path, probe_interval: float, resync_interval: float) -> None:
         self.argv = [sys.executable, "-m", "vncgate.operator.cli",
-                     "--relay-url", relay.internal_url, "--api-token-file", str(token_file),
+                     *(f"--relay-url={url}" for url in relay_urls),
+                     "--api-token-file", str(token_file),
                      "--allow-cidr", "127.0.0.1/32", "--liveness", "off", "--standalone",
                      "--public-url", "https://vnc.example.com",
                      "--probe-interval", f"{probe_interval}s",
@@ -75,18 +76,13 @@ class Operator:
 
     def start(self) -> psutil.Process:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = reaper.popen(self.argv, env=self.env, stdout=out,
+                                     stderr=subprocess.STDOUT)
         return psutil.Process(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            reaper.end(self.proc, grace=20)
         self.proc = None
 
 
@@ -208,8 +204,9 @@ async def run_size(count: int, rate: float, singles: int, quiet: float, within: 
         token_file = workdir / "token"
         token_file.write_text(TOKEN)
         async with environment(workdir) as (plane, kube, relay, greeter), ReadyWatch(kube) as seen:
-            operator = Operator(plane, relay, token_file, logdir / f"operator-real-{count}.log",
-                                probe_interval, resync_interval)
+            operator = Operator(plane, [relay.internal_url], token_file,
+                                logdir / f"operator-real-{count}.log", probe_interval,
+                                resync_interval)
             proc = operator.start()
             try:
                 await asyncio.sleep(3)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -40,20 +41,26 @@ TOKEN = "bench-registration-token-0123456789"  # noqa: S105 - the throw-away rel
 
 
 class Relays:
-    """`count` relay processes that know each other; `urls`: their public addresses."""
+    """`count` relay processes that know each other; `urls`: their public addresses,
+    `internal_urls`: their internal ones (registration API). `targets` None: no manifest, the
+    routes come from an operator; `extra`: more flags for each (e.g. another --auth)."""
 
-    def __init__(self, workdir: Path, targets: Path, count: int,
-                 leases: tuple[Path, str] | None = None) -> None:
+    def __init__(self, workdir: Path, targets: Path | None, count: int,
+                 leases: tuple[Path, str] | None = None, extra: Sequence[str] = ()) -> None:
         ports = [(free_port(), free_port()) for _ in range(count)]
         (workdir / "token").write_text(TOKEN)
         self.urls = [f"http://127.0.0.1:{public}" for public, _ in ports]
+        self.internal_urls = [f"http://127.0.0.1:{internal}" for _, internal in ports]
         self.argvs = []
         for index, (public, internal) in enumerate(ports):
             peers = [f"--peer-url=http://127.0.0.1:{other}"
                      for n, (_, other) in enumerate(ports) if n != index]
             self.argvs.append([str(BIN / "vncgate-relay"), f"--listen=127.0.0.1:{public}",
-                               f"--internal-listen=127.0.0.1:{internal}", "--auth=none",
-                               f"--targets={targets}", f"--api-token-file={workdir / 'token'}",
+                               f"--internal-listen=127.0.0.1:{internal}",
+                               *(extra if any(a.startswith("--auth") for a in extra)
+                                 else ["--auth=none", *extra]),
+                               *([f"--targets={targets}"] if targets is not None else []),
+                               f"--api-token-file={workdir / 'token'}",
                                f"--identity=bench-{workdir.name}-{index}",
                                "--log-level=WARNING", *peers,
                                *([f"--kubeconfig={leases[0]}", f"--lease-namespace={leases[1]}"]

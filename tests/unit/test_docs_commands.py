@@ -87,6 +87,7 @@ CHECKED: dict[str, tuple[str, str, str]] = {
 }
 # Longest prefix first: `-m bench` would also match `-m bench.soak`.
 BENCH = {".venv/bin/python -m bench.operator": "bench.operator",
+         ".venv/bin/python -m bench.scale": "bench.scale",
          ".venv/bin/python -m bench.recording_encodings": "bench.recording_encodings",
          ".venv/bin/python -m bench.security_setup": "bench.security_setup",
          ".venv/bin/python -m bench.replicas_setup": "bench.replicas_setup",
