@@ -824,6 +824,10 @@ def test_webhook_fails_closed_for_vnctarget_writes_with_its_ca_wired() -> None:
     assert hook["rules"] == [{"apiGroups": ["vncgate.io"], "apiVersions": ["*"],
                               "resources": ["vnctargets"], "operations": ["CREATE", "UPDATE"],
                               "scope": "Namespaced"}]
+    # Only writes that can lend something call it (tests/cluster/test_admission.py checks what
+    # the API server makes of the expression).
+    assert [c["name"] for c in hook["matchConditions"]] == ["spec-written"]
+    assert "object.spec != oldObject.spec" in hook["matchConditions"][0]["expression"]
     service = hook["clientConfig"]["service"]
     assert service == {"name": "vncgate-operator-webhook", "namespace": "vncgate-system",
                        "port": 443, "path": "/validate-vnctarget"}
