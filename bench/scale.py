@@ -614,8 +614,13 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         killed_at = time.monotonic()
         relays.procs[victim].kill()
 
+        async def sample() -> None:
+            """One more /metrics read; one the API server is too busy to answer is skipped."""
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                samples.append(await api.read())
+
         async def storm_over() -> bool:
-            samples.append(await api.read())
+            await sample()
             got = await stats()
             lost = sum(s["lost"] for s in got) - lost_before
             settled = sum(s["back"] for s in got) + sum(s["gave_up"] for s in got) \
@@ -657,8 +662,8 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         quiet_since = time.monotonic()
         while time.monotonic() - killed_at < size.storm_timeout:
             await asyncio.sleep(2)
-            samples.append(await api.read())
-            if any(samples[-1][1][k] != samples[-2][1][k] for k in writes):
+            await sample()
+            if len(samples) > 1 and any(samples[-1][1][k] != samples[-2][1][k] for k in writes):
                 quiet_since = samples[-1][0]
             elif time.monotonic() - quiet_since >= 10 and time.monotonic() - killed_at >= 30:
                 break
