@@ -682,8 +682,14 @@ class Session:
                     return
                 else:  # CLOSE, CLOSING, CLOSED: the browser went away
                     peer_code = self.ws.close_code
-                    self._finish(peer_code if peer_code is not None else closecodes.NO_STATUS,
-                                 "the viewer closed the connection")
+                    if msg.type is WSMsgType.CLOSE:  # with a close frame
+                        self._finish(peer_code if peer_code is not None
+                                     else closecodes.NO_STATUS,
+                                     "the viewer closed the connection")
+                    else:  # its connection ended (an RST, or a FIN before any close frame)
+                        self._finish(peer_code if peer_code is not None
+                                     else closecodes.ABNORMAL,
+                                     "the viewer left without closing the connection")
                     return
         finally:
             if ahead is not None and not ahead.done():
