@@ -191,28 +191,40 @@ class RelayFleet:
         text = ", ".join(names)
         return text if len(text) <= 256 else text[:250] + ", ..."
 
+    def answering(self) -> list[str]:
+        """The replicas whose last request succeeded (every known one, until one fails)."""
+        return sorted(u for u in self.urls if u not in self.failures)
+
     def registration(self, route: Route) -> Registration | None:
         """The Registered condition of a route, from what the fleet last saw; None while it
         cannot know (after a restart, before the first full resync): keep what status says,
-        rather than flap a Ready target to Pending and back."""
+        rather than flap a Ready target to Pending and back.
+
+        Judged over the replicas that answer: one replica that stops answering (killed,
+        rolled, partitioned) is the fleet's condition (`relays_probe`, the operator's log),
+        not every target's: the others serve its viewers, and writing every target Pending and
+        back would cost two status writes and two Events per target. The message does not
+        count the ones that answer, for the same reason. Only when none answers is the target
+        Pending (`RelayUnavailable`)."""
         if not self.urls:
             return Registration(False, "NoRelayReplicas",
                                 "no relay replica is known: check that the relay pods run "
                                 "(--relay-service) or that --relay-url is right")
-        failing = sorted(u for u in self.failures if u in self.urls)
-        if failing:
+        answering = self.answering()
+        if not answering:
+            first = min(self.urls)
             return Registration(False, "RelayUnavailable",
-                                f"{len(failing)} of {len(self.urls)} relay replicas did not "
-                                f"answer ({self.failures[failing[0]]}); the operator retries at "
-                                "every resync")
-        if not self.holds(route):
+                                f"none of the {len(self.urls)} relay replicas answered "
+                                f"({self.failures[first]}); the operator retries at every "
+                                "resync")
+        if not all(self._replicas[url].held.get(route.key) == route for url in answering):
             if not self.synced_once.is_set():
                 return None
             return Registration(False, "NotRegistered", "waiting for the relays to take the "
                                                         "route (next resync)")
         return Registration(True, "Registered",
-                            f"route {route.address} served by {len(self.urls)} relay "
-                            f"replica{'s' if len(self.urls) != 1 else ''}")
+                            f"route {route.address} held by every relay replica that answers "
+                            f"({len(self.urls)} known)")
 
     # -- single changes ----------------------------------------------------------------------
 

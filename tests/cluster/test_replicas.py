@@ -28,6 +28,7 @@ from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.e2e.test_viewer import wait_for_pixel
+from tests.operator.conftest import conditions
 from tests.relay.test_second_review import from_address, sign_in_at
 from tests.support.processes import ConsoleScript
 from tests.support.replicas import LINK_KEY, SESSION_KEY, Replica, Replicas
@@ -346,7 +347,9 @@ def test_sign_in_limits_count_every_replicas_failures(replicas: Replicas) -> Non
 def test_the_operator_counts_every_replicas_viewers_in_status(
         release: Release, namespace: str, xvnc: XvncServer, tmp_path: Path) -> None:
     """Three replicas filled by the operator (no manifests): a viewer on each, and the
-    VncTarget's status.activeSessions says 3, then 2 after a replica is SIGKILLed."""
+    VncTarget's status.activeSessions says 3, then 2 after a replica is SIGKILLed; the target
+    stays Ready (its Registered condition unchanged), and one created while the replica is down
+    turns Ready and opens: Registered is judged over the replicas that answer."""
     plane = release.plane
     with Replicas(plane, release.namespace, release.relay_account, tmp_path / "relays", 3,
                   "--auth=none") as relays:
@@ -381,10 +384,30 @@ def test_the_operator_counts_every_replicas_viewers_in_status(
                     await asyncio.to_thread(
                         wait_until, lambda: status().get("activeSessions") == 3,
                         "activeSessions 3", timeout=60)
+                    registered = conditions(status())["Registered"]
+                    assert registered["status"] == "True", status()
                     relays.members[2].kill()
                     await asyncio.to_thread(
                         wait_until, lambda: status().get("activeSessions") == 2,
                         "activeSessions 2 after a replica died", timeout=60)
+                    # The two that answer serve desk: it stays Ready, its Registered
+                    # condition untouched (no Pending and back for every target).
+                    assert status().get("phase") == "Ready", status()
+                    assert conditions(status())["Registered"] == registered, status()
+                    # A target created while the replica is down is served by the others.
+                    plane.apply({"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
+                                 "metadata": {"name": "desk-2", "namespace": namespace},
+                                 "spec": {"endpoint": {"address": {
+                                     "host": "127.0.0.1", "port": xvnc.port}}}})
+                    await asyncio.to_thread(
+                        wait_until, lambda: (plane.get("vnc", "desk-2", "-n", namespace)
+                                             .get("status") or {}).get("phase") == "Ready",
+                        "desk-2 Ready with a replica down", timeout=90)
+                    ws, code, reason = await viewer_without_sign_in(
+                        f"{relays.members[0].url}/t/{namespace}/desk-2")
+                    assert ws is not None, (code, reason, relays.logs())
+                    sockets.append(ws)
+                    assert conditions(status())["Registered"] == registered, status()
                 finally:
                     for ws in sockets:
                         await close_viewer(ws)

@@ -44,7 +44,7 @@ async def test_every_replica_serves_the_route(k8s: Any, xvnc: XvncServer) -> Non
             status = await eventually(
                 lambda: (s := cluster.status("lab", "desk-1")).get("phase") == "Ready" and s,
                 "phase Ready")
-            assert "2 relay replicas" in conditions(status)["Registered"]["message"]
+            assert "(2 known)" in conditions(status)["Registered"]["message"]
 
 
 async def test_restarted_empty_relay_gets_every_route_back(k8s: Any, xvnc: XvncServer) -> None:

@@ -25,6 +25,33 @@ async def test_before_the_first_resync_the_fleet_claims_nothing() -> None:
         assert registration is not None and registration.ok
 
 
+async def test_a_replica_that_does_not_answer_leaves_the_others_registration_standing() -> None:
+    """Registered is judged over the replicas that answer: one replica down is the fleet's
+    condition, not every target's; only when none answers is a target Pending."""
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"]
+    async with aiohttp.ClientSession() as session:
+        fleet = RelayFleet(session, "t" * 32, urls)
+        fleet.synced_once.set()
+        for url in urls:
+            fleet._replicas[url].hold(ROUTE)
+        ready = fleet.registration(ROUTE)
+        assert ready is not None and ready.ok
+        fleet.failures[urls[2]] = "connection refused"  # as poll() records it
+        fleet._replicas[urls[2]].forget_all()  # what it holds is unknown now
+        assert fleet.answering() == sorted(urls[:2])
+        # The same condition, word for word: no status write, no Event, for any target.
+        assert fleet.registration(ROUTE) == ready
+        # A replica that answers but lacks the route still holds a target back.
+        fleet._replicas[urls[1]].drop(ROUTE.key)
+        missing = fleet.registration(ROUTE)
+        assert missing is not None and (missing.ok, missing.reason) == (False, "NotRegistered")
+        fleet.failures[urls[0]] = "timed out"
+        fleet.failures[urls[1]] = "connection refused"
+        none = fleet.registration(ROUTE)
+        assert none is not None and (none.ok, none.reason) == (False, "RelayUnavailable")
+        assert "none of the 3 relay replicas answered (connection refused)" in none.message
+
+
 async def test_before_the_first_resync_a_change_waits_for_it_and_after_it_is_sent() -> None:
     async with aiohttp.ClientSession() as session:
         sent: list[str] = []
