@@ -14,10 +14,11 @@ Everything runs on 127.0.0.1, each part in processes of its own, as a cluster ru
   (the relays all dial from 127.0.0.1, and one destination takes at most one connection per
   local port: 32768-60999);
 - lanes of viewers: each lane one HAProxy (`mode tcp`, `balance roundrobin`, health checks on
-  /readyz, `option redispatch`: tests/support/haproxy.py's balancer) in front of all R relays,
-  and one client process (bench/scale_clients.py) that opens its sessions through it. A lane
-  carries at most LANE sessions, so that no process needs more descriptors than the hard limit
-  (HAProxy holds two per session).
+  /readyz, `option redispatch`: harness/haproxy.py's `balancer_config`, the tests' replicas'
+  balancer, with room for a lane's sessions) in front of all R relays, and one client process
+  (bench/scale_clients.py) that opens its sessions through it. A lane carries at most LANE
+  sessions, so that no process needs more descriptors than the hard limit (HAProxy holds two
+  per session).
 
 The run: T VncTargets created at --target-rate over 10 namespaces (every --seat-every'th with
 `maxViewers`, so its sessions take seat Leases) until each is Ready and on every relay; a quiet
@@ -51,7 +52,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +60,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,8 @@ from bench.limits import raise_fd_limit
 from bench.operator_real import TARGETS, Operator, ReadyWatch, settle
 from bench.replicas_setup import TOKEN, Relays
 from harness import reaper
-from harness.cluster import ROOT, ControlPlane, free_port
-from harness.waiting import wait_until
+from harness.cluster import ROOT, ControlPlane
+from harness.haproxy import Haproxy, balancer_config
 from vncgate.common.client import RelayClient, RelayError
 from vncgate.common.kube import KubeClient, KubeError, kube_connection
 
@@ -102,31 +103,6 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vncgate-
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: Group, name: vncgate-bench-viewers}
 """
-
-# tests/support/haproxy.py's balancer (roundrobin, no affinity), with room for a lane's
-# sessions. (leastconn was tried: a relay just killed holds no connection, so it drew every
-# reconnection until its health check failed.)
-BALANCER = """global
-    maxconn {maxconn}
-defaults
-    mode tcp
-    maxconn {maxconn}
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    timeout tunnel 1h
-frontend public
-    bind 127.0.0.1:{port} backlog 4096
-    default_backend relays
-backend relays
-    balance roundrobin
-    # A connection refused by a relay that died since its last check goes to another one.
-    option redispatch
-    retries 3
-    option httpchk GET /readyz
-    default-server inter 1s fall 1 rise 1
-{servers}"""
-
 
 @dataclass
 class Size:
@@ -290,38 +266,6 @@ class Child:
         if self.proc.returncode is None:
             reaper.kill_group(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
-
-
-class Balancer:
-    """One HAProxy in front of every relay."""
-
-    def __init__(self, workdir: Path, index: int, relay_urls: list[str], maxconn: int) -> None:
-        self.port = free_port()
-        servers = "".join(f"    server relay{n} {url.removeprefix('http://')} check\n"
-                          for n, url in enumerate(relay_urls))
-        self.config = workdir / f"haproxy-{index}.cfg"
-        self.config.write_text(BALANCER.format(port=self.port, maxconn=maxconn, servers=servers))
-        self.log = workdir / f"haproxy-{index}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.proc = reaper.popen(["haproxy", "-db", "-f", str(self.config)], stdout=log,
-                                     stderr=subprocess.STDOUT)
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited: {self.log.read_text()[-2000:]}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_until(listening, "haproxy listening", timeout=20)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            reaper.end(self.proc, grace=10)
-            self.proc = None
 
 
 def rss(procs: Iterable[psutil.Process]) -> float:
@@ -526,8 +470,11 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["window_targets"] = await window(api, parts, size.window)
 
         # -- sessions --
-        balancers = [Balancer(workdir, n, relays.urls, maxconn=LANE + 500)
-                     for n in range(lanes)]
+        backends = [url.removeprefix("http://") for url in relays.urls]
+        balancers = [Haproxy(workdir, partial(balancer_config, backends=backends,
+                                              maxconn=LANE + 500, frontend_maxconn=LANE + 500,
+                                              backlog=4096))
+                     for _ in range(lanes)]
         for balancer in balancers:
             balancer.start()
             stack.callback(balancer.stop)
@@ -545,8 +492,8 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
                 logdir / f"clients-{lane}.log")
             stack.push_async_callback(child.end)
             clients.append(child)
-        parts.groups["HAProxy (all)"] = [psutil.Process(b.proc.pid) for b in balancers
-                                         if b.proc is not None]
+        parts.groups["HAProxy (all)"] = [psutil.Process(b.process.pid) for b in balancers
+                                         if b.process is not None]
         parts.groups["clients (all)"] = [c.ps for c in clients]
         out["rss_before_sessions_MiB"] = parts.rss()
         print(f"scale: opening {size.sessions} sessions at {size.session_rate:g}/s", flush=True)
