@@ -36,11 +36,12 @@ from typing import Any
 
 import psutil
 
+from bench.targetwatch import TargetWatch
 from harness import reaper
 from harness.cluster import ROOT, ControlPlane
 from harness.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
-from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.operator import memory
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.web.server import RelayServer
@@ -94,46 +95,6 @@ async def settle(proc: psutil.Process, quiet: float = 2.0, within: float = 120.0
         await asyncio.sleep(quiet)
         if sum(proc.cpu_times()[:2]) - before < 0.05 * quiet:
             return
-
-
-class ReadyWatch:
-    """The first time each VncTarget is seen Ready, from one cluster-wide watch."""
-
-    def __init__(self, kube: KubeClient) -> None:
-        self.kube = kube
-        self.ready_at: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(KubeError, OSError, asyncio.TimeoutError):
-                async for event in self.kube.watch("/apis/vncgate.io/v1alpha1/vnctargets",
-                                                   timeout_seconds=600):
-                    obj = event.get("object") or {}
-                    meta = obj.get("metadata") or {}
-                    if (obj.get("status") or {}).get("phase") == "Ready":
-                        self.ready_at.setdefault(f"{meta.get('namespace')}/{meta.get('name')}",
-                                                 time.monotonic())
-            await asyncio.sleep(0.2)
-
-    async def __aenter__(self) -> ReadyWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def wait(self, keys: list[str], within: float) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if all(k in self.ready_at for k in keys):
-                return
-            await asyncio.sleep(0.1)
-        missing = [k for k in keys if k not in self.ready_at]
-        raise RuntimeError(f"{len(missing)} targets not Ready within {within:g}s, "
-                           f"e.g. {missing[:3]}")
 
 
 def body(namespace: str, name: str, port: int) -> dict[str, Any]:
@@ -203,7 +164,7 @@ async def run_size(count: int, rate: float, singles: int, quiet: float, within: 
         workdir = Path(tmp)
         token_file = workdir / "token"
         token_file.write_text(TOKEN)
-        async with environment(workdir) as (plane, kube, relay, greeter), ReadyWatch(kube) as seen:
+        async with environment(workdir) as (plane, kube, relay, greeter), TargetWatch(kube) as seen:
             operator = Operator(plane, [relay.internal_url], token_file,
                                 logdir / f"operator-real-{count}.log", probe_interval,
                                 resync_interval)

@@ -68,19 +68,19 @@ import aiohttp
 import psutil
 
 from bench.limits import raise_fd_limit
-from bench.operator_real import TARGETS, Operator, ReadyWatch, settle
+from bench.operator_real import TARGETS, Operator, settle
 from bench.replicas_setup import TOKEN, Relays
+from bench.targetwatch import TargetWatch
 from harness import reaper
 from harness.cluster import ROOT, ControlPlane
 from harness.haproxy import Haproxy, balancer_config
 from vncgate.common.client import RelayClient, RelayError
-from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.kube import KubeClient, kube_connection
 
 MiB = 2**20
 NAMESPACES = 10
 LEASES_NS = "vncgate-bench"
 GROUP = "vncgate-bench-viewers"
-WATCH = "/apis/vncgate.io/v1alpha1/vnctargets"
 LANE = 9_000  # sessions per HAProxy and client process: 2 x 9,000 + its own < 20,000 fds
 RESULTS = ROOT / "bench" / "results"
 # Waiting for the operator to go quiet: bounded, since its probes (every target every 30 s)
@@ -182,41 +182,6 @@ def rates(before: tuple[float, Counter[str]], after: tuple[float, Counter[str]]
     elapsed = after[0] - before[0]
     return {kind: round((after[1][kind] - before[1][kind]) / elapsed, 3)
             for kind in sorted(after[1]) if after[1][kind] != before[1][kind]}
-
-
-class PhaseWatch:
-    """Every VncTarget's current phase, from one cluster-wide watch (its first events list them
-    all)."""
-
-    def __init__(self, kube: KubeClient) -> None:
-        self.kube = kube
-        self.phase: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(KubeError, OSError, TimeoutError):
-                async for event in self.kube.watch(WATCH, timeout_seconds=600):
-                    obj = event.get("object") or {}
-                    meta = obj.get("metadata") or {}
-                    key = f"{meta.get('namespace')}/{meta.get('name')}"
-                    if event.get("type") == "DELETED":
-                        self.phase.pop(key, None)
-                    elif event.get("type") in ("ADDED", "MODIFIED"):
-                        self.phase[key] = str((obj.get("status") or {}).get("phase", ""))
-            await asyncio.sleep(0.2)
-
-    def ready(self) -> int:
-        return sum(1 for phase in self.phase.values() if phase == "Ready")
-
-    async def __aenter__(self) -> PhaseWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def totals(before: tuple[float, Counter[str]], after: tuple[float, Counter[str]]
@@ -448,7 +413,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         keys = [target_key(i) for i in range(size.targets)]
         before = await api.read()
         cpu0 = parts.cpu()
-        async with ReadyWatch(kube) as seen:  # closed after: its watch would cost the rest
+        async with TargetWatch(kube) as seen:  # closed after: its watch would cost the rest
             out["targets_created_s"] = round(await create_paced(kube, size, ports), 1)
             await seen.wait(keys, within=300 + size.targets / size.target_rate)
         out["targets_all_ready_s"] = round(time.monotonic() - before[0], 1)
@@ -630,7 +595,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["rss_after_storm_MiB"] = parts.rss()
 
         # -- the killed relay restarted in its place, as its pod's container would be --
-        async with PhaseWatch(kube) as phases:
+        async with TargetWatch(kube) as phases:
             async def listed() -> bool:
                 return len(phases.phase) >= size.targets
             await until(listed, "every target listed", 120, every=0.5)
