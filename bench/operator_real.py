@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,10 @@ async def api_requests(plane: ControlPlane) -> float:
 
 
 @contextlib.asynccontextmanager
-async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient,
-                                                            RelayServer, TcpServer]]:
+async def control_plane(workdir: Path, prepare: Callable[[ControlPlane], None] | None = None
+                        ) -> AsyncIterator[tuple[ControlPlane, KubeClient]]:
+    """etcd + kube-apiserver (no controller manager) with the CRDs and the namespaces
+    bench-0..9, then `prepare(plane)`; a client of it as admin."""
     plane = ControlPlane(workdir / "plane", controller_manager=False).start()
     try:
         plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
@@ -145,16 +147,25 @@ async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeCl
                       "crd/vnctargets.vncgate.io")
         for index in range(NAMESPACES):
             plane.kubectl("create", "namespace", f"bench-{index}")
+        if prepare is not None:
+            prepare(plane)
         kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
-        async with TcpServer(passwordless_vnc) as greeter, RelayServer(RelaySettings(
-                listen=Address("127.0.0.1", 0), internal_listen=Address("127.0.0.1", 0),
-                api_token=TOKEN)) as relay:
-            try:
-                yield plane, kube, relay, greeter
-            finally:
-                await kube.close()
+        try:
+            yield plane, kube
+        finally:
+            await kube.close()
     finally:
         plane.close()
+
+
+@contextlib.asynccontextmanager
+async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient,
+                                                            RelayServer, TcpServer]]:
+    async with control_plane(workdir) as (plane, kube), TcpServer(passwordless_vnc) as greeter, \
+            RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                      internal_listen=Address("127.0.0.1", 0),
+                                      api_token=TOKEN)) as relay:
+        yield plane, kube, relay, greeter
 
 
 async def run_size(count: int, rate: float, singles: int, quiet: float, within: float,

@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -68,17 +68,16 @@ import aiohttp
 import psutil
 
 from bench.limits import raise_fd_limit
-from bench.operator_real import TARGETS, Operator, settle
+from bench.operator_real import NAMESPACES, TARGETS, Operator, control_plane, settle
 from bench.replicas_setup import TOKEN, Relays
 from bench.targetwatch import TargetWatch
 from harness import reaper
 from harness.cluster import ROOT, ControlPlane
 from harness.haproxy import Haproxy, balancer_config
 from vncgate.common.client import RelayClient, RelayError
-from vncgate.common.kube import KubeClient, kube_connection
+from vncgate.common.kube import KubeClient
 
 MiB = 2**20
-NAMESPACES = 10
 LEASES_NS = "vncgate-bench"
 GROUP = "vncgate-bench-viewers"
 LANE = 9_000  # sessions per HAProxy and client process: 2 x 9,000 + its own < 20,000 fds
@@ -339,24 +338,10 @@ async def until(check: Any, what: str, within: float, every: float = 1.0) -> flo
     raise TimeoutError(f"{what}: not within {within:.0f}s")
 
 
-@contextlib.asynccontextmanager
-async def control_plane(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient]]:
-    plane = ControlPlane(workdir / "plane", controller_manager=False).start()
-    try:
-        plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/vnctargets.vncgate.io")
-        for index in range(NAMESPACES):
-            plane.kubectl("create", "namespace", f"bench-{index}")
-        plane.kubectl("create", "namespace", LEASES_NS)
-        plane.apply(RBAC)
-        kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
-        try:
-            yield plane, kube
-        finally:
-            await kube.close()
-    finally:
-        plane.close()
+def prepare(plane: ControlPlane) -> None:
+    """The relays' Lease namespace and the viewers' RBAC, besides bench.operator_real's."""
+    plane.kubectl("create", "namespace", LEASES_NS)
+    plane.apply(RBAC)
 
 
 async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> None:
@@ -373,7 +358,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
     print(f"scale: {size.relays} relays, {size.targets} targets, {size.sessions} sessions in "
           f"{lanes} lanes, {greeters} greeter processes; fd limit {out['fd_limit']}", flush=True)
     async with contextlib.AsyncExitStack() as stack:
-        plane, kube = await stack.enter_async_context(control_plane(workdir))
+        plane, kube = await stack.enter_async_context(control_plane(workdir, prepare))
         api = ApiCounter(kube)
         stack.push_async_callback(api.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
