@@ -30,17 +30,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from bench.targetwatch import TargetWatch
 from harness import reaper
 from harness.cluster import ROOT, ControlPlane
 from harness.servers import TcpServer, passwordless_vnc
 from vncgate.common.addresses import Address
-from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.kube import KubeClient, kube_connection
 from vncgate.operator import memory
 from vncgate.relay.settings import RelaySettings
 from vncgate.relay.web.server import RelayServer
@@ -96,46 +97,6 @@ async def settle(proc: psutil.Process, quiet: float = 2.0, within: float = 120.0
             return
 
 
-class ReadyWatch:
-    """The first time each VncTarget is seen Ready, from one cluster-wide watch."""
-
-    def __init__(self, kube: KubeClient) -> None:
-        self.kube = kube
-        self.ready_at: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(KubeError, OSError, asyncio.TimeoutError):
-                async for event in self.kube.watch("/apis/vncgate.io/v1alpha1/vnctargets",
-                                                   timeout_seconds=600):
-                    obj = event.get("object") or {}
-                    meta = obj.get("metadata") or {}
-                    if (obj.get("status") or {}).get("phase") == "Ready":
-                        self.ready_at.setdefault(f"{meta.get('namespace')}/{meta.get('name')}",
-                                                 time.monotonic())
-            await asyncio.sleep(0.2)
-
-    async def __aenter__(self) -> ReadyWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def wait(self, keys: list[str], within: float) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if all(k in self.ready_at for k in keys):
-                return
-            await asyncio.sleep(0.1)
-        missing = [k for k in keys if k not in self.ready_at]
-        raise RuntimeError(f"{len(missing)} targets not Ready within {within:g}s, "
-                           f"e.g. {missing[:3]}")
-
-
 def body(namespace: str, name: str, port: int) -> dict[str, Any]:
     return {"apiVersion": "vncgate.io/v1alpha1", "kind": "VncTarget",
             "metadata": {"name": name, "namespace": namespace},
@@ -175,8 +136,10 @@ async def api_requests(plane: ControlPlane) -> float:
 
 
 @contextlib.asynccontextmanager
-async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient,
-                                                            RelayServer, TcpServer]]:
+async def control_plane(workdir: Path, prepare: Callable[[ControlPlane], None] | None = None
+                        ) -> AsyncIterator[tuple[ControlPlane, KubeClient]]:
+    """etcd + kube-apiserver (no controller manager) with the CRDs and the namespaces
+    bench-0..9, then `prepare(plane)`; a client of it as admin."""
     plane = ControlPlane(workdir / "plane", controller_manager=False).start()
     try:
         plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
@@ -184,16 +147,25 @@ async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeCl
                       "crd/vnctargets.vncgate.io")
         for index in range(NAMESPACES):
             plane.kubectl("create", "namespace", f"bench-{index}")
+        if prepare is not None:
+            prepare(plane)
         kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
-        async with TcpServer(passwordless_vnc) as greeter, RelayServer(RelaySettings(
-                listen=Address("127.0.0.1", 0), internal_listen=Address("127.0.0.1", 0),
-                api_token=TOKEN)) as relay:
-            try:
-                yield plane, kube, relay, greeter
-            finally:
-                await kube.close()
+        try:
+            yield plane, kube
+        finally:
+            await kube.close()
     finally:
         plane.close()
+
+
+@contextlib.asynccontextmanager
+async def environment(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient,
+                                                            RelayServer, TcpServer]]:
+    async with control_plane(workdir) as (plane, kube), TcpServer(passwordless_vnc) as greeter, \
+            RelayServer(RelaySettings(listen=Address("127.0.0.1", 0),
+                                      internal_listen=Address("127.0.0.1", 0),
+                                      api_token=TOKEN)) as relay:
+        yield plane, kube, relay, greeter
 
 
 async def run_size(count: int, rate: float, singles: int, quiet: float, within: float,
@@ -203,7 +175,7 @@ async def run_size(count: int, rate: float, singles: int, quiet: float, within: 
         workdir = Path(tmp)
         token_file = workdir / "token"
         token_file.write_text(TOKEN)
-        async with environment(workdir) as (plane, kube, relay, greeter), ReadyWatch(kube) as seen:
+        async with environment(workdir) as (plane, kube, relay, greeter), TargetWatch(kube) as seen:
             operator = Operator(plane, [relay.internal_url], token_file,
                                 logdir / f"operator-real-{count}.log", probe_interval,
                                 resync_interval)

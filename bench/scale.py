@@ -14,10 +14,11 @@ Everything runs on 127.0.0.1, each part in processes of its own, as a cluster ru
   (the relays all dial from 127.0.0.1, and one destination takes at most one connection per
   local port: 32768-60999);
 - lanes of viewers: each lane one HAProxy (`mode tcp`, `balance roundrobin`, health checks on
-  /readyz, `option redispatch`: tests/support/haproxy.py's balancer) in front of all R relays,
-  and one client process (bench/scale_clients.py) that opens its sessions through it. A lane
-  carries at most LANE sessions, so that no process needs more descriptors than the hard limit
-  (HAProxy holds two per session).
+  /readyz, `option redispatch`: harness/haproxy.py's `balancer_config`, the tests' replicas'
+  balancer, with room for a lane's sessions) in front of all R relays, and one client process
+  (bench/scale_clients.py) that opens its sessions through it. A lane carries at most LANE
+  sessions, so that no process needs more descriptors than the hard limit (HAProxy holds two
+  per session).
 
 The run: T VncTargets created at --target-rate over 10 namespaces (every --seat-every'th with
 `maxViewers`, so its sessions take seat Leases) until each is Ready and on every relay; a quiet
@@ -51,15 +52,15 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +68,18 @@ import aiohttp
 import psutil
 
 from bench.limits import raise_fd_limit
-from bench.operator_real import TARGETS, Operator, ReadyWatch, settle
+from bench.operator_real import NAMESPACES, TARGETS, Operator, control_plane, settle
 from bench.replicas_setup import TOKEN, Relays
+from bench.targetwatch import TargetWatch
 from harness import reaper
-from harness.cluster import ROOT, ControlPlane, free_port
-from harness.waiting import wait_until
+from harness.cluster import ROOT, ControlPlane
+from harness.haproxy import Haproxy, balancer_config
 from vncgate.common.client import RelayClient, RelayError
-from vncgate.common.kube import KubeClient, KubeError, kube_connection
+from vncgate.common.kube import KubeClient
 
 MiB = 2**20
-NAMESPACES = 10
 LEASES_NS = "vncgate-bench"
 GROUP = "vncgate-bench-viewers"
-WATCH = "/apis/vncgate.io/v1alpha1/vnctargets"
 LANE = 9_000  # sessions per HAProxy and client process: 2 x 9,000 + its own < 20,000 fds
 RESULTS = ROOT / "bench" / "results"
 # Waiting for the operator to go quiet: bounded, since its probes (every target every 30 s)
@@ -102,31 +102,6 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vncgate-
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: Group, name: vncgate-bench-viewers}
 """
-
-# tests/support/haproxy.py's balancer (roundrobin, no affinity), with room for a lane's
-# sessions. (leastconn was tried: a relay just killed holds no connection, so it drew every
-# reconnection until its health check failed.)
-BALANCER = """global
-    maxconn {maxconn}
-defaults
-    mode tcp
-    maxconn {maxconn}
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    timeout tunnel 1h
-frontend public
-    bind 127.0.0.1:{port} backlog 4096
-    default_backend relays
-backend relays
-    balance roundrobin
-    # A connection refused by a relay that died since its last check goes to another one.
-    option redispatch
-    retries 3
-    option httpchk GET /readyz
-    default-server inter 1s fall 1 rise 1
-{servers}"""
-
 
 @dataclass
 class Size:
@@ -208,41 +183,6 @@ def rates(before: tuple[float, Counter[str]], after: tuple[float, Counter[str]]
             for kind in sorted(after[1]) if after[1][kind] != before[1][kind]}
 
 
-class PhaseWatch:
-    """Every VncTarget's current phase, from one cluster-wide watch (its first events list them
-    all)."""
-
-    def __init__(self, kube: KubeClient) -> None:
-        self.kube = kube
-        self.phase: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(KubeError, OSError, TimeoutError):
-                async for event in self.kube.watch(WATCH, timeout_seconds=600):
-                    obj = event.get("object") or {}
-                    meta = obj.get("metadata") or {}
-                    key = f"{meta.get('namespace')}/{meta.get('name')}"
-                    if event.get("type") == "DELETED":
-                        self.phase.pop(key, None)
-                    elif event.get("type") in ("ADDED", "MODIFIED"):
-                        self.phase[key] = str((obj.get("status") or {}).get("phase", ""))
-            await asyncio.sleep(0.2)
-
-    def ready(self) -> int:
-        return sum(1 for phase in self.phase.values() if phase == "Ready")
-
-    async def __aenter__(self) -> PhaseWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
 def totals(before: tuple[float, Counter[str]], after: tuple[float, Counter[str]]
            ) -> dict[str, int]:
     return {kind: after[1][kind] - before[1][kind] for kind in sorted(after[1])
@@ -290,38 +230,6 @@ class Child:
         if self.proc.returncode is None:
             reaper.kill_group(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
-
-
-class Balancer:
-    """One HAProxy in front of every relay."""
-
-    def __init__(self, workdir: Path, index: int, relay_urls: list[str], maxconn: int) -> None:
-        self.port = free_port()
-        servers = "".join(f"    server relay{n} {url.removeprefix('http://')} check\n"
-                          for n, url in enumerate(relay_urls))
-        self.config = workdir / f"haproxy-{index}.cfg"
-        self.config.write_text(BALANCER.format(port=self.port, maxconn=maxconn, servers=servers))
-        self.log = workdir / f"haproxy-{index}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.proc = reaper.popen(["haproxy", "-db", "-f", str(self.config)], stdout=log,
-                                     stderr=subprocess.STDOUT)
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited: {self.log.read_text()[-2000:]}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_until(listening, "haproxy listening", timeout=20)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            reaper.end(self.proc, grace=10)
-            self.proc = None
 
 
 def rss(procs: Iterable[psutil.Process]) -> float:
@@ -430,24 +338,10 @@ async def until(check: Any, what: str, within: float, every: float = 1.0) -> flo
     raise TimeoutError(f"{what}: not within {within:.0f}s")
 
 
-@contextlib.asynccontextmanager
-async def control_plane(workdir: Path) -> AsyncIterator[tuple[ControlPlane, KubeClient]]:
-    plane = ControlPlane(workdir / "plane", controller_manager=False).start()
-    try:
-        plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/vnctargets.vncgate.io")
-        for index in range(NAMESPACES):
-            plane.kubectl("create", "namespace", f"bench-{index}")
-        plane.kubectl("create", "namespace", LEASES_NS)
-        plane.apply(RBAC)
-        kube = KubeClient(kube_connection(plane.admin_kubeconfig), timeout=30)
-        try:
-            yield plane, kube
-        finally:
-            await kube.close()
-    finally:
-        plane.close()
+def prepare(plane: ControlPlane) -> None:
+    """The relays' Lease namespace and the viewers' RBAC, besides bench.operator_real's."""
+    plane.kubectl("create", "namespace", LEASES_NS)
+    plane.apply(RBAC)
 
 
 async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> None:
@@ -464,7 +358,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
     print(f"scale: {size.relays} relays, {size.targets} targets, {size.sessions} sessions in "
           f"{lanes} lanes, {greeters} greeter processes; fd limit {out['fd_limit']}", flush=True)
     async with contextlib.AsyncExitStack() as stack:
-        plane, kube = await stack.enter_async_context(control_plane(workdir))
+        plane, kube = await stack.enter_async_context(control_plane(workdir, prepare))
         api = ApiCounter(kube)
         stack.push_async_callback(api.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
@@ -504,7 +398,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         keys = [target_key(i) for i in range(size.targets)]
         before = await api.read()
         cpu0 = parts.cpu()
-        async with ReadyWatch(kube) as seen:  # closed after: its watch would cost the rest
+        async with TargetWatch(kube) as seen:  # closed after: its watch would cost the rest
             out["targets_created_s"] = round(await create_paced(kube, size, ports), 1)
             await seen.wait(keys, within=300 + size.targets / size.target_rate)
         out["targets_all_ready_s"] = round(time.monotonic() - before[0], 1)
@@ -526,8 +420,11 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["window_targets"] = await window(api, parts, size.window)
 
         # -- sessions --
-        balancers = [Balancer(workdir, n, relays.urls, maxconn=LANE + 500)
-                     for n in range(lanes)]
+        backends = [url.removeprefix("http://") for url in relays.urls]
+        balancers = [Haproxy(workdir, partial(balancer_config, backends=backends,
+                                              maxconn=LANE + 500, frontend_maxconn=LANE + 500,
+                                              backlog=4096))
+                     for _ in range(lanes)]
         for balancer in balancers:
             balancer.start()
             stack.callback(balancer.stop)
@@ -545,8 +442,8 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
                 logdir / f"clients-{lane}.log")
             stack.push_async_callback(child.end)
             clients.append(child)
-        parts.groups["HAProxy (all)"] = [psutil.Process(b.proc.pid) for b in balancers
-                                         if b.proc is not None]
+        parts.groups["HAProxy (all)"] = [psutil.Process(b.process.pid) for b in balancers
+                                         if b.process is not None]
         parts.groups["clients (all)"] = [c.ps for c in clients]
         out["rss_before_sessions_MiB"] = parts.rss()
         print(f"scale: opening {size.sessions} sessions at {size.session_rate:g}/s", flush=True)
@@ -683,7 +580,7 @@ async def run(size: Size, workdir: Path, logdir: Path, out: dict[str, Any]) -> N
         out["rss_after_storm_MiB"] = parts.rss()
 
         # -- the killed relay restarted in its place, as its pod's container would be --
-        async with PhaseWatch(kube) as phases:
+        async with TargetWatch(kube) as phases:
             async def listed() -> bool:
                 return len(phases.phase) >= size.targets
             await until(listed, "every target listed", 120, every=0.5)
