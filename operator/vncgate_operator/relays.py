@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class _Replica:
             return
         if old is not None:
             self._revision = xor_digest(self._revision, old.digest())
-        self.held[route.key] = route
+        self.held[sys.intern(route.key)] = route
         self._revision = xor_digest(self._revision, route.digest())
 
     def drop(self, key: str) -> None:
@@ -85,7 +86,7 @@ class _Replica:
             self._revision = xor_digest(self._revision, old.digest())
 
     def hold_exactly(self, routes: Iterable[Route], revision: str) -> None:
-        self.held = {route.key: route for route in routes}
+        self.held = {sys.intern(route.key): route for route in routes}
         self._revision = bytes.fromhex(revision)
 
     def forget_all(self) -> None:
@@ -226,6 +227,17 @@ class RelayFleet:
                             f"route {route.address} held by every relay replica that answers "
                             f"({len(self.urls)} known)")
 
+    def _shared(self, route: Route, besides: _Replica) -> Route:
+        """An equal Route that another replica holds already, else `route`: every route is
+        computed anew for each replica (at send time), and without this R replicas would keep R
+        copies of every target's route (about 0.4 KiB each, 4 KiB per target at 10 replicas)."""
+        for other in self._replicas.values():
+            if other is not besides:
+                held = other.held.get(route.key)
+                if held is not None and held == route:
+                    return held
+        return route
+
     # -- single changes ----------------------------------------------------------------------
 
     async def _converge_one(self, url: str, replica: _Replica, key: str) -> None:
@@ -242,7 +254,7 @@ class RelayFleet:
             else:
                 if replica.held.get(key) != route:
                     await replica.client.put_route(route)
-                    replica.hold(route)
+                    replica.hold(self._shared(route, replica))
                 waiting = self.tombstones.get(key)  # deleted, then created again
                 if waiting is not None:
                     waiting.discard(url)
@@ -367,7 +379,8 @@ class RelayFleet:
                         logger.warning("relay %s reports revision %s… after the resync, "
                                        "expected %s…: are the relay and operator versions "
                                        "compatible?", url, got[:12], revision[:12])
-                replica.hold_exactly(desired, revision)
+                replica.hold_exactly((self._shared(route, replica) for route in desired),
+                                     revision)
                 for key in [k for k, waiting in self.tombstones.items() if url in waiting]:
                     self.tombstones[key].discard(url)
                     if not self.tombstones[key]:

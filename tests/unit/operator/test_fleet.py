@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 
-from vncgate.common.model import Route
+from vncgate.common.client import TableSnapshot
+from vncgate.common.model import Route, table_revision
 from vncgate.operator.relays import FanOut, RelayFleet
 
 ROUTE = Route("lab", "desk-1", "10.0.0.5", 5900)
@@ -87,3 +90,42 @@ async def test_discovered_replicas_replace_the_set_once_the_views_are_complete()
         assert fleet.views_ready.is_set() and fleet.urls == {"http://127.0.0.1:9"}
         fleet.views_complete(["http://127.0.0.1:10", "http://127.0.0.1:11"])
         assert fleet.urls == {"http://127.0.0.1:10", "http://127.0.0.1:11"}
+
+
+class _Accepting:
+    """A relay client that accepts whatever it is sent (the fleet's bookkeeping is under test)."""
+
+    async def put_route(self, route: Route) -> None:
+        return None
+
+    async def get_summary(self) -> TableSnapshot:
+        return TableSnapshot(revision="0" * 64, synced=False, boot="b")
+
+    async def replace_table(self, routes: list[Route], if_revision: str) -> str:
+        return table_revision(routes)
+
+
+async def test_the_replicas_share_one_route_object_per_target() -> None:
+    """Each replica's route is computed anew at send time; what the fleet keeps of them is one
+    object per target, not one per replica (memory at 10 replicas and 10,000 targets)."""
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"]
+    other = Route("lab", "desk-2", "10.0.0.6", 5900)
+    async with aiohttp.ClientSession() as session:
+        fleet = RelayFleet(session, "t" * 32, urls,
+                           route_of=lambda key: dataclasses.replace(ROUTE) if key == ROUTE.key
+                           else None,
+                           desired=lambda: [dataclasses.replace(ROUTE), dataclasses.replace(other)])
+        for replica in fleet._replicas.values():
+            replica.client = _Accepting()  # type: ignore[assignment]
+        await fleet.converge(ROUTE.key)
+        held = [replica.held[ROUTE.key] for replica in fleet._replicas.values()]
+        assert all(route == ROUTE for route in held)
+        assert len({id(route) for route in held}) == 1
+        assert await fleet.sync_all()
+        for key in (ROUTE.key, other.key):
+            held = [replica.held[key] for replica in fleet._replicas.values()]
+            assert len({id(route) for route in held}) == 1, key
+        # A replica given a different route keeps its own; the others are untouched.
+        moved = Route("lab", "desk-1", "10.0.0.7", 5900)
+        fleet._replicas[urls[0]].hold(moved)
+        assert fleet._replicas[urls[1]].held[ROUTE.key] == ROUTE
