@@ -164,15 +164,16 @@ class KubeClient:
     """JSON requests to the API server; the caller closes it.
 
     Its connections are `pool`'s, shared with other clients (whoever made the pool closes it),
-    or without one a pool of its own with the default bound, closed with the client."""
+    or without one a pool of its own of `max_connections`, closed with the client."""
 
     def __init__(self, connection: KubeConnection, timeout: float = 5.0,
-                 pool: KubePool | None = None) -> None:
+                 pool: KubePool | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.connection = connection
         # total: from the call to the reply read, waiting for a free connection included.
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._own_pool = pool is None
-        self.pool = pool if pool is not None else KubePool()
+        self.pool = pool if pool is not None else KubePool(max_connections)
 
     async def close(self) -> None:
         if self._own_pool:

@@ -136,9 +136,19 @@ async def test_a_watch_does_not_take_a_requests_connection(api: ApiServer) -> No
         await pool.close()
 
 
-def test_a_client_without_a_pool_has_its_own_bounded_one(api: ApiServer) -> None:
-    kube = KubeClient(connection(api))
-    assert kube.pool.max_connections == 16
+async def test_a_client_without_a_pool_has_its_own_bounded_one(api: ApiServer) -> None:
+    assert KubeClient(connection(api)).pool.max_connections == 16
+    kube = KubeClient(connection(api), max_connections=1)
+    first = asyncio.create_task(kube.request("POST", "/review", {}))
+    second = asyncio.create_task(kube.request("POST", "/review", {}))
+    try:
+        await eventually(lambda: api.in_flight == 1, "one request at the server")
+        api.gate.set()
+        await asyncio.gather(first, second)
+        assert api.most == 1 and len(api.peers) == 1
+    finally:
+        await kube.close()  # its own pool, with it
+    assert kube.pool._requests is None
     with pytest.raises(ValueError, match="at least 1"):
         KubePool(max_connections=0)
 
