@@ -117,8 +117,9 @@ def kube_connection(kubeconfig: Path | None, context_name: str | None = None) ->
 # aiohttp's default pool allows 100 per host and client: one relay with five clients held 226.
 DEFAULT_MAX_CONNECTIONS = 16
 # Seconds an idle connection is kept for the next request: aiohttp's default, shorter than the
-# idle timeouts of the API server and of the load balancers in front of it, so the relay is the
-# side that closes (a request is never sent on a connection the server is closing).
+# API server's idle timeout (90 s) and the usual load balancers' in front of it, so the client is
+# the side that closes (a POST, which aiohttp does not retry, is not sent on a connection the
+# server is closing).
 KEEPALIVE = 15.0
 
 
@@ -130,7 +131,8 @@ class KubePool:
     costs time, not connections, and a request that does not get one in time fails like one the
     API server did not answer. Watches (`KubeClient.watch`) each hold a connection for minutes:
     they have a pool of their own, so that they never take the requests' slots. Their number is
-    set by the code (a relay keeps two, the operator one per watched kind), not by the load.
+    set by the code and the configuration (a relay keeps two; the operator one per KubeVirt
+    kind and watched namespace), not by the load.
     """
 
     def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
