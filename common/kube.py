@@ -20,7 +20,8 @@ import aiohttp
 
 from vncgate.common.kubetls import KubeConfigError, ssl_context_for
 
-__all__ = ["KubeClient", "KubeConfigError", "KubeConnection", "KubeError", "kube_connection"]
+__all__ = ["KubeClient", "KubeConfigError", "KubeConnection", "KubeError", "KubePool",
+           "kube_connection"]
 
 
 # The most one watch event (one object, as JSON) may be. The API server stores objects of at
@@ -109,23 +110,76 @@ def kube_connection(kubeconfig: Path | None, context_name: str | None = None) ->
                           configuration=configuration)
 
 
-class KubeClient:
-    """JSON requests to the API server; the caller closes it."""
+# Requests a pool has under way to the API server at once, each on a connection of its own.
+# Reviews take milliseconds, so 16 kept-alive connections carry hundreds a second; a burst past
+# that waits for a free one (within each request's timeout) instead of opening a TLS connection
+# per request (~128 KiB of buffers each in the relay, and a handshake in the API server).
+# aiohttp's default pool allows 100 per host and client: one relay with five clients held 226.
+DEFAULT_MAX_CONNECTIONS = 16
+# Seconds an idle connection is kept for the next request: aiohttp's default, shorter than the
+# API server's idle timeout (90 s) and the usual load balancers' in front of it, so the client is
+# the side that closes (a POST, which aiohttp does not retry, is not sent on a connection the
+# server is closing).
+KEEPALIVE = 15.0
 
-    def __init__(self, connection: KubeConnection, timeout: float = 5.0) -> None:
-        self.connection = connection
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return self._session
+class KubePool:
+    """The HTTP connections to the API server that KubeClients share.
+
+    Requests (`KubeClient.request`) go through at most `max_connections` connections, kept alive
+    and reused; one that finds them all busy waits for one within its own timeout, so a burst
+    costs time, not connections, and a request that does not get one in time fails like one the
+    API server did not answer. Watches (`KubeClient.watch`) each hold a connection for minutes:
+    they have a pool of their own, so that they never take the requests' slots. Their number is
+    set by the code and the configuration (a relay keeps two; the operator one per KubeVirt
+    kind and watched namespace), not by the load.
+    """
+
+    def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        self.max_connections = max_connections
+        self._requests: aiohttp.ClientSession | None = None
+        self._watches: aiohttp.ClientSession | None = None
+
+    def requests(self) -> aiohttp.ClientSession:
+        if self._requests is None:
+            self._requests = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=self.max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE))
+        return self._requests
+
+    def watches(self) -> aiohttp.ClientSession:
+        if self._watches is None:
+            # limit=0: no bound of its own (see the class's comment); never waits for a slot.
+            self._watches = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE))
+        return self._watches
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._requests, self._watches):
+            if session is not None:
+                await session.close()
+        self._requests = self._watches = None
+
+
+class KubeClient:
+    """JSON requests to the API server; the caller closes it.
+
+    Its connections are `pool`'s, shared with other clients (whoever made the pool closes it),
+    or without one a pool of its own of `max_connections`, closed with the client."""
+
+    def __init__(self, connection: KubeConnection, timeout: float = 5.0,
+                 pool: KubePool | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.connection = connection
+        # total: from the call to the reply read, waiting for a free connection included.
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else KubePool(max_connections)
+
+    async def close(self) -> None:
+        if self._own_pool:
+            await self.pool.close()
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         """The decoded reply; KubeError for any status >= 400 (404 included).
@@ -139,7 +193,7 @@ class KubeClient:
             headers["Content-Type"] = ("application/merge-patch+json" if method == "PATCH"
                                        else "application/json")
             data = json.dumps(body)
-        async with self._http().request(
+        async with self.pool.requests().request(
                 method, f"{self.connection.server}{path}", data=data, headers=headers,
                 ssl=self.connection.ssl_context, timeout=self._timeout) as resp:
             if resp.status >= 400:
@@ -151,7 +205,7 @@ class KubeClient:
         separator = "&" if "?" in path else "?"
         url = (f"{self.connection.server}{path}{separator}watch=true"
                f"&timeoutSeconds={timeout_seconds}")
-        async with self._http().get(
+        async with self.pool.watches().get(
                 url, headers=self.connection.headers(), ssl=self.connection.ssl_context,
                 timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30,
                                               sock_read=timeout_seconds + 30)) as resp:

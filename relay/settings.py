@@ -15,6 +15,7 @@ from vncgate.common import installed_version
 from vncgate.common.addresses import Address, split_host_port
 from vncgate.common.envflags import FlagParser, env_flag, env_list
 from vncgate.common.envflags import env as _env
+from vncgate.common.kube import DEFAULT_MAX_CONNECTIONS
 from vncgate.common.model import Route
 from vncgate.common.networks import Network
 from vncgate.common.reach import ReachError, ReachPolicy, load_grants
@@ -114,6 +115,9 @@ class RelaySettings:
     auth: AuthSettings = field(default_factory=lambda: AuthSettings())
     # The Kubernetes API (SubjectAccessReviews, Leases): a kubeconfig, or in-cluster if None.
     kubeconfig: Path | None = None
+    # Requests to it under way at once, over kept-alive connections every part of the relay
+    # shares (vncgate.common.kube.KubePool); its watches have connections of their own.
+    kube_api_connections: int = DEFAULT_MAX_CONNECTIONS
     # Exclusive consoles across replicas: Leases in this namespace; None: this process only.
     lease_namespace: str | None = None
     identity: str = field(default_factory=socket.gethostname)
@@ -345,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--kubeconfig", type=Path,
                       default=Path(p) if (p := _env("KUBECONFIG_FILE")) else None,
                       help="kubeconfig for the Kubernetes API (default: in-cluster credentials)")
+    auth.add_argument("--kube-api-connections", type=int, metavar="N",
+                      default=int(_env("KUBE_API_CONNECTIONS") or DEFAULT_MAX_CONNECTIONS),
+                      help="connections to the Kubernetes API for requests (reviews, Leases, "
+                           "Secrets), kept alive and shared; a burst waits for a free one "
+                           f"within the request's timeout (default {DEFAULT_MAX_CONNECTIONS}; "
+                           "watches have their own)")
     roles = parser.add_argument_group(
         "role names", "the ClusterRoles that refusals tell people to ask for (the chart passes "
         "the names it created)")
@@ -543,7 +553,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
     paths = args.targets if args.targets is not None else [Path(p) for p in env_list("TARGETS")]
     origins = (args.allowed_origin if args.allowed_origin is not None
                else env_list("ALLOWED_ORIGIN"))
-    for name in ("max_sessions", "max_sessions_per_target"):
+    for name in ("max_sessions", "max_sessions_per_target", "kube_api_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.connect_timeout <= 0:
@@ -574,7 +584,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RelaySettings:
         peer_urls=peer_urls, peer_service=peer_service,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth=_auth_settings(parser, args, args.listen),
-        kubeconfig=args.kubeconfig, lease_namespace=args.lease_namespace,
+        kubeconfig=args.kubeconfig, kube_api_connections=args.kube_api_connections,
+        lease_namespace=args.lease_namespace,
         identity=_check_identity(parser, args.identity),
         listen=args.listen, internal_listen=args.internal_listen, api_token=token,
         metrics_listen=args.metrics_listen,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from vncgate.common.kube import KubeClient, kube_connection
+from vncgate.common.kube import KubeClient, KubeConnection, KubePool, kube_connection
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.access.authz import (
@@ -53,41 +53,60 @@ from vncgate.relay.settings import RelaySettings, host_names
 
 log = logging.getLogger("vncgate.relay")
 
-def make_authorizer(settings: RelaySettings) -> Authorizer:
+class RelayKube:
+    """The relay's way to the Kubernetes API: its credentials, loaded once on first use, and
+    the one bounded pool of connections (--kube-api-connections) that every client shares:
+    reviews, Leases, link claims, Secrets, peer discovery."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self._kubeconfig = settings.kubeconfig
+        self._connection: KubeConnection | None = None
+        self.pool = KubePool(settings.kube_api_connections)
+
+    def connection(self) -> KubeConnection:
+        """KubeConfigError without credentials (tried again at the next call)."""
+        if self._connection is None:
+            self._connection = kube_connection(self._kubeconfig)
+        return self._connection
+
+    def client(self) -> KubeClient:
+        return KubeClient(self.connection(), pool=self.pool)
+
+    async def close(self) -> None:
+        """After every user of the pool has stopped (their own close() leaves it open)."""
+        await self.pool.close()
+
+
+def make_authorizer(settings: RelaySettings, kube: RelayKube) -> Authorizer:
     if settings.auth.mode == AuthMode.NONE:
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
-        return KubernetesAuthorizer(KubeClient(kube_connection(settings.kubeconfig)),
-                                    roles=settings.roles)
+        return KubernetesAuthorizer(kube.client(), roles=settings.roles)
     return ManifestAuthorizer()
 
 
-def make_token_reviewer(settings: RelaySettings) -> TokenReviewer | None:
+def make_token_reviewer(settings: RelaySettings, kube: RelayKube) -> TokenReviewer | None:
     if not settings.auth.kubernetes_tokens or settings.auth.mode == AuthMode.NONE:
         return None
-    return TokenReviewer(KubeClient(kube_connection(settings.kubeconfig)),
-                         settings.auth.token_audiences)
+    return TokenReviewer(kube.client(), settings.auth.token_audiences)
 
 
-def make_peers(settings: RelaySettings) -> Peers:
-    kube = (KubeClient(kube_connection(settings.kubeconfig))
-            if settings.peer_service is not None else None)
+def make_peers(settings: RelaySettings, kube: RelayKube) -> Peers:
+    client = kube.client() if settings.peer_service is not None else None
     return Peers(settings.api_token, settings.identity, settings.peer_urls,
-                 settings.peer_service, kube)
+                 settings.peer_service, client)
 
 
-def make_marks(settings: RelaySettings) -> KubeMarks | None:
+def make_marks(settings: RelaySettings, kube: RelayKube) -> KubeMarks | None:
     """The Leases that keep used links and sign-outs across replicas (with --lease-namespace)."""
     if not settings.lease_namespace:
         return None
-    return KubeMarks(KubeClient(kube_connection(settings.kubeconfig)),
-                     settings.lease_namespace, settings.identity)
+    return KubeMarks(kube.client(), settings.lease_namespace, settings.identity)
 
 
-def make_consoles(settings: RelaySettings) -> Consoles:
+def make_consoles(settings: RelaySettings, kube: RelayKube) -> Consoles:
     if settings.lease_namespace:
-        return KubeConsoles(KubeClient(kube_connection(settings.kubeconfig)),
-                            settings.lease_namespace, settings.identity)
+        return KubeConsoles(kube.client(), settings.lease_namespace, settings.identity)
     return LocalConsoles()
 
 
@@ -98,6 +117,8 @@ class RelayState:
     sessions: Sessions = field(default_factory=Sessions)
     metrics: RelayMetrics = field(default_factory=RelayMetrics.create)
     shutting_down: bool = False
+    # The Kubernetes API: credentials and the connections every client below shares.
+    kube: RelayKube = field(init=False)
     authorizer: Authorizer = field(init=False)
     session_key: bytes = field(init=False)
     # Failed sign-ins, bearer tokens and share links per client address; sign-ins per account;
@@ -154,26 +175,27 @@ class RelayState:
 
     def __post_init__(self) -> None:
         self.registry.add_listener(self._route_changed)
-        self.authorizer = make_authorizer(self.settings)
+        self.kube = RelayKube(self.settings)
+        self.authorizer = make_authorizer(self.settings, self.kube)
         # Without --session-secret-file a fresh key per process: logins end at a restart and
         # do not carry across replicas (the CLI warns).
         self.session_key = self.settings.auth.session_secret or secrets.token_bytes(32)
-        self.consoles = make_consoles(self.settings)
+        self.consoles = make_consoles(self.settings, self.kube)
         self.seats = None
         if isinstance(self.consoles, KubeConsoles):
             self.seats = KubeSeats(self.consoles)
             self.consoles.on_lost = self.end_held_sessions
         self.host_names = host_names(self.settings)
         self.recorder = Recorder(self.settings.recording, self.metrics.registry)
-        self.logins = CredentialStore(self.settings)
+        self.logins = CredentialStore(self.settings, self.kube.client)
         self.thumbnails = Thumbnails(self.settings, self.logins, self.health)
-        self.token_reviewer = make_token_reviewer(self.settings)
+        self.token_reviewer = make_token_reviewer(self.settings, self.kube)
         self.users = UsersFile(self.settings.auth.users_file, self.settings.auth.users)
         self.oidc = (OidcClient(self.settings.auth.oidc)
                      if self.settings.auth.mode == AuthMode.OIDC and self.settings.auth.oidc
                      else None)
-        self.peers = make_peers(self.settings)
-        self.marks = make_marks(self.settings)
+        self.peers = make_peers(self.settings, self.kube)
+        self.marks = make_marks(self.settings, self.kube)
         self.renewals = None
         if self.oidc is not None:
             shared = self.marks is not None and self.oidc.settings.shared_renewals
@@ -189,7 +211,7 @@ class RelayState:
         self.sign_in_limits = SignInLimits(self.peers, {
             "login": self.login_failures, "account": self.account_failures,
             "device": self.device_failures, "bearer": self.bearer_failures})
-        self.kubevirt = KubeVirtDialer(lambda: kube_connection(self.settings.kubeconfig))
+        self.kubevirt = KubeVirtDialer(self.kube.connection)
         self.admission = Admission(
             sessions=self.sessions, consoles=self.consoles, metrics=self.metrics,
             settings=self.settings, closing=lambda: self.shutting_down,

@@ -23,6 +23,7 @@ import binascii
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,11 @@ def check_consent(route: Route, name: str, secret: dict[str, Any]) -> None:
 class CredentialStore:
     """Builds an `UpstreamLogin` for a route; talks to the API server only for Secret routes."""
 
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(self, settings: RelaySettings,
+                 kube: Callable[[], KubeClient] | None = None) -> None:
         self._settings = settings
+        # Makes the client on first use (the relay's shares its pool: relay.state.RelayKube).
+        self._make_kube = kube or (lambda: KubeClient(kube_connection(settings.kubeconfig)))
         self._kube: KubeClient | None = None
         # The last login per route (at most one entry per route: dropped when the route goes
         # or changes), reported in the table summary that the operator polls.
@@ -116,7 +120,7 @@ class CredentialStore:
     def _client(self) -> KubeClient:
         if self._kube is None:
             try:
-                self._kube = KubeClient(kube_connection(self._settings.kubeconfig))
+                self._kube = self._make_kube()
             except KubeConfigError as exc:
                 raise _refused("this relay has no Kubernetes credentials to read the target's "
                                f"Secret ({exc}); run it in the cluster or with --kubeconfig"

@@ -110,6 +110,7 @@ class RelayServer:
         await self.state.logins.close()
         if self.state.oidc is not None:
             await self.state.oidc.close()
+        await self.state.kube.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

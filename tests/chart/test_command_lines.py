@@ -109,6 +109,8 @@ def test_relay_accepts_the_chart_command_line(values: Path, token_file: Path, tm
     assert settings.api_token == token_file.read_text().strip()
     assert settings.log_format == "json"
     assert settings.wait_for_sync is True
+    assert "--kube-api-connections=16" in command  # relay.kubeApiConnections
+    assert settings.kube_api_connections == 16
     # DNS rebinding: the resolved address of a target is checked against these at dial time.
     assert {str(n) for n in settings.deny_networks} >= {"127.0.0.0/8", "::1/128",
                                                          "169.254.0.0/16", "fe80::/10"}

@@ -89,6 +89,7 @@ def test_relay_refuses_to_start_on_bad_manifests(tmp_path: Path) -> None:
     (["--target", "lab/Desk=127.0.0.1:5900"], "not an object name"),
     (["--listen", "8080"], "HOST:PORT"),
     (["--max-sessions", "0"], "at least 1"),
+    (["--kube-api-connections", "0"], "--kube-api-connections must be at least 1"),
     (["--api-token-file", "/nonexistent/token"], "--api-token-file"),
     (["--stall-timeout", "60"], "--stall-timeout: '60' is not a duration"),
     (["--shutdown-grace", "soon"], "--shutdown-grace"),
@@ -139,6 +140,10 @@ def test_environment_variables_set_the_flags(monkeypatch: pytest.MonkeyPatch,
     assert settings_from_args(["--shutdown-grace", "9s"]).shutdown_grace == 9
     monkeypatch.setenv("VNCGATE_METRICS_LISTEN", "0.0.0.0:9090")
     assert settings_from_args([]).metrics_listen == Address("0.0.0.0", 9090)
+    assert settings_from_args([]).kube_api_connections == 16
+    monkeypatch.setenv("VNCGATE_KUBE_API_CONNECTIONS", "4")
+    assert settings_from_args([]).kube_api_connections == 4
+    assert settings_from_args(["--kube-api-connections=8"]).kube_api_connections == 8
     # A flag wins over the environment.
     assert settings_from_args(["--listen", "127.0.0.1:1234"]).listen == Address("127.0.0.1", 1234)
 

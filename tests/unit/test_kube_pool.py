@@ -1,0 +1,184 @@
+"""KubePool: the bound on a process's connections to the API server, against a real HTTP server on
+loopback standing in for it (tests/cluster/test_api_connections.py is the real API server).
+
+Requests share at most `max_connections` kept-alive connections, whichever client sends them; a
+request that finds none free waits, and fails within its own timeout; watches do not take the
+requests' connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import web
+from kubernetes import client as kubernetes_client
+
+from harness.waiting import eventually
+from tests.conftest import relay_settings
+from vncgate.common.kube import KubeClient, KubeConnection, KubePool
+from vncgate.relay.access.authz import KubernetesAuthorizer
+from vncgate.relay.access.identity import AuthMode
+from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.session.consoles import KubeConsoles
+from vncgate.relay.settings import AuthSettings
+from vncgate.relay.state import RelayState
+
+
+@dataclass
+class ApiServer:
+    """Answers every POST after `gate` opens; counts what is under way and who connected."""
+
+    url: str = ""
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int = 0
+    most: int = 0
+    answered: int = 0
+    peers: set[tuple[str, int]] = field(default_factory=set)
+
+    async def review(self, request: web.Request) -> web.Response:
+        self.peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        self.answered += 1
+        return web.json_response({"status": {"allowed": True}})
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        self.peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(json.dumps({"type": "ADDED", "object": {}}).encode() + b"\n")
+        await self.gate.wait()  # held open, as a watch is, until the test lets it end
+        return response
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiServer]:
+    server = ApiServer()
+    app = web.Application()
+    app.router.add_post("/review", server.review)
+    app.router.add_get("/things", server.watch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield server
+    finally:
+        server.gate.set()
+        await runner.cleanup()
+
+
+def connection(api: ApiServer) -> KubeConnection:
+    return KubeConnection(api.url, False, kubernetes_client.Configuration())
+
+
+async def test_clients_of_one_pool_share_its_bound_and_reuse_its_connections(
+        api: ApiServer) -> None:
+    pool = KubePool(max_connections=2)
+    clients = [KubeClient(connection(api), pool=pool) for _ in range(3)]
+    try:
+        replies = [asyncio.create_task(clients[i % 3].request("POST", "/review", {}))
+                   for i in range(8)]
+        await eventually(lambda: api.in_flight == 2, "two requests at the server")
+        api.gate.set()
+        answers = await asyncio.gather(*replies)
+        assert all(answer["status"]["allowed"] for answer in answers)
+    finally:
+        for kube in clients:
+            await kube.close()  # not the pool's: it is the caller's
+        await pool.close()
+    assert api.answered == 8
+    assert api.most == 2, api.most
+    # Eight requests, two connections: each kept alive for the next request that waited.
+    assert len(api.peers) == 2, api.peers
+
+
+async def test_a_request_that_gets_no_connection_in_time_fails(api: ApiServer) -> None:
+    pool = KubePool(max_connections=1)
+    holder = KubeClient(connection(api), timeout=60, pool=pool)
+    waiter = KubeClient(connection(api), timeout=0.5, pool=pool)
+    try:
+        held = asyncio.create_task(holder.request("POST", "/review", {}))
+        await eventually(lambda: api.in_flight == 1, "the one connection busy")
+        # As an API server that does not answer: the caller's error path (a review denies).
+        with pytest.raises(TimeoutError):
+            await waiter.request("POST", "/review", {})
+        assert len(api.peers) == 1  # it never had a connection of its own
+        api.gate.set()
+        assert (await held)["status"]["allowed"]
+    finally:
+        await pool.close()
+
+
+async def test_a_watch_does_not_take_a_requests_connection(api: ApiServer) -> None:
+    pool = KubePool(max_connections=1)
+    kube = KubeClient(connection(api), timeout=10, pool=pool)
+    events = kube.watch("/things")
+    try:
+        assert (await anext(events))["type"] == "ADDED"  # the watch is open, and stays
+        review = asyncio.create_task(kube.request("POST", "/review", {}))
+        await eventually(lambda: api.in_flight == 1, "the request at the server beside the watch")
+        api.gate.set()
+        assert (await review)["status"]["allowed"]
+        assert len(api.peers) == 2
+    finally:
+        await events.aclose()
+        await pool.close()
+
+
+async def test_a_client_without_a_pool_has_its_own_bounded_one(api: ApiServer) -> None:
+    assert KubeClient(connection(api)).pool.max_connections == 16
+    kube = KubeClient(connection(api), max_connections=1)
+    first = asyncio.create_task(kube.request("POST", "/review", {}))
+    second = asyncio.create_task(kube.request("POST", "/review", {}))
+    try:
+        await eventually(lambda: api.in_flight == 1, "one request at the server")
+        api.gate.set()
+        await asyncio.gather(first, second)
+        assert api.most == 1 and len(api.peers) == 1
+    finally:
+        await kube.close()  # its own pool, with it
+    assert kube.pool._requests is None
+    with pytest.raises(ValueError, match="at least 1"):
+        KubePool(max_connections=0)
+
+
+async def test_every_kubernetes_client_of_a_relay_shares_one_pool(
+        api: ApiServer, tmp_path: Path) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+        "users": [{"name": "u", "user": {"token": "relay-account"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    settings = relay_settings(
+        kubeconfig=config, lease_namespace="relays", peer_service=("relays", "vncgate-relay"),
+        kube_api_connections=3,
+        auth=AuthSettings(mode=AuthMode.PROXY, authorization="kubernetes",
+                          kubernetes_tokens=True,
+                          trusted_proxies=parse_networks(["127.0.0.1/32"], "t")))
+    state = RelayState(settings=settings)
+    try:
+        assert isinstance(state.authorizer, KubernetesAuthorizer)
+        assert isinstance(state.consoles, KubeConsoles)
+        assert state.token_reviewer is not None and state.marks is not None
+        assert state.peers.kube is not None
+        clients = [state.authorizer.client, state.consoles.client, state.token_reviewer.client,
+                   state.marks.client, state.peers.kube, state.logins._client()]
+        assert {id(kube.pool) for kube in clients} == {id(state.kube.pool)}
+        assert state.kube.pool.max_connections == 3
+        # One set of credentials, loaded once, for all of them (and KubeVirt consoles).
+        assert {id(kube.connection) for kube in clients} == {id(state.kube.connection())}
+    finally:
+        await state.kube.close()
+        state.derivations.close()
