@@ -54,14 +54,25 @@ from vncgate.relay.settings import RelaySettings, host_names
 log = logging.getLogger("vncgate.relay")
 
 class RelayKube:
-    """The relay's way to the Kubernetes API: its credentials, loaded once on first use, and
-    the one bounded pool of connections (--kube-api-connections) that every client shares:
-    reviews, Leases, link claims, Secrets, peer discovery."""
+    """The relay's way to the Kubernetes API: its credentials, loaded once on first use, and its
+    bounded pools of kept-alive connections, one per kind of work so that no kind can starve
+    another:
+
+    - `reviews`: the access reviews a viewer's set-up waits for (SubjectAccessReviews,
+      TokenReviews), --kube-api-connections of them: a burst of viewers (a reconnect storm)
+      queues here;
+    - `pool`: the relay's own requests (Leases of consoles and seats, link claims, sign-outs,
+      Secrets, peer discovery), --kube-api-connections more;
+    - `liveness`: one connection for this replica's liveness Lease alone: if its renewal waited
+      behind a storm's reviews, the replica would think itself cut off and end every seated
+      session (seen in bench.scale at 10 relays, before the pools were split)."""
 
     def __init__(self, settings: RelaySettings) -> None:
         self._kubeconfig = settings.kubeconfig
         self._connection: KubeConnection | None = None
+        self.reviews = KubePool(settings.kube_api_connections)
         self.pool = KubePool(settings.kube_api_connections)
+        self.liveness = KubePool(1)
 
     def connection(self) -> KubeConnection:
         """KubeConfigError without credentials (tried again at the next call)."""
@@ -69,26 +80,28 @@ class RelayKube:
             self._connection = kube_connection(self._kubeconfig)
         return self._connection
 
-    def client(self) -> KubeClient:
-        return KubeClient(self.connection(), pool=self.pool)
+    def client(self, pool: KubePool | None = None) -> KubeClient:
+        """A client of `pool` (the relay's own requests' by default)."""
+        return KubeClient(self.connection(), pool=pool or self.pool)
 
     async def close(self) -> None:
-        """After every user of the pool has stopped (their own close() leaves it open)."""
-        await self.pool.close()
+        """After every user of the pools has stopped (their own close() leaves them open)."""
+        for pool in (self.reviews, self.pool, self.liveness):
+            await pool.close()
 
 
 def make_authorizer(settings: RelaySettings, kube: RelayKube) -> Authorizer:
     if settings.auth.mode == AuthMode.NONE:
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
-        return KubernetesAuthorizer(kube.client(), roles=settings.roles)
+        return KubernetesAuthorizer(kube.client(kube.reviews), roles=settings.roles)
     return ManifestAuthorizer()
 
 
 def make_token_reviewer(settings: RelaySettings, kube: RelayKube) -> TokenReviewer | None:
     if not settings.auth.kubernetes_tokens or settings.auth.mode == AuthMode.NONE:
         return None
-    return TokenReviewer(kube.client(), settings.auth.token_audiences)
+    return TokenReviewer(kube.client(kube.reviews), settings.auth.token_audiences)
 
 
 def make_peers(settings: RelaySettings, kube: RelayKube) -> Peers:
@@ -106,7 +119,8 @@ def make_marks(settings: RelaySettings, kube: RelayKube) -> KubeMarks | None:
 
 def make_consoles(settings: RelaySettings, kube: RelayKube) -> Consoles:
     if settings.lease_namespace:
-        return KubeConsoles(kube.client(), settings.lease_namespace, settings.identity)
+        return KubeConsoles(kube.client(), settings.lease_namespace, settings.identity,
+                            liveness=kube.client(kube.liveness))
     return LocalConsoles()
 
 

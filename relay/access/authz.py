@@ -247,7 +247,7 @@ class KubernetesAuthorizer:
             status = reply.get("status") or {}
         except Exception as exc:  # any failure of the API denies; never allow on error
             log.warning("SubjectAccessReview failed; denying", extra={"fields": {
-                "user": identity.user, "target": target, "error": str(exc)}})
+                "user": identity.user, "target": target, "error": str(exc) or type(exc).__name__}})
             return Decision(False, "the relay could not check your access with Kubernetes; "
                                    "try again in a moment"), False
         what = f"{verb} {PLURAL}/{subresource}" if subresource else verb

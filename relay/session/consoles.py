@@ -143,8 +143,12 @@ class KubeConsoles:
     """Exclusive holders as Leases in `namespace`; this replica is `identity`."""
 
     def __init__(self, client: KubeClient, namespace: str, identity: str,
-                 lease_seconds: int = 30, renew_seconds: float = 10.0) -> None:
+                 lease_seconds: int = 30, renew_seconds: float = 10.0, *,
+                 liveness: KubeClient | None = None) -> None:
         self.client = client
+        # This replica's liveness Lease: on connections of its own, so that no burst of other
+        # requests can hold its renewal back (relay/state.py RelayKube). `client` if not given.
+        self.liveness = liveness or client
         self.namespace = namespace
         self.identity = identity
         self.lease_seconds = lease_seconds
@@ -183,8 +187,10 @@ class KubeConsoles:
             with contextlib.suppress(KubeError, OSError, TimeoutError):
                 await self.release(route, holder)
         with contextlib.suppress(KubeError, OSError, TimeoutError):
-            await self.client.request("DELETE", f"{self._path}/{self.replica_lease}")
+            await self.liveness.request("DELETE", f"{self._path}/{self.replica_lease}")
         await self.client.close()
+        if self.liveness is not self.client:
+            await self.liveness.close()
 
     # --- liveness -------------------------------------------------------------------------
 
@@ -198,14 +204,14 @@ class KubeConsoles:
                 "spec": {"holderIdentity": self.identity, "renewTime": now,
                          "leaseDurationSeconds": self.lease_seconds}}
         try:
-            await self.client.request("PATCH", f"{self._path}/{self.replica_lease}",
-                                      {"metadata": {"annotations": notes},
-                                       "spec": body["spec"]})
+            await self.liveness.request("PATCH", f"{self._path}/{self.replica_lease}",
+                                        {"metadata": {"annotations": notes},
+                                         "spec": body["spec"]})
         except KubeError as exc:
             if exc.status != 404:
                 raise
             body["spec"]["acquireTime"] = now
-            await self.client.request("POST", self._path, body)
+            await self.liveness.request("POST", self._path, body)
         self._renewed_at = started
 
     async def _renew_loop(self) -> None:
@@ -216,7 +222,7 @@ class KubeConsoles:
                 await self._check_holds()
             except (KubeError, OSError, TimeoutError) as exc:
                 log.warning("renewing this replica's lease failed; retrying",
-                            extra={"fields": {"error": str(exc)}})
+                            extra={"fields": {"error": str(exc) or type(exc).__name__}})
 
     async def _fence_loop(self) -> None:
         """End what this replica holds before the others may count it free: when its

@@ -26,7 +26,7 @@ from vncgate.relay.access.identity import AuthMode
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.session.consoles import KubeConsoles
 from vncgate.relay.settings import AuthSettings
-from vncgate.relay.state import RelayState
+from vncgate.relay.state import RelayKube, RelayState
 
 
 @dataclass
@@ -38,6 +38,7 @@ class ApiServer:
     in_flight: int = 0
     most: int = 0
     answered: int = 0
+    renewals: int = 0
     peers: set[tuple[str, int]] = field(default_factory=set)
 
     async def review(self, request: web.Request) -> web.Response:
@@ -50,6 +51,11 @@ class ApiServer:
             self.in_flight -= 1
         self.answered += 1
         return web.json_response({"status": {"allowed": True}})
+
+    async def lease(self, request: web.Request) -> web.Response:
+        """A Lease renewal: answered at once, gate or not."""
+        self.renewals += 1
+        return web.json_response({"kind": "Lease"})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         self.peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
@@ -66,6 +72,8 @@ async def api() -> AsyncIterator[ApiServer]:
     app = web.Application()
     app.router.add_post("/review", server.review)
     app.router.add_get("/things", server.watch)
+    app.router.add_patch("/apis/coordination.k8s.io/v1/namespaces/relays/leases/{name}",
+                         server.lease)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -153,7 +161,7 @@ async def test_a_client_without_a_pool_has_its_own_bounded_one(api: ApiServer) -
         KubePool(max_connections=0)
 
 
-async def test_every_kubernetes_client_of_a_relay_shares_one_pool(
+async def test_the_kubernetes_clients_of_a_relay_share_a_pool_per_kind_of_work(
         api: ApiServer, tmp_path: Path) -> None:
     config = tmp_path / "kubeconfig"
     config.write_text(yaml.safe_dump({
@@ -173,12 +181,46 @@ async def test_every_kubernetes_client_of_a_relay_shares_one_pool(
         assert isinstance(state.consoles, KubeConsoles)
         assert state.token_reviewer is not None and state.marks is not None
         assert state.peers.kube is not None
-        clients = [state.authorizer.client, state.consoles.client, state.token_reviewer.client,
-                   state.marks.client, state.peers.kube, state.logins._client()]
-        assert {id(kube.pool) for kube in clients} == {id(state.kube.pool)}
-        assert state.kube.pool.max_connections == 3
+        reviews = [state.authorizer.client, state.token_reviewer.client]
+        own = [state.consoles.client, state.marks.client, state.peers.kube,
+               state.logins._client()]
+        # The viewers' reviews, the relay's own requests and its liveness Lease each have a
+        # pool of their own: a storm's reviews cannot hold back a Lease or its renewal.
+        assert {id(kube.pool) for kube in reviews} == {id(state.kube.reviews)}
+        assert {id(kube.pool) for kube in own} == {id(state.kube.pool)}
+        assert state.consoles.liveness.pool is state.kube.liveness
+        assert len({id(state.kube.reviews), id(state.kube.pool), id(state.kube.liveness)}) == 3
+        assert state.kube.reviews.max_connections == state.kube.pool.max_connections == 3
+        assert state.kube.liveness.max_connections == 1
         # One set of credentials, loaded once, for all of them (and KubeVirt consoles).
+        clients = [*reviews, *own, state.consoles.liveness]
         assert {id(kube.connection) for kube in clients} == {id(state.kube.connection())}
     finally:
         await state.kube.close()
         state.derivations.close()
+
+
+async def test_a_burst_of_reviews_does_not_hold_back_the_liveness_renewal(
+        api: ApiServer, tmp_path: Path) -> None:
+    """Every review connection and every own-request connection busy (held by the server): the
+    replica's liveness Lease is still renewed, on its own connection. Were it queued behind
+    them, the replica would count itself cut off and end its seated sessions."""
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+        "users": [{"name": "u", "user": {"token": "relay-account"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kube = RelayKube(relay_settings(kubeconfig=config, kube_api_connections=1))
+    reviews, own = kube.client(kube.reviews), kube.client()
+    consoles = KubeConsoles(own, "relays", "relay-0", liveness=kube.client(kube.liveness))
+    held = [asyncio.create_task(client.request("POST", "/review", {}))
+            for client in (reviews, reviews, own, own)]
+    try:
+        await eventually(lambda: api.in_flight == 2, "both pools' one connection busy")
+        await asyncio.wait_for(consoles._renew(), timeout=10)
+        assert api.renewals == 1 and api.in_flight == 2 and api.answered == 0
+    finally:
+        api.gate.set()
+        await asyncio.gather(*held)
+        await kube.close()
