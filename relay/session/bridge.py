@@ -3,9 +3,11 @@
 A session dials the route's VNC server on demand and insists on the RFB greeting. Then bytes
 flow both ways with back-pressure: server -> browser, each chunk the kernel delivers is written
 to the browser as one frame, and reading from the server pauses while the browser's transport
-is over its high-water mark; browser -> server, one pump writes each message and awaits the
-server's drain (aiohttp's WebSocket queue pauses reading from the browser meanwhile). Memory per
-session stays bounded by one read and the transports' high-water marks. Whichever side ends
+is over its high-water mark; browser -> server, each binary message aiohttp's reader parses is
+written to the server in the same callback while the server keeps up (`viewer_data`), and the
+session's pump takes the rest: control frames, endings, and the waits for the server's drain
+(aiohttp's WebSocket queue pauses reading from the browser meanwhile). Memory per session stays
+bounded by one read, aiohttp's queue limit and the transports' high-water marks. Whichever side ends
 first ends the session; `run`'s `finally` closes both.
 """
 
@@ -203,7 +205,9 @@ class Session:
     One task per session, aiohttp's request handler: it connects, then pumps browser -> server.
     Server -> browser needs none: `Upstream` hands each chunk to `server_data`, which writes it
     to the browser's transport at once, and pauses reading from the server while the browser's
-    transport is over its high-water mark.
+    transport is over its high-water mark. Nor, while the server keeps up, do the browser's
+    binary messages: aiohttp's reader hands them to `viewer_data` as it parses them, and the
+    pump only waits (relay/internals.py, DirectQueue).
 
     Every ending goes through `stop` (or `_finish` + return inside the pump): the first code and
     reason are kept, the server's transport is aborted, and the handler task is cancelled out of
