@@ -26,6 +26,7 @@ from harness.servers import GREETING, TcpServer, echo_rfb
 from harness.waiting import eventually
 from tests.conftest import RelayFactory
 from tests.relay.test_endings import Listener, ended, one_session, relay_before
+from vncgate.common.model import Route
 from vncgate.relay import closecodes, internals
 from vncgate.relay.internals import viewer_input
 from vncgate.relay.session.bridge import Session
@@ -87,6 +88,26 @@ async def relaying(relay_session: Session) -> None:
         direct is None or direct.sink is not None), "the session relays")
 
 
+def watch_sink(session: Session, path: str) -> list[tuple[bytes, bool]]:
+    """On the private path: every message the session's sink is handed, with its answer; on the
+    public fallback: the session has no sink."""
+    direct = viewer_input(session.ws)
+    seen: list[tuple[bytes, bool]] = []
+    if path == "public":
+        assert direct is None
+        return seen
+    assert direct is not None
+    sink = direct.sink
+    assert sink is not None
+
+    def watching(data: bytes) -> bool:
+        seen.append((data, sink(data)))
+        return seen[-1][1]
+
+    direct.sink = watching
+    return seen
+
+
 async def test_binary_messages_go_straight_to_the_session(
         make_relay: RelayFactory, path: str) -> None:
     plain = Listener()
@@ -94,20 +115,7 @@ async def test_binary_messages_go_straight_to_the_session(
         ws = await plain.open(relay)
         session = await one_session(relay)
         await relaying(session)
-        direct = viewer_input(session.ws)
-        taken: list[bool] = []
-        if path == "private":
-            assert direct is not None
-            sink = direct.sink
-            assert sink is not None
-
-            def counting(data: bytes) -> bool:
-                taken.append(sink(data))
-                return taken[-1]
-
-            direct.sink = counting
-        else:
-            assert direct is None
+        seen = watch_sink(session, path)
         messages = [bytes([i]) * (1 + i * 37) for i in range(60)]
         # One write of many frames (one read, several messages), then one by one.
         ws.writer.write(b"".join(frame(m) for m in messages[:30]))
@@ -117,7 +125,7 @@ async def test_binary_messages_go_straight_to_the_session(
         assert await ws.read_exactly(len(expected)) == expected
         assert bytes(server.received) == expected
         if path == "private":
-            assert taken == [True] * len(messages), "a message took the queue and the pump"
+            assert seen == [(m, True) for m in messages], "a message took the queue and the pump"
         ws.writer.write(frame(struct.pack("!H", 1000), 0x8))
         await ended(relay, session, server)
         assert session.code == 1000 and session.reason == "the viewer closed the connection"
@@ -326,4 +334,30 @@ async def test_the_server_drains_while_the_browser_sends_nothing(
                          context=lambda: f"session ended {session.code} {session.reason}")
         assert bytes(server.received) == big + b"and then"
         assert session.code is None, session.reason
+        ws.abort()
+
+
+async def test_a_message_the_view_only_filter_refuses_ends_the_session_with_1003(
+        make_relay: RelayFactory, path: str) -> None:
+    """Refused by the viewer-stream checks in the reader's callback: nothing of it, and nothing
+    that came after it in the same read, reaches the server."""
+    plain = Listener()
+    async with TcpServer(echo_rfb) as server, \
+            make_relay(routes=[Route("lab", "desk", "127.0.0.1", server.port, view_only=True)]
+                       ) as relay:
+        ws = await plain.open(relay)
+        session = await one_session(relay)
+        await relaying(session)
+        assert session.filter is not None
+        seen = watch_sink(session, path)
+        ws.writer.write(frame(b"RFB 004.000\n") + frame(b"RFB 003.008\n") + frame(b"\x01"))
+        code, reason = await ws.close_frame()
+        assert code == closecodes.UNSUPPORTED_DATA and "RFB 003.008" in reason
+        await ended(relay, session, server)
+        assert session.code == closecodes.UNSUPPORTED_DATA
+        assert bytes(server.received) == b""
+        assert session.to_server == 0
+        if path == "private":  # refused in the reader's callback; the rest declined, queued
+            assert seen[0] == (b"RFB 004.000\n", True)
+            assert all(not taken for _, taken in seen[1:])
         ws.abort()
