@@ -277,6 +277,8 @@ class DirectQueue(WebSocketDataQueue):
     `parked`, so a message never overtakes one queued or held before it.
     """
 
+    __slots__ = ("parked", "sink")
+
     def __init__(self, protocol: BaseProtocol, limit: int, *,
                  loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(protocol, limit, loop=loop)
