@@ -20,6 +20,17 @@ through the public fallback.
   browser. It relies on aiohttp writing its own frames (pings, close) whole and synchronously to
   the same transport, never holding bytes back. Public fallback: `send_bytes` and `ping`, one
   message in flight at a time (reading from the VNC server pauses until each is sent).
+- **The browser's binary messages straight to the session** (`viewer_input`): aiohttp's reader
+  hands each message it parses to its message queue (`WebSocketDataQueue.feed_data`, a `cpdef`
+  method in the compiled reader, which honours a Python subclass's override); the relay's
+  WebSocket puts a queue of its own in that place (`_post_start`: `WebSocketResponse._reader`
+  and `_parser` replaced by a `DirectQueue` and a `WebSocketReader` over it, before the reader
+  has seen a byte). While the session's pump waits on the empty queue, a binary message goes to
+  the session's sink in the callback that read it (no queue, no task wake-up); everything else
+  (control frames, close, errors, text, a message while the pump holds one) goes through
+  aiohttp's queue and `receive` as before. Private: the queue class, its `_buffer`, and the
+  reader's constructor (`queue, max_msg_size, compress=, decode_text=`). Public fallback: the
+  pump takes every message from `receive()` (one queue hop and task wake-up per message).
 - **TLS started over a transport of the relay's own** (`start_tls_capable`): asyncio's
   `loop.start_tls` accepts only transports with `_start_tls_compatible`, and its TLS layer calls
   the private `_force_close(exc)` of the transport when TLS fails; the KubeVirt console's
@@ -38,10 +49,11 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from aiohttp import WebSocketError, WSCloseCode, web
+from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_websocket import WebSocketWriter
 from aiohttp.web_protocol import RequestHandler
@@ -61,6 +73,12 @@ def _missing_private_parts() -> list[str]:
         missing.append("WebSocketResponse._post_start")
     if not isinstance(getattr(BaseProtocol, "writing_paused", None), property):
         missing.append("BaseProtocol.writing_paused")
+    for name in ("_reader", "_parser"):
+        if not hasattr(web.WebSocketResponse, name):
+            missing.append(f"WebSocketResponse.{name}")
+    if not callable(getattr(WebSocketDataQueue, "feed_data", None)) or \
+            not callable(getattr(WebSocketReader, "feed_data", None)):
+        missing.append("WebSocketDataQueue.feed_data")
     return missing
 
 
@@ -141,7 +159,11 @@ class GatedWebSocketResponse(web.WebSocketResponse):
         tail = handler._message_tail
         handler._message_tail = b""
         super()._post_start(request, protocol, writer)
-        parser = _GatedParser(handler._payload_parser, self._vncgate_gate, self)
+        inner = handler._payload_parser
+        direct = _direct_reader(self)
+        if direct is not None:
+            inner = direct
+        parser = _GatedParser(inner, self._vncgate_gate, self)
         handler._payload_parser = parser
         self._vncgate_gated = True
         if tail:
@@ -236,6 +258,91 @@ def gate_refusal(ws: web.WebSocketResponse) -> str | None:
     """Why the gate of `ws` refused the client's stream (on either path); None: it has not,
     or `ws` has no gate."""
     return ws.refusal if isinstance(ws, GatedWebSocketResponse) else None
+
+
+# --- the browser's messages, straight to the session -----------------------------------------
+
+# What the pump's `receive()` returns when the sink asks it to look at the session (`wake`): a
+# message type aiohttp's reader never produces (continuation frames are joined into messages).
+WAKE = WSMessage(WSMsgType.CONTINUATION, None, None)
+
+
+class DirectQueue(WebSocketDataQueue):
+    """aiohttp's WebSocket message queue with a way round it for binary messages.
+
+    `parked`: a reader (the session's pump, in `receive`) waits on the queue, which is empty,
+    and nothing has been queued since it began to wait. Only then does a binary message go to
+    the sink, in the reader's callback; the sink answers False to have it queued instead (the
+    VNC server is not taking more: the pump waits for it). Every message that is queued ends
+    `parked`, so a message never overtakes one queued or held before it.
+    """
+
+    __slots__ = ("parked", "sink")
+
+    def __init__(self, protocol: BaseProtocol, limit: int, *,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(protocol, limit, loop=loop)
+        self.sink: Callable[[bytes], bool] | None = None
+        self.parked = False
+
+    def feed_data(self, data: Any, size: int) -> None:
+        sink = self.sink
+        if sink is not None and self.parked and data[0] is WSMsgType.BINARY and sink(data[1]):
+            return
+        self.parked = False
+        WebSocketDataQueue.feed_data(self, data, size)
+
+    async def read(self) -> Any:
+        if self._buffer or self.is_eof():
+            return await WebSocketDataQueue.read(self)
+        self.parked = True
+        try:
+            return await WebSocketDataQueue.read(self)
+        finally:
+            self.parked = False
+
+    def attach(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on, binary messages go to `sink` while the queue is parked."""
+        self.sink = sink
+
+    def detach(self) -> None:
+        self.sink = None
+
+    def wake(self) -> None:
+        """Queue WAKE: the pump's `receive()` returns it (after any message queued before)."""
+        self.parked = False
+        WebSocketDataQueue.feed_data(self, WAKE, 0)
+
+    @property
+    def queued(self) -> int:
+        """Bytes of messages in the queue (aiohttp's count: payloads plus 128 per message)."""
+        return int(self._size)
+
+
+def _direct_reader(ws: web.WebSocketResponse) -> WebSocketReader | None:
+    """Put a DirectQueue, and a reader over it, in place of aiohttp's (in `_post_start`, before
+    any byte was read); None, with a warning, if this aiohttp does not take it."""
+    old = ws._reader
+    try:
+        if old is None or ws._loop is None or old._buffer:
+            raise RuntimeError("aiohttp's reader is not fresh")
+        queue = DirectQueue(old._protocol, old._limit // 2, loop=ws._loop)
+        reader = WebSocketReader(queue, ws._max_msg_size, compress=bool(ws._compress),
+                                 decode_text=ws._decode_text)
+    except Exception:  # pragma: no cover - depends on the installed aiohttp
+        log.warning("this aiohttp's WebSocket reader does not take the relay's queue: browser "
+                    "messages go through aiohttp's queue (slower)", exc_info=True)
+        return None
+    ws._reader = queue
+    ws._parser = reader
+    return reader
+
+
+def viewer_input(ws: web.WebSocketResponse) -> DirectQueue | None:
+    """The queue through which `ws` hands binary messages straight to a sink; None: this
+    WebSocket has aiohttp's own (the public fallback), and every message comes from `receive`."""
+    reader = ws._reader
+    return reader if isinstance(reader, DirectQueue) else None
 
 
 # --- the browser's side of a session: frames out, flow control --------------------------------

@@ -3,9 +3,11 @@
 A session dials the route's VNC server on demand and insists on the RFB greeting. Then bytes
 flow both ways with back-pressure: server -> browser, each chunk the kernel delivers is written
 to the browser as one frame, and reading from the server pauses while the browser's transport
-is over its high-water mark; browser -> server, one pump writes each message and awaits the
-server's drain (aiohttp's WebSocket queue pauses reading from the browser meanwhile). Memory per
-session stays bounded by one read and the transports' high-water marks. Whichever side ends
+is over its high-water mark; browser -> server, each binary message aiohttp's reader parses is
+written to the server in the same callback while the server keeps up (`viewer_data`), and the
+session's pump takes the rest: control frames, endings, and the waits for the server's drain
+(aiohttp's WebSocket queue pauses reading from the browser meanwhile). Memory per session stays
+bounded by one read, aiohttp's queue limit and the transports' high-water marks. Whichever side ends
 first ends the session; `run`'s `finally` closes both.
 """
 
@@ -30,7 +32,14 @@ from vncgate.common.reach import ReachDenied
 from vncgate.common.rfb import GREETING_LENGTH, parse_greeting
 from vncgate.relay import closecodes
 from vncgate.relay.access.proxies import UNSPECIFIED_NETWORKS, address_in
-from vncgate.relay.internals import ViewerLink, gate_refusal, viewer_link
+from vncgate.relay.internals import (
+    WAKE,
+    DirectQueue,
+    ViewerLink,
+    gate_refusal,
+    viewer_input,
+    viewer_link,
+)
 from vncgate.relay.metrics import RelayMetrics
 from vncgate.relay.recording.service import SessionRecorder
 from vncgate.relay.rfb import security as rfbsecurity
@@ -196,7 +205,9 @@ class Session:
     One task per session, aiohttp's request handler: it connects, then pumps browser -> server.
     Server -> browser needs none: `Upstream` hands each chunk to `server_data`, which writes it
     to the browser's transport at once, and pauses reading from the server while the browser's
-    transport is over its high-water mark.
+    transport is over its high-water mark. Nor, while the server keeps up, do the browser's
+    binary messages: aiohttp's reader hands them to `viewer_data` as it parses them, and the
+    pump only waits (relay/internals.py, DirectQueue).
 
     Every ending goes through `stop` (or `_finish` + return inside the pump): the first code and
     reason are kept, the server's transport is aborted, and the handler task is cancelled out of
@@ -250,6 +261,9 @@ class Session:
     _browser_drain: asyncio.Task[None] | None = None
     # How frames reach the browser (relay/internals.py); set when the session runs.
     _viewer: ViewerLink | None = None
+    # How the browser's binary messages reach `viewer_data` (relay/internals.py); None: the
+    # pump takes them all from `receive`.
+    _direct: DirectQueue | None = None
     _recording_drain: asyncio.Task[None] | None = None
     _timers: list[asyncio.TimerHandle] = field(default_factory=list)
     _renewal: asyncio.Task[None] | None = None
@@ -631,48 +645,37 @@ class Session:
     # --- browser -> server ------------------------------------------------------------------
 
     async def _client_to_server(self, upstream: Upstream) -> None:
+        """Browser -> server: the session's pump. On the private path (relay/internals.py) the
+        pump only waits: while it does, each binary message goes from aiohttp's reader straight
+        to `viewer_data`, written to the server in the callback that read it. The pump handles
+        what comes through aiohttp's queue: every other message (text, close, errors), a binary
+        message while it is busy, and WAKE, by which `viewer_data` hands it the waits (the server
+        or the recording behind) and the session's ending. On the public path every message
+        comes this way."""
         assert upstream.transport is not None
-        receive, write = self.ws.receive, upstream.transport.write
+        receive = self.ws.receive
+        direct = viewer_input(self.ws)
         # The browser's next message, read while waiting for the server to drain: that is how
         # a browser that leaves (close frame, FIN, RST, a missed heartbeat) is seen while the
         # server is not reading. At most one message is held this way.
         ahead: asyncio.Task[WSMessage] | None = None
+        if direct is not None:
+            self._direct = direct
+            direct.attach(self.viewer_data)
         try:
             while True:
                 if ahead is not None:
-                    msg, ahead = ahead.result(), None
+                    # Done, or waiting on an empty queue (the server drained first): nothing
+                    # of the browser's is held back meanwhile.
+                    msg, ahead = await ahead, None
                 else:
                     msg = await receive()
                 if msg.type is WSMsgType.BINARY:
-                    data = msg.data
-                    if self.filter is not None:
-                        try:
-                            data = self.filter.feed(data)
-                        except FilterError as exc:
-                            self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
-                            return
-                    if self.recorder is not None:
-                        try:
-                            data = self.recorder.client_data(data)
-                        except FilterError as exc:
-                            self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
-                            return
-                        if self.code is not None:  # a required recording stopped
-                            return
-                        if self.recorder.over_budget:  # the viewer waits for the disk too
-                            await self.recorder.caught_up(self.settings.stall_timeout)
-                            if self.code is not None:
-                                return
-                    if upstream.closed:
-                        self._finish(closecodes.BAD_UPSTREAM,
-                                     "connection to the VNC server lost")
+                    if not self._to_server(msg.data, upstream):
                         return
-                    write(data)
-                    self.to_server += len(data)
-                    if upstream.write_paused:
-                        ahead = asyncio.ensure_future(receive())
-                        if not await self._server_drained(upstream, ahead):
-                            return
+                elif msg is WAKE:  # viewer_data wrote; the session waits, or ends
+                    if self.code is not None:
+                        return
                 elif msg.type is WSMsgType.TEXT:
                     self._finish(closecodes.UNSUPPORTED_DATA,
                                  "this relay speaks the binary subprotocol only; update the client")
@@ -691,11 +694,72 @@ class Session:
                                      else closecodes.ABNORMAL,
                                      "the viewer left without closing the connection")
                     return
+                if self.recorder is not None and self.recorder.over_budget:
+                    # The viewer waits for the recording's disk too.
+                    await self.recorder.caught_up(self.settings.stall_timeout)
+                    if self.code is not None:
+                        return
+                if upstream.write_paused:
+                    ahead = asyncio.ensure_future(receive())
+                    if not await self._server_drained(upstream, ahead):
+                        return
         finally:
+            if direct is not None:
+                direct.detach()
             if ahead is not None and not ahead.done():
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
                     await ahead  # let aiohttp's receive unwind before the close
+
+    def _to_server(self, data: bytes, upstream: Upstream) -> bool:
+        """One binary message from the browser: the viewer-stream checks, the recording, the
+        write to the server, the count. False: the session ends (its code is set)."""
+        if self.filter is not None:
+            try:
+                data = self.filter.feed(data)
+            except FilterError as exc:
+                self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+                return False
+        if self.recorder is not None:
+            try:
+                data = self.recorder.client_data(data)
+            except FilterError as exc:
+                self._finish(closecodes.UNSUPPORTED_DATA, str(exc))
+                return False
+            if self.code is not None:  # a required recording stopped
+                return False
+        if upstream.closed or upstream.transport is None:
+            self._finish(closecodes.BAD_UPSTREAM, "connection to the VNC server lost")
+            return False
+        upstream.transport.write(data)
+        self.to_server += len(data)
+        return True
+
+    def viewer_data(self, data: bytes) -> bool:
+        """A binary message from the browser, handed over by aiohttp's reader as it parsed it,
+        while the pump waits with nothing held (relay/internals.py, DirectQueue). True: taken
+        (written to the server, or the session ends); False: not now, queue it for the pump
+        (the server or the recording is behind, or the session is ending). A write that leaves
+        the server over its high-water mark, or the recording over its budget, wakes the pump
+        to wait for them: messages after it queue behind WAKE, and aiohttp's queue stops
+        reading from the browser when it is full."""
+        upstream = self.upstream
+        recorder = self.recorder
+        direct = self._direct
+        if upstream is None or direct is None or self.code is not None or \
+                self.phase is not Phase.RELAYING or upstream.write_paused or \
+                (recorder is not None and recorder.over_budget):
+            return False
+        try:
+            taken = self._to_server(data, upstream)
+        except Exception:
+            log.exception("session %s failed", self.route.key)
+            self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
+            taken = False
+        if not taken or upstream.write_paused or \
+                (recorder is not None and recorder.over_budget):
+            direct.wake()
+        return True
 
     async def _server_drained(self, upstream: Upstream, ahead: asyncio.Task[WSMessage]) -> bool:
         """Wait until the VNC server takes the bytes over its high-water mark, the browser's

@@ -114,6 +114,59 @@ async def test_masked_frames_of_every_size_pass_in_order(path: str) -> None:
     assert endings == [None]
 
 
+async def test_binary_messages_reach_the_sink_in_the_readers_callback(path: str) -> None:
+    """The private contract of `viewer_input`: aiohttp's reader (compiled or not) calls the
+    relay's queue for each message it parses; while a reader waits on the empty queue, binary
+    messages go to the sink from the connection's read callback (no task), in order, and the
+    rest (ping, text, close) through aiohttp's queue and `receive`, as does a binary message the
+    sink declines. On the public fallback there is no such queue."""
+    seen: list[tuple[bytes, bool]] = []
+    received: list[Any] = []
+    done = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ws = RelayWebSocket(protocols=("binary",), timeout=2.0)
+        await ws.prepare(request)
+        direct = internals.viewer_input(ws)
+        if path == "public":
+            assert direct is None
+        else:
+            assert direct is not None
+
+            def sink(data: bytes) -> bool:
+                seen.append((data, asyncio.current_task() is None))
+                return data != b"decline"
+
+            direct.attach(sink)
+        try:
+            while (msg := await ws.receive()).type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                received.append(msg.data)
+        finally:
+            if direct is not None:
+                direct.detach()
+            done.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    async with serving(app) as url:
+        ws = await RawWebSocket.open(url + "/ws", greeting=False)
+        ws.writer.write(frame(b"one") + frame(b"two") + frame(b"p", 0x9) + frame(b"three"))
+        assert await ws.read_frame() == (0xA, b"p")  # the ping went to aiohttp: it answered
+        ws.writer.write(frame(b"decline") + frame(b"text", 0x1) + frame(b"\x03\xe8", 0x8))
+        async with asyncio.timeout(10):
+            await done.wait()
+        ws.abort()
+    if path == "public":
+        assert received == [b"one", b"two", b"three", b"decline", "text"]
+    else:
+        # "three" came in the same read as the ping, after it: it waits its turn in the queue.
+        # "decline" went to the sink if the handler was waiting by then, else to the queue.
+        assert [data for data, _ in seen if data != b"decline"] == [b"one", b"two"]
+        assert all(in_callback for _, in_callback in seen), seen
+        assert received == [b"three", b"decline", "text"]
+
+
 # --- frames to the browser --------------------------------------------------------------------
 
 @asynccontextmanager
