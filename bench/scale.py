@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -756,7 +757,13 @@ def main() -> None:
     result: dict[str, Any] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="vncgate-scale-") as tmp:
-            asyncio.run(run(size, Path(tmp), logdir, result))
+            try:
+                asyncio.run(run(size, Path(tmp), logdir, result))
+            finally:
+                # The relays' and balancers' logs, kept beside the others: they say why a
+                # session ended on a relay that was not killed.
+                for log in [*Path(tmp).glob("relays/*.log"), *Path(tmp).glob("haproxy-*.log")]:
+                    shutil.copyfile(log, logdir / log.name)
     except BaseException as exc:
         result["error"] = repr(exc)
         args.json.write_text(json.dumps(result, indent=1))
