@@ -21,7 +21,6 @@ from typing import Any
 import psutil
 import pytest
 
-from harness.certs import make_ca, make_server_cert
 from harness.rawws import RawWebSocket, frame
 from harness.servers import Behaviour, TcpServer, echo_rfb, flood, silent, sink, stalled
 from harness.waiting import eventually
@@ -46,23 +45,6 @@ class Listener:
 
     async def open(self, relay: RelayServer, **options: Any) -> RawWebSocket:
         return await RawWebSocket.open(relay.public_url + WS, context=self.context, **options)
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    ca = make_ca(directory / "ca")
-    pem = make_server_cert(ca, directory / "relay", "relay")
-    return ca.cert, pem.cert, pem.key
-
-
-@pytest.fixture(params=["http", "https"])
-def listener(request: pytest.FixtureRequest,
-             certificates: tuple[Path, Path, Path]) -> Listener:
-    if request.param == "http":
-        return Listener()
-    ca, cert, key = certificates
-    return Listener({"tls_cert": cert, "tls_key": key}, ssl.create_default_context(cafile=ca))
 
 
 @asynccontextmanager

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from harness.certs import make_ca, make_server_cert
 from harness.rawws import frame as zero_key_frame
 from harness.servers import GREETING, TcpServer, echo_rfb
 from harness.waiting import eventually
@@ -49,24 +46,6 @@ def frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True, masked: bool =
         return head + payload
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    ca = make_ca(directory / "ca")
-    pem = make_server_cert(ca, directory / "relay", "relay")
-    return ca.cert, pem.cert, pem.key
-
-
-@pytest.fixture(params=["http", "https"])
-def listener(request: pytest.FixtureRequest,
-             certificates: tuple[Path, Path, Path]) -> Listener:
-    """The relay's plain listener, then its TLS one (as tests/relay/test_endings.py)."""
-    if request.param == "http":
-        return Listener()
-    ca, cert, key = certificates
-    return Listener({"tls_cert": cert, "tls_key": key}, ssl.create_default_context(cafile=ca))
 
 
 @pytest.fixture(params=["private", "public"])

@@ -161,14 +161,20 @@ async def test_a_client_without_a_pool_has_its_own_bounded_one(api: ApiServer) -
         KubePool(max_connections=0)
 
 
-async def test_the_kubernetes_clients_of_a_relay_share_a_pool_per_kind_of_work(
-        api: ApiServer, tmp_path: Path) -> None:
+def kubeconfig(tmp_path: Path, api: ApiServer) -> Path:
+    """A kubeconfig for the relay's account at `api`."""
     config = tmp_path / "kubeconfig"
     config.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
         "clusters": [{"name": "c", "cluster": {"server": api.url}}],
         "users": [{"name": "u", "user": {"token": "relay-account"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    return config
+
+
+async def test_the_kubernetes_clients_of_a_relay_share_a_pool_per_kind_of_work(
+        api: ApiServer, tmp_path: Path) -> None:
+    config = kubeconfig(tmp_path, api)
     settings = relay_settings(
         kubeconfig=config, lease_namespace="relays", peer_service=("relays", "vncgate-relay"),
         kube_api_connections=3,
@@ -205,12 +211,7 @@ async def test_a_burst_of_reviews_does_not_hold_back_the_liveness_renewal(
     """Every review connection and every own-request connection busy (held by the server): the
     replica's liveness Lease is still renewed, on its own connection. Were it queued behind
     them, the replica would count itself cut off and end its seated sessions."""
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
-        "users": [{"name": "u", "user": {"token": "relay-account"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    config = kubeconfig(tmp_path, api)
     kube = RelayKube(relay_settings(kubeconfig=config, kube_api_connections=1))
     reviews, own = kube.client(kube.reviews), kube.client()
     consoles = KubeConsoles(own, "relays", "relay-0", liveness=kube.client(kube.liveness))
