@@ -56,10 +56,23 @@ def assets_dir() -> Path:
         "kube-apiserver, kube-controller-manager and kubectl of Kubernetes >= 1.30")
 
 
+# Ports this process handed out: a port is free when asked for, but nothing holds it until its
+# user binds it, and the kernel may give the same one to the next bind(0) meanwhile (two relays
+# of one test were once handed the same port: the second could not listen). Within one process,
+# free_port() never returns a port twice.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that is free now and that this process has not handed out before."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this process has not handed out already")
 
 
 def _openssl(*args: str) -> None:
