@@ -744,11 +744,9 @@ class Session:
         to wait for them: messages after it queue behind WAKE, and aiohttp's queue stops
         reading from the browser when it is full."""
         upstream = self.upstream
-        recorder = self.recorder
         direct = self._direct
         if upstream is None or direct is None or self.code is not None or \
-                self.phase is not Phase.RELAYING or upstream.write_paused or \
-                (recorder is not None and recorder.over_budget):
+                self.phase is not Phase.RELAYING or self._behind(upstream):
             return False
         try:
             taken = self._to_server(data, upstream)
@@ -756,10 +754,15 @@ class Session:
             log.exception("session %s failed", self.route.key)
             self._finish(closecodes.INTERNAL_ERROR, "internal error in the relay; see its log")
             taken = False
-        if not taken or upstream.write_paused or \
-                (recorder is not None and recorder.over_budget):
+        if not taken or self._behind(upstream):
             direct.wake()
         return True
+
+    def _behind(self, upstream: Upstream) -> bool:
+        """The VNC server is over its high-water mark, or the recording over its budget: the
+        browser's messages wait for the pump."""
+        return upstream.write_paused or (self.recorder is not None
+                                         and self.recorder.over_budget)
 
     async def _server_drained(self, upstream: Upstream, ahead: asyncio.Task[WSMessage]) -> bool:
         """Wait until the VNC server takes the bytes over its high-water mark, the browser's
