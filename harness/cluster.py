@@ -297,6 +297,21 @@ class ControlPlane:
                                  f"{result.stdout}{result.stderr}")
         return result
 
+    def explain(self, field: str, timeout: float = 60) -> str:
+        """`kubectl explain field`, asked again until it answers: the API server publishes a
+        CRD's OpenAPI document asynchronously, and a document that answered once can still
+        miss the resource for a moment after (kubernetes/kubernetes#136038)."""
+        answer: list[str] = []
+
+        def answered() -> bool:
+            result = self.kubectl("explain", field, check=False)
+            answer[:] = [result.stdout + result.stderr]
+            return result.returncode == 0
+
+        wait_until(answered, f"kubectl explain {field}", timeout,
+                   context=lambda: answer[0] if answer else "")
+        return answer[0]
+
     def get(self, *args: str, kubeconfig_path: Path | None = None) -> Any:
         """`kubectl get ... -o json`, parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json",

@@ -22,7 +22,6 @@ from harness.cluster import (
     ControlPlaneUnavailable,
     assets_dir,
 )
-from harness.waiting import wait_until
 from tests.support.kubevirt import (
     BACKEND_PORT,
     KubeVirtBackend,
@@ -67,8 +66,7 @@ def crd(control_plane: ControlPlane) -> ControlPlane:
                   "crd/vnctargets.vncgate.io")
     # The OpenAPI document (kubectl explain, client-side field validation) follows a few
     # seconds after Established.
-    wait_until(lambda: plane.kubectl("explain", "vnctargets", check=False).returncode == 0,
-               "the VncTarget schema in the API server's OpenAPI document")
+    plane.explain("vnctargets")
     return plane
 
 

@@ -26,10 +26,10 @@ def test_crd_is_established_with_printer_columns(crd: ControlPlane) -> None:
 
 
 def test_explain_documents_the_fields(crd: ControlPlane) -> None:
-    spec = crd.kubectl("explain", "vnctargets.spec").stdout
+    spec = crd.explain("vnctargets.spec")
     for field in ("endpoint", "displayName", "viewOnly", "access", "sessions"):
         assert field in spec
-    endpoint = crd.kubectl("explain", "vnctargets.spec.endpoint").stdout
+    endpoint = crd.explain("vnctargets.spec.endpoint")
     assert "Set exactly one of service" in endpoint
 
 
