@@ -22,6 +22,9 @@ TOO_MANY_REQUESTS = 4429
 INTERNAL_ERROR = 4500
 BAD_UPSTREAM = 4502
 OVER_CAPACITY = 4503
+# The same HTTP 503, for a check that could not be made (the API server did not answer a
+# review): refused, and the viewer reconnects with back-off (4403 would be final).
+UNAVAILABLE = 4503
 UPSTREAM_TIMEOUT = 4504
 # HTTP 507 Insufficient Storage: the console must be recorded (spec.recording.required) and its
 # recording cannot go on. Final: the administrator must free or fix the disk first.

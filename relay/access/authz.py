@@ -36,8 +36,13 @@ DENY_TTL = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """`allowed` or not, and why. `unavailable`: not allowed because the answer could not be
+    had (the API server did not answer the review): refused all the same (fail closed), but
+    worth asking again in a moment, so callers say so (503, close code 4503), not 403."""
+
     allowed: bool
     reason: str = ""
+    unavailable: bool = False
 
 
 # What the actions are called in RBAC (verbs on vnctargets) and in words; the ClusterRole that
@@ -249,7 +254,7 @@ class KubernetesAuthorizer:
             log.warning("SubjectAccessReview failed; denying", extra={"fields": {
                 "user": identity.user, "target": target, "error": str(exc) or type(exc).__name__}})
             return Decision(False, "the relay could not check your access with Kubernetes; "
-                                   "try again in a moment"), False
+                                   "try again in a moment", unavailable=True), False
         what = f"{verb} {PLURAL}/{subresource}" if subresource else verb
         if status.get("allowed") is True and not status.get("denied"):
             return Decision(True, f"RBAC allows {what}"), True

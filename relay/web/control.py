@@ -48,7 +48,8 @@ CHECK_CONCURRENCY = 20
 
 def _error(status: int, message: str) -> web.HTTPException:
     cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-           404: web.HTTPNotFound, 409: web.HTTPConflict}[status]
+           404: web.HTTPNotFound, 409: web.HTTPConflict,
+           503: web.HTTPServiceUnavailable}[status]
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 
@@ -175,7 +176,7 @@ async def _allow(state: RelayState, identity: Identity, namespace: str, name: st
                  verb: str) -> None:
     decision = await state.authorizer.decide_action(identity, namespace, name, verb)
     if not decision.allowed:
-        raise _error(403, decision.reason)
+        raise _error(503 if decision.unavailable else 403, decision.reason)
 
 
 def _base_url(request: web.Request, state: RelayState) -> str:
@@ -276,7 +277,8 @@ async def end_session_form(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
     decision = await state.authorizer.decide_action(identity, namespace, name, "disconnect")
     if not decision.allowed:
-        raise web.HTTPForbidden(text=decision.reason + "\n")
+        error = web.HTTPServiceUnavailable if decision.unavailable else web.HTTPForbidden
+        raise error(text=decision.reason + "\n")
     session_id = str(form.get("session", "")) or None
     ended, _ = await end_everywhere(state, f"{namespace}/{name}", session_id, identity.label)
     audit_event("session end", request, state, user=identity.label, via="list page",

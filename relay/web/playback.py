@@ -141,6 +141,8 @@ async def _recording(request: web.Request) -> tuple[str, Path, Identity]:
     except (SpecError, ValueError) as exc:
         raise web.HTTPNotFound(text=f"no such recording: {exc}\n") from None
     decision = await _decide(state, identity, namespace, name)
+    if decision.unavailable:
+        raise web.HTTPServiceUnavailable(text=decision.reason + "\n")
     if not decision.allowed:
         audit_event("denied", request, state, target=f"{namespace}/{name}",
                     recording=recording_id, user=identity.label, reason=decision.reason)

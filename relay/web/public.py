@@ -120,7 +120,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         assert identity is not None
         decision = await state.authorizer.decide(identity, route)
         if not decision.allowed:
-            return closecodes.FORBIDDEN, decision.reason
+            return (closecodes.UNAVAILABLE if decision.unavailable else closecodes.FORBIDDEN,
+                    decision.reason)
         renew = _renewal(request, identity, namespace, name) if identity.sealed else None
         return Applicant(label=identity.label, user=identity.user, view_only=identity.view_only,
                          expires_at=identity.expires, credential_id=identity.credential_id,
@@ -156,9 +157,7 @@ def _renewal(request: web.Request, identity: Identity, namespace: str, name: str
 
     expired = [identity.expires or 0.0]  # the current ID token's expiry
 
-    async def renew() -> float | tuple[int, str]:
-        if time.time() >= ends:
-            return closecodes.UNAUTHENTICATED, "your sign-in expired; sign in again"
+    async def sign_in_again(granted_until: float) -> Identity | tuple[int, str]:
         while True:
             try:
                 person, grant = await renew_sign_in(request, state, identity.credential_id,
@@ -170,7 +169,7 @@ def _renewal(request: web.Request, identity: Identity, namespace: str, name: str
             except OidcUnavailable:
                 # A provider that is briefly away does not close consoles: ask again for as
                 # long as the expired ID token would still pass its checks (their leeway).
-                left = expired[0] + OIDC_LEEWAY - time.time()
+                left = granted_until - time.time()
                 if left <= 0:
                     return (closecodes.UNAUTHENTICATED, "your sign-in expired and the "
                                                         "provider cannot be asked to renew it; "
@@ -178,19 +177,48 @@ def _renewal(request: web.Request, identity: Identity, namespace: str, name: str
                 await asyncio.sleep(min(RENEWAL_RETRY, left))
         expired[0] = min(person.expires, ends)
         sealed[0] = seal(state.session_key, identity.credential_id, grant.as_dict())
-        route = state.registry.get(namespace, name)
-        if route is None:
-            return closecodes.FORBIDDEN, f"the console {namespace}/{name} was removed"
-        renewed = Identity(user=person.user, groups=person.groups, method="cookie",
-                           expires=min(person.expires, ends),
-                           credential_id=identity.credential_id, renewable_until=ends,
-                           sealed=sealed[0])
-        decision = await state.authorizer.decide(renewed, route)
+        return Identity(user=person.user, groups=person.groups, method="cookie",
+                        expires=expired[0], credential_id=identity.credential_id,
+                        renewable_until=ends, sealed=sealed[0])
+
+    async def decide_again(renewed: Identity, granted_until: float) -> tuple[int, str] | None:
+        """None: the renewed names may open the console. While the API server cannot be
+        asked, the access granted before holds as long as the expired ID token would still
+        pass its checks: ask again until then."""
+        while True:
+            route = state.registry.get(namespace, name)
+            if route is None:
+                return closecodes.FORBIDDEN, f"the console {namespace}/{name} was removed"
+            decision = await state.authorizer.decide(renewed, route)
+            left = granted_until - time.time()
+            if not decision.unavailable or left <= 0:
+                break
+            await asyncio.sleep(min(RENEWAL_RETRY, left))
+        if decision.unavailable:
+            return closecodes.UNAVAILABLE, decision.reason
         if not decision.allowed:
             audit_event("denied", request, state, target=f"{namespace}/{name}",
                         code=closecodes.FORBIDDEN, reason=decision.reason, user=renewed.label)
             return closecodes.FORBIDDEN, decision.reason
-        return min(person.expires, ends)
+        return None
+
+    async def renew() -> float | tuple[int, str]:
+        while True:
+            if time.time() >= ends:
+                return closecodes.UNAUTHENTICATED, "your sign-in expired; sign in again"
+            granted_until = expired[0] + OIDC_LEEWAY
+            renewed = await sign_in_again(granted_until)
+            if isinstance(renewed, tuple):
+                return renewed
+            assert renewed.expires is not None
+            fresh = renewed.expires > time.time()
+            refused = await decide_again(renewed, granted_until)
+            if refused is not None:
+                return refused
+            if renewed.expires > time.time() or not fresh:
+                return renewed.expires
+            # The renewed ID token expired while the API server was asked again: renew again
+            # (it was valid when it came, so each round makes progress).
 
     return renew
 
@@ -246,7 +274,8 @@ class NotOpenable(Exception):
 
 async def openable_route(request: web.Request) -> Route:
     """The console of `/t/{ns}/{name}/...` if the requester (a share link's, or the signed-in
-    one) may open it; NotOpenable (401 nobody signed in, 404 otherwise) if not."""
+    one) may open it; NotOpenable (401 nobody signed in, 503 the API server could not be
+    asked, 404 otherwise) if not."""
     state = request.app[STATE]
     namespace, name = _target_key(request)
     target = f"{namespace}/{name}"
@@ -255,7 +284,10 @@ async def openable_route(request: web.Request) -> Route:
     if identity is None:
         raise NotOpenable(401, "sign in first")
     route = state.registry.get(namespace, name)
-    if route is None or not (await state.authorizer.decide(identity, route)).allowed:
+    decision = None if route is None else await state.authorizer.decide(identity, route)
+    if decision is not None and decision.unavailable:
+        raise NotOpenable(503, decision.reason)
+    if route is None or decision is None or not decision.allowed:
         raise NotOpenable(404, f"no console {target} that you may open")
     return route
 
@@ -282,7 +314,8 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
     try:
         route = await openable_route(request)
     except NotOpenable as exc:
-        error = web.HTTPUnauthorized if exc.status == 401 else web.HTTPNotFound
+        error = {401: web.HTTPUnauthorized, 503: web.HTTPServiceUnavailable}.get(
+            exc.status, web.HTTPNotFound)
         raise error(text=f"{exc}\n") from None
     target = route.key
     try:

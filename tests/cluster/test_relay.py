@@ -140,7 +140,7 @@ def test_an_api_server_that_is_down_denies(release: Release, namespace: str,
         # carol is allowed by RBAC, but nothing about her is cached: the relay cannot ask.
         data, code, reason = asyncio.run(open_console(port, f"{namespace}/other",
                                                       USERS["carol"]["token"]))
-        assert data is None and code == 4403, (code, reason)
+        assert data is None and code == 4503, (code, reason)  # refused, to be retried
         assert "could not check your access" in reason
     finally:
         plane.start_apiserver()

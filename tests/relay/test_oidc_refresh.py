@@ -9,6 +9,7 @@ console. The waits are for conditions (a close, a renewal the relay made), never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kmock
 import pytest
 
 from harness.cluster import free_port
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
+from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_oidc_relay import provider_login
 from tests.support.oidc import Account, OidcProvider, need_provider
 from vncgate.common.addresses import Address
@@ -422,6 +425,51 @@ async def test_a_provider_away_at_renewal_time_does_not_close_the_console(
             process.send_signal(signal.SIGCONT)
         await eventually(lambda: renewed_until(relay, sid) > first_expiry,
                          "the relay to renew the sign-in once the provider answers", timeout=120)
+        await screen_arrives(ws)
+        assert not ws.closed
+        await ws.close()
+
+
+@pytest.mark.kmock(cls=kmock.RawHandler)
+async def test_an_api_server_away_at_renewal_time_does_not_close_the_console(
+        make_relay: RelayFactory, xvnc: XvncServer, lab_factory: Callable[..., Lab],
+        browser_like: aiohttp.ClientSession, kmock: kmock.RawHandler, tmp_path: Path) -> None:
+    """At the ID token's expiry the relay renews the sign-in and asks Kubernetes again
+    whether the renewed names may open the console. While the API server does not answer that
+    review, the relay asks again (for as long as the expired token would still pass its
+    checks) instead of ending the console as if it were denied (4403, final)."""
+    lab = lab_factory(refresh=True)
+    away = [False]
+    answered: list[bool] = []  # per review: whether it was answered
+
+    def review(request: kmock.Request) -> Any:
+        answered.append(not away[0])
+        if away[0]:
+            return kmock.Response(status=503)
+        groups = request.data["spec"].get("groups", [])
+        return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                "status": {"allowed": "oidc:devs" in groups}}
+
+    kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << review
+    options = relay_options(lab, xvnc)
+    options["routes"] = [Route("lab", "mine", "127.0.0.1", xvnc.port)]
+    options["auth"] = dataclasses.replace(options["auth"], authorization="kubernetes")
+    async with make_relay(**options, kubeconfig=write_kubeconfig(
+            tmp_path / "kubeconfig", str(kmock.url))) as relay:
+        await sign_in(browser_like, relay)
+        ws = await open_console(browser_like, relay)
+        assert answered and all(answered)  # the list page's and the console's reviews
+        # New names at the next renewal (a review the relay has not cached), and the API
+        # server away when it is asked.
+        lab.provider.accounts["alice"].claims["groups"] = ["devs", "ops"]
+        await in_thread(lab.provider.reload)
+        away[0] = True
+        await eventually(lambda: answered.count(False) >= 2,
+                         "the relay to ask again after a review that was not answered",
+                         timeout=60)
+        assert not ws.closed
+        away[0] = False
+        await eventually(lambda: answered[-1], "a review answered", timeout=60)
         await screen_arrives(ws)
         assert not ws.closed
         await ws.close()
