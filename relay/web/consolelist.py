@@ -141,6 +141,8 @@ class ConsolePage:
     # Facets over what the user may open: namespaces, and phase counts under the other filters.
     namespaces: list[str]
     phases: dict[str, int]
+    # Consoles left out because the API server did not answer whether the user may open them.
+    unchecked: int = 0
 
     @property
     def first(self) -> int:
@@ -163,6 +165,7 @@ class ConsolePage:
         return {"total": self.total, "page": self.page, "pages": self.pages,
                 "per": self.query.per, "query": self.query.params(page=1, per=self.query.per),
                 "namespaces": self.namespaces, "phases": self.phases,
+                "unchecked": self.unchecked,
                 "consoles": [row.to_json() for row in self.rows]}
 
 
@@ -193,8 +196,9 @@ def viewers_by_target(sessions: Iterable[Mapping[str, Any]]) -> dict[str, list[d
 
 
 def build_page(query: ListQuery, routes: list[Route], health: TargetHealth,
-               viewers: Mapping[str, list[dict[str, str]]]) -> ConsolePage:
-    """The page of `routes` (those the user may open) that `query` asks for."""
+               viewers: Mapping[str, list[dict[str, str]]], unchecked: int = 0) -> ConsolePage:
+    """The page of `routes` (those the user may open) that `query` asks for; `unchecked`:
+    how many consoles were left out because their check could not be made."""
     namespaces = sorted({route.namespace for route in routes})
     matches: list[tuple[str, str, Route, tuple[str, str, str, float | None]]] = []
     phases = dict.fromkeys(PHASES, 0)
@@ -218,5 +222,5 @@ def build_page(query: ListQuery, routes: list[Route], health: TargetHealth,
     # Rows only for the page shown.
     rows = [ConsoleRow(route, *status, viewers.get(route.key, []))
             for _, _, route, status in matches[start:start + query.per]]
-    return ConsolePage(query=query, rows=rows, total=len(matches),
-                       page=page, pages=pages, namespaces=namespaces, phases=phases)
+    return ConsolePage(query=query, rows=rows, total=len(matches), page=page, pages=pages,
+                       namespaces=namespaces, phases=phases, unchecked=unchecked)

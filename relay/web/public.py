@@ -342,9 +342,10 @@ async def _console_page(request: web.Request, identity: Identity
         query = ListQuery.parse(request.query)
     except ListQueryError as exc:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
-    allowed = await _allowed_routes(state, identity, list(state.registry))
+    allowed, unchecked = await _allowed_routes(state, identity, list(state.registry))
     sessions, _ = await all_sessions(state, None)
-    return build_page(query, allowed, state.health, viewers_by_target(sessions)), sessions
+    return build_page(query, allowed, state.health, viewers_by_target(sessions),
+                      unchecked), sessions
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -417,10 +418,13 @@ async def _sessions_for_admins(state: RelayState, identity: Identity, routes: li
 
 
 async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Route]
-                          ) -> list[Route]:
-    """The routes `identity` may open. First one question per namespace (may they open all of
-    it?), then one per console only in the namespaces where the answer was no; a few at a
-    time, answers cached (with RBAC each question may be a SubjectAccessReview)."""
+                          ) -> tuple[list[Route], int]:
+    """The routes `identity` may open, and how many could not be checked. First one question
+    per namespace (may they open all of it?), then one per console only in the namespaces
+    where the answer was no; a few at a time, answers cached (with RBAC each question may be a
+    SubjectAccessReview). Once a question goes unanswered (the API server is away or
+    overloaded), the rest are not asked: they are left out and counted, and the page says so,
+    rather than waiting a review's timeout for each batch of them."""
     namespaces = sorted({route.namespace for route in routes})
     whole: set[str] = set()
     for start in range(0, len(namespaces), LIST_CONCURRENCY):
@@ -444,7 +448,10 @@ async def _allowed_routes(state: RelayState, identity: Identity, routes: list[Ro
         batch = rest[start:start + LIST_CONCURRENCY]
         decisions = await asyncio.gather(*(state.authorizer.decide(identity, r) for r in batch))
         allowed.extend(r for r, d in zip(batch, decisions, strict=True) if d.allowed)
-    return allowed
+        unanswered = sum(1 for d in decisions if d.unavailable)
+        if unanswered:
+            return allowed, unanswered + len(rest) - start - len(batch)
+    return allowed, 0
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

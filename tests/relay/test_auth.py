@@ -434,6 +434,31 @@ async def test_api_errors_deny_never_allow(make_relay: RelayFactory, backend: Tc
             async with http.request(method, f"{relay.public_url}{path}", headers=alice) as r:
                 assert r.status == 503, (path, r.status, await r.text())
                 assert "could not check your access" in await r.text(), path
+        # The list leaves out what it could not check, and says so.
+        async with http.get(f"{relay.public_url}/", headers=alice) as r:
+            page = await r.text()
+        assert r.status == 200 and "t/lab/" not in page
+        assert re.search(r'id="unchecked"[^>]*>3 consoles could not be checked', page), page
+
+
+@pytest.mark.kmock(cls=kmock.RawHandler)
+async def test_the_list_stops_asking_an_api_server_that_does_not_answer(
+        make_relay: RelayFactory, backend: TcpServer, kmock: kmock.RawHandler,
+        tmp_path: Path) -> None:
+    """45 consoles, none answered: one question for the namespace, one batch of 20 for the
+    consoles, then no more (each would wait a review's timeout); all 45 counted as unchecked."""
+    reviews = kmock["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << 503
+    auth = AuthSettings(mode=AuthMode.PROXY, trusted_proxies=parse_networks(["127.0.0.1/32"], "t"),
+                        authorization="kubernetes")
+    routes = [Route("lab", f"desk-{i:02}", "127.0.0.1", backend.port) for i in range(45)]
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
+    async with make_relay(routes=routes, auth=auth, kubeconfig=kubeconfig) as relay, \
+            aiohttp.ClientSession() as http, \
+            http.get(f"{relay.public_url}/api/v1/consoles",
+                     headers={"X-Forwarded-User": "alice"}) as r:
+        listing = await r.json()
+    assert r.status == 200 and listing["total"] == 0 and listing["unchecked"] == 45, listing
+    assert len(list(reviews)) == 1 + 20
 
 
 async def test_unreachable_api_denies(make_relay: RelayFactory, backend: TcpServer,
