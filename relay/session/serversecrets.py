@@ -146,10 +146,19 @@ class CredentialStore:
                     forbidden=True) from None
             if exc.status == 404:
                 raise _refused(f"{kind} {route.namespace}/{name} does not exist") from None
+            if exc.status == 429 or exc.status >= 500:
+                # The API server is busy or failing: nothing is wrong with the credential, and
+                # no login was tried, so the viewer may ask again (4503, not the final 4424).
+                raise SecurityRefused(closecodes.UNAVAILABLE,
+                                      f"try again in a moment: reading {kind} "
+                                      f"{route.namespace}/{name} failed: HTTP {exc.status}"
+                                      ) from None
             raise _refused(f"reading {kind} {route.namespace}/{name} failed: "
                            f"HTTP {exc.status}") from None
-        except OSError as exc:
-            raise _refused(f"the Kubernetes API cannot be reached: {exc}") from None
+        except OSError as exc:  # refused, reset, timed out (TimeoutError is an OSError)
+            raise SecurityRefused(closecodes.UNAVAILABLE,
+                                  "try again in a moment: the Kubernetes API cannot be reached "
+                                  f"({str(exc) or type(exc).__name__})") from None
         return body if isinstance(body, dict) else {}
 
     async def _secret_value(self, route: Route, name: str, key: str,

@@ -445,7 +445,7 @@ async def test_an_api_server_away_at_renewal_time_does_not_close_the_console(
     def review(request: kmock.Request) -> Any:
         answered.append(not away[0])
         if away[0]:
-            return kmock.Response(status=503)
+            raise RuntimeError("the API server is away")  # its answer: HTTP 500
         groups = request.data["spec"].get("groups", [])
         return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                 "status": {"allowed": "oidc:devs" in groups}}
@@ -468,8 +468,14 @@ async def test_an_api_server_away_at_renewal_time_does_not_close_the_console(
                          "the relay to ask again after a review that was not answered",
                          timeout=60)
         assert not ws.closed
+        (session,) = relay.state.sessions
+        expires = session.expires_at
+        assert expires is not None
         away[0] = False
-        await eventually(lambda: answered[-1], "a review answered", timeout=60)
+        # Answered: the session's next renewal is set at the renewed ID token's expiry.
+        await eventually(lambda: (session.expires_at or 0) > expires,
+                         "the console's sign-in renewed and decided again", timeout=60)
+        assert answered[-1]
         await screen_arrives(ws)
         assert not ws.closed
         await ws.close()

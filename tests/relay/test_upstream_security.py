@@ -9,14 +9,17 @@ CA made with openssl, and `TLSVnc` (anonymous TLS).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import ssl
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import kmock
 import pytest
 
 from harness.servers import GREETING, Behaviour, TcpServer, passwordless_vnc
@@ -24,6 +27,7 @@ from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
+from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
 from tests.support.rfbclient import viewer_handshake
 from vncgate.common.client import RelayClient
@@ -34,6 +38,7 @@ from vncgate.relay import closecodes
 from vncgate.relay.recording.capture import END, HEADER, SERVER, Record, read_records
 from vncgate.relay.recording.store import RecordingSettings
 from vncgate.relay.rfb.security import vnc_auth_response
+from vncgate.relay.session.serversecrets import CREDENTIALS_TYPE
 
 PASSWORD = "s3cret-pw"  # longer than 8: VNC Authentication uses the first 8 bytes
 @pytest.fixture(scope="module")
@@ -445,3 +450,48 @@ async def test_a_granted_name_resolving_outside_its_grant_is_refused_at_dial(
         assert reason.startswith("localhost now resolves to ") and \
             "outside the network grant of namespace lab" in reason, reason
         assert server.connections == dialled
+
+
+@pytest.mark.kmock(cls=kmock.RawHandler)
+async def test_an_api_server_that_fails_a_secret_read_is_asked_again_not_blamed_on_the_secret(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, kmock: kmock.RawHandler,
+        tmp_path: Path) -> None:
+    """The API server answers the Secret's read with 500: the viewer is refused with 4503 (it
+    reconnects by itself), not 4424 (final: the credential is wrong or unreadable), and the
+    target's login outcome is not marked; once the API answers, the console opens."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": CREDENTIALS_TYPE,
+              "metadata": {"name": "desk-vnc", "namespace": "lab"},
+              "data": {"password": base64.b64encode(PASSWORD.encode()).decode()}}
+    answering = [False]
+
+    def read() -> dict[str, Any]:
+        if not answering[0]:
+            raise RuntimeError("etcd is away")  # the API server's 500
+        return secret
+
+    kmock["get /api/v1/namespaces/lab/secrets/desk-vnc"] << read
+    route = Route("lab", "desk", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(secret_name="desk-vnc"))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
+    async with make_relay(routes=[route], kubeconfig=kubeconfig) as relay:
+        code, reason = await close_of(relay.public_url, "desk")
+        assert code == closecodes.UNAVAILABLE, (code, reason)
+        assert reason.startswith("try again in a moment: reading Secret lab/desk-vnc failed: "
+                                 "HTTP 500"), reason
+        assert "lab/desk" not in relay.state.logins.outcomes
+        answering[0] = True
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"{relay.public_url}/t/lab/desk/websockify", protocols=("binary",)) as ws:
+            await viewer_handshake(ws)
+        assert relay.state.logins.outcomes["lab/desk"].result == LOGIN_OK
+
+
+async def test_an_api_server_out_of_reach_refuses_a_secret_route_with_4503(
+        make_relay: RelayFactory, vncauth_xvnc: XvncServer, tmp_path: Path) -> None:
+    route = Route("lab", "desk", "127.0.0.1", vncauth_xvnc.port,
+                  credentials=Credentials(secret_name="desk-vnc"))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
+    async with make_relay(routes=[route], kubeconfig=kubeconfig) as relay:
+        code, reason = await close_of(relay.public_url, "desk")
+    assert code == closecodes.UNAVAILABLE, (code, reason)
+    assert reason.startswith("try again in a moment: the Kubernetes API cannot be reached"), reason
