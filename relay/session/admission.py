@@ -217,8 +217,8 @@ class Admission:
         if policy.exclusive:
             conflict = await self._claim(request, route, claimant, on_takeover)
             if conflict is not None:
-                await self._refuse(ws, closecodes.CONFLICT, conflict, route.key, client,
-                                   applicant.label, labels, session.started)
+                await self._refuse(ws, *conflict, route.key, client, applicant.label, labels,
+                                   session.started)
                 return
         seats: list[Seat] = []
         if seated:
@@ -285,8 +285,10 @@ class Admission:
             log.exception("could not release the seat %s", seat.name)
 
     async def _claim(self, request: web.BaseRequest, route: Route, claimant: Holder,
-                     on_takeover: Callable[[Holder], None] | None) -> str | None:
-        """Make the claimant the holder of an exclusive console; else why not, in words."""
+                     on_takeover: Callable[[Holder], None] | None) -> Refusal | None:
+        """Make the claimant the holder of an exclusive console; else the refusal: held by
+        another (4409), or the API server cannot be asked (4503: fail closed, and the viewer
+        asks again; 4409 is final)."""
         policy = route.sessions
         wants_takeover = request.query.get("takeover") == "1"
 
@@ -297,14 +299,15 @@ class Admission:
             holder = await self.consoles.acquire(route, claimant, may_take)
         except Exception:  # the API is down: refuse rather than allow two holders
             log.exception("could not claim %s", route.key)
-            return "could not check who holds this console; try again in a moment"
+            return (closecodes.UNAVAILABLE,
+                    "could not check who holds this console; try again in a moment")
         if holder is None:
             if wants_takeover and on_takeover is not None:
                 on_takeover(claimant)
             return None
         offer = "; you may take it over" if may_take_over(policy.takeover, claimant, holder) \
             else ""
-        return f"in use by {holder.describe()}{offer}"
+        return closecodes.CONFLICT, f"in use by {holder.describe()}{offer}"
 
     async def _release(self, route: Route, claimant: Holder) -> None:
         try:

@@ -168,3 +168,26 @@ def test_lease_names_stay_within_the_limit() -> None:
     assert lease_name(Route("lab", "desk", "h", 1)) == "vnc-lab-desk"
     long = lease_name(Route("n" * 63, "x" * 253, "h", 1))
     assert len(long) == 253 and long.startswith("vnc-nnn")
+
+
+async def test_a_hold_that_cannot_be_checked_refuses_with_4503_not_4409(
+        make_relay: RelayFactory, sink_backend: TcpServer, cluster: Path,
+        kmock: kmock.KubernetesEmulator) -> None:
+    """The API server fails the console's Lease: the viewer is refused (fail closed: two
+    holders must never be let in), with 4503, after which the viewer asks again, not with
+    4409 ("in use"), after which it stops."""
+    route = Route("lab", "desk", "127.0.0.1", sink_backend.port,
+                  sessions=SessionPolicy(mode=SessionMode.EXCLUSIVE))
+
+    def failing() -> None:
+        raise RuntimeError("etcd is away")  # the API server's 500
+
+    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+        relay = await stack.enter_async_context(make_relay(
+            routes=[route], auth=PROXY, kubeconfig=cluster, lease_namespace=NAMESPACE,
+            identity="relay-a"))
+        kmock[f"get /apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/"
+              f"{lease_name(route)}"] << failing
+        code, reason = await closed_with(await connect(http, relay, "alice"))
+    assert code == closecodes.UNAVAILABLE, (code, reason)
+    assert reason == "could not check who holds this console; try again in a moment"
