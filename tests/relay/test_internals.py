@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,18 +31,6 @@ from vncgate.relay.internals import ViewerLink, start_tls_capable, viewer_link
 from vncgate.relay.web.websocket import RelayWebSocket
 
 WS = "/t/lab/desk/websockify"
-PATHS = ["private", "public"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each test on the private path, then on the public fallback."""
-    if request.param == "private":
-        assert internals.private_in_use(), f"the fast paths are off: {internals.MISSING}"
-        yield "private"
-    else:
-        with internals.public_api_only():
-            yield "public"
 
 
 def test_the_installed_aiohttp_has_every_private_part_the_relay_touches() -> None:

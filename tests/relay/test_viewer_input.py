@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +23,7 @@ from harness.waiting import eventually
 from tests.conftest import RelayFactory
 from tests.relay.test_endings import Listener, ended, one_session, relay_before
 from vncgate.common.model import Route
-from vncgate.relay import closecodes, internals
+from vncgate.relay import closecodes
 from vncgate.relay.internals import viewer_input
 from vncgate.relay.session.bridge import Session
 
@@ -46,18 +45,6 @@ def frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True, masked: bool =
         return head + payload
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-@pytest.fixture(params=["private", "public"])
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each test on the private path (messages straight to the session), then on the public
-    fallback (every message through aiohttp's queue and the pump)."""
-    if request.param == "private":
-        assert internals.private_in_use(), f"the fast paths are off: {internals.MISSING}"
-        yield "private"
-    else:
-        with internals.public_api_only():
-            yield "public"
 
 
 async def relaying(relay_session: Session) -> None:
