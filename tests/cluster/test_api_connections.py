@@ -84,6 +84,11 @@ async def burst(port: int, target: str) -> list[tuple[bool, int | None, str]]:
                                        for i in range(VIEWERS))))
 
 
+def past_the_review(ok: bool, code: int | None, reason: str) -> bool:
+    """Let in: the greeting came, or the relay dialled the VNC server and that ended it."""
+    return ok or (code in (4502, 4504) and "VNC server" in reason)
+
+
 def test_a_burst_of_reviews_stays_within_the_bound(release: Release, namespace: str,
                                                    xvnc: XvncServer, tmp_path: Path) -> None:
     plane = release.plane
@@ -109,12 +114,18 @@ def test_a_burst_of_reviews_stays_within_the_bound(release: Release, namespace: 
         with sampler:
             results = asyncio.run(burst(port, f"{namespace}/desk"))
             wait_until(lambda: sampler.samples > 0, "a sample of the relay's connections")
-        let_in = sum(1 for ok, _, _ in results if ok)
-        refused = [(code, reason) for ok, code, reason in results if not ok]
+        # Past the review: the greeting came, or the relay dialled the VNC server and that
+        # ended it (Xvnc takes forty connections at once through its accept backlog of five:
+        # on a busy machine one waited out even a 30 s connect timeout, 4504). What Xvnc
+        # does after the review is not what this test is about; the review is.
+        past = [result for result in results if past_the_review(*result)]
+        let_in = sum(1 for ok, _, _ in past if ok)
+        refused = [(code, reason) for ok, code, reason in results
+                   if not past_the_review(ok, code, reason)]
         # Fail closed, as without a bound: a review that did not come back refuses the viewer.
         assert all(code == 4503 and FAIL_CLOSED in reason for code, reason in refused), (
             refused, script.log()[-3000:])
-        assert let_in > BOUND, (let_in, refused, script.log()[-3000:])
+        assert len(past) > BOUND, (past, refused, script.log()[-3000:])
         assert sampler.most <= MOST, (
             f"the relay held {sampler.most} connections to the API server at once (bound "
             f"{MOST}: {BOUND} for reviews, {BOUND} for its own requests, 1 for its liveness "
