@@ -16,7 +16,9 @@ A seat's holder is a replica (`holderIdentity`) and a session of it (annotations
 exclusive consoles (relay/session/consoles.py), and it is alive while that replica's
 liveness Lease is renewed by the same process (its incarnation): no per-session renewals,
 and a SIGKILLed replica's seats are free when its liveness Lease expires (30 s). A seat that
-names this replica's own process but none of its sessions is free too (a release that failed).
+names this replica's own process but none of its sessions is free too (a release that failed),
+unless a session of this process is creating or taking it (its write may be stored before
+its answer is read).
 A release deletes the Lease with the `resourceVersion` this replica wrote (a 409 means it was
 taken since: not ours to free); a failed release is retried every `retry_seconds`.
 
@@ -30,6 +32,7 @@ import contextlib
 import hashlib
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -102,6 +105,10 @@ class KubeSeats:
         self.rounds = rounds
         self._path = f"/apis/coordination.k8s.io/v1/namespaces/{consoles.namespace}/leases"
         self._held: dict[str, str] = {}  # Lease name -> session id, this process's seats
+        # Lease name -> this process's sessions whose create or take of it is under way: the
+        # API server may have written it before the answer is read here, and a session of
+        # this process that lists it meanwhile must not take it for a failed release.
+        self._claiming: dict[str, set[str]] = {}
         self._unreleased: dict[str, Seat] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -215,16 +222,29 @@ class KubeSeats:
                      "leaseTransitions": transitions},
         }
 
+    @contextlib.contextmanager
+    def _claim(self, name: str, session_id: str) -> Iterator[None]:
+        """While a create or take of `name` by `session_id` is under way (see _claiming)."""
+        self._claiming.setdefault(name, set()).add(session_id)
+        try:
+            yield
+        finally:
+            sessions = self._claiming[name]
+            sessions.discard(session_id)
+            if not sessions:
+                del self._claiming[name]
+
     async def _create(self, route: Route, holder: Holder, kind: str, name: str
                       ) -> Seat | None:
-        try:
-            created = await self._ask("POST", self._path,
-                                      self._body(route, holder, kind, name, 0))
-        except KubeError as exc:  # 409: another session created it first
-            if exc.status == 409:
-                return None
-            raise SeatsUnavailable(f"the API server refused: {exc}") from None
-        return self._hold(name, created, holder, kind)
+        with self._claim(name, holder.session_id):
+            try:
+                created = await self._ask("POST", self._path,
+                                          self._body(route, holder, kind, name, 0))
+            except KubeError as exc:  # 409: another session created it first
+                if exc.status == 409:
+                    return None
+                raise SeatsUnavailable(f"the API server refused: {exc}") from None
+            return self._hold(name, created, holder, kind)
 
     async def _take(self, route: Route, holder: Holder, kind: str, lease: dict[str, Any]
                     ) -> Seat | None:
@@ -233,13 +253,14 @@ class KubeSeats:
         transitions = int((lease.get("spec") or {}).get("leaseTransitions") or 0) + 1
         body = self._body(route, holder, kind, name, transitions)
         body["metadata"]["resourceVersion"] = _version(lease)
-        try:
-            taken = await self._ask("PATCH", f"{self._path}/{name}", body)
-        except KubeError as exc:  # 409: written since; 404: deleted since (released)
-            if exc.status in (404, 409):
-                return None
-            raise SeatsUnavailable(f"the API server refused: {exc}") from None
-        return self._hold(name, taken, holder, kind)
+        with self._claim(name, holder.session_id):
+            try:
+                taken = await self._ask("PATCH", f"{self._path}/{name}", body)
+            except KubeError as exc:  # 409: written since; 404: deleted since (released)
+                if exc.status in (404, 409):
+                    return None
+                raise SeatsUnavailable(f"the API server refused: {exc}") from None
+            return self._hold(name, taken, holder, kind)
 
     def _hold(self, name: str, lease: Any, holder: Holder, kind: str) -> Seat:
         self._held[name] = holder.session_id
@@ -249,7 +270,7 @@ class KubeSeats:
 
     async def _free(self, lease: dict[str, Any]) -> bool:
         """Whether a seat's Lease names no live session: its replica's process is gone, or it
-        is this process and none of its sessions holds it."""
+        is this process and none of its sessions holds it or is taking it."""
         holder = holder_of(lease)
         if holder is None:
             return True
@@ -257,7 +278,8 @@ class KubeSeats:
         consoles = self.consoles
         if holder.replica == consoles.identity and incarnation == consoles.incarnation:
             name = str((lease.get("metadata") or {}).get("name"))
-            return self._held.get(name) != holder.session_id
+            return (self._held.get(name) != holder.session_id
+                    and holder.session_id not in self._claiming.get(name, ()))
         try:
             return not await consoles.alive(holder.replica, incarnation)
         except KubeError as exc:
