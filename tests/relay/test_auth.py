@@ -24,6 +24,7 @@ from yarl import URL
 from harness.servers import GREETING, TcpServer
 from harness.waiting import eventually
 from tests.conftest import API_TOKEN, ROOT, RelayFactory
+from tests.support.kubeconfig import write_kubeconfig
 from vncgate.common.model import Route
 from vncgate.common.spec import Access
 from vncgate.relay import closecodes
@@ -355,17 +356,6 @@ async def test_proxy_user_without_the_group_is_forbidden(make_relay: RelayFactor
 
 
 # --- Kubernetes RBAC (SubjectAccessReview) -------------------------------------------------
-
-def write_kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: kmock, cluster: {{server: "{server}"}}}}]
-users: [{{name: relay, user: {{token: relay-service-account-token}}}}]
-contexts: [{{name: kmock, context: {{cluster: kmock, user: relay}}}}]
-current-context: kmock
-""")
-    return path
-
 
 def rbac_policy(request: kmock.Request) -> dict[str, Any]:
     """alice may connect to anything in namespace lab; group lab-viewers to lab/open."""

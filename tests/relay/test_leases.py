@@ -13,8 +13,8 @@ import pytest
 from harness.servers import GREETING, TcpServer
 from harness.waiting import eventually
 from tests.conftest import RelayFactory
-from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import PROXY, closed_with, connect
+from tests.support.kubeconfig import write_kubeconfig
 from vncgate.common.model import Route
 from vncgate.common.spec import SessionMode, SessionPolicy, Takeover
 from vncgate.relay import closecodes

@@ -29,8 +29,8 @@ from harness.cluster import free_port
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import RelayFactory
-from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_oidc_relay import provider_login
+from tests.support.kubeconfig import write_kubeconfig
 from tests.support.oidc import Account, OidcProvider, need_provider
 from vncgate.common.addresses import Address
 from vncgate.common.model import Route

@@ -27,8 +27,8 @@ from harness.vncsecurity import SERVER_NAME, make_ca, write_vnc_password
 from harness.waiting import eventually
 from harness.xvnc import XvncServer
 from tests.conftest import API_TOKEN, ARTIFACTS, RelayFactory
-from tests.relay.test_auth import write_kubeconfig
 from tests.relay.test_sessions import move_pointer_through_relay, pointer_position
+from tests.support.kubeconfig import write_kubeconfig
 from tests.support.rfbclient import viewer_handshake
 from vncgate.common.client import RelayClient
 from vncgate.common.model import LOGIN_OK, LOGIN_REFUSED, LOGIN_UNREADABLE, Route
