@@ -44,6 +44,11 @@ class Decision:
     reason: str = ""
     unavailable: bool = False
 
+    @property
+    def status(self) -> int:
+        """A refusal's HTTP status: 503 (ask again in a moment) or 403."""
+        return 503 if self.unavailable else 403
+
 
 # What the actions are called in RBAC (verbs on vnctargets) and in words; the ClusterRole that
 # grants each (named in refusals) is configured (roles.RoleNames.for_verb).

@@ -46,11 +46,13 @@ log = logging.getLogger("vncgate.control")
 CHECK_CONCURRENCY = 20
 
 
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
+    404: web.HTTPNotFound, 409: web.HTTPConflict, 503: web.HTTPServiceUnavailable}
+
+
 def _error(status: int, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-           404: web.HTTPNotFound, 409: web.HTTPConflict,
-           503: web.HTTPServiceUnavailable}[status]
-    return cls(text=json.dumps({"error": message}), content_type="application/json")
+    return _ERRORS[status](text=json.dumps({"error": message}), content_type="application/json")
 
 
 # -- this replica's sessions (also served to peers by relay/web/internal.py) -----------------
@@ -176,7 +178,7 @@ async def _allow(state: RelayState, identity: Identity, namespace: str, name: st
                  verb: str) -> None:
     decision = await state.authorizer.decide_action(identity, namespace, name, verb)
     if not decision.allowed:
-        raise _error(503 if decision.unavailable else 403, decision.reason)
+        raise _error(decision.status, decision.reason)
 
 
 def _base_url(request: web.Request, state: RelayState) -> str:
@@ -277,8 +279,7 @@ async def end_session_form(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
     decision = await state.authorizer.decide_action(identity, namespace, name, "disconnect")
     if not decision.allowed:
-        error = web.HTTPServiceUnavailable if decision.unavailable else web.HTTPForbidden
-        raise error(text=decision.reason + "\n")
+        raise _ERRORS[decision.status](text=decision.reason + "\n")
     session_id = str(form.get("session", "")) or None
     ended, _ = await end_everywhere(state, f"{namespace}/{name}", session_id, identity.label)
     audit_event("session end", request, state, user=identity.label, via="list page",

@@ -211,14 +211,16 @@ def _renewal(request: web.Request, identity: Identity, namespace: str, name: str
             if isinstance(renewed, tuple):
                 return renewed
             assert renewed.expires is not None
-            fresh = renewed.expires > time.time()
+            came_valid = renewed.expires > time.time()
             refused = await decide_again(renewed, granted_until)
             if refused is not None:
                 return refused
-            if renewed.expires > time.time() or not fresh:
+            if renewed.expires > time.time() or not came_valid:
+                # Still valid; or it came expired (a provider's clock), and renewing again
+                # would only bring another such token: the session ends (Session._renewing).
                 return renewed.expires
-            # The renewed ID token expired while the API server was asked again: renew again
-            # (it was valid when it came, so each round makes progress).
+            # It was valid when it came and expired while the API server was asked again
+            # (decide_again waits out an API server that is away): renew once more.
 
     return renew
 
