@@ -31,6 +31,7 @@ from bench import measure
 from bench.candidates import Candidate, all_candidates
 from bench.limits import raise_fd_limit
 from bench.loops import loop_name, new_event_loop
+from bench.stress import start_stress
 
 ROOT = Path(__file__).resolve().parent.parent
 HIGHER, LOWER = "higher", "lower"
@@ -270,10 +271,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         f"idle sessions {p['memory']}")
     started = time.monotonic()
     stress = None
-    if args.stress:  # bounded: it stops by itself after an hour if this run dies first
-        stress = subprocess.Popen(  # noqa: ASYNC220 - starts and returns
-            ["stress-ng", "--cpu", str(args.stress), "--timeout", "3600s", "--quiet"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    if args.stress:
+        stress = start_stress(args.stress)
     loads = [os.getloadavg()[0]]
     with contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="vncgate-bench-") as tmp:

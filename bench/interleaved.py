@@ -1,8 +1,9 @@
 """Handshake, set-up and round trip, interleaved session by session across the candidates.
 
-`python -m bench.interleaved [--baseline DIR] [--sessions N] [--round-trips N] [--stress N]`
-starts vncgate's relay, `vncgate@base` (with `--baseline`: another checkout's relay, for an A/B
-of a change), the minimal aiohttp relay and the asyncio pipe, all at once, in front of the
+`python -m bench.interleaved [--baseline DIR] [--uvloop] [--sessions N] [--round-trips N]
+[--stress N]` starts vncgate's relay, `vncgate@base` (with `--baseline`: another checkout's
+relay, for an A/B of a change), `vncgate+uvloop` (with `--uvloop`: the same relay on uvloop,
+bench/uvloop_relay.py), the minimal aiohttp relay and the asyncio pipe, all at once, in front of the
 benchmark's echo backend (bench/backends.py), and then takes turns: one set-up on each
 candidate, then the next, the order rotating each turn; then one 100-byte round trip on each
 candidate's open session, turn by turn. On a machine shared with other work, load that comes
@@ -34,6 +35,7 @@ from bench.client import Conn, connect, ws_frame
 from bench.limits import raise_fd_limit
 from bench.loops import new_event_loop
 from bench.measure import percentile, usage
+from bench.stress import start_stress
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 1200.0  # seconds: the whole run stops by then, whatever the counts
@@ -51,6 +53,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     candidates: list[Candidate] = [Vncgate()]
     if args.baseline is not None:
         candidates.append(Vncgate(checkout=args.baseline))
+    if args.uvloop:
+        candidates.append(Vncgate(uvloop=True))
     candidates += [AiohttpRelay(), Pipe()]
     stop_at = time.monotonic() + DEADLINE
     loads = [os.getloadavg()[0]]
@@ -60,10 +64,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu: dict[str, float] = {}
     with contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="vncgate-bench-") as tmp:
-        if args.stress:  # bounded: it stops by itself after an hour if this run dies first
-            stress = subprocess.Popen(  # noqa: ASYNC220 - starts and returns
-                ["stress-ng", "--cpu", str(args.stress), "--timeout", "3600s", "--quiet"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        if args.stress:
+            stress = start_stress(args.stress)
             stack.callback(stress.wait, 30)
             stack.callback(stress.terminate)
         backends_proc = subprocess.Popen(  # noqa: ASYNC220 - starts and returns
@@ -131,7 +133,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     figures = result["figures"]
     names = list(figures)
-    refs = [("vncgate@base", "base"), ("aiohttp relay", "aiohttp"), ("asyncio pipe", "pipe")]
+    refs = [("vncgate@base", "base"), ("vncgate+uvloop", "uvloop"), ("aiohttp relay", "aiohttp"),
+            ("asyncio pipe", "pipe")]
     refs = [(r, short) for r, short in refs if r in names]
     rows = [("handshake (to the 101), median ms", "handshake_ms", "median"),
             ("handshake, p99 ms", "handshake_ms", "p99"),
@@ -172,6 +175,8 @@ def main() -> None:
                         help="set-ups per candidate (1000)")
     parser.add_argument("--round-trips", type=int, default=5000,
                         help="round trips per candidate (5000)")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="also run vncgate's relay on uvloop (vncgate+uvloop)")
     parser.add_argument("--stress", type=int, metavar="N", default=0,
                         help="run stress-ng --cpu N beside the whole run")
     parser.add_argument("--json", type=Path, help="also write every figure here")
