@@ -278,6 +278,9 @@ class RfbTap:
         self._buffer = bytearray()
         self._parser: _Parser | None = None
         self._waiting = False
+        # Keyframes whose update ended in the bytes `server_data` is taking: written after
+        # their SERVER record (see there).
+        self._keyframes: list[bytes] = []
 
     @property
     def minor(self) -> int:
@@ -400,6 +403,15 @@ class RfbTap:
         if start is not None and start < end:
             self._emit(SERVER, bytes(view[start:]))
             self.recorded += end - start
+        # A keyframe goes after the SERVER record that holds its update's last byte, so it is
+        # stamped no earlier: a player seeking to its time feeds the records stamped up to
+        # then, and noVNC shows an update only once it has all of it. Written before that
+        # record, it was stamped a millisecond earlier whenever the clock ticked in between,
+        # and a seek to it showed a black screen.
+        if self._keyframes:
+            keyframes, self._keyframes = self._keyframes, []
+            for keyframe in keyframes:
+                self._emit(KEYFRAME, keyframe)
 
     def _advance(self, value: bytes | None) -> None:
         assert self._parser is not None
@@ -521,8 +533,8 @@ class RfbTap:
                 yield -size
         self.updates += 1
         if painted >= width * height > 0 and not copies and not self.stateful:
-            self._emit(KEYFRAME, json.dumps({"offset": start, "width": width,
-                                             "height": height}).encode())
+            self._keyframes.append(json.dumps({"offset": start, "width": width,
+                                               "height": height}).encode())
 
     def _tight(self, w: int, h: int, *, png: bool) -> Generator[int, bytes, bool]:
         """Skip one Tight (or TightPNG) rectangle (the RFB community wiki's "Tight Encoding",

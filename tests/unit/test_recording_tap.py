@@ -156,3 +156,28 @@ def test_zrle_is_stateful_from_its_first_rectangle() -> None:
         rect(0, 0, WIDTH, HEIGHT // 2, ZRLE) + struct.pack("!I", 5) + zlib.compress(b"")[:5],
         zrle(1000)), update(tight_fill()), split=3)
     assert len(keyframes(t)) == 1 and t.tap.stateful and t.tap.following
+
+
+@pytest.mark.parametrize("split", [1, 1000, WIDTH * HEIGHT * 4 + 100])
+def test_a_keyframe_is_stamped_no_earlier_than_the_last_byte_of_its_update(split: int) -> None:
+    """A player that seeks to a keyframe's time feeds the `S` records stamped at or before it
+    (static/novnc/playback.js `feedUntil`), and noVNC shows an update only at its end. So the
+    `K` record must follow the `S` record holding the update's last byte: a `K` written
+    first, in the same read, was stamped a millisecond before that `S` whenever the clock
+    ticked in between (a busy machine), and a seek to it showed a black screen. Here every
+    record is stamped one millisecond after the one before, as on such a machine."""
+    stamped: list[tuple[bytes, int, bytes]] = []
+    tap = RfbTap(lambda kind, payload: stamped.append((kind, len(stamped), payload)),
+                 record_input=False, keyframe_interval=3600.0)
+    replay_handshake(tap, b"RFB 003.008\n\x01\x01", SERVER_INIT)
+    tap.client_data(b"\x00\x00\x00\x00" + NOVNC + struct.pack("!BxHi", 2, 1, RAW))
+    # Xvnc sends a whole screen in Raw as several rectangles.
+    halves = [rect(0, y, WIDTH, HEIGHT // 2, RAW) + bytes([y]) * (WIDTH * HEIGHT // 2 * 4)
+              for y in (0, HEIGHT // 2)]
+    whole = update(*halves)
+    for i in range(0, len(whole), split):
+        tap.server_data(whole[i:i + split])
+    (keyframe,) = [(millis, json.loads(p)) for kind, millis, p in stamped if kind == KEYFRAME]
+    millis, frame = keyframe
+    fed = b"".join(p for kind, t, p in stamped if kind == SERVER and t <= millis)
+    assert fed[frame["offset"]:] == whole
