@@ -170,10 +170,19 @@ class KubeClient:
 
     def __init__(self, connection: KubeConnection, timeout: float = 5.0,
                  pool: KubePool | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 sent_timeout: float | None = None) -> None:
         self.connection = connection
-        # total: from the call to the reply read, waiting for a free connection included.
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        if sent_timeout is None:
+            # total: from the call to the reply read, waiting for a free connection included.
+            self._timeout = aiohttp.ClientTimeout(total=timeout)
+        else:
+            # `timeout` to have a connection (a free one of the pool, or a new one); once the
+            # request is sent, `sent_timeout` more for its reply. A request given up after it
+            # was sent costs its connection (it cannot carry another request), and a new one
+            # costs the API server a TLS handshake: under overload, giving up early turns into
+            # more load (bench.scale, docs/PERFORMANCE.md).
+            self._timeout = aiohttp.ClientTimeout(total=timeout + sent_timeout, connect=timeout)
         self._own_pool = pool is None
         self.pool = pool if pool is not None else KubePool(max_connections)
 

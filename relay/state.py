@@ -14,6 +14,7 @@ from vncgate.common.kube import KubeClient, KubeConnection, KubePool, kube_conne
 from vncgate.common.model import Route
 from vncgate.relay import closecodes
 from vncgate.relay.access.authz import (
+    REVIEW_SENT_TIMEOUT,
     Authorizer,
     KubernetesAuthorizer,
     ManifestAuthorizer,
@@ -80,9 +81,11 @@ class RelayKube:
             self._connection = kube_connection(self._kubeconfig)
         return self._connection
 
-    def client(self, pool: KubePool | None = None) -> KubeClient:
-        """A client of `pool` (the relay's own requests' by default)."""
-        return KubeClient(self.connection(), pool=pool or self.pool)
+    def client(self, pool: KubePool | None = None, sent_timeout: float | None = None
+               ) -> KubeClient:
+        """A client of `pool` (the relay's own requests' by default); `sent_timeout`: see
+        KubeClient."""
+        return KubeClient(self.connection(), pool=pool or self.pool, sent_timeout=sent_timeout)
 
     async def close(self) -> None:
         """After every user of the pools has stopped (their own close() leaves them open)."""
@@ -94,7 +97,8 @@ def make_authorizer(settings: RelaySettings, kube: RelayKube) -> Authorizer:
     if settings.auth.mode == AuthMode.NONE:
         return OpenAuthorizer()
     if settings.auth.authorization == "kubernetes":
-        return KubernetesAuthorizer(kube.client(kube.reviews), roles=settings.roles)
+        return KubernetesAuthorizer(kube.client(kube.reviews, sent_timeout=REVIEW_SENT_TIMEOUT),
+                                    roles=settings.roles)
     return ManifestAuthorizer()
 
 

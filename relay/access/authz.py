@@ -15,6 +15,7 @@ knows: nobody), and never by a share link.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -32,6 +33,12 @@ log = logging.getLogger("vncgate.authz")
 SAR_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 ALLOW_TTL = 30.0
 DENY_TTL = 10.0
+# How long a viewer waits for a review; past it, refused for now (4503, ask again in a moment).
+ANSWER_WITHIN = 5.0
+# How long a review that was sent may take, when the viewer stopped waiting for it: its answer
+# is cached for the viewer's next try, and its connection is not given up (which would cost the
+# API server a new TLS handshake when it is already slow).
+REVIEW_SENT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,10 @@ ACTIONS = {
     "sessions": "see the sessions of",
     "disconnect": "end sessions of",
 }
+
+
+_UNANSWERED = Decision(False, "the relay could not check your access with Kubernetes; try "
+                              "again in a moment", unavailable=True)
 
 
 class Authorizer(Protocol):
@@ -165,18 +176,31 @@ class ManifestAuthorizer:
         return await self.decide(identity, route)
 
 
+_Key = tuple[str, tuple[str, ...], str, str]
+
+
 class KubernetesAuthorizer:
-    """SubjectAccessReview per (user, groups, target), cached: allowed 30 s, denied 10 s."""
+    """SubjectAccessReview per (user, groups, target), cached: allowed 30 s, denied 10 s.
+
+    A viewer waits `answer_within` for its review, and is refused for now (unavailable) past
+    it; the review itself goes on (within its client's `sent_timeout`), and its answer is cached
+    for the next try. The same question asked again while its review is under way waits for
+    that review instead of sending another: a reconnect storm's retries add no reviews, and a
+    slow API server is not handed more work, nor new connections, because it is slow."""
 
     def __init__(self, client: KubeClient, max_cached: int = 10_000,
-                 roles: RoleNames | None = None) -> None:
+                 roles: RoleNames | None = None, answer_within: float = ANSWER_WITHIN) -> None:
         self.client = client
         self.roles = roles or RoleNames()
         self.max_cached = max_cached
-        self._cache: OrderedDict[tuple[str, tuple[str, ...], str, str],
-                                 tuple[Decision, float]] = OrderedDict()
+        self.answer_within = answer_within
+        self._cache: OrderedDict[_Key, tuple[Decision, float]] = OrderedDict()
+        self._under_way: dict[_Key, asyncio.Task[Decision]] = {}
 
     async def close(self) -> None:
+        for task in list(self._under_way.values()):
+            task.cancel()
+        await asyncio.gather(*self._under_way.values(), return_exceptions=True)
         await self.client.close()
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
@@ -201,7 +225,7 @@ class KubernetesAuthorizer:
 
     @staticmethod
     def _key(identity: Identity, namespace: str, name: str, verb: str, subresource: str
-             ) -> tuple[str, tuple[str, ...], str, str]:
+             ) -> _Key:
         return (identity.user, tuple(sorted(identity.groups)), f"{namespace}/{name}",
                 f"{verb} {subresource}")
 
@@ -223,12 +247,32 @@ class KubernetesAuthorizer:
             return Decision(False, "sign in first")
         key = self._key(identity, namespace, name, verb, subresource)
         cached = self._cache.get(key)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
+        if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        task = self._under_way.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._review_and_cache(key, identity, namespace, name,
+                                                                verb, subresource))
+            self._under_way[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.answer_within)
+        except TimeoutError:
+            log.warning("SubjectAccessReview not answered in time; refused for now", extra={
+                "fields": {"user": identity.user, "target": f"{namespace}/{name}",
+                           "seconds": self.answer_within}})
+            return _UNANSWERED
+
+    def _forget(self, key: _Key, done: asyncio.Task[Decision]) -> None:
+        if self._under_way.get(key) is done:
+            del self._under_way[key]
+
+    async def _review_and_cache(self, key: _Key, identity: Identity, namespace: str, name: str,
+                                verb: str, subresource: str) -> Decision:
         decision, cacheable = await self._review(identity, namespace, name, verb, subresource)
         if cacheable:
-            self._cache[key] = (decision, now + (ALLOW_TTL if decision.allowed else DENY_TTL))
+            ttl = ALLOW_TTL if decision.allowed else DENY_TTL
+            self._cache[key] = (decision, time.monotonic() + ttl)
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
@@ -258,8 +302,7 @@ class KubernetesAuthorizer:
         except Exception as exc:  # any failure of the API denies; never allow on error
             log.warning("SubjectAccessReview failed; denying", extra={"fields": {
                 "user": identity.user, "target": target, "error": str(exc) or type(exc).__name__}})
-            return Decision(False, "the relay could not check your access with Kubernetes; "
-                                   "try again in a moment", unavailable=True), False
+            return _UNANSWERED, False
         what = f"{verb} {PLURAL}/{subresource}" if subresource else verb
         if status.get("allowed") is True and not status.get("denied"):
             return Decision(True, f"RBAC allows {what}"), True

@@ -21,8 +21,9 @@ from kubernetes import client as kubernetes_client
 from harness.waiting import eventually
 from tests.conftest import relay_settings
 from vncgate.common.kube import KubeClient, KubeConnection, KubePool
-from vncgate.relay.access.authz import KubernetesAuthorizer
-from vncgate.relay.access.identity import AuthMode
+from vncgate.common.model import Route
+from vncgate.relay.access.authz import SAR_PATH, KubernetesAuthorizer
+from vncgate.relay.access.identity import AuthMode, Identity
 from vncgate.relay.access.proxies import parse_networks
 from vncgate.relay.session.consoles import KubeConsoles
 from vncgate.relay.settings import AuthSettings
@@ -71,6 +72,7 @@ async def api() -> AsyncIterator[ApiServer]:
     server = ApiServer()
     app = web.Application()
     app.router.add_post("/review", server.review)
+    app.router.add_post(SAR_PATH, server.review)
     app.router.add_get("/things", server.watch)
     app.router.add_patch("/apis/coordination.k8s.io/v1/namespaces/relays/leases/{name}",
                          server.lease)
@@ -125,6 +127,53 @@ async def test_a_request_that_gets_no_connection_in_time_fails(api: ApiServer) -
         api.gate.set()
         assert (await held)["status"]["allowed"]
     finally:
+        await pool.close()
+
+
+async def test_a_sent_request_outlives_the_wait_for_a_connection(api: ApiServer) -> None:
+    """`sent_timeout`: `timeout` bounds the wait for a connection; a request that has one and
+    was sent is given its reply's time, not closed with the connection it holds."""
+    pool = KubePool(max_connections=1)
+    kube = KubeClient(connection(api), timeout=0.3, pool=pool, sent_timeout=60)
+    try:
+        sent = asyncio.create_task(kube.request("POST", "/review", {}))
+        await eventually(lambda: api.in_flight == 1, "the request at the server")
+        with pytest.raises(TimeoutError):  # no connection free within 0.3 s
+            await kube.request("POST", "/review", {})
+        await asyncio.sleep(0.5)  # past `timeout`: the sent one still waits for its reply
+        assert not sent.done()
+        api.gate.set()
+        assert (await sent)["status"]["allowed"]
+        assert api.answered == 1 and len(api.peers) == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_review_the_viewer_stopped_waiting_for_answers_the_next_try(
+        api: ApiServer) -> None:
+    """The viewer is refused for now (unavailable: 4503) when its review is not answered in
+    time; the review goes on, on its connection, and its answer is the next try's. The same
+    question asked meanwhile waits for the review under way: one review, one connection."""
+    pool = KubePool(max_connections=4)
+    authorizer = KubernetesAuthorizer(KubeClient(connection(api), pool=pool, sent_timeout=60),
+                                      answer_within=0.3)
+    alice = Identity(user="alice", groups=("lab",), method="proxy")
+    route = Route("lab", "desk", "127.0.0.1", 5900)
+    try:
+        first, again = await asyncio.gather(authorizer.decide(alice, route),
+                                            authorizer.decide(alice, route))
+        for decision in (first, again):
+            assert not decision.allowed and decision.unavailable, decision
+        assert api.in_flight == 1 and api.answered == 0
+        assert authorizer.decide_now(alice, route) is None  # nothing cached yet
+        api.gate.set()
+        await eventually(lambda: authorizer.decide_now(alice, route) is not None,
+                         "the review's answer cached")
+        decision = await authorizer.decide(alice, route)
+        assert decision.allowed and not decision.unavailable, decision
+        assert api.answered == 1 and len(api.peers) == 1
+    finally:
+        await authorizer.close()
         await pool.close()
 
 
