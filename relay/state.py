@@ -105,7 +105,8 @@ def make_authorizer(settings: RelaySettings, kube: RelayKube) -> Authorizer:
 def make_token_reviewer(settings: RelaySettings, kube: RelayKube) -> TokenReviewer | None:
     if not settings.auth.kubernetes_tokens or settings.auth.mode == AuthMode.NONE:
         return None
-    return TokenReviewer(kube.client(kube.reviews), settings.auth.token_audiences)
+    return TokenReviewer(kube.client(kube.reviews, sent_timeout=REVIEW_SENT_TIMEOUT),
+                         settings.auth.token_audiences)
 
 
 def make_peers(settings: RelaySettings, kube: RelayKube) -> Peers:

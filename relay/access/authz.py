@@ -266,6 +266,8 @@ class KubernetesAuthorizer:
     def _forget(self, key: _Key, done: asyncio.Task[Decision]) -> None:
         if self._under_way.get(key) is done:
             del self._under_way[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: a viewer who stopped waiting is not told again
 
     async def _review_and_cache(self, key: _Key, identity: Identity, namespace: str, name: str,
                                 verb: str, subresource: str) -> Decision:

@@ -11,6 +11,9 @@ other viewer, by SubjectAccessReviews (vncgate.relay.access.authz).
   sign-in of the client); an API error denies too (TokenReviewUnavailable): an outage must never
   let a token in.
 - The token itself is never logged, cached or kept: only its digest is.
+- A viewer waits ANSWER_WITHIN for the review and is refused for now past it, but the review
+  goes on (its client's `sent_timeout`) and its answer is cached for the next try; the same
+  token presented again meanwhile waits for that review (as SubjectAccessReviews: authz).
 - A session lasts no longer than its token: the identity carries the JWT's `exp` (read only
   after the API server authenticated the token, so the claim is the signed one), and the relay
   ends the session then, as for an expiring cookie or link.
@@ -18,6 +21,7 @@ other viewer, by SubjectAccessReviews (vncgate.relay.access.authz).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -28,6 +32,7 @@ import time
 from collections import OrderedDict
 
 from vncgate.common.kube import KubeClient
+from vncgate.relay.access.authz import ANSWER_WITHIN
 from vncgate.relay.access.identity import Identity
 
 log = logging.getLogger("vncgate.tokenreview")
@@ -35,6 +40,10 @@ log = logging.getLogger("vncgate.tokenreview")
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"  # noqa: S105 - a URL path
 AUTHENTICATED_TTL = 10.0
 MAX_TOKEN_LENGTH = 16 * 1024
+
+
+_UNANSWERED = ("the relay could not check your Kubernetes token with the API server; "
+               "try again in a moment")
 
 
 class TokenReviewUnavailable(Exception):
@@ -68,15 +77,21 @@ class TokenReviewer:
     """TokenReviews with a short, bounded cache of the tokens that authenticated."""
 
     def __init__(self, client: KubeClient, audiences: tuple[str, ...] = (),
-                 max_cached: int = 10_000, ttl: float = AUTHENTICATED_TTL) -> None:
+                 max_cached: int = 10_000, ttl: float = AUTHENTICATED_TTL,
+                 answer_within: float = ANSWER_WITHIN) -> None:
         self.client = client
         self.audiences = audiences
         self.max_cached = max_cached
         self.ttl = ttl
+        self.answer_within = answer_within
         self._cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._under_way: dict[str, asyncio.Task[Identity | None]] = {}
         self.reviews = 0  # TokenReviews sent (tests and metrics read it)
 
     async def close(self) -> None:
+        for task in list(self._under_way.values()):
+            task.cancel()
+        await asyncio.gather(*self._under_way.values(), return_exceptions=True)
         await self.client.close()
 
     async def review(self, token: str) -> Identity | None:
@@ -94,6 +109,25 @@ class TokenReviewer:
                 self._cache.move_to_end(digest)
                 return cached[0]
             del self._cache[digest]
+        task = self._under_way.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._ask(token, digest))
+            self._under_way[digest] = task
+            task.add_done_callback(lambda done: self._forget(digest, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.answer_within)
+        except TimeoutError:
+            log.warning("TokenReview not answered in time; refused for now",
+                        extra={"fields": {"seconds": self.answer_within}})
+            raise TokenReviewUnavailable(_UNANSWERED) from None
+
+    def _forget(self, digest: str, done: asyncio.Task[Identity | None]) -> None:
+        if self._under_way.get(digest) is done:
+            del self._under_way[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved: a viewer who stopped waiting is not told again
+
+    async def _ask(self, token: str, digest: str) -> Identity | None:
         spec: dict[str, object] = {"token": token}
         if self.audiences:
             spec["audiences"] = list(self.audiences)
@@ -105,9 +139,7 @@ class TokenReviewer:
         except Exception as exc:  # any failure denies; the error text never holds the token
             log.warning("TokenReview failed; denying", extra={"fields": {
                 "error": type(exc).__name__ + ": " + str(exc)[:200].replace(token, "<token>")}})
-            raise TokenReviewUnavailable(
-                "the relay could not check your Kubernetes token with the API server; "
-                "try again in a moment") from None
+            raise TokenReviewUnavailable(_UNANSWERED) from None
         if status.get("authenticated") is not True or status.get("error"):
             return None
         if self.audiences and not set(status.get("audiences") or ()) & set(self.audiences):
@@ -122,7 +154,7 @@ class TokenReviewer:
         if left <= 0:
             return None  # expired since the API server looked at it
         identity = Identity(user=name, groups=groups, method="kubernetes", expires=expires)
-        self._cache[digest] = (identity, now + min(self.ttl, left))
+        self._cache[digest] = (identity, time.monotonic() + min(self.ttl, left))
         self._cache.move_to_end(digest)
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)

@@ -25,6 +25,11 @@ from vncgate.common.model import Route
 from vncgate.relay.access.authz import SAR_PATH, KubernetesAuthorizer
 from vncgate.relay.access.identity import AuthMode, Identity
 from vncgate.relay.access.proxies import parse_networks
+from vncgate.relay.access.tokenreview import (
+    TOKEN_REVIEW_PATH,
+    TokenReviewer,
+    TokenReviewUnavailable,
+)
 from vncgate.relay.session.consoles import KubeConsoles
 from vncgate.relay.settings import AuthSettings
 from vncgate.relay.state import RelayKube, RelayState
@@ -53,6 +58,18 @@ class ApiServer:
         self.answered += 1
         return web.json_response({"status": {"allowed": True}})
 
+    async def token_review(self, request: web.Request) -> web.Response:
+        """Every token is alice's, once `gate` opens."""
+        self.peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        self.in_flight += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        self.answered += 1
+        return web.json_response({"status": {"authenticated": True,
+                                             "user": {"username": "alice", "groups": ["lab"]}}})
+
     async def lease(self, request: web.Request) -> web.Response:
         """A Lease renewal: answered at once, gate or not."""
         self.renewals += 1
@@ -73,6 +90,7 @@ async def api() -> AsyncIterator[ApiServer]:
     app = web.Application()
     app.router.add_post("/review", server.review)
     app.router.add_post(SAR_PATH, server.review)
+    app.router.add_post(TOKEN_REVIEW_PATH, server.token_review)
     app.router.add_get("/things", server.watch)
     app.router.add_patch("/apis/coordination.k8s.io/v1/namespaces/relays/leases/{name}",
                          server.lease)
@@ -174,6 +192,28 @@ async def test_a_review_the_viewer_stopped_waiting_for_answers_the_next_try(
         assert api.answered == 1 and len(api.peers) == 1
     finally:
         await authorizer.close()
+        await pool.close()
+
+
+async def test_a_token_review_the_viewer_stopped_waiting_for_answers_the_next_try(
+        api: ApiServer) -> None:
+    """As for SubjectAccessReviews: refused for now, one review for the token presented twice
+    meanwhile, and its answer is the next try's."""
+    pool = KubePool(max_connections=4)
+    reviewer = TokenReviewer(KubeClient(connection(api), pool=pool, sent_timeout=60),
+                             answer_within=0.3)
+    try:
+        tries = await asyncio.gather(reviewer.review("a-token"), reviewer.review("a-token"),
+                                     return_exceptions=True)
+        assert all(isinstance(outcome, TokenReviewUnavailable) for outcome in tries), tries
+        assert reviewer.reviews == 1 and api.in_flight == 1 and len(reviewer) == 0
+        api.gate.set()
+        await eventually(lambda: len(reviewer) == 1, "the review's answer cached")
+        identity = await reviewer.review("a-token")
+        assert identity is not None and identity.user == "alice"
+        assert reviewer.reviews == 1 and api.answered == 1 and len(api.peers) == 1
+    finally:
+        await reviewer.close()
         await pool.close()
 
 
