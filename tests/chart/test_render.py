@@ -313,6 +313,32 @@ def test_relay_rbac_and_token_follow_the_features(sets: tuple[str, ...], reviews
     assert ("--peer-service=vncgate-system/vncgate-relay-headless" in args) is leases
 
 
+@pytest.mark.parametrize(("sets", "made"), [
+    ((), True),
+    (("relay.leases.flowSchema.enabled=false",), False),
+    (("relay.leases.enabled=false",), False),  # no Leases: nothing to give a flow
+])
+def test_the_relays_leases_are_a_flow_of_their_own(sets: tuple[str, ...], made: bool) -> None:
+    """API Priority and Fairness: the relay account's Lease requests in its namespace, and
+    nothing else, in a FlowSchema of their own (tests/cluster/test_api_connections.py has the
+    API server classify them)."""
+    rendered = render(sets=sets)
+    schemas = rendered.of_kind("FlowSchema")
+    assert bool(schemas) is made
+    if not made:
+        return
+    (schema,) = schemas
+    assert schema["metadata"]["name"] == f"{RELAY}-leases"
+    spec = schema["spec"]
+    assert spec["priorityLevelConfiguration"] == {"name": "workload-low"}
+    assert spec["matchingPrecedence"] < 9000  # before the suggested service-accounts schema
+    assert spec["rules"] == [{
+        "subjects": [{"kind": "ServiceAccount", "serviceAccount": {
+            "name": RELAY, "namespace": "vncgate-system"}}],
+        "resourceRules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                           "verbs": ["*"], "namespaces": ["vncgate-system"]}]}]
+
+
 def test_kubernetes_tokens_can_be_turned_off_and_narrowed_to_an_audience() -> None:
     rendered = render(sets=("relay.auth.kubernetesTokens.enabled=false",))
     assert rendered.one("ClusterRole", RELAY)["rules"] == [

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+import requests
 
 from harness.waiting import wait_until
 from harness.xvnc import XvncServer
 from tests.cluster.conftest import Release
 from tests.cluster.test_relay import relay_process
+from vncgate.relay.access.authz import SAR_PATH
 
 VIEWERS = 40
 BOUND = 4
@@ -133,3 +135,34 @@ def test_a_burst_of_reviews_stays_within_the_bound(release: Release, namespace: 
             f"{let_in} of {VIEWERS} viewers let in")
         print(f"most connections at once: {sampler.most}; made: {len(sampler.ports)}; "
               f"let in: {let_in}/{VIEWERS}")
+
+
+def test_the_api_server_gives_the_relays_leases_a_flow_of_their_own(release: Release) -> None:
+    """The chart's FlowSchema (API Priority and Fairness), as the API server applies it: the
+    relay account's Lease requests are its flow, its SubjectAccessReviews are not, so a storm's
+    reviews cannot queue ahead of a pod's liveness renewal."""
+    plane, namespace = release.plane, release.namespace
+    schema = plane.get("flowschema", "vncgate-relay-leases")
+    token = plane.service_account_token(namespace, release.relay_account)
+
+    def flow_of(method: str, path: str, body: object = None) -> str:
+        response = requests.request(method, plane.url + path, json=body, timeout=30,
+                                    headers={"Authorization": f"Bearer {token}"},
+                                    verify=str(plane.certs.ca_crt))
+        response.raise_for_status()
+        return response.headers.get("X-Kubernetes-PF-FlowSchema-UID", "")
+
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    # The API server takes up a new FlowSchema a moment after it is stored.
+    wait_until(lambda: flow_of("GET", leases) == schema["metadata"]["uid"],
+               "the relay's Lease requests in the chart's FlowSchema",
+               context=lambda: plane.get("flowschema", "vncgate-relay-leases")["status"])
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+              "spec": {"user": "alice", "resourceAttributes": {
+                  "group": "vncgate.io", "resource": "vnctargets", "verb": "connect",
+                  "namespace": namespace, "name": "desk"}}}
+    other = flow_of("POST", SAR_PATH, review)
+    assert other and other != schema["metadata"]["uid"]
+    conditions = {c["type"]: c["status"]
+                  for c in plane.get("flowschema", "vncgate-relay-leases")["status"]["conditions"]}
+    assert conditions.get("Dangling") == "False", conditions
