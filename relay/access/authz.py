@@ -15,7 +15,6 @@ knows: nobody), and never by a share link.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from typing import Protocol
 from vncgate.common.kube import KubeClient
 from vncgate.common.model import Route
 from vncgate.common.spec import API_GROUP, PLURAL
+from vncgate.common.tasks import SharedAnswers
 from vncgate.relay.access.identity import Identity
 from vncgate.relay.access.roles import RoleNames
 
@@ -195,12 +195,10 @@ class KubernetesAuthorizer:
         self.max_cached = max_cached
         self.answer_within = answer_within
         self._cache: OrderedDict[_Key, tuple[Decision, float]] = OrderedDict()
-        self._under_way: dict[_Key, asyncio.Task[Decision]] = {}
+        self._under_way: SharedAnswers[_Key, Decision] = SharedAnswers()
 
     async def close(self) -> None:
-        for task in list(self._under_way.values()):
-            task.cancel()
-        await asyncio.gather(*self._under_way.values(), return_exceptions=True)
+        await self._under_way.close()
         await self.client.close()
 
     async def decide(self, identity: Identity, route: Route) -> Decision:
@@ -249,25 +247,14 @@ class KubernetesAuthorizer:
         cached = self._cache.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        task = self._under_way.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._review_and_cache(key, identity, namespace, name,
-                                                                verb, subresource))
-            self._under_way[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.answer_within)
+            return await self._under_way.wait(key, lambda: self._review_and_cache(
+                key, identity, namespace, name, verb, subresource), self.answer_within)
         except TimeoutError:
             log.warning("SubjectAccessReview not answered in time; refused for now", extra={
                 "fields": {"user": identity.user, "target": f"{namespace}/{name}",
                            "seconds": self.answer_within}})
             return _UNANSWERED
-
-    def _forget(self, key: _Key, done: asyncio.Task[Decision]) -> None:
-        if self._under_way.get(key) is done:
-            del self._under_way[key]
-        if not done.cancelled():
-            done.exception()  # retrieved: a viewer who stopped waiting is not told again
 
     async def _review_and_cache(self, key: _Key, identity: Identity, namespace: str, name: str,
                                 verb: str, subresource: str) -> Decision:

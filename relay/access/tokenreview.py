@@ -21,7 +21,6 @@ other viewer, by SubjectAccessReviews (vncgate.relay.access.authz).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -32,6 +31,7 @@ import time
 from collections import OrderedDict
 
 from vncgate.common.kube import KubeClient
+from vncgate.common.tasks import SharedAnswers
 from vncgate.relay.access.authz import ANSWER_WITHIN
 from vncgate.relay.access.identity import Identity
 
@@ -85,13 +85,11 @@ class TokenReviewer:
         self.ttl = ttl
         self.answer_within = answer_within
         self._cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
-        self._under_way: dict[str, asyncio.Task[Identity | None]] = {}
+        self._under_way: SharedAnswers[str, Identity | None] = SharedAnswers()
         self.reviews = 0  # TokenReviews sent (tests and metrics read it)
 
     async def close(self) -> None:
-        for task in list(self._under_way.values()):
-            task.cancel()
-        await asyncio.gather(*self._under_way.values(), return_exceptions=True)
+        await self._under_way.close()
         await self.client.close()
 
     async def review(self, token: str) -> Identity | None:
@@ -109,23 +107,13 @@ class TokenReviewer:
                 self._cache.move_to_end(digest)
                 return cached[0]
             del self._cache[digest]
-        task = self._under_way.get(digest)
-        if task is None:
-            task = asyncio.ensure_future(self._ask(token, digest))
-            self._under_way[digest] = task
-            task.add_done_callback(lambda done: self._forget(digest, done))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.answer_within)
+            return await self._under_way.wait(digest, lambda: self._ask(token, digest),
+                                              self.answer_within)
         except TimeoutError:
             log.warning("TokenReview not answered in time; refused for now",
                         extra={"fields": {"seconds": self.answer_within}})
             raise TokenReviewUnavailable(_UNANSWERED) from None
-
-    def _forget(self, digest: str, done: asyncio.Task[Identity | None]) -> None:
-        if self._under_way.get(digest) is done:
-            del self._under_way[digest]
-        if not done.cancelled():
-            done.exception()  # retrieved: a viewer who stopped waiting is not told again
 
     async def _ask(self, token: str, digest: str) -> Identity | None:
         spec: dict[str, object] = {"token": token}
